@@ -1,0 +1,96 @@
+# C declarations for the fan-out core: the socket calls it batches, and the
+# layout of the listener arena and room table it keeps in preallocated memory.
+
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
+from posix.time cimport timespec
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    struct sockaddr:
+        unsigned short sa_family
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+    struct msghdr:
+        void *msg_name
+        socklen_t msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
+    struct mmsghdr:
+        msghdr msg_hdr
+        unsigned int msg_len
+    int sendmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags)
+    int recvmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags, timespec *timeout)
+    ssize_t sendto(int fd, const void *buf, size_t n, int flags, const sockaddr *addr, socklen_t alen)
+    int MSG_DONTWAIT
+    int MSG_TRUNC
+    int AF_INET
+    int AF_INET6
+
+
+cdef enum:
+    ADDR_MAX = 28       # longest socket address we store (sockaddr_in6)
+    MAX_SOURCES = 8     # most allowed sources one room may lock to
+    LAT_BUCKETS = 14    # fan-out latency histogram buckets, the last is +Inf
+
+
+ctypedef struct Listener:
+    uint8_t active
+    uint8_t queued        # on the egress queue (at most once)
+    uint8_t pull          # drained by Python (QUIC), never by sendmmsg
+    uint8_t addrlen
+    int32_t room
+    int32_t next          # room membership: intrusive doubly linked list
+    int32_t prev
+    uint32_t ssrc
+    uint16_t seq_off      # listener seq = room seq + seq_off
+    uint16_t _pad
+    uint32_t ts_off       # listener ts  = room ts  + ts_off
+    uint32_t head         # packets written into the ring, ever
+    uint32_t sent         # packets handed to the kernel (or pulled), ever
+    uint8_t addr[ADDR_MAX]
+    uint64_t packets_out
+    uint64_t bytes_out
+    uint64_t drop_overflow
+    uint64_t drop_send_error
+    uint64_t resends
+
+
+ctypedef struct Source:
+    uint8_t family        # 0 = unused
+    uint8_t any_port
+    uint16_t port         # network byte order, as in sockaddr
+    uint8_t ip[16]
+
+
+ctypedef struct Room:
+    uint8_t active
+    uint8_t any_source    # accept every source address (open demo rooms only)
+    uint8_t have_stream   # seen a packet since open
+    uint8_t n_sources
+    Source sources[MAX_SOURCES]
+    int32_t first         # head of the listener list, -1 if empty
+    int32_t n_listeners
+    # input continuity: the room rewrites the publisher's numbering once,
+    # listeners add their own offsets on top
+    uint32_t in_ssrc
+    uint16_t in_seq
+    uint16_t seq_off
+    uint32_t ts_off
+    uint16_t out_seq      # last room seq emitted
+    uint16_t _pad
+    uint32_t out_ts       # last room ts emitted
+    int64_t last_rx_ns
+    # room history: the last `depth` room packets, for a burst on join
+    uint32_t hist_head
+    uint64_t packets_in
+    uint64_t bytes_in
+    uint64_t drop_foreign
+    uint64_t drop_malformed
+    uint64_t drop_oversized
+    uint64_t drop_late
+    uint64_t source_restarts

@@ -1,0 +1,191 @@
+"""A slow, obvious Python model of the fan-out core: the test oracle.
+
+It implements the same contract as `relay._core.Core` (rooms locked to
+sources, RTP validation, room numbering that stays continuous across a new
+sender, per-listener rings with their own SSRC/sequence/timestamp, drop-oldest
+overflow, a burst of recent packets on join) with lists and dicts, so the
+property tests can compare the compiled core to it byte for byte.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from relay._core import Ingest
+
+HDR = 12
+TAKEOVER_NS = 150_000_000
+BURST_FRESH_NS = 1_000_000_000
+RX_BUF = 2048
+
+
+def _source_key(sockaddr: bytes) -> tuple[int, bytes, int]:
+    family = struct.unpack_from("=H", sockaddr)[0]
+    port = struct.unpack_from("!H", sockaddr, 2)[0]
+    ip = sockaddr[4:8] if len(sockaddr) == 16 else sockaddr[8:24]
+    return family, ip, port
+
+
+@dataclass
+class ModelListener:
+    room: int
+    ssrc: int
+    seq_off: int
+    ts_off: int
+    pull: bool
+    written: list[bytes] = field(default_factory=list)
+    sent: int = 0
+    drop_overflow: int = 0
+
+
+@dataclass
+class ModelRoom:
+    any_source: bool
+    sources: list[tuple[int, bytes, int, bool]] = field(default_factory=list)
+    have_stream: bool = False
+    in_ssrc: int = 0
+    in_seq: int = 0
+    seq_off: int = 0
+    ts_off: int = 0
+    out_seq: int = 0
+    out_ts: int = 0
+    last_rx_ns: int = 0
+    history: list[bytes] = field(default_factory=list)
+    drops: dict[str, int] = field(default_factory=dict)
+
+
+class ModelCore:
+    """The fan-out as a reader would write it first. Slots are handed out
+    in the same order as the core's free list (lowest first, last freed
+    first) so slot numbers can be compared too."""
+
+    def __init__(self, capacity: int, rooms: int = 16, depth: int = 16, slot_bytes: int = 480):
+        self.capacity, self.depth, self.slot_bytes = capacity, depth, slot_bytes
+        self.rooms: dict[int, ModelRoom] = {}
+        self.n_rooms = rooms
+        self.listeners: dict[int, ModelListener] = {}
+        self.free = list(range(capacity - 1, -1, -1))
+
+    def room_open(self, room: int, any_source: bool = False) -> None:
+        self.rooms[room] = ModelRoom(any_source=any_source)
+
+    def room_allow(self, room: int, sockaddr: bytes, any_port: bool = True) -> None:
+        family, ip, port = _source_key(sockaddr)
+        self.rooms[room].sources.append((family, ip, port, any_port))
+
+    def listener_add(self, room: int, sockaddr: bytes, ssrc: int, seq_off: int, ts_off: int,
+                     pull: bool = False, burst: int = 0, now_ns: int = 0) -> int:
+        if not self.free:
+            return -1
+        slot = self.free.pop()
+        lst = ModelListener(room, ssrc, seq_off, ts_off, pull)
+        self.listeners[slot] = lst
+        r = self.rooms[room]
+        if burst > 0 and r.have_stream and now_ns - r.last_rx_ns < BURST_FRESH_NS:
+            for pkt in r.history[-min(burst, self.depth):]:
+                self._write(lst, pkt)
+        return slot
+
+    def listener_remove(self, slot: int) -> None:
+        del self.listeners[slot]
+        self.free.append(slot)
+
+    def _write(self, lst: ModelListener, room_pkt: bytes) -> None:
+        seq, ts = struct.unpack_from("!HI", room_pkt, 2)
+        pkt = (room_pkt[:2] + struct.pack("!HII", (seq + lst.seq_off) & 0xFFFF,
+                                          (ts + lst.ts_off) & 0xFFFFFFFF, lst.ssrc)
+               + room_pkt[HDR:])
+        lst.written.append(pkt)
+        if len(lst.written) - lst.sent > self.depth:
+            lst.sent += 1
+            lst.drop_overflow += 1
+
+    def _allowed(self, r: ModelRoom, source: bytes) -> bool:
+        if r.any_source:
+            return True
+        family, ip, port = _source_key(source)
+        return any(f == family and i == ip and (any_port or p == port)
+                   for f, i, p, any_port in r.sources)
+
+    def feed(self, room: int, pkt: bytes, source: bytes, now_ns: int) -> Ingest:
+        r = self.rooms.get(room)
+        if r is None:
+            return Ingest.INGEST_NO_ROOM
+        if not self._allowed(r, source):
+            return self._drop(r, Ingest.INGEST_FOREIGN)
+        if len(pkt) > RX_BUF:
+            return self._drop(r, Ingest.INGEST_OVERSIZED)
+        if len(pkt) < HDR or pkt[0] >> 6 != 2:
+            return self._drop(r, Ingest.INGEST_MALFORMED)
+        if 72 <= (pkt[1] & 0x7F) <= 76:
+            return Ingest.INGEST_RTCP
+        start = HDR + 4 * (pkt[0] & 0x0F)
+        if pkt[0] & 0x10:
+            if start + 4 > len(pkt):
+                return self._drop(r, Ingest.INGEST_MALFORMED)
+            start += 4 + 4 * struct.unpack_from("!H", pkt, start + 2)[0]
+        end = len(pkt)
+        if pkt[0] & 0x20:
+            if pkt[-1] == 0:
+                return self._drop(r, Ingest.INGEST_MALFORMED)
+            end -= pkt[-1]
+        if start >= end:
+            return self._drop(r, Ingest.INGEST_MALFORMED)
+        payload = pkt[start:end]
+        if len(payload) + HDR > self.slot_bytes:
+            return self._drop(r, Ingest.INGEST_OVERSIZED)
+        seq, ts, ssrc = struct.unpack_from("!HII", pkt, 2)
+        if not r.have_stream:
+            r.have_stream = True
+        else:
+            delta = (seq - r.in_seq) & 0xFFFF
+            delta = delta - 0x10000 if delta >= 0x8000 else delta
+            if ssrc != r.in_ssrc:
+                if now_ns - r.last_rx_ns < TAKEOVER_NS:
+                    return self._drop(r, Ingest.INGEST_FOREIGN)
+                self._restart(r, seq, ts, now_ns)
+            elif delta > 3000 or delta < -100:
+                self._restart(r, seq, ts, now_ns)
+            elif delta <= 0:
+                return self._drop(r, Ingest.INGEST_LATE)
+        r.in_ssrc, r.in_seq = ssrc, seq
+        r.out_seq = (seq + r.seq_off) & 0xFFFF
+        r.out_ts = (ts + r.ts_off) & 0xFFFFFFFF
+        r.last_rx_ns = now_ns
+        room_pkt = bytes([0x80, pkt[1]]) + struct.pack("!HII", r.out_seq, r.out_ts, 0) + payload
+        r.history = (r.history + [room_pkt])[-self.depth:]
+        for lst in self.listeners.values():
+            if lst.room == room:
+                self._write(lst, room_pkt)
+        return Ingest.INGEST_OK
+
+    @staticmethod
+    def _restart(r: ModelRoom, seq: int, ts: int, now_ns: int) -> None:
+        gap = (now_ns - r.last_rx_ns) * 48000 // 1_000_000_000
+        gap = min(max(gap, 960), 0x7FFFFFFF)
+        r.seq_off = (r.out_seq + 1 - seq) & 0xFFFF
+        r.ts_off = (r.out_ts + gap - ts) & 0xFFFFFFFF
+
+    @staticmethod
+    def _drop(r: ModelRoom, why: Ingest) -> Ingest:
+        r.drops[why.name] = r.drops.get(why.name, 0) + 1
+        return why
+
+    def ring(self, slot: int) -> list[bytes]:
+        return self.listeners[slot].written[-self.depth:]
+
+    def pending(self, slot: int) -> int:
+        lst = self.listeners[slot]
+        return len(lst.written) - lst.sent
+
+    def mark_sent(self) -> list[tuple[int, bytes]]:
+        """What a complete flush sends: (slot, packet) per unsent packet,
+        listener by listener (order across listeners is not part of the
+        contract)."""
+        out = []
+        for slot, lst in self.listeners.items():
+            if lst.pull:
+                continue
+            out += [(slot, p) for p in lst.written[lst.sent:]]
+            lst.sent = len(lst.written)
+        return out

@@ -1,0 +1,122 @@
+"""The compiled core against the slow Python model, byte for byte, over
+hypothesis-generated packets and join/leave sequences."""
+from __future__ import annotations
+
+import socket
+
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from relay._core import Core
+from relay.addr import to_sockaddr
+from relay.model import ModelCore
+from tests.rtp import SRC_A, SRC_B, SRC_FOREIGN, rtp
+
+DEPTH = 8
+SLOT = 160
+ROOMS = 3
+
+payloads = st.binary(min_size=0, max_size=SLOT + 16)
+valid_packet = st.builds(
+    lambda ssrc, seq, ts, pay, pt, m, cc, ext, pad: rtp(seq, ts, ssrc, pay, pt, m, cc, ext, pad),
+    st.sampled_from([0x1111, 0x2222]),
+    st.integers(0, 0xFFFF),
+    st.integers(0, 0xFFFFFFFF),
+    payloads,
+    st.sampled_from([111, 96, 72, 0x7F]),
+    st.booleans(),
+    st.integers(0, 2),
+    st.one_of(st.none(), st.integers(0, 3)),
+    st.integers(0, 4),
+)
+garbage = st.binary(min_size=0, max_size=64)
+
+feed = st.tuples(st.just("feed"), st.integers(0, ROOMS - 1),
+                 st.one_of(valid_packet, valid_packet, valid_packet, garbage),
+                 st.sampled_from([SRC_A, SRC_A, SRC_A, SRC_B, SRC_FOREIGN]),
+                 st.integers(0, 400_000_000))
+# a stream in order, so most packets reach the rings rather than being late
+stream = st.tuples(st.just("stream"), st.integers(0, ROOMS - 1), st.integers(1, 2 * DEPTH + 3),
+                   st.integers(0, 30_000_000))
+join = st.tuples(st.just("join"), st.integers(0, ROOMS - 1), st.booleans(), st.integers(0, DEPTH + 2))
+leave = st.tuples(st.just("leave"), st.integers(0, 1000))
+flush = st.tuples(st.just("flush"))
+ops = st.lists(st.one_of(feed, stream, stream, join, join, leave, flush), max_size=60)
+
+
+def _receiver() -> tuple[socket.socket, bytes]:
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    rx.bind(("127.0.0.1", 0))
+    rx.setblocking(False)
+    return rx, to_sockaddr(rx.getsockname(), socket.AF_INET)
+
+
+def _drain(rx: socket.socket) -> list[bytes]:
+    got = []
+    while True:
+        try:
+            got.append(rx.recv(4096))
+        except BlockingIOError:
+            return got
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops)
+def test_core_matches_model(ops) -> None:
+    core = Core(12, rooms=ROOMS, depth=DEPTH, slot_bytes=SLOT)
+    model = ModelCore(12, rooms=ROOMS, depth=DEPTH, slot_bytes=SLOT)
+    for room in range(ROOMS):
+        any_source = room == 2
+        core.room_open(room, any_source)
+        model.room_open(room, any_source)
+        core.room_allow(room, SRC_A)
+        model.room_allow(room, SRC_A)
+        core.room_allow(room, SRC_B, any_port=False)
+        model.room_allow(room, SRC_B, any_port=False)
+    rx, dest = _receiver()
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    now = 10**12
+    seqs = {r: 1000 * r for r in range(ROOMS)}
+    n_join = 0
+    try:
+        for op in ops:
+            if op[0] == "feed":
+                _, room, pkt, src, dt = op
+                now += dt
+                assert core.feed(room, pkt, src, now) == model.feed(room, pkt, src, now)
+            elif op[0] == "stream":
+                _, room, count, dt = op
+                for _ in range(count):
+                    now += dt
+                    seqs[room] += 1
+                    pkt = rtp(seqs[room], seqs[room] * 960, 0x1111, bytes([seqs[room] & 0xFF]) * 20)
+                    assert core.feed(room, pkt, SRC_A, now) == model.feed(room, pkt, SRC_A, now)
+            elif op[0] == "join":
+                _, room, pull, burst = op
+                n_join += 1
+                args = (room, dest, 0xA0000000 + n_join, (n_join * 7919) & 0xFFFF, n_join * 104729)
+                a = core.listener_add(*args, pull=pull, burst=burst, now_ns=now)
+                b = model.listener_add(*args, pull=pull, burst=burst, now_ns=now)
+                assert a == b
+            elif op[0] == "leave":
+                if model.listeners:
+                    slot = sorted(model.listeners)[op[1] % len(model.listeners)]
+                    core.listener_remove(slot)
+                    model.listener_remove(slot)
+            else:
+                assert core.flush(tx.fileno()) == 0
+                sent = model.mark_sent()
+                assert sorted(_drain(rx)) == sorted(p for _, p in sent)
+            for slot in model.listeners:
+                assert core.ring(slot) == model.ring(slot)
+                assert core.pending(slot) == model.pending(slot)
+        for room in range(ROOMS):
+            stats = core.room_stats(room)
+            drops = model.rooms[room].drops
+            assert stats["drop_foreign"] == drops.get("INGEST_FOREIGN", 0)
+            assert stats["drop_malformed"] == drops.get("INGEST_MALFORMED", 0)
+            assert stats["drop_oversized"] == drops.get("INGEST_OVERSIZED", 0)
+            assert stats["drop_late"] == drops.get("INGEST_LATE", 0)
+    finally:
+        rx.close()
+        tx.close()
