@@ -1,0 +1,262 @@
+"""The `relay` command: serve, listen, publish, token, demo.
+
+User mistakes end in one line on stderr and exit status 2; nothing a user
+can cause prints a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from typing import Any
+
+from relay import __version__
+from relay.addr import parse_hostport
+from relay.config import ConfigError, load
+
+
+def _die(msg: str, code: int = 2) -> None:
+    print(f"relay: error: {msg}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def _run(coro) -> Any:
+    try:
+        import uvloop
+        return uvloop.run(coro)
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        return asyncio.run(coro)
+
+
+# ------------------------------------------------------------------- serve
+
+def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if args.listen:
+        out["listen"] = args.listen
+    if args.admin is not None:
+        out["admin"] = args.admin
+    if args.open:
+        out["auth"] = "open"
+    if args.max_listeners is not None:
+        out["max_listeners"] = args.max_listeners
+    if args.redirect is not None:
+        out["redirect"] = args.redirect
+    if args.room:
+        rooms = []
+        for spec in args.room:
+            name, sep, ingest = spec.partition("=")
+            if not sep:
+                _die(f"--room {spec!r}: expected NAME=HOST:PORT")
+            rooms.append({"name": name, "ingest": ingest, "sources": args.source or ["127.0.0.1"]})
+        out["room"] = rooms
+    return out
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from relay.server import Node
+
+    try:
+        cfg = load(path=args.config, overrides=_serve_overrides(args))
+    except ConfigError as e:
+        _die(str(e))
+    if cfg.auth == "open":
+        logging.getLogger("relay").warning("auth is open: anyone who can reach the node may listen")
+
+    async def main() -> None:
+        node = Node(cfg)
+        try:
+            await node.start()
+        except OSError as e:
+            _die(f"cannot bind a socket: {e.strerror or e}", 1)
+        print(f"relay {__version__}: serving {len(cfg.rooms)} room(s) on "
+              f"{cfg.listen[0]}:{cfg.listen[1]}"
+              + (f", admin on http://{cfg.admin[0]}:{cfg.admin[1]}" if cfg.admin else ""),
+              flush=True)
+        await node.run_until_signalled()
+
+    _run(main())
+
+
+# ------------------------------------------------------------------ listen
+
+def cmd_listen(args: argparse.Namespace) -> None:
+    from relay.client import JoinRefused, ListenClient, sdp_for
+    from relay.ogg import OggOpusWriter
+
+    sinks = []
+    out_file = writer = fwd = None
+    if args.out:
+        try:
+            out_file = open(args.out, "wb")
+        except OSError as e:
+            _die(f"--out {args.out}: {e.strerror}")
+        writer = OggOpusWriter(out_file)
+        sinks.append(lambda pkt: writer.write(_payload(pkt)))
+    if args.forward:
+        import socket
+        try:
+            host, port = parse_hostport(args.forward)
+        except ValueError as e:
+            _die(f"--forward: {e}")
+        fwd = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+        fwd.connect((host, port))
+
+        def forward(pkt: bytes) -> None:
+            try:
+                fwd.send(pkt)
+            except OSError:
+                pass  # the player is not up yet
+        sinks.append(forward)
+        if args.sdp:
+            with open(args.sdp, "w") as f:
+                f.write(sdp_for(port, host))
+            print(f"play it live: ffplay -protocol_whitelist file,udp,rtp -i {args.sdp}",
+                  file=sys.stderr)
+    try:
+        server = parse_hostport(args.server)
+    except ValueError as e:
+        _die(f"--server: {e}")
+    token = args.token or os.environ.get("RELAY_TOKEN", "")
+
+    async def main() -> int:
+        client = ListenClient(f"{server[0]}:{server[1]}", args.room, token,
+                              sink=lambda p: [s(p) for s in sinks])
+        try:
+            stats = await client.listen(args.duration)
+        except JoinRefused as e:
+            print(f"relay: {e}", file=sys.stderr)
+            return 3
+        except TimeoutError as e:
+            print(f"relay: {e}", file=sys.stderr)
+            return 4
+        finally:
+            client.close()
+        for ev in stats.events:
+            print(f"relay: {ev}", file=sys.stderr)
+        print(f"received {stats.received} packets ({stats.bytes} bytes), delivered "
+              f"{stats.delivered}, lost {stats.lost}, NACKs {stats.nacks_sent}", file=sys.stderr)
+        return 0
+
+    try:
+        code = _run(main())
+    except KeyboardInterrupt:
+        code = 0
+    finally:
+        if writer is not None:
+            writer.close()
+            out_file.close()
+    raise SystemExit(code)
+
+
+def _payload(pkt: bytes) -> bytes:
+    # the relay always emits a bare 12-byte header (no CSRC, extension, padding)
+    return pkt[12:]
+
+
+# ----------------------------------------------------------------- publish
+
+def cmd_publish(args: argparse.Namespace) -> None:
+    from relay.publish import publish_tone, publish_with_ffmpeg
+
+    try:
+        to = parse_hostport(args.to)
+    except ValueError as e:
+        _die(f"--to: {e}")
+    if args.file:
+        if not os.path.exists(args.file):
+            _die(f"--file {args.file}: no such file")
+        try:
+            raise SystemExit(publish_with_ffmpeg(args.file, to, args.duration))
+        except FileNotFoundError as e:
+            _die(str(e))
+    print(f"publishing a {args.tone:g} Hz tone to {to[0]}:{to[1]} as RTP/Opus", file=sys.stderr)
+    try:
+        sent = _run(publish_tone(to, args.tone, args.duration))
+    except KeyboardInterrupt:
+        return
+    print(f"sent {sent} packets", file=sys.stderr)
+
+
+# ------------------------------------------------------------------- token
+
+def cmd_token(args: argparse.Namespace) -> None:
+    from relay.tokens import mint
+
+    secret = os.environ.get(args.secret_env, "")
+    if not secret:
+        _die(f"set the environment variable {args.secret_env} to the node's secret")
+    try:
+        print(mint(secret, args.room, args.role, args.ttl))
+    except ValueError as e:
+        _die(str(e))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from relay.demo import run_demo
+
+    raise SystemExit(run_demo(args.listeners, args.seconds, args.out))
+
+
+# -------------------------------------------------------------------- main
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="relay", description="Live-audio fan-out relay.")
+    p.add_argument("--version", action="version", version=f"relay {__version__}")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run a relay node")
+    s.add_argument("--config", "-c", help="TOML config file (default: the embedded demo config)")
+    s.add_argument("--listen", help="listener UDP address, host:port")
+    s.add_argument("--admin", help="admin/metrics HTTP address, host:port ('' to disable)")
+    s.add_argument("--open", action="store_true", help="admit listeners without a token")
+    s.add_argument("--max-listeners", type=int, help="listeners this node admits")
+    s.add_argument("--redirect", help="host:port sent to listeners turned away when full")
+    s.add_argument("--room", action="append", help="NAME=HOST:PORT (replaces the config's rooms)")
+    s.add_argument("--source", action="append", help="publisher address allowed into --room rooms")
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("listen", help="join a room and receive its audio")
+    s.add_argument("--server", default="127.0.0.1:7000", help="relay listener address")
+    s.add_argument("--room", default="demo")
+    s.add_argument("--token", help="join token (default: $RELAY_TOKEN)")
+    s.add_argument("--out", help="write the audio to this Ogg Opus file")
+    s.add_argument("--forward", help="forward RTP to host:port (e.g. for ffplay)")
+    s.add_argument("--sdp", help="with --forward: write an SDP file for the player")
+    s.add_argument("--duration", type=float, help="seconds to listen (default: until Ctrl-C)")
+    s.set_defaults(func=cmd_listen)
+
+    s = sub.add_parser("publish", help="send RTP/Opus to a room's ingest port")
+    s.add_argument("--to", default="127.0.0.1:5004", help="the room's ingest address")
+    s.add_argument("--file", help="publish this file through ffmpeg")
+    s.add_argument("--tone", type=float, default=440.0, help="tone frequency in Hz (default 440)")
+    s.add_argument("--duration", type=float, help="seconds (default: forever)")
+    s.set_defaults(func=cmd_publish)
+
+    s = sub.add_parser("token", help="mint a join token")
+    s.add_argument("--room", required=True)
+    s.add_argument("--role", default="listen", choices=["listen", "publish"])
+    s.add_argument("--ttl", type=float, default=3600.0, help="seconds until it expires")
+    s.add_argument("--secret-env", default="RELAY_SECRET", help="variable holding the secret")
+    s.set_defaults(func=cmd_token)
+
+    s = sub.add_parser("demo", help="relay + tone publisher + a crowd of listeners on loopback")
+    s.add_argument("--listeners", type=int, default=2000)
+    s.add_argument("--seconds", type=float, default=10.0)
+    s.add_argument("--out", default="demo-listener.ogg", help="one listener's audio goes here")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `relay` command."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

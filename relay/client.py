@@ -1,0 +1,232 @@
+"""`relay listen`: join a room over UDP, keep the session alive, and hand the
+audio to sinks (an Ogg Opus file, a local RTP port for ffplay).
+
+The client speaks the control protocol of docs/protocol.md: JOIN, answer the
+cookie CHALLENGE, wait for ACCEPT, send KEEPALIVEs at the interval the node
+asked for, NACK gaps, follow a redirect when the node is full or draining.
+A short reorder buffer lets NACKed resends land in order.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from relay.addr import parse_hostport
+from relay.protocol import (Accept, Challenge, Join, Keepalive, Leave, ProtocolError, Reason,
+                            Reject, build_nack, decode, encode, is_control)
+
+log = logging.getLogger("relay.client")
+
+REORDER_PACKETS = 4   # hold this many packets for late resends before giving up a gap
+
+
+class JoinRefused(Exception):
+    """The node said no; `reason` and `redirect` say why and where to go."""
+
+    def __init__(self, reason: Reason, redirect: str = "") -> None:
+        super().__init__(f"join refused: {reason.name.lower()}"
+                         + (f", go to {redirect}" if redirect else ""))
+        self.reason, self.redirect = reason, redirect
+
+
+@dataclass
+class ListenStats:
+    received: int = 0
+    delivered: int = 0
+    duplicates: int = 0
+    lost: int = 0
+    nacks_sent: int = 0
+    bytes: int = 0
+    first_packet_at: float | None = None
+    joined_at: float | None = None
+    rejoins: int = 0
+    ssrc: int = 0
+    events: list[str] = field(default_factory=list)
+
+
+class _Proto(asyncio.DatagramProtocol):
+    def __init__(self, client: "ListenClient") -> None:
+        self.client = client
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        self.client._datagram(data)
+
+    def error_received(self, exc: Exception) -> None:
+        pass  # ICMP errors while the node restarts; keepalives find out
+
+
+class ListenClient:
+    """One listener. `sink` gets each RTP packet, in sequence order."""
+
+    def __init__(self, server: str, room: str, token: str = "",
+                 sink: Callable[[bytes], None] | None = None, nack: bool = True) -> None:
+        self.server = parse_hostport(server)
+        self.room, self.token, self.sink, self.nack = room, token, sink, nack
+        self.stats = ListenStats()
+        self._transport: asyncio.DatagramTransport | None = None
+        self._control: asyncio.Queue = asyncio.Queue()
+        self._session: Accept | None = None
+        self._next: int | None = None          # next extended seq to deliver
+        self._held: dict[int, bytes] = {}
+        self._high: int | None = None
+        self._nacked: set[int] = set()
+        self._sender_ssrc = int.from_bytes(os.urandom(4), "big")
+
+    async def _open(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in self.server[0] else socket.AF_INET
+        self._transport, _ = await loop.create_datagram_endpoint(
+            lambda: _Proto(self), remote_addr=self.server, family=family)
+
+    def _send(self, data: bytes) -> None:
+        if self._transport is not None:
+            self._transport.sendto(data)
+
+    async def _await_control(self, timeout: float):
+        return await asyncio.wait_for(self._control.get(), timeout)
+
+    async def join(self, attempts: int = 5, timeout: float = 1.0) -> Accept:
+        """Run the JOIN handshake; follows up to 3 redirects. Raises
+        JoinRefused or TimeoutError."""
+        for _hop in range(4):
+            await self._open()
+            try:
+                return await self._handshake(attempts, timeout)
+            except JoinRefused as e:
+                if e.redirect and e.reason in (Reason.NODE_FULL, Reason.ROOM_FULL, Reason.DRAINING):
+                    self.stats.events.append(f"redirected to {e.redirect} ({e.reason.name.lower()})")
+                    self.server = parse_hostport(e.redirect)
+                    continue
+                raise
+        raise JoinRefused(Reason.NODE_FULL, "")
+
+    async def _handshake(self, attempts: int, timeout: float) -> Accept:
+        cookie = b""
+        for _ in range(attempts):
+            self._send(encode(Join(self.room, self.token, cookie)))
+            try:
+                while True:
+                    msg = await self._await_control(timeout)
+                    if isinstance(msg, Challenge):
+                        if cookie == msg.cookie:
+                            continue
+                        cookie = msg.cookie
+                        self._send(encode(Join(self.room, self.token, cookie)))
+                    elif isinstance(msg, Accept):
+                        self._session = msg
+                        self.stats.ssrc = msg.ssrc
+                        self.stats.joined_at = time.monotonic()
+                        return msg
+                    elif isinstance(msg, Reject):
+                        raise JoinRefused(msg.reason, msg.redirect)
+            except asyncio.TimeoutError:
+                continue
+        raise TimeoutError(f"no answer from {self.server[0]}:{self.server[1]}")
+
+    def _datagram(self, data: bytes) -> None:
+        if is_control(data):
+            try:
+                msg = decode(data)
+            except ProtocolError:
+                return
+            if isinstance(msg, Keepalive):
+                return
+            self._control.put_nowait(msg)
+            return
+        if len(data) < 12 or data[0] >> 6 != 2 or self._session is None:
+            return
+        seq, _ts, ssrc = struct.unpack_from("!HII", data, 2)
+        if ssrc != self._session.ssrc:
+            return
+        self.stats.received += 1
+        self.stats.bytes += len(data)
+        if self.stats.first_packet_at is None:
+            self.stats.first_packet_at = time.monotonic()
+        ext = seq if self._high is None else self._high + ((seq - self._high + 0x8000) & 0xFFFF) - 0x8000
+        if self._next is None:
+            self._next = ext
+        if ext < self._next or ext in self._held:
+            self.stats.duplicates += 1
+            return
+        self._held[ext] = data
+        if self._high is None or ext > self._high:
+            if self.nack and self._high is not None and ext > self._high + 1:
+                missing = [s for s in range(self._high + 1, ext) if s not in self._nacked][:16]
+                if missing:
+                    self._nacked.update(missing)
+                    self.stats.nacks_sent += 1
+                    self._send(build_nack(self._sender_ssrc, self._session.ssrc, missing))
+            self._high = ext
+        self._deliver()
+
+    def _deliver(self, flush: bool = False) -> None:
+        assert self._next is not None
+        while self._held:
+            if self._next in self._held:
+                pkt = self._held.pop(self._next)
+                self.stats.delivered += 1
+                if self.sink is not None:
+                    self.sink(pkt)
+                self._nacked.discard(self._next)
+                self._next += 1
+            elif flush or (self._high is not None and self._high - self._next >= REORDER_PACKETS):
+                self.stats.lost += 1
+                self._nacked.discard(self._next)
+                self._next += 1
+            else:
+                break
+
+    async def listen(self, duration: float | None = None) -> ListenStats:
+        """Join, then receive until `duration` seconds pass (forever if None).
+        Rejoins when the node forgets the session."""
+        await self.join()
+        assert self._session is not None
+        deadline = None if duration is None else time.monotonic() + duration
+        while deadline is None or time.monotonic() < deadline:
+            wait = self._session.keepalive_ms / 1000
+            if deadline is not None:
+                wait = min(wait, max(0.0, deadline - time.monotonic()))
+            try:
+                msg = await self._await_control(wait)
+            except asyncio.TimeoutError:
+                self._send(encode(Keepalive(self._session.session_id)))
+                continue
+            if isinstance(msg, Reject):
+                if msg.reason == Reason.UNKNOWN_SESSION:
+                    self.stats.rejoins += 1
+                    self.stats.events.append("session forgotten by the node: rejoining")
+                    await self.join()
+                elif msg.reason == Reason.DRAINING:
+                    self.stats.events.append("node draining" + (f", moving to {msg.redirect}"
+                                                                if msg.redirect else ""))
+                    if not msg.redirect:
+                        break
+                    self.server = parse_hostport(msg.redirect)
+                    self.stats.rejoins += 1
+                    await self.join()
+        return self.stats
+
+    def close(self) -> None:
+        """Say LEAVE and release the socket."""
+        if self._held and self._next is not None:
+            self._deliver(flush=True)
+        if self._transport is not None:
+            if self._session is not None:
+                self._send(encode(Leave(self._session.session_id)))
+            self._transport.close()
+            self._transport = None
+
+
+def sdp_for(port: int, host: str = "127.0.0.1", payload_type: int = 111) -> str:
+    """An SDP file ffplay/ffmpeg can open to play RTP forwarded to `port`."""
+    return (f"v=0\r\no=- 0 0 IN IP4 {host}\r\ns=relay\r\nc=IN IP4 {host}\r\nt=0 0\r\n"
+            f"m=audio {port} RTP/AVP {payload_type}\r\n"
+            f"a=rtpmap:{payload_type} opus/48000/2\r\n")

@@ -1,0 +1,199 @@
+"""Node configuration: a TOML file, flags on top, and an embedded default
+for the demo. Every mistake becomes one ConfigError line naming what to fix."""
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from relay.addr import parse_hostport
+from relay.protocol import MAX_REDIRECT, MAX_ROOM
+
+DEFAULT_TOML = """
+# The embedded default: one open room on loopback, for `make demo`.
+[node]
+listen = "127.0.0.1:7000"
+admin = "127.0.0.1:7080"
+auth = "open"
+
+[[room]]
+name = "demo"
+ingest = "127.0.0.1:5004"
+sources = ["127.0.0.1"]
+"""
+
+
+class ConfigError(Exception):
+    """A configuration mistake, as one readable line."""
+
+
+@dataclass
+class RoomConfig:
+    name: str
+    ingest: tuple[str, int]
+    sources: list[tuple[str, int]]   # port 0 = any port
+    any_source: bool = False
+    max_listeners: int = 0           # 0 = only the node limit
+
+
+@dataclass
+class NodeConfig:
+    listen: tuple[str, int] = ("127.0.0.1", 7000)
+    admin: tuple[str, int] | None = ("127.0.0.1", 7080)
+    auth: str = "jwt"
+    secret: str = ""
+    max_listeners: int = 100_000
+    ring_depth: int = 16
+    slot_bytes: int = 480
+    burst_packets: int = 8
+    keepalive_interval: float = 5.0
+    session_timeout: float = 15.0
+    redirect: str = ""
+    rooms: list[RoomConfig] = field(default_factory=list)
+
+
+_NODE_KEYS = {"listen", "admin", "auth", "secret_env", "max_listeners", "ring_depth",
+              "slot_bytes", "burst_packets", "keepalive_interval", "session_timeout", "redirect"}
+_ROOM_KEYS = {"name", "ingest", "sources", "max_listeners"}
+
+
+def _addr(where: str, value: Any) -> tuple[str, int]:
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: expected \"host:port\", got {value!r}")
+    try:
+        return parse_hostport(value)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _int(where: str, value: Any, lo: int, hi: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ConfigError(f"{where}: expected an integer from {lo} to {hi}, got {value!r}")
+    return value
+
+
+def _seconds(where: str, value: Any) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{where}: expected a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def _room(i: int, raw: Any, open_auth: bool) -> RoomConfig:
+    where = f"room #{i + 1}"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a table")
+    unknown = set(raw) - _ROOM_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name or len(name.encode()) > MAX_ROOM:
+        raise ConfigError(f"{where}: 'name' must be a string of 1 to {MAX_ROOM} bytes")
+    where = f"room {name!r}"
+    if "ingest" not in raw:
+        raise ConfigError(f"{where}: 'ingest' (host:port for RTP) is missing")
+    ingest = _addr(f"{where}: ingest", raw["ingest"])
+    sources_raw = raw.get("sources")
+    if not isinstance(sources_raw, list) or not sources_raw:
+        raise ConfigError(f"{where}: 'sources' must list the publisher addresses allowed in")
+    sources, any_source = [], False
+    for s in sources_raw:
+        if s == "*":
+            if not open_auth:
+                raise ConfigError(f"{where}: sources = [\"*\"] is only allowed with auth = \"open\"")
+            any_source = True
+            continue
+        try:
+            sources.append(parse_hostport(str(s), default_port=0))
+        except ValueError as e:
+            raise ConfigError(f"{where}: source {s!r}: {e}") from None
+    limit = _int(f"{where}: max_listeners", raw.get("max_listeners", 0), 0, 10**7)
+    return RoomConfig(name, ingest, sources, any_source, limit)
+
+
+def load(text: str | None = None, path: str | None = None,
+         environ: dict[str, str] | None = None, overrides: dict[str, Any] | None = None) -> NodeConfig:
+    """Parse a config (file at `path`, else `text`, else the embedded default)."""
+    label = path or "config"
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                text = f.read().decode()
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not UTF-8 text") from None
+    try:
+        raw = tomllib.loads(DEFAULT_TOML if text is None else text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{label}: not valid TOML: {e}") from None
+    return from_dict(raw, label, environ, overrides)
+
+
+def from_dict(raw: dict[str, Any], label: str = "config", environ: dict[str, str] | None = None,
+              overrides: dict[str, Any] | None = None) -> NodeConfig:
+    """Validate a parsed config; `overrides` (from command-line flags) replace
+    [node] keys, and a "room" entry replaces the room list."""
+    environ = os.environ if environ is None else environ
+    raw = dict(raw)
+    raw["node"] = dict(raw.get("node", {})) if isinstance(raw.get("node", {}), dict) else raw["node"]
+    for key, value in (overrides or {}).items():
+        if key == "room":
+            raw["room"] = value
+        elif isinstance(raw["node"], dict):
+            raw["node"][key] = value
+    unknown = set(raw) - {"node", "room"}
+    if unknown:
+        raise ConfigError(f"{label}: unknown section [{sorted(unknown)[0]}]")
+    node = raw.get("node", {})
+    if not isinstance(node, dict):
+        raise ConfigError(f"{label}: [node] must be a table")
+    unknown = set(node) - _NODE_KEYS
+    if unknown:
+        raise ConfigError(f"{label}: [node]: unknown key {sorted(unknown)[0]!r}")
+    cfg = NodeConfig()
+    if "listen" in node:
+        cfg.listen = _addr("[node] listen", node["listen"])
+    if "admin" in node:
+        cfg.admin = None if node["admin"] == "" else _addr("[node] admin", node["admin"])
+    cfg.auth = node.get("auth", "jwt")
+    if cfg.auth not in ("jwt", "open"):
+        raise ConfigError(f"[node] auth: expected \"jwt\" or \"open\", got {cfg.auth!r}")
+    if cfg.auth == "jwt":
+        env = node.get("secret_env", "RELAY_SECRET")
+        cfg.secret = environ.get(env, "")
+        if not cfg.secret:
+            raise ConfigError(f"[node] auth = \"jwt\" needs a secret: set the environment "
+                              f"variable {env} (or use auth = \"open\" for local use)")
+    cfg.max_listeners = _int("[node] max_listeners", node.get("max_listeners", cfg.max_listeners), 1, 10**7)
+    cfg.ring_depth = _int("[node] ring_depth", node.get("ring_depth", cfg.ring_depth), 2, 4096)
+    if cfg.ring_depth & (cfg.ring_depth - 1):
+        raise ConfigError(f"[node] ring_depth: must be a power of two, got {cfg.ring_depth}")
+    cfg.slot_bytes = _int("[node] slot_bytes", node.get("slot_bytes", cfg.slot_bytes), 64, 2048)
+    cfg.burst_packets = _int("[node] burst_packets", node.get("burst_packets", cfg.burst_packets),
+                             0, cfg.ring_depth)
+    cfg.keepalive_interval = _seconds("[node] keepalive_interval",
+                                      node.get("keepalive_interval", cfg.keepalive_interval))
+    cfg.session_timeout = _seconds("[node] session_timeout",
+                                   node.get("session_timeout", cfg.session_timeout))
+    if cfg.session_timeout < 2 * cfg.keepalive_interval:
+        raise ConfigError("[node] session_timeout: must be at least twice keepalive_interval")
+    cfg.redirect = str(node.get("redirect", ""))
+    if len(cfg.redirect.encode()) > MAX_REDIRECT:
+        raise ConfigError(f"[node] redirect: at most {MAX_REDIRECT} bytes")
+    rooms = raw.get("room", [])
+    if not isinstance(rooms, list):
+        raise ConfigError(f"{label}: rooms are [[room]] tables")
+    cfg.rooms = [_room(i, r, cfg.auth == "open") for i, r in enumerate(rooms)]
+    if not cfg.rooms:
+        raise ConfigError(f"{label}: no [[room]] configured")
+    seen: set[str] = set()
+    ports: set[tuple[str, int]] = set()
+    for r in cfg.rooms:
+        if r.name in seen:
+            raise ConfigError(f"room {r.name!r}: defined twice")
+        if r.ingest in ports or r.ingest == cfg.listen:
+            raise ConfigError(f"room {r.name!r}: ingest {r.ingest[0]}:{r.ingest[1]} is already in use")
+        seen.add(r.name)
+        ports.add(r.ingest)
+    return cfg

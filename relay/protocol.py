@@ -1,0 +1,283 @@
+"""The listener control protocol (version 1), sans-IO: bytes in, values out.
+
+Every message starts with MAGIC, a byte in the range RFC 7983 leaves
+unassigned (4..15; RFC 9443 keeps it free of QUIC too), so the listener port
+can carry control, RTP and RTCP side by side and tell them apart from the
+first byte. The full wire format is in docs/protocol.md; this module is its
+only implementation. Nothing here touches a socket or a clock: callers pass
+`now` in.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+MAGIC = 0x0B
+VERSION = 1
+HEADER = struct.Struct("!BBBB")  # magic, version, type, reserved
+# A JOIN is padded to at least this size, so that the CHALLENGE and a REJECT
+# with a redirect always fit under it: no reply is larger than its request.
+MIN_JOIN = 128
+MAX_ROOM = 64
+MAX_TOKEN = 2048
+MAX_REDIRECT = 96
+SESSION_ID_LEN = 8
+COOKIE_LEN = 20
+
+
+class MsgType(IntEnum):
+    JOIN = 1
+    CHALLENGE = 2
+    ACCEPT = 3
+    REJECT = 4
+    KEEPALIVE = 5
+    LEAVE = 6
+
+
+class Reason(IntEnum):
+    """Why a JOIN (or a session) was refused. Stable numbers: clients
+    switch on them."""
+    BAD_REQUEST = 1
+    UNSUPPORTED_VERSION = 2
+    BAD_TOKEN = 3
+    EXPIRED_TOKEN = 4
+    WRONG_ROOM = 5
+    UNKNOWN_ROOM = 6
+    NODE_FULL = 7
+    ROOM_FULL = 8
+    STALE_COOKIE = 9
+    UNKNOWN_SESSION = 10
+    DRAINING = 11
+    WRONG_ROLE = 12
+
+
+class ProtocolError(ValueError):
+    """Bytes that are not a valid control message; `reason` says why."""
+
+    def __init__(self, message: str, reason: Reason = Reason.BAD_REQUEST) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Join:
+    room: str
+    token: str
+    cookie: bytes = b""
+
+
+@dataclass(frozen=True)
+class Challenge:
+    cookie: bytes
+
+
+@dataclass(frozen=True)
+class Accept:
+    session_id: bytes
+    ssrc: int
+    keepalive_ms: int
+    timeout_ms: int
+
+
+@dataclass(frozen=True)
+class Reject:
+    reason: Reason
+    redirect: str = ""
+
+
+@dataclass(frozen=True)
+class Keepalive:
+    session_id: bytes
+
+
+@dataclass(frozen=True)
+class Leave:
+    session_id: bytes
+
+
+Message = Join | Challenge | Accept | Reject | Keepalive | Leave
+
+
+def is_control(datagram: bytes) -> bool:
+    """True if the first byte says this is ours (RFC 7983 style demux)."""
+    return len(datagram) > 0 and datagram[0] == MAGIC
+
+
+def _head(kind: MsgType) -> bytes:
+    return HEADER.pack(MAGIC, VERSION, kind, 0)
+
+
+def encode(msg: Message) -> bytes:
+    """Serialise a message. JOINs are padded to MIN_JOIN bytes."""
+    if isinstance(msg, Join):
+        room, token = msg.room.encode(), msg.token.encode()
+        if len(room) > MAX_ROOM or len(token) > MAX_TOKEN or len(msg.cookie) > 255:
+            raise ValueError("room, token or cookie too long")
+        out = (_head(MsgType.JOIN) + bytes([len(room)]) + room + struct.pack("!H", len(token))
+               + token + bytes([len(msg.cookie)]) + msg.cookie)
+        return out + bytes(max(0, MIN_JOIN - len(out)))
+    if isinstance(msg, Challenge):
+        return _head(MsgType.CHALLENGE) + bytes([len(msg.cookie)]) + msg.cookie
+    if isinstance(msg, Accept):
+        return (_head(MsgType.ACCEPT) + msg.session_id
+                + struct.pack("!III", msg.ssrc, msg.keepalive_ms, msg.timeout_ms))
+    if isinstance(msg, Reject):
+        redirect = msg.redirect.encode()[:MAX_REDIRECT]
+        return _head(MsgType.REJECT) + bytes([msg.reason, len(redirect)]) + redirect
+    if isinstance(msg, Keepalive):
+        return _head(MsgType.KEEPALIVE) + msg.session_id
+    if isinstance(msg, Leave):
+        return _head(MsgType.LEAVE) + msg.session_id
+    raise TypeError(f"not a control message: {msg!r}")
+
+
+class _Reader:
+    def __init__(self, data: bytes, offset: int) -> None:
+        self.data, self.at = data, offset
+
+    def take(self, n: int) -> bytes:
+        if self.at + n > len(self.data):
+            raise ProtocolError("message truncated")
+        out = self.data[self.at:self.at + n]
+        self.at += n
+        return out
+
+    def u8(self) -> int:
+        return self.take(1)[0]
+
+    def text(self, n: int) -> str:
+        try:
+            return self.take(n).decode()
+        except UnicodeDecodeError:
+            raise ProtocolError("text is not UTF-8") from None
+
+
+def decode(data: bytes) -> Message:
+    """Parse one control datagram; raises ProtocolError with a reason."""
+    if len(data) < HEADER.size or data[0] != MAGIC:
+        raise ProtocolError("not a control message")
+    _, version, kind, _ = HEADER.unpack_from(data)
+    if version != VERSION:
+        raise ProtocolError(f"version {version} not supported", Reason.UNSUPPORTED_VERSION)
+    r = _Reader(data, HEADER.size)
+    if kind == MsgType.JOIN:
+        n = r.u8()
+        if n > MAX_ROOM:
+            raise ProtocolError("room name too long")
+        room = r.text(n)
+        (n,) = struct.unpack("!H", r.take(2))
+        if n > MAX_TOKEN:
+            raise ProtocolError("token too long")
+        token = r.text(n)
+        cookie = r.take(r.u8())
+        return Join(room, token, cookie)
+    if kind == MsgType.CHALLENGE:
+        return Challenge(r.take(r.u8()))
+    if kind == MsgType.ACCEPT:
+        sid = r.take(SESSION_ID_LEN)
+        ssrc, keepalive, timeout = struct.unpack("!III", r.take(12))
+        return Accept(sid, ssrc, keepalive, timeout)
+    if kind == MsgType.REJECT:
+        code = r.u8()
+        try:
+            reason = Reason(code)
+        except ValueError:
+            raise ProtocolError(f"unknown reject reason {code}") from None
+        return Reject(reason, r.text(r.u8()))
+    if kind == MsgType.KEEPALIVE:
+        return Keepalive(r.take(SESSION_ID_LEN))
+    if kind == MsgType.LEAVE:
+        return Leave(r.take(SESSION_ID_LEN))
+    raise ProtocolError(f"unknown message type {kind}")
+
+
+class CookieJar:
+    """Stateless address-validation cookies, like QUIC's Retry token: the
+    node keeps nothing per JOIN; the cookie proves the joiner can receive at
+    the address it claims. Cookie = 4-byte issue time (s) + 16-byte
+    HMAC-SHA256(secret, time | address)."""
+
+    def __init__(self, secret: bytes, lifetime_s: float = 10.0) -> None:
+        self._secret = secret
+        self.lifetime_s = lifetime_s
+
+    def _mac(self, issued: int, addr: bytes) -> bytes:
+        return hmac.new(self._secret, struct.pack("!I", issued) + addr, hashlib.sha256).digest()[:16]
+
+    def make(self, addr: bytes, now: float) -> bytes:
+        """A cookie for raw address bytes `addr` (see relay.addr.to_sockaddr)."""
+        issued = int(now) & 0xFFFFFFFF
+        return struct.pack("!I", issued) + self._mac(issued, addr)
+
+    def check(self, cookie: bytes, addr: bytes, now: float) -> bool:
+        """True if the cookie was made by us for this address and is fresh."""
+        if len(cookie) != COOKIE_LEN:
+            return False
+        (issued,) = struct.unpack_from("!I", cookie)
+        age = (int(now) - issued) & 0xFFFFFFFF
+        if age > self.lifetime_s:
+            return False
+        return hmac.compare_digest(cookie[4:], self._mac(issued, addr))
+
+
+# --- RTCP from listeners (RFC 3550 receiver reports, RFC 4585 generic NACK)
+
+RTCP_RR = 201
+RTCP_RTPFB = 205
+NACK_FMT = 1
+
+
+@dataclass(frozen=True)
+class Nack:
+    media_ssrc: int
+    seqs: tuple[int, ...]
+
+
+def parse_rtcp(data: bytes) -> tuple[bool, list[Nack]]:
+    """Walk a compound RTCP packet. Returns (is_rtcp, NACKs found). A packet
+    that is not well-formed RTCP returns (False, [])."""
+    nacks: list[Nack] = []
+    at = 0
+    seen = False
+    while at + 4 <= len(data):
+        b0, pt, words = struct.unpack_from("!BBH", data, at)
+        size = 4 * (words + 1)
+        if b0 >> 6 != 2 or not 192 <= pt <= 223 or at + size > len(data):
+            return False, []
+        seen = True
+        if pt == RTCP_RTPFB and (b0 & 0x1F) == NACK_FMT and size >= 16:
+            (media,) = struct.unpack_from("!I", data, at + 8)
+            seqs: list[int] = []
+            for fci in range(at + 12, at + size - 3, 4):
+                pid, blp = struct.unpack_from("!HH", data, fci)
+                seqs.append(pid)
+                seqs += [(pid + 1 + bit) & 0xFFFF for bit in range(16) if blp >> bit & 1]
+            nacks.append(Nack(media, tuple(seqs)))
+        at += size
+    return seen and at == len(data), nacks
+
+
+def build_nack(sender_ssrc: int, media_ssrc: int, seqs: list[int]) -> bytes:
+    """A generic NACK (RFC 4585 6.2.1) asking for `seqs`."""
+    fcis = b""
+    todo = sorted(set(s & 0xFFFF for s in seqs))
+    while todo:
+        pid = todo.pop(0)
+        blp = 0
+        for s in list(todo):
+            d = (s - pid - 1) & 0xFFFF
+            if d < 16:
+                blp |= 1 << d
+                todo.remove(s)
+        fcis += struct.pack("!HH", pid, blp)
+    words = 2 + len(fcis) // 4
+    return struct.pack("!BBHII", 0x80 | NACK_FMT, RTCP_RTPFB, words, sender_ssrc, media_ssrc) + fcis
+
+
+def build_receiver_report(sender_ssrc: int) -> bytes:
+    """An empty RTCP receiver report: a keepalive a standard RTP client
+    could send too."""
+    return struct.pack("!BBHI", 0x80, RTCP_RR, 1, sender_ssrc)

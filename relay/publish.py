@@ -1,0 +1,117 @@
+"""`relay publish`: send RTP/Opus to a room's ingest port at real time.
+
+Either a generated test tone encoded with opuslib (no files needed), or any
+file ffmpeg can read, handed to ffmpeg's own RTP muxer, so what we test
+against is what operators will run.
+"""
+from __future__ import annotations
+
+import array
+import asyncio
+import math
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import time
+
+import opuslib
+
+FRAME = 960          # 20 ms at 48 kHz
+RATE = 48000
+PAYLOAD_TYPE = 111
+
+
+def tone_frames(freq: float, channels: int = 2, amplitude: float = 0.3):
+    """Endless 20 ms frames of a sine tone as 16-bit PCM bytes."""
+    n = 0
+    step = 2 * math.pi * freq / RATE
+    while True:
+        samples = array.array("h")
+        for i in range(n, n + FRAME):
+            v = int(32767 * amplitude * math.sin(step * i))
+            samples.extend([v] * channels)
+        n += FRAME
+        yield samples.tobytes()
+
+
+def encode_tone(freq: float, seconds: float, bitrate: int = 64000, channels: int = 2) -> list[bytes]:
+    """Opus packets for `seconds` of a tone (what the tone publisher sends)."""
+    enc = opuslib.Encoder(RATE, channels, opuslib.APPLICATION_AUDIO)
+    enc.bitrate = bitrate
+    frames = tone_frames(freq, channels)
+    return [enc.encode(next(frames), FRAME) for _ in range(int(seconds * RATE / FRAME))]
+
+
+class RtpPacketizer:
+    """RTP headers for an Opus stream (RFC 7587): PT 111, 48 kHz clock."""
+
+    def __init__(self, ssrc: int | None = None) -> None:
+        rnd = os.urandom(10)
+        self.ssrc = ssrc if ssrc is not None else int.from_bytes(rnd[:4], "big")
+        self.seq = int.from_bytes(rnd[4:6], "big")
+        self.ts = int.from_bytes(rnd[6:10], "big")
+
+    def packet(self, payload: bytes, samples: int = FRAME) -> bytes:
+        out = struct.pack("!BBHII", 0x80, PAYLOAD_TYPE, self.seq, self.ts, self.ssrc) + payload
+        self.seq = (self.seq + 1) & 0xFFFF
+        self.ts = (self.ts + samples) & 0xFFFFFFFF
+        return out
+
+
+async def publish_tone(to: tuple[str, int], freq: float = 440.0, duration: float | None = None,
+                       bitrate: int = 64000, progress=None) -> int:
+    """Send a tone as RTP/Opus in real time. Returns packets sent."""
+    family = socket.AF_INET6 if ":" in to[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.connect(to)
+    enc = opuslib.Encoder(RATE, 2, opuslib.APPLICATION_AUDIO)
+    enc.bitrate = bitrate
+    frames = tone_frames(freq)
+    rtp = RtpPacketizer()
+    start = time.monotonic()
+    sent = 0
+    try:
+        while duration is None or sent * FRAME / RATE < duration:
+            try:
+                sock.send(rtp.packet(enc.encode(next(frames), FRAME)))
+            except ConnectionRefusedError:
+                pass  # nobody on the ingest port yet; keep real time anyway
+            sent += 1
+            if progress is not None and sent % 50 == 0:
+                progress(sent)
+            # pace against the start time so sleep overshoot does not drift
+            delay = start + sent * FRAME / RATE - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+    finally:
+        sock.close()
+    return sent
+
+
+def ffmpeg_command(source: str, to: tuple[str, int], bitrate: str = "64k",
+                   lavfi: bool = False, duration: float | None = None) -> list[str]:
+    """The ffmpeg command that publishes `source` (a file, or a lavfi graph
+    such as 'sine=frequency=440') to a room as RTP/Opus in real time."""
+    ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg is None:
+        raise FileNotFoundError("ffmpeg is not installed (Debian: apt-get install ffmpeg)")
+    cmd = [ffmpeg, "-hide_banner", "-loglevel", "error", "-nostdin", "-re"]
+    if lavfi:
+        cmd += ["-f", "lavfi"]
+    cmd += ["-i", source]
+    if duration is not None:
+        cmd += ["-t", str(duration)]
+    host = f"[{to[0]}]" if ":" in to[0] else to[0]
+    cmd += ["-vn", "-ac", "2", "-ar", "48000", "-c:a", "libopus", "-b:a", bitrate,
+            "-frame_duration", "20", "-application", "audio",
+            "-f", "rtp", "-payload_type", str(PAYLOAD_TYPE), f"rtp://{host}:{to[1]}?pkt_size=1200"]
+    return cmd
+
+
+def publish_with_ffmpeg(source: str, to: tuple[str, int], duration: float | None = None,
+                        lavfi: bool = False) -> int:
+    """Run ffmpeg to publish; returns its exit code."""
+    return subprocess.call(ffmpeg_command(source, to, lavfi=lavfi, duration=duration),
+                           stdout=subprocess.DEVNULL)

@@ -1,0 +1,59 @@
+"""Join tokens: JWT (HS256) with room, role and expiry, so any backend that
+shares the secret can mint them. Open mode admits anyone, for local demos."""
+from __future__ import annotations
+
+import time
+
+import jwt
+
+from relay.protocol import Reason
+
+ROLES = ("listen", "publish")
+
+
+class TokenError(Exception):
+    """A token that does not admit this join; `reason` is the REJECT reason."""
+
+    def __init__(self, message: str, reason: Reason) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def mint(secret: str, room: str, role: str = "listen", ttl_s: float = 3600.0,
+         now: float | None = None) -> str:
+    """A signed token for `room` and `role`, valid for `ttl_s` seconds."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}")
+    if not secret:
+        raise ValueError("a secret is needed to mint tokens")
+    issued = int(time.time() if now is None else now)
+    claims = {"room": room, "role": role, "iat": issued, "exp": issued + int(ttl_s)}
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
+class Auth:
+    """Checks join tokens. mode 'jwt' needs a secret; mode 'open' admits
+    every JOIN (and says so in the logs at start-up)."""
+
+    def __init__(self, mode: str, secret: str = "") -> None:
+        if mode not in ("jwt", "open"):
+            raise ValueError("auth must be 'jwt' or 'open'")
+        if mode == "jwt" and not secret:
+            raise ValueError("auth 'jwt' needs a secret")
+        self.mode, self._secret = mode, secret
+
+    def check(self, token: str, room: str, role: str = "listen") -> None:
+        """Raise TokenError unless `token` admits `role` in `room`."""
+        if self.mode == "open":
+            return
+        try:
+            claims = jwt.decode(token, self._secret, algorithms=["HS256"],
+                                options={"require": ["exp", "room", "role"]})
+        except jwt.ExpiredSignatureError:
+            raise TokenError("token expired", Reason.EXPIRED_TOKEN) from None
+        except jwt.InvalidTokenError as e:
+            raise TokenError(f"bad token: {e}", Reason.BAD_TOKEN) from None
+        if claims.get("room") != room:
+            raise TokenError("token is for another room", Reason.WRONG_ROOM)
+        if claims.get("role") != role:
+            raise TokenError(f"token role is not {role!r}", Reason.WRONG_ROLE)
