@@ -587,19 +587,26 @@ cdef class Core:
             self.lat_sum_ns += d
         self.pend_n = 0
 
-    def ingest(self, int in_fd, int room, int out_fd):
+    def ingest(self, int in_fd, int room, int out_fd, int budget=65536):
         """Drain `in_fd` (a room's RTP socket) with recvmmsg, fan every packet
-        out and send it on `out_fd`. Returns the datagrams read. Bounded per
-        call so one busy room cannot starve the event loop; `blocked` tells
+        out and send it on `out_fd`. Returns the datagrams read. Stops after
+        about `budget` listener-packets (at least one ingest batch) so a big
+        room cannot starve the event loop: joins and keepalives get their
+        turn, and the reader fires again for what is left. `blocked` tells
         whether the egress socket filled up."""
         cdef int rounds, got, k, batch
         cdef int total = 0
         cdef int64_t now
+        cdef uint64_t start_out = self.c_packets_out
         cdef msghdr *m
         # flush between rounds, so a round must not overrun a ring
         batch = min(<int>RX_BATCH, self.depth // 2 if self.depth > 2 else 1)
+        if room >= 0 and room < self.rooms and self.rm[room].n_listeners > 0:
+            batch = max(1, min(batch, budget // self.rm[room].n_listeners))
         with nogil:
             for rounds in range(RX_ROUNDS):
+                if self.c_packets_out - start_out >= <uint64_t>budget:
+                    break
                 for k in range(batch):
                     self.rx[k].msg_hdr.msg_name = self.rx_addr + k * RX_ADDR
                     self.rx[k].msg_hdr.msg_namelen = RX_ADDR

@@ -174,7 +174,8 @@ def cmd_publish(args: argparse.Namespace) -> None:
             _die(str(e))
     print(f"publishing a {args.tone:g} Hz tone to {to[0]}:{to[1]} as RTP/Opus", file=sys.stderr)
     try:
-        sent = _run(publish_tone(to, args.tone, args.duration))
+        sent = _run(publish_tone(to, args.tone, args.duration, bitrate=args.bitrate,
+                                 frame_ms=args.frame_ms))
     except KeyboardInterrupt:
         return
     print(f"sent {sent} packets", file=sys.stderr)
@@ -197,7 +198,7 @@ def cmd_token(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from relay.demo import run_demo
 
-    raise SystemExit(run_demo(args.listeners, args.seconds, args.out))
+    raise SystemExit(run_demo(args.listeners, args.seconds, args.out, args.frame_ms))
 
 
 # -------------------------------------------------------------------- main
@@ -234,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--file", help="publish this file through ffmpeg")
     s.add_argument("--tone", type=float, default=440.0, help="tone frequency in Hz (default 440)")
     s.add_argument("--duration", type=float, help="seconds (default: forever)")
+    s.add_argument("--frame-ms", type=int, default=20, choices=[10, 20, 40, 60],
+                   help="tone: milliseconds of audio per packet (default 20)")
+    s.add_argument("--bitrate", type=int, default=64000, help="tone: Opus bits/s (default 64000)")
     s.set_defaults(func=cmd_publish)
 
     s = sub.add_parser("token", help="mint a join token")
@@ -247,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--listeners", type=int, default=2000)
     s.add_argument("--seconds", type=float, default=10.0)
     s.add_argument("--out", default="demo-listener.ogg", help="one listener's audio goes here")
+    s.add_argument("--frame-ms", type=int, default=20, choices=[10, 20, 40, 60],
+                   help="milliseconds of audio per packet (default 20: 50 packets/s)")
     s.set_defaults(func=cmd_demo)
     return p
 

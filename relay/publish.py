@@ -23,16 +23,16 @@ RATE = 48000
 PAYLOAD_TYPE = 111
 
 
-def tone_frames(freq: float, channels: int = 2, amplitude: float = 0.3):
-    """Endless 20 ms frames of a sine tone as 16-bit PCM bytes."""
+def tone_frames(freq: float, channels: int = 2, amplitude: float = 0.3, frame: int = FRAME):
+    """Endless frames of `frame` samples of a sine tone as 16-bit PCM bytes."""
     n = 0
     step = 2 * math.pi * freq / RATE
     while True:
         samples = array.array("h")
-        for i in range(n, n + FRAME):
+        for i in range(n, n + frame):
             v = int(32767 * amplitude * math.sin(step * i))
             samples.extend([v] * channels)
-        n += FRAME
+        n += frame
         yield samples.tobytes()
 
 
@@ -61,28 +61,32 @@ class RtpPacketizer:
 
 
 async def publish_tone(to: tuple[str, int], freq: float = 440.0, duration: float | None = None,
-                       bitrate: int = 64000, progress=None) -> int:
-    """Send a tone as RTP/Opus in real time. Returns packets sent."""
+                       bitrate: int = 64000, progress=None, frame_ms: int = 20) -> int:
+    """Send a tone as RTP/Opus in real time, one `frame_ms` frame per packet.
+    Returns packets sent."""
+    if frame_ms not in (10, 20, 40, 60):
+        raise ValueError("frame_ms must be 10, 20, 40 or 60")
+    frame = RATE * frame_ms // 1000
     family = socket.AF_INET6 if ":" in to[0] else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     sock.connect(to)
     enc = opuslib.Encoder(RATE, 2, opuslib.APPLICATION_AUDIO)
     enc.bitrate = bitrate
-    frames = tone_frames(freq)
+    frames = tone_frames(freq, frame=frame)
     rtp = RtpPacketizer()
     start = time.monotonic()
     sent = 0
     try:
-        while duration is None or sent * FRAME / RATE < duration:
+        while duration is None or sent * frame / RATE < duration:
             try:
-                sock.send(rtp.packet(enc.encode(next(frames), FRAME)))
+                sock.send(rtp.packet(enc.encode(next(frames), frame), frame))
             except ConnectionRefusedError:
                 pass  # nobody on the ingest port yet; keep real time anyway
             sent += 1
             if progress is not None and sent % 50 == 0:
                 progress(sent)
             # pace against the start time so sleep overshoot does not drift
-            delay = start + sent * FRAME / RATE - time.monotonic()
+            delay = start + sent * frame / RATE - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
     finally:

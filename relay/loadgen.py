@@ -1,0 +1,171 @@
+"""Load generation on loopback: a crowd of real UDP listeners that speak the
+control protocol, counted in C by relay._crowd. Used by `relay demo`, the
+large loopback tests and bench/.
+
+Every loop here is bounded in count and time and stops by itself.
+"""
+from __future__ import annotations
+
+import resource
+import socket
+import time
+import urllib.request
+from dataclasses import dataclass, field
+
+from relay._crowd import Crowd
+from relay.protocol import (Accept, Challenge, Join, Keepalive, Leave, ProtocolError, Reject,
+                            decode, encode)
+
+
+def raise_fd_limit(needed: int) -> None:
+    """Lift the soft open-files limit towards `needed` (up to the hard limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, max(soft, needed))
+    if want > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+@dataclass
+class JoinResult:
+    accepted: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    unanswered: int = 0
+    seconds: float = 0.0
+
+
+class LoopbackCrowd:
+    """`n` listener sockets connected to `server`, joined to `room`."""
+
+    def __init__(self, n: int, server: tuple[str, int], room: str, token: str = "",
+                 rcvbuf: int = 256 * 1024) -> None:
+        raise_fd_limit(n + 256)
+        self.server, self.room, self.token = server, room, token
+        self.socks: list[socket.socket] = []
+        try:
+            for _ in range(n):
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                self.socks.append(s)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+                s.bind(("127.0.0.1", 0))
+                s.connect(server)
+                s.setblocking(False)
+        except OSError:
+            self.close()
+            raise
+        self.crowd = Crowd([s.fileno() for s in self.socks])
+        self.sessions: dict[int, Accept] = {}
+
+    def _send(self, i: int, data: bytes) -> None:
+        try:
+            self.socks[i].send(data)
+        except OSError:
+            pass  # a full socket buffer or ICMP error: the retry covers it
+
+    def join(self, timeout: float = 20.0, chunk: int = 500, attempts: int = 4) -> JoinResult:
+        """Handshake every member (JOIN, cookie, JOIN, ACCEPT), `chunk` at a
+        time so the node's control socket is not flooded by our own test."""
+        t0 = time.monotonic()
+        res = JoinResult()
+        pending = [i for i in range(len(self.socks)) if i not in self.sessions]
+        deadline = t0 + timeout
+        for _ in range(attempts):
+            if not pending or time.monotonic() > deadline:
+                break
+            waiting: set[int] = set()
+            for start in range(0, len(pending), chunk):
+                for i in pending[start:start + chunk]:
+                    self._send(i, encode(Join(self.room, self.token)))
+                    waiting.add(i)
+                self._pump(waiting, res, until=time.monotonic() + 0.05)
+            self._pump(waiting, res, until=min(deadline, time.monotonic() + 2.0))
+            pending = sorted(waiting)
+        res.unanswered = len(pending)
+        res.accepted = len(self.sessions)
+        res.seconds = time.monotonic() - t0
+        return res
+
+    def _pump(self, waiting: set[int], res: JoinResult, until: float) -> None:
+        while waiting and time.monotonic() < until:
+            self.crowd.poll(10)
+            for i, data in self.crowd.take_control():
+                try:
+                    msg = decode(data)
+                except ProtocolError:
+                    continue
+                if isinstance(msg, Challenge) and i in waiting:
+                    self._send(i, encode(Join(self.room, self.token, msg.cookie)))
+                elif isinstance(msg, Accept) and i in waiting:
+                    self.sessions[i] = msg
+                    waiting.discard(i)
+                elif isinstance(msg, Reject) and i in waiting:
+                    key = msg.reason.name.lower()
+                    res.rejected[key] = res.rejected.get(key, 0) + 1
+                    waiting.discard(i)
+
+    def keepalive(self) -> None:
+        """One KEEPALIVE from every joined member."""
+        for i, acc in self.sessions.items():
+            self._send(i, encode(Keepalive(acc.session_id)))
+
+    def run(self, seconds: float, on_second=None, keepalive_s: float = 4.0) -> None:
+        """Receive for `seconds`, sending keepalives; `on_second(elapsed)` is
+        called about once a second (the demo's progress line)."""
+        t0 = time.monotonic()
+        next_tick = t0 + 1
+        next_keepalive = t0 + keepalive_s
+        while (now := time.monotonic()) < t0 + seconds:
+            self.crowd.poll(20)
+            self.crowd.take_control()  # keepalive echoes
+            if now >= next_keepalive:
+                self.keepalive()
+                next_keepalive += keepalive_s
+            if now >= next_tick:
+                next_tick += 1
+                if on_second is not None:
+                    on_second(now - t0)
+
+    def leave(self) -> None:
+        """LEAVE every session."""
+        for i, acc in self.sessions.items():
+            self._send(i, encode(Leave(acc.session_id)))
+        self.sessions.clear()
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.close()
+        self.socks = []
+
+
+def scrape(admin: tuple[str, int], timeout: float = 30.0) -> dict[str, float]:
+    """Fetch /metrics and return {'name{labels}': value} for every sample."""
+    url = f"http://{admin[0]}:{admin[1]}/metrics"
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def histogram_quantile(samples: dict[str, float], name: str, q: float) -> float | None:
+    """The q-quantile of a scraped Prometheus histogram, interpolated within
+    its bucket as Prometheus does. None if it has no observations."""
+    buckets = []
+    for key, value in samples.items():
+        if key.startswith(name + "_bucket{"):
+            le = key.split('le="')[1].split('"')[0]
+            buckets.append((float("inf") if le == "+Inf" else float(le), value))
+    buckets.sort()
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    rank = q * buckets[-1][1]
+    prev_le, prev_n = 0.0, 0.0
+    for le, n in buckets:
+        if n >= rank:
+            if le == float("inf"):
+                return prev_le
+            return prev_le + (le - prev_le) * ((rank - prev_n) / (n - prev_n) if n > prev_n else 1)
+        prev_le, prev_n = le, n
+    return None
