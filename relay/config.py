@@ -165,6 +165,9 @@ def from_dict(raw: dict[str, Any], label: str = "config", environ: dict[str, str
         if not cfg.secret:
             raise ConfigError(f"[node] auth = \"jwt\" needs a secret: set the environment "
                               f"variable {env} (or use auth = \"open\" for local use)")
+        if len(cfg.secret.encode()) < 32:
+            raise ConfigError(f"[node] the secret in {env} is {len(cfg.secret.encode())} bytes; "
+                              "HS256 wants at least 32 bytes")
     cfg.max_listeners = _int("[node] max_listeners", node.get("max_listeners", cfg.max_listeners), 1, 10**7)
     cfg.ring_depth = _int("[node] ring_depth", node.get("ring_depth", cfg.ring_depth), 2, 4096)
     if cfg.ring_depth & (cfg.ring_depth - 1):

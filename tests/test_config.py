@@ -1,0 +1,57 @@
+"""Config mistakes are one readable line; `relay serve` never shows a traceback."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from relay.config import ConfigError, load
+
+GOOD = """
+[node]
+listen = "127.0.0.1:7100"
+auth = "jwt"
+[[room]]
+name = "a"
+ingest = "127.0.0.1:5100"
+sources = ["127.0.0.1", "10.1.2.3:5000"]
+"""
+
+
+def test_good_config_and_secret_from_environment() -> None:
+    cfg = load(GOOD, environ={"RELAY_SECRET": "x" * 32})
+    assert cfg.secret == "x" * 32
+    assert cfg.rooms[0].sources == [("127.0.0.1", 0), ("10.1.2.3", 5000)]
+
+
+@pytest.mark.parametrize("text, needle", [
+    (GOOD, "RELAY_SECRET"),
+    ("[node\n", "not valid TOML"),
+    (GOOD.replace('"127.0.0.1:5100"', '"127.0.0.1:99999"'), "port 99999 out of range"),
+    (GOOD.replace('name = "a"', 'name = "a"\ncolour = 1'), "unknown key 'colour'"),
+    (GOOD.replace('sources = ["127.0.0.1", "10.1.2.3:5000"]', 'sources = ["*"]'), "only allowed with auth"),
+    (GOOD.replace('auth = "jwt"', 'auth = "jwt"\nring_depth = 12'), "power of two"),
+    (GOOD + GOOD.split("[[room]]")[1].join(["[[room]]", ""]), "defined twice"),
+    ('[node]\nauth = "open"', "no [[room]]"),
+    (GOOD.replace('auth = "jwt"', 'auth = "jwt"\nsecret_env = "SHORT"'), "at least 32 bytes"),
+])
+def test_mistakes_are_named(text: str, needle: str) -> None:
+    env = {} if needle == "RELAY_SECRET" else {"RELAY_SECRET": "x" * 32, "SHORT": "abc"}
+    with pytest.raises(ConfigError) as e:
+        load(text, environ=env)
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_serve_with_bad_config_prints_one_line(tmp_path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[node]\nauth = "maybe"\n')
+    p = subprocess.run([sys.executable, "-m", "relay", "serve", "-c", str(bad)],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2
+    assert p.stderr.strip() == 'relay: error: [node] auth: expected "jwt" or "open", got \'maybe\''
+    missing = subprocess.run([sys.executable, "-m", "relay", "serve", "-c", str(tmp_path / "nope.toml")],
+                             capture_output=True, text=True, timeout=30)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert "cannot read" in missing.stderr

@@ -1,0 +1,91 @@
+"""The whole path with real peers: ffmpeg publishes RTP/Opus into a running
+`relay serve`, `relay listen` processes save what they hear, ffmpeg decodes
+it, and the tone is checked by its frequency."""
+from __future__ import annotations
+
+import subprocess
+import time
+
+import numpy as np
+
+from relay.publish import ffmpeg_command
+from tests.conftest import need, start_relay, stop
+
+TONE_HZ = 660.0
+
+
+def dominant_hz(path) -> float:
+    pcm = subprocess.run([need("ffmpeg"), "-v", "error", "-i", str(path), "-f", "s16le", "-ac", "1",
+                          "-ar", "48000", "-"], capture_output=True, check=True).stdout
+    x = np.frombuffer(pcm, dtype="<i2").astype(float)
+    assert len(x) > 48000, f"only {len(x) / 48000:.2f} s of audio decoded"
+    x = x[len(x) // 4:]  # skip the start-up
+    spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    return float(np.fft.rfftfreq(len(x), 1 / 48000)[spectrum.argmax()])
+
+
+def test_listeners_get_tone_from_ffmpeg(tmp_path) -> None:
+    relay = start_relay(tmp_path, auth="jwt")
+    need("ffmpeg")
+    publisher = subprocess.Popen(ffmpeg_command(f"sine=frequency={TONE_HZ}:sample_rate=48000",
+                                                relay.ingest, lavfi=True, duration=12),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    listeners = []
+    try:
+        token = subprocess.run(relay.relay_cmd("token", "--room", relay.room), env=relay.env,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        for i in range(3):
+            out = tmp_path / f"listener{i}.ogg"
+            listeners.append((out, subprocess.Popen(
+                relay.relay_cmd("listen", "--server", f"{relay.listen[0]}:{relay.listen[1]}",
+                                "--room", relay.room, "--token", token, "--out", str(out),
+                                "--duration", "5"),
+                env=relay.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
+        for out, p in listeners:
+            text = p.communicate(timeout=30)[0]
+            assert p.returncode == 0, text
+            assert "received" in text
+            hz = dominant_hz(out)
+            assert abs(hz - TONE_HZ) < 3, f"{out.name}: heard {hz:.1f} Hz, sent {TONE_HZ} Hz"
+        status, metrics = relay.get("/metrics")
+        assert status == 200
+        assert "relay_joins_total 3.0" in metrics
+        # a listener without a valid token is refused with the reason
+        bad = subprocess.run(relay.relay_cmd("listen", "--server", f"{relay.listen[0]}:{relay.listen[1]}",
+                                             "--room", relay.room, "--token", "forged", "--duration", "1"),
+                             env=relay.env, capture_output=True, text=True, timeout=30)
+        assert bad.returncode == 3 and "bad_token" in bad.stderr
+    finally:
+        publisher.kill()
+        publisher.wait()
+        for _, p in listeners:
+            if p.poll() is None:
+                p.kill()
+        assert stop(relay.proc) == 0
+
+
+def test_publisher_restart_keeps_listener_stream_continuous(tmp_path) -> None:
+    """ffmpeg stops and a new ffmpeg (new SSRC, new numbering) starts: the
+    listener's sequence numbers stay continuous and it decodes both."""
+    relay = start_relay(tmp_path)
+    out = tmp_path / "restart.ogg"
+    listener = subprocess.Popen(
+        relay.relay_cmd("listen", "--server", f"{relay.listen[0]}:{relay.listen[1]}", "--room",
+                        relay.room, "--out", str(out), "--duration", "7"),
+        env=relay.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(2):
+            subprocess.run(ffmpeg_command(f"sine=frequency={TONE_HZ}", relay.ingest, lavfi=True,
+                                          duration=2.5), check=True, timeout=30,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(0.3)
+        text = listener.communicate(timeout=30)[0]
+        assert listener.returncode == 0, text
+        assert "lost 0" in text, text
+        status, metrics = relay.get("/metrics")
+        assert "relay_source_restarts_total 1.0" in metrics
+        assert abs(dominant_hz(out) - TONE_HZ) < 3
+    finally:
+        if listener.poll() is None:
+            listener.kill()
+        assert stop(relay.proc) == 0

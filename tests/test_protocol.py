@@ -1,0 +1,182 @@
+"""The control protocol, tokens and the session policy, without sockets."""
+from __future__ import annotations
+
+import time
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from relay._core import Core
+from relay.addr import to_sockaddr
+from relay.config import load
+from relay.protocol import (MIN_JOIN, Accept, Challenge, CookieJar, Join, Keepalive, Leave,
+                            ProtocolError, Reason, Reject, build_nack, decode, encode, parse_rtcp)
+from relay.sessions import RoomState, Sessions
+from relay.tokens import Auth, TokenError, mint
+
+SECRET = "s3cret-for-tests-0123456789abcdef"
+ADDR = ("127.0.0.1", 40000)
+
+
+@pytest.mark.parametrize("msg", [
+    Join("demo", "tok", b""), Join("dé", "t" * 300, bytes(20)), Challenge(bytes(20)),
+    Accept(b"12345678", 0xDEADBEEF, 5000, 15000), Reject(Reason.NODE_FULL, "10.0.0.2:7000"),
+    Keepalive(b"abcdefgh"), Leave(b"abcdefgh"),
+])
+def test_messages_round_trip(msg) -> None:
+    assert decode(encode(msg)) == msg
+
+
+def test_join_is_padded_so_replies_fit_under_it() -> None:
+    join = encode(Join("r", ""))
+    assert len(join) == MIN_JOIN
+    assert len(encode(Challenge(bytes(20)))) < MIN_JOIN
+    assert len(encode(Reject(Reason.DRAINING, "x" * 200))) < MIN_JOIN
+
+
+@settings(max_examples=2000)
+@given(st.binary(max_size=300))
+def test_garbage_never_raises_anything_but_protocol_error(data: bytes) -> None:
+    try:
+        decode(bytes([0x0B, 1]) + data)
+        decode(data)
+    except ProtocolError:
+        pass
+
+
+@settings(max_examples=2000)
+@given(st.binary(max_size=200))
+def test_rtcp_parser_takes_any_bytes(data: bytes) -> None:
+    ok, nacks = parse_rtcp(data)
+    assert ok or nacks == []
+
+
+def test_nack_round_trip() -> None:
+    seqs = [65534, 65535, 0, 3, 17, 40]
+    ok, nacks = parse_rtcp(build_nack(1, 0xCAFE, seqs))
+    assert ok and len(nacks) == 1 and nacks[0].media_ssrc == 0xCAFE
+    assert sorted(nacks[0].seqs) == sorted(seqs)
+
+
+def test_cookie_is_bound_to_address_and_time() -> None:
+    jar = CookieJar(b"k" * 32, lifetime_s=10)
+    a, b = to_sockaddr(("127.0.0.1", 1)), to_sockaddr(("127.0.0.1", 2))
+    c = jar.make(a, 1000.0)
+    assert jar.check(c, a, 1005.0)
+    assert not jar.check(c, b, 1005.0)
+    assert not jar.check(c, a, 1011.5)
+    assert not jar.check(c[:-1] + bytes([c[-1] ^ 1]), a, 1001.0)
+    assert not CookieJar(b"x" * 32).check(c, a, 1001.0)
+
+
+def test_tokens() -> None:
+    auth = Auth("jwt", SECRET)
+    auth.check(mint(SECRET, "demo"), "demo")
+    cases = [
+        (mint(SECRET, "demo", ttl_s=-10), Reason.EXPIRED_TOKEN),
+        (mint("another-secret-of-32-bytes-or-more", "demo"), Reason.BAD_TOKEN),
+        (mint(SECRET, "other"), Reason.WRONG_ROOM),
+        (mint(SECRET, "demo", role="publish"), Reason.WRONG_ROLE),
+        ("not.a.jwt", Reason.BAD_TOKEN),
+        ("", Reason.BAD_TOKEN),
+    ]
+    good = mint(SECRET, "demo")
+    head, body, sig = good.split(".")
+    cases.append((f"{head}.{body}x.{sig}", Reason.BAD_TOKEN))           # tampered claims
+    cases.append(("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0." + body + ".", Reason.BAD_TOKEN))  # alg none
+    for token, reason in cases:
+        with pytest.raises(TokenError) as e:
+            auth.check(token, "demo")
+        assert e.value.reason == reason, token
+    Auth("open").check("", "demo")
+
+
+def _sessions(max_listeners: int = 100, auth: Auth | None = None) -> Sessions:
+    cfg = load()
+    cfg.max_listeners = max_listeners
+    cfg.redirect = "127.0.0.2:7000"
+    core = Core(max_listeners, rooms=1)
+    core.room_open(0, True)
+    return Sessions(core, cfg, {"demo": RoomState("demo", 0, 0)}, auth or Auth("open"))
+
+
+def _join(s: Sessions, addr=ADDR, room="demo", token="", now=None):
+    now = time.time() if now is None else now
+    challenge = decode(s.on_control(encode(Join(room, token)), addr, now))
+    assert isinstance(challenge, Challenge)
+    return decode(s.on_control(encode(Join(room, token, challenge.cookie)), addr, now))
+
+
+def test_join_handshake_admits_after_the_cookie() -> None:
+    s = _sessions()
+    acc = _join(s)
+    assert isinstance(acc, Accept)
+    assert s.core.listeners == 1
+    # a lost ACCEPT: the same JOIN again gets the same session, not a second one
+    acc2 = _join(s)
+    assert acc2 == acc and s.core.listeners == 1
+
+
+def test_spoofed_join_without_or_with_a_foreign_cookie_admits_no_one() -> None:
+    s = _sessions()
+    assert isinstance(decode(s.on_control(encode(Join("demo", "")), ADDR, time.time())), Challenge)
+    stolen = s.cookies.make(to_sockaddr(("127.0.0.1", 1)), time.time())
+    reply = decode(s.on_control(encode(Join("demo", "", stolen)), ADDR, time.time()))
+    assert isinstance(reply, Challenge)
+    assert s.core.listeners == 0
+
+
+def test_short_join_gets_no_reply_at_all() -> None:
+    s = _sessions()
+    assert s.on_control(encode(Join("demo", ""))[:40], ADDR, time.time()) is None
+
+
+def test_full_node_says_go_there() -> None:
+    s = _sessions(max_listeners=2)
+    for port in (1, 2):
+        assert isinstance(_join(s, ("127.0.0.1", port)), Accept)
+    rej = _join(s, ("127.0.0.1", 3))
+    assert rej == Reject(Reason.NODE_FULL, "127.0.0.2:7000")
+    assert s.counters.rejections["node_full"] == 1
+
+
+def test_token_problems_are_rejected_with_their_reason() -> None:
+    s = _sessions(auth=Auth("jwt", SECRET))
+    assert _join(s, token=mint(SECRET, "demo", ttl_s=-5)) == Reject(Reason.EXPIRED_TOKEN)
+    assert _join(s, token="garbage") == Reject(Reason.BAD_TOKEN)
+    assert _join(s, room="nope", token=mint(SECRET, "nope")) == Reject(Reason.UNKNOWN_ROOM)
+    assert isinstance(_join(s, token=mint(SECRET, "demo")), Accept)
+
+
+def test_keepalive_timeout_and_leave() -> None:
+    s = _sessions()
+    t = 1000.0
+    acc = _join(s, now=t)
+    ka = encode(Keepalive(acc.session_id))
+    assert s.on_control(ka, ADDR, t + 10) == ka
+    assert s.expire(t + 10 + s.cfg.session_timeout - 1) == 0
+    assert s.expire(t + 10 + s.cfg.session_timeout + 1) == 1
+    assert s.core.listeners == 0
+    assert decode(s.on_control(ka, ADDR, t + 30)) == Reject(Reason.UNKNOWN_SESSION)
+    acc = _join(s, now=t + 40)
+    assert s.on_control(encode(Leave(b"wrongid!")), ADDR, t + 41) is None
+    assert s.core.listeners == 1
+    s.on_control(encode(Leave(acc.session_id)), ADDR, t + 41)
+    assert s.core.listeners == 0
+
+
+def test_unsupported_version_is_told_so() -> None:
+    s = _sessions()
+    join = bytearray(encode(Join("demo", "")))
+    join[1] = 9
+    assert decode(s.on_control(bytes(join), ADDR, time.time())) == Reject(Reason.UNSUPPORTED_VERSION)
+
+
+def test_drain_tells_everyone_and_stops_admitting() -> None:
+    s = _sessions()
+    for port in (1, 2, 3):
+        _join(s, ("127.0.0.1", port))
+    told = s.drain()
+    assert len(told) == 3 and all(decode(m) == Reject(Reason.DRAINING, "127.0.0.2:7000") for _, m in told)
+    assert s.core.listeners == 0
+    assert _join(s) == Reject(Reason.DRAINING, "127.0.0.2:7000")
