@@ -1,0 +1,27 @@
+# The two commands of the README: `make demo` and `make test`.
+# Each installs what it needs first (Debian packages, .venv, the compiled core).
+PY := .venv/bin/python
+LISTENERS ?= 2000
+DURATION ?= 10
+
+.PHONY: setup demo test test-fast annotate clean
+
+setup:
+	@./scripts/bootstrap.sh
+
+demo: setup
+	$(PY) -m relay demo --listeners $(LISTENERS) --seconds $(DURATION)
+
+test: setup
+	$(PY) -m pytest -q
+
+# the core's behaviour tests only, for a quick loop while editing
+test-fast: setup
+	$(PY) -m pytest -q tests/test_core_rings.py tests/test_core_model.py tests/test_protocol.py
+
+# Cython's annotated HTML: the per-packet loops must show no Python interaction
+annotate: setup
+	.venv/bin/cython -3 -a relay/_core.pyx -o build/_core_annotate.c
+
+clean:
+	rm -rf build .venv *.egg-info relay/*.so relay/_core.c relay/_crowd.c

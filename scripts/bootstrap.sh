@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Install what relay needs on a fresh Debian machine, then build it into .venv.
+# Idempotent: fast when everything is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+command -v ffmpeg >/dev/null 2>&1 || missing+=(ffmpeg)
+ldconfig -p 2>/dev/null | grep -q 'libopus\.so\.0' || missing+=(libopus0)
+command -v gcc >/dev/null 2>&1 || missing+=(gcc)
+python3 -c 'import sysconfig,os,sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+    || missing+=(python3-dev)
+python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "bootstrap: installing Debian packages: ${missing[*]}"
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+stamp=.venv/.relay-deps
+want="$(cat pyproject.toml setup.py | sha1sum | cut -d' ' -f1)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    .venv/bin/pip install -q --upgrade pip setuptools wheel cython
+    .venv/bin/pip install -q -e '.[test]'
+    echo "$want" > "$stamp"
+fi
+# rebuild the compiled modules when their sources changed
+.venv/bin/python setup.py -q build_ext --inplace 2>&1 | grep -v -e '^$' -e 'BetaConfiguration' -e 'warnings.warn' || true
