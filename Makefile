@@ -12,7 +12,8 @@ setup:
 demo: setup
 	$(PY) -m relay demo --listeners $(LISTENERS) --seconds $(DURATION)
 
-test: setup
+test:
+	@./scripts/bootstrap.sh test
 	$(PY) -m pytest -q
 
 # the core's behaviour tests only, for a quick loop while editing

@@ -30,6 +30,7 @@ cdef enum:
     RX_ROUNDS = 8       # recvmmsg calls per ingest() before yielding to the loop
     HDR = 12            # the RTP header we emit: no CSRC, no extension, no padding
     PEND_MAX = 64       # packets whose fan-out latency is awaiting a complete flush
+    BATCH_BUCKETS = 11  # sendmmsg batch sizes: <=1, <=2, <=4 ... <=1024
     OPUS_CLOCK = 48000  # RFC 7587: Opus RTP always runs at 48 kHz
 
 # A new SSRC may take over a room only once the current one has been quiet
@@ -155,6 +156,7 @@ cdef class Core:
     cdef uint64_t c_drop_overflow
     cdef uint64_t c_drop_send_error
     cdef uint64_t c_resends
+    cdef uint64_t batch_count[BATCH_BUCKETS]
     cdef uint64_t lat_count[LAT_BUCKETS]
     cdef uint64_t lat_sum_ns
     cdef uint64_t lat_dropped
@@ -533,6 +535,7 @@ cdef class Core:
                 self.c_sendmmsg_calls += 1
                 if rc > 0:
                     self.c_sendmmsg_messages += rc
+                    self._observe_batch(rc)
                     for k in range(done, done + rc):
                         l = &self.ls[self.tx_owner[k]]
                         l.sent += 1
@@ -571,6 +574,13 @@ cdef class Core:
             l.queued = 0
             self.q_head = (self.q_head + 1) % self.capacity
             self.q_len -= 1
+
+    cdef inline void _observe_batch(self, int n) noexcept nogil:
+        # bucket b holds batches of at most 2**b messages
+        cdef int b = 0
+        while (1 << b) < n:
+            b += 1
+        self.batch_count[b] += 1
 
     cdef void _observe_latency(self) noexcept nogil:
         cdef int64_t now, d
@@ -781,6 +791,13 @@ cdef class Core:
         bounds = [LAT_BOUNDS_NS[k] / 1e9 for k in range(LAT_BUCKETS - 1)] + [float("inf")]
         counts = [self.lat_count[k] for k in range(LAT_BUCKETS)]
         return bounds, counts, self.lat_sum_ns / 1e9
+
+    def batch_histogram(self):
+        """(upper bounds, counts per bucket, sum) of messages per successful
+        sendmmsg call; bounds are powers of two up to 1024."""
+        bounds = [float(1 << k) for k in range(BATCH_BUCKETS)]
+        counts = [self.batch_count[k] for k in range(BATCH_BUCKETS)]
+        return bounds, counts, float(self.c_sendmmsg_messages)
 
     def memory_bytes(self):
         """Bytes the core allocated (address space; pages fill as used)."""

@@ -50,11 +50,13 @@ class NodeConfig:
     keepalive_interval: float = 5.0
     session_timeout: float = 15.0
     redirect: str = ""
+    room_label_limit: int = 50
     rooms: list[RoomConfig] = field(default_factory=list)
 
 
 _NODE_KEYS = {"listen", "admin", "auth", "secret_env", "max_listeners", "ring_depth",
-              "slot_bytes", "burst_packets", "keepalive_interval", "session_timeout", "redirect"}
+              "slot_bytes", "burst_packets", "keepalive_interval", "session_timeout", "redirect",
+              "room_label_limit"}
 _ROOM_KEYS = {"name", "ingest", "sources", "max_listeners"}
 
 
@@ -181,6 +183,8 @@ def from_dict(raw: dict[str, Any], label: str = "config", environ: dict[str, str
                                    node.get("session_timeout", cfg.session_timeout))
     if cfg.session_timeout < 2 * cfg.keepalive_interval:
         raise ConfigError("[node] session_timeout: must be at least twice keepalive_interval")
+    cfg.room_label_limit = _int("[node] room_label_limit",
+                                node.get("room_label_limit", cfg.room_label_limit), 0, 10_000)
     cfg.redirect = str(node.get("redirect", ""))
     if len(cfg.redirect.encode()) > MAX_REDIRECT:
         raise ConfigError(f"[node] redirect: at most {MAX_REDIRECT} bytes")

@@ -4,11 +4,12 @@ Nothing is counted in Python on the packet path: the collector below asks
 the core and the session table for their counters when Prometheus scrapes,
 and turns them into metric families. Room labels are bounded: only the
 first `room_label_limit` rooms get their own series, the rest are summed
-under room="_other".
+under room="_other" ([node] room_label_limit).
 """
 from __future__ import annotations
 
 import os
+import platform
 import resource
 import time
 from typing import TYPE_CHECKING, Iterator
@@ -17,83 +18,80 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily, Metric)
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from relay import __version__
+from relay.protocol import Reason
+
 if TYPE_CHECKING:
     from relay.server import Node
 
 _CORE_DROPS = ("foreign", "malformed", "oversized", "late", "no_room", "overflow", "send_error")
 
 
+def _histogram(name: str, doc: str, hist: tuple[list[float], list[int], float]) -> Metric:
+    bounds, counts, total = hist
+    buckets, acc = [], 0
+    for bound, n in zip(bounds, counts):
+        acc += n
+        buckets.append(("+Inf" if bound == float("inf") else repr(bound), acc))
+    if bounds[-1] != float("inf"):
+        buckets.append(("+Inf", acc))
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=total)
+
+
 class NodeCollector(Collector):
     """Yields the node's metric families from live counters."""
 
-    def __init__(self, node: "Node", room_label_limit: int = 50) -> None:
+    def __init__(self, node: "Node") -> None:
         self.node = node
-        self.room_label_limit = room_label_limit
 
     def collect(self) -> Iterator[Metric]:
         node = self.node
         c = node.core.counters()
         sc = node.sessions.counters
+        limit = node.cfg.room_label_limit
+        yield from self._build_info()
         yield GaugeMetricFamily("relay_rooms", "Rooms configured on this node.", len(node.rooms))
-        listeners = GaugeMetricFamily("relay_listeners", "Listeners connected.",
-                                      labels=["room", "transport"])
-        packets_in = CounterMetricFamily("relay_room_packets_in", "RTP packets accepted from publishers.",
-                                         labels=["room"])
-        other_l = other_p = 0
-        for i, room in enumerate(node.rooms.values()):
-            stats = node.core.room_stats(room.index)
-            if i < self.room_label_limit:
-                listeners.add_metric([room.name, "udp"], stats["listeners"])
-                packets_in.add_metric([room.name], stats["packets_in"])
-            else:
-                other_l += stats["listeners"]
-                other_p += stats["packets_in"]
-        if len(node.rooms) > self.room_label_limit:
-            listeners.add_metric(["_other", "udp"], other_l)
-            packets_in.add_metric(["_other"], other_p)
-        yield listeners
-        yield packets_in
+        yield from self._rooms(limit)
         yield GaugeMetricFamily("relay_listener_capacity", "Listeners this node admits.",
                                 node.cfg.max_listeners)
-        yield CounterMetricFamily("relay_packets_in", "RTP packets accepted from publishers.",
-                                  c["packets_in"])
-        yield CounterMetricFamily("relay_bytes_in", "Bytes of accepted publisher RTP.", c["bytes_in"])
-        yield CounterMetricFamily("relay_packets_out", "Listener packets handed to the kernel.",
-                                  c["packets_out"])
-        yield CounterMetricFamily("relay_bytes_out", "Listener bytes handed to the kernel.",
-                                  c["bytes_out"])
-        yield CounterMetricFamily("relay_sendmmsg_calls", "sendmmsg system calls.", c["sendmmsg_calls"])
-        yield CounterMetricFamily("relay_sendmmsg_messages", "Datagrams sent through sendmmsg.",
-                                  c["sendmmsg_messages"])
-        yield CounterMetricFamily("relay_egress_would_block", "Times the egress socket was full.",
-                                  c["would_block"])
-        yield CounterMetricFamily("relay_resends", "Packets resent in answer to NACKs.", c["resends"])
-        yield CounterMetricFamily("relay_source_restarts",
-                                  "New publisher streams spliced into a room's numbering.",
-                                  c["source_restarts"])
+        for name, key, doc in (
+            ("relay_packets_in", "packets_in", "RTP packets accepted from publishers."),
+            ("relay_bytes_in", "bytes_in", "Bytes of accepted publisher RTP."),
+            ("relay_packets_out", "packets_out", "Listener packets handed to the kernel."),
+            ("relay_bytes_out", "bytes_out", "Listener bytes handed to the kernel."),
+            ("relay_sendmmsg_calls", "sendmmsg_calls", "sendmmsg system calls."),
+            ("relay_egress_would_block", "would_block", "Times the egress socket was full."),
+            ("relay_resends", "resends", "Packets resent in answer to NACKs."),
+            ("relay_source_restarts", "source_restarts",
+             "New publisher streams spliced into a room's numbering."),
+            ("relay_rtcp_ignored", "rtcp_ignored", "RTCP datagrams on ingest ports, ignored."),
+        ):
+            yield CounterMetricFamily(name, doc, c[key])
         drops = CounterMetricFamily("relay_drops", "Packets dropped, by reason.", labels=["reason"])
         for reason in _CORE_DROPS:
             drops.add_metric([reason], c[f"drop_{reason}"])
         yield drops
-        yield CounterMetricFamily("relay_joins", "Listeners admitted.", sc.joins)
-        yield CounterMetricFamily("relay_leaves", "Listeners that left.", sc.leaves)
-        yield CounterMetricFamily("relay_timeouts", "Listeners ended by keepalive timeout.", sc.timeouts)
-        yield CounterMetricFamily("relay_challenges", "Cookie challenges sent.", sc.challenges)
-        yield CounterMetricFamily("relay_nacks", "Sequence numbers NACKed by listeners.", sc.nacks)
-        yield CounterMetricFamily("relay_control_malformed", "Control datagrams that did not parse.",
-                                  sc.control_malformed)
+        for name, value, doc in (
+            ("relay_joins", sc.joins, "Listeners admitted."),
+            ("relay_leaves", sc.leaves, "Listeners that sent LEAVE."),
+            ("relay_timeouts", sc.timeouts, "Listeners ended by keepalive timeout."),
+            ("relay_challenges", sc.challenges, "Cookie challenges sent."),
+            ("relay_keepalives", sc.keepalives, "Keepalives received from listeners."),
+            ("relay_nacks", sc.nacks, "Sequence numbers NACKed by listeners."),
+            ("relay_nacks_rate_limited", sc.nack_rate_limited, "NACKed packets not resent (rate limit)."),
+            ("relay_control_malformed", sc.control_malformed, "Control datagrams that did not parse."),
+            ("relay_replies_suppressed", sc.replies_suppressed,
+             "Replies not sent because they were larger than their request."),
+        ):
+            yield CounterMetricFamily(name, doc, value)
         rej = CounterMetricFamily("relay_rejections", "JOINs refused, by reason.", labels=["reason"])
-        for reason, n in sorted(sc.rejections.items()):
-            rej.add_metric([reason], n)
+        for reason in Reason:
+            rej.add_metric([reason.name.lower()], sc.rejections.get(reason.name.lower(), 0))
         yield rej
-        bounds, counts, total = node.core.latency_histogram()
-        buckets, acc = [], 0
-        for b, n in zip(bounds, counts):
-            acc += n
-            buckets.append(("+Inf" if b == float("inf") else repr(b), acc))
-        yield HistogramMetricFamily("relay_fanout_latency_seconds",
-                                    "Ingest receive to the last send of that packet.",
-                                    buckets=buckets, sum_value=total)
+        yield _histogram("relay_fanout_latency_seconds",
+                         "Ingest receive to the last send of that packet.", node.core.latency_histogram())
+        yield _histogram("relay_sendmmsg_batch_size", "Messages per successful sendmmsg call.",
+                         node.core.batch_histogram())
         yield GaugeMetricFamily("relay_loop_lag_seconds", "Event-loop lag at the last probe.",
                                 node.loop_lag)
         yield GaugeMetricFamily("relay_draining", "1 while the node is draining.",
@@ -105,6 +103,55 @@ class NodeCollector(Collector):
                                   ru.ru_utime + ru.ru_stime)
         yield GaugeMetricFamily("relay_uptime_seconds", "Seconds since start.",
                                 time.monotonic() - node.started)
+
+    def _build_info(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily("relay_build_info", "Version of relay and what it was built with.",
+                                 labels=["version", "python", "cython"])
+        info.add_metric([__version__, platform.python_version(), _cython_version()], 1)
+        yield info
+
+    def _rooms(self, limit: int) -> Iterator[Metric]:
+        """Per-room series for the first `limit` rooms; the rest summed as
+        room="_other" so a node with thousands of rooms stays scrapeable."""
+        node = self.node
+        listeners = GaugeMetricFamily("relay_listeners", "Listeners connected.",
+                                      labels=["room", "transport"])
+        packets_in = CounterMetricFamily("relay_room_packets_in",
+                                         "RTP packets accepted from the room's publisher.",
+                                         labels=["room"])
+        silence = GaugeMetricFamily("relay_room_publisher_silence_seconds",
+                                    "Seconds since the room's publisher last sent a packet "
+                                    "(since start if it never did).", labels=["room"])
+        now = time.monotonic_ns()
+        started = int(node.started * 1e9)
+        other_l = other_p = 0
+        other_s = 0.0
+        for i, room in enumerate(node.rooms.values()):
+            st = node.core.room_stats(room.index)
+            quiet = (now - (st["last_rx_ns"] if st["have_stream"] else started)) / 1e9
+            if i < limit:
+                listeners.add_metric([room.name, "udp"], st["listeners"])
+                packets_in.add_metric([room.name], st["packets_in"])
+                silence.add_metric([room.name], quiet)
+            else:
+                other_l += st["listeners"]
+                other_p += st["packets_in"]
+                other_s = max(other_s, quiet)
+        if len(node.rooms) > limit:
+            listeners.add_metric(["_other", "udp"], other_l)
+            packets_in.add_metric(["_other"], other_p)
+            silence.add_metric(["_other"], other_s)
+        yield listeners
+        yield packets_in
+        yield silence
+
+
+def _cython_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("cython")
+    except Exception:  # not installed at run time: the build used it, we cannot tell
+        return "unknown"
 
 
 def _rss() -> int:

@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Install what relay needs on a fresh Debian machine, then build it into .venv.
-# Idempotent: fast when everything is already there.
+# `bootstrap.sh test` also installs what the test suite runs against
+# (a real Prometheus server). Idempotent: fast when everything is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
+if [ "${1:-}" = "test" ]; then
+    command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+fi
 command -v ffmpeg >/dev/null 2>&1 || missing+=(ffmpeg)
 ldconfig -p 2>/dev/null | grep -q 'libopus\.so\.0' || missing+=(libopus0)
 command -v gcc >/dev/null 2>&1 || missing+=(gcc)

@@ -1,0 +1,134 @@
+"""The shipped dashboard and alert rules, proven against a real Prometheus
+server scraping a relay with live traffic."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from relay.loadgen import LoopbackCrowd
+from tests.conftest import free_port, need, start_relay, stop
+
+ROOT = Path(__file__).resolve().parent.parent
+DASHBOARD = ROOT / "deploy/grafana/relay.json"
+PROM_CONFIG = ROOT / "deploy/prometheus/prometheus.yml"
+ALERTS = ROOT / "deploy/prometheus/alerts.yml"
+
+
+def test_promtool_accepts_config_and_rules() -> None:
+    promtool = need("promtool")
+    for args in (["check", "config", str(PROM_CONFIG)], ["check", "rules", str(ALERTS)]):
+        p = subprocess.run([promtool, *args], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_dashboard_is_the_generated_one_and_importable() -> None:
+    gen = subprocess.run([sys.executable, "-c", "import json, runpy; d = runpy.run_path("
+                          f"{str(ROOT / 'deploy/grafana/make_dashboard.py')!r})['dashboard'](); "
+                          "print(json.dumps(d))"], capture_output=True, text=True, check=True)
+    shipped = json.loads(DASHBOARD.read_text())
+    assert shipped == json.loads(gen.stdout), "run deploy/grafana/make_dashboard.py"
+    ids = [p["id"] for p in shipped["panels"]]
+    assert len(ids) == len(set(ids))
+    for p in shipped["panels"]:
+        assert p["gridPos"]["x"] + p["gridPos"]["w"] <= 24
+        assert p["targets"] and all(t["expr"] for t in p["targets"])
+    names = [v["name"] for v in shipped["templating"]["list"]]
+    assert names == ["datasource", "node"]
+
+
+class Prometheus:
+    def __init__(self, base: str) -> None:
+        self.base = base
+
+    def api(self, path: str, **params: str) -> dict:
+        url = f"{self.base}/api/v1/{path}"
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        with urllib.request.urlopen(url, timeout=30) as r:
+            body = json.loads(r.read())
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, expr: str) -> list:
+        return self.api("query", query=expr)["result"]
+
+
+def _panel_exprs() -> list[tuple[str, str]]:
+    d = json.loads(DASHBOARD.read_text())
+    return [(p["title"], t["expr"].replace('"$node"', '".*"').replace("$__rate_interval", "30s"))
+            for p in d["panels"] for t in p["targets"]]
+
+
+def _signal(expr: str) -> str:
+    """An alert's expression without its final threshold comparison."""
+    m = re.match(r"^(.*)\s(>|<|>=|<=|==|!=)\s*[0-9.]+\s*$", expr.strip(), re.S)
+    assert m, f"alert expression is not '<signal> <op> <threshold>': {expr}"
+    return m.group(1)
+
+
+def test_every_panel_and_alert_returns_data_from_real_prometheus(tmp_path) -> None:
+    prometheus = need("prometheus")
+    relay = start_relay(tmp_path)
+    pub = subprocess.Popen(relay.relay_cmd("publish", "--to", f"{relay.ingest[0]}:{relay.ingest[1]}",
+                                           "--duration", "60"), env=relay.env, stderr=subprocess.DEVNULL)
+    crowd = LoopbackCrowd(20, relay.listen, relay.room)
+    port = free_port(__import__("socket").SOCK_STREAM)
+    shutil.copy(ALERTS, tmp_path / "alerts.yml")
+    cfg = PROM_CONFIG.read_text().replace("15s", "1s").replace(
+        '"127.0.0.1:7080"', f'"{relay.admin[0]}:{relay.admin[1]}"')
+    (tmp_path / "prometheus.yml").write_text(cfg)
+    prom = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={tmp_path / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    p = Prometheus(f"http://127.0.0.1:{port}")
+    try:
+        assert crowd.join().accepted == 20
+        crowd.run(10.0)  # traffic while Prometheus scrapes every second
+        deadline = time.monotonic() + 30
+        while not p.query('relay_packets_out_total > 0') and time.monotonic() < deadline:
+            crowd.run(1.0)
+        assert f"{relay.admin[0]}:{relay.admin[1]}" in p.api(
+            "label/instance/values", **{"match[]": "relay_build_info"})
+        empty = [(title, expr) for title, expr in _panel_exprs() if not p.query(expr)]
+        assert empty == [], f"panels with no data: {empty}"
+
+        groups = p.api("rules")["groups"]
+        rules = [r for g in groups for r in g["rules"]]
+        assert len(rules) == 6
+        assert all(r["health"] == "ok" for r in rules), rules
+        no_signal = [r["name"] for r in rules if not p.query(_signal(r["query"]))]
+        assert no_signal == [], f"alert signals with no data: {no_signal}"
+
+        # the publisher goes quiet: its alert must start pending within its window
+        pub.terminate()
+        pub.wait(10)
+        deadline = time.monotonic() + 40
+        state = None
+        while time.monotonic() < deadline:
+            crowd.run(1.0)
+            alerts = [a for a in p.api("alerts")["alerts"] if a["labels"]["alertname"] == "RelayPublisherSilent"]
+            if alerts:
+                state = alerts[0]["state"]
+                assert alerts[0]["labels"]["room"] == relay.room
+                break
+        assert state in ("pending", "firing")
+    finally:
+        crowd.close()
+        if pub.poll() is None:
+            pub.kill()
+        prom.terminate()
+        try:
+            prom.wait(10)
+        except subprocess.TimeoutExpired:
+            prom.kill()
+        assert stop(relay.proc) == 0
