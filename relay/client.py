@@ -101,7 +101,8 @@ class ListenClient:
             try:
                 return await self._handshake(attempts, timeout)
             except JoinRefused as e:
-                if e.redirect and e.reason in (Reason.NODE_FULL, Reason.ROOM_FULL, Reason.DRAINING):
+                if e.redirect and e.reason in (Reason.NODE_FULL, Reason.ROOM_FULL, Reason.DRAINING,
+                                               Reason.RATE_LIMITED):
                     self.stats.events.append(f"redirected to {e.redirect} ({e.reason.name.lower()})")
                     self.server = parse_hostport(e.redirect)
                     continue

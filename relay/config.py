@@ -16,6 +16,7 @@ DEFAULT_TOML = """
 listen = "127.0.0.1:7000"
 admin = "127.0.0.1:7080"
 auth = "open"
+join_rate = 10000
 
 [[room]]
 name = "demo"
@@ -51,12 +52,15 @@ class NodeConfig:
     session_timeout: float = 15.0
     redirect: str = ""
     room_label_limit: int = 50
+    join_rate: float = 2000.0            # admitted joins per second, node-wide
+    join_rate_per_source: float = 20.0   # admitted joins per second per source IP
+    max_rooms: int = 64                  # room slots reserved for reloads
     rooms: list[RoomConfig] = field(default_factory=list)
 
 
 _NODE_KEYS = {"listen", "admin", "auth", "secret_env", "max_listeners", "ring_depth",
               "slot_bytes", "burst_packets", "keepalive_interval", "session_timeout", "redirect",
-              "room_label_limit"}
+              "room_label_limit", "join_rate", "join_rate_per_source", "max_rooms"}
 _ROOM_KEYS = {"name", "ingest", "sources", "max_listeners"}
 
 
@@ -185,6 +189,10 @@ def from_dict(raw: dict[str, Any], label: str = "config", environ: dict[str, str
         raise ConfigError("[node] session_timeout: must be at least twice keepalive_interval")
     cfg.room_label_limit = _int("[node] room_label_limit",
                                 node.get("room_label_limit", cfg.room_label_limit), 0, 10_000)
+    cfg.join_rate = _seconds("[node] join_rate", node.get("join_rate", cfg.join_rate))
+    cfg.join_rate_per_source = _seconds("[node] join_rate_per_source",
+                                        node.get("join_rate_per_source", cfg.join_rate_per_source))
+    cfg.max_rooms = _int("[node] max_rooms", node.get("max_rooms", cfg.max_rooms), 1, 100_000)
     cfg.redirect = str(node.get("redirect", ""))
     if len(cfg.redirect.encode()) > MAX_REDIRECT:
         raise ConfigError(f"[node] redirect: at most {MAX_REDIRECT} bytes")
@@ -194,6 +202,8 @@ def from_dict(raw: dict[str, Any], label: str = "config", environ: dict[str, str
     cfg.rooms = [_room(i, r, cfg.auth == "open") for i, r in enumerate(rooms)]
     if not cfg.rooms:
         raise ConfigError(f"{label}: no [[room]] configured")
+    if len(cfg.rooms) > cfg.max_rooms:
+        raise ConfigError(f"{label}: {len(cfg.rooms)} rooms but [node] max_rooms = {cfg.max_rooms}")
     seen: set[str] = set()
     ports: set[tuple[str, int]] = set()
     for r in cfg.rooms:

@@ -13,8 +13,8 @@ import urllib.request
 from dataclasses import dataclass, field
 
 from relay._crowd import Crowd
-from relay.protocol import (Accept, Challenge, Join, Keepalive, Leave, ProtocolError, Reject,
-                            decode, encode)
+from relay.protocol import (Accept, Challenge, Join, Keepalive, Leave, ProtocolError, Reason,
+                            Reject, decode, encode)
 
 
 def raise_fd_limit(needed: int) -> None:
@@ -23,6 +23,12 @@ def raise_fd_limit(needed: int) -> None:
     want = min(hard, max(soft, needed))
     if want > soft:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def member_address(i: int) -> str:
+    """A distinct loopback address per member (127.1.0.1, 127.1.0.2, ...),
+    so the crowd looks like many hosts to per-address limits."""
+    return f"127.{1 + i // 62500}.{i // 250 % 250}.{1 + i % 250}"
 
 
 @dataclass
@@ -37,16 +43,16 @@ class LoopbackCrowd:
     """`n` listener sockets connected to `server`, joined to `room`."""
 
     def __init__(self, n: int, server: tuple[str, int], room: str, token: str = "",
-                 rcvbuf: int = 256 * 1024) -> None:
+                 rcvbuf: int = 256 * 1024, first_address: int = 0) -> None:
         raise_fd_limit(n + 256)
         self.server, self.room, self.token = server, room, token
         self.socks: list[socket.socket] = []
         try:
-            for _ in range(n):
+            for i in range(n):
                 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
                 self.socks.append(s)
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-                s.bind(("127.0.0.1", 0))
+                s.bind((member_address(first_address + i), 0))
                 s.connect(server)
                 s.setblocking(False)
         except OSError:
@@ -61,9 +67,12 @@ class LoopbackCrowd:
         except OSError:
             pass  # a full socket buffer or ICMP error: the retry covers it
 
-    def join(self, timeout: float = 20.0, chunk: int = 500, attempts: int = 4) -> JoinResult:
+    def join(self, timeout: float = 20.0, chunk: int = 500, attempts: int = 4,
+             retry_limited: bool = True) -> JoinResult:
         """Handshake every member (JOIN, cookie, JOIN, ACCEPT), `chunk` at a
-        time so the node's control socket is not flooded by our own test."""
+        time so the node's control socket is not flooded by our own test.
+        With `retry_limited`, a REJECT rate_limited is asked again on the
+        next attempt instead of counted as final."""
         t0 = time.monotonic()
         res = JoinResult()
         pending = [i for i in range(len(self.socks)) if i not in self.sessions]
@@ -76,15 +85,15 @@ class LoopbackCrowd:
                 for i in pending[start:start + chunk]:
                     self._send(i, encode(Join(self.room, self.token)))
                     waiting.add(i)
-                self._pump(waiting, res, until=time.monotonic() + 0.05)
-            self._pump(waiting, res, until=min(deadline, time.monotonic() + 2.0))
+                self._pump(waiting, res, time.monotonic() + 0.05, retry_limited)
+            self._pump(waiting, res, min(deadline, time.monotonic() + 2.0), retry_limited)
             pending = sorted(waiting)
         res.unanswered = len(pending)
         res.accepted = len(self.sessions)
         res.seconds = time.monotonic() - t0
         return res
 
-    def _pump(self, waiting: set[int], res: JoinResult, until: float) -> None:
+    def _pump(self, waiting: set[int], res: JoinResult, until: float, retry_limited: bool = True) -> None:
         while waiting and time.monotonic() < until:
             self.crowd.poll(10)
             for i, data in self.crowd.take_control():
@@ -98,6 +107,8 @@ class LoopbackCrowd:
                     self.sessions[i] = msg
                     waiting.discard(i)
                 elif isinstance(msg, Reject) and i in waiting:
+                    if msg.reason == Reason.RATE_LIMITED and retry_limited:
+                        continue  # stays waiting: the next attempt asks again
                     key = msg.reason.name.lower()
                     res.rejected[key] = res.rejected.get(key, 0) + 1
                     waiting.discard(i)

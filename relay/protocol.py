@@ -52,6 +52,7 @@ class Reason(IntEnum):
     UNKNOWN_SESSION = 10
     DRAINING = 11
     WRONG_ROLE = 12
+    RATE_LIMITED = 13
 
 
 class ProtocolError(ValueError):

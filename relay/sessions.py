@@ -15,6 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from relay._core import Core
+from relay.admission import JoinLimiter
 from relay.addr import to_sockaddr
 from relay.config import NodeConfig
 from relay.protocol import (MIN_JOIN, Accept, Challenge, CookieJar, Join, Keepalive, Leave,
@@ -56,6 +57,7 @@ class SessionCounters:
     control_malformed: int = 0
     replies_suppressed: int = 0
     rejections: Counter = field(default_factory=Counter)
+    rate_limited: Counter = field(default_factory=Counter)
 
 
 class Sessions:
@@ -72,6 +74,7 @@ class Sessions:
         self.by_addr: dict[tuple, Session] = {}
         self.counters = SessionCounters()
         self.draining = False
+        self.limiter = JoinLimiter(cfg.join_rate, cfg.join_rate_per_source)
         self._rng = random.SystemRandom()
 
     # ---------------------------------------------------------------- control
@@ -142,6 +145,13 @@ class Sessions:
         room = self.rooms.get(msg.room)
         if room is None:
             return self._reject(Reason.UNKNOWN_ROOM, data)
+        # rate limits come before the token check, whose HMAC is the
+        # costliest step a flood could make us repeat
+        limited = self.limiter.allow(addr[0], now)
+        if limited is not None:
+            self.counters.rate_limited[limited] += 1
+            return self._reject(Reason.RATE_LIMITED, data,
+                                self.cfg.redirect if limited == "node" else "")
         try:
             self.auth.check(msg.token, msg.room)
         except TokenError as e:

@@ -1,0 +1,51 @@
+"""A join storm while a room is live: the listeners already there hear every
+packet, and every newcomer gets an ACCEPT or an explicit REJECT."""
+from __future__ import annotations
+
+import subprocess
+import time
+
+from relay.loadgen import LoopbackCrowd, scrape
+from tests.conftest import start_relay, stop
+
+EXISTING = 300
+STORM = 3000
+
+
+def test_join_storm_keeps_existing_listeners_whole(tmp_path) -> None:
+    relay = start_relay(tmp_path, extra_node=(
+        f'max_listeners = {EXISTING + 1500}\njoin_rate = 1000\nredirect = "127.0.0.1:7999"'))
+    pub = subprocess.Popen(relay.relay_cmd("publish", "--to", f"{relay.ingest[0]}:{relay.ingest[1]}",
+                                           "--duration", "60"), env=relay.env, stderr=subprocess.DEVNULL)
+    existing = LoopbackCrowd(EXISTING, relay.listen, relay.room)
+    storm = LoopbackCrowd(STORM, relay.listen, relay.room, first_address=EXISTING)
+    try:
+        assert existing.join().accepted == EXISTING
+        existing.run(2.0)
+        before = existing.crowd.totals()
+        t0 = time.monotonic()
+        res = storm.join(attempts=1, timeout=10, retry_limited=False)
+        storm_s = time.monotonic() - t0
+        existing.run(2.0)
+        after = existing.crowd.totals()
+        print(f"\nstorm: {STORM} joins in {storm_s:.2f} s: {res.accepted} accepted, "
+              f"rejected {res.rejected}, {res.unanswered} unanswered; existing listeners "
+              f"received {after['received'] - before['received']} packets, lost {after['lost']}")
+        # every newcomer got an answer, and the answers add up
+        assert res.unanswered == 0
+        assert res.accepted + sum(res.rejected.values()) == STORM
+        assert res.accepted <= 1500
+        assert set(res.rejected) <= {"rate_limited", "node_full"}
+        assert res.rejected, "the storm should have met a limit"
+        # and the listeners already there lost nothing
+        assert after["heard"] == EXISTING
+        assert after["lost"] == 0
+        assert after["received"] - before["received"] >= EXISTING * 40
+        m = scrape(relay.admin)
+        assert m['relay_drops_total{reason="overflow"}'] == 0
+    finally:
+        pub.kill()
+        pub.wait()
+        existing.close()
+        storm.close()
+        assert stop(relay.proc) == 0
