@@ -273,6 +273,11 @@ cdef class Core:
         s.any_port = any_port
         r.n_sources += 1
 
+    def room_clear_sources(self, int room):
+        """Forget the room's allowed sources (before allowing a new list)."""
+        cdef Room *r = self._room(room)
+        r.n_sources = 0
+
     cdef inline bint _source_ok(self, Room *r, const uint8_t *a) noexcept nogil:
         cdef int k
         cdef uint16_t family = (<const uint16_t *>a)[0]

@@ -75,7 +75,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
               f"{cfg.listen[0]}:{cfg.listen[1]}"
               + (f", admin on http://{cfg.admin[0]}:{cfg.admin[1]}" if cfg.admin else ""),
               flush=True)
-        await node.run_until_signalled()
+        await node.run_until_signalled(
+            lambda: load(path=args.config, overrides=_serve_overrides(args)))
 
     _run(main())
 

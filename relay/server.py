@@ -16,13 +16,14 @@ import logging
 import signal
 import socket
 import time
+from typing import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from relay import __version__
 from relay._core import Core
 from relay.addr import to_sockaddr
-from relay.config import NodeConfig
+from relay.config import NodeConfig, RoomConfig
 from relay.metrics import registry_for
 from relay.protocol import MAGIC
 from relay.sessions import RoomState, Sessions
@@ -56,23 +57,48 @@ class Node:
 
     def __init__(self, cfg: NodeConfig) -> None:
         self.cfg = cfg
-        self.core = Core(cfg.max_listeners, rooms=max(1, len(cfg.rooms)),
+        # the arena and the room table are sized once; a reload works within them
+        self.core = Core(cfg.max_listeners, rooms=cfg.max_rooms,
                          depth=cfg.ring_depth, slot_bytes=cfg.slot_bytes)
-        self.rooms = {r.name: RoomState(r.name, i, r.max_listeners) for i, r in enumerate(cfg.rooms)}
+        self.rooms: dict[str, RoomState] = {}
         self.sessions = Sessions(self.core, cfg, self.rooms, Auth(cfg.auth, cfg.secret))
         self.loop_lag = 0.0
         self.started = time.monotonic()
         self.listen_sock: socket.socket | None = None
-        self.ingest_socks: list[socket.socket] = []
+        self.ingest: dict[str, socket.socket] = {}
         self.admin_server: asyncio.AbstractServer | None = None
+        self._free_rooms = list(range(cfg.max_rooms - 1, -1, -1))
         self._out_fd = -1
         self._writing = False
         self._tasks: list[asyncio.Task] = []
-        self._stopped = asyncio.Event()
-        for i, r in enumerate(cfg.rooms):
-            self.core.room_open(i, r.any_source)
-            for host, port in r.sources:
-                self.core.room_allow(i, to_sockaddr((host, port)), any_port=(port == 0))
+        for r in cfg.rooms:
+            self._open_room(r)
+
+    def _open_room(self, r: RoomConfig) -> RoomState:
+        index = self._free_rooms.pop()
+        self.core.room_open(index, r.any_source)
+        state = RoomState(r.name, index, r.max_listeners)
+        self.rooms[r.name] = state
+        self._allow_sources(state, r)
+        return state
+
+    def _allow_sources(self, state: RoomState, r: RoomConfig) -> None:
+        self.core.room_clear_sources(state.index)
+        for host, port in r.sources:
+            self.core.room_allow(state.index, to_sockaddr((host, port)), any_port=(port == 0))
+
+    def _bind_ingest(self, r: RoomConfig) -> None:
+        sock = _udp_socket(*r.ingest, rcvbuf=1 << 20)
+        self.ingest[r.name] = sock
+        if self._out_fd >= 0:
+            asyncio.get_running_loop().add_reader(sock.fileno(), self._on_ingest, sock.fileno(),
+                                                  self.rooms[r.name].index)
+
+    def _unbind_ingest(self, name: str) -> None:
+        sock = self.ingest.pop(name, None)
+        if sock is not None:
+            asyncio.get_running_loop().remove_reader(sock.fileno())
+            sock.close()
 
     @property
     def listen_addr(self) -> tuple:
@@ -85,7 +111,7 @@ class Node:
         try:
             self.listen_sock = _udp_socket(*self.cfg.listen, sndbuf=SOCKET_BUFFER, rcvbuf=SOCKET_BUFFER)
             for r in self.cfg.rooms:
-                self.ingest_socks.append(_udp_socket(*r.ingest, rcvbuf=1 << 20))
+                self._bind_ingest(r)
             if self.cfg.admin:
                 self.admin_server = await asyncio.start_server(self._on_admin, *self.cfg.admin)
         except OSError:
@@ -93,13 +119,74 @@ class Node:
             raise
         self._out_fd = self.listen_sock.fileno()
         loop.add_reader(self._out_fd, self._on_listener_socket)
-        for i, sock in enumerate(self.ingest_socks):
-            loop.add_reader(sock.fileno(), self._on_ingest, sock.fileno(), i)
+        for name, sock in self.ingest.items():
+            loop.add_reader(sock.fileno(), self._on_ingest, sock.fileno(), self.rooms[name].index)
         self._tasks = [asyncio.create_task(self._housekeeping())]
         log.info("relay %s listening on %s, rooms: %s, auth: %s", __version__,
                  self.listen_sock.getsockname()[:2],
                  ", ".join(f"{r.name}<-{r.ingest[0]}:{r.ingest[1]}" for r in self.cfg.rooms),
                  self.cfg.auth)
+
+    def reload(self, new: NodeConfig) -> list[str]:
+        """Apply a new config without dropping listeners of rooms that stay:
+        rooms are added, removed (their listeners told UNKNOWN_ROOM) or
+        changed in place; limits, rates and tokens take effect for the next
+        join. What the running node cannot change (arena size, ring shape,
+        ports) is kept and reported. Returns what changed, one line each."""
+        notes: list[str] = []
+        for key in ("listen", "admin", "ring_depth", "slot_bytes", "max_rooms"):
+            if getattr(new, key) != getattr(self.cfg, key):
+                notes.append(f"{key} needs a restart; kept {getattr(self.cfg, key)!r}")
+                setattr(new, key, getattr(self.cfg, key))
+        if new.max_listeners > self.core.capacity:
+            notes.append(f"max_listeners above the arena ({self.core.capacity}) needs a restart")
+            new.max_listeners = self.core.capacity
+        if len(new.rooms) > len(self.rooms) + len(self._free_rooms):
+            notes.append("more rooms than max_rooms: reload refused")
+            return notes
+        old_rooms = {r.name: r for r in self.cfg.rooms}
+        new_rooms = {r.name: r for r in new.rooms}
+        sock = self.listen_sock
+        for name in old_rooms.keys() - new_rooms.keys():
+            for addr, msg in self.sessions.end_room(name):
+                if sock is not None:
+                    try:
+                        sock.sendto(msg, addr)
+                    except OSError:
+                        pass
+            self._unbind_ingest(name)
+            state = self.rooms.pop(name)
+            self.core.room_close(state.index)
+            self._free_rooms.append(state.index)
+            notes.append(f"room {name!r} removed")
+        for name, r in new_rooms.items():
+            old = old_rooms.get(name)
+            if old is None:
+                self._open_room(r)
+                try:
+                    self._bind_ingest(r)
+                except OSError as e:
+                    notes.append(f"room {name!r}: cannot bind ingest: {e.strerror}")
+                    continue
+                notes.append(f"room {name!r} added")
+                continue
+            state = self.rooms[name]
+            if (old.sources, old.any_source) != (r.sources, r.any_source):
+                if old.any_source != r.any_source:
+                    notes.append(f"room {name!r}: switching '*' sources needs a restart")
+                self._allow_sources(state, r)
+                notes.append(f"room {name!r}: sources now {r.sources}")
+            if old.ingest != r.ingest:
+                self._unbind_ingest(name)
+                try:
+                    self._bind_ingest(r)
+                except OSError as e:
+                    notes.append(f"room {name!r}: cannot bind ingest: {e.strerror}")
+                notes.append(f"room {name!r}: ingest now {r.ingest[0]}:{r.ingest[1]}")
+            state.max_listeners = r.max_listeners
+        self.sessions.reconfigure(new, Auth(new.auth, new.secret))
+        self.cfg = new
+        return notes
 
     # ------------------------------------------------------------ data path
 
@@ -217,6 +304,15 @@ class Node:
                 pass
         return told
 
+    def _on_sighup(self, reload_config: Callable[[], NodeConfig]) -> None:
+        try:
+            new = reload_config()
+        except Exception as e:  # a bad file must not take the node down
+            log.error("reload refused, keeping the running config: %s", e)
+            return
+        notes = self.reload(new)
+        log.warning("config reloaded%s", "".join(f"; {n}" for n in notes) or ": no changes")
+
     def close(self) -> None:
         """Release every socket and task."""
         try:
@@ -229,22 +325,24 @@ class Node:
             if self.listen_sock is not None:
                 loop.remove_reader(self.listen_sock.fileno())
                 loop.remove_writer(self.listen_sock.fileno())
-            for s in self.ingest_socks:
+            for s in self.ingest.values():
                 loop.remove_reader(s.fileno())
         if self.admin_server is not None:
             self.admin_server.close()
-        for s in self.ingest_socks + ([self.listen_sock] if self.listen_sock else []):
+        for s in list(self.ingest.values()) + ([self.listen_sock] if self.listen_sock else []):
             s.close()
-        self.ingest_socks = []
+        self.ingest = {}
         self.listen_sock = None
-        self._stopped.set()
 
-    async def run_until_signalled(self) -> None:
-        """Serve until SIGTERM/SIGINT, then drain and exit."""
+    async def run_until_signalled(self, reload_config: Callable[[], NodeConfig] | None = None) -> None:
+        """Serve until SIGTERM/SIGINT, then drain and exit. SIGHUP calls
+        `reload_config` and applies what it returns."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        if reload_config is not None:
+            loop.add_signal_handler(signal.SIGHUP, self._on_sighup, reload_config)
         await stop.wait()
         told = self.drain()
         log.info("draining: told %d listeners to move", told)

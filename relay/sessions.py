@@ -223,6 +223,20 @@ class Sessions:
         self.counters.timeouts += len(stale)
         return len(stale)
 
+    def end_room(self, room: str) -> list[tuple[tuple, bytes]]:
+        """End every session of a room that is going away; returns the
+        REJECT(UNKNOWN_ROOM) each listener should get."""
+        bye = encode(Reject(Reason.UNKNOWN_ROOM))
+        gone = [s for s in self.by_addr.values() if s.room == room]
+        for s in gone:
+            self._remove(s)
+        return [(s.addr, bye) for s in gone]
+
+    def reconfigure(self, cfg: NodeConfig, auth: Auth) -> None:
+        """New limits and token settings, for joins from now on."""
+        self.cfg, self.auth = cfg, auth
+        self.limiter = JoinLimiter(cfg.join_rate, cfg.join_rate_per_source)
+
     def drain(self) -> list[tuple[tuple, bytes]]:
         """Stop admitting; end every session and return the REJECT(DRAINING)
         each listener should get, with the redirect if one is configured."""

@@ -1,0 +1,75 @@
+"""SIGHUP reloads rooms and limits without dropping the listeners of rooms
+that stay; listeners of a removed room are told so."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+from relay.loadgen import LoopbackCrowd
+from relay.protocol import Reason, Reject, decode
+from tests.conftest import free_port, start_relay, stop
+
+
+def _wait_rooms(relay, names: set[str], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rooms = {r["name"] for r in json.loads(relay.get("/rooms")[1])["rooms"]}
+        if rooms == names:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"rooms are {rooms}, wanted {names}")
+
+
+def test_sighup_adds_and_removes_rooms_without_dropping_listeners(tmp_path) -> None:
+    relay = start_relay(tmp_path)
+    cfg_path = tmp_path / "relay.toml"
+    original = cfg_path.read_text()
+    pub = subprocess.Popen(relay.relay_cmd("publish", "--to", f"{relay.ingest[0]}:{relay.ingest[1]}",
+                                           "--duration", "60"), env=relay.env, stderr=subprocess.DEVNULL)
+    stay = LoopbackCrowd(20, relay.listen, relay.room)
+    second = None
+    try:
+        assert stay.join().accepted == 20
+        stay.run(1.0)
+        second_port = free_port()
+        cfg_path.write_text(original + f'''
+[[room]]
+name = "second"
+ingest = "127.0.0.1:{second_port}"
+sources = ["127.0.0.1"]
+''')
+        relay.proc.send_signal(signal.SIGHUP)
+        _wait_rooms(relay, {relay.room, "second"})
+        second = LoopbackCrowd(5, relay.listen, "second", first_address=100)
+        assert second.join().accepted == 5
+        stay.run(1.0)
+
+        # a broken file is refused and the node keeps running as it was
+        cfg_path.write_text("[node\n")
+        relay.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert relay.proc.poll() is None
+        _wait_rooms(relay, {relay.room, "second"})
+
+        cfg_path.write_text(original)
+        relay.proc.send_signal(signal.SIGHUP)
+        _wait_rooms(relay, {relay.room})
+        told = []
+        deadline = time.monotonic() + 5
+        while len(told) < 5 and time.monotonic() < deadline:
+            second.crowd.poll(50)
+            told += [decode(d) for _, d in second.crowd.take_control()]
+        assert told.count(Reject(Reason.UNKNOWN_ROOM)) == 5
+        stay.run(1.0)
+        totals = stay.crowd.totals()
+        assert totals["heard"] == 20 and totals["lost"] == 0
+        assert totals["received"] >= 20 * 150
+    finally:
+        pub.kill()
+        pub.wait()
+        stay.close()
+        if second is not None:
+            second.close()
+        assert stop(relay.proc) == 0
