@@ -4,7 +4,9 @@ PY := .venv/bin/python
 LISTENERS ?= 2000
 DURATION ?= 10
 
-.PHONY: setup demo test test-fast annotate clean
+FUZZ_SECONDS ?= 60
+
+.PHONY: setup demo test test-fast fuzz sanitize annotate clean
 
 setup:
 	@./scripts/bootstrap.sh
@@ -19,6 +21,18 @@ test:
 # the core's behaviour tests only, for a quick loop while editing
 test-fast: setup
 	$(PY) -m pytest -q tests/test_core_rings.py tests/test_core_model.py tests/test_protocol.py
+
+# every parser of untrusted bytes under atheris, FUZZ_SECONDS each
+fuzz: setup
+	@mkdir -p build/fuzz
+	for t in control rtcp token rtp; do \
+	  mkdir -p build/fuzz/$$t; \
+	  $(PY) fuzz/fuzz_parsers.py $$t -max_total_time=$(FUZZ_SECONDS) build/fuzz/$$t || exit 1; \
+	done
+
+# the core's tests on an AddressSanitizer + UBSan build
+sanitize: setup
+	./scripts/sanitize.sh
 
 # Cython's annotated HTML: the per-packet loops must show no Python interaction
 annotate: setup

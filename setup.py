@@ -4,8 +4,10 @@ import os
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-# RELAY_DEBUG=1 builds the core with allocation counting and no -O2, for the
-# leak checks and sanitizer runs (see Makefile `sanitize`).
+# RELAY_DEBUG=1 builds without optimisation and with debug info, for gdb and
+# the sanitizer runs; RELAY_SANITIZE=1 adds ASan and UBSan (Makefile `sanitize`).
+# The core counts its allocations in every build (it allocates only when a
+# Core is made), so tests can check they balance.
 DEBUG = os.environ.get("RELAY_DEBUG") == "1"
 cflags = ["-O0", "-g"] if DEBUG else ["-O2"]
 cflags += ["-Wall", "-Wno-unused-function", "-Wno-unreachable-code"]

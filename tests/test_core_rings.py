@@ -3,6 +3,7 @@ publisher restart, slot reuse, bounded memory under churn, and bad RTP."""
 from __future__ import annotations
 
 import gc
+import os
 import socket
 
 import pytest
@@ -225,7 +226,8 @@ def test_long_churn_does_not_grow_memory() -> None:
     churn(200)  # warm up: pages of the slots in use get touched
     rss = _rss_kib()
     churn(4000)  # 200,000 more joins and leaves
-    assert _rss_kib() - rss < 1024
+    if not os.environ.get("RELAY_SANITIZED"):  # ASan's quarantine holds freed memory on purpose
+        assert _rss_kib() - rss < 1024
     assert core.listeners == len(live)
     del core
     gc.collect()
