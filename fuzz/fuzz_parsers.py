@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import atheris
 
-with atheris.instrument_imports():
+# import relay from the source tree (the in-place build), not through the
+# editable install's custom loader, which atheris cannot instrument
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+with atheris.instrument_imports(enable_loader_override=False):
     from relay import protocol, tokens
     from relay._core import Core, Ingest
     from relay.addr import to_sockaddr

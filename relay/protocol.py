@@ -258,7 +258,9 @@ def parse_rtcp(data: bytes) -> tuple[bool, list[Nack]]:
                 seqs += [(pid + 1 + bit) & 0xFFFF for bit in range(16) if blp >> bit & 1]
             nacks.append(Nack(media, tuple(seqs)))
         at += size
-    return seen and at == len(data), nacks
+    if not seen or at != len(data):
+        return False, []  # trailing bytes: not a compound packet we trust
+    return True, nacks
 
 
 def build_nack(sender_ssrc: int, media_ssrc: int, seqs: list[int]) -> bytes:

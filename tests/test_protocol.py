@@ -51,6 +51,11 @@ def test_rtcp_parser_takes_any_bytes(data: bytes) -> None:
     assert ok or nacks == []
 
 
+def test_rtcp_with_trailing_bytes_is_refused_whole() -> None:
+    # found by the fuzzer: a valid NACK followed by stray bytes
+    assert parse_rtcp(build_nack(1, 2, [5]) + b"\x80\xcd") == (False, [])
+
+
 def test_nack_round_trip() -> None:
     seqs = [65534, 65535, 0, 3, 17, 40]
     ok, nacks = parse_rtcp(build_nack(1, 0xCAFE, seqs))
