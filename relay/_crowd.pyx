@@ -53,6 +53,7 @@ ctypedef struct Member:
     uint64_t received
     uint64_t bytes
     uint64_t duplicates_or_late
+    int64_t prior_expected  # sequence spans of earlier sessions (a rejoin brings a new SSRC)
     int64_t first_rx_ns
     int64_t last_rx_ns
 
@@ -118,15 +119,21 @@ cdef class Crowd:
         cdef uint16_t seq = (p[2] << 8) | p[3]
         cdef int16_t delta
         cdef int64_t ext
+        cdef uint32_t ssrc = (<uint32_t>p[8] << 24) | (<uint32_t>p[9] << 16) | (<uint32_t>p[10] << 8) | p[11]
         mb.received += 1
         mb.bytes += n
         mb.last_rx_ns = now
+        if mb.started and ssrc != mb.ssrc:
+            # a new session: its numbering starts afresh
+            mb.prior_expected += mb.high_ext - mb.first_ext + 1
+            mb.started = 0
         if not mb.started:
             mb.started = 1
             mb.first_ext = mb.high_ext = seq
             mb.last_seq = seq
-            mb.first_rx_ns = now
-            mb.ssrc = (<uint32_t>p[8] << 24) | (<uint32_t>p[9] << 16) | (<uint32_t>p[10] << 8) | p[11]
+            if mb.first_rx_ns == 0:
+                mb.first_rx_ns = now
+            mb.ssrc = ssrc
             return
         delta = <int16_t>(seq - <uint16_t>(mb.high_ext & 0xffff))
         ext = mb.high_ext + delta
@@ -196,7 +203,7 @@ cdef class Crowd:
         if i < 0 or i >= self.size:
             raise IndexError(i)
         cdef Member *mb = &self.m[i]
-        expected = (mb.high_ext - mb.first_ext + 1) if mb.started else 0
+        expected = mb.prior_expected + ((mb.high_ext - mb.first_ext + 1) if mb.started else 0)
         return {
             "received": mb.received,
             "bytes": mb.bytes,
@@ -217,7 +224,7 @@ cdef class Crowd:
         for i in range(self.size):
             if self.m[i].started:
                 heard += 1
-                e = self.m[i].high_ext - self.m[i].first_ext + 1
+                e = self.m[i].prior_expected + self.m[i].high_ext - self.m[i].first_ext + 1
                 expected += e
                 received += self.m[i].received
                 nbytes += self.m[i].bytes

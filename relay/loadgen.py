@@ -60,6 +60,7 @@ class LoopbackCrowd:
             raise
         self.crowd = Crowd([s.fileno() for s in self.socks])
         self.sessions: dict[int, Accept] = {}
+        self._last_keepalive: float | None = None
 
     def _send(self, i: int, data: bytes) -> None:
         try:
@@ -123,13 +124,15 @@ class LoopbackCrowd:
         called about once a second (the demo's progress line)."""
         t0 = time.monotonic()
         next_tick = t0 + 1
-        next_keepalive = t0 + keepalive_s
+        # keepalive time carries over between calls, so short runs keep sessions too
+        if self._last_keepalive is None:
+            self._last_keepalive = t0
         while (now := time.monotonic()) < t0 + seconds:
             self.crowd.poll(20)
             self.crowd.take_control()  # keepalive echoes
-            if now >= next_keepalive:
+            if now >= self._last_keepalive + keepalive_s:
                 self.keepalive()
-                next_keepalive += keepalive_s
+                self._last_keepalive = now
             if now >= next_tick:
                 next_tick += 1
                 if on_second is not None:
