@@ -7,6 +7,12 @@ Data path (DESIGN.md):
     room --> memcpy into every listener's ring slot with that listener's SSRC,
     sequence and timestamp --> egress queue --sendmmsg, GIL released--> kernel
 
+With several shards, each shard is a sender thread that owns a slice of the
+arena: the event-loop thread reads ingest and writes each room packet once
+into the room's history, then wakes the shards (an eventfd write, from C);
+every shard copies the new packets into its own listeners' rings and sends
+them on the shared socket, GIL released throughout.
+
 All memory is allocated when a Core is built: the listener arena, every ring,
 the room table and the socket batches. Joining and leaving move slots through
 a free list; nothing on the packet path allocates or touches a Python object.
@@ -20,6 +26,7 @@ from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy, memcmp, memset
 from libc.errno cimport errno, EAGAIN, ENOBUFS, EINTR
 from posix.time cimport timespec, clock_gettime, CLOCK_MONOTONIC
+from posix.unistd cimport read, write, close
 
 
 cdef enum:
@@ -29,8 +36,6 @@ cdef enum:
     RX_ADDR = 128       # sizeof(struct sockaddr_storage)
     RX_ROUNDS = 8       # recvmmsg calls per ingest() before yielding to the loop
     HDR = 12            # the RTP header we emit: no CSRC, no extension, no padding
-    PEND_MAX = 64       # packets whose fan-out latency is awaiting a complete flush
-    BATCH_BUCKETS = 11  # sendmmsg batch sizes: <=1, <=2, <=4 ... <=1024
     OPUS_CLOCK = 48000  # RFC 7587: Opus RTP always runs at 48 kHz
 
 # A new SSRC may take over a room only once the current one has been quiet
@@ -107,117 +112,128 @@ cdef inline void _put32(uint8_t *p, uint32_t v) noexcept nogil:
 
 
 cdef class Core:
-    """One shard of a relay node: rooms, a listener arena and their rings.
+    """A relay node's data path: rooms, a listener arena and their rings.
 
-    capacity: listeners this shard can hold (the arena is allocated once).
+    capacity: listeners the arena holds (allocated once).
     rooms: room slots; rooms are numbered 0..rooms-1 by the caller.
     depth: ring depth in packets, a power of two (resend window and burst).
     slot_bytes: bytes per ring slot; larger RTP payloads are dropped as oversized.
+    shards: 1 fans out inline in the caller's thread (ingest() sends); more
+        splits the arena into shards, each sent by its own thread running
+        run_shard() (ingest() then only reads and wakes them).
     """
 
     cdef Listener *ls
     cdef Room *rm
+    cdef Shard *sh
     cdef uint8_t *rings
     cdef uint16_t *ring_len
     cdef uint8_t *hist
     cdef uint16_t *hist_len
-    cdef int32_t *free_list
-    cdef int32_t n_free
-    cdef int32_t *queue
-    cdef int32_t q_head
-    cdef int32_t q_len
-    cdef mmsghdr *tx
-    cdef iovec *tx_iov
-    cdef int32_t *tx_owner
+    cdef int64_t *hist_rx
     cdef mmsghdr *rx
     cdef iovec *rx_iov
     cdef uint8_t *rx_buf
     cdef uint8_t *rx_addr
-    cdef int64_t pend_rx[PEND_MAX]
-    cdef int pend_n
 
     cdef readonly int capacity
     cdef readonly int rooms
     cdef readonly int depth
     cdef readonly int slot_bytes
+    cdef readonly int shards
     cdef readonly int listeners
-    cdef readonly int blocked
     cdef uint32_t mask
 
-    # node-wide counters, read at scrape time
+    # counters of the ingest side, read at scrape time
     cdef uint64_t c_rx_datagrams
     cdef uint64_t c_no_room
     cdef uint64_t c_rtcp_ignored
-    cdef uint64_t c_packets_out
-    cdef uint64_t c_bytes_out
-    cdef uint64_t c_sendmmsg_calls
-    cdef uint64_t c_sendmmsg_messages
-    cdef uint64_t c_would_block
-    cdef uint64_t c_drop_overflow
-    cdef uint64_t c_drop_send_error
     cdef uint64_t c_resends
-    cdef uint64_t batch_count[BATCH_BUCKETS]
-    cdef uint64_t lat_count[LAT_BUCKETS]
-    cdef uint64_t lat_sum_ns
-    cdef uint64_t lat_dropped
 
-    def __cinit__(self, int capacity, int rooms=16, int depth=16, int slot_bytes=480):
+    def __cinit__(self, int capacity, int rooms=16, int depth=16, int slot_bytes=480, int shards=1):
+        cdef int i, k, per
+        cdef Shard *s
         if capacity < 1 or rooms < 1:
             raise ValueError("capacity and rooms must be at least 1")
         if depth < 2 or depth > 4096 or (depth & (depth - 1)) != 0:
             raise ValueError("depth must be a power of two between 2 and 4096")
         if slot_bytes < HDR + 1 or slot_bytes > RX_BUF:
             raise ValueError(f"slot_bytes must be between {HDR + 1} and {RX_BUF}")
+        if shards < 1 or shards > MAX_SHARDS or shards > capacity:
+            raise ValueError(f"shards must be between 1 and {min(MAX_SHARDS, capacity)}")
         self.capacity = capacity
         self.rooms = rooms
         self.depth = depth
         self.mask = depth - 1
         self.slot_bytes = slot_bytes
+        self.shards = shards
         # calloc'd ring memory is only backed by pages once a listener writes
         # to it, so an idle arena costs address space, not resident memory.
         self.ls = <Listener *>_alloc(capacity, sizeof(Listener))
         self.rm = <Room *>_alloc(rooms, sizeof(Room))
+        self.sh = <Shard *>_alloc(shards, sizeof(Shard))
         self.rings = <uint8_t *>_alloc(<size_t>capacity * depth, slot_bytes)
         self.ring_len = <uint16_t *>_alloc(<size_t>capacity * depth, sizeof(uint16_t))
         self.hist = <uint8_t *>_alloc(<size_t>rooms * depth, slot_bytes)
         self.hist_len = <uint16_t *>_alloc(<size_t>rooms * depth, sizeof(uint16_t))
-        self.free_list = <int32_t *>_alloc(capacity, sizeof(int32_t))
-        self.queue = <int32_t *>_alloc(capacity, sizeof(int32_t))
-        self.tx = <mmsghdr *>_alloc(TX_BATCH, sizeof(mmsghdr))
-        self.tx_iov = <iovec *>_alloc(TX_BATCH, sizeof(iovec))
-        self.tx_owner = <int32_t *>_alloc(TX_BATCH, sizeof(int32_t))
+        self.hist_rx = <int64_t *>_alloc(<size_t>rooms * depth, sizeof(int64_t))
         self.rx = <mmsghdr *>_alloc(RX_BATCH, sizeof(mmsghdr))
         self.rx_iov = <iovec *>_alloc(RX_BATCH, sizeof(iovec))
         self.rx_buf = <uint8_t *>_alloc(RX_BATCH, RX_BUF)
         self.rx_addr = <uint8_t *>_alloc(RX_BATCH, RX_ADDR)
-        cdef int i
-        # hand out low slots first so a small crowd stays in few pages
-        for i in range(capacity):
-            self.free_list[i] = capacity - 1 - i
-        self.n_free = capacity
-        for i in range(TX_BATCH):
-            self.tx[i].msg_hdr.msg_iov = &self.tx_iov[i]
-            self.tx[i].msg_hdr.msg_iovlen = 1
+        per = (capacity + shards - 1) // shards
+        for k in range(shards):
+            s = &self.sh[k]
+            s.efd = -1
+            s.lo = min(k * per, capacity)
+            s.hi = min(s.lo + per, capacity)
+            s.free_list = <int32_t *>_alloc(max(1, s.hi - s.lo), sizeof(int32_t))
+            s.queue = <int32_t *>_alloc(max(1, s.hi - s.lo), sizeof(int32_t))
+            s.tx = <mmsghdr *>_alloc(TX_BATCH, sizeof(mmsghdr))
+            s.tx_iov = <iovec *>_alloc(TX_BATCH, sizeof(iovec))
+            s.tx_owner = <int32_t *>_alloc(TX_BATCH, sizeof(int32_t))
+            s.hist_seen = <uint32_t *>_alloc(rooms, sizeof(uint32_t))
+            pthread_mutex_init(&s.lock, NULL)
+            s.efd = eventfd(0, EFD_CLOEXEC)
+            if s.efd < 0:
+                raise OSError(errno, "eventfd failed")
+            # hand out low slots first so a small crowd stays in few pages
+            for i in range(s.hi - s.lo):
+                s.free_list[i] = s.hi - 1 - i
+            s.n_free = s.hi - s.lo
+            for i in range(TX_BATCH):
+                s.tx[i].msg_hdr.msg_iov = &s.tx_iov[i]
+                s.tx[i].msg_hdr.msg_iovlen = 1
         for i in range(RX_BATCH):
             self.rx_iov[i].iov_base = self.rx_buf + <size_t>i * RX_BUF
             self.rx_iov[i].iov_len = RX_BUF
             self.rx[i].msg_hdr.msg_iov = &self.rx_iov[i]
             self.rx[i].msg_hdr.msg_iovlen = 1
         for i in range(rooms):
-            self.rm[i].first = -1
+            for k in range(MAX_SHARDS):
+                self.rm[i].first[k] = -1
 
     def __dealloc__(self):
+        cdef int k
+        if self.sh != NULL:
+            for k in range(self.shards):
+                _free(self.sh[k].free_list)
+                _free(self.sh[k].queue)
+                _free(self.sh[k].tx)
+                _free(self.sh[k].tx_iov)
+                _free(self.sh[k].tx_owner)
+                _free(self.sh[k].hist_seen)
+                if self.sh[k].efd >= 0:
+                    close(self.sh[k].efd)
+                    pthread_mutex_destroy(&self.sh[k].lock)
         _free(self.ls)
         _free(self.rm)
+        _free(self.sh)
         _free(self.rings)
         _free(self.ring_len)
         _free(self.hist)
         _free(self.hist_len)
-        _free(self.free_list)
-        _free(self.queue)
-        _free(self.tx)
-        _free(self.tx_iov)
-        _free(self.tx_owner)
+        _free(self.hist_rx)
         _free(self.rx)
         _free(self.rx_iov)
         _free(self.rx_buf)
@@ -234,12 +250,18 @@ cdef class Core:
         """Start accepting packets for `room`; sources must be allowed first
         unless `any_source` (open demo rooms)."""
         cdef Room *r = self._room(room)
+        cdef int k
         if r.active:
             raise ValueError(f"room {room} is already open")
+        self._lock_all()
         memset(r, 0, sizeof(Room))
-        r.first = -1
+        for k in range(MAX_SHARDS):
+            r.first[k] = -1
+        for k in range(self.shards):
+            self.sh[k].hist_seen[room] = 0
         r.active = 1
         r.any_source = any_source
+        self._unlock_all()
 
     def room_close(self, int room):
         """Stop the room. Its listeners must have been removed first."""
@@ -247,6 +269,11 @@ cdef class Core:
         if r.n_listeners:
             raise ValueError(f"room {room} still has {r.n_listeners} listeners")
         r.active = 0
+        r.n_sources = 0
+
+    def room_clear_sources(self, int room):
+        """Forget the room's allowed sources (before allowing a new list)."""
+        cdef Room *r = self._room(room)
         r.n_sources = 0
 
     def room_allow(self, int room, bytes sockaddr, bint any_port=True):
@@ -273,11 +300,6 @@ cdef class Core:
         s.any_port = any_port
         r.n_sources += 1
 
-    def room_clear_sources(self, int room):
-        """Forget the room's allowed sources (before allowing a new list)."""
-        cdef Room *r = self._room(room)
-        r.n_sources = 0
-
     cdef inline bint _source_ok(self, Room *r, const uint8_t *a) noexcept nogil:
         cdef int k
         cdef uint16_t family = (<const uint16_t *>a)[0]
@@ -295,36 +317,68 @@ cdef class Core:
                 return True
         return False
 
+    # ---------------------------------------------------------------- locking
+
+    cdef inline void _lock(self, int k) noexcept nogil:
+        pthread_mutex_lock(&self.sh[k].lock)
+
+    cdef inline void _unlock(self, int k) noexcept nogil:
+        pthread_mutex_unlock(&self.sh[k].lock)
+
+    cdef void _lock_all(self) noexcept nogil:
+        cdef int k
+        for k in range(self.shards):
+            pthread_mutex_lock(&self.sh[k].lock)
+
+    cdef void _unlock_all(self) noexcept nogil:
+        cdef int k
+        for k in range(self.shards):
+            pthread_mutex_unlock(&self.sh[k].lock)
+
+    cdef inline void _wake(self, int k) noexcept nogil:
+        cdef uint64_t one = 1
+        write(self.sh[k].efd, &one, sizeof(one))
+
     # -------------------------------------------------------------- listeners
 
     def listener_add(self, int room, bytes sockaddr, uint32_t ssrc, uint16_t seq_off,
                      uint32_t ts_off, bint pull=False, int burst=0, int64_t now_ns=-1):
-        """Put a listener into `room`; returns its slot, or -1 if the arena is
-        full. `sockaddr` is where sendmmsg sends (ignored for pull listeners).
-        Up to `burst` recent room packets are queued at once so playback can
-        start without waiting for the next packet."""
+        """Put a listener into `room` on the least loaded shard; returns its
+        slot, or -1 if the arena is full. `sockaddr` is where sendmmsg sends
+        (ignored for pull listeners). Up to `burst` recent room packets are
+        queued at once so playback can start without waiting."""
         cdef Room *r = self._room(room)
         cdef Listener *l
+        cdef Shard *s
         cdef int32_t i
-        cdef uint32_t k, n, start
-        cdef uint8_t *src
+        cdef int k, best = -1
+        cdef uint8_t was_queued
+        cdef uint32_t j, n, start
         if not r.active:
             raise ValueError(f"room {room} is not open")
         if not pull and (len(sockaddr) < 16 or len(sockaddr) > ADDR_MAX):
             raise ValueError("sockaddr must be 16..28 bytes")
-        if self.n_free == 0:
+        for k in range(self.shards):
+            if self.sh[k].n_free > 0 and (best < 0 or self.sh[k].listeners < self.sh[best].listeners):
+                best = k
+        if best < 0:
             return -1
-        self.n_free -= 1
-        i = self.free_list[self.n_free]
+        if now_ns < 0:
+            now_ns = _now_ns()
+        s = &self.sh[best]
+        self._lock(best)
+        s.n_free -= 1
+        i = s.free_list[s.n_free]
         l = &self.ls[i]
         # `queued` survives reuse on purpose: a stale queue entry for this slot
         # may still be waiting, and it now simply serves the new listener.
-        k = l.queued
+        was_queued = l.queued
         memset(l, 0, sizeof(Listener))
-        l.queued = k
+        l.queued = was_queued
         l.active = 1
         l.pull = pull
         l.room = room
+        l.shard = best
         l.ssrc = ssrc
         l.seq_off = seq_off
         l.ts_off = ts_off
@@ -332,20 +386,24 @@ cdef class Core:
             l.addrlen = len(sockaddr)
             memcpy(l.addr, <const uint8_t *>sockaddr, l.addrlen)
         l.prev = -1
-        l.next = r.first
-        if r.first >= 0:
-            self.ls[r.first].prev = i
-        r.first = i
+        l.next = r.first[best]
+        if r.first[best] >= 0:
+            self.ls[r.first[best]].prev = i
+        r.first[best] = i
+        s.listeners += 1
+        if burst > 0 and r.have_stream and now_ns - r.last_rx_ns < BURST_FRESH_NS:
+            # only what this shard has already fanned out: the rest reaches
+            # the new listener through the shard's next fan-out
+            n = min(<uint32_t>burst, s.hist_seen[room], <uint32_t>self.depth - 1)
+            start = s.hist_seen[room] - n
+            for j in range(start, s.hist_seen[room]):
+                k = room * self.depth + (j & self.mask)
+                self._write(s, i, self.hist + <size_t>k * self.slot_bytes, self.hist_len[k])
+        self._unlock(best)
         r.n_listeners += 1
         self.listeners += 1
-        if now_ns < 0:
-            now_ns = _now_ns()
-        if burst > 0 and r.have_stream and now_ns - r.last_rx_ns < BURST_FRESH_NS:
-            n = min(<uint32_t>burst, r.hist_head, <uint32_t>self.depth)
-            start = r.hist_head - n
-            for k in range(start, r.hist_head):
-                src = self.hist + (<size_t>room * self.depth + (k & self.mask)) * self.slot_bytes
-                self._write(i, src, self.hist_len[room * self.depth + (k & self.mask)])
+        if s.running and s.q_len:
+            self._wake(best)
         return i
 
     cdef Listener *_listener(self, int slot) except NULL:
@@ -357,22 +415,27 @@ cdef class Core:
         """Take the listener out of its room and return its slot to the free list."""
         cdef Listener *l = self._listener(slot)
         cdef Room *r = &self.rm[l.room]
+        cdef int k = l.shard
+        cdef Shard *s = &self.sh[k]
+        self._lock(k)
         if l.prev >= 0:
             self.ls[l.prev].next = l.next
         else:
-            r.first = l.next
+            r.first[k] = l.next
         if l.next >= 0:
             self.ls[l.next].prev = l.prev
-        r.n_listeners -= 1
-        self.listeners -= 1
         l.active = 0
         l.head = l.sent = 0
-        self.free_list[self.n_free] = slot
-        self.n_free += 1
+        s.free_list[s.n_free] = slot
+        s.n_free += 1
+        s.listeners -= 1
+        self._unlock(k)
+        r.n_listeners -= 1
+        self.listeners -= 1
 
     # ------------------------------------------------------------- hot path
 
-    cdef inline void _write(self, int32_t i, const uint8_t *src, uint16_t n) noexcept nogil:
+    cdef inline void _write(self, Shard *s, int32_t i, const uint8_t *src, uint16_t n) noexcept nogil:
         """Copy one room packet into listener i's ring with its own header."""
         cdef Listener *l = &self.ls[i]
         cdef size_t at
@@ -381,7 +444,7 @@ cdef class Core:
             # ring full of unsent packets: live audio drops the oldest
             l.sent += 1
             l.drop_overflow += 1
-            self.c_drop_overflow += 1
+            s.drop_overflow += 1
         at = <size_t>i * self.depth + (l.head & self.mask)
         dst = self.rings + at * self.slot_bytes
         memcpy(dst, src, n)
@@ -392,11 +455,13 @@ cdef class Core:
         l.head += 1
         if not l.queued and not l.pull:
             l.queued = 1
-            self.queue[(self.q_head + self.q_len) % self.capacity] = i
-            self.q_len += 1
+            s.queue[(s.q_head + s.q_len) % (s.hi - s.lo)] = i
+            s.q_len += 1
 
-    cdef int _ingest_one(self, int room, const uint8_t *pkt, Py_ssize_t n,
-                         const uint8_t *src, int64_t now) noexcept nogil:
+    cdef int _accept(self, int room, const uint8_t *pkt, Py_ssize_t n,
+                     const uint8_t *src, int64_t now) noexcept nogil:
+        """Check one ingest datagram and, if it is good, rewrite it into the
+        room's history with the room's continuous numbering."""
         cdef Room *r
         cdef uint8_t b0, pt
         cdef Py_ssize_t off, end, plen, ext
@@ -405,7 +470,6 @@ cdef class Core:
         cdef int16_t delta
         cdef uint8_t *h
         cdef int32_t i
-        cdef uint16_t out_len
         if room < 0 or room >= self.rooms or not self.rm[room].active:
             self.c_no_room += 1
             return INGEST_NO_ROOM
@@ -473,7 +537,6 @@ cdef class Core:
         r.packets_in += 1
         r.bytes_in += n
         # the room packet: a clean 12-byte header (SSRC filled per listener)
-        out_len = <uint16_t>(HDR + plen)
         i = room * self.depth + (r.hist_head & self.mask)
         h = self.hist + <size_t>i * self.slot_bytes
         h[0] = 0x80
@@ -482,17 +545,9 @@ cdef class Core:
         _put32(h + 4, r.out_ts)
         _put32(h + 8, 0)
         memcpy(h + HDR, pkt + off, plen)
-        self.hist_len[i] = out_len
-        r.hist_head += 1
-        i = r.first
-        while i >= 0:
-            self._write(i, h, out_len)
-            i = self.ls[i].next
-        if self.pend_n < PEND_MAX:
-            self.pend_rx[self.pend_n] = now
-            self.pend_n += 1
-        else:
-            self.lat_dropped += 1
+        self.hist_len[i] = <uint16_t>(HDR + plen)
+        self.hist_rx[i] = now
+        relay_store_release(&r.hist_head, r.hist_head + 1)
         return INGEST_OK
 
     cdef void _restart(self, Room *r, uint16_t seq, uint32_t ts, int64_t now) noexcept nogil:
@@ -507,162 +562,280 @@ cdef class Core:
         r.ts_off = r.out_ts + <uint32_t>gap - ts
         r.source_restarts += 1
 
-    cdef int _flush(self, int fd) noexcept nogil:
-        """Send every queued ring packet; 0 when drained, 1 when the socket
-        would block (call again once it is writable)."""
-        cdef int32_t qi, i, k
+    cdef void _fanout(self, int k) noexcept nogil:
+        """Copy every room packet shard k has not seen into its listeners'
+        rings. Caller holds the shard's lock."""
+        cdef Shard *s = &self.sh[k]
+        cdef Room *r
+        cdef int room, at
+        cdef uint32_t head, h
+        cdef int32_t i
+        for room in range(self.rooms):
+            r = &self.rm[room]
+            head = relay_load_acquire(&r.hist_head)
+            h = s.hist_seen[room]
+            if h == head:
+                continue
+            if head - h >= <uint32_t>self.depth:
+                # this shard fell a whole history behind: those packets are
+                # gone, and the oldest slot may be being rewritten right now
+                s.drop_lag += head - h - (self.depth - 1)
+                h = head - (self.depth - 1)
+            while h != head:
+                at = room * self.depth + (h & self.mask)
+                i = r.first[k]
+                while i >= 0:
+                    self._write(s, i, self.hist + <size_t>at * self.slot_bytes, self.hist_len[at])
+                    i = self.ls[i].next
+                if s.pend_n < PEND_MAX:
+                    s.pend_rx[s.pend_n] = self.hist_rx[at]
+                    s.pend_n += 1
+                else:
+                    s.lat_dropped += 1
+                h += 1
+            s.hist_seen[room] = head
+
+    cdef int _flush(self, int k, int fd) noexcept nogil:
+        """Send every queued ring packet of shard k; 0 when drained, 1 when
+        the socket would block (call again once it is writable). Caller
+        holds the shard's lock."""
+        cdef Shard *s = &self.sh[k]
+        cdef int32_t qi, i, j, qcap = s.hi - s.lo
         cdef int n, done, rc, err
-        cdef uint32_t s, at
+        cdef uint32_t sent, at
         cdef Listener *l
-        while self.q_len > 0:
+        while s.q_len > 0:
             n = 0
             qi = 0
-            while qi < self.q_len and n < TX_BATCH:
-                i = self.queue[(self.q_head + qi) % self.capacity]
+            while qi < s.q_len and n < TX_BATCH:
+                i = s.queue[(s.q_head + qi) % qcap]
                 l = &self.ls[i]
                 if l.active and not l.pull:
-                    s = l.sent
-                    while s != l.head and n < TX_BATCH:
-                        at = i * self.depth + (s & self.mask)
-                        self.tx_iov[n].iov_base = self.rings + <size_t>at * self.slot_bytes
-                        self.tx_iov[n].iov_len = self.ring_len[at]
-                        self.tx[n].msg_hdr.msg_name = l.addr
-                        self.tx[n].msg_hdr.msg_namelen = l.addrlen
-                        self.tx_owner[n] = i
+                    sent = l.sent
+                    while sent != l.head and n < TX_BATCH:
+                        at = i * self.depth + (sent & self.mask)
+                        s.tx_iov[n].iov_base = self.rings + <size_t>at * self.slot_bytes
+                        s.tx_iov[n].iov_len = self.ring_len[at]
+                        s.tx[n].msg_hdr.msg_name = l.addr
+                        s.tx[n].msg_hdr.msg_namelen = l.addrlen
+                        s.tx_owner[n] = i
                         n += 1
-                        s += 1
-                    if s != l.head:
+                        sent += 1
+                    if sent != l.head:
                         break
                 qi += 1
             done = 0
             while done < n:
-                rc = sendmmsg(fd, self.tx + done, n - done, MSG_DONTWAIT)
-                self.c_sendmmsg_calls += 1
+                rc = sendmmsg(fd, s.tx + done, n - done, MSG_DONTWAIT)
+                s.sendmmsg_calls += 1
                 if rc > 0:
-                    self.c_sendmmsg_messages += rc
-                    self._observe_batch(rc)
-                    for k in range(done, done + rc):
-                        l = &self.ls[self.tx_owner[k]]
+                    s.sendmmsg_messages += rc
+                    self._observe_batch(s, rc)
+                    for j in range(done, done + rc):
+                        l = &self.ls[s.tx_owner[j]]
                         l.sent += 1
                         l.packets_out += 1
-                        l.bytes_out += self.tx_iov[k].iov_len
-                        self.c_bytes_out += self.tx_iov[k].iov_len
-                    self.c_packets_out += rc
+                        l.bytes_out += s.tx_iov[j].iov_len
+                        s.bytes_out += s.tx_iov[j].iov_len
+                    s.packets_out += rc
                     done += rc
                     continue
                 err = errno
                 if err == EINTR:
                     continue
                 if err == EAGAIN or err == ENOBUFS:
-                    self.c_would_block += 1
-                    self._pop_sent()
-                    self.blocked = 1
+                    s.would_block += 1
+                    self._pop_sent(s)
+                    s.blocked = 1
                     return 1
                 # this one message failed on its own (e.g. unreachable
                 # address): count it, skip it, resubmit the rest
-                l = &self.ls[self.tx_owner[done]]
+                l = &self.ls[s.tx_owner[done]]
                 l.sent += 1
                 l.drop_send_error += 1
-                self.c_drop_send_error += 1
+                s.drop_send_error += 1
                 done += 1
-            self._pop_sent()
-        self.blocked = 0
-        self._observe_latency()
+            self._pop_sent(s)
+        s.blocked = 0
+        self._observe_latency(s)
         return 0
 
-    cdef inline void _pop_sent(self) noexcept nogil:
+    cdef inline void _pop_sent(self, Shard *s) noexcept nogil:
         cdef Listener *l
-        while self.q_len > 0:
-            l = &self.ls[self.queue[self.q_head]]
+        while s.q_len > 0:
+            l = &self.ls[s.queue[s.q_head]]
             if l.active and not l.pull and l.sent != l.head:
                 return
             l.queued = 0
-            self.q_head = (self.q_head + 1) % self.capacity
-            self.q_len -= 1
+            s.q_head = (s.q_head + 1) % (s.hi - s.lo)
+            s.q_len -= 1
 
-    cdef inline void _observe_batch(self, int n) noexcept nogil:
+    cdef inline void _observe_batch(self, Shard *s, int n) noexcept nogil:
         # bucket b holds batches of at most 2**b messages
         cdef int b = 0
         while (1 << b) < n:
             b += 1
-        self.batch_count[b] += 1
+        s.batch_count[b] += 1
 
-    cdef void _observe_latency(self) noexcept nogil:
+    cdef void _observe_latency(self, Shard *s) noexcept nogil:
         cdef int64_t now, d
-        cdef int k, b
-        if self.pend_n == 0:
+        cdef int j, b
+        if s.pend_n == 0:
             return
         now = _now_ns()
-        for k in range(self.pend_n):
-            d = now - self.pend_rx[k]
+        for j in range(s.pend_n):
+            d = now - s.pend_rx[j]
             b = 0
             while d > LAT_BOUNDS_NS[b]:
                 b += 1
-            self.lat_count[b] += 1
-            self.lat_sum_ns += d
-        self.pend_n = 0
+            s.lat_count[b] += 1
+            s.lat_sum_ns += d
+        s.pend_n = 0
 
     def ingest(self, int in_fd, int room, int out_fd, int budget=65536):
-        """Drain `in_fd` (a room's RTP socket) with recvmmsg, fan every packet
-        out and send it on `out_fd`. Returns the datagrams read. Stops after
-        about `budget` listener-packets (at least one ingest batch) so a big
-        room cannot starve the event loop: joins and keepalives get their
-        turn, and the reader fires again for what is left. `blocked` tells
-        whether the egress socket filled up."""
-        cdef int rounds, got, k, batch
+        """Drain `in_fd` (a room's RTP socket) with recvmmsg and accept each
+        good packet into the room. With one shard the packets are also
+        fanned out and sent on `out_fd` here; with more, the shard threads
+        are woken to do it. Returns the datagrams read. Stops after about
+        `budget` listener-packets (at least one batch) so a big room cannot
+        starve the event loop; `blocked` tells whether egress filled up."""
+        cdef int rounds, got, j, batch, k
         cdef int total = 0
+        cdef int inline = not self.sh[0].running
         cdef int64_t now
-        cdef uint64_t start_out = self.c_packets_out
+        cdef uint64_t work = 0
         cdef msghdr *m
-        # flush between rounds, so a round must not overrun a ring
+        cdef int n_listen = self.rm[room].n_listeners if 0 <= room < self.rooms else 0
+        # an inline fan-out flushes between rounds, so a round must not overrun a ring
         batch = min(<int>RX_BATCH, self.depth // 2 if self.depth > 2 else 1)
-        if room >= 0 and room < self.rooms and self.rm[room].n_listeners > 0:
-            batch = max(1, min(batch, budget // self.rm[room].n_listeners))
+        if n_listen > 0:
+            batch = max(1, min(batch, budget // n_listen))
         with nogil:
             for rounds in range(RX_ROUNDS):
-                if self.c_packets_out - start_out >= <uint64_t>budget:
+                if work >= <uint64_t>budget:
                     break
-                for k in range(batch):
-                    self.rx[k].msg_hdr.msg_name = self.rx_addr + k * RX_ADDR
-                    self.rx[k].msg_hdr.msg_namelen = RX_ADDR
-                    self.rx[k].msg_hdr.msg_flags = 0
+                for j in range(batch):
+                    self.rx[j].msg_hdr.msg_name = self.rx_addr + j * RX_ADDR
+                    self.rx[j].msg_hdr.msg_namelen = RX_ADDR
+                    self.rx[j].msg_hdr.msg_flags = 0
                 got = recvmmsg(in_fd, self.rx, batch, MSG_DONTWAIT, NULL)
                 if got <= 0:
                     break
                 now = _now_ns()
                 total += got
                 self.c_rx_datagrams += got
-                for k in range(got):
-                    m = &self.rx[k].msg_hdr
-                    self._ingest_one(
-                        room, self.rx_buf + k * RX_BUF,
-                        RX_BUF + 1 if m.msg_flags & MSG_TRUNC else self.rx[k].msg_len,
-                        self.rx_addr + k * RX_ADDR, now)
-                if self._flush(out_fd):
-                    break
+                for j in range(got):
+                    m = &self.rx[j].msg_hdr
+                    self._accept(room, self.rx_buf + j * RX_BUF,
+                                 RX_BUF + 1 if m.msg_flags & MSG_TRUNC else self.rx[j].msg_len,
+                                 self.rx_addr + j * RX_ADDR, now)
+                work += <uint64_t>got * n_listen
+                if inline:
+                    self._fanout(0)
+                    if self._flush(0, out_fd):
+                        break
+                else:
+                    for k in range(self.shards):
+                        self._wake(k)
                 if got < batch:
                     break
         return total
 
+    @property
+    def blocked(self):
+        """1 if the inline egress socket filled up and flush() must be
+        called again once it is writable."""
+        return self.sh[0].blocked
+
     def flush(self, int fd):
-        """Send what is queued; returns 1 if the socket would block."""
-        cdef int rc
+        """Inline mode: send what is queued; returns 1 if the socket would
+        block. With shard threads running it only wakes them."""
+        cdef int rc = 0, k
+        if self.sh[0].running:
+            for k in range(self.shards):
+                self._wake(k)
+            return 0
         with nogil:
-            rc = self._flush(fd)
+            self._fanout(0)
+            rc = self._flush(0, fd)
         return rc
 
     def feed(self, int room, const uint8_t[:] packet, bytes source, int64_t now_ns=-1):
-        """Fan out one datagram as if it had arrived from `source` (raw
-        sockaddr) at monotonic time `now_ns` (default: now). Returns an Ingest
-        code. Nothing is sent until flush(). For tests and for relays that
-        receive through Python (an upstream QUIC hop)."""
+        """Accept one datagram as if it had arrived from `source` (raw
+        sockaddr) at monotonic time `now_ns` (default: now), and copy it into
+        the rings (inline mode) or wake the shards. Returns an Ingest code.
+        Nothing is sent until flush(). For tests and for relays that receive
+        through Python (an upstream QUIC hop)."""
         if len(source) < 16:
             raise ValueError("source sockaddr too short")
         cdef Py_ssize_t n = packet.shape[0]
         cdef const uint8_t *p = &packet[0] if n > 0 else <const uint8_t *>b""
+        cdef int rc, k
         self.c_rx_datagrams += 1
-        return self._ingest_one(room, p, n, <const uint8_t *>source,
-                                now_ns if now_ns >= 0 else _now_ns())
+        rc = self._accept(room, p, n, <const uint8_t *>source, now_ns if now_ns >= 0 else _now_ns())
+        if self.sh[0].running:
+            for k in range(self.shards):
+                self._wake(k)
+        else:
+            self._fanout(0)
+        return rc
+
+    # ----------------------------------------------------------- shard threads
+
+    def run_shard(self, int k, int fd):
+        """The body of shard k's sender thread: wait for new room packets,
+        copy them into this shard's rings and send them on `fd`, until
+        stop_shards(). Runs entirely without the GIL."""
+        if k < 0 or k >= self.shards:
+            raise ValueError(f"no shard {k}")
+        cdef Shard *s = &self.sh[k]
+        cdef pollfd pf[2]
+        cdef uint64_t ticks
+        cdef int rc
+        if s.running:
+            raise RuntimeError(f"shard {k} is already running")
+        s.stop = 0
+        s.running = 1
+        with nogil:
+            while not s.stop:
+                pf[0].fd = s.efd
+                pf[0].events = POLLIN
+                pf[0].revents = 0
+                pf[1].fd = fd
+                pf[1].events = POLLOUT if s.blocked else 0
+                pf[1].revents = 0
+                # the timeout is a safety net; wake-ups come from the eventfd
+                rc = poll(pf, 2, 200)
+                if pf[0].revents & POLLIN:
+                    read(s.efd, &ticks, sizeof(ticks))
+                self._lock(k)
+                self._fanout(k)
+                self._flush(k, fd)
+                self._unlock(k)
+        s.running = 0
+        return 0
+
+    def stop_shards(self):
+        """Ask every shard thread to return from run_shard()."""
+        cdef int k
+        for k in range(self.shards):
+            self.sh[k].stop = 1
+            self._wake(k)
+
+    def stop_shard(self, int k):
+        """Ask one shard thread to return (tests use it to play a dead sender)."""
+        if k < 0 or k >= self.shards:
+            raise ValueError(f"no shard {k}")
+        self.sh[k].stop = 1
+        self._wake(k)
+
+    def shard_running(self, int k):
+        """True while shard k's thread is inside run_shard()."""
+        return bool(self.sh[k].running)
+
+    def shard_of(self, int slot):
+        """The shard that owns a listener slot."""
+        return self._listener(slot).shard
 
     # ------------------------------------------------------------ listener I/O
 
@@ -670,13 +843,15 @@ cdef class Core:
         """The packets still held in a listener's ring, oldest first (sent or
         not): what a NACK can be answered from."""
         cdef Listener *l = self._listener(slot)
-        cdef uint32_t s, start
+        cdef uint32_t j, start
         cdef size_t at
         out = []
+        self._lock(l.shard)
         start = l.head - min(l.head, <uint32_t>self.depth)
-        for s in range(start, l.head):
-            at = <size_t>slot * self.depth + (s & self.mask)
+        for j in range(start, l.head):
+            at = <size_t>slot * self.depth + (j & self.mask)
             out.append(self.rings[at * self.slot_bytes: at * self.slot_bytes + self.ring_len[at]])
+        self._unlock(l.shard)
         return out
 
     def pending(self, int slot):
@@ -690,12 +865,18 @@ cdef class Core:
         cdef Listener *l = self._listener(slot)
         cdef size_t at
         out = []
+        if not l.pull:
+            raise ValueError(f"slot {slot} is not a pull listener")
+        self._lock(l.shard)
+        if not self.sh[l.shard].running:
+            self._fanout(l.shard)
         while l.sent != l.head and len(out) < max_packets:
             at = <size_t>slot * self.depth + (l.sent & self.mask)
             out.append(self.rings[at * self.slot_bytes: at * self.slot_bytes + self.ring_len[at]])
             l.sent += 1
             l.packets_out += 1
             l.bytes_out += self.ring_len[at]
+        self._unlock(l.shard)
         return out
 
     def resend(self, int fd, int slot, int seq):
@@ -703,31 +884,38 @@ cdef class Core:
         (a NACK). Returns 1 if sent, 0 if no longer in the ring or not yet
         sent, -1 if the socket refused it."""
         cdef Listener *l = self._listener(slot)
-        cdef uint32_t s, start
+        cdef uint32_t j, start
         cdef size_t at
         cdef uint8_t *p
-        cdef ssize_t rc
+        cdef ssize_t rc = 0
+        cdef int found = 0
+        if l.pull:
+            return 0
+        self._lock(l.shard)
         start = l.head - min(l.head, <uint32_t>self.depth)
-        for s in range(start, l.sent):
-            at = <size_t>slot * self.depth + (s & self.mask)
+        for j in range(start, l.sent):
+            at = <size_t>slot * self.depth + (j & self.mask)
             p = self.rings + at * self.slot_bytes
             if _be16(p + 2) == seq:
-                if l.pull:
-                    return 0
                 rc = sendto(fd, p, self.ring_len[at], MSG_DONTWAIT, <const sockaddr *>l.addr, l.addrlen)
-                if rc < 0:
-                    return -1
-                l.resends += 1
-                self.c_resends += 1
-                return 1
-        return 0
+                found = 1
+                if rc >= 0:
+                    l.resends += 1
+                    self.c_resends += 1
+                break
+        self._unlock(l.shard)
+        if not found:
+            return 0
+        return 1 if rc >= 0 else -1
 
     # --------------------------------------------------------------- counters
 
     def counters(self):
-        """Node-wide counters, summed over rooms where they are per room."""
+        """Node-wide counters, summed over rooms and shards."""
         cdef int k
         cdef uint64_t pin = 0, bin_ = 0, fo = 0, ma = 0, ov = 0, la = 0, rs = 0
+        cdef uint64_t po = 0, bo = 0, calls = 0, msgs = 0, wb = 0, dov = 0, dse = 0, lag = 0
+        cdef int64_t queued = 0
         for k in range(self.rooms):
             pin += self.rm[k].packets_in
             bin_ += self.rm[k].bytes_in
@@ -736,15 +924,25 @@ cdef class Core:
             ov += self.rm[k].drop_oversized
             la += self.rm[k].drop_late
             rs += self.rm[k].source_restarts
+        for k in range(self.shards):
+            po += self.sh[k].packets_out
+            bo += self.sh[k].bytes_out
+            calls += self.sh[k].sendmmsg_calls
+            msgs += self.sh[k].sendmmsg_messages
+            wb += self.sh[k].would_block
+            dov += self.sh[k].drop_overflow
+            dse += self.sh[k].drop_send_error
+            lag += self.sh[k].drop_lag
+            queued += self.sh[k].q_len
         return {
             "rx_datagrams": self.c_rx_datagrams,
             "packets_in": pin,
             "bytes_in": bin_,
-            "packets_out": self.c_packets_out,
-            "bytes_out": self.c_bytes_out,
-            "sendmmsg_calls": self.c_sendmmsg_calls,
-            "sendmmsg_messages": self.c_sendmmsg_messages,
-            "would_block": self.c_would_block,
+            "packets_out": po,
+            "bytes_out": bo,
+            "sendmmsg_calls": calls,
+            "sendmmsg_messages": msgs,
+            "would_block": wb,
             "resends": self.c_resends,
             "source_restarts": rs,
             "rtcp_ignored": self.c_rtcp_ignored,
@@ -753,11 +951,16 @@ cdef class Core:
             "drop_malformed": ma,
             "drop_oversized": ov,
             "drop_late": la,
-            "drop_overflow": self.c_drop_overflow,
-            "drop_send_error": self.c_drop_send_error,
+            "drop_overflow": dov,
+            "drop_send_error": dse,
+            "drop_shard_lag": lag,
             "listeners": self.listeners,
-            "queued": self.q_len,
+            "queued": queued,
         }
+
+    def shard_listeners(self):
+        """Listeners per shard."""
+        return [self.sh[k].listeners for k in range(self.shards)]
 
     def room_stats(self, int room):
         """Per-room counters and stream state."""
@@ -781,6 +984,7 @@ cdef class Core:
         cdef Listener *l = self._listener(slot)
         return {
             "room": l.room,
+            "shard": l.shard,
             "ssrc": l.ssrc,
             "packets_out": l.packets_out,
             "bytes_out": l.bytes_out,
@@ -792,22 +996,26 @@ cdef class Core:
 
     def latency_histogram(self):
         """(upper bounds in seconds, counts per bucket, sum in seconds) of
-        ingest receive → last sendmmsg of that packet."""
-        bounds = [LAT_BOUNDS_NS[k] / 1e9 for k in range(LAT_BUCKETS - 1)] + [float("inf")]
-        counts = [self.lat_count[k] for k in range(LAT_BUCKETS)]
-        return bounds, counts, self.lat_sum_ns / 1e9
+        ingest receive → last sendmmsg of that packet, over all shards."""
+        cdef int k, b
+        bounds = [LAT_BOUNDS_NS[b] / 1e9 for b in range(LAT_BUCKETS - 1)] + [float("inf")]
+        counts = [sum(self.sh[k].lat_count[b] for k in range(self.shards)) for b in range(LAT_BUCKETS)]
+        return bounds, counts, sum(self.sh[k].lat_sum_ns for k in range(self.shards)) / 1e9
 
     def batch_histogram(self):
         """(upper bounds, counts per bucket, sum) of messages per successful
         sendmmsg call; bounds are powers of two up to 1024."""
-        bounds = [float(1 << k) for k in range(BATCH_BUCKETS)]
-        counts = [self.batch_count[k] for k in range(BATCH_BUCKETS)]
-        return bounds, counts, float(self.c_sendmmsg_messages)
+        cdef int k, b
+        bounds = [float(1 << b) for b in range(BATCH_BUCKETS)]
+        counts = [sum(self.sh[k].batch_count[b] for k in range(self.shards)) for b in range(BATCH_BUCKETS)]
+        return bounds, counts, float(sum(self.sh[k].sendmmsg_messages for k in range(self.shards)))
 
     def memory_bytes(self):
         """Bytes the core allocated (address space; pages fill as used)."""
         return (self.capacity * (sizeof(Listener) + 2 * sizeof(int32_t)
                                  + self.depth * (self.slot_bytes + sizeof(uint16_t)))
-                + self.rooms * (sizeof(Room) + self.depth * (self.slot_bytes + sizeof(uint16_t)))
-                + TX_BATCH * (sizeof(mmsghdr) + sizeof(iovec) + sizeof(int32_t))
+                + self.rooms * (sizeof(Room) + self.depth * (self.slot_bytes + sizeof(uint16_t)
+                                                              + sizeof(int64_t)))
+                + self.shards * (sizeof(Shard) + self.rooms * sizeof(uint32_t)
+                                 + TX_BATCH * (sizeof(mmsghdr) + sizeof(iovec) + sizeof(int32_t)))
                 + RX_BATCH * (sizeof(mmsghdr) + sizeof(iovec) + RX_BUF + RX_ADDR))

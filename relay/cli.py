@@ -44,6 +44,8 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["max_listeners"] = args.max_listeners
     if args.redirect is not None:
         out["redirect"] = args.redirect
+    if args.workers is not None:
+        out["workers"] = args.workers if args.workers == "auto" else _workers(args.workers)
     if args.room:
         rooms = []
         for spec in args.room:
@@ -53,6 +55,14 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
             rooms.append({"name": name, "ingest": ingest, "sources": args.source or ["127.0.0.1"]})
         out["room"] = rooms
     return out
+
+
+def _workers(text: str) -> int | str:
+    try:
+        return int(text)
+    except ValueError:
+        _die(f"--workers {text!r}: expected a number or 'auto'")
+        raise
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -217,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--open", action="store_true", help="admit listeners without a token")
     s.add_argument("--max-listeners", type=int, help="listeners this node admits")
     s.add_argument("--redirect", help="host:port sent to listeners turned away when full")
+    s.add_argument("--workers", help="sender threads, a number or 'auto' (one per core, the default)")
     s.add_argument("--room", action="append", help="NAME=HOST:PORT (replaces the config's rooms)")
     s.add_argument("--source", action="append", help="publisher address allowed into --room rooms")
     s.set_defaults(func=cmd_serve)

@@ -55,12 +55,13 @@ class NodeConfig:
     join_rate: float = 2000.0            # admitted joins per second, node-wide
     join_rate_per_source: float = 20.0   # admitted joins per second per source IP
     max_rooms: int = 64                  # room slots reserved for reloads
+    workers: int = 1                     # sender threads; "auto" = one per core
     rooms: list[RoomConfig] = field(default_factory=list)
 
 
 _NODE_KEYS = {"listen", "admin", "auth", "secret_env", "max_listeners", "ring_depth",
               "slot_bytes", "burst_packets", "keepalive_interval", "session_timeout", "redirect",
-              "room_label_limit", "join_rate", "join_rate_per_source", "max_rooms"}
+              "room_label_limit", "join_rate", "join_rate_per_source", "max_rooms", "workers"}
 _ROOM_KEYS = {"name", "ingest", "sources", "max_listeners"}
 
 
@@ -180,7 +181,7 @@ def from_dict(raw: dict[str, Any], label: str = "config", environ: dict[str, str
         raise ConfigError(f"[node] ring_depth: must be a power of two, got {cfg.ring_depth}")
     cfg.slot_bytes = _int("[node] slot_bytes", node.get("slot_bytes", cfg.slot_bytes), 64, 2048)
     cfg.burst_packets = _int("[node] burst_packets", node.get("burst_packets", cfg.burst_packets),
-                             0, cfg.ring_depth)
+                             0, cfg.ring_depth - 1)
     cfg.keepalive_interval = _seconds("[node] keepalive_interval",
                                       node.get("keepalive_interval", cfg.keepalive_interval))
     cfg.session_timeout = _seconds("[node] session_timeout",
@@ -193,6 +194,12 @@ def from_dict(raw: dict[str, Any], label: str = "config", environ: dict[str, str
     cfg.join_rate_per_source = _seconds("[node] join_rate_per_source",
                                         node.get("join_rate_per_source", cfg.join_rate_per_source))
     cfg.max_rooms = _int("[node] max_rooms", node.get("max_rooms", cfg.max_rooms), 1, 100_000)
+    workers = node.get("workers", "auto")
+    if workers == "auto":
+        workers = max(1, min(os.cpu_count() or 1, 64))
+    cfg.workers = _int("[node] workers", workers, 1, 64)
+    if cfg.workers > cfg.max_listeners:
+        cfg.workers = cfg.max_listeners
     cfg.redirect = str(node.get("redirect", ""))
     if len(cfg.redirect.encode()) > MAX_REDIRECT:
         raise ConfigError(f"[node] redirect: at most {MAX_REDIRECT} bytes")

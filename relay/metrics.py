@@ -24,7 +24,8 @@ from relay.protocol import Reason
 if TYPE_CHECKING:
     from relay.server import Node
 
-_CORE_DROPS = ("foreign", "malformed", "oversized", "late", "no_room", "overflow", "send_error")
+_CORE_DROPS = ("foreign", "malformed", "oversized", "late", "no_room", "overflow", "send_error",
+               "shard_lag")
 
 
 def _histogram(name: str, doc: str, hist: tuple[list[float], list[int], float]) -> Metric:
@@ -94,6 +95,10 @@ class NodeCollector(Collector):
                          node.core.batch_histogram())
         yield GaugeMetricFamily("relay_loop_lag_seconds", "Event-loop lag at the last probe.",
                                 node.loop_lag)
+        yield GaugeMetricFamily("relay_sender_threads", "Sender threads (shards) fanning out.",
+                                node.core.shards)
+        yield CounterMetricFamily("relay_sender_thread_restarts",
+                                  "Sender threads found stopped and restarted.", node.shard_restarts)
         yield GaugeMetricFamily("relay_draining", "1 while the node is draining.",
                                 1 if node.sessions.draining else 0)
         yield GaugeMetricFamily("relay_process_resident_memory_bytes", "Resident memory.", _rss())

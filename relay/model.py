@@ -82,7 +82,7 @@ class ModelCore:
         self.listeners[slot] = lst
         r = self.rooms[room]
         if burst > 0 and r.have_stream and now_ns - r.last_rx_ns < BURST_FRESH_NS:
-            for pkt in r.history[-min(burst, self.depth):]:
+            for pkt in r.history[-min(burst, self.depth - 1):]:
                 self._write(lst, pkt)
         return slot
 

@@ -15,6 +15,7 @@ import json
 import logging
 import signal
 import socket
+import threading
 import time
 from typing import Callable
 
@@ -58,8 +59,11 @@ class Node:
     def __init__(self, cfg: NodeConfig) -> None:
         self.cfg = cfg
         # the arena and the room table are sized once; a reload works within them
-        self.core = Core(cfg.max_listeners, rooms=cfg.max_rooms,
-                         depth=cfg.ring_depth, slot_bytes=cfg.slot_bytes)
+        self.core = Core(cfg.max_listeners, rooms=cfg.max_rooms, depth=cfg.ring_depth,
+                         slot_bytes=cfg.slot_bytes, shards=cfg.workers)
+        self.threads: list[threading.Thread | None] = [None] * cfg.workers
+        self.shard_restarts = 0
+        self._stopping = False
         self.rooms: dict[str, RoomState] = {}
         self.sessions = Sessions(self.core, cfg, self.rooms, Auth(cfg.auth, cfg.secret))
         self.loop_lag = 0.0
@@ -121,6 +125,9 @@ class Node:
         loop.add_reader(self._out_fd, self._on_listener_socket)
         for name, sock in self.ingest.items():
             loop.add_reader(sock.fileno(), self._on_ingest, sock.fileno(), self.rooms[name].index)
+        if self.cfg.workers > 1:
+            for k in range(self.cfg.workers):
+                self._start_shard(k)
         self._tasks = [asyncio.create_task(self._housekeeping())]
         log.info("relay %s listening on %s, rooms: %s, auth: %s", __version__,
                  self.listen_sock.getsockname()[:2],
@@ -134,7 +141,7 @@ class Node:
         join. What the running node cannot change (arena size, ring shape,
         ports) is kept and reported. Returns what changed, one line each."""
         notes: list[str] = []
-        for key in ("listen", "admin", "ring_depth", "slot_bytes", "max_rooms"):
+        for key in ("listen", "admin", "ring_depth", "slot_bytes", "max_rooms", "workers"):
             if getattr(new, key) != getattr(self.cfg, key):
                 notes.append(f"{key} needs a restart; kept {getattr(self.cfg, key)!r}")
                 setattr(new, key, getattr(self.cfg, key))
@@ -236,6 +243,27 @@ class Node:
 
     # ---------------------------------------------------------- housekeeping
 
+    def _start_shard(self, k: int) -> None:
+        # the thread spends its life in C without the GIL: sendmmsg for its
+        # own slice of the listeners, on the shared listener socket
+        t = threading.Thread(target=self.core.run_shard, args=(k, self._out_fd),
+                             name=f"relay-shard-{k}", daemon=True)
+        self.threads[k] = t
+        t.start()
+
+    def _check_shards(self) -> None:
+        """Restart a sender thread that ended without being asked to: its
+        listeners keep their slots and rings, so they only see a short gap."""
+        if self._stopping or self.cfg.workers < 2:
+            return
+        for k, t in enumerate(self.threads):
+            if t is not None and not t.is_alive():
+                t.join()
+                self.shard_restarts += 1
+                log.error("sender thread %d stopped; restarting it (%d restarts so far)",
+                          k, self.shard_restarts)
+                self._start_shard(k)
+
     async def _housekeeping(self) -> None:
         loop = asyncio.get_running_loop()
         interval = 0.25
@@ -244,6 +272,7 @@ class Node:
             await asyncio.sleep(interval)
             self.loop_lag = max(0.0, loop.time() - t0 - interval)
             self.sessions.expire(time.time())
+            self._check_shards()
 
     # ----------------------------------------------------------------- admin
 
@@ -319,8 +348,13 @@ class Node:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
+        self._stopping = True
         for t in self._tasks:
             t.cancel()
+        self.core.stop_shards()
+        for th in self.threads:
+            if th is not None:
+                th.join(timeout=5)
         if loop is not None:
             if self.listen_sock is not None:
                 loop.remove_reader(self.listen_sock.fileno())
