@@ -829,6 +829,18 @@ cdef class Core:
         self.sh[k].stop = 1
         self._wake(k)
 
+    def settled(self):
+        """True when every shard has fanned out every room packet and sent
+        all it can: what tests wait for before comparing with the model."""
+        cdef int k, room
+        for k in range(self.shards):
+            if self.sh[k].q_len:
+                return False
+            for room in range(self.rooms):
+                if self.rm[room].active and self.sh[k].hist_seen[room] != relay_load_acquire(&self.rm[room].hist_head):
+                    return False
+        return True
+
     def shard_running(self, int k):
         """True while shard k's thread is inside run_shard()."""
         return bool(self.sh[k].running)

@@ -7,6 +7,7 @@ import subprocess
 import time
 
 import numpy as np
+import pytest
 
 from relay.publish import ffmpeg_command
 from tests.conftest import need, start_relay, stop
@@ -24,8 +25,9 @@ def dominant_hz(path) -> float:
     return float(np.fft.rfftfreq(len(x), 1 / 48000)[spectrum.argmax()])
 
 
-def test_listeners_get_tone_from_ffmpeg(tmp_path) -> None:
-    relay = start_relay(tmp_path, auth="jwt")
+@pytest.mark.parametrize("workers", [1, 2])
+def test_listeners_get_tone_from_ffmpeg(tmp_path, workers: int) -> None:
+    relay = start_relay(tmp_path, auth="jwt", extra_node=f"workers = {workers}")
     need("ffmpeg")
     publisher = subprocess.Popen(ffmpeg_command(f"sine=frequency={TONE_HZ}:sample_rate=48000",
                                                 relay.ingest, lavfi=True, duration=12),
