@@ -15,4 +15,4 @@ rm -f build/asan/relay/*.so build/asan/relay/*.c
 cd build/asan
 RELAY_SANITIZED=1 LD_PRELOAD="$asan" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
     PYTHONMALLOC=malloc ../../.venv/bin/python -m pytest -q -p no:cacheprovider \
-    tests/test_core_rings.py tests/test_core_model.py tests/test_core_egress.py "$@"
+    tests/test_core_rings.py tests/test_core_model.py tests/test_core_egress.py tests/test_core_shards.py "$@"
