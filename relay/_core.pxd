@@ -67,9 +67,19 @@ cdef extern from *:
     static inline void relay_store_release(uint32_t *p, uint32_t v) {
         __atomic_store_n(p, v, __ATOMIC_RELEASE);
     }
+    /* the per-listener header rewrite: seq, ts and SSRC in network order,
+       written as three unaligned stores instead of byte by byte */
+    static inline void relay_put_header(uint8_t *dst, uint16_t seq, uint32_t ts, uint32_t ssrc) {
+        uint16_t s = __builtin_bswap16(seq);
+        uint32_t t = __builtin_bswap32(ts), c = __builtin_bswap32(ssrc);
+        __builtin_memcpy(dst + 2, &s, 2);
+        __builtin_memcpy(dst + 4, &t, 4);
+        __builtin_memcpy(dst + 8, &c, 4);
+    }
     """
     uint32_t relay_load_acquire(uint32_t *p) nogil
     void relay_store_release(uint32_t *p, uint32_t v) nogil
+    void relay_put_header(uint8_t *dst, uint16_t seq, uint32_t ts, uint32_t ssrc) nogil
 
 
 cdef enum:

@@ -354,6 +354,7 @@ cdef class Core:
         cdef int k, best = -1
         cdef uint8_t was_queued
         cdef uint32_t j, n, start
+        cdef uint8_t *src
         if not r.active:
             raise ValueError(f"room {room} is not open")
         if not pull and (len(sockaddr) < 16 or len(sockaddr) > ADDR_MAX):
@@ -398,7 +399,8 @@ cdef class Core:
             start = s.hist_seen[room] - n
             for j in range(start, s.hist_seen[room]):
                 k = room * self.depth + (j & self.mask)
-                self._write(s, i, self.hist + <size_t>k * self.slot_bytes, self.hist_len[k])
+                src = self.hist + <size_t>k * self.slot_bytes
+                self._write(s, i, src, self.hist_len[k], _be16(src + 2), _be32(src + 4))
         self._unlock(best)
         r.n_listeners += 1
         self.listeners += 1
@@ -435,11 +437,14 @@ cdef class Core:
 
     # ------------------------------------------------------------- hot path
 
-    cdef inline void _write(self, Shard *s, int32_t i, const uint8_t *src, uint16_t n) noexcept nogil:
-        """Copy one room packet into listener i's ring with its own header."""
+    cdef inline void _write(self, Shard *s, int32_t i, const uint8_t *src, uint16_t n,
+                            uint16_t seq, uint32_t ts) noexcept nogil:
+        """Copy one room packet (room numbering `seq`, `ts`) into listener
+        i's ring with its own SSRC, sequence and timestamp."""
         cdef Listener *l = &self.ls[i]
         cdef size_t at
         cdef uint8_t *dst
+        cdef int32_t tail
         if l.head - l.sent >= <uint32_t>self.depth:
             # ring full of unsent packets: live audio drops the oldest
             l.sent += 1
@@ -448,14 +453,15 @@ cdef class Core:
         at = <size_t>i * self.depth + (l.head & self.mask)
         dst = self.rings + at * self.slot_bytes
         memcpy(dst, src, n)
-        _put16(dst + 2, <uint16_t>(_be16(src + 2) + l.seq_off))
-        _put32(dst + 4, _be32(src + 4) + l.ts_off)
-        _put32(dst + 8, l.ssrc)
+        relay_put_header(dst, <uint16_t>(seq + l.seq_off), ts + l.ts_off, l.ssrc)
         self.ring_len[at] = n
         l.head += 1
         if not l.queued and not l.pull:
             l.queued = 1
-            s.queue[(s.q_head + s.q_len) % (s.hi - s.lo)] = i
+            tail = s.q_head + s.q_len
+            if tail >= s.hi - s.lo:
+                tail -= s.hi - s.lo
+            s.queue[tail] = i
             s.q_len += 1
 
     cdef int _accept(self, int room, const uint8_t *pkt, Py_ssize_t n,
@@ -568,7 +574,9 @@ cdef class Core:
         cdef Shard *s = &self.sh[k]
         cdef Room *r
         cdef int room, at
-        cdef uint32_t head, h
+        cdef uint32_t head, h, ts
+        cdef uint16_t seq, n
+        cdef uint8_t *src
         cdef int32_t i
         for room in range(self.rooms):
             r = &self.rm[room]
@@ -583,9 +591,13 @@ cdef class Core:
                 h = head - (self.depth - 1)
             while h != head:
                 at = room * self.depth + (h & self.mask)
+                src = self.hist + <size_t>at * self.slot_bytes
+                n = self.hist_len[at]
+                seq = _be16(src + 2)
+                ts = _be32(src + 4)
                 i = r.first[k]
                 while i >= 0:
-                    self._write(s, i, self.hist + <size_t>at * self.slot_bytes, self.hist_len[at])
+                    self._write(s, i, src, n, seq, ts)
                     i = self.ls[i].next
                 if s.pend_n < PEND_MAX:
                     s.pend_rx[s.pend_n] = self.hist_rx[at]
@@ -604,18 +616,27 @@ cdef class Core:
         cdef int n, done, rc, err
         cdef uint32_t sent, at
         cdef Listener *l
+        cdef uint8_t *base
+        cdef uint16_t *lens
+        cdef int32_t qpos
         while s.q_len > 0:
             n = 0
             qi = 0
+            qpos = s.q_head
             while qi < s.q_len and n < TX_BATCH:
-                i = s.queue[(s.q_head + qi) % qcap]
+                i = s.queue[qpos]
+                qpos += 1
+                if qpos == qcap:
+                    qpos = 0
                 l = &self.ls[i]
                 if l.active and not l.pull:
                     sent = l.sent
+                    base = self.rings + <size_t>i * self.depth * self.slot_bytes
+                    lens = self.ring_len + <size_t>i * self.depth
                     while sent != l.head and n < TX_BATCH:
-                        at = i * self.depth + (sent & self.mask)
-                        s.tx_iov[n].iov_base = self.rings + <size_t>at * self.slot_bytes
-                        s.tx_iov[n].iov_len = self.ring_len[at]
+                        at = sent & self.mask
+                        s.tx_iov[n].iov_base = base + <size_t>at * self.slot_bytes
+                        s.tx_iov[n].iov_len = lens[at]
                         s.tx[n].msg_hdr.msg_name = l.addr
                         s.tx[n].msg_hdr.msg_namelen = l.addrlen
                         s.tx_owner[n] = i
@@ -667,7 +688,9 @@ cdef class Core:
             if l.active and not l.pull and l.sent != l.head:
                 return
             l.queued = 0
-            s.q_head = (s.q_head + 1) % (s.hi - s.lo)
+            s.q_head += 1
+            if s.q_head == s.hi - s.lo:
+                s.q_head = 0
             s.q_len -= 1
 
     cdef inline void _observe_batch(self, Shard *s, int n) noexcept nogil:
