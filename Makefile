@@ -6,7 +6,7 @@ DURATION ?= 10
 
 FUZZ_SECONDS ?= 60
 
-.PHONY: setup demo test test-fast fuzz sanitize annotate clean
+.PHONY: setup demo test test-fast bench bench-full fuzz sanitize annotate clean
 
 setup:
 	@./scripts/bootstrap.sh
@@ -21,6 +21,15 @@ test:
 # the core's behaviour tests only, for a quick loop while editing
 test-fast: setup
 	$(PY) -m pytest -q tests/test_core_rings.py tests/test_core_model.py tests/test_protocol.py
+
+# the relay against the C limit and its peers: JSON, bench/RESULTS.md, plots
+bench:
+	@./scripts/bootstrap.sh bench
+	$(PY) bench/run.py
+
+bench-full:
+	@./scripts/bootstrap.sh bench
+	$(PY) bench/run.py --full
 
 # every parser of untrusted bytes under atheris, FUZZ_SECONDS each
 fuzz: setup

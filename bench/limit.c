@@ -54,6 +54,11 @@ int main(int argc, char **argv) {
     setsockopt(out, SOL_SOCKET, SO_SNDBUF, &big, sizeof big);
     setsockopt(in, SOL_SOCKET, SO_RCVBUF, &big, sizeof big);
     if (bind(in, (struct sockaddr *)&bind_to, sizeof bind_to) < 0) { perror("bind"); return 1; }
+    /* send from a bound loopback address, as the relay does: an unbound
+       socket pays for source-address selection on every datagram */
+    struct sockaddr_in from = {.sin_family = AF_INET, .sin_port = 0};
+    inet_pton(AF_INET, "127.0.0.1", &from.sin_addr);
+    if (bind(out, (struct sockaddr *)&from, sizeof from) < 0) { perror("bind"); return 1; }
     struct timeval tv = {.tv_sec = 0, .tv_usec = 200000};
     setsockopt(in, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     signal(SIGTERM, on_term);

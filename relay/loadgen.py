@@ -43,9 +43,12 @@ class LoopbackCrowd:
     """`n` listener sockets connected to `server`, joined to `room`."""
 
     def __init__(self, n: int, server: tuple[str, int], room: str, token: str = "",
-                 rcvbuf: int = 256 * 1024, first_address: int = 0) -> None:
+                 rcvbuf: int = 256 * 1024, first_address: int = 0, connected: bool = True) -> None:
+        """`connected` sockets accept datagrams from the node only; the bench
+        uses unconnected ones so the same sockets can receive from its peers."""
         raise_fd_limit(n + 256)
         self.server, self.room, self.token = server, room, token
+        self.connected = connected
         self.socks: list[socket.socket] = []
         try:
             for i in range(n):
@@ -53,7 +56,8 @@ class LoopbackCrowd:
                 self.socks.append(s)
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
                 s.bind((member_address(first_address + i), 0))
-                s.connect(server)
+                if connected:
+                    s.connect(server)
                 s.setblocking(False)
         except OSError:
             self.close()
@@ -62,9 +66,20 @@ class LoopbackCrowd:
         self.sessions: dict[int, Accept] = {}
         self._last_keepalive: float | None = None
 
+    def retarget(self, server: tuple[str, int], room: str) -> None:
+        """Point every member at another node and room (sessions are dropped)."""
+        self.server, self.room = server, room
+        self.sessions.clear()
+        if self.connected:
+            for s in self.socks:
+                s.connect(server)
+
     def _send(self, i: int, data: bytes) -> None:
         try:
-            self.socks[i].send(data)
+            if self.connected:
+                self.socks[i].send(data)
+            else:
+                self.socks[i].sendto(data, self.server)
         except OSError:
             pass  # a full socket buffer or ICMP error: the retry covers it
 

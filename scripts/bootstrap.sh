@@ -6,8 +6,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
-if [ "${1:-}" = "test" ]; then
+if [ "${1:-}" = "test" ] || [ "${1:-}" = "bench" ]; then
     command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+    # the bench's peers (GStreamer multiudpsink) and instruction counts (valgrind)
+    [ -e /usr/lib/x86_64-linux-gnu/gstreamer-1.0/libgstudp.so ] || [ -n "$(find /usr/lib -name libgstudp.so 2>/dev/null | head -1)" ] \
+        || missing+=(gstreamer1.0-tools gstreamer1.0-plugins-good)
+    /usr/bin/python3 -c "import gi; gi.require_version('Gst', '1.0')" 2>/dev/null \
+        || missing+=(python3-gi gir1.2-gstreamer-1.0)
+    command -v valgrind >/dev/null 2>&1 || missing+=(valgrind)
 fi
 command -v ffmpeg >/dev/null 2>&1 || missing+=(ffmpeg)
 ldconfig -p 2>/dev/null | grep -q 'libopus\.so\.0' || missing+=(libopus0)

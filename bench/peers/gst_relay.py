@@ -21,7 +21,7 @@ def main() -> None:
     Gst.init(None)
     pipeline = Gst.parse_launch(
         f"udpsrc address=127.0.0.1 port={port} buffer-size=8388608 ! "
-        "multiudpsink name=out sync=false async=false buffer-size=8388608")
+        "multiudpsink name=out sync=false async=false buffer-size=8388608 bind-address=127.0.0.1")
     sink = pipeline.get_by_name("out")
     with open(dest_file) as f:
         for line in f:
