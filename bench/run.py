@@ -137,9 +137,9 @@ def start_impl(kind: str, ingest: int, dests: Path, crowd: LoopbackCrowd, limit_
             try:
                 scrape(("127.0.0.1", admin), timeout=1)
                 break
-            except OSError:
+            except OSError as e:
                 if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("relay did not start")
+                    raise RuntimeError("relay did not start") from e
                 time.sleep(0.1)
         extra["rss_before_join"] = rss_bytes(proc.pid)
         crowd.retarget(("127.0.0.1", listen), "b")
@@ -162,12 +162,14 @@ def throughput_run(kind: str, listeners: int, crowd: LoopbackCrowd, dests: Path,
         out1, cpu1, sent1, t1 = udp_out(), cpu_seconds(proc.pid), pub.sent, time.monotonic()
         delivered = (out1 - out0) - (sent1 - sent0)
         res = {"impl": kind, "listeners": listeners, "ingest_rate": rate, "seconds": t1 - t0,
-               "delivered_per_s": delivered / (t1 - t0), "offered_per_s": (sent1 - sent0) * listeners / (t1 - t0),
+               "delivered_per_s": delivered / (t1 - t0),
+               "offered_per_s": (sent1 - sent0) * listeners / (t1 - t0),
                "cpu_cores": (cpu1 - cpu0) / (t1 - t0),
                "delivered_per_core_s": delivered / max(1e-9, cpu1 - cpu0)}
         if kind == "relay":
             after = scrape(extra["admin"])
-            res["relay_counted_per_s"] = (after["relay_packets_out_total"] - before["relay_packets_out_total"]) / (t1 - t0)
+            counted = after["relay_packets_out_total"] - before["relay_packets_out_total"]
+            res["relay_counted_per_s"] = counted / (t1 - t0)
             res["latency_p50_s"] = histogram_quantile(after, "relay_fanout_latency_seconds", 0.5)
             res["latency_p99_s"] = histogram_quantile(after, "relay_fanout_latency_seconds", 0.99)
             res["latency_buckets"] = {k.split('le="')[1].rstrip('"}'): v for k, v in after.items()
@@ -330,7 +332,8 @@ def markdown(result: dict) -> str:
              f"Machine: {result['machine']}. Command: `{result['command']}`. "
              f"Runs interleaved, {result['repeats']} per point, medians.", "",
              "## Throughput (delivered listener-packets)", "",
-             "| listeners | impl | delivered/s | CPU cores | per core-second | vs limit (per core) | vs python | vs gst |",
+             "| listeners | impl | delivered/s | CPU cores | per core-second "
+             "| vs limit (per core) | vs python | vs gst |",
              "|---|---|---|---|---|---|---|---|"]
     for L, v in sorted(result["medians"].items(), key=lambda x: int(x[0])):
         lim = v.get("limit", {}).get("delivered_per_core_s")
@@ -341,9 +344,9 @@ def markdown(result: dict) -> str:
                 continue
             x = v[impl]
             pc = x["delivered_per_core_s"]
-            rel = lambda base: f"{pc / base:.2f}x" if base else "-"  # noqa: E731
+            ratios = " | ".join(f"{pc / base:.2f}x" if base else "-" for base in (lim, pyv, gst))
             lines.append(f"| {L} | {impl} | {x['delivered_per_s']:,.0f} | {x['cpu_cores']:.2f} | {pc:,.0f} | "
-                         f"{rel(lim)} | {rel(pyv)} | {rel(gst)} |")
+                         f"{ratios} |")
     lines += ["", "## Relay figures", "", "| listeners | fan-out p50 | p99 | RSS per listener |", "|---|---|---|---|"]
     for L, v in sorted(result["medians"].items(), key=lambda x: int(x[0])):
         r = v.get("relay")
@@ -380,11 +383,13 @@ def main() -> None:
     ap.add_argument("--impls", default="limit,relay,python,gst")
     args = ap.parse_args()
     if args.full:
-        name, counts, seconds, repeats, cg, storm_n = "full", [100, 1000, 10000, 50000], 6.0, 3, (1000, 100), (1000, 10000)
+        name, counts, seconds, repeats = "full", [100, 1000, 10000, 50000], 6.0, 3
+        cg, storm_n = (1000, 100), (1000, 10000)
     elif args.smoke:
         name, counts, seconds, repeats, cg, storm_n = "smoke", [50], 0.5, 1, None, (30, 200)
     else:
-        name, counts, seconds, repeats, cg, storm_n = "quick", [100, 1000, 4000], 3.0, 2, (500, 100), (300, 3000)
+        name, counts, seconds, repeats = "quick", [100, 1000, 4000], 3.0, 2
+        cg, storm_n = (500, 100), (300, 3000)
     name = args.name or name
     impls = [i for i in args.impls.split(",") if i]
     if "gst" in impls and not (os.path.exists("/usr/bin/python3") and subprocess.run(
@@ -409,8 +414,9 @@ def main() -> None:
                 for impl in impls:
                     res = throughput_run(impl, L, crowd, dests, limit_bin, payloads, seconds)
                     result["runs"].append(res)
-                    print(f"{L:>6} listeners  {impl:<6} run {r + 1}: {res['delivered_per_s']:>10,.0f} delivered/s "
-                          f"{res['cpu_cores']:.2f} cores  {res['delivered_per_core_s']:>10,.0f} per core-s", flush=True)
+                    print(f"{L:>6} listeners  {impl:<6} run {r + 1}: {res['delivered_per_s']:>10,.0f} "
+                          f"delivered/s {res['cpu_cores']:.2f} cores  "
+                          f"{res['delivered_per_core_s']:>10,.0f} per core-s", flush=True)
         finally:
             crowd.close()
         med = {}
@@ -433,7 +439,8 @@ def main() -> None:
             print(f"callgrind {impl}: {result['callgrind'][impl]} instructions per listener-packet", flush=True)
     result["storm"] = storm(*storm_n, payloads)
     st = result["storm"]
-    print(f"storm: {st['accepted']} accepted, rejected {st['rejected']}, existing lost {st['existing_lost']}", flush=True)
+    print(f"storm: {st['accepted']} accepted, rejected {st['rejected']}, "
+          f"existing lost {st['existing_lost']}", flush=True)
     out_dir = HERE / "results"
     out_dir.mkdir(exist_ok=True)
     result["plots"] = plots(result, out_dir) if not args.smoke else []

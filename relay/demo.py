@@ -44,7 +44,7 @@ def _tone_hz(path: str) -> float | None:
     samples = array.array("h", pcm[: len(pcm) // 2 * 2])
     if len(samples) < 4800:
         return None
-    crossings = sum(1 for a, b in zip(samples, samples[1:]) if (a < 0) != (b < 0))
+    crossings = sum(1 for a, b in zip(samples, samples[1:], strict=False) if (a < 0) != (b < 0))
     return crossings / 2 / (len(samples) / 48000)
 
 

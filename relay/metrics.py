@@ -31,7 +31,7 @@ _CORE_DROPS = ("foreign", "malformed", "oversized", "late", "no_room", "overflow
 def _histogram(name: str, doc: str, hist: tuple[list[float], list[int], float]) -> Metric:
     bounds, counts, total = hist
     buckets, acc = [], 0
-    for bound, n in zip(bounds, counts):
+    for bound, n in zip(bounds, counts, strict=True):
         acc += n
         buckets.append(("+Inf" if bound == float("inf") else repr(bound), acc))
     if bounds[-1] != float("inf"):

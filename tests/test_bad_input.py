@@ -73,12 +73,13 @@ def test_node_survives_bad_input_and_keeps_serving(tmp_path) -> None:
                       bytes([0x8F]) + rtp(seq + 1, 0, ssrc, b"ab")[1:],  # CSRCs past the end
                       rtp(seq + 1, 0, ssrc, b"x" * 1400),  # larger than a ring slot
                       b"\x80" + bytes(2999)]  # larger than any RTP we read
-        for round_ in range(20):
+        for _ in range(20):
             for pkt in bad_ingest:
                 publisher.sendto(pkt, relay.ingest)
             foreign.sendto(rtp(seq + 1, 0, 0xBAD, b"evil"), relay.ingest)
-            for junk in (b"\x42" + os.urandom(63), b"\x0b\x01\x01", b"\x0b\x01\x07" + bytes(40), b"\x0b\x01\x03" + bytes(200),
-                         b"\x81\xcd\x00\x02" + os.urandom(8), encode(Join("live", "", os.urandom(20)))):
+            for junk in (b"\x42" + os.urandom(63), b"\x0b\x01\x01", b"\x0b\x01\x07" + bytes(40),
+                         b"\x0b\x01\x03" + bytes(200), b"\x81\xcd\x00\x02" + os.urandom(8),
+                         encode(Join("live", "", os.urandom(20)))):
                 prober.sendto(junk, relay.listen)
                 for reply in _drain(prober):
                     if len(reply) > len(junk):

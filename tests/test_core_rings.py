@@ -215,7 +215,7 @@ def test_long_churn_does_not_grow_memory() -> None:
     live: list[int] = []
     pkt = rtp(1, 0, 1, b"x" * 100)
 
-    def churn(rounds: int) -> None:
+    def churn(core: Core, rounds: int) -> None:
         for r in range(rounds):
             for _ in range(50):
                 live.append(core.listener_add(0, DEST, r, 0, 0))
@@ -223,9 +223,9 @@ def test_long_churn_does_not_grow_memory() -> None:
                 core.listener_remove(live.pop(0))
             core.feed(0, pkt, SRC_A, 0)
 
-    churn(200)  # warm up: pages of the slots in use get touched
+    churn(core, 200)  # warm up: pages of the slots in use get touched
     rss = _rss_kib()
-    churn(4000)  # 200,000 more joins and leaves
+    churn(core, 4000)  # 200,000 more joins and leaves
     if not os.environ.get("RELAY_SANITIZED"):  # ASan's quarantine holds freed memory on purpose
         assert _rss_kib() - rss < 1024
     assert core.listeners == len(live)

@@ -149,7 +149,7 @@ def test_stopped_sender_is_restarted_and_its_listeners_keep_listening(tmp_path) 
             before = [crowd.crowd.member(i)["received"] for i in range(40)]
             await loop.run_in_executor(None, crowd.run, 1.5)
             after = [crowd.crowd.member(i)["received"] for i in range(40)]
-            assert all(a - b >= 50 for a, b in zip(after, before)), list(zip(before, after))
+            assert all(a - b >= 50 for a, b in zip(after, before, strict=True)), list(zip(before, after, strict=True))
             assert node.core.counters()["drop_shard_lag"] == 0
         finally:
             stop.set()

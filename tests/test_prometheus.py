@@ -12,8 +12,6 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-import pytest
-
 from relay.loadgen import LoopbackCrowd
 from tests.conftest import free_port, need, start_relay, stop
 
