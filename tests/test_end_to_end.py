@@ -91,3 +91,46 @@ def test_publisher_restart_keeps_listener_stream_continuous(tmp_path) -> None:
         if listener.poll() is None:
             listener.kill()
         assert stop(relay.proc) == 0
+
+
+def test_publish_a_file_and_listen_live_through_an_sdp(tmp_path) -> None:
+    """`relay publish --file` (ffmpeg underneath) into a room, and `relay
+    listen --forward --sdp` handing the stream to a player: here ffmpeg
+    itself opens the SDP, records, and the tone is checked."""
+    import socket as socketlib
+    relay = start_relay(tmp_path)
+    wav = tmp_path / "tone.wav"
+    subprocess.run([need("ffmpeg"), "-v", "error", "-f", "lavfi", "-i", f"sine=frequency={TONE_HZ}",
+                    "-t", "8", str(wav)], check=True, timeout=60)
+    with socketlib.socket(socketlib.AF_INET, socketlib.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sdp = tmp_path / "live.sdp"
+    recorded = tmp_path / "recorded.ogg"
+    publisher = subprocess.Popen(relay.relay_cmd("publish", "--to", f"{relay.ingest[0]}:{relay.ingest[1]}",
+                                                 "--file", str(wav)), env=relay.env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    listener = subprocess.Popen(relay.relay_cmd("listen", "--server", f"{relay.listen[0]}:{relay.listen[1]}",
+                                                "--room", relay.room, "--forward", f"127.0.0.1:{port}",
+                                                "--sdp", str(sdp), "--duration", "6"),
+                                env=relay.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    player = None
+    try:
+        deadline = time.monotonic() + 10
+        while not sdp.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "opus/48000/2" in sdp.read_text()
+        player = subprocess.Popen([need("ffmpeg"), "-v", "error", "-protocol_whitelist", "file,udp,rtp",
+                                   "-i", str(sdp), "-t", "4", "-c:a", "copy", str(recorded)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        _, err = player.communicate(timeout=30)
+        assert player.returncode == 0, err
+        text = listener.communicate(timeout=30)[0]
+        assert listener.returncode == 0, text
+        assert abs(dominant_hz(recorded) - TONE_HZ) < 3
+    finally:
+        for p in (publisher, listener, player):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+        assert stop(relay.proc) == 0
