@@ -6,6 +6,7 @@ Every loop here is bounded in count and time and stops by itself.
 """
 from __future__ import annotations
 
+import os
 import resource
 import socket
 import time
@@ -18,8 +19,18 @@ from relay.protocol import (Accept, Challenge, Join, Keepalive, Leave, ProtocolE
 
 
 def raise_fd_limit(needed: int) -> None:
-    """Lift the soft open-files limit towards `needed` (up to the hard limit)."""
+    """Lift the open-files limit to `needed`: the soft limit up to the hard
+    one, and the hard one too when we are root (up to fs.nr_open)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if needed > hard and os.geteuid() == 0:
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                ceiling = int(f.read())
+            top = min(needed, ceiling)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (top, top))
+            return
+        except (OSError, ValueError):
+            pass  # no CAP_SYS_RESOURCE here: stay within the hard limit
     want = min(hard, max(soft, needed))
     if want > soft:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
