@@ -31,6 +31,7 @@ from posix.unistd cimport read, write, close
 
 cdef enum:
     TX_BATCH = 1024     # sendmmsg's own cap (UIO_MAXIOV)
+    HIST_FACTOR = 2     # room history entries per ring slot
     RX_BATCH = 32
     RX_BUF = 2048       # larger datagrams are truncated and dropped as oversized
     RX_ADDR = 128       # sizeof(struct sockaddr_storage)
@@ -143,6 +144,8 @@ cdef class Core:
     cdef readonly int shards
     cdef readonly int listeners
     cdef uint32_t mask
+    cdef uint32_t hist_depth
+    cdef uint32_t hist_mask
 
     # counters of the ingest side, read at scrape time
     cdef uint64_t c_rx_datagrams
@@ -165,6 +168,8 @@ cdef class Core:
         self.rooms = rooms
         self.depth = depth
         self.mask = depth - 1
+        self.hist_depth = HIST_FACTOR * depth
+        self.hist_mask = HIST_FACTOR * depth - 1
         self.slot_bytes = slot_bytes
         self.shards = shards
         # calloc'd ring memory is only backed by pages once a listener writes
@@ -174,9 +179,13 @@ cdef class Core:
         self.sh = <Shard *>_alloc(shards, sizeof(Shard))
         self.rings = <uint8_t *>_alloc(<size_t>capacity * depth, slot_bytes)
         self.ring_len = <uint16_t *>_alloc(<size_t>capacity * depth, sizeof(uint16_t))
-        self.hist = <uint8_t *>_alloc(<size_t>rooms * depth, slot_bytes)
-        self.hist_len = <uint16_t *>_alloc(<size_t>rooms * depth, sizeof(uint16_t))
-        self.hist_rx = <int64_t *>_alloc(<size_t>rooms * depth, sizeof(int64_t))
+        # the room history is twice the ring depth: shards read at most
+        # depth - 1 entries behind the head, so the ingest thread would have
+        # to accept depth more packets during one entry's fan-out before it
+        # could overwrite the entry being read
+        self.hist = <uint8_t *>_alloc(<size_t>rooms * HIST_FACTOR * depth, slot_bytes)
+        self.hist_len = <uint16_t *>_alloc(<size_t>rooms * HIST_FACTOR * depth, sizeof(uint16_t))
+        self.hist_rx = <int64_t *>_alloc(<size_t>rooms * HIST_FACTOR * depth, sizeof(int64_t))
         self.rx = <mmsghdr *>_alloc(RX_BATCH, sizeof(mmsghdr))
         self.rx_iov = <iovec *>_alloc(RX_BATCH, sizeof(iovec))
         self.rx_buf = <uint8_t *>_alloc(RX_BATCH, RX_BUF)
@@ -398,7 +407,7 @@ cdef class Core:
             n = min(<uint32_t>burst, s.hist_seen[room], <uint32_t>self.depth - 1)
             start = s.hist_seen[room] - n
             for j in range(start, s.hist_seen[room]):
-                k = room * self.depth + (j & self.mask)
+                k = room * self.hist_depth + (j & self.hist_mask)
                 src = self.hist + <size_t>k * self.slot_bytes
                 self._write(s, i, src, self.hist_len[k], _be16(src + 2), _be32(src + 4))
         self._unlock(best)
@@ -543,7 +552,7 @@ cdef class Core:
         r.packets_in += 1
         r.bytes_in += n
         # the room packet: a clean 12-byte header (SSRC filled per listener)
-        i = room * self.depth + (r.hist_head & self.mask)
+        i = room * self.hist_depth + (r.hist_head & self.hist_mask)
         h = self.hist + <size_t>i * self.slot_bytes
         h[0] = 0x80
         h[1] = pkt[1]
@@ -590,7 +599,7 @@ cdef class Core:
                 s.drop_lag += head - h - (self.depth - 1)
                 h = head - (self.depth - 1)
             while h != head:
-                at = room * self.depth + (h & self.mask)
+                at = room * self.hist_depth + (h & self.hist_mask)
                 src = self.hist + <size_t>at * self.slot_bytes
                 n = self.hist_len[at]
                 seq = _be16(src + 2)
@@ -1049,8 +1058,8 @@ cdef class Core:
         """Bytes the core allocated (address space; pages fill as used)."""
         return (self.capacity * (sizeof(Listener) + 2 * sizeof(int32_t)
                                  + self.depth * (self.slot_bytes + sizeof(uint16_t)))
-                + self.rooms * (sizeof(Room) + self.depth * (self.slot_bytes + sizeof(uint16_t)
-                                                              + sizeof(int64_t)))
+                + self.rooms * (sizeof(Room) + self.hist_depth * (self.slot_bytes + sizeof(uint16_t)
+                                                                   + sizeof(int64_t)))
                 + self.shards * (sizeof(Shard) + self.rooms * sizeof(uint32_t)
                                  + TX_BATCH * (sizeof(mmsghdr) + sizeof(iovec) + sizeof(int32_t)))
                 + RX_BATCH * (sizeof(mmsghdr) + sizeof(iovec) + RX_BUF + RX_ADDR))
