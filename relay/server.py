@@ -2,11 +2,12 @@
 
 Sockets are the node's own non-blocking sockets, watched with
 loop.add_reader/add_writer: each room's ingest socket feeds core.ingest()
-(recvmmsg, fan-out and sendmmsg in C, GIL released), the listener socket
-carries control messages and RTCP in and audio out. When the kernel's send
-buffer fills, the core stops and we wait for writability instead of
-blocking the loop. The admin HTTP port serves /metrics, /healthz, /readyz
-and /rooms on the same loop.
+(recvmmsg in C, GIL released), the listener socket carries control messages
+and RTCP in and audio out. With one worker the loop thread also fans out and
+sends, waiting for writability when the kernel's buffer fills; with more,
+sender threads (one per shard of listeners, docs/multicore.md) do that in C.
+The admin HTTP port serves /metrics, /healthz, /readyz and /rooms on the
+same loop.
 """
 from __future__ import annotations
 
