@@ -209,7 +209,7 @@ def callgrind(kind: str, listeners: int, packets: int, limit_bin: str, dests: Pa
     return (totals[1] - totals[0]) / (listeners * packets)
 
 
-def storm(existing_n: int, storm_n: int, payloads: list[bytes]) -> dict:
+def storm(existing_n: int, storm_n: int, payloads: list[bytes] | None = None) -> dict:
     """Existing listeners stream while storm_n joins arrive within a second."""
     ingest, listen, admin = free_port(), free_port(), free_port(socket.SOCK_STREAM)
     cfg = Path(tempfile.mkdtemp()) / "relay.toml"
@@ -218,12 +218,15 @@ def storm(existing_n: int, storm_n: int, payloads: list[bytes]) -> dict:
                    f'[[room]]\nname = "s"\ningest = "127.0.0.1:{ingest}"\nsources = ["127.0.0.1"]\n')
     proc = subprocess.Popen([PY, "-m", "relay", "--log-level", "error", "serve", "-c", str(cfg)],
                             stdout=subprocess.DEVNULL)
-    existing = newcomers = None
+    existing = newcomers = pub = None
     try:
         time.sleep(1.5)
         existing = LoopbackCrowd(existing_n, ("127.0.0.1", listen), "s")
         newcomers = LoopbackCrowd(storm_n, ("127.0.0.1", listen), "s", first_address=existing_n)
-        pub = Publisher(ingest, 50, payloads)
+        # a publisher of its own: this thread stalls while it answers the
+        # storm's handshakes, and an in-process publisher would then burst
+        pub = subprocess.Popen([PY, "-m", "relay", "publish", "--to", f"127.0.0.1:{ingest}",
+                                "--duration", "60"], stderr=subprocess.DEVNULL)
         existing.join()
         timeline = []
         t_start = time.monotonic()
@@ -235,17 +238,17 @@ def storm(existing_n: int, storm_n: int, payloads: list[bytes]) -> dict:
                              "new_accepted": len(newcomers.sessions)})
 
         for _ in range(20):
-            pub.run_for(0.1)
-            existing.crowd.poll(0)
+            existing.crowd.poll(100)
             sample("before")
         before = existing.crowd.totals()
         storm_t0 = time.monotonic_ns()
         res = newcomers.join(timeout=10, attempts=1, retry_limited=False)
         sample("storm")
         for _ in range(30):
-            pub.run_for(0.1)
-            existing.crowd.poll(0)
-            newcomers.crowd.poll(0)
+            t_next = time.monotonic() + 0.1
+            while time.monotonic() < t_next:
+                existing.crowd.poll(10)
+                newcomers.crowd.poll(0)
             sample("after")
         after = existing.crowd.totals()
         firsts = sorted((newcomers.crowd.member(i)["first_rx_ns"] - storm_t0) / 1e9
@@ -261,8 +264,10 @@ def storm(existing_n: int, storm_n: int, payloads: list[bytes]) -> dict:
         for c in (existing, newcomers):
             if c is not None:
                 c.close()
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(10)
+        for p in (pub, proc):
+            if p is not None:
+                p.send_signal(signal.SIGTERM)
+                p.wait(10)
 
 
 def plots(result: dict, out_dir: Path) -> list[str]:

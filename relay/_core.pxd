@@ -183,6 +183,7 @@ ctypedef struct Shard:
     uint64_t drop_overflow
     uint64_t drop_send_error
     uint64_t drop_lag        # history entries a slow shard never saw
+    uint64_t busy_ns         # time spent fanning out and sending
     uint64_t lat_count[LAT_BUCKETS]
     uint64_t lat_sum_ns
     uint64_t lat_dropped

@@ -823,6 +823,7 @@ cdef class Core:
         cdef Shard *s = &self.sh[k]
         cdef pollfd pf[2]
         cdef uint64_t ticks
+        cdef int64_t t0
         cdef int rc
         if s.running:
             raise RuntimeError(f"shard {k} is already running")
@@ -840,10 +841,12 @@ cdef class Core:
                 rc = poll(pf, 2, 200)
                 if pf[0].revents & POLLIN:
                     read(s.efd, &ticks, sizeof(ticks))
+                t0 = _now_ns()
                 self._lock(k)
                 self._fanout(k)
                 self._flush(k, fd)
                 self._unlock(k)
+                s.busy_ns += _now_ns() - t0
         s.running = 0
         return 0
 
@@ -1001,6 +1004,12 @@ cdef class Core:
             "listeners": self.listeners,
             "queued": queued,
         }
+
+    def busy_ns(self):
+        """Per shard: nanoseconds its sender thread has spent fanning out and
+        sending. Its rate of change is the shard's duty cycle, the node's
+        measure of how close it is to what one core can send."""
+        return [self.sh[k].busy_ns for k in range(self.shards)]
 
     def shard_listeners(self):
         """Listeners per shard."""

@@ -56,12 +56,13 @@ class NodeConfig:
     join_rate_per_source: float = 20.0   # admitted joins per second per source IP
     max_rooms: int = 64                  # room slots reserved for reloads
     workers: int = 1                     # sender threads; "auto" = one per core
+    max_load: float = 0.8                # admit while the projected load stays below this; 0 = off
     rooms: list[RoomConfig] = field(default_factory=list)
 
 
 _NODE_KEYS = {"listen", "admin", "auth", "secret_env", "max_listeners", "ring_depth",
               "slot_bytes", "burst_packets", "keepalive_interval", "session_timeout", "redirect",
-              "room_label_limit", "join_rate", "join_rate_per_source", "max_rooms", "workers"}
+              "room_label_limit", "join_rate", "join_rate_per_source", "max_rooms", "workers", "max_load"}
 _ROOM_KEYS = {"name", "ingest", "sources", "max_listeners"}
 
 
@@ -194,6 +195,11 @@ def from_dict(raw: dict[str, Any], label: str = "config", environ: dict[str, str
     cfg.join_rate_per_source = _seconds("[node] join_rate_per_source",
                                         node.get("join_rate_per_source", cfg.join_rate_per_source))
     cfg.max_rooms = _int("[node] max_rooms", node.get("max_rooms", cfg.max_rooms), 1, 100_000)
+    max_load = node.get("max_load", cfg.max_load)
+    if not isinstance(max_load, (int, float)) or isinstance(max_load, bool) or not 0 <= max_load <= 1:
+        raise ConfigError(f"[node] max_load: expected a fraction of a core from 0 (off) to 1, "
+                          f"got {max_load!r}")
+    cfg.max_load = float(max_load)
     workers = node.get("workers", "auto")
     if workers == "auto":
         workers = max(1, min(os.cpu_count() or 1, 64))

@@ -97,6 +97,15 @@ class NodeCollector(Collector):
                                 node.loop_lag)
         yield GaugeMetricFamily("relay_sender_threads", "Sender threads (shards) fanning out.",
                                 node.core.shards)
+        yield GaugeMetricFamily("relay_fanout_duty_ratio",
+                                "Busy fraction of the busiest sender (1 = a full core); joins "
+                                "stop when it would pass max_load.", node.duty)
+        yield GaugeMetricFamily("relay_machine_cpu_busy_ratio",
+                                "Busy fraction of all the machine's CPUs over the last 250 ms.",
+                                node.machine_busy)
+        yield CounterMetricFamily("relay_rejections_load",
+                                  "JOINs refused (as node_full) because the senders are near a full core.",
+                                  sc.rejections_load)
         yield CounterMetricFamily("relay_sender_thread_restarts",
                                   "Sender threads found stopped and restarted.", node.shard_restarts)
         yield GaugeMetricFamily("relay_draining", "1 while the node is draining.",

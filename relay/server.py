@@ -54,6 +54,16 @@ def _udp_socket(host: str, port: int, sndbuf: int = 0, rcvbuf: int = 0) -> socke
     return sock
 
 
+def _machine_cpu() -> tuple[int, int] | None:
+    """(idle + iowait, total) jiffies over all CPUs, from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return fields[3] + fields[4], sum(fields[:8])
+
+
 class Node:
     """One relay node: rooms, the core, sessions and their sockets."""
 
@@ -65,6 +75,14 @@ class Node:
         self.threads: list[threading.Thread | None] = [None] * cfg.workers
         self.shard_restarts = 0
         self._stopping = False
+        # duty cycle of the fan-out: busy time of the busiest sender (or of
+        # the loop's inline fan-out) per second of wall time
+        self.duty = 0.0
+        self._inline_busy_ns = 0
+        self._busy_seen: list[int] = []
+        self._busy_at = time.monotonic_ns()
+        self._cpu_seen: tuple[int, int] | None = None
+        self.machine_busy = 0.0
         self.rooms: dict[str, RoomState] = {}
         self.sessions = Sessions(self.core, cfg, self.rooms, Auth(cfg.auth, cfg.secret))
         self.loop_lag = 0.0
@@ -199,9 +217,11 @@ class Node:
     # ------------------------------------------------------------ data path
 
     def _on_ingest(self, fd: int, room: int) -> None:
+        t0 = time.perf_counter_ns()
         self.core.ingest(fd, room, self._out_fd)
         if self.core.blocked:
             self._wait_writable()
+        self._inline_busy_ns += time.perf_counter_ns() - t0
 
     def _wait_writable(self) -> None:
         if not self._writing:
@@ -209,7 +229,10 @@ class Node:
             asyncio.get_running_loop().add_writer(self._out_fd, self._on_writable)
 
     def _on_writable(self) -> None:
-        if self.core.flush(self._out_fd) == 0:
+        t0 = time.perf_counter_ns()
+        done = self.core.flush(self._out_fd) == 0
+        self._inline_busy_ns += time.perf_counter_ns() - t0
+        if done:
             self._writing = False
             asyncio.get_running_loop().remove_writer(self._out_fd)
 
@@ -274,6 +297,25 @@ class Node:
             self.loop_lag = max(0.0, loop.time() - t0 - interval)
             self.sessions.expire(time.time())
             self._check_shards()
+            self._measure_duty()
+
+    def _measure_duty(self) -> None:
+        """Update the load measures and tell admission: joins stop before the
+        node runs out of CPU, not after. The load is the larger of the
+        busiest sender's duty cycle and the whole machine's busy fraction,
+        so work that shares the cores (receivers on the same box, the loop
+        thread, other processes) counts too."""
+        now = time.monotonic_ns()
+        busy = self.core.busy_ns() if self.cfg.workers > 1 else [self._inline_busy_ns]
+        cpu = _machine_cpu()
+        if self._busy_seen and now > self._busy_at:
+            self.duty = max(b - a for a, b in zip(self._busy_seen, busy, strict=True)) / (now - self._busy_at)
+            machine = 0.0
+            if cpu and self._cpu_seen and cpu[1] > self._cpu_seen[1]:
+                machine = 1 - (cpu[0] - self._cpu_seen[0]) / (cpu[1] - self._cpu_seen[1])
+            self.machine_busy = machine
+            self.sessions.note_load(max(self.duty, machine), self.core.listeners)
+        self._busy_seen, self._busy_at, self._cpu_seen = busy, now, cpu
 
     # ----------------------------------------------------------------- admin
 

@@ -58,6 +58,7 @@ class SessionCounters:
     replies_suppressed: int = 0
     rejections: Counter = field(default_factory=Counter)
     rate_limited: Counter = field(default_factory=Counter)
+    rejections_load: int = 0      # of the node_full rejections, those for load
 
 
 class Sessions:
@@ -75,6 +76,8 @@ class Sessions:
         self.counters = SessionCounters()
         self.draining = False
         self.limiter = JoinLimiter(cfg.join_rate, cfg.join_rate_per_source)
+        self.load = 0.0           # fan-out duty cycle at the last measurement
+        self.load_listeners = 0   # listeners at that measurement
         self._rng = random.SystemRandom()
 
     # ---------------------------------------------------------------- control
@@ -158,7 +161,7 @@ class Sessions:
             return self._reject(e.reason, data)
         if existing is not None:
             self._remove(existing)  # switching rooms
-        if self.core.listeners >= self.cfg.max_listeners:
+        if self.core.listeners >= self.cfg.max_listeners or self._over_load():
             return self._reject(Reason.NODE_FULL, data, self.cfg.redirect)
         if room.max_listeners and room.listeners >= room.max_listeners:
             return self._reject(Reason.ROOM_FULL, data, self.cfg.redirect)
@@ -172,6 +175,23 @@ class Sessions:
         room.listeners += 1
         self.counters.joins += 1
         return self._reply(self._accept(s), data)
+
+    def note_load(self, duty: float, listeners: int) -> None:
+        """The fan-out's measured duty cycle (0..1 of a core) with this many
+        listeners; admission extrapolates from it."""
+        self.load, self.load_listeners = duty, listeners
+
+    def _over_load(self) -> bool:
+        # cost grows with listeners, so one more listener costs about
+        # load / load_listeners; below 5 % the measure is mostly noise (or
+        # the publisher is quiet) and only max_listeners applies
+        if self.cfg.max_load <= 0 or self.load < 0.05 or self.load_listeners == 0:
+            return False
+        projected = self.load * (self.core.listeners + 1) / self.load_listeners
+        if projected > self.cfg.max_load:
+            self.counters.rejections_load += 1
+            return True
+        return False
 
     def _accept(self, s: Session) -> Accept:
         return Accept(s.session_id, s.ssrc, int(self.cfg.keepalive_interval * 1000),

@@ -185,3 +185,20 @@ def test_drain_tells_everyone_and_stops_admitting() -> None:
     assert len(told) == 3 and all(decode(m) == Reject(Reason.DRAINING, "127.0.0.2:7000") for _, m in told)
     assert s.core.listeners == 0
     assert _join(s) == Reject(Reason.DRAINING, "127.0.0.2:7000")
+
+
+def test_joins_stop_before_the_senders_run_out_of_time() -> None:
+    s = _sessions(max_listeners=100)
+    s.cfg.max_load = 0.8
+    for port in range(1, 11):
+        assert isinstance(_join(s, ("127.0.0.1", port)), Accept)
+    # the senders were 40 % busy with those 10 listeners: about 10 more fit under 80 %
+    s.note_load(0.40, 10)
+    results = [_join(s, ("127.0.0.1", 100 + i)) for i in range(15)]
+    accepted = sum(isinstance(r, Accept) for r in results)
+    assert accepted == 10  # 20 listeners project to exactly 0.80; a 21st would pass it
+    assert all(r == Reject(Reason.NODE_FULL, "127.0.0.2:7000") for r in results[accepted:])
+    assert s.counters.rejections_load == 15 - accepted
+    # a quiet publisher gives no signal: only max_listeners applies
+    s.note_load(0.01, 20)
+    assert isinstance(_join(s, ("127.0.0.1", 200)), Accept)
