@@ -85,7 +85,7 @@ cdef extern from *:
 cdef enum:
     ADDR_MAX = 28       # longest socket address we store (sockaddr_in6)
     MAX_SOURCES = 8     # most allowed sources one room may lock to
-    LAT_BUCKETS = 14    # fan-out latency histogram buckets, the last is +Inf
+    LAT_BUCKETS = 16    # fan-out latency histogram buckets, the last is +Inf
     BATCH_BUCKETS = 11  # sendmmsg batch sizes: <=1, <=2, <=4 ... <=1024
     PEND_MAX = 64       # packets whose fan-out latency is awaiting a complete flush
     MAX_SHARDS = 64

@@ -49,6 +49,7 @@ cdef int64_t BURST_FRESH_NS = 1000000000
 cdef int64_t LAT_BOUNDS_NS[LAT_BUCKETS]
 LAT_BOUNDS_NS[:] = [10000, 25000, 50000, 100000, 250000, 500000, 1000000,
                     2500000, 5000000, 10000000, 25000000, 50000000, 100000000,
+                    250000000, 1000000000,
                     0x7fffffffffffffff]
 
 # what became of one ingest datagram (also returned by feed())
