@@ -12,7 +12,8 @@ class TokenBucket:
 
     def __init__(self, rate: float, burst: float) -> None:
         self.rate, self.burst = rate, burst
-        self.tokens, self.at = burst, None
+        self.tokens = burst
+        self.at: float | None = None
 
     def take(self, now: float) -> bool:
         """Spend one token if there is one."""

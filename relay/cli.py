@@ -10,7 +10,7 @@ import asyncio
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 from relay import __version__
 from relay.addr import parse_hostport
@@ -97,15 +97,17 @@ def cmd_listen(args: argparse.Namespace) -> None:
     from relay.client import JoinRefused, ListenClient, sdp_for
     from relay.ogg import OggOpusWriter
 
-    sinks = []
-    out_file = writer = fwd = None
+    sinks: list[Callable[[bytes], None]] = []
+    writer: OggOpusWriter | None = None
+    out_file: BinaryIO | None = None
     if args.out:
         try:
             out_file = open(args.out, "wb")
         except OSError as e:
             _die(f"--out {args.out}: {e.strerror}")
-        writer = OggOpusWriter(out_file)
-        sinks.append(lambda pkt: writer.write(_payload(pkt)))
+        assert out_file is not None
+        ogg = writer = OggOpusWriter(out_file)
+        sinks.append(lambda pkt: ogg.write(_payload(pkt)))
     if args.forward:
         import socket
         try:
@@ -133,8 +135,11 @@ def cmd_listen(args: argparse.Namespace) -> None:
     token = args.token or os.environ.get("RELAY_TOKEN", "")
 
     async def main() -> int:
-        client = ListenClient(f"{server[0]}:{server[1]}", args.room, token,
-                              sink=lambda p: [s(p) for s in sinks])
+        def sink(pkt: bytes) -> None:
+            for s in sinks:
+                s(pkt)
+
+        client = ListenClient(f"{server[0]}:{server[1]}", args.room, token, sink=sink)
         try:
             stats = await client.listen(args.duration)
         except JoinRefused as e:
@@ -156,7 +161,7 @@ def cmd_listen(args: argparse.Namespace) -> None:
     except KeyboardInterrupt:
         code = 0
     finally:
-        if writer is not None:
+        if writer is not None and out_file is not None:
             writer.close()
             out_file.close()
     raise SystemExit(code)

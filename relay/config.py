@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tomllib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 from relay.addr import parse_hostport
 from relay.protocol import MAX_REDIRECT, MAX_ROOM
@@ -122,7 +122,7 @@ def _room(i: int, raw: Any, open_auth: bool) -> RoomConfig:
 
 
 def load(text: str | None = None, path: str | None = None,
-         environ: dict[str, str] | None = None, overrides: dict[str, Any] | None = None) -> NodeConfig:
+         environ: Mapping[str, str] | None = None, overrides: dict[str, Any] | None = None) -> NodeConfig:
     """Parse a config (file at `path`, else `text`, else the embedded default)."""
     label = path or "config"
     if path is not None:
@@ -140,11 +140,11 @@ def load(text: str | None = None, path: str | None = None,
     return from_dict(raw, label, environ, overrides)
 
 
-def from_dict(raw: dict[str, Any], label: str = "config", environ: dict[str, str] | None = None,
+def from_dict(raw: dict[str, Any], label: str = "config", environ: Mapping[str, str] | None = None,
               overrides: dict[str, Any] | None = None) -> NodeConfig:
     """Validate a parsed config; `overrides` (from command-line flags) replace
     [node] keys, and a "room" entry replaces the room list."""
-    environ = os.environ if environ is None else environ
+    env: Mapping[str, str] = os.environ if environ is None else environ
     raw = dict(raw)
     raw["node"] = dict(raw.get("node", {})) if isinstance(raw.get("node", {}), dict) else raw["node"]
     for key, value in (overrides or {}).items():
@@ -170,13 +170,13 @@ def from_dict(raw: dict[str, Any], label: str = "config", environ: dict[str, str
     if cfg.auth not in ("jwt", "open"):
         raise ConfigError(f"[node] auth: expected \"jwt\" or \"open\", got {cfg.auth!r}")
     if cfg.auth == "jwt":
-        env = node.get("secret_env", "RELAY_SECRET")
-        cfg.secret = environ.get(env, "")
+        secret_env = node.get("secret_env", "RELAY_SECRET")
+        cfg.secret = env.get(secret_env, "")
         if not cfg.secret:
             raise ConfigError(f"[node] auth = \"jwt\" needs a secret: set the environment "
-                              f"variable {env} (or use auth = \"open\" for local use)")
+                              f"variable {secret_env} (or use auth = \"open\" for local use)")
         if len(cfg.secret.encode()) < 32:
-            raise ConfigError(f"[node] the secret in {env} is {len(cfg.secret.encode())} bytes; "
+            raise ConfigError(f"[node] the secret in {secret_env} is {len(cfg.secret.encode())} bytes; "
                               "HS256 wants at least 32 bytes")
     cfg.max_listeners = _int("[node] max_listeners", node.get("max_listeners", cfg.max_listeners), 1, 10**7)
     cfg.ring_depth = _int("[node] ring_depth", node.get("ring_depth", cfg.ring_depth), 2, 4096)

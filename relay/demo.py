@@ -53,6 +53,8 @@ def run_demo(listeners: int = 2000, seconds: float = 10.0, out: str = "demo-list
     """Run the demo; returns a process exit code."""
     cfg = load()
     room = cfg.rooms[0]
+    admin = cfg.admin
+    assert admin is not None, "the embedded config has an admin port"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     py = [sys.executable, "-m", "relay"]
     procs: list[subprocess.Popen] = []
@@ -61,8 +63,9 @@ def run_demo(listeners: int = 2000, seconds: float = 10.0, out: str = "demo-list
     procs.append(relay)
     crowd = None
     try:
-        if not _wait_ready(cfg.admin, relay):
-            err = relay.stderr.read().decode().strip().splitlines() if relay.poll() is not None else []
+        if not _wait_ready(admin, relay):
+            err = (relay.stderr.read().decode().strip().splitlines()
+                   if relay.stderr is not None and relay.poll() is not None else [])
             print("demo: the relay did not start" + (f": {err[-1]}" if err else ""), file=sys.stderr)
             return 1
         print(f"relay up on {cfg.listen[0]}:{cfg.listen[1]}; publishing a 440 Hz tone into "
@@ -84,7 +87,7 @@ def run_demo(listeners: int = 2000, seconds: float = 10.0, out: str = "demo-list
         print(f"joined {joined.accepted + 1} listeners in {joined.seconds:.2f} s"
               + (f", rejected {joined.rejected}" if joined.rejected else "")
               + (f", {joined.unanswered} unanswered" if joined.unanswered else ""), flush=True)
-        before = scrape(cfg.admin)
+        before = scrape(admin)
         received_before = crowd.crowd.totals()["received"]
         t_start = time.monotonic()
         last = [received_before, t_start]
@@ -101,12 +104,12 @@ def run_demo(listeners: int = 2000, seconds: float = 10.0, out: str = "demo-list
 
         crowd.run(seconds, on_second=progress)
         elapsed = time.monotonic() - t_start
-        after = scrape(cfg.admin)
+        after = scrape(admin)
         print()
         totals = crowd.crowd.totals()
         crowd.leave()
         one.wait(timeout=seconds + 10)
-        one_err = one.stderr.read().decode().strip()
+        one_err = one.stderr.read().decode().strip() if one.stderr is not None else ""
         sent = after.get("relay_packets_out_total", 0) - before.get("relay_packets_out_total", 0)
         cpu = after.get("relay_process_cpu_seconds_total", 0) - before.get("relay_process_cpu_seconds_total", 0)
         p50 = histogram_quantile(after, "relay_fanout_latency_seconds", 0.5)
@@ -125,7 +128,8 @@ def run_demo(listeners: int = 2000, seconds: float = 10.0, out: str = "demo-list
             ("packets dropped in the relay", ", ".join(f"{k}: {v:.0f}" for k, v in drops.items())
              or "none"),
             ("fan-out latency p50 / p99",
-             f"{p50 * 1e3:.2f} ms / {p99 * 1e3:.2f} ms" if p50 is not None else "n/a"),
+             f"{p50 * 1e3:.2f} ms / {p99 * 1e3:.2f} ms" if p50 is not None and p99 is not None
+             else "n/a"),
             ("relay CPU per second of wall time", f"{cpu / elapsed:.2f} s"),
             ("one listener's audio", f"{out}" + (f" (tone of {hz:.0f} Hz)" if hz else "")),
         ]

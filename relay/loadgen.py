@@ -192,11 +192,11 @@ def scrape(admin: tuple[str, int], timeout: float = 30.0) -> dict[str, float]:
 def histogram_quantile(samples: dict[str, float], name: str, q: float) -> float | None:
     """The q-quantile of a scraped Prometheus histogram, interpolated within
     its bucket as Prometheus does. None if it has no observations."""
-    buckets = []
+    buckets: list[tuple[float, float]] = []
     for key, value in samples.items():
         if key.startswith(name + "_bucket{"):
-            le = key.split('le="')[1].split('"')[0]
-            buckets.append((float("inf") if le == "+Inf" else float(le), value))
+            bound = key.split('le="')[1].split('"')[0]
+            buckets.append((float("inf") if bound == "+Inf" else float(bound), value))
     buckets.sort()
     if not buckets or buckets[-1][1] == 0:
         return None

@@ -69,8 +69,8 @@ class NodeCollector(Collector):
         ):
             yield CounterMetricFamily(name, doc, c[key])
         drops = CounterMetricFamily("relay_drops", "Packets dropped, by reason.", labels=["reason"])
-        for reason in _CORE_DROPS:
-            drops.add_metric([reason], c[f"drop_{reason}"])
+        for why in _CORE_DROPS:
+            drops.add_metric([why], c[f"drop_{why}"])
         yield drops
         for name, value, doc in (
             ("relay_joins", sc.joins, "Listeners admitted."),
