@@ -6,7 +6,7 @@ DURATION ?= 10
 
 FUZZ_SECONDS ?= 60
 
-.PHONY: setup demo test test-fast bench bench-full fuzz sanitize annotate clean
+.PHONY: setup demo test test-fast lint bench bench-full fuzz sanitize annotate clean
 
 setup:
 	@./scripts/bootstrap.sh
@@ -17,6 +17,10 @@ demo: setup
 test:
 	@./scripts/bootstrap.sh test
 	$(PY) -m pytest -q
+
+lint: setup
+	.venv/bin/ruff check relay tests bench fuzz deploy
+	.venv/bin/mypy relay
 
 # the core's behaviour tests only, for a quick loop while editing
 test-fast: setup
