@@ -44,7 +44,10 @@ def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int
         if default_port is None:
             raise ValueError(f"{text!r} needs a port (host:port)")
         return host, default_port
-    port = int(port_text)
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"port {port_text!r} is not a number") from None
     if not 0 <= port <= 65535:
         raise ValueError(f"port {port} out of range")
     return host, port
