@@ -42,17 +42,12 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from relay.loadgen import LoopbackCrowd, histogram_quantile, raise_fd_limit, scrape  # noqa: E402
+from relay.loadgen import (LoopbackCrowd, free_port, histogram_quantile, raise_fd_limit,  # noqa: E402
+                           scrape, wait_ready)
 from relay.publish import RtpPacketizer, encode_tone  # noqa: E402
 
 PY = sys.executable
 CLK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port(kind: int = socket.SOCK_DGRAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def udp_out() -> int:
@@ -133,15 +128,8 @@ def start_impl(kind: str, ingest: int, dests: Path, crowd: LoopbackCrowd, limit_
                        f'ingest = "127.0.0.1:{ingest}"\nsources = ["127.0.0.1"]\n')
         proc = subprocess.Popen([PY, "-m", "relay", "--log-level", "error", "serve", "-c", str(cfg)],
                                 stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                scrape(("127.0.0.1", admin), timeout=1)
-                break
-            except OSError as e:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("relay did not start") from e
-                time.sleep(0.1)
+        if not wait_ready(("127.0.0.1", admin), proc, timeout=15):
+            raise RuntimeError("relay did not start")
         extra["rss_before_join"] = rss_bytes(proc.pid)
         crowd.retarget(("127.0.0.1", listen), "b")
         joined = crowd.join(timeout=60)

@@ -26,18 +26,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from relay.loadgen import LoopbackCrowd, scrape
+from relay.loadgen import LoopbackCrowd, free_port, scrape, wait_ready
 from relay.publish import RtpPacketizer, encode_tone
 
 
-def _free(kind: int) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_once(workers: int, listeners: int, rate: int, seconds: float, payloads: list[bytes]) -> dict:
-    listen, admin, ingest = _free(socket.SOCK_DGRAM), _free(socket.SOCK_STREAM), _free(socket.SOCK_DGRAM)
+    listen, admin, ingest = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_STREAM), free_port(socket.SOCK_DGRAM)
     cfg = Path(tempfile.mkdtemp()) / "bench.toml"
     cfg.write_text(f'[node]\nlisten = "127.0.0.1:{listen}"\nadmin = "127.0.0.1:{admin}"\n'
                    f'auth = "open"\nworkers = {workers}\nmax_listeners = {listeners}\n'
@@ -47,15 +41,8 @@ def run_once(workers: int, listeners: int, rate: int, seconds: float, payloads: 
                              stdout=subprocess.DEVNULL)
     crowd = None
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                scrape(("127.0.0.1", admin), timeout=1)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+        if not wait_ready(("127.0.0.1", admin), relay):
+            raise RuntimeError("relay did not start")
         crowd = LoopbackCrowd(listeners, ("127.0.0.1", listen), "b", rcvbuf=4096)
         joined = crowd.join().accepted
         pub = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

@@ -20,14 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from relay.loadgen import LoopbackCrowd, scrape
+from relay.loadgen import LoopbackCrowd, free_port, scrape
 from relay.protocol import Leave, encode
-
-
-def _free(kind: int) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:
@@ -38,7 +32,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "soak.json"))
     args = ap.parse_args()
 
-    listen, admin, ingest = _free(socket.SOCK_DGRAM), _free(socket.SOCK_STREAM), _free(socket.SOCK_DGRAM)
+    listen, admin, ingest = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_STREAM), free_port(socket.SOCK_DGRAM)
     cfg = Path(tempfile.mkdtemp()) / "soak.toml"
     cfg.write_text(f'[node]\nlisten = "127.0.0.1:{listen}"\nadmin = "127.0.0.1:{admin}"\n'
                    f'auth = "open"\njoin_rate = 100000\njoin_rate_per_source = 1000\n'

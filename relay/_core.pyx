@@ -281,6 +281,10 @@ cdef class Core:
         r.active = 0
         r.n_sources = 0
 
+    def room_listeners(self, int room):
+        """Listeners in `room` (the count admission checks per join)."""
+        return self._room(room).n_listeners
+
     def room_clear_sources(self, int room):
         """Forget the room's allowed sources (before allowing a new list)."""
         cdef Room *r = self._room(room)
@@ -1063,13 +1067,3 @@ cdef class Core:
         bounds = [float(1 << b) for b in range(BATCH_BUCKETS)]
         counts = [sum(self.sh[k].batch_count[b] for k in range(self.shards)) for b in range(BATCH_BUCKETS)]
         return bounds, counts, float(sum(self.sh[k].sendmmsg_messages for k in range(self.shards)))
-
-    def memory_bytes(self):
-        """Bytes the core allocated (address space; pages fill as used)."""
-        return (self.capacity * (sizeof(Listener) + 2 * sizeof(int32_t)
-                                 + self.depth * (self.slot_bytes + sizeof(uint16_t)))
-                + self.rooms * (sizeof(Room) + self.hist_depth * (self.slot_bytes + sizeof(uint16_t)
-                                                                   + sizeof(int64_t)))
-                + self.shards * (sizeof(Shard) + self.rooms * sizeof(uint32_t)
-                                 + TX_BATCH * (sizeof(mmsghdr) + sizeof(iovec) + sizeof(int32_t)))
-                + RX_BATCH * (sizeof(mmsghdr) + sizeof(iovec) + RX_BUF + RX_ADDR))

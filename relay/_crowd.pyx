@@ -47,7 +47,6 @@ ctypedef struct Member:
     int fd
     uint8_t started
     uint32_t ssrc
-    uint16_t last_seq
     int64_t first_ext     # extended sequence numbers (RFC 3550 A.1 style)
     int64_t high_ext
     uint64_t received
@@ -130,7 +129,6 @@ cdef class Crowd:
         if not mb.started:
             mb.started = 1
             mb.first_ext = mb.high_ext = seq
-            mb.last_seq = seq
             if mb.first_rx_ns == 0:
                 mb.first_rx_ns = now
             mb.ssrc = ssrc

@@ -14,24 +14,9 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 
 from relay.config import load
-from relay.loadgen import LoopbackCrowd, histogram_quantile, scrape
-
-
-def _wait_ready(admin: tuple[str, int], proc: subprocess.Popen, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        try:
-            with urllib.request.urlopen(f"http://{admin[0]}:{admin[1]}/readyz", timeout=1) as r:
-                if r.status == 200:
-                    return True
-        except OSError:
-            time.sleep(0.1)
-    return False
+from relay.loadgen import LoopbackCrowd, histogram_quantile, scrape, wait_ready
 
 
 def _tone_hz(path: str) -> float | None:
@@ -63,7 +48,7 @@ def run_demo(listeners: int = 2000, seconds: float = 10.0, out: str = "demo-list
     procs.append(relay)
     crowd = None
     try:
-        if not _wait_ready(admin, relay):
+        if not wait_ready(admin, relay):
             err = (relay.stderr.read().decode().strip().splitlines()
                    if relay.stderr is not None and relay.poll() is not None else [])
             print("demo: the relay did not start" + (f": {err[-1]}" if err else ""), file=sys.stderr)

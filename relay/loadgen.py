@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import resource
 import socket
+import subprocess
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -34,6 +35,13 @@ def raise_fd_limit(needed: int) -> None:
     want = min(hard, max(soft, needed))
     if want > soft:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def free_port(kind: int = socket.SOCK_DGRAM) -> int:
+    """A loopback port that was free a moment ago (for tests and benches)."""
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def member_address(i: int) -> str:
@@ -187,6 +195,21 @@ def scrape(admin: tuple[str, int], timeout: float = 30.0) -> dict[str, float]:
             key, _, value = line.rpartition(" ")
             out[key] = float(value)
     return out
+
+
+def wait_ready(admin: tuple[str, int], proc: subprocess.Popen, timeout: float = 10.0) -> bool:
+    """Poll a relay's /readyz until it answers 200; False if `proc` exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(f"http://{admin[0]}:{admin[1]}/readyz", timeout=1) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            time.sleep(0.1)
+    return False
 
 
 def histogram_quantile(samples: dict[str, float], name: str, q: float) -> float | None:

@@ -241,6 +241,7 @@ class Node:
         assert sock is not None
         now = time.time()
         fd = self._out_fd
+        joins = self.sessions.counters.joins
         for _ in range(CONTROL_BATCH):
             try:
                 data, addr = sock.recvfrom(2048)
@@ -261,8 +262,9 @@ class Node:
                 self.sessions.on_rtcp(data, addr, now, fd)
             else:
                 self.sessions.counters.control_malformed += 1
-        # joins may have queued a burst of recent audio
-        if self.core.flush(fd):
+        # a join queues a burst of recent audio; sender threads are woken by
+        # the core itself, only the inline fan-out needs sending here
+        if self.cfg.workers == 1 and self.sessions.counters.joins != joins and self.core.flush(fd):
             self._wait_writable()
 
     # ---------------------------------------------------------- housekeeping

@@ -42,7 +42,6 @@ class RoomState:
     name: str
     index: int
     max_listeners: int
-    listeners: int = 0
 
 
 @dataclass
@@ -163,7 +162,7 @@ class Sessions:
             self._remove(existing)  # switching rooms
         if self.core.listeners >= self.cfg.max_listeners or self._over_load():
             return self._reject(Reason.NODE_FULL, data, self.cfg.redirect)
-        if room.max_listeners and room.listeners >= room.max_listeners:
+        if room.max_listeners and self.core.room_listeners(room.index) >= room.max_listeners:
             return self._reject(Reason.ROOM_FULL, data, self.cfg.redirect)
         ssrc = self._rng.getrandbits(32)
         slot = self.core.listener_add(room.index, raw, ssrc, self._rng.getrandbits(16),
@@ -172,7 +171,6 @@ class Sessions:
             return self._reject(Reason.NODE_FULL, data, self.cfg.redirect)
         s = Session(addr, msg.room, slot, ssrc, os.urandom(8), now, self.NACK_BURST, now)
         self.by_addr[addr] = s
-        room.listeners += 1
         self.counters.joins += 1
         return self._reply(self._accept(s), data)
 
@@ -199,7 +197,6 @@ class Sessions:
 
     def _remove(self, s: Session) -> None:
         self.core.listener_remove(s.slot)
-        self.rooms[s.room].listeners -= 1
         del self.by_addr[s.addr]
 
     # ------------------------------------------------------------------ RTCP

@@ -14,13 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from relay.loadgen import free_port
+
 SECRET = "test-secret-0123456789abcdef0123456789"
-
-
-def free_port(kind: int = socket.SOCK_DGRAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
