@@ -33,7 +33,7 @@ def main() -> None:
 
     rooms = "\n".join(f'[[room]]\nname = "room-{i}"\ningest = "127.0.0.1:{20000 + i}"\n'
                       f'sources = ["127.0.0.1"]\n' for i in range(args.rooms))
-    cfg = load(f'[node]\nauth = "open"\nmax_listeners = {args.listeners}\n{rooms}')
+    cfg = load(f'[node]\nauth = "open"\nmax_listeners = {args.listeners}\nmax_rooms = {args.rooms}\n{rooms}')
     node = Node(cfg)  # sockets are not bound: the scrape only reads counters
     for i in range(args.listeners):
         room = node.rooms[f"room-{i % args.rooms}"]
