@@ -175,6 +175,7 @@ ctypedef struct Shard:
     int efd
     int stop
     int running
+    int pull_ready          # a pull listener got packets in this fan-out
     uint64_t packets_out
     uint64_t bytes_out
     uint64_t sendmmsg_calls

@@ -20,6 +20,7 @@ class Core:
     listeners: int
     blocked: int
     shards: int
+    pull_fd: int  # eventfd, readable when a pull listener has new packets
     def __init__(self, capacity: int, rooms: int = 16, depth: int = 16, slot_bytes: int = 480,
                  shards: int = 1) -> None: ...
     def room_open(self, room: int, any_source: bool = False) -> None: ...

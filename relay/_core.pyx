@@ -144,6 +144,8 @@ cdef class Core:
     cdef readonly int slot_bytes
     cdef readonly int shards
     cdef readonly int listeners
+    # readable when a pull (QUIC) listener has new packets in its ring
+    cdef readonly int pull_fd
     cdef uint32_t mask
     cdef uint32_t hist_depth
     cdef uint32_t hist_mask
@@ -177,6 +179,7 @@ cdef class Core:
         # to it, so an idle arena costs address space, not resident memory.
         self.ls = <Listener *>_alloc(capacity, sizeof(Listener))
         self.rm = <Room *>_alloc(rooms, sizeof(Room))
+        self.pull_fd = -1
         self.sh = <Shard *>_alloc(shards, sizeof(Shard))
         self.rings = <uint8_t *>_alloc(<size_t>capacity * depth, slot_bytes)
         self.ring_len = <uint16_t *>_alloc(<size_t>capacity * depth, sizeof(uint16_t))
@@ -214,6 +217,9 @@ cdef class Core:
             for i in range(TX_BATCH):
                 s.tx[i].msg_hdr.msg_iov = &s.tx_iov[i]
                 s.tx[i].msg_hdr.msg_iovlen = 1
+        self.pull_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
+        if self.pull_fd < 0:
+            raise OSError(errno, "eventfd failed")
         for i in range(RX_BATCH):
             self.rx_iov[i].iov_base = self.rx_buf + <size_t>i * RX_BUF
             self.rx_iov[i].iov_len = RX_BUF
@@ -236,6 +242,8 @@ cdef class Core:
                 if self.sh[k].efd >= 0:
                     close(self.sh[k].efd)
                     pthread_mutex_destroy(&self.sh[k].lock)
+        if self.pull_fd >= 0:
+            close(self.pull_fd)
         _free(self.ls)
         _free(self.rm)
         _free(self.sh)
@@ -470,7 +478,9 @@ cdef class Core:
         relay_put_header(dst, <uint16_t>(seq + l.seq_off), ts + l.ts_off, l.ssrc)
         self.ring_len[at] = n
         l.head += 1
-        if not l.queued and not l.pull:
+        if l.pull:
+            s.pull_ready = 1
+        elif not l.queued:
             l.queued = 1
             tail = s.q_head + s.q_len
             if tail >= s.hi - s.lo:
@@ -620,6 +630,13 @@ cdef class Core:
                     s.lat_dropped += 1
                 h += 1
             s.hist_seen[room] = head
+        if s.pull_ready:
+            s.pull_ready = 0
+            self._wake_pull()
+
+    cdef inline void _wake_pull(self) noexcept nogil:
+        cdef uint64_t one = 1
+        write(self.pull_fd, &one, sizeof(one))
 
     cdef int _flush(self, int k, int fd) noexcept nogil:
         """Send every queued ring packet of shard k; 0 when drained, 1 when

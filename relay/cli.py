@@ -76,7 +76,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         logging.getLogger("relay").warning("auth is open: anyone who can reach the node may listen")
 
     async def main() -> None:
-        node = Node(cfg)
+        try:
+            node = Node(cfg)
+        except ValueError as e:  # a configured QUIC certificate that does not load
+            _die(f"[node] quic_cert: {e}")
         try:
             await node.start()
         except OSError as e:
@@ -129,27 +132,41 @@ def cmd_listen(args: argparse.Namespace) -> None:
             print(f"play it live: ffplay -protocol_whitelist file,udp,rtp -i {args.sdp}",
                   file=sys.stderr)
     try:
-        server = parse_hostport(args.server)
+        server = parse_hostport(args.server or ("127.0.0.1:7443" if args.quic else "127.0.0.1:7000"))
     except ValueError as e:
         _die(f"--server: {e}")
     token = args.token or os.environ.get("RELAY_TOKEN", "")
+
+    if args.cert_hash and (len(args.cert_hash) != 64 or not _is_hex(args.cert_hash)):
+        _die("--cert-hash: expected the certificate's SHA-256 as 64 hex digits")
 
     async def main() -> int:
         def sink(pkt: bytes) -> None:
             for s in sinks:
                 s(pkt)
 
-        client = ListenClient(f"{server[0]}:{server[1]}", args.room, token, sink=sink)
+        client: ListenClient
+        if args.quic:
+            from relay.quic_client import CertificateMismatch, QuicListenClient
+            client = QuicListenClient(f"{server[0]}:{server[1]}", args.room, token, sink=sink,
+                                      cert_sha256=args.cert_hash or "", cafile=args.cafile)
+            refused: tuple[type[Exception], ...] = (JoinRefused, CertificateMismatch)
+        else:
+            client = ListenClient(f"{server[0]}:{server[1]}", args.room, token, sink=sink)
+            refused = (JoinRefused,)
         try:
             stats = await client.listen(args.duration)
-        except JoinRefused as e:
+        except refused as e:
             print(f"relay: {e}", file=sys.stderr)
             return 3
         except TimeoutError as e:
             print(f"relay: {e}", file=sys.stderr)
             return 4
         finally:
-            client.close()
+            if args.quic:
+                await client.aclose()  # type: ignore[attr-defined]
+            else:
+                client.close()
         for ev in stats.events:
             print(f"relay: {ev}", file=sys.stderr)
         print(f"received {stats.received} packets ({stats.bytes} bytes), delivered "
@@ -165,6 +182,14 @@ def cmd_listen(args: argparse.Namespace) -> None:
             writer.close()
             out_file.close()
     raise SystemExit(code)
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        bytes.fromhex(text)
+        return True
+    except ValueError:
+        return False
 
 
 def _payload(pkt: bytes) -> bytes:
@@ -238,7 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("listen", help="join a room and receive its audio")
-    s.add_argument("--server", default="127.0.0.1:7000", help="relay listener address")
+    s.add_argument("--server", help="relay listener address (default 127.0.0.1:7000, "
+                                    "or 127.0.0.1:7443 with --quic)")
+    s.add_argument("--quic", action="store_true", help="join over QUIC (audio as QUIC datagrams)")
+    s.add_argument("--cert-hash", help="with --quic: pin the node's certificate by its SHA-256 "
+                                       "(hex; the node logs it, and serves it at /quic.json)")
+    s.add_argument("--cafile", help="with --quic: trust this CA file instead of the system's")
     s.add_argument("--room", default="demo")
     s.add_argument("--token", help="join token (default: $RELAY_TOKEN)")
     s.add_argument("--out", help="write the audio to this Ogg Opus file")
@@ -278,6 +308,8 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the `relay` command."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    # aioquic logs every handshake at INFO: noise on a node with many listeners
+    logging.getLogger("quic").setLevel(max(logging.WARNING, logging.getLogger().level))
     args.func(args)
 
 

@@ -15,6 +15,8 @@ DEFAULT_TOML = """
 [node]
 listen = "127.0.0.1:7000"
 admin = "127.0.0.1:7080"
+# QUIC and WebTransport listeners; the web player is at the admin port's /listen
+quic = "127.0.0.1:7443"
 auth = "open"
 join_rate = 10000
 # the demo's listeners run on this same machine and would count as load
@@ -59,12 +61,17 @@ class NodeConfig:
     max_rooms: int = 64                  # room slots reserved for reloads
     workers: int = 1                     # sender threads; "auto" = one per core
     max_load: float = 0.8                # admit while the projected load stays below this; 0 = off
+    quic: tuple[str, int] | None = None  # QUIC + WebTransport listener endpoint (UDP); None = off
+    quic_cert: str = ""                  # PEM certificate chain; "" = a fresh self-signed one
+    quic_key: str = ""                   # PEM private key for quic_cert
+    quic_redirect: str = ""              # the QUIC endpoint sent to listeners turned away
     rooms: list[RoomConfig] = field(default_factory=list)
 
 
 _NODE_KEYS = {"listen", "admin", "auth", "secret_env", "max_listeners", "ring_depth",
               "slot_bytes", "burst_packets", "keepalive_interval", "session_timeout", "redirect",
-              "room_label_limit", "join_rate", "join_rate_per_source", "max_rooms", "workers", "max_load"}
+              "room_label_limit", "join_rate", "join_rate_per_source", "max_rooms", "workers", "max_load",
+              "quic", "quic_cert", "quic_key", "quic_redirect"}
 _ROOM_KEYS = {"name", "ingest", "sources", "max_listeners"}
 
 
@@ -119,6 +126,24 @@ def _room(i: int, raw: Any, open_auth: bool) -> RoomConfig:
             raise ConfigError(f"{where}: source {s!r}: {e}") from None
     limit = _int(f"{where}: max_listeners", raw.get("max_listeners", 0), 0, 10**7)
     return RoomConfig(name, ingest, sources, any_source, limit)
+
+
+def _quic(cfg: NodeConfig, node: dict[str, Any]) -> None:
+    quic = node.get("quic", "")
+    cfg.quic = None if quic == "" else _addr("[node] quic", quic)
+    if cfg.quic is not None and cfg.quic == cfg.listen:
+        raise ConfigError(f"[node] quic: {cfg.quic[0]}:{cfg.quic[1]} is also the UDP listen address")
+    cfg.quic_cert, cfg.quic_key = str(node.get("quic_cert", "")), str(node.get("quic_key", ""))
+    if bool(cfg.quic_cert) != bool(cfg.quic_key):
+        raise ConfigError("[node] quic_cert and quic_key go together: set both, or neither "
+                          "for a short-lived self-signed certificate")
+    for key in ("quic_cert", "quic_key"):
+        path = getattr(cfg, key)
+        if path and not os.access(path, os.R_OK):
+            raise ConfigError(f"[node] {key}: cannot read {path}")
+    cfg.quic_redirect = str(node.get("quic_redirect", ""))
+    if len(cfg.quic_redirect.encode()) > MAX_REDIRECT:
+        raise ConfigError(f"[node] quic_redirect: at most {MAX_REDIRECT} bytes")
 
 
 def load(text: str | None = None, path: str | None = None,
@@ -211,6 +236,7 @@ def from_dict(raw: dict[str, Any], label: str = "config", environ: Mapping[str, 
     cfg.redirect = str(node.get("redirect", ""))
     if len(cfg.redirect.encode()) > MAX_REDIRECT:
         raise ConfigError(f"[node] redirect: at most {MAX_REDIRECT} bytes")
+    _quic(cfg, node)
     rooms = raw.get("room", [])
     if not isinstance(rooms, list):
         raise ConfigError(f"{label}: rooms are [[room]] tables")
@@ -224,7 +250,7 @@ def from_dict(raw: dict[str, Any], label: str = "config", environ: Mapping[str, 
     for r in cfg.rooms:
         if r.name in seen:
             raise ConfigError(f"room {r.name!r}: defined twice")
-        if r.ingest in ports or r.ingest == cfg.listen:
+        if r.ingest in ports or r.ingest == cfg.listen or r.ingest == cfg.quic:
             raise ConfigError(f"room {r.name!r}: ingest {r.ingest[0]}:{r.ingest[1]} is already in use")
         seen.add(r.name)
         ports.add(r.ingest)

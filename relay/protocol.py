@@ -195,6 +195,45 @@ def decode(data: bytes) -> Message:
     raise ProtocolError(f"unknown message type {kind}")
 
 
+# --- the same messages on a QUIC or WebTransport stream
+
+MAX_FRAME = 4096
+
+
+def frame(msg: Message) -> bytes:
+    """A message on a stream: a 2-byte big-endian length, then the message.
+    (A stream has no datagram boundaries; padding is for UDP only, QUIC's
+    handshake already proved the address.)"""
+    body = encode(msg)
+    if isinstance(msg, Join):
+        body = body[:HEADER.size + 4 + len(msg.room.encode()) + len(msg.token.encode()) + len(msg.cookie)]
+    return struct.pack("!H", len(body)) + body
+
+
+class FrameReader:
+    """Reassembles framed messages from stream bytes as they arrive."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+
+    def feed(self, data: bytes) -> list[Message]:
+        """Add bytes; return the messages now complete. Raises
+        ProtocolError on an oversized frame or a bad message."""
+        self._buf += data
+        out: list[Message] = []
+        while len(self._buf) >= 2:
+            (n,) = struct.unpack_from("!H", self._buf)
+            if n > MAX_FRAME:
+                raise ProtocolError(f"frame of {n} bytes")
+            if len(self._buf) < 2 + n:
+                if len(self._buf) > 2 + MAX_FRAME:
+                    raise ProtocolError("frame too long")
+                break
+            out.append(decode(self._buf[2:2 + n]))
+            self._buf = self._buf[2 + n:]
+        return out
+
+
 class CookieJar:
     """Stateless address-validation cookies, like QUIC's Retry token: the
     node keeps nothing per JOIN; the cookie proves the joiner can receive at

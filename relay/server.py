@@ -22,12 +22,13 @@ from typing import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from relay import __version__
+from relay import __version__, web
 from relay._core import Core
 from relay.addr import to_sockaddr
 from relay.config import NodeConfig, RoomConfig
 from relay.metrics import registry_for
 from relay.protocol import MAGIC
+from relay.quic_endpoint import QuicEndpoint
 from relay.sessions import RoomState, Sessions
 from relay.tokens import Auth
 
@@ -90,6 +91,7 @@ class Node:
         self.listen_sock: socket.socket | None = None
         self.ingest: dict[str, socket.socket] = {}
         self.admin_server: asyncio.AbstractServer | None = None
+        self.quic: QuicEndpoint | None = QuicEndpoint(self) if cfg.quic else None
         self._free_rooms = list(range(cfg.max_rooms - 1, -1, -1))
         self._out_fd = -1
         self._writing = False
@@ -137,6 +139,8 @@ class Node:
                 self._bind_ingest(r)
             if self.cfg.admin:
                 self.admin_server = await asyncio.start_server(self._on_admin, *self.cfg.admin)
+            if self.quic is not None:
+                await self.quic.start()
         except OSError:
             self.close()
             raise
@@ -160,7 +164,8 @@ class Node:
         join. What the running node cannot change (arena size, ring shape,
         ports) is kept and reported. Returns what changed, one line each."""
         notes: list[str] = []
-        for key in ("listen", "admin", "ring_depth", "slot_bytes", "max_rooms", "workers"):
+        for key in ("listen", "admin", "ring_depth", "slot_bytes", "max_rooms", "workers",
+                    "quic", "quic_cert", "quic_key"):
             if getattr(new, key) != getattr(self.cfg, key):
                 notes.append(f"{key} needs a restart; kept {getattr(self.cfg, key)!r}")
                 setattr(new, key, getattr(self.cfg, key))
@@ -180,6 +185,8 @@ class Node:
                         sock.sendto(msg, addr)
                     except OSError:
                         pass
+            if self.quic is not None:
+                self.quic.end_room(name)
             self._unbind_ingest(name)
             state = self.rooms.pop(name)
             self.core.room_close(state.index)
@@ -298,6 +305,8 @@ class Node:
             await asyncio.sleep(interval)
             self.loop_lag = max(0.0, loop.time() - t0 - interval)
             self.sessions.expire(time.time())
+            if self.quic is not None:
+                self.quic.keepalive(time.monotonic())
             self._check_shards()
             self._measure_duty()
 
@@ -324,22 +333,35 @@ class Node:
     async def _on_admin(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             line = await asyncio.wait_for(reader.readline(), 5)
-            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
-                pass
+            host = ""
+            for _ in range(100):
+                header = await asyncio.wait_for(reader.readline(), 5)
+                if header in (b"\r\n", b"\n", b""):
+                    break
+                name, _, value = header.decode("latin-1").partition(":")
+                if name.strip().lower() == "host":
+                    host = value.strip()
             parts = line.decode("latin-1").split()
             path = parts[1].split("?")[0] if len(parts) >= 2 else ""
-            status, ctype, body = self._admin_route(parts[0] if parts else "", path)
+            status, ctype, body = self._admin_route(parts[0] if parts else "", path, host)
             writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
-                         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+                         f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n"
+                         "Connection: close\r\n\r\n".encode() + body)
             await writer.drain()
         except (asyncio.TimeoutError, ConnectionError, UnicodeDecodeError):
             pass
         finally:
             writer.close()
 
-    def _admin_route(self, method: str, path: str) -> tuple[str, str, bytes]:
+    def _admin_route(self, method: str, path: str, host: str = "") -> tuple[str, str, bytes]:
         if method != "GET":
             return "405 Method Not Allowed", "text/plain", b"only GET\n"
+        if path in web.PAGES:
+            return "200 OK", *web.page(path)
+        if path == "/quic.json":
+            if self.quic is None:
+                return "404 Not Found", "application/json", b'{"error": "QUIC is off on this node"}'
+            return "200 OK", "application/json", json.dumps(self.quic.describe(host)).encode()
         if path == "/metrics":
             return "200 OK", CONTENT_TYPE_LATEST, generate_latest(registry_for(self))
         if path == "/healthz":
@@ -376,6 +398,8 @@ class Node:
                     told += 1
             except OSError:
                 pass
+        if self.quic is not None:
+            told += self.quic.drain()
         return told
 
     def _on_sighup(self, reload_config: Callable[[], NodeConfig]) -> None:
@@ -408,6 +432,8 @@ class Node:
                 loop.remove_reader(s.fileno())
         if self.admin_server is not None:
             self.admin_server.close()
+        if self.quic is not None:
+            self.quic.close()
         for s in list(self.ingest.values()) + ([self.listen_sock] if self.listen_sock else []):
             s.close()
         self.ingest = {}

@@ -121,8 +121,7 @@ class Sessions:
         return out
 
     def _reject(self, reason: Reason, request: bytes, redirect: str = "") -> bytes | None:
-        self.counters.rejections[reason.name.lower()] += 1
-        return self._reply(Reject(reason, redirect), request)
+        return self._reply(self._refuse(reason, redirect), request)
 
     def _on_join(self, msg: Join, data: bytes, addr: tuple, now: float) -> bytes | None:
         if len(data) < MIN_JOIN:
@@ -142,37 +141,56 @@ class Sessions:
         if existing is not None and existing.room == msg.room:
             existing.last_seen = now  # a retransmitted JOIN: the ACCEPT was lost
             return self._reply(self._accept(existing), data)
-        if self.draining:
-            return self._reject(Reason.DRAINING, data, self.cfg.redirect)
-        room = self.rooms.get(msg.room)
-        if room is None:
-            return self._reject(Reason.UNKNOWN_ROOM, data)
-        # rate limits come before the token check, whose HMAC is the
-        # costliest step a flood could make us repeat
-        limited = self.limiter.allow(addr[0], now)
-        if limited is not None:
-            self.counters.rate_limited[limited] += 1
-            return self._reject(Reason.RATE_LIMITED, data,
-                                self.cfg.redirect if limited == "node" else "")
-        try:
-            self.auth.check(msg.token, msg.room)
-        except TokenError as e:
-            return self._reject(e.reason, data)
-        if existing is not None:
-            self._remove(existing)  # switching rooms
-        if self.core.listeners >= self.cfg.max_listeners or self._over_load():
-            return self._reject(Reason.NODE_FULL, data, self.cfg.redirect)
-        if room.max_listeners and self.core.room_listeners(room.index) >= room.max_listeners:
-            return self._reject(Reason.ROOM_FULL, data, self.cfg.redirect)
-        ssrc = self._rng.getrandbits(32)
-        slot = self.core.listener_add(room.index, raw, ssrc, self._rng.getrandbits(16),
-                                      self._rng.getrandbits(32), burst=self.cfg.burst_packets)
-        if slot < 0:
-            return self._reject(Reason.NODE_FULL, data, self.cfg.redirect)
+        admitted = self.admit(msg.room, msg.token, addr[0], now, sockaddr=raw, leaving=existing)
+        if isinstance(admitted, Reject):
+            return self._reply(admitted, data)
+        slot, ssrc = admitted
         s = Session(addr, msg.room, slot, ssrc, os.urandom(8), now, self.NACK_BURST, now)
         self.by_addr[addr] = s
-        self.counters.joins += 1
         return self._reply(self._accept(s), data)
+
+    def admit(self, room_name: str, token: str, source_ip: str, now: float, *,
+              sockaddr: bytes = b"", pull: bool = False, redirect: str | None = None,
+              leaving: "Session | None" = None) -> tuple[int, int] | Reject:
+        """The join policy every transport shares, once the joiner's address
+        is proven: draining, room, rate limits, token, node and room limits,
+        then a slot in the core. Returns (slot, ssrc), or the Reject to send
+        (already counted). `leaving` is the caller's current session, ended
+        once the token checks out (a room switch). `pull` listeners (QUIC)
+        are drained by their transport instead of sendmmsg."""
+        redirect = self.cfg.redirect if redirect is None else redirect
+        if self.draining:
+            return self._refuse(Reason.DRAINING, redirect)
+        room = self.rooms.get(room_name)
+        if room is None:
+            return self._refuse(Reason.UNKNOWN_ROOM)
+        # rate limits come before the token check, whose HMAC is the
+        # costliest step a flood could make us repeat
+        limited = self.limiter.allow(source_ip, now)
+        if limited is not None:
+            self.counters.rate_limited[limited] += 1
+            return self._refuse(Reason.RATE_LIMITED, redirect if limited == "node" else "")
+        try:
+            self.auth.check(token, room_name)
+        except TokenError as e:
+            return self._refuse(e.reason)
+        if leaving is not None:
+            self._remove(leaving)  # switching rooms
+        if self.core.listeners >= self.cfg.max_listeners or self._over_load():
+            return self._refuse(Reason.NODE_FULL, redirect)
+        if room.max_listeners and self.core.room_listeners(room.index) >= room.max_listeners:
+            return self._refuse(Reason.ROOM_FULL, redirect)
+        ssrc = self._rng.getrandbits(32)
+        slot = self.core.listener_add(room.index, sockaddr, ssrc, self._rng.getrandbits(16),
+                                      self._rng.getrandbits(32), pull=pull, burst=self.cfg.burst_packets)
+        if slot < 0:
+            return self._refuse(Reason.NODE_FULL, redirect)
+        self.counters.joins += 1
+        return slot, ssrc
+
+    def _refuse(self, reason: Reason, redirect: str = "") -> Reject:
+        self.counters.rejections[reason.name.lower()] += 1
+        return Reject(reason, redirect)
 
     def note_load(self, duty: float, listeners: int) -> None:
         """The fan-out's measured duty cycle (0..1 of a core) with this many

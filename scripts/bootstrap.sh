@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what relay needs on a fresh Debian machine, then build it into .venv.
 # `bootstrap.sh test` also installs what the test suite runs against
-# (a real Prometheus server). Idempotent: fast when everything is there.
+# (a real Prometheus server, headless Chromium). Idempotent: fast when everything is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +14,10 @@ if [ "${1:-}" = "test" ] || [ "${1:-}" = "bench" ]; then
     /usr/bin/python3 -c "import gi; gi.require_version('Gst', '1.0')" 2>/dev/null \
         || missing+=(python3-gi gir1.2-gstreamer-1.0)
     command -v valgrind >/dev/null 2>&1 || missing+=(valgrind)
+fi
+if [ "${1:-}" = "test" ]; then
+    # the web listener's test drives a real headless browser
+    command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 fi
 command -v ffmpeg >/dev/null 2>&1 || missing+=(ffmpeg)
 ldconfig -p 2>/dev/null | grep -q 'libopus\.so\.0' || missing+=(libopus0)

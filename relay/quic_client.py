@@ -1,0 +1,173 @@
+"""`relay listen --quic`: a listener over QUIC (ALPN relay-listen/1).
+
+Joins with a framed JOIN on a bidirectional stream and receives RTP as QUIC
+DATAGRAM frames. The RTP handling (ordering, loss counting, sinks) is the
+UDP client's; only the transport differs. There are no NACKs: QUIC
+datagrams are not retransmitted and a late packet is worth nothing live.
+
+The node's certificate is checked one of three ways: against the system's
+CAs (a deployed node), against a CA file, or by pinning its SHA-256 (a
+node's self-signed certificate, as the browser page does).
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ssl
+import time
+from contextlib import AsyncExitStack
+from typing import Any, Callable
+
+from aioquic.asyncio import QuicConnectionProtocol, connect
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.events import (ConnectionTerminated, DatagramFrameReceived, QuicEvent,
+                                 StreamDataReceived)
+
+from relay.addr import parse_hostport
+from relay.client import JoinRefused, ListenClient, ListenStats
+from relay.protocol import Accept, FrameReader, Join, Leave, ProtocolError, Reason, Reject, frame
+from relay.quic_endpoint import ALPN_QUIC, MAX_DATAGRAM_FRAME
+
+
+class CertificateMismatch(Exception):
+    """The node's certificate is not the one pinned."""
+
+
+class _Conn(QuicConnectionProtocol):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.on_datagram: Callable[[bytes], None] = lambda d: None
+        self.control: asyncio.Queue = asyncio.Queue()
+        self.reader = FrameReader()
+
+    def quic_event_received(self, event: QuicEvent) -> None:
+        if isinstance(event, DatagramFrameReceived):
+            self.on_datagram(event.data)
+        elif isinstance(event, StreamDataReceived):
+            try:
+                for msg in self.reader.feed(event.data):
+                    self.control.put_nowait(msg)
+            except ProtocolError:
+                self.control.put_nowait(ConnectionError("the node sent a malformed control frame"))
+        elif isinstance(event, ConnectionTerminated):
+            self.control.put_nowait(ConnectionError(f"connection closed: {event.reason_phrase or event.error_code}"))
+
+
+class QuicListenClient(ListenClient):
+    """One listener over QUIC; `sink` gets each RTP packet in order."""
+
+    def __init__(self, server: str, room: str, token: str = "",
+                 sink: Callable[[bytes], None] | None = None, cert_sha256: str = "",
+                 cafile: str | None = None) -> None:
+        super().__init__(server, room, token, sink=sink, nack=False)
+        self.cert_sha256 = bytes.fromhex(cert_sha256) if cert_sha256 else b""
+        self.cafile = cafile
+        self._conn: _Conn | None = None
+        self._stack: AsyncExitStack | None = None
+        self._stream = -1
+
+    def _configuration(self) -> QuicConfiguration:
+        conf = QuicConfiguration(is_client=True, alpn_protocols=[ALPN_QUIC],
+                                 max_datagram_frame_size=MAX_DATAGRAM_FRAME,
+                                 server_name=self.server[0])
+        if self.cert_sha256:
+            conf.verify_mode = ssl.CERT_NONE   # checked by pin after the handshake
+        elif self.cafile:
+            conf.load_verify_locations(self.cafile)
+        return conf
+
+    async def _connect(self, timeout: float) -> _Conn:
+        await self._disconnect()
+        self._stack = AsyncExitStack()
+        conn = await asyncio.wait_for(self._stack.enter_async_context(
+            connect(self.server[0], self.server[1], configuration=self._configuration(),
+                    create_protocol=_Conn)), timeout)
+        assert isinstance(conn, _Conn)
+        if self.cert_sha256:
+            peer = conn._quic.tls._peer_certificate
+            der = peer.public_bytes(_der()) if peer is not None else b""
+            if hashlib.sha256(der).digest() != self.cert_sha256:
+                await self._disconnect()
+                raise CertificateMismatch("the node's certificate does not match --cert-hash")
+        conn.on_datagram = self._datagram
+        self._conn = conn
+        return conn
+
+    async def _disconnect(self) -> None:
+        if self._stack is not None:
+            stack, self._stack, self._conn = self._stack, None, None
+            await stack.aclose()
+
+    async def join(self, attempts: int = 5, timeout: float = 3.0) -> Accept:
+        """Connect and JOIN; follows up to 3 redirects. Raises JoinRefused,
+        TimeoutError or CertificateMismatch."""
+        for _hop in range(4):
+            try:
+                conn = await self._connect(timeout)
+            except (asyncio.TimeoutError, ConnectionError) as e:
+                raise TimeoutError(f"no QUIC answer from {self.server[0]}:{self.server[1]}") from e
+            self._stream = conn._quic.get_next_available_stream_id()
+            conn._quic.send_stream_data(self._stream, frame(Join(self.room, self.token)))
+            conn.transmit()
+            msg = await self._next_control(timeout)
+            if isinstance(msg, Accept):
+                self._session = msg
+                self.stats.ssrc = msg.ssrc
+                self.stats.joined_at = time.monotonic()
+                return msg
+            assert isinstance(msg, Reject)
+            if msg.redirect and msg.reason in (Reason.NODE_FULL, Reason.ROOM_FULL, Reason.DRAINING,
+                                               Reason.RATE_LIMITED):
+                self.stats.events.append(f"redirected to {msg.redirect} ({msg.reason.name.lower()})")
+                self.server = parse_hostport(msg.redirect)
+                continue
+            raise JoinRefused(msg.reason, msg.redirect)
+        raise JoinRefused(Reason.NODE_FULL, "")
+
+    async def _next_control(self, timeout: float | None) -> Accept | Reject:
+        assert self._conn is not None
+        while True:
+            item = await asyncio.wait_for(self._conn.control.get(), timeout)
+            if isinstance(item, Exception):
+                raise item
+            if isinstance(item, (Accept, Reject)):
+                return item
+
+    async def listen(self, duration: float | None = None) -> ListenStats:
+        """Join, then receive until `duration` seconds pass (forever if None).
+        A node that drains with a redirect is followed there."""
+        await self.join()
+        deadline = None if duration is None else time.monotonic() + duration
+        while deadline is None or time.monotonic() < deadline:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                msg = await self._next_control(wait)
+            except asyncio.TimeoutError:
+                break
+            except ConnectionError as e:
+                self.stats.events.append(str(e))
+                break
+            if isinstance(msg, Reject):
+                self.stats.events.append(f"node says {msg.reason.name.lower()}"
+                                         + (f", moving to {msg.redirect}" if msg.redirect else ""))
+                if not msg.redirect:
+                    break
+                self.server = parse_hostport(msg.redirect)
+                self.stats.rejoins += 1
+                await self.join()
+        return self.stats
+
+    async def aclose(self) -> None:
+        """Say LEAVE, close the connection."""
+        if self._held and self._next is not None:
+            self._deliver(flush=True)
+        if self._conn is not None and self._session is not None and self._stream >= 0:
+            self._conn._quic.send_stream_data(self._stream, frame(Leave(self._session.session_id)),
+                                              end_stream=True)
+            self._conn.transmit()
+        await self._disconnect()
+
+
+def _der() -> Any:
+    from cryptography.hazmat.primitives.serialization import Encoding
+    return Encoding.DER

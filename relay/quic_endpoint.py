@@ -1,0 +1,330 @@
+"""QUIC and WebTransport listeners (aioquic, on the node's uvloop loop).
+
+One UDP port, two ALPNs:
+
+- "relay-listen/1": plain QUIC. The client opens a bidirectional stream and
+  sends a framed JOIN (docs/protocol.md, "QUIC and WebTransport"); the node
+  answers ACCEPT or REJECT on it, then sends the room's RTP as QUIC
+  DATAGRAM frames (RFC 9221).
+- "h3": HTTP/3 with WebTransport, for browsers. The page opens a session
+  with an extended CONNECT to /relay, then speaks the same framed JOIN on a
+  bidirectional WebTransport stream; audio arrives as HTTP datagrams
+  (RFC 9297) of that session.
+
+The audio comes from the core's pull listeners: the fan-out writes each
+QUIC listener's ring like any other, and signals `core.pull_fd`; here the
+loop tops each connection up to a few datagrams in flight. A listener whose
+path cannot keep up stops being topped up, so its own ring overflows and
+drops its oldest packets (counted as drops{reason="overflow"}); nobody else
+waits for it. QUIC's handshake proves the client's address, so no cookie is
+needed; the session ends when the connection closes or goes idle.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from aioquic.asyncio import QuicConnectionProtocol, serve
+from aioquic.asyncio.server import QuicServer
+from aioquic.h3.connection import H3_ALPN, H3Connection
+from aioquic.h3.events import DatagramReceived, H3Event, HeadersReceived, WebTransportStreamDataReceived
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.events import (ConnectionTerminated, HandshakeCompleted, QuicEvent,
+                                 StreamDataReceived)
+
+from relay import certs
+from relay.protocol import (Accept, FrameReader, Join, Leave, ProtocolError, Reason, Reject,
+                            frame)
+
+if TYPE_CHECKING:
+    from relay.server import Node
+
+log = logging.getLogger("relay.quic")
+
+ALPN_QUIC = "relay-listen/1"
+WEBTRANSPORT_PATH = "/relay"
+# datagrams queued inside a connection before we stop pulling from its ring:
+# enough to fill a congestion window's worth between two fan-outs, little
+# enough that a stalled path loses old audio in the ring, not in aioquic
+IN_FLIGHT = 8
+PULL_MAX = 32
+MAX_DATAGRAM_FRAME = 65536
+
+
+@dataclass
+class QuicCounters:
+    connections: int = 0
+    datagrams_sent: Counter = field(default_factory=Counter)    # by transport
+    bytes_sent: Counter = field(default_factory=Counter)
+    stream_errors: int = 0        # join streams that did not parse
+    refused_requests: int = 0     # HTTP/3 requests that were not a WebTransport CONNECT
+
+
+class ListenerConnection(QuicConnectionProtocol):
+    """One QUIC connection: at most one listener session at a time."""
+
+    def __init__(self, *args: Any, endpoint: "QuicEndpoint", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.endpoint = endpoint
+        self.h3: H3Connection | None = None
+        self.wt_session: int | None = None       # the WebTransport CONNECT stream
+        self.join_stream: int | None = None
+        self.readers: dict[int, FrameReader] = {}
+        self.slot = -1
+        self.room = ""
+        self.ssrc = 0
+        self.session_id = b""
+        self.transport_name = "quic"
+        self.last_ping = time.monotonic()
+
+    # ---------------------------------------------------------------- events
+
+    def quic_event_received(self, event: QuicEvent) -> None:
+        if isinstance(event, HandshakeCompleted):
+            self.endpoint.counters.connections += 1
+            if event.alpn_protocol in H3_ALPN:
+                self.h3 = H3Connection(self._quic, enable_webtransport=True)
+                self.transport_name = "webtransport"
+        elif isinstance(event, ConnectionTerminated):
+            self.endpoint.leave(self)
+            return
+        if self.h3 is not None:
+            for h3_event in self.h3.handle_event(event):
+                self._h3_event(h3_event)
+        elif isinstance(event, StreamDataReceived):
+            self._stream_data(event.stream_id, event.data)
+
+    def _h3_event(self, event: H3Event) -> None:
+        assert self.h3 is not None
+        if isinstance(event, HeadersReceived):
+            headers = dict(event.headers)
+            path = urlsplit(headers.get(b":path", b"").decode("latin-1")).path
+            if (headers.get(b":method") == b"CONNECT" and headers.get(b":protocol") == b"webtransport"
+                    and path == WEBTRANSPORT_PATH and self.wt_session is None):
+                self.wt_session = event.stream_id
+                self.h3.send_headers(event.stream_id, [(b":status", b"200"),
+                                                       (b"sec-webtransport-http3-draft", b"draft02")])
+            else:
+                self.endpoint.counters.refused_requests += 1
+                self.h3.send_headers(event.stream_id, [(b":status", b"404")], end_stream=True)
+            self.transmit()
+        elif isinstance(event, WebTransportStreamDataReceived):
+            if event.session_id == self.wt_session:
+                self._stream_data(event.stream_id, event.data)
+        elif isinstance(event, DatagramReceived):
+            pass  # listeners have nothing to send us on datagrams
+
+    def _stream_data(self, stream_id: int, data: bytes) -> None:
+        reader = self.readers.setdefault(stream_id, FrameReader())
+        try:
+            messages = reader.feed(data)
+        except ProtocolError as e:
+            self.endpoint.counters.stream_errors += 1
+            self._close(f"bad control stream: {e}")
+            return
+        for msg in messages:
+            if isinstance(msg, Join):
+                self.join_stream = stream_id
+                self.send(self.endpoint.join(self, msg))
+            elif isinstance(msg, Leave):
+                self.endpoint.leave(self)
+                self._close("leave")
+            else:
+                self.endpoint.counters.stream_errors += 1
+
+    # ------------------------------------------------------------------ I/O
+
+    def send(self, msg: Accept | Reject) -> None:
+        """A control message on the join stream."""
+        if self.join_stream is not None:
+            self._quic.send_stream_data(self.join_stream, frame(msg))
+            self.transmit()
+
+    def in_flight(self) -> int:
+        # aioquic queues datagrams until the congestion window lets them out
+        return len(self._quic._datagrams_pending)
+
+    def send_datagram(self, data: bytes) -> None:
+        if self.h3 is not None and self.wt_session is not None:
+            self.h3.send_datagram(self.wt_session, data)
+        else:
+            self._quic.send_datagram_frame(data)
+
+    def keepalive_ping(self, now: float) -> None:
+        """Keep an idle session alive while the listener still answers."""
+        self.last_ping = now
+        self._quic.send_ping(0)
+        self.transmit()
+
+    def _close(self, reason: str) -> None:
+        self._quic.close(error_code=0, reason_phrase=reason)
+        self.transmit()
+
+
+class QuicEndpoint:
+    """The node's QUIC/WebTransport listener port."""
+
+    def __init__(self, node: "Node") -> None:
+        self.node = node
+        cfg = node.cfg
+        assert cfg.quic is not None
+        self.addr = cfg.quic
+        if cfg.quic_cert:
+            self.creds = certs.load(cfg.quic_cert, cfg.quic_key)
+        else:
+            self.creds = certs.self_signed(["localhost", "127.0.0.1", "::1", self.addr[0]])
+        self.counters = QuicCounters()
+        self.sessions: dict[ListenerConnection, float] = {}   # joined connections -> join time
+        self.by_room: Counter = Counter()                     # (room, transport) -> listeners
+        self.server: QuicServer | None = None
+
+    def configuration(self) -> QuicConfiguration:
+        conf = QuicConfiguration(is_client=False, alpn_protocols=[ALPN_QUIC, *H3_ALPN],
+                                 max_datagram_frame_size=MAX_DATAGRAM_FRAME,
+                                 idle_timeout=self.node.cfg.session_timeout)
+        conf.certificate = self.creds.chain[0]
+        conf.certificate_chain = self.creds.chain[1:]
+        conf.private_key = self.creds.key
+        return conf
+
+    async def start(self) -> None:
+        """Bind the UDP port; raises OSError if it is taken."""
+        self.server = await serve(self.addr[0], self.addr[1], configuration=self.configuration(),
+                                  create_protocol=partial(ListenerConnection, endpoint=self))
+        asyncio.get_running_loop().add_reader(self.node.core.pull_fd, self._on_pull_ready)
+        log.info("QUIC/WebTransport listeners on %s:%d (certificate %s, sha-256 %s)",
+                 self.addr[0], self.port, "self-signed" if self.creds.self_signed else "configured",
+                 self.creds.sha256.hex())
+
+    @property
+    def port(self) -> int:
+        if self.server is not None and self.server._transport is not None:
+            return self.server._transport.get_extra_info("sockname")[1]
+        return self.addr[1]
+
+    # --------------------------------------------------------------- sessions
+
+    def join(self, conn: ListenerConnection, msg: Join) -> Accept | Reject:
+        """Admit a listener through the node's shared policy."""
+        sessions = self.node.sessions
+        if conn in self.sessions:
+            if conn.room == msg.room:
+                return self._accept(conn)
+            self.leave(conn)  # switching rooms
+        # the validated path's address: what the per-source join limit keys on
+        paths = conn._quic._network_paths
+        peer = paths[0].addr if paths else ("", 0)
+        redirect = self.node.cfg.quic_redirect
+        admitted = sessions.admit(msg.room, msg.token, str(peer[0]), time.time(), pull=True,
+                                  redirect=redirect)
+        if isinstance(admitted, Reject):
+            return admitted
+        conn.slot, conn.ssrc = admitted
+        conn.room = msg.room
+        conn.session_id = os.urandom(8)
+        self.sessions[conn] = time.monotonic()
+        self.by_room[(msg.room, conn.transport_name)] += 1
+        self._pump(conn)
+        return self._accept(conn)
+
+    def _accept(self, conn: ListenerConnection) -> Accept:
+        cfg = self.node.cfg
+        return Accept(conn.session_id, conn.ssrc, int(cfg.keepalive_interval * 1000),
+                      int(cfg.session_timeout * 1000))
+
+    def leave(self, conn: ListenerConnection) -> None:
+        """End the connection's session, if it has one."""
+        if self.sessions.pop(conn, None) is None:
+            return
+        self.by_room[(conn.room, conn.transport_name)] -= 1
+        self.node.core.listener_remove(conn.slot)
+        self.node.sessions.counters.leaves += 1
+        conn.slot = -1
+
+    def describe(self, admin_host: str = "") -> dict[str, Any]:
+        """Where and how to connect, for the web page and `relay listen
+        --quic`: the WebTransport URL and, for a self-signed certificate, the
+        SHA-256 to pin. A wildcard bind is reached at the host name the
+        client used for the admin port."""
+        host = self.addr[0]
+        if host in ("0.0.0.0", "::", ""):
+            host = urlsplit(f"//{admin_host}").hostname or "127.0.0.1"
+        shown = f"[{host}]" if ":" in host else host
+        return {"quic": f"{shown}:{self.port}", "alpn": ALPN_QUIC,
+                "webtransport": f"https://{shown}:{self.port}{WEBTRANSPORT_PATH}",
+                "cert_sha256": self.creds.sha256.hex() if self.creds.self_signed else None}
+
+    def listeners(self, room: str, transport: str) -> int:
+        return self.by_room[(room, transport)]
+
+    # ------------------------------------------------------------ data path
+
+    def _on_pull_ready(self) -> None:
+        try:
+            os.read(self.node.core.pull_fd, 8)
+        except BlockingIOError:
+            pass
+        for conn in list(self.sessions):
+            self._pump(conn)
+
+    def _pump(self, conn: ListenerConnection) -> None:
+        room = IN_FLIGHT - conn.in_flight()
+        if room <= 0:
+            return  # this path is behind: its ring drops its own oldest audio
+        packets = self.node.core.pull(conn.slot, min(room, PULL_MAX))
+        if not packets:
+            return
+        for p in packets:
+            conn.send_datagram(p)
+        kind = conn.transport_name
+        self.counters.datagrams_sent[kind] += len(packets)
+        self.counters.bytes_sent[kind] += sum(map(len, packets))
+        conn.transmit()
+
+    # ---------------------------------------------------------- housekeeping
+
+    def keepalive(self, now: float) -> None:
+        """PING sessions that have had nothing to send for a while (a quiet
+        publisher), so the idle timeout only ends sessions whose listener
+        has really gone."""
+        interval = self.node.cfg.keepalive_interval
+        for conn in self.sessions:
+            if now - conn.last_ping >= interval:
+                conn.keepalive_ping(now)
+
+    def end_room(self, room: str) -> int:
+        """Tell a removed room's listeners (REJECT unknown_room) and close them."""
+        gone = [c for c in self.sessions if c.room == room]
+        for conn in gone:
+            self.leave(conn)
+            conn.send(Reject(Reason.UNKNOWN_ROOM))
+            conn._close("room removed")
+        return len(gone)
+
+    def drain(self) -> int:
+        """REJECT draining (with the QUIC redirect) to every session, then close."""
+        told = 0
+        for conn in list(self.sessions):
+            self.leave(conn)
+            conn.send(Reject(Reason.DRAINING, self.node.cfg.quic_redirect))
+            told += 1
+        return told
+
+    def close(self) -> None:
+        """Close every connection and the port."""
+        try:
+            asyncio.get_running_loop().remove_reader(self.node.core.pull_fd)
+        except RuntimeError:
+            pass
+        for conn in list(self.sessions):
+            self.leave(conn)
+        if self.server is not None:
+            self.server.close()
+            self.server = None

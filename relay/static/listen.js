@@ -1,0 +1,239 @@
+// The relay's browser listener: WebTransport to the node's QUIC port, a
+// framed JOIN on a bidirectional stream (docs/protocol.md), RTP/Opus as
+// datagrams, decoded by WebCodecs' AudioDecoder and played through Web Audio.
+// Everything the page shows is also in window.relayListener, for tests and
+// for anyone debugging from the console.
+"use strict";
+
+const REASONS = ["", "bad_request", "unsupported_version", "bad_token", "expired_token",
+  "wrong_room", "unknown_room", "node_full", "room_full", "stale_cookie", "unknown_session",
+  "draining", "wrong_role", "rate_limited"];
+const MAGIC = 0x0b, VERSION = 1, JOIN = 1, ACCEPT = 3, REJECT = 4;
+const PLAYOUT_DELAY = 0.08;   // seconds of audio scheduled ahead, absorbs jitter
+
+const params = new URLSearchParams(location.search);
+const st = window.relayListener = {
+  state: "starting", room: params.get("room") || "demo", error: "",
+  packets: 0, bytes: 0, lost: 0, framesDecoded: 0, decodeErrors: 0,
+  bitrateKbps: 0, levelDb: -Infinity, pitchHz: 0, audio: "off", ssrc: 0,
+};
+const $ = (id) => document.getElementById(id);
+$("room").textContent = st.room;
+
+function setState(state, error) {
+  st.state = state;
+  if (error) st.error = String(error);
+  const el = $("state");
+  el.textContent = state + (st.error ? ": " + st.error : "");
+  el.className = state === "playing" ? "playing" : (state === "error" || state === "rejected") ? "error" : "";
+}
+
+function hexBytes(hex) {
+  const out = new Uint8Array(hex.length / 2);
+  for (let i = 0; i < out.length; i++) out[i] = parseInt(hex.substr(2 * i, 2), 16);
+  return out;
+}
+
+// ------------------------------------------------------------ control stream
+
+function framedJoin(room, token) {
+  const enc = new TextEncoder(), r = enc.encode(room), t = enc.encode(token);
+  const n = 4 + 1 + r.length + 2 + t.length + 1;
+  const b = new Uint8Array(2 + n), v = new DataView(b.buffer);
+  v.setUint16(0, n);
+  b.set([MAGIC, VERSION, JOIN, 0, r.length], 2);
+  b.set(r, 7);
+  v.setUint16(7 + r.length, t.length);
+  b.set(t, 9 + r.length);
+  b[9 + r.length + t.length] = 0;      // no cookie: QUIC already proved our address
+  return b;
+}
+
+// yields each framed control message from the node
+async function* frames(readable) {
+  const reader = readable.getReader();
+  let buf = new Uint8Array(0);
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    const joined = new Uint8Array(buf.length + value.length);
+    joined.set(buf); joined.set(value, buf.length); buf = joined;
+    while (buf.length >= 2) {
+      const n = (buf[0] << 8) | buf[1];
+      if (buf.length < 2 + n) break;
+      yield buf.slice(2, 2 + n);
+      buf = buf.slice(2 + n);
+    }
+  }
+}
+
+function parseControl(m) {
+  if (m.length < 4 || m[0] !== MAGIC) throw new Error("not a relay control message");
+  const v = new DataView(m.buffer, m.byteOffset, m.byteLength);
+  if (m[2] === ACCEPT) return { type: "accept", ssrc: v.getUint32(12) };
+  if (m[2] === REJECT) {
+    const redirect = new TextDecoder().decode(m.subarray(6, 6 + m[5]));
+    return { type: "reject", reason: REASONS[m[4]] || "reason " + m[4], redirect };
+  }
+  return { type: "other" };
+}
+
+// ------------------------------------------------------------------ audio
+
+let ctx = null, playAt = 0;
+const window1s = [];                 // [time, bytes] of the last second
+let pitchCrossings = 0, pitchSamples = 0;
+
+function setupAudio() {
+  try {
+    ctx = new AudioContext({ sampleRate: 48000, latencyHint: "interactive" });
+  } catch (e) {
+    st.audio = "unavailable: " + e.message;
+    return;
+  }
+  const show = () => { st.audio = ctx.state; $("play").hidden = ctx.state === "running"; };
+  ctx.onstatechange = show;
+  show();
+  $("play").onclick = () => ctx.resume();
+}
+
+function onFrame(data) {
+  st.framesDecoded++;
+  const n = data.numberOfFrames, ch = data.numberOfChannels;
+  const planes = [];
+  for (let c = 0; c < ch; c++) {
+    const p = new Float32Array(n);
+    data.copyTo(p, { planeIndex: c, format: "f32-planar" });
+    planes.push(p);
+  }
+  const sr = data.sampleRate;
+  data.close();
+  // level and a zero-crossing pitch estimate of the first channel
+  const x = planes[0];
+  let sum = 0;
+  for (let i = 0; i < n; i++) {
+    sum += x[i] * x[i];
+    if (i && (x[i - 1] < 0) !== (x[i] < 0)) pitchCrossings++;
+  }
+  pitchSamples += n;
+  if (pitchSamples >= sr) {
+    st.pitchHz = Math.round(pitchCrossings / 2 / (pitchSamples / sr));
+    pitchCrossings = pitchSamples = 0;
+  }
+  st.levelDb = n ? 10 * Math.log10(sum / n + 1e-12) : -Infinity;
+  if (!ctx || ctx.state !== "running") return;
+  const buf = ctx.createBuffer(ch, n, sr);
+  planes.forEach((p, c) => buf.copyToChannel(p, c));
+  const src = ctx.createBufferSource();
+  src.buffer = buf;
+  src.connect(ctx.destination);
+  const now = ctx.currentTime;
+  if (playAt < now) playAt = now + PLAYOUT_DELAY;   // start, or recover from an underrun
+  src.start(playAt);
+  playAt += buf.duration;
+}
+
+function makeDecoder() {
+  const dec = new AudioDecoder({
+    output: onFrame,
+    error: (e) => { st.decodeErrors++; setState("error", "decoder: " + e.message); },
+  });
+  dec.configure({ codec: "opus", sampleRate: 48000, numberOfChannels: 2 });
+  return dec;
+}
+
+// ------------------------------------------------------------------- RTP in
+
+let highSeq = -1, firstSeq = -1, tsBase = -1, tsHigh = 0;
+
+function onDatagram(d, decoder) {
+  if (d.length < 12 || (d[0] >> 6) !== 2) return;
+  const v = new DataView(d.buffer, d.byteOffset, d.byteLength);
+  let off = 12 + 4 * (d[0] & 0x0f);
+  if (d[0] & 0x10) off += 4 + 4 * v.getUint16(off + 2);
+  let end = d.length;
+  if (d[0] & 0x20) end -= d[end - 1];
+  if (off >= end) return;
+  const seq = v.getUint16(2), ts = v.getUint32(4);
+  st.packets++;
+  st.bytes += d.length;
+  window1s.push([performance.now(), d.length]);
+  // extended sequence numbers; a gap is loss (the relay never reorders)
+  if (highSeq < 0) { highSeq = firstSeq = seq; } else {
+    const delta = ((seq - (highSeq & 0xffff) + 0x8000) & 0xffff) - 0x8000;
+    if (delta > 0) { st.lost += delta - 1; highSeq += delta; }
+  }
+  if (tsBase < 0) tsBase = ts;
+  tsHigh = (ts - tsBase) >>> 0;
+  if (decoder.state !== "configured") return;
+  decoder.decode(new EncodedAudioChunk({
+    type: "key", timestamp: Math.round(tsHigh * 1e6 / 48000), data: d.subarray(off, end),
+  }));
+  if (st.state === "joined" && st.framesDecoded > 0) setState("playing");
+}
+
+// ------------------------------------------------------------------- main
+
+async function listen() {
+  if (!("WebTransport" in window) || !("AudioDecoder" in window)) {
+    setState("error", "this browser lacks WebTransport or WebCodecs");
+    return;
+  }
+  setupAudio();
+  const info = await (await fetch("/quic.json")).json();
+  const opts = {};
+  if (info.cert_sha256) {
+    opts.serverCertificateHashes = [{ algorithm: "sha-256", value: hexBytes(info.cert_sha256) }];
+  }
+  setState("connecting");
+  const wt = new WebTransport(info.webtransport, opts);
+  await wt.ready;
+  wt.closed.then(() => setState("closed"), (e) => setState("closed", e.message));
+  const stream = await wt.createBidirectionalStream();
+  const w = stream.writable.getWriter();
+  await w.write(framedJoin(st.room, params.get("token") || ""));
+  setState("joining");
+  const control = frames(stream.readable);
+  const first = await control.next();
+  if (first.done) throw new Error("the node closed the control stream");
+  const answer = parseControl(first.value);
+  if (answer.type === "reject") {
+    setState("rejected", answer.reason + (answer.redirect ? ", go to " + answer.redirect : ""));
+    wt.close();
+    return;
+  }
+  st.ssrc = answer.ssrc;
+  setState("joined");
+  const decoder = makeDecoder();
+  // later control messages: the node draining or the room going away
+  (async () => {
+    for await (const m of control) {
+      const msg = parseControl(m);
+      if (msg.type === "reject") setState("ended", msg.reason + (msg.redirect ? ", go to " + msg.redirect : ""));
+    }
+  })().catch(() => {});
+  const reader = wt.datagrams.readable.getReader();
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    onDatagram(value, decoder);
+  }
+}
+
+function render() {
+  const now = performance.now();
+  while (window1s.length && window1s[0][0] < now - 1000) window1s.shift();
+  st.bitrateKbps = Math.round(window1s.reduce((a, x) => a + x[1], 0) * 8 / 100) / 10;
+  $("bitrate").textContent = st.bitrateKbps.toFixed(1) + " kbit/s";
+  $("packets").textContent = st.packets;
+  const expected = highSeq < 0 ? 0 : highSeq - firstSeq + 1;
+  $("lost").textContent = st.lost + (expected ? " (" + (100 * st.lost / expected).toFixed(2) + " %)" : "");
+  $("frames").textContent = st.framesDecoded;
+  $("errors").textContent = st.decodeErrors;
+  $("level").textContent = isFinite(st.levelDb) ? st.levelDb.toFixed(1) + " dBFS" : "–";
+  $("meter").style.width = Math.max(0, Math.min(100, 100 + 2 * st.levelDb)) + "%";
+  $("audio").textContent = st.audio;
+}
+setInterval(render, 250);
+
+listen().catch((e) => setState("error", e.message || e));
