@@ -1,8 +1,9 @@
 """Prometheus metrics read from the core's C counters at scrape time.
 
-Nothing is counted in Python on the packet path: the collector below asks
-the core and the session table for their counters when Prometheus scrapes,
-and turns them into metric families. Room labels are bounded: only the
+Nothing is counted in Python on the UDP packet path: the collector below
+asks the core and the session table for their counters when Prometheus
+scrapes, and turns them into metric families. (QUIC datagrams are counted
+per pull batch by the QUIC endpoint, which handles them in Python anyway.) Room labels are bounded: only the
 first `room_label_limit` rooms get their own series, the rest are summed
 under room="_other" ([node] room_label_limit).
 """
@@ -12,6 +13,7 @@ import os
 import platform
 import resource
 import time
+from collections import Counter
 from typing import TYPE_CHECKING, Iterator
 
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
@@ -20,10 +22,12 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from relay import __version__
 from relay.protocol import Reason
+from relay.quic_endpoint import QuicCounters
 
 if TYPE_CHECKING:
     from relay.server import Node
 
+_PULLED = ("quic", "webtransport")   # transports that pull from their rings
 _CORE_DROPS = ("foreign", "malformed", "oversized", "late", "no_room", "overflow", "send_error",
                "shard_lag")
 
@@ -58,7 +62,8 @@ class NodeCollector(Collector):
         for name, key, doc in (
             ("relay_packets_in", "packets_in", "RTP packets accepted from publishers."),
             ("relay_bytes_in", "bytes_in", "Bytes of accepted publisher RTP."),
-            ("relay_packets_out", "packets_out", "Listener packets handed to the kernel."),
+            ("relay_packets_out", "packets_out", "UDP listener packets handed to the kernel "
+             "(QUIC: relay_quic_datagrams_sent_total)."),
             ("relay_bytes_out", "bytes_out", "Listener bytes handed to the kernel."),
             ("relay_sendmmsg_calls", "sendmmsg_calls", "sendmmsg system calls."),
             ("relay_egress_would_block", "would_block", "Times the egress socket was full."),
@@ -108,6 +113,7 @@ class NodeCollector(Collector):
                                   sc.rejections_load)
         yield CounterMetricFamily("relay_sender_thread_restarts",
                                   "Sender threads found stopped and restarted.", node.shard_restarts)
+        yield from self._quic()
         yield GaugeMetricFamily("relay_draining", "1 while the node is draining.",
                                 1 if node.sessions.draining else 0)
         yield GaugeMetricFamily("relay_process_resident_memory_bytes", "Resident memory.", _rss())
@@ -117,6 +123,23 @@ class NodeCollector(Collector):
                                   ru.ru_utime + ru.ru_stime)
         yield GaugeMetricFamily("relay_uptime_seconds", "Seconds since start.",
                                 time.monotonic() - node.started)
+
+    def _quic(self) -> Iterator[Metric]:
+        q = self.node.quic.counters if self.node.quic is not None else QuicCounters()
+        yield CounterMetricFamily("relay_quic_connections", "QUIC handshakes completed.", q.connections)
+        for name, values, doc in (
+            ("relay_quic_datagrams_sent", q.datagrams_sent, "Listener packets sent as QUIC datagrams."),
+            ("relay_quic_bytes_sent", q.bytes_sent, "RTP bytes sent as QUIC datagrams (before QUIC framing)."),
+        ):
+            family = CounterMetricFamily(name, doc, labels=["transport"])
+            for t in _PULLED:
+                family.add_metric([t], values[t])
+            yield family
+        yield CounterMetricFamily("relay_quic_stream_errors",
+                                  "QUIC control streams closed for a malformed message.", q.stream_errors)
+        yield CounterMetricFamily("relay_quic_requests_refused",
+                                  "HTTP/3 requests that were not a WebTransport session for /relay.",
+                                  q.refused_requests)
 
     def _build_info(self) -> Iterator[Metric]:
         info = GaugeMetricFamily("relay_build_info", "Version of relay and what it was built with.",
@@ -138,21 +161,26 @@ class NodeCollector(Collector):
                                     "(since start if it never did).", labels=["room"])
         now = time.monotonic_ns()
         started = int(node.started * 1e9)
-        other_l = other_p = 0
+        other_l: Counter = Counter()
+        other_p = 0
         other_s = 0.0
         for i, room in enumerate(node.rooms.values()):
             st = node.core.room_stats(room.index)
             quiet = (now - (st["last_rx_ns"] if st["have_stream"] else started)) / 1e9
+            by_transport = {t: node.quic.listeners(room.name, t) if node.quic else 0 for t in _PULLED}
+            by_transport["udp"] = st["listeners"] - sum(by_transport.values())
             if i < limit:
-                listeners.add_metric([room.name, "udp"], st["listeners"])
+                for t, n in by_transport.items():
+                    listeners.add_metric([room.name, t], n)
                 packets_in.add_metric([room.name], st["packets_in"])
                 silence.add_metric([room.name], quiet)
             else:
-                other_l += st["listeners"]
+                other_l.update(by_transport)
                 other_p += st["packets_in"]
                 other_s = max(other_s, quiet)
         if len(node.rooms) > limit:
-            listeners.add_metric(["_other", "udp"], other_l)
+            for t in ("udp", *_PULLED):
+                listeners.add_metric(["_other", t], other_l[t])
             packets_in.add_metric(["_other"], other_p)
             silence.add_metric(["_other"], other_s)
         yield listeners

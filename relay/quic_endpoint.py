@@ -55,6 +55,10 @@ WEBTRANSPORT_PATH = "/relay"
 # enough that a stalled path loses old audio in the ring, not in aioquic
 IN_FLIGHT = 8
 PULL_MAX = 32
+# a healthy peer acknowledges within an RTT plus its ack delay (25 ms by
+# default); a peer we have sent to for this long without hearing a packet
+# back has stalled, and gets no more until it answers
+STALL_S = 1.0
 MAX_DATAGRAM_FRAME = 65536
 
 
@@ -83,8 +87,13 @@ class ListenerConnection(QuicConnectionProtocol):
         self.session_id = b""
         self.transport_name = "quic"
         self.last_ping = time.monotonic()
+        self.unanswered_since: float | None = None   # first send since the peer last spoke
 
     # ---------------------------------------------------------------- events
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        self.unanswered_since = None
+        super().datagram_received(data, addr)
 
     def quic_event_received(self, event: QuicEvent) -> None:
         if isinstance(event, HandshakeCompleted):
@@ -147,9 +156,13 @@ class ListenerConnection(QuicConnectionProtocol):
             self._quic.send_stream_data(self.join_stream, frame(msg))
             self.transmit()
 
-    def in_flight(self) -> int:
-        # aioquic queues datagrams until the congestion window lets them out
-        return len(self._quic._datagrams_pending)
+    def can_take(self, now: float) -> int:
+        """How many more datagrams this connection should be given now: 0
+        while aioquic holds IN_FLIGHT unsent (the congestion window is shut)
+        or while the peer has stopped answering."""
+        if self.unanswered_since is not None and now - self.unanswered_since > STALL_S:
+            return 0
+        return max(0, IN_FLIGHT - len(self._quic._datagrams_pending))
 
     def send_datagram(self, data: bytes) -> None:
         if self.h3 is not None and self.wt_session is not None:
@@ -275,12 +288,15 @@ class QuicEndpoint:
             self._pump(conn)
 
     def _pump(self, conn: ListenerConnection) -> None:
-        room = IN_FLIGHT - conn.in_flight()
+        now = time.monotonic()
+        room = conn.can_take(now)
         if room <= 0:
             return  # this path is behind: its ring drops its own oldest audio
         packets = self.node.core.pull(conn.slot, min(room, PULL_MAX))
         if not packets:
             return
+        if conn.unanswered_since is None:
+            conn.unanswered_since = now
         for p in packets:
             conn.send_datagram(p)
         kind = conn.transport_name

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from contextlib import ExitStack
 from typing import Any
 
 from websockets.sync.client import connect
@@ -22,7 +23,8 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-default-apps", "--mute-audio", "--autoplay-policy=no-user-gesture-required",
-         "--remote-debugging-port=0", "--window-size=800,640"]
+         "--remote-debugging-port=0"]
+VIEW = (800, 600)   # the page's viewport, and the screenshot's size
 
 
 class Browser:
@@ -33,13 +35,17 @@ class Browser:
         self.proc = subprocess.Popen([CHROMIUM, *FLAGS, f"--user-data-dir={self.profile}", "about:blank"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         url = self._devtools_url()
-        self.ws = connect(url, max_size=64 << 20, open_timeout=10)
+        self._stack = ExitStack()
+        self.ws = self._stack.enter_context(connect(url, max_size=64 << 20, open_timeout=10))
         self._ids = itertools.count(1)
         target = self.call("Target.createTarget", url="about:blank")["targetId"]
         self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
         self.call("Runtime.enable", session=True)
+        self.call("Emulation.setDeviceMetricsOverride", session=True, width=VIEW[0], height=VIEW[1],
+                  deviceScaleFactor=1, mobile=False)
 
     def _devtools_url(self) -> str:
+        # Chromium prints the browser's DevTools address on stderr once it is up
         deadline = time.monotonic() + 30
         assert self.proc.stderr is not None
         lines = []
@@ -85,9 +91,9 @@ class Browser:
 
     def close(self) -> None:
         try:
-            self.ws.close()
+            self._stack.close()
         except Exception:
-            pass
+            pass  # the browser may already be gone
         self.proc.terminate()
         try:
             self.proc.wait(10)

@@ -188,7 +188,9 @@ async function listen() {
   setState("connecting");
   const wt = new WebTransport(info.webtransport, opts);
   await wt.ready;
-  wt.closed.then(() => setState("closed"), (e) => setState("closed", e.message));
+  // a close after a refusal or an error keeps that message on screen
+  const closed = (why) => { if (!["rejected", "ended", "error"].includes(st.state)) setState("closed", why); };
+  wt.closed.then(() => closed(""), (e) => closed(e.message));
   const stream = await wt.createBidirectionalStream();
   const w = stream.writable.getWriter();
   await w.write(framedJoin(st.room, params.get("token") || ""));

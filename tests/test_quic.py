@@ -1,0 +1,151 @@
+"""Listeners over QUIC, against a real `relay serve`: ffmpeg publishes,
+`relay listen --quic` processes receive the room as QUIC datagrams, the
+tone is checked by frequency. A listener that stops reading loses only its
+own oldest packets; sessions end on LEAVE, on idle timeout and on drain."""
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+
+from relay.publish import ffmpeg_command
+from tests.conftest import RunningRelay, need, start_relay, stop
+from tests.test_end_to_end import TONE_HZ, dominant_hz
+
+QUIC_NODE = """quic = "127.0.0.1:{port}"
+keepalive_interval = 1.0
+session_timeout = 4.0
+"""
+
+
+def quic_relay(tmp_path, auth: str = "open", workers: int = 2) -> tuple[RunningRelay, str, str]:
+    """A relay with its QUIC port; returns it, the QUIC address and the
+    certificate hash the node publishes at /quic.json."""
+    from relay.loadgen import free_port
+    relay = start_relay(tmp_path, auth=auth,
+                        extra_node=QUIC_NODE.format(port=free_port()) + f"workers = {workers}\n")
+    status, body = relay.get("/quic.json")
+    assert status == 200, body
+    info = json.loads(body)
+    assert re.fullmatch(r"[0-9a-f]{64}", info["cert_sha256"])
+    assert info["webtransport"] == f"https://{info['quic']}/relay"
+    return relay, info["quic"], info["cert_sha256"]
+
+
+def listen_quic(relay: RunningRelay, server: str, cert: str, *extra: str) -> list[str]:
+    return relay.relay_cmd("listen", "--quic", "--server", server, "--cert-hash", cert,
+                           "--room", relay.room, *extra)
+
+
+def publish(relay: RunningRelay, seconds: float) -> subprocess.Popen:
+    need("ffmpeg")
+    return subprocess.Popen(ffmpeg_command(f"sine=frequency={TONE_HZ}:sample_rate=48000", relay.ingest,
+                                           lavfi=True, duration=seconds),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def metric(text: str, name: str) -> float:
+    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    assert m, f"{name} not exported"
+    return float(m.group(1))
+
+
+def wait_metric(relay: RunningRelay, name: str, ok, timeout: float = 10.0) -> float:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = metric(relay.get("/metrics")[1], name)
+        if ok(value) or time.monotonic() > deadline:
+            return value
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_quic_listener_hears_the_ffmpeg_tone(tmp_path, workers: int) -> None:
+    relay, server, cert = quic_relay(tmp_path, auth="jwt", workers=workers)
+    publisher = publish(relay, 10)
+    try:
+        token = subprocess.run(relay.relay_cmd("token", "--room", relay.room), env=relay.env,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        out = tmp_path / "quic.ogg"
+        p = subprocess.run(listen_quic(relay, server, cert, "--token", token, "--out", str(out),
+                                       "--duration", "4"),
+                           env=relay.env, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        m = re.search(r"received (\d+) packets .* lost (\d+)", p.stderr)
+        assert m and int(m.group(1)) >= 150 and int(m.group(2)) == 0, p.stderr
+        hz = dominant_hz(out)
+        assert abs(hz - TONE_HZ) < 3, f"heard {hz:.1f} Hz over QUIC, sent {TONE_HZ} Hz"
+        metrics = relay.get("/metrics")[1]
+        assert metric(metrics, 'relay_quic_datagrams_sent_total{transport="quic"}') >= int(m.group(1))
+        assert metric(metrics, "relay_leaves_total") == 1   # the client said LEAVE
+        assert metric(metrics, f'relay_listeners{{room="{relay.room}",transport="quic"}}') == 0
+        # a forged token is refused with its reason; so is a certificate that is not the pinned one
+        bad = subprocess.run(listen_quic(relay, server, cert, "--token", "forged", "--duration", "1"),
+                             env=relay.env, capture_output=True, text=True, timeout=30)
+        assert bad.returncode == 3 and "bad_token" in bad.stderr, bad.stderr
+        wrong = subprocess.run(listen_quic(relay, server, "00" * 32, "--token", token, "--duration", "1"),
+                               env=relay.env, capture_output=True, text=True, timeout=30)
+        assert wrong.returncode == 3 and "does not match" in wrong.stderr, wrong.stderr
+    finally:
+        publisher.kill()
+        publisher.wait()
+        assert stop(relay.proc) == 0
+
+
+def test_stalled_quic_listener_drops_only_its_own_audio(tmp_path) -> None:
+    """One QUIC listener stops reading (SIGSTOP: no ACKs). Its ring drops
+    its oldest packets, counted as overflow; the idle timeout then ends its
+    session. The healthy listener beside it loses nothing."""
+    relay, server, cert = quic_relay(tmp_path)
+    publisher = publish(relay, 14)
+    out = tmp_path / "healthy.ogg"
+    healthy = subprocess.Popen(listen_quic(relay, server, cert, "--out", str(out), "--duration", "7"),
+                               env=relay.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stalled = subprocess.Popen(listen_quic(relay, server, cert, "--duration", "30"),
+                               env=relay.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    listeners = f'relay_listeners{{room="{relay.room}",transport="quic"}}'
+    try:
+        assert wait_metric(relay, listeners, lambda v: v == 2) == 2
+        time.sleep(1.0)
+        stalled.send_signal(signal.SIGSTOP)
+        overflow = wait_metric(relay, 'relay_drops_total{reason="overflow"}', lambda v: v > 0)
+        assert overflow > 0, "a stalled QUIC listener's ring should overflow"
+        # consent lapses: the idle timeout (session_timeout = 4 s) ends it
+        assert wait_metric(relay, listeners, lambda v: v == 1) == 1
+        err = healthy.communicate(timeout=30)[1]
+        assert healthy.returncode == 0, err
+        m = re.search(r"received (\d+) packets .* lost (\d+)", err)
+        assert m and int(m.group(1)) >= 250 and int(m.group(2)) == 0, err
+        assert abs(dominant_hz(out) - TONE_HZ) < 3
+    finally:
+        stalled.send_signal(signal.SIGCONT)
+        stalled.kill()
+        stalled.wait()
+        publisher.kill()
+        publisher.wait()
+        if healthy.poll() is None:
+            healthy.kill()
+        assert stop(relay.proc) == 0
+
+
+def test_drain_tells_quic_listeners(tmp_path) -> None:
+    relay, server, cert = quic_relay(tmp_path)
+    publisher = publish(relay, 10)
+    listener = subprocess.Popen(listen_quic(relay, server, cert, "--duration", "20"),
+                                env=relay.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        listeners = f'relay_listeners{{room="{relay.room}",transport="quic"}}'
+        assert wait_metric(relay, listeners, lambda v: v == 1) == 1
+        assert stop(relay.proc) == 0
+        err = listener.communicate(timeout=20)[1]
+        assert "node says draining" in err, err
+        assert listener.returncode == 0, err
+    finally:
+        publisher.kill()
+        publisher.wait()
+        if listener.poll() is None:
+            listener.kill()

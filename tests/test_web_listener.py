@@ -1,0 +1,73 @@
+"""The browser listener, in Debian's real headless Chromium: the admin port
+serves the page, the page joins the room over WebTransport with a token,
+decodes the ffmpeg tone with WebCodecs and plays it with Web Audio. Checked
+through the page's own state (window.relayListener) over the DevTools
+protocol; the test saves a screenshot of the page."""
+from __future__ import annotations
+
+import json
+import struct
+import time
+from pathlib import Path
+
+import pytest
+
+from tests import browser
+from tests.conftest import stop
+from tests.test_end_to_end import TONE_HZ
+from tests.test_quic import metric, publish, quic_relay
+
+SCREENSHOT = Path(__file__).resolve().parent.parent / "build" / "screenshots" / "web-listener.png"
+
+
+def wait_state(page: browser.Browser, ok, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        st = json.loads(page.evaluate("JSON.stringify(window.relayListener || null)") or "null")
+        if (st and ok(st)) or time.monotonic() > deadline:
+            return st
+        time.sleep(0.25)
+
+
+def test_web_page_decodes_a_live_room(tmp_path) -> None:
+    if not browser.available():
+        pytest.fail("chromium is not installed; run `make test`, which installs it")
+    relay, _server, _cert = quic_relay(tmp_path, auth="jwt")
+    publisher = publish(relay, 25)
+    page = browser.Browser()
+    try:
+        import subprocess
+        token = subprocess.run(relay.relay_cmd("token", "--room", relay.room), env=relay.env,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        page.goto(relay.url(f"/listen?room={relay.room}&token={token}"))
+        st = wait_state(page, lambda s: s["framesDecoded"] >= 150 and s["pitchHz"] > 0, timeout=30)
+        assert st is not None, "the page did not start"
+        assert st["state"] == "playing", st
+        assert st["framesDecoded"] >= 150, st
+        assert st["decodeErrors"] == 0, st
+        assert st["lost"] == 0, st
+        assert st["error"] == "", st
+        # the decoded PCM is the tone ffmpeg sent (the page's zero-crossing estimate)
+        assert abs(st["pitchHz"] - TONE_HZ) < 10, st
+        assert st["bitrateKbps"] > 10, st
+        assert st["audio"] == "running", st
+        metrics = relay.get("/metrics")[1]
+        assert metric(metrics, f'relay_listeners{{room="{relay.room}",transport="webtransport"}}') == 1
+        assert metric(metrics, 'relay_quic_datagrams_sent_total{transport="webtransport"}') >= st["packets"]
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(str(SCREENSHOT))
+        png = SCREENSHOT.read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        width, height = struct.unpack(">II", png[16:24])
+        assert (width, height) == browser.VIEW
+
+        # a forged token: the page says so, nothing is decoded
+        page.goto(relay.url(f"/listen?room={relay.room}&token=forged"))
+        st = wait_state(page, lambda s: s["state"] == "rejected", timeout=15)
+        assert st["state"] == "rejected" and "bad_token" in st["error"], st
+        assert st["framesDecoded"] == 0
+    finally:
+        page.close()
+        publisher.kill()
+        publisher.wait()
+        assert stop(relay.proc) == 0
