@@ -6,7 +6,7 @@ DURATION ?= 10
 
 FUZZ_SECONDS ?= 60
 
-.PHONY: setup demo test test-fast lint bench bench-full fuzz sanitize annotate clean
+.PHONY: setup demo test test-fast lint bench bench-full bench-quic fuzz sanitize annotate clean
 
 setup:
 	@./scripts/bootstrap.sh
@@ -34,6 +34,11 @@ bench:
 bench-full:
 	@./scripts/bootstrap.sh bench
 	$(PY) bench/run.py --full
+
+# QUIC listeners beside UDP ones: per core-second and callgrind instructions
+bench-quic:
+	@./scripts/bootstrap.sh bench
+	$(PY) bench/quic.py
 
 # every parser of untrusted bytes under atheris, FUZZ_SECONDS each
 fuzz: setup

@@ -167,12 +167,17 @@ def throughput_run(kind: str, listeners: int, crowd: LoopbackCrowd, dests: Path,
             res["joined"] = extra["joined"]
         return res
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc)
+
+
+def terminate(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if it has not gone in 10 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def callgrind(kind: str, listeners: int, packets: int, limit_bin: str, dests: Path) -> float | None:

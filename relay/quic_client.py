@@ -102,10 +102,7 @@ class QuicListenClient(ListenClient):
         """Connect and JOIN; follows up to 3 redirects. Raises JoinRefused,
         TimeoutError or CertificateMismatch."""
         for _hop in range(4):
-            try:
-                conn = await self._connect(timeout)
-            except (asyncio.TimeoutError, ConnectionError) as e:
-                raise TimeoutError(f"no QUIC answer from {self.server[0]}:{self.server[1]}") from e
+            conn = await self._connect_retrying(attempts, timeout)
             self._stream = conn._quic.get_next_available_stream_id()
             conn._quic.send_stream_data(self._stream, frame(Join(self.room, self.token)))
             conn.transmit()
@@ -123,6 +120,15 @@ class QuicListenClient(ListenClient):
                 continue
             raise JoinRefused(msg.reason, msg.redirect)
         raise JoinRefused(Reason.NODE_FULL, "")
+
+    async def _connect_retrying(self, attempts: int, timeout: float) -> _Conn:
+        # a node in a join storm may take a while to answer a handshake
+        for _ in range(attempts):
+            try:
+                return await self._connect(timeout)
+            except (asyncio.TimeoutError, ConnectionError):
+                await self._disconnect()
+        raise TimeoutError(f"no QUIC answer from {self.server[0]}:{self.server[1]}")
 
     async def _next_control(self, timeout: float | None) -> Accept | Reject:
         assert self._conn is not None

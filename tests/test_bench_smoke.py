@@ -1,5 +1,6 @@
-"""A seconds-long run of the benchmark suite, so bench/ cannot rot: every
-implementation delivers to every listener and the report is written."""
+"""A seconds-long run of the benchmark suites, so bench/ cannot rot: every
+implementation (and both transports) delivers to every listener and the
+report is written."""
 from __future__ import annotations
 
 import json
@@ -24,3 +25,15 @@ def test_bench_smoke_runs_every_implementation() -> None:
         assert m["delivered_per_s"] > 0.8 * 50 * 500, (impl, m)
     assert result["storm"]["unanswered"] == 0
     assert result["storm"]["existing_lost"] == 0
+
+
+def test_quic_bench_smoke(tmp_path) -> None:
+    out = tmp_path / "quic.json"
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "quic.py"), "--smoke", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    medians = json.loads(out.read_text())["medians"]["10"]
+    for transport in ("udp", "quic"):
+        # 10 listeners at 50 packets/s each, over the measured window
+        assert medians[transport]["delivered_per_s"] > 0.8 * 10 * 50, (transport, medians)
+    assert medians["quic"]["loss_ratio"] < 0.01, medians
