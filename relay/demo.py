@@ -55,6 +55,9 @@ def run_demo(listeners: int = 2000, seconds: float = 10.0, out: str = "demo-list
             return 1
         print(f"relay up on {cfg.listen[0]}:{cfg.listen[1]}; publishing a 440 Hz tone into "
               f"room '{room.name}' and joining {listeners} listeners ...", flush=True)
+        if cfg.quic:
+            print(f"a browser can listen too, while it runs: http://{admin[0]}:{admin[1]}/listen?room={room.name}",
+                  flush=True)
         procs.append(subprocess.Popen(py + ["publish", "--to", f"{room.ingest[0]}:{room.ingest[1]}",
                                             "--duration", str(seconds + 6),
                                             "--frame-ms", str(frame_ms),

@@ -149,3 +149,72 @@ def test_drain_tells_quic_listeners(tmp_path) -> None:
         publisher.wait()
         if listener.poll() is None:
             listener.kill()
+
+
+def test_bad_input_on_the_quic_port(tmp_path) -> None:
+    """Garbage datagrams, a malformed control stream and a JOIN for a room
+    that does not exist: each has its outcome, and a listener beside them
+    keeps hearing the room."""
+    import asyncio
+    import socket
+    import ssl
+
+    from aioquic.asyncio import connect
+    from aioquic.quic.configuration import QuicConfiguration
+
+    from relay.protocol import FrameReader, Join, Reject, frame
+    from relay.quic_endpoint import ALPN_QUIC, MAX_DATAGRAM_FRAME
+
+    relay, server, cert = quic_relay(tmp_path)
+    host, port = server.rsplit(":", 1)
+    publisher = publish(relay, 10)
+    listener = subprocess.Popen(listen_quic(relay, server, cert, "--duration", "5"),
+                                env=relay.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for n in (0, 1, 7, 1200, 1500):
+                s.sendto(bytes([0xC0]) + bytes(n), (host, int(port)))   # long-header garbage
+                s.sendto(bytes(n + 1), (host, int(port)))
+
+        async def raw(payload: bytes) -> tuple[list, str]:
+            conf = QuicConfiguration(is_client=True, alpn_protocols=[ALPN_QUIC], verify_mode=ssl.CERT_NONE,
+                                     max_datagram_frame_size=MAX_DATAGRAM_FRAME)
+            async with connect(host, int(port), configuration=conf) as conn:
+                got = asyncio.get_running_loop().create_future()
+                reader = FrameReader()
+                closed = ""
+
+                def on_event(ev) -> None:
+                    nonlocal closed
+                    name = type(ev).__name__
+                    if name == "StreamDataReceived" and not got.done():
+                        got.set_result(reader.feed(ev.data))
+                    elif name == "ConnectionTerminated":
+                        closed = ev.reason_phrase
+                        if not got.done():
+                            got.set_result([])
+                conn.quic_event_received = on_event
+                sid = conn._quic.get_next_available_stream_id()
+                conn._quic.send_stream_data(sid, payload)
+                conn.transmit()
+                msgs = await asyncio.wait_for(got, 5)
+                await asyncio.sleep(0.2)
+                return msgs, closed
+
+        msgs, closed = asyncio.run(raw(b"\x00\x05\x0b\x01\x63\x00\x00"))   # a frame of an unknown type
+        assert msgs == [] and "bad control stream" in closed, (msgs, closed)
+        msgs, _ = asyncio.run(raw(frame(Join("no-such-room", ""))))
+        assert len(msgs) == 1 and isinstance(msgs[0], Reject) and msgs[0].reason.name == "UNKNOWN_ROOM", msgs
+        metrics = relay.get("/metrics")[1]
+        assert metric(metrics, "relay_quic_stream_errors_total") == 1
+        assert metric(metrics, 'relay_rejections_total{reason="unknown_room"}') == 1
+        assert relay.get("/healthz")[0] == 200
+        err = listener.communicate(timeout=30)[1]
+        m = re.search(r"received (\d+) packets .* lost (\d+)", err)
+        assert listener.returncode == 0 and m and int(m.group(1)) >= 150 and int(m.group(2)) == 0, err
+    finally:
+        publisher.kill()
+        publisher.wait()
+        if listener.poll() is None:
+            listener.kill()
+        assert stop(relay.proc) == 0
