@@ -40,6 +40,15 @@ class _Conn(QuicConnectionProtocol):
         self.control: asyncio.Queue = asyncio.Queue()
         self.reader = FrameReader()
 
+    async def wait_connected(self) -> None:
+        # aioquic shields this future, so it outlives a timed-out wait and
+        # would log "exception never retrieved" when the attempt is refused
+        if self._connected:
+            return
+        waiter = self._connected_waiter = self._loop.create_future()
+        waiter.add_done_callback(lambda f: f.cancelled() or f.exception())
+        await asyncio.shield(waiter)
+
     def quic_event_received(self, event: QuicEvent) -> None:
         if isinstance(event, DatagramFrameReceived):
             self.on_datagram(event.data)

@@ -35,6 +35,11 @@ def test_good_config_and_secret_from_environment() -> None:
     (GOOD + GOOD.split("[[room]]")[1].join(["[[room]]", ""]), "defined twice"),
     ('[node]\nauth = "open"', "no [[room]]"),
     (GOOD.replace('auth = "jwt"', 'auth = "jwt"\nsecret_env = "SHORT"'), "at least 32 bytes"),
+    (GOOD.replace('auth = "jwt"', 'auth = "jwt"\nquic = "127.0.0.1:7100"'), "also the UDP listen address"),
+    (GOOD.replace('auth = "jwt"', 'auth = "jwt"\nquic = "127.0.0.1:7443"\nquic_cert = "c.pem"'),
+     "quic_cert and quic_key go together"),
+    (GOOD.replace('auth = "jwt"', 'auth = "jwt"\nquic = "127.0.0.1:7443"\nquic_cert = "/nonexistent.pem"\n'
+                                  'quic_key = "/nonexistent.key"'), "cannot read /nonexistent.pem"),
 ])
 def test_mistakes_are_named(text: str, needle: str) -> None:
     env = {} if needle == "RELAY_SECRET" else {"RELAY_SECRET": "x" * 32, "SHORT": "abc"}

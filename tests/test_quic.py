@@ -218,3 +218,39 @@ def test_bad_input_on_the_quic_port(tmp_path) -> None:
         if listener.poll() is None:
             listener.kill()
         assert stop(relay.proc) == 0
+
+
+def test_configured_certificate_is_verified_by_ca(tmp_path) -> None:
+    """A deployed node's own certificate: /quic.json pins nothing, and the
+    client checks it against a CA file instead (here the certificate itself)."""
+    from cryptography.hazmat.primitives import serialization
+
+    from relay import certs
+    from relay.loadgen import free_port
+
+    creds = certs.self_signed(["127.0.0.1"])
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_bytes(creds.chain[0].public_bytes(serialization.Encoding.PEM))
+    key.write_bytes(creds.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption()))
+    port = free_port()
+    relay = start_relay(tmp_path, extra_node=f'quic = "127.0.0.1:{port}"\nquic_cert = "{cert}"\n'
+                                             f'quic_key = "{key}"\n')
+    publisher = publish(relay, 8)
+    try:
+        info = json.loads(relay.get("/quic.json")[1])
+        assert info["cert_sha256"] is None      # nothing to pin: browsers trust the configured chain
+        p = subprocess.run(relay.relay_cmd("listen", "--quic", "--server", f"127.0.0.1:{port}", "--room",
+                                           relay.room, "--cafile", str(cert), "--duration", "2"),
+                           env=relay.env, capture_output=True, text=True, timeout=60)
+        m = re.search(r"received (\d+) packets", p.stderr)
+        assert p.returncode == 0 and m and int(m.group(1)) >= 50, p.stderr
+        # without the CA the same node is not trusted
+        p = subprocess.run(relay.relay_cmd("listen", "--quic", "--server", f"127.0.0.1:{port}", "--room",
+                                           relay.room, "--duration", "1"),
+                           env=relay.env, capture_output=True, text=True, timeout=60)
+        assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
+    finally:
+        publisher.kill()
+        publisher.wait()
+        assert stop(relay.proc) == 0
