@@ -108,6 +108,9 @@ class NodeCollector(Collector):
         yield GaugeMetricFamily("relay_machine_cpu_busy_ratio",
                                 "Busy fraction of all the machine's CPUs over the last 250 ms.",
                                 node.machine_busy)
+        yield GaugeMetricFamily("relay_loop_duty_ratio",
+                                "Busy fraction of the event-loop thread (ingest, control, QUIC); "
+                                "QUIC joins stop when it would pass max_load.", node.loop_duty)
         yield CounterMetricFamily("relay_rejections_load",
                                   "JOINs refused (as node_full) because the senders are near a full core.",
                                   sc.rejections_load)

@@ -60,6 +60,9 @@ PULL_MAX = 32
 # back has stalled, and gets no more until it answers
 STALL_S = 1.0
 MAX_DATAGRAM_FRAME = 65536
+# loop-thread share one QUIC listener costs before any has been measured:
+# bench/quic.py measured 0.0044 of a core per listener at 50 packets/s
+SESSION_COST_GUESS = 0.005
 
 
 @dataclass
@@ -92,8 +95,10 @@ class ListenerConnection(QuicConnectionProtocol):
     # ---------------------------------------------------------------- events
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        t0 = time.perf_counter_ns()
         self.unanswered_since = None
         super().datagram_received(data, addr)
+        self.endpoint.busy_ns += time.perf_counter_ns() - t0
 
     def quic_event_received(self, event: QuicEvent) -> None:
         if isinstance(event, HandshakeCompleted):
@@ -197,6 +202,13 @@ class QuicEndpoint:
         self.sessions: dict[ListenerConnection, float] = {}   # joined connections -> join time
         self.by_room: Counter = Counter()                     # (room, transport) -> listeners
         self.server: QuicServer | None = None
+        # every QUIC packet is parsed, built and sealed on the loop thread:
+        # its busy fraction, and the part of it QUIC took, per session
+        self.busy_ns = 0
+        self.load = 0.0
+        self.load_sessions = 0
+        self.cost_per_session = 0.0
+        self._busy_seen = 0
 
     def configuration(self) -> QuicConfiguration:
         conf = QuicConfiguration(is_client=False, alpn_protocols=[ALPN_QUIC, *H3_ALPN],
@@ -236,7 +248,7 @@ class QuicEndpoint:
         peer = paths[0].addr if paths else ("", 0)
         redirect = self.node.cfg.quic_redirect
         admitted = sessions.admit(msg.room, msg.token, str(peer[0]), time.time(), pull=True,
-                                  redirect=redirect)
+                                  redirect=redirect, transport_full=self.over_load)
         if isinstance(admitted, Reject):
             return admitted
         conn.slot, conn.ssrc = admitted
@@ -246,6 +258,27 @@ class QuicEndpoint:
         self.by_room[(msg.room, conn.transport_name)] += 1
         self._pump(conn)
         return self._accept(conn)
+
+    def note_load(self, loop_duty: float, interval_ns: int) -> None:
+        """The loop thread's busy fraction (0..1 of a core) over the last
+        `interval_ns`; QUIC's own share of it is what this endpoint timed."""
+        quic = (self.busy_ns - self._busy_seen) / max(1, interval_ns)
+        self._busy_seen = self.busy_ns
+        self.load, self.load_sessions = loop_duty, len(self.sessions)
+        self.cost_per_session = quic / self.load_sessions if self.load_sessions else 0.0
+
+    def over_load(self) -> bool:
+        """True when one more QUIC session would take the loop thread past
+        [node] max_load: the measured load plus what each session admitted
+        since costs. The loop also reads every room's ingest and answers
+        every UDP join, so QUIC must not fill it: a full loop would starve
+        listeners on every transport."""
+        max_load = self.node.cfg.max_load
+        if max_load <= 0:
+            return False
+        added = len(self.sessions) + 1 - self.load_sessions
+        cost = self.cost_per_session or SESSION_COST_GUESS
+        return self.load + cost * max(1, added) > max_load
 
     def _accept(self, conn: ListenerConnection) -> Accept:
         cfg = self.node.cfg
@@ -280,12 +313,14 @@ class QuicEndpoint:
     # ------------------------------------------------------------ data path
 
     def _on_pull_ready(self) -> None:
+        t0 = time.perf_counter_ns()
         try:
             os.read(self.node.core.pull_fd, 8)
         except BlockingIOError:
             pass
         for conn in list(self.sessions):
             self._pump(conn)
+        self.busy_ns += time.perf_counter_ns() - t0
 
     def _pump(self, conn: ListenerConnection) -> None:
         now = time.monotonic()

@@ -83,6 +83,8 @@ class Node:
         self._busy_seen: list[int] = []
         self._busy_at = time.monotonic_ns()
         self._cpu_seen: tuple[int, int] | None = None
+        self._loop_cpu_seen = 0
+        self.loop_duty = 0.0
         self.machine_busy = 0.0
         self.rooms: dict[str, RoomState] = {}
         self.sessions = Sessions(self.core, cfg, self.rooms, Auth(cfg.auth, cfg.secret))
@@ -326,7 +328,12 @@ class Node:
                 machine = 1 - (cpu[0] - self._cpu_seen[0]) / (cpu[1] - self._cpu_seen[1])
             self.machine_busy = machine
             self.sessions.note_load(max(self.duty, machine), self.core.listeners)
+            # this runs on the loop thread, so its thread CPU time is the loop's
+            self.loop_duty = (time.thread_time_ns() - self._loop_cpu_seen) / (now - self._busy_at)
+            if self.quic is not None:
+                self.quic.note_load(self.loop_duty, now - self._busy_at)
         self._busy_seen, self._busy_at, self._cpu_seen = busy, now, cpu
+        self._loop_cpu_seen = time.thread_time_ns()
 
     # ----------------------------------------------------------------- admin
 

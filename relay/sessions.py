@@ -13,6 +13,7 @@ import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
 from relay._core import Core
 from relay.admission import JoinLimiter
@@ -151,13 +152,15 @@ class Sessions:
 
     def admit(self, room_name: str, token: str, source_ip: str, now: float, *,
               sockaddr: bytes = b"", pull: bool = False, redirect: str | None = None,
-              leaving: "Session | None" = None) -> tuple[int, int] | Reject:
+              leaving: "Session | None" = None,
+              transport_full: Callable[[], bool] | None = None) -> tuple[int, int] | Reject:
         """The join policy every transport shares, once the joiner's address
         is proven: draining, room, rate limits, token, node and room limits,
         then a slot in the core. Returns (slot, ssrc), or the Reject to send
         (already counted). `leaving` is the caller's current session, ended
         once the token checks out (a room switch). `pull` listeners (QUIC)
-        are drained by their transport instead of sendmmsg."""
+        are drained by their transport instead of sendmmsg; such a transport
+        passes `transport_full`, its own load test, checked with the node's."""
         redirect = self.cfg.redirect if redirect is None else redirect
         if self.draining:
             return self._refuse(Reason.DRAINING, redirect)
@@ -177,6 +180,9 @@ class Sessions:
         if leaving is not None:
             self._remove(leaving)  # switching rooms
         if self.core.listeners >= self.cfg.max_listeners or self._over_load():
+            return self._refuse(Reason.NODE_FULL, redirect)
+        if transport_full is not None and transport_full():
+            self.counters.rejections_load += 1
             return self._refuse(Reason.NODE_FULL, redirect)
         if room.max_listeners and self.core.room_listeners(room.index) >= room.max_listeners:
             return self._refuse(Reason.ROOM_FULL, redirect)

@@ -254,3 +254,30 @@ def test_configured_certificate_is_verified_by_ca(tmp_path) -> None:
         publisher.kill()
         publisher.wait()
         assert stop(relay.proc) == 0
+
+
+def test_quic_admission_keeps_the_loop_below_max_load() -> None:
+    """QUIC sessions cost the event-loop thread; joins stop before it fills:
+    measured load plus each session admitted since the measurement."""
+    from types import SimpleNamespace
+
+    from relay.config import NodeConfig
+    from relay.quic_endpoint import SESSION_COST_GUESS, QuicEndpoint
+
+    ep = QuicEndpoint(SimpleNamespace(cfg=NodeConfig(quic=("127.0.0.1", 0), max_load=0.8)))  # type: ignore[arg-type]
+    assert not ep.over_load()                       # idle: admit
+    ep.load = 0.8 - SESSION_COST_GUESS / 2           # unmeasured sessions cost the guess
+    assert ep.over_load()
+    for i in range(100):
+        ep.sessions[i] = 0.0                         # type: ignore[index]
+    ep.busy_ns = 300_000_000                        # QUIC took 0.3 of the 1 s interval: 0.003 each
+    ep.note_load(0.5, 1_000_000_000)
+    assert abs(ep.cost_per_session - 0.003) < 1e-9
+    assert not ep.over_load()                       # 0.5 + 0.003
+    for i in range(100, 198):
+        ep.sessions[i] = 0.0                         # type: ignore[index]
+    assert not ep.over_load()                       # 0.5 + 99 * 0.003 = 0.797
+    ep.sessions[198] = ep.sessions[199] = 0.0        # type: ignore[index]
+    assert ep.over_load()                           # 0.5 + 101 * 0.003 = 0.803
+    ep.node.cfg.max_load = 0                         # off
+    assert not ep.over_load()
