@@ -50,12 +50,12 @@ RATE = 50   # packets per second: 20 ms Opus frames
 class Node:
     """A relay with UDP and QUIC listener ports and a publisher."""
 
-    def __init__(self, listeners: int) -> None:
+    def __init__(self, listeners: int, max_load: float = 0.0) -> None:
         self.listen, self.quic, self.ingest = free_port(), free_port(), free_port()
         self.admin = ("127.0.0.1", free_port(socket.SOCK_STREAM))
         cfg = Path(tempfile.mkdtemp()) / "relay.toml"
         cfg.write_text(f'[node]\nlisten = "127.0.0.1:{self.listen}"\nadmin = "127.0.0.1:{self.admin[1]}"\n'
-                       f'quic = "127.0.0.1:{self.quic}"\nauth = "open"\nworkers = 1\nmax_load = 0\n'
+                       f'quic = "127.0.0.1:{self.quic}"\nauth = "open"\nworkers = 1\nmax_load = {max_load}\n'
                        f'max_listeners = {listeners + 16}\njoin_rate = 1000000\njoin_rate_per_source = 100000\n'
                        f'[[room]]\nname = "b"\ningest = "127.0.0.1:{self.ingest}"\nsources = ["127.0.0.1"]\n')
         self.proc = subprocess.Popen([PY, "-m", "relay", "--log-level", "error", "serve", "-c", str(cfg)],
@@ -112,24 +112,33 @@ def udp_run(node: Node, n: int, seconds: float) -> dict:
         crowd.close()
 
 
+def quic_crowd(node: Node, n: int, life: float, per_process: int = 100) -> list[subprocess.Popen]:
+    """n QUIC listeners in processes of per_process, each staggering its
+    joins 10 ms apart, leaving after `life` seconds."""
+    return [subprocess.Popen([PY, str(HERE / "peers" / "quic_crowd.py"), f"127.0.0.1:{node.quic}",
+                              node.cert, "b", str(min(per_process, n - k)), str(life)],
+                             stdout=subprocess.PIPE, text=True)
+            for k in range(0, n, per_process)]
+
+
+def crowd_totals(procs: list[subprocess.Popen], timeout: float) -> dict:
+    totals = {"received": 0, "lost": 0, "joined": 0}
+    for p in procs:
+        out = p.communicate(timeout=timeout)[0]
+        for k, v in json.loads(out.strip().splitlines()[-1]).items():
+            totals[k] += v
+    return totals
+
+
 def quic_run(node: Node, n: int, seconds: float, per_process: int = 100) -> dict:
-    procs = []
-    join_s = per_process * 0.01 + 5   # each crowd process staggers its joins 10 ms apart
+    join_s = per_process * 0.01 + 5
     life = join_s + seconds + 15   # the crowd outlives the window, however the joins went
-    for k in range(0, n, per_process):
-        m = min(per_process, n - k)
-        procs.append(subprocess.Popen([PY, str(HERE / "peers" / "quic_crowd.py"), f"127.0.0.1:{node.quic}",
-                                       node.cert, "b", str(m), str(life)],
-                                      stdout=subprocess.PIPE, text=True))
+    procs = quic_crowd(node, n, life, per_process)
     try:
         joined = node.wait_listeners("quic", n, join_s + 10)
         time.sleep(1.0)
         res = node.window('relay_quic_datagrams_sent_total{transport="quic"}', seconds)
-        totals = {"received": 0, "lost": 0, "joined": 0}
-        for p in procs:
-            out = p.communicate(timeout=life + 30)[0]
-            for k, v in json.loads(out.strip().splitlines()[-1]).items():
-                totals[k] += v
+        totals = crowd_totals(procs, life + 30)
         res.update(transport="quic", listeners=n, joined_at_window=joined, **totals,
                    loss_ratio=totals["lost"] / max(1, totals["received"] + totals["lost"]))
         return res
@@ -138,6 +147,38 @@ def quic_run(node: Node, n: int, seconds: float, per_process: int = 100) -> dict
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def quic_storm(existing: int, storm: int, max_load: float, seconds: float) -> dict:
+    """UDP listeners stream while `storm` QUIC joins arrive within about a
+    second; QUIC admission must stop before the loop thread fills."""
+    node = Node(existing + storm, max_load=max_load)
+    crowd = LoopbackCrowd(existing, ("127.0.0.1", node.listen), "b", rcvbuf=1 << 16)
+    procs: list[subprocess.Popen] = []
+    try:
+        crowd.join(timeout=60)
+        crowd.run(1.0)
+        full = 'relay_rejections_total{reason="node_full"}'
+        before, full0 = crowd.crowd.totals(), node.metric(full)
+        procs = quic_crowd(node, storm, seconds)
+        crowd.run(seconds / 2)
+        admitted = node.metric('relay_listeners{room="b",transport="quic"}')
+        duty = node.metric("relay_loop_duty_ratio")
+        crowd.run(seconds / 2)
+        after = crowd.crowd.totals()
+        totals = crowd_totals(procs, seconds + 60)
+        return {"existing_udp": existing, "storm_quic": storm, "max_load": max_load,
+                "admitted": admitted, "refused_node_full": node.metric(full) - full0,
+                "loop_duty_after": duty, "admitted_lost": totals["lost"], "admitted_received": totals["received"],
+                "existing_lost": after["lost"] - before["lost"],
+                "existing_received": after["received"] - before["received"]}
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        crowd.close()
+        node.close()
 
 
 def callgrind(listeners: int, packets: int) -> dict:
@@ -180,6 +221,14 @@ def markdown(q: dict) -> str:
                 loss = f"{100 * x['loss_ratio']:.2f} %" if "loss_ratio" in x else "-"
                 lines.append(f"| {n} | {t} | {x['delivered_per_s']:,.0f} | {x['cpu_cores']:.2f} | "
                              f"{x['per_core_s']:,.0f} | {x['listeners_per_core']:,.0f} | {ratio} | {loss} |")
+    st = q.get("storm")
+    if st:
+        lines += ["", f"QUIC join storm: {st['storm_quic']} QUIC joins within about a second while "
+                      f"{st['existing_udp']} UDP listeners streamed, `max_load = {st['max_load']}`: "
+                      f"{st['admitted']:.0f} admitted, {st['refused_node_full']:.0f} refused `node_full`, "
+                      f"loop duty then {st['loop_duty_after']:.2f}; the admitted lost {st['admitted_lost']} of "
+                      f"{st['admitted_received'] + st['admitted_lost']}, the UDP listeners lost "
+                      f"{st['existing_lost']} of {st['existing_received'] + st['existing_lost']}."]
     cg = q.get("callgrind") or {}
     if cg.get("quic") and cg.get("udp"):
         lines += ["", f"User-space instructions per delivered datagram, node side only (callgrind, "
@@ -215,6 +264,9 @@ def main() -> None:
             keys += ["loss_ratio"] if t == "quic" else []
             med[t] = {k: statistics.median(x[k] for x in rs) for k in keys}
         result["medians"][str(n)] = med
+    if not args.smoke:
+        result["storm"] = quic_storm(200, 300, 0.8, 10.0)
+        print(f"storm: {result['storm']}", flush=True)
     if cg:
         result["callgrind"] = callgrind(*cg)
         print(f"callgrind: {result['callgrind']}", flush=True)

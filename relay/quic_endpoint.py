@@ -98,7 +98,9 @@ class ListenerConnection(QuicConnectionProtocol):
         t0 = time.perf_counter_ns()
         self.unanswered_since = None
         super().datagram_received(data, addr)
-        self.endpoint.busy_ns += time.perf_counter_ns() - t0
+        if self.slot >= 0:
+            # a session's steady cost (ACKs); handshakes are load, not per-session cost
+            self.endpoint.busy_ns += time.perf_counter_ns() - t0
 
     def quic_event_received(self, event: QuicEvent) -> None:
         if isinstance(event, HandshakeCompleted):
