@@ -43,7 +43,7 @@ bench-quic:
 # every parser of untrusted bytes under atheris, FUZZ_SECONDS each
 fuzz: setup
 	@mkdir -p build/fuzz
-	for t in control rtcp token rtp; do \
+	for t in control rtcp token rtp stream; do \
 	  mkdir -p build/fuzz/$$t; \
 	  $(PY) fuzz/fuzz_parsers.py $$t -max_total_time=$(FUZZ_SECONDS) build/fuzz/$$t || exit 1; \
 	done

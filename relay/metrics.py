@@ -79,8 +79,8 @@ class NodeCollector(Collector):
         yield drops
         for name, value, doc in (
             ("relay_joins", sc.joins, "Listeners admitted."),
-            ("relay_leaves", sc.leaves, "Listeners that sent LEAVE."),
-            ("relay_timeouts", sc.timeouts, "Listeners ended by keepalive timeout."),
+            ("relay_leaves", sc.leaves, "Listeners that sent LEAVE (or closed their QUIC connection)."),
+            ("relay_timeouts", sc.timeouts, "Listeners ended by keepalive (QUIC: idle) timeout."),
             ("relay_challenges", sc.challenges, "Cookie challenges sent."),
             ("relay_keepalives", sc.keepalives, "Keepalives received from listeners."),
             ("relay_nacks", sc.nacks, "Sequence numbers NACKed by listeners."),

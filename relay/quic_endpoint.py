@@ -109,7 +109,8 @@ class ListenerConnection(QuicConnectionProtocol):
                 self.h3 = H3Connection(self._quic, enable_webtransport=True)
                 self.transport_name = "webtransport"
         elif isinstance(event, ConnectionTerminated):
-            self.endpoint.leave(self)
+            # aioquic's own phrase for a peer that stopped answering
+            self.endpoint.leave(self, "timeout" if event.reason_phrase == "Idle timeout" else "left")
             return
         if self.h3 is not None:
             for h3_event in self.h3.handle_event(event):
@@ -150,7 +151,7 @@ class ListenerConnection(QuicConnectionProtocol):
                 self.join_stream = stream_id
                 self.send(self.endpoint.join(self, msg))
             elif isinstance(msg, Leave):
-                self.endpoint.leave(self)
+                self.endpoint.leave(self, "left")
                 self._close("leave")
             else:
                 self.endpoint.counters.stream_errors += 1
@@ -287,13 +288,18 @@ class QuicEndpoint:
         return Accept(conn.session_id, conn.ssrc, int(cfg.keepalive_interval * 1000),
                       int(cfg.session_timeout * 1000))
 
-    def leave(self, conn: ListenerConnection) -> None:
-        """End the connection's session, if it has one."""
+    def leave(self, conn: ListenerConnection, why: str = "") -> None:
+        """End the connection's session, if it has one; `why` is "left"
+        (LEAVE or a closed connection) or "timeout" (idle), for the counters."""
         if self.sessions.pop(conn, None) is None:
             return
         self.by_room[(conn.room, conn.transport_name)] -= 1
         self.node.core.listener_remove(conn.slot)
-        self.node.sessions.counters.leaves += 1
+        counters = self.node.sessions.counters
+        if why == "left":
+            counters.leaves += 1
+        elif why == "timeout":
+            counters.timeouts += 1
         conn.slot = -1
 
     def describe(self, admin_host: str = "") -> dict[str, Any]:

@@ -11,7 +11,7 @@ import pytest
 HARNESS = Path(__file__).resolve().parent.parent / "fuzz" / "fuzz_parsers.py"
 
 
-@pytest.mark.parametrize("target", ["control", "rtcp", "token", "rtp"])
+@pytest.mark.parametrize("target", ["control", "rtcp", "token", "rtp", "stream"])
 def test_fuzz_target_runs_clean(target: str, tmp_path) -> None:
     p = subprocess.run([sys.executable, str(HARNESS), target, "-runs=20000", "-seed=1",
                         f"-artifact_prefix={tmp_path}/"], capture_output=True, text=True, timeout=300)

@@ -116,6 +116,7 @@ def test_stalled_quic_listener_drops_only_its_own_audio(tmp_path) -> None:
         assert overflow > 0, "a stalled QUIC listener's ring should overflow"
         # consent lapses: the idle timeout (session_timeout = 4 s) ends it
         assert wait_metric(relay, listeners, lambda v: v == 1) == 1
+        assert metric(relay.get("/metrics")[1], "relay_timeouts_total") == 1
         err = healthy.communicate(timeout=30)[1]
         assert healthy.returncode == 0, err
         m = re.search(r"received (\d+) packets .* lost (\d+)", err)
