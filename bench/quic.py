@@ -164,12 +164,14 @@ def quic_storm(existing: int, storm: int, max_load: float, seconds: float) -> di
         crowd.run(seconds / 2)
         admitted = node.metric('relay_listeners{room="b",transport="quic"}')
         duty = node.metric("relay_loop_duty_ratio")
+        machine = node.metric("relay_machine_cpu_busy_ratio")
         crowd.run(seconds / 2)
         after = crowd.crowd.totals()
         totals = crowd_totals(procs, seconds + 60)
         return {"existing_udp": existing, "storm_quic": storm, "max_load": max_load,
                 "admitted": admitted, "refused_node_full": node.metric(full) - full0,
-                "loop_duty_after": duty, "admitted_lost": totals["lost"], "admitted_received": totals["received"],
+                "loop_duty_after": duty, "machine_busy_after": machine,
+                "refused_for_load": node.metric("relay_rejections_load_total"), "admitted_lost": totals["lost"], "admitted_received": totals["received"],
                 "existing_lost": after["lost"] - before["lost"],
                 "existing_received": after["received"] - before["received"]}
     finally:
@@ -226,7 +228,9 @@ def markdown(q: dict) -> str:
         lines += ["", f"QUIC join storm: {st['storm_quic']} QUIC joins within about a second while "
                       f"{st['existing_udp']} UDP listeners streamed, `max_load = {st['max_load']}`: "
                       f"{st['admitted']:.0f} admitted, {st['refused_node_full']:.0f} refused `node_full`, "
-                      f"loop duty then {st['loop_duty_after']:.2f}; the admitted lost {st['admitted_lost']} of "
+                      f"{st['refused_for_load']:.0f} of them for load (loop duty then {st['loop_duty_after']:.2f}, "
+                      f"machine CPU busy {st['machine_busy_after']:.2f}: the crowd's own handshakes share the "
+                      f"two cores and count as load); the admitted lost {st['admitted_lost']} of "
                       f"{st['admitted_received'] + st['admitted_lost']}, the UDP listeners lost "
                       f"{st['existing_lost']} of {st['existing_received'] + st['existing_lost']}."]
     cg = q.get("callgrind") or {}

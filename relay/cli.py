@@ -137,8 +137,12 @@ def cmd_listen(args: argparse.Namespace) -> None:
         _die(f"--server: {e}")
     token = args.token or os.environ.get("RELAY_TOKEN", "")
 
+    if (args.cert_hash or args.cafile) and not args.quic:
+        _die("--cert-hash and --cafile are for --quic")
     if args.cert_hash and (len(args.cert_hash) != 64 or not _is_hex(args.cert_hash)):
         _die("--cert-hash: expected the certificate's SHA-256 as 64 hex digits")
+    if args.cafile and not os.access(args.cafile, os.R_OK):
+        _die(f"--cafile {args.cafile}: cannot read it")
 
     async def main() -> int:
         def sink(pkt: bytes) -> None:
@@ -163,10 +167,7 @@ def cmd_listen(args: argparse.Namespace) -> None:
             print(f"relay: {e}", file=sys.stderr)
             return 4
         finally:
-            if args.quic:
-                await client.aclose()  # type: ignore[attr-defined]
-            else:
-                client.close()
+            await client.aclose()
         for ev in stats.events:
             print(f"relay: {ev}", file=sys.stderr)
         print(f"received {stats.received} packets ({stats.bytes} bytes), delivered "

@@ -215,6 +215,10 @@ class ListenClient:
                     await self.join()
         return self.stats
 
+    async def aclose(self) -> None:
+        """close(), for callers that hold either transport's client."""
+        self.close()
+
     def close(self) -> None:
         """Say LEAVE and release the socket."""
         if self._held and self._next is not None:
