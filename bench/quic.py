@@ -171,7 +171,8 @@ def quic_storm(existing: int, storm: int, max_load: float, seconds: float) -> di
         return {"existing_udp": existing, "storm_quic": storm, "max_load": max_load,
                 "admitted": admitted, "refused_node_full": node.metric(full) - full0,
                 "loop_duty_after": duty, "machine_busy_after": machine,
-                "refused_for_load": node.metric("relay_rejections_load_total"), "admitted_lost": totals["lost"], "admitted_received": totals["received"],
+                "refused_for_load": node.metric("relay_rejections_load_total"),
+                "admitted_lost": totals["lost"], "admitted_received": totals["received"],
                 "existing_lost": after["lost"] - before["lost"],
                 "existing_received": after["received"] - before["received"]}
     finally:
