@@ -89,7 +89,7 @@ class ListenerConnection(QuicConnectionProtocol):
         self.ssrc = 0
         self.session_id = b""
         self.transport_name = "quic"
-        self.last_ping = time.monotonic()
+        self.last_ping = time.monotonic()          # last PING or audio sent
         self.unanswered_since: float | None = None   # first send since the peer last spoke
 
     # ---------------------------------------------------------------- events
@@ -340,6 +340,7 @@ class QuicEndpoint:
             return
         if conn.unanswered_since is None:
             conn.unanswered_since = now
+        conn.last_ping = now   # audio elicits ACKs as well as a PING would
         for p in packets:
             conn.send_datagram(p)
         kind = conn.transport_name

@@ -282,3 +282,29 @@ def test_quic_admission_keeps_the_loop_below_max_load() -> None:
     assert ep.over_load()                           # 0.5 + 101 * 0.003 = 0.803
     ep.node.cfg.max_load = 0                         # off
     assert not ep.over_load()
+
+
+def test_quiet_room_keeps_quic_sessions(tmp_path) -> None:
+    """No publisher for longer than the idle timeout: the node's PINGs keep
+    a listener that still answers, and it hears the room once audio starts."""
+    relay, server, cert = quic_relay(tmp_path)
+    listener = subprocess.Popen(listen_quic(relay, server, cert, "--duration", "9"),
+                                env=relay.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    publisher = None
+    try:
+        listeners = f'relay_listeners{{room="{relay.room}",transport="quic"}}'
+        assert wait_metric(relay, listeners, lambda v: v == 1) == 1
+        time.sleep(5.0)   # past session_timeout = 4 s with nothing to send
+        metrics = relay.get("/metrics")[1]
+        assert metric(metrics, listeners) == 1 and metric(metrics, "relay_timeouts_total") == 0
+        publisher = publish(relay, 5)
+        err = listener.communicate(timeout=30)[1]
+        m = re.search(r"received (\d+) packets", err)
+        assert listener.returncode == 0 and m and int(m.group(1)) >= 50, err
+    finally:
+        if publisher is not None:
+            publisher.kill()
+            publisher.wait()
+        if listener.poll() is None:
+            listener.kill()
+        assert stop(relay.proc) == 0
