@@ -224,8 +224,11 @@ class QuicEndpoint:
 
     async def start(self) -> None:
         """Bind the UDP port; raises OSError if it is taken."""
+        # Retry (RFC 9000 8.1.2): a client proves its address with a token
+        # before the node spends a key exchange and a signature on it, so a
+        # flood of spoofed Initials costs one stateless reply each
         self.server = await serve(self.addr[0], self.addr[1], configuration=self.configuration(),
-                                  create_protocol=partial(ListenerConnection, endpoint=self))
+                                  create_protocol=partial(ListenerConnection, endpoint=self), retry=True)
         asyncio.get_running_loop().add_reader(self.node.core.pull_fd, self._on_pull_ready)
         log.info("QUIC/WebTransport listeners on %s:%d (certificate %s, sha-256 %s)",
                  self.addr[0], self.port, "self-signed" if self.creds.self_signed else "configured",

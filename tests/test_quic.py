@@ -199,6 +199,8 @@ def test_bad_input_on_the_quic_port(tmp_path) -> None:
                 conn._quic.send_stream_data(sid, payload)
                 conn.transmit()
                 msgs = await asyncio.wait_for(got, 5)
+                # the node made us prove our address with a Retry before any key exchange
+                assert conn._quic._retry_count == 1
                 await asyncio.sleep(0.2)
                 return msgs, closed
 
