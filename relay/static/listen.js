@@ -144,7 +144,7 @@ function makeDecoder() {
 
 // ------------------------------------------------------------------- RTP in
 
-let highSeq = -1, firstSeq = -1, tsBase = -1, tsHigh = 0;
+let highSeq = -1, firstSeq = -1, tsBase = -1;
 
 function onDatagram(d, decoder) {
   if (d.length < 12 || (d[0] >> 6) !== 2) return;
@@ -164,10 +164,10 @@ function onDatagram(d, decoder) {
     if (delta > 0) { st.lost += delta - 1; highSeq += delta; }
   }
   if (tsBase < 0) tsBase = ts;
-  tsHigh = (ts - tsBase) >>> 0;
+  const tsRel = (ts - tsBase) >>> 0;   // the chunk timestamp only labels frames; wrapping after a day is harmless
   if (decoder.state !== "configured") return;
   decoder.decode(new EncodedAudioChunk({
-    type: "key", timestamp: Math.round(tsHigh * 1e6 / 48000), data: d.subarray(off, end),
+    type: "key", timestamp: Math.round(tsRel * 1e6 / 48000), data: d.subarray(off, end),
   }));
   if (st.state === "joined" && st.framesDecoded > 0) setState("playing");
 }
