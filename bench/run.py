@@ -377,6 +377,11 @@ def markdown(result: dict) -> str:
         lines += ["", f"Not measured: {result['skipped_listener_counts']} listeners (more sockets than one "
                       "process may open here)."]
     lines += ["", "Plots: " + ", ".join(f"[{p}](results/{p})" for p in result.get("plots", [])), ""]
+    quic = HERE / "results" / "quic.json"
+    if quic.exists():
+        # the QUIC figures come from their own, slower run (make bench-quic)
+        from quic import markdown as quic_markdown
+        lines += [quic_markdown(json.loads(quic.read_text()))]
     return "\n".join(lines)
 
 
