@@ -3,9 +3,10 @@
 Nothing is counted in Python on the UDP packet path: the collector below
 asks the core and the session table for their counters when Prometheus
 scrapes, and turns them into metric families. (QUIC datagrams are counted
-per pull batch by the QUIC endpoint, which handles them in Python anyway.) Room labels are bounded: only the
-first `room_label_limit` rooms get their own series, the rest are summed
-under room="_other" ([node] room_label_limit).
+per pull batch by the QUIC endpoint, which handles them in Python anyway.)
+Room labels are bounded: only the first `room_label_limit` rooms get their
+own series, the rest are summed under room="_other" ([node]
+room_label_limit).
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ class NodeCollector(Collector):
             ("relay_bytes_in", "bytes_in", "Bytes of accepted publisher RTP."),
             ("relay_packets_out", "packets_out", "UDP listener packets handed to the kernel "
              "(QUIC: relay_quic_datagrams_sent_total)."),
-            ("relay_bytes_out", "bytes_out", "Listener bytes handed to the kernel."),
+            ("relay_bytes_out", "bytes_out", "UDP listener bytes handed to the kernel."),
             ("relay_sendmmsg_calls", "sendmmsg_calls", "sendmmsg system calls."),
             ("relay_egress_would_block", "would_block", "Times the egress socket was full."),
             ("relay_resends", "resends", "Packets resent in answer to NACKs."),
@@ -112,7 +113,8 @@ class NodeCollector(Collector):
                                 "Busy fraction of the event-loop thread (ingest, control, QUIC); "
                                 "QUIC joins stop when it would pass max_load.", node.loop_duty)
         yield CounterMetricFamily("relay_rejections_load",
-                                  "JOINs refused (as node_full) because the senders are near a full core.",
+                                  "JOINs refused (as node_full) because the senders (or, for QUIC, the "
+                                  "loop thread) are near a full core.",
                                   sc.rejections_load)
         yield CounterMetricFamily("relay_sender_thread_restarts",
                                   "Sender threads found stopped and restarted.", node.shard_restarts)
