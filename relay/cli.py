@@ -163,7 +163,7 @@ def cmd_listen(args: argparse.Namespace) -> None:
         except refused as e:
             print(f"relay: {e}", file=sys.stderr)
             return 3
-        except TimeoutError as e:
+        except (TimeoutError, ConnectionError) as e:
             print(f"relay: {e}", file=sys.stderr)
             return 4
         finally:

@@ -22,6 +22,7 @@ from aioquic.asyncio import QuicConnectionProtocol, connect
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import (ConnectionTerminated, DatagramFrameReceived, QuicEvent,
                                  StreamDataReceived)
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from relay.addr import parse_hostport
 from relay.client import JoinRefused, ListenClient, ListenStats
@@ -94,7 +95,7 @@ class QuicListenClient(ListenClient):
         assert isinstance(conn, _Conn)
         if self.cert_sha256:
             peer = conn._quic.tls._peer_certificate
-            der = peer.public_bytes(_der()) if peer is not None else b""
+            der = peer.public_bytes(Encoding.DER) if peer is not None else b""
             if hashlib.sha256(der).digest() != self.cert_sha256:
                 await self._disconnect()
                 raise CertificateMismatch("the node's certificate does not match --cert-hash")
@@ -182,7 +183,3 @@ class QuicListenClient(ListenClient):
             self._conn.transmit()
         await self._disconnect()
 
-
-def _der() -> Any:
-    from cryptography.hazmat.primitives.serialization import Encoding
-    return Encoding.DER
