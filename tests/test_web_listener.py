@@ -66,8 +66,15 @@ def test_web_page_decodes_a_live_room(tmp_path) -> None:
         st = wait_state(page, lambda s: s["state"] == "rejected", timeout=15)
         assert st["state"] == "rejected" and "bad_token" in st["error"], st
         assert st["framesDecoded"] == 0
+
+        # the node drains: a playing page is told so on its control stream
+        page.goto(relay.url(f"/listen?room={relay.room}&token={token}"))
+        assert wait_state(page, lambda s: s["state"] == "playing", timeout=15)["state"] == "playing"
+        assert stop(relay.proc) == 0
+        st = wait_state(page, lambda s: s["state"] == "ended", timeout=15)
+        assert st["state"] == "ended" and "draining" in st["error"], st
     finally:
         page.close()
         publisher.kill()
         publisher.wait()
-        assert stop(relay.proc) == 0
+        assert stop(relay.proc) == 0   # a no-op when the test stopped it already

@@ -238,4 +238,6 @@ function render() {
 }
 setInterval(render, 250);
 
-listen().catch((e) => setState("error", e.message || e));
+// once the node has ended the session (draining, room removed), the
+// connection closing after it is expected, not an error
+listen().catch((e) => { if (st.state !== "ended") setState("error", e.message || e); });
