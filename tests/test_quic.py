@@ -1,7 +1,10 @@
 """Listeners over QUIC, against a real `relay serve`: ffmpeg publishes,
 `relay listen --quic` processes receive the room as QUIC datagrams, the
 tone is checked by frequency. A listener that stops reading loses only its
-own oldest packets; sessions end on LEAVE, on idle timeout and on drain."""
+own oldest packets; sessions end on LEAVE, on idle timeout and on drain,
+and survive a quiet room; bad input on the QUIC port is refused and
+counted; a configured certificate is checked against a CA file; QUIC
+admission keeps the loop thread under max_load."""
 from __future__ import annotations
 
 import json
@@ -12,6 +15,7 @@ import time
 
 import pytest
 
+from relay.loadgen import free_port
 from relay.publish import ffmpeg_command
 from tests.conftest import RunningRelay, need, start_relay, stop
 from tests.test_end_to_end import TONE_HZ, dominant_hz
@@ -25,7 +29,6 @@ session_timeout = 4.0
 def quic_relay(tmp_path, auth: str = "open", workers: int = 2) -> tuple[RunningRelay, str, str]:
     """A relay with its QUIC port; returns it, the QUIC address and the
     certificate hash the node publishes at /quic.json."""
-    from relay.loadgen import free_port
     relay = start_relay(tmp_path, auth=auth,
                         extra_node=QUIC_NODE.format(port=free_port()) + f"workers = {workers}\n")
     status, body = relay.get("/quic.json")
@@ -229,7 +232,6 @@ def test_configured_certificate_is_verified_by_ca(tmp_path) -> None:
     from cryptography.hazmat.primitives import serialization
 
     from relay import certs
-    from relay.loadgen import free_port
 
     creds = certs.self_signed(["127.0.0.1"])
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
