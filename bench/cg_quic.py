@@ -88,7 +88,7 @@ async def main(listeners: int, count: int) -> None:
     for i, (_, conn, _) in enumerate(pairs):
         conn.slot = core.listener_add(0, b"", i, 0, 0, pull=True)
         conn.transport_name = "quic"
-        endpoint.sessions[conn] = clock()
+        endpoint.sessions.add(conn)
     acks: list[list[bytes]] = [[] for _ in pairs]
     src = b"\x02\x00\x00\x01\x7f\x00\x00\x01" + bytes(8)
     current = [b""]

@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import sys
 from typing import Any, BinaryIO, Callable
 
@@ -139,7 +140,7 @@ def cmd_listen(args: argparse.Namespace) -> None:
 
     if (args.cert_hash or args.cafile) and not args.quic:
         _die("--cert-hash and --cafile are for --quic")
-    if args.cert_hash and (len(args.cert_hash) != 64 or not _is_hex(args.cert_hash)):
+    if args.cert_hash and not re.fullmatch(r"[0-9a-fA-F]{64}", args.cert_hash):
         _die("--cert-hash: expected the certificate's SHA-256 as 64 hex digits")
     if args.cafile and not os.access(args.cafile, os.R_OK):
         _die(f"--cafile {args.cafile}: cannot read it")
@@ -183,14 +184,6 @@ def cmd_listen(args: argparse.Namespace) -> None:
             writer.close()
             out_file.close()
     raise SystemExit(code)
-
-
-def _is_hex(text: str) -> bool:
-    try:
-        bytes.fromhex(text)
-        return True
-    except ValueError:
-        return False
 
 
 def _payload(pkt: bytes) -> bytes:

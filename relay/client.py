@@ -101,13 +101,38 @@ class ListenClient:
             try:
                 return await self._handshake(attempts, timeout)
             except JoinRefused as e:
-                if e.redirect and e.reason in (Reason.NODE_FULL, Reason.ROOM_FULL, Reason.DRAINING,
-                                               Reason.RATE_LIMITED):
-                    self.stats.events.append(f"redirected to {e.redirect} ({e.reason.name.lower()})")
-                    self.server = parse_hostport(e.redirect)
+                if self._redirected(e.reason, e.redirect):
                     continue
                 raise
         raise JoinRefused(Reason.NODE_FULL, "")
+
+    # the parts of joining and leaving every transport's client shares
+
+    def _redirected(self, reason: Reason, redirect: str) -> bool:
+        """Take a refusal's redirect if it is one to follow; True if taken."""
+        if redirect and reason in (Reason.NODE_FULL, Reason.ROOM_FULL, Reason.DRAINING,
+                                   Reason.RATE_LIMITED):
+            self.stats.events.append(f"redirected to {redirect} ({reason.name.lower()})")
+            self.server = parse_hostport(redirect)
+            return True
+        return False
+
+    def _joined(self, msg: Accept) -> Accept:
+        self._session = msg
+        self.stats.ssrc = msg.ssrc
+        self.stats.joined_at = time.monotonic()
+        return msg
+
+    async def _move(self, redirect: str) -> None:
+        """The node sent us elsewhere mid-session: join there."""
+        self.server = parse_hostport(redirect)
+        self.stats.rejoins += 1
+        await self.join()
+
+    def _flush_held(self) -> None:
+        # packets waiting for a gap to fill go out as they are
+        if self._held and self._next is not None:
+            self._deliver(flush=True)
 
     async def _handshake(self, attempts: int, timeout: float) -> Accept:
         cookie = b""
@@ -122,10 +147,7 @@ class ListenClient:
                         cookie = msg.cookie
                         self._send(encode(Join(self.room, self.token, cookie)))
                     elif isinstance(msg, Accept):
-                        self._session = msg
-                        self.stats.ssrc = msg.ssrc
-                        self.stats.joined_at = time.monotonic()
-                        return msg
+                        return self._joined(msg)
                     elif isinstance(msg, Reject):
                         raise JoinRefused(msg.reason, msg.redirect)
             except asyncio.TimeoutError:
@@ -210,9 +232,7 @@ class ListenClient:
                                                                 if msg.redirect else ""))
                     if not msg.redirect:
                         break
-                    self.server = parse_hostport(msg.redirect)
-                    self.stats.rejoins += 1
-                    await self.join()
+                    await self._move(msg.redirect)
         return self.stats
 
     async def aclose(self) -> None:
@@ -221,8 +241,7 @@ class ListenClient:
 
     def close(self) -> None:
         """Say LEAVE and release the socket."""
-        if self._held and self._next is not None:
-            self._deliver(flush=True)
+        self._flush_held()
         if self._transport is not None:
             if self._session is not None:
                 self._send(encode(Leave(self._session.session_id)))

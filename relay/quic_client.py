@@ -24,7 +24,6 @@ from aioquic.quic.events import (ConnectionTerminated, DatagramFrameReceived, Qu
                                  StreamDataReceived)
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from relay.addr import parse_hostport
 from relay.client import JoinRefused, ListenClient, ListenStats
 from relay.protocol import Accept, FrameReader, Join, Leave, ProtocolError, Reason, Reject, frame
 from relay.quic_endpoint import ALPN_QUIC, MAX_DATAGRAM_FRAME
@@ -118,15 +117,8 @@ class QuicListenClient(ListenClient):
             conn.transmit()
             msg = await self._next_control(timeout)
             if isinstance(msg, Accept):
-                self._session = msg
-                self.stats.ssrc = msg.ssrc
-                self.stats.joined_at = time.monotonic()
-                return msg
-            assert isinstance(msg, Reject)
-            if msg.redirect and msg.reason in (Reason.NODE_FULL, Reason.ROOM_FULL, Reason.DRAINING,
-                                               Reason.RATE_LIMITED):
-                self.stats.events.append(f"redirected to {msg.redirect} ({msg.reason.name.lower()})")
-                self.server = parse_hostport(msg.redirect)
+                return self._joined(msg)
+            if self._redirected(msg.reason, msg.redirect):
                 continue
             raise JoinRefused(msg.reason, msg.redirect)
         raise JoinRefused(Reason.NODE_FULL, "")
@@ -168,15 +160,12 @@ class QuicListenClient(ListenClient):
                                          + (f", moving to {msg.redirect}" if msg.redirect else ""))
                 if not msg.redirect:
                     break
-                self.server = parse_hostport(msg.redirect)
-                self.stats.rejoins += 1
-                await self.join()
+                await self._move(msg.redirect)
         return self.stats
 
     async def aclose(self) -> None:
         """Say LEAVE, close the connection."""
-        if self._held and self._next is not None:
-            self._deliver(flush=True)
+        self._flush_held()
         if self._conn is not None and self._session is not None and self._stream >= 0:
             self._conn._quic.send_stream_data(self._stream, frame(Leave(self._session.session_id)),
                                               end_stream=True)

@@ -54,7 +54,6 @@ WEBTRANSPORT_PATH = "/relay"
 # enough to fill a congestion window's worth between two fan-outs, little
 # enough that a stalled path loses old audio in the ring, not in aioquic
 IN_FLIGHT = 8
-PULL_MAX = 32
 # a healthy peer acknowledges within an RTT plus its ack delay (25 ms by
 # default); a peer we have sent to for this long without hearing a packet
 # back has stalled, and gets no more until it answers
@@ -202,7 +201,7 @@ class QuicEndpoint:
         else:
             self.creds = certs.self_signed(["localhost", "127.0.0.1", "::1", self.addr[0]])
         self.counters = QuicCounters()
-        self.sessions: dict[ListenerConnection, float] = {}   # joined connections -> join time
+        self.sessions: set[ListenerConnection] = set()        # connections with a listener session
         self.by_room: Counter = Counter()                     # (room, transport) -> listeners
         self.server: QuicServer | None = None
         # every QUIC packet is parsed, built and sealed on the loop thread:
@@ -260,7 +259,7 @@ class QuicEndpoint:
         conn.slot, conn.ssrc = admitted
         conn.room = msg.room
         conn.session_id = os.urandom(8)
-        self.sessions[conn] = time.monotonic()
+        self.sessions.add(conn)
         self.by_room[(msg.room, conn.transport_name)] += 1
         self._pump(conn)
         return self._accept(conn)
@@ -294,8 +293,9 @@ class QuicEndpoint:
     def leave(self, conn: ListenerConnection, why: str = "") -> None:
         """End the connection's session, if it has one; `why` is "left"
         (LEAVE or a closed connection) or "timeout" (idle), for the counters."""
-        if self.sessions.pop(conn, None) is None:
+        if conn not in self.sessions:
             return
+        self.sessions.discard(conn)
         self.by_room[(conn.room, conn.transport_name)] -= 1
         self.node.core.listener_remove(conn.slot)
         counters = self.node.sessions.counters
@@ -338,7 +338,7 @@ class QuicEndpoint:
         room = conn.can_take(now)
         if room <= 0:
             return  # this path is behind: its ring drops its own oldest audio
-        packets = self.node.core.pull(conn.slot, min(room, PULL_MAX))
+        packets = self.node.core.pull(conn.slot, room)
         if not packets:
             return
         if conn.unanswered_since is None:

@@ -179,10 +179,7 @@ class Sessions:
             return self._refuse(e.reason)
         if leaving is not None:
             self._remove(leaving)  # switching rooms
-        if self.core.listeners >= self.cfg.max_listeners or self._over_load():
-            return self._refuse(Reason.NODE_FULL, redirect)
-        if transport_full is not None and transport_full():
-            self.counters.rejections_load += 1
+        if self.core.listeners >= self.cfg.max_listeners or self._over_load(transport_full):
             return self._refuse(Reason.NODE_FULL, redirect)
         if room.max_listeners and self.core.room_listeners(room.index) >= room.max_listeners:
             return self._refuse(Reason.ROOM_FULL, redirect)
@@ -203,14 +200,13 @@ class Sessions:
         listeners; admission extrapolates from it."""
         self.load, self.load_listeners = duty, listeners
 
-    def _over_load(self) -> bool:
+    def _over_load(self, transport_full: Callable[[], bool] | None = None) -> bool:
         # cost grows with listeners, so one more listener costs about
         # load / load_listeners; below 5 % the measure is mostly noise (or
         # the publisher is quiet) and only max_listeners applies
-        if self.cfg.max_load <= 0 or self.load < 0.05 or self.load_listeners == 0:
-            return False
-        projected = self.load * (self.core.listeners + 1) / self.load_listeners
-        if projected > self.cfg.max_load:
+        over = (self.cfg.max_load > 0 and self.load >= 0.05 and self.load_listeners > 0
+                and self.load * (self.core.listeners + 1) / self.load_listeners > self.cfg.max_load)
+        if over or (transport_full is not None and transport_full()):
             self.counters.rejections_load += 1
             return True
         return False

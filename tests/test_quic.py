@@ -273,16 +273,14 @@ def test_quic_admission_keeps_the_loop_below_max_load() -> None:
     assert not ep.over_load()                       # idle: admit
     ep.load = 0.8 - SESSION_COST_GUESS / 2           # unmeasured sessions cost the guess
     assert ep.over_load()
-    for i in range(100):
-        ep.sessions[i] = 0.0                         # type: ignore[index]
+    ep.sessions.update(range(100))                  # type: ignore[arg-type]
     ep.busy_ns = 300_000_000                        # QUIC took 0.3 of the 1 s interval: 0.003 each
     ep.note_load(0.5, 1_000_000_000)
     assert abs(ep.cost_per_session - 0.003) < 1e-9
     assert not ep.over_load()                       # 0.5 + 0.003
-    for i in range(100, 198):
-        ep.sessions[i] = 0.0                         # type: ignore[index]
+    ep.sessions.update(range(100, 198))             # type: ignore[arg-type]
     assert not ep.over_load()                       # 0.5 + 99 * 0.003 = 0.797
-    ep.sessions[198] = ep.sessions[199] = 0.0        # type: ignore[index]
+    ep.sessions.update((198, 199))                  # type: ignore[arg-type]
     assert ep.over_load()                           # 0.5 + 101 * 0.003 = 0.803
     ep.node.cfg.max_load = 0                         # off
     assert not ep.over_load()
