@@ -57,4 +57,4 @@ annotate: setup
 	.venv/bin/cython -3 -a relay/_core.pyx -o build/_core_annotate.c
 
 clean:
-	rm -rf build .venv *.egg-info relay/*.so relay/_core.c relay/_crowd.c
+	rm -rf build .venv *.egg-info relay/*.so relay/_core.c relay/testing/*.so relay/testing/_crowd.c

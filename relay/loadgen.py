@@ -14,7 +14,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 
-from relay._crowd import Crowd
+from relay.testing._crowd import Crowd
 from relay.protocol import (Accept, Challenge, Join, Keepalive, Leave, ProtocolError, Reason,
                             Reject, decode, encode)
 

@@ -1,4 +1,3 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """A crowd of listener sockets drained in C: the load side of the demo,
 the benchmarks and the large loopback tests.
 
@@ -12,8 +11,8 @@ list, because the handshake is policy and lives in relay.protocol.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int16_t, int32_t, int64_t
 from libc.stdlib cimport calloc, free
 from libc.errno cimport errno, EINTR
-from posix.time cimport timespec, clock_gettime, CLOCK_MONOTONIC
-from relay._core cimport mmsghdr, msghdr, iovec, recvmmsg, MSG_DONTWAIT
+from relay.core.clock cimport monotonic_ns
+from relay.core.syscalls cimport mmsghdr, msghdr, iovec, recvmmsg, MSG_DONTWAIT, close
 
 
 cdef extern from "<sys/epoll.h>" nogil:
@@ -31,9 +30,6 @@ cdef extern from "<sys/epoll.h>" nogil:
     int EPOLLIN
     int EPOLL_CTL_ADD
     int EPOLL_CLOEXEC
-
-cdef extern from "<unistd.h>" nogil:
-    int close(int fd)
 
 
 cdef enum:
@@ -57,12 +53,6 @@ ctypedef struct Member:
     int64_t last_rx_ns
 
 
-cdef inline int64_t _now_ns() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
-
-
 cdef class Crowd:
     """Counts what each of many UDP sockets receives. `fds` must be
     non-blocking UDP sockets that stay open while the crowd is used."""
@@ -81,7 +71,7 @@ cdef class Crowd:
     def __cinit__(self, fds):
         cdef int i
         cdef epoll_event ev
-        self.size = len(fds)
+        self.size = <int>len(fds)
         self.m = <Member *>calloc(max(self.size, 1), sizeof(Member))
         self.events = <epoll_event *>calloc(EVENTS, sizeof(epoll_event))
         self.msgs = <mmsghdr *>calloc(BATCH, sizeof(mmsghdr))
@@ -167,7 +157,7 @@ cdef class Crowd:
                             self.msgs[k].msg_hdr.msg_name = NULL
                             self.msgs[k].msg_hdr.msg_namelen = 0
                         got = recvmmsg(fd, self.msgs, BATCH, MSG_DONTWAIT, NULL)
-                        now = _now_ns()
+                        now = monotonic_ns()
                         if got > 0:
                             for k in range(got):
                                 p = self.buf + k * BUF

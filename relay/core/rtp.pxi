@@ -1,0 +1,165 @@
+# RTP checks and the room's continuous numbering: a publisher's datagram is
+# validated (RFC 3550 header, RFC 7587 payload), checked against the room's
+# allowed sources, renumbered once per room (across publisher restarts and
+# takeovers) and written into the room's history with a clean 12-byte
+# header. Included by relay/_core.pyx; runs without the GIL on the thread
+# that reads ingest.
+
+# A new SSRC may take over a room only once the current one has been quiet
+# this long; otherwise two publishers on one room would fight packet by packet.
+cdef int64_t TAKEOVER_NS = 150000000
+# A silence this long or longer advances the timestamp by the most the
+# 32-bit clock can carry (0x7fffffff ticks, about 12.4 hours at 48 kHz);
+# comparing first keeps the multiplication below inside int64.
+cdef int64_t GAP_CAP_NS = (<int64_t>0x7fffffff * 1000000000 + OPUS_CLOCK - 1) // OPUS_CLOCK
+
+
+cdef inline uint16_t be16(const uint8_t *p) noexcept nogil:
+    return <uint16_t>((p[0] << 8) | p[1])
+
+
+cdef inline uint32_t be32(const uint8_t *p) noexcept nogil:
+    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
+
+
+cdef inline void put16(uint8_t *p, uint16_t v) noexcept nogil:
+    p[0] = <uint8_t>(v >> 8)
+    p[1] = <uint8_t>(v & 0xff)
+
+
+cdef inline void put32(uint8_t *p, uint32_t v) noexcept nogil:
+    p[0] = <uint8_t>(v >> 24)
+    p[1] = <uint8_t>((v >> 16) & 0xff)
+    p[2] = <uint8_t>((v >> 8) & 0xff)
+    p[3] = <uint8_t>(v & 0xff)
+
+
+cdef inline bint source_ok(Room *r, const uint8_t *a) noexcept nogil:
+    """Is the raw sockaddr `a` one of the room's allowed publishers?"""
+    cdef int k
+    cdef uint16_t family = (<const uint16_t *>a)[0]
+    cdef uint16_t port = (<const uint16_t *>a)[1]
+    cdef Source *s
+    if r.any_source:
+        return True
+    for k in range(r.n_sources):
+        s = &r.sources[k]
+        if s.family != family or (not s.any_port and s.port != port):
+            continue
+        if family == AF_INET and memcmp(s.ip, a + 4, 4) == 0:
+            return True
+        if family == AF_INET6 and memcmp(s.ip, a + 8, 16) == 0:
+            return True
+    return False
+
+
+cdef int accept_packet(CoreState *c, int room, const uint8_t *pkt, Py_ssize_t n,
+                       const uint8_t *src, int64_t now) noexcept nogil:
+    """Check one ingest datagram and, if it is good, rewrite it into the
+    room's history with the room's continuous numbering. Returns an Ingest
+    code; every refusal is counted."""
+    cdef Room *r
+    cdef uint8_t b0
+    cdef int pt
+    cdef Py_ssize_t off, end, plen, ext
+    cdef uint16_t seq
+    cdef uint32_t ts, ssrc
+    cdef int16_t delta
+    cdef uint8_t *h
+    cdef uint32_t i
+    if room < 0 or room >= c.rooms or not c.rm[room].active:
+        c.c_no_room += 1
+        return INGEST_NO_ROOM
+    r = &c.rm[room]
+    if not source_ok(r, src):
+        r.drop_foreign += 1
+        return INGEST_FOREIGN
+    if n > RX_BUF:
+        r.drop_oversized += 1
+        return INGEST_OVERSIZED
+    if n < HDR or (pkt[0] >> 6) != 2:
+        r.drop_malformed += 1
+        return INGEST_MALFORMED
+    b0 = pkt[0]
+    pt = pkt[1] & 0x7f
+    if 72 <= pt <= 76:
+        # RTCP sender reports multiplexed onto the ingest port (RFC 5761)
+        c.c_rtcp_ignored += 1
+        return INGEST_RTCP
+    off = HDR + 4 * (b0 & 0x0f)
+    if b0 & 0x10:
+        if off + 4 > n:
+            r.drop_malformed += 1
+            return INGEST_MALFORMED
+        ext = 4 * <Py_ssize_t>be16(pkt + off + 2)
+        off += 4 + ext
+    end = n
+    if b0 & 0x20:
+        if pkt[n - 1] == 0:
+            r.drop_malformed += 1
+            return INGEST_MALFORMED
+        end -= pkt[n - 1]
+    if off >= end:
+        r.drop_malformed += 1
+        return INGEST_MALFORMED
+    plen = end - off
+    if plen + HDR > c.slot_bytes:
+        r.drop_oversized += 1
+        return INGEST_OVERSIZED
+    seq = be16(pkt + 2)
+    ts = be32(pkt + 4)
+    ssrc = be32(pkt + 8)
+    if not r.have_stream:
+        r.have_stream = 1
+        r.seq_off = 0
+        r.ts_off = 0
+    else:
+        delta = <int16_t>(seq - r.in_seq)
+        if ssrc != r.in_ssrc:
+            if now - r.last_rx_ns < TAKEOVER_NS:
+                r.drop_foreign += 1
+                return INGEST_FOREIGN
+            restart(r, seq, ts, now)
+        elif delta > 3000 or delta < -100:
+            # same SSRC, numbering jumped: a restarted sender
+            restart(r, seq, ts, now)
+        elif delta <= 0:
+            r.drop_late += 1
+            return INGEST_LATE
+    r.in_ssrc = ssrc
+    r.in_seq = seq
+    r.out_seq = <uint16_t>(seq + r.seq_off)
+    r.out_ts = ts + r.ts_off
+    r.last_rx_ns = now
+    r.packets_in += 1
+    r.bytes_in += <uint64_t>n
+    # the room packet: a clean 12-byte header (SSRC filled per listener)
+    i = <uint32_t>room * c.hist_depth + (r.hist_head & c.hist_mask)
+    h = c.hist + <size_t>i * <size_t>c.slot_bytes
+    h[0] = 0x80
+    h[1] = pkt[1]
+    put16(h + 2, r.out_seq)
+    put32(h + 4, r.out_ts)
+    put32(h + 8, 0)
+    memcpy(h + HDR, pkt + off, <size_t>plen)
+    c.hist_len[i] = <uint16_t>(HDR + plen)
+    c.hist_rx[i] = now
+    relay_store_release(&r.hist_head, r.hist_head + 1)
+    return INGEST_OK
+
+
+cdef void restart(Room *r, uint16_t seq, uint32_t ts, int64_t now) noexcept nogil:
+    """Continue the room's numbering across a new sender: next sequence
+    number, and a timestamp advanced by the real time that passed (at least
+    one 20 ms frame, at most what 31 bits of the 48 kHz clock hold)."""
+    cdef int64_t quiet = now - r.last_rx_ns
+    cdef int64_t gap
+    if quiet >= GAP_CAP_NS:
+        gap = 0x7fffffff
+    else:
+        gap = quiet * OPUS_CLOCK // 1000000000
+        if gap < 960:
+            gap = 960
+    r.seq_off = <uint16_t>(r.out_seq + 1 - seq)
+    r.ts_off = r.out_ts + <uint32_t>gap - ts
+    r.source_restarts += 1
