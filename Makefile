@@ -6,7 +6,7 @@ DURATION ?= 10
 
 FUZZ_SECONDS ?= 60
 
-.PHONY: setup demo test test-fast lint bench bench-full bench-quic fuzz sanitize annotate clean
+.PHONY: setup demo test test-fast lint bench bench-full bench-quic fuzz sanitize tsan annotate clean
 
 setup:
 	@./scripts/bootstrap.sh
@@ -24,7 +24,7 @@ lint: setup
 
 # the core's behaviour tests only, for a quick loop while editing
 test-fast: setup
-	$(PY) -m pytest -q tests/test_core_rings.py tests/test_core_model.py tests/test_protocol.py
+	$(PY) -m pytest -q tests/test_core_rings.py tests/test_core_model.py tests/test_core_safety.py tests/test_protocol.py
 
 # the relay against the C limit and its peers: JSON, bench/RESULTS.md, plots
 bench:
@@ -50,11 +50,16 @@ fuzz: setup
 
 # the core's tests on an AddressSanitizer + UBSan build
 sanitize: setup
-	./scripts/sanitize.sh
+	./scripts/sanitize.sh address
+
+# the core's tests (sender threads included) on a ThreadSanitizer build; any report fails
+tsan: setup
+	./scripts/sanitize.sh thread
 
 # Cython's annotated HTML: the per-packet loops must show no Python interaction
+# (relay/_core.html, built with the same directives as the extension)
 annotate: setup
-	.venv/bin/cython -3 -a relay/_core.pyx -o build/_core_annotate.c
+	RELAY_ANNOTATE=1 $(PY) setup.py -q build_ext --inplace --force
 
 clean:
 	rm -rf build .venv *.egg-info relay/*.so relay/_core.c relay/testing/*.so relay/testing/_crowd.c

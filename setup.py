@@ -55,6 +55,7 @@ setup(
     ext_modules=cythonize(
         [ext("relay._core"), ext("relay.testing._crowd")],
         compile_time_env={"RELAY_DEBUG": DEBUG},
+        annotate=os.environ.get("RELAY_ANNOTATE") == "1",   # make annotate: relay/_core.html
         compiler_directives=DIRECTIVES,
     ),
 )

@@ -19,7 +19,6 @@ import ctypes
 import ssl
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -29,9 +28,13 @@ from aioquic.quic.connection import QuicConnection  # noqa: E402
 from aioquic.quic.events import DatagramFrameReceived  # noqa: E402
 
 from relay._core import Core  # noqa: E402
-from relay.config import NodeConfig  # noqa: E402
-from relay.publish import RtpPacketizer, encode_tone  # noqa: E402
-from relay.quic_endpoint import ALPN_QUIC, MAX_DATAGRAM_FRAME, ListenerConnection, QuicEndpoint  # noqa: E402
+from relay.wire.config import NodeConfig  # noqa: E402
+from relay.client.publish import RtpPacketizer, encode_tone  # noqa: E402
+from relay.node.quic import ListenerConnection, QuicEndpoint  # noqa: E402
+from relay.node.sessions import RoomState, Sessions  # noqa: E402
+from relay.wire.protocol import Reject  # noqa: E402
+from relay.wire.tokens import Auth  # noqa: E402
+from relay.wire.protocol import ALPN_QUIC, MAX_DATAGRAM_FRAME  # noqa: E402
 
 SERVER = ("127.0.0.1", 7443)
 
@@ -82,13 +85,15 @@ async def main(listeners: int, count: int) -> None:
     clock = asyncio.get_running_loop().time
     core = Core(listeners + 1, rooms=1, shards=1)
     core.room_open(0, True)
-    node = SimpleNamespace(cfg=NodeConfig(quic=SERVER), core=core)
-    endpoint = QuicEndpoint(node)  # type: ignore[arg-type]
+    cfg = NodeConfig(quic=SERVER, max_load=0, join_rate=1e9, join_rate_per_source=1e9)
+    sessions = Sessions(core, cfg, {"r": RoomState("r", 0, 0)}, Auth("open"))
+    endpoint = QuicEndpoint(core, sessions)
     pairs = [pair(endpoint, i) for i in range(listeners)]
-    for i, (_, conn, _) in enumerate(pairs):
-        conn.slot = core.listener_add(0, b"", i, 0, 0, pull=True)
+    for _, conn, _ in pairs:
         conn.transport_name = "quic"
-        endpoint.sessions.add(conn)
+        joined = sessions.join(conn, "quic", "r", "", "127.0.0.2", 0.0)
+        assert not isinstance(joined, Reject), joined
+        conn.session = joined
     acks: list[list[bytes]] = [[] for _ in pairs]
     src = b"\x02\x00\x00\x01\x7f\x00\x00\x01" + bytes(8)
     current = [b""]

@@ -15,8 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from relay.loadgen import member_address, raise_fd_limit  # noqa: E402
-from relay.publish import RtpPacketizer, encode_tone  # noqa: E402
+from relay.testing.loadgen import member_address, raise_fd_limit  # noqa: E402
+from relay.client.publish import RtpPacketizer, encode_tone  # noqa: E402
 
 
 def sinks(n: int) -> list[socket.socket]:
@@ -32,7 +32,7 @@ def sinks(n: int) -> list[socket.socket]:
 
 def relay(n: int, packets: list[bytes]) -> None:
     from relay._core import Core
-    from relay.addr import to_sockaddr
+    from relay.wire.addr import to_sockaddr
     core = Core(n + 1, rooms=1, shards=1)
     core.room_open(0, True)
     socks = sinks(n)

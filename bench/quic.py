@@ -6,7 +6,7 @@ node on each transport, in one run on this machine.
 
 Live, over loopback: one `relay serve --workers 1` with its QUIC port, a
 `relay publish` tone at 50 packets/s, and in turn N UDP listeners (the C
-crowd of relay.loadgen, in this process) and N QUIC listeners (aioquic
+crowd of relay.testing.loadgen, in this process) and N QUIC listeners (aioquic
 clients, bench/peers/quic_crowd.py, in other processes). For each: the
 relay's CPU-seconds (/proc/PID/stat) over a fixed window and the packets it
 counted out, so "per core-second" is delivered packets per CPU-second of
@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from relay.loadgen import LoopbackCrowd, free_port, scrape, wait_ready  # noqa: E402
+from relay.testing.loadgen import LoopbackCrowd, free_port, scrape, wait_ready  # noqa: E402
 from run import cpu_seconds, terminate  # noqa: E402
 
 PY = sys.executable

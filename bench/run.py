@@ -42,9 +42,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from relay.loadgen import (LoopbackCrowd, free_port, histogram_quantile, raise_fd_limit,  # noqa: E402
+from relay.testing.loadgen import (LoopbackCrowd, free_port, histogram_quantile, raise_fd_limit,  # noqa: E402
                            scrape, wait_ready)
-from relay.publish import RtpPacketizer, encode_tone  # noqa: E402
+from relay.client.publish import RtpPacketizer, encode_tone  # noqa: E402
 
 PY = sys.executable
 CLK = os.sysconf("SC_CLK_TCK")

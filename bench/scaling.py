@@ -26,8 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from relay.loadgen import LoopbackCrowd, free_port, scrape, wait_ready
-from relay.publish import RtpPacketizer, encode_tone
+from relay.testing.loadgen import LoopbackCrowd, free_port, scrape, wait_ready
+from relay.client.publish import RtpPacketizer, encode_tone
 
 
 def run_once(workers: int, listeners: int, rate: int, seconds: float, payloads: list[bytes]) -> dict:

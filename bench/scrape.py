@@ -17,10 +17,10 @@ from pathlib import Path
 
 from prometheus_client import generate_latest
 
-from relay.addr import to_sockaddr
-from relay.config import load
-from relay.metrics import registry_for
-from relay.server import Node
+from relay.wire.addr import to_sockaddr
+from relay.wire.config import load
+from relay.node.metrics import registry_for
+from relay.node.node import Node
 
 
 def main() -> None:
@@ -40,7 +40,7 @@ def main() -> None:
         slot = node.core.listener_add(room.index, to_sockaddr(("127.0.0.1", 10000 + i % 50000)),
                                       i, 0, 0)
         assert slot >= 0
-    registry = registry_for(node)
+    registry = registry_for(node.collector)
     generate_latest(registry)  # warm up
     times, size = [], 0
     for _ in range(args.scrapes):

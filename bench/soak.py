@@ -20,8 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from relay.loadgen import LoopbackCrowd, free_port, scrape
-from relay.protocol import Leave, encode
+from relay.testing.loadgen import LoopbackCrowd, free_port, scrape
+from relay.wire.protocol import Leave, encode
 
 
 def main() -> None:

@@ -21,11 +21,11 @@ import atheris
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 with atheris.instrument_imports(enable_loader_override=False):
-    from relay import protocol, tokens
+    from relay.wire import protocol, tokens
     from relay._core import Core, Ingest
-    from relay.addr import to_sockaddr
-    from relay.config import load
-    from relay.sessions import RoomState, Sessions
+    from relay.wire.addr import to_sockaddr
+    from relay.wire.config import load
+    from relay.node.sessions import RoomState, Sessions
 
 SECRET = "fuzz-secret-0123456789abcdef0123456789"
 SRC = to_sockaddr(("127.0.0.1", 5000))

@@ -1,4 +1,5 @@
-"""Type stub for the compiled fan-out core (relay/_core.pyx)."""
+"""Type stub for the compiled fan-out core (relay/_core.pyx and the
+per-packet code it includes from relay/core/)."""
 from enum import IntEnum
 
 class Ingest(IntEnum):
@@ -20,9 +21,10 @@ class Core:
     listeners: int
     blocked: int
     shards: int
+    threaded: bool  # sender threads fan out (run_shard); else the caller, inline
     pull_fd: int  # eventfd, readable when a pull listener has new packets
     def __init__(self, capacity: int, rooms: int = 16, depth: int = 16, slot_bytes: int = 480,
-                 shards: int = 1) -> None: ...
+                 shards: int = 1, threaded: bool | None = None) -> None: ...
     def room_open(self, room: int, any_source: bool = False) -> None: ...
     def room_close(self, room: int) -> None: ...
     def room_listeners(self, room: int) -> int: ...

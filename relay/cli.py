@@ -14,8 +14,8 @@ import sys
 from typing import Any, BinaryIO, Callable
 
 from relay import __version__
-from relay.addr import parse_hostport
-from relay.config import ConfigError, load
+from relay.wire.addr import parse_hostport
+from relay.wire.config import ConfigError, load
 
 
 def _die(msg: str, code: int = 2) -> None:
@@ -67,7 +67,7 @@ def _workers(text: str) -> int | str:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from relay.server import Node
+    from relay.node.node import Node
 
     try:
         cfg = load(path=args.config, overrides=_serve_overrides(args))
@@ -98,8 +98,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------ listen
 
 def cmd_listen(args: argparse.Namespace) -> None:
-    from relay.client import JoinRefused, ListenClient, sdp_for
-    from relay.ogg import OggOpusWriter
+    from relay.client.listen import JoinRefused, ListenClient, sdp_for
+    from relay.client.ogg import OggOpusWriter
 
     sinks: list[Callable[[bytes], None]] = []
     writer: OggOpusWriter | None = None
@@ -152,7 +152,7 @@ def cmd_listen(args: argparse.Namespace) -> None:
 
         client: ListenClient
         if args.quic:
-            from relay.quic_client import CertificateMismatch, QuicListenClient
+            from relay.client.quic import CertificateMismatch, QuicListenClient
             client = QuicListenClient(f"{server[0]}:{server[1]}", args.room, token, sink=sink,
                                       cert_sha256=args.cert_hash or "", cafile=args.cafile)
             refused: tuple[type[Exception], ...] = (JoinRefused, CertificateMismatch)
@@ -194,7 +194,7 @@ def _payload(pkt: bytes) -> bytes:
 # ----------------------------------------------------------------- publish
 
 def cmd_publish(args: argparse.Namespace) -> None:
-    from relay.publish import publish_tone, publish_with_ffmpeg
+    from relay.client.publish import publish_tone, publish_with_ffmpeg
 
     try:
         to = parse_hostport(args.to)
@@ -219,7 +219,7 @@ def cmd_publish(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------- token
 
 def cmd_token(args: argparse.Namespace) -> None:
-    from relay.tokens import mint
+    from relay.wire.tokens import mint
 
     secret = os.environ.get(args.secret_env, "")
     if not secret:
@@ -231,7 +231,7 @@ def cmd_token(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from relay.demo import run_demo
+    from relay.testing.demo import run_demo
 
     raise SystemExit(run_demo(args.listeners, args.seconds, args.out, args.frame_ms))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import struct
 
-from relay.addr import to_sockaddr
+from relay.wire.addr import to_sockaddr
 
 
 def rtp(seq: int, ts: int, ssrc: int, payload: bytes, pt: int = 111, marker: bool = False,

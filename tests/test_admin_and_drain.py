@@ -6,8 +6,8 @@ import json
 import signal
 import time
 
-from relay.loadgen import LoopbackCrowd
-from relay.protocol import Reason, Reject, decode
+from relay.testing.loadgen import LoopbackCrowd
+from relay.wire.protocol import Reason, Reject, decode
 from tests.conftest import start_relay, stop
 
 

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from relay.loadgen import LoopbackCrowd, scrape
-from relay.protocol import Join, encode
+from relay.testing.loadgen import LoopbackCrowd, scrape
+from relay.wire.protocol import Join, encode
 from tests.conftest import start_relay, stop
 from tests.rtp import rtp
 

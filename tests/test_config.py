@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from relay.config import ConfigError, load
+from relay.wire.config import ConfigError, load
 
 GOOD = """
 [node]

@@ -7,7 +7,7 @@ import struct
 import sys
 
 from relay._core import Core, allocation_balance
-from relay.addr import to_sockaddr
+from relay.wire.addr import to_sockaddr
 from tests.rtp import SRC_A, header, rtp
 
 

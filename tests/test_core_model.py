@@ -7,8 +7,8 @@ import socket
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from relay._core import Core
-from relay.addr import to_sockaddr
-from relay.model import ModelCore
+from relay.wire.addr import to_sockaddr
+from relay.testing.model import ModelCore
 from tests.rtp import SRC_A, SRC_B, SRC_FOREIGN, rtp
 
 DEPTH = 8

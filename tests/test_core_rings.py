@@ -9,7 +9,7 @@ import socket
 import pytest
 
 from relay._core import Core, Ingest, allocation_balance
-from relay.addr import to_sockaddr
+from relay.wire.addr import to_sockaddr
 from tests.rtp import SRC_A, SRC_FOREIGN, header, rtp
 
 DEST = to_sockaddr(("127.0.0.1", 9), socket.AF_INET)

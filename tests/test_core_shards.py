@@ -12,8 +12,8 @@ from collections import defaultdict
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from relay._core import Core
-from relay.addr import to_sockaddr
-from relay.model import ModelCore
+from relay.wire.addr import to_sockaddr
+from relay.testing.model import ModelCore
 from tests.rtp import SRC_A, rtp
 
 SHARDS = 3
@@ -113,9 +113,9 @@ def test_listeners_are_spread_over_shards_and_stay() -> None:
 
 
 def test_stopped_sender_is_restarted_and_its_listeners_keep_listening(tmp_path) -> None:
-    from relay.config import load
-    from relay.loadgen import LoopbackCrowd
-    from relay.server import Node
+    from relay.wire.config import load
+    from relay.testing.loadgen import LoopbackCrowd
+    from relay.node.node import Node
     from tests.conftest import free_port
 
     ingest = free_port()

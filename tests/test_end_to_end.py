@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from relay.publish import ffmpeg_command
+from relay.client.publish import ffmpeg_command
 from tests.conftest import need, start_relay, stop
 
 TONE_HZ = 660.0

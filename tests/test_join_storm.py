@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import time
 
-from relay.loadgen import LoopbackCrowd, scrape
+from relay.testing.loadgen import LoopbackCrowd, scrape
 from tests.conftest import start_relay, stop
 
 EXISTING = 300

@@ -6,8 +6,8 @@ import socket
 import struct
 import time
 
-from relay.loadgen import scrape
-from relay.protocol import Accept, Challenge, Join, build_nack, decode, encode
+from relay.testing.loadgen import scrape
+from relay.wire.protocol import Accept, Challenge, Join, build_nack, decode, encode
 from tests.conftest import start_relay, stop
 from tests.rtp import rtp
 

@@ -12,7 +12,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from relay.loadgen import LoopbackCrowd
+from relay.testing.loadgen import LoopbackCrowd
 from tests.conftest import free_port, need, start_relay, stop
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -7,12 +7,12 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from relay._core import Core
-from relay.addr import to_sockaddr
-from relay.config import load
-from relay.protocol import (MIN_JOIN, Accept, Challenge, CookieJar, Join, Keepalive, Leave,
+from relay.wire.addr import to_sockaddr
+from relay.wire.config import load
+from relay.wire.protocol import (MIN_JOIN, Accept, Challenge, CookieJar, Join, Keepalive, Leave,
                             ProtocolError, Reason, Reject, build_nack, decode, encode, parse_rtcp)
-from relay.sessions import RoomState, Sessions
-from relay.tokens import Auth, TokenError, mint
+from relay.node.sessions import RoomState, Sessions
+from relay.wire.tokens import Auth, TokenError, mint
 
 SECRET = "s3cret-for-tests-0123456789abcdef"
 ADDR = ("127.0.0.1", 40000)
@@ -181,7 +181,7 @@ def test_drain_tells_everyone_and_stops_admitting() -> None:
     s = _sessions()
     for port in (1, 2, 3):
         _join(s, ("127.0.0.1", port))
-    told = s.drain()
+    told = Sessions.sends(s.drain())
     assert len(told) == 3 and all(decode(m) == Reject(Reason.DRAINING, "127.0.0.2:7000") for _, m in told)
     assert s.core.listeners == 0
     assert _join(s) == Reject(Reason.DRAINING, "127.0.0.2:7000")
@@ -193,12 +193,31 @@ def test_joins_stop_before_the_senders_run_out_of_time() -> None:
     for port in range(1, 11):
         assert isinstance(_join(s, ("127.0.0.1", port)), Accept)
     # the senders were 40 % busy with those 10 listeners: about 10 more fit under 80 %
-    s.note_load(0.40, 10)
+    s.note_load(0.40, 0.0, 10)
     results = [_join(s, ("127.0.0.1", 100 + i)) for i in range(15)]
     accepted = sum(isinstance(r, Accept) for r in results)
     assert accepted == 10  # 20 listeners project to exactly 0.80; a 21st would pass it
     assert all(r == Reject(Reason.NODE_FULL, "127.0.0.2:7000") for r in results[accepted:])
     assert s.counters.rejections_load == 15 - accepted
     # a quiet publisher gives no signal: only max_listeners applies
-    s.note_load(0.01, 20)
+    s.note_load(0.01, 0.0, 20)
     assert isinstance(_join(s, ("127.0.0.1", 200)), Accept)
+
+
+def test_a_busy_machine_is_not_projected_onto_the_relays_listeners() -> None:
+    # One unrelated busy process: the machine is 60 % busy while the relay's
+    # own duty is 0.0012 with one listener. The old projection (the larger
+    # of the two, times (n + 1) / n) refused every join; the machine's CPU is
+    # now a cap of its own (max_machine_load), not a cost per listener.
+    s = _sessions(max_listeners=100)
+    s.cfg.max_load, s.cfg.max_machine_load = 0.8, 0.95
+    assert isinstance(_join(s, ("127.0.0.1", 1)), Accept)
+    s.note_load(0.0012, 0.60, 1)
+    assert all(isinstance(_join(s, ("127.0.0.1", 2 + i)), Accept) for i in range(5))
+    assert s.counters.rejections_load == 0
+    # a machine with no headroom left refuses, without projecting
+    s.note_load(0.0012, 0.97, 6)
+    assert _join(s, ("127.0.0.1", 50)) == Reject(Reason.NODE_FULL, "127.0.0.2:7000")
+    assert s.counters.rejections_load == 1
+    s.cfg.max_machine_load = 0   # off
+    assert isinstance(_join(s, ("127.0.0.1", 51)), Accept)

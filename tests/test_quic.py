@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from relay.loadgen import free_port
-from relay.publish import ffmpeg_command
+from relay.testing.loadgen import free_port
+from relay.client.publish import ffmpeg_command
 from tests.conftest import RunningRelay, need, start_relay, stop
 from tests.test_end_to_end import TONE_HZ, dominant_hz
 
@@ -166,8 +166,8 @@ def test_bad_input_on_the_quic_port(tmp_path) -> None:
     from aioquic.asyncio import connect
     from aioquic.quic.configuration import QuicConfiguration
 
-    from relay.protocol import FrameReader, Join, Reject, frame
-    from relay.quic_endpoint import ALPN_QUIC, MAX_DATAGRAM_FRAME
+    from relay.wire.protocol import FrameReader, Join, Reject, frame
+    from relay.wire.protocol import ALPN_QUIC, MAX_DATAGRAM_FRAME
 
     relay, server, cert = quic_relay(tmp_path)
     host, port = server.rsplit(":", 1)
@@ -231,7 +231,7 @@ def test_configured_certificate_is_verified_by_ca(tmp_path) -> None:
     client checks it against a CA file instead (here the certificate itself)."""
     from cryptography.hazmat.primitives import serialization
 
-    from relay import certs
+    from relay.node import certs
 
     creds = certs.self_signed(["127.0.0.1"])
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
@@ -264,26 +264,19 @@ def test_configured_certificate_is_verified_by_ca(tmp_path) -> None:
 def test_quic_admission_keeps_the_loop_below_max_load() -> None:
     """QUIC sessions cost the event-loop thread; joins stop before it fills:
     measured load plus each session admitted since the measurement."""
-    from types import SimpleNamespace
+    from relay.node.load import SESSION_COST_GUESS, QuicLoad
 
-    from relay.config import NodeConfig
-    from relay.quic_endpoint import SESSION_COST_GUESS, QuicEndpoint
-
-    ep = QuicEndpoint(SimpleNamespace(cfg=NodeConfig(quic=("127.0.0.1", 0), max_load=0.8)))  # type: ignore[arg-type]
-    assert not ep.over_load()                       # idle: admit
-    ep.load = 0.8 - SESSION_COST_GUESS / 2           # unmeasured sessions cost the guess
-    assert ep.over_load()
-    ep.sessions.update(range(100))                  # type: ignore[arg-type]
-    ep.busy_ns = 300_000_000                        # QUIC took 0.3 of the 1 s interval: 0.003 each
-    ep.note_load(0.5, 1_000_000_000)
-    assert abs(ep.cost_per_session - 0.003) < 1e-9
-    assert not ep.over_load()                       # 0.5 + 0.003
-    ep.sessions.update(range(100, 198))             # type: ignore[arg-type]
-    assert not ep.over_load()                       # 0.5 + 99 * 0.003 = 0.797
-    ep.sessions.update((198, 199))                  # type: ignore[arg-type]
-    assert ep.over_load()                           # 0.5 + 101 * 0.003 = 0.803
-    ep.node.cfg.max_load = 0                         # off
-    assert not ep.over_load()
+    q = QuicLoad()
+    assert not q.full(0, 0.8)                       # idle: admit
+    q.load = 0.8 - SESSION_COST_GUESS / 2           # unmeasured sessions cost the guess
+    assert q.full(0, 0.8)
+    q.busy_ns = 300_000_000                         # QUIC took 0.3 of the 1 s interval: 0.003 each
+    q.note(0.5, 1_000_000_000, 100)
+    assert abs(q.cost_per_session - 0.003) < 1e-9
+    assert not q.full(100, 0.8)                     # 0.5 + 0.003
+    assert not q.full(198, 0.8)                     # 0.5 + 99 * 0.003 = 0.797
+    assert q.full(200, 0.8)                         # 0.5 + 101 * 0.003 = 0.803
+    assert not q.full(200, 0)                       # off
 
 
 def test_quiet_room_keeps_quic_sessions(tmp_path) -> None:

@@ -7,8 +7,8 @@ import signal
 import subprocess
 import time
 
-from relay.loadgen import LoopbackCrowd
-from relay.protocol import Reason, Reject, decode
+from relay.testing.loadgen import LoopbackCrowd
+from relay.wire.protocol import Reason, Reject, decode
 from tests.conftest import free_port, start_relay, stop
 
 

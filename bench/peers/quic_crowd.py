@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
-from relay.quic_client import QuicListenClient  # noqa: E402
+from relay.client.quic import QuicListenClient  # noqa: E402
 
 
 async def main(server: str, cert: str, room: str, n: int, seconds: float) -> dict:

@@ -24,9 +24,9 @@ from aioquic.quic.events import (ConnectionTerminated, DatagramFrameReceived, Qu
                                  StreamDataReceived)
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from relay.client import JoinRefused, ListenClient, ListenStats
-from relay.protocol import Accept, FrameReader, Join, Leave, ProtocolError, Reason, Reject, frame
-from relay.quic_endpoint import ALPN_QUIC, MAX_DATAGRAM_FRAME
+from relay.client.listen import JoinRefused, ListenClient, ListenStats
+from relay.wire.protocol import Accept, FrameReader, Join, Leave, ProtocolError, Reason, Reject, frame
+from relay.wire.protocol import ALPN_QUIC, MAX_DATAGRAM_FRAME
 
 
 class CertificateMismatch(Exception):

@@ -7,8 +7,8 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from relay.addr import parse_hostport
-from relay.protocol import MAX_REDIRECT, MAX_ROOM
+from relay.wire.addr import parse_hostport
+from relay.wire.protocol import MAX_REDIRECT, MAX_ROOM
 
 DEFAULT_TOML = """
 # The embedded default: one open room on loopback, for `make demo`.
@@ -21,6 +21,7 @@ auth = "open"
 join_rate = 10000
 # the demo's listeners run on this same machine and would count as load
 max_load = 0
+max_machine_load = 0
 
 [[room]]
 name = "demo"
@@ -60,7 +61,8 @@ class NodeConfig:
     join_rate_per_source: float = 20.0   # admitted joins per second per source IP
     max_rooms: int = 64                  # room slots reserved for reloads
     workers: int = 1                     # sender threads; "auto" = one per core
-    max_load: float = 0.8                # admit while the projected load stays below this; 0 = off
+    max_load: float = 0.8                # admit while the relay's projected duty stays below this; 0 = off
+    max_machine_load: float = 0.95       # and while the whole machine is less busy than this; 0 = off
     quic: tuple[str, int] | None = None  # QUIC + WebTransport listener endpoint (UDP); None = off
     quic_cert: str = ""                  # PEM certificate chain; "" = a fresh self-signed one
     quic_key: str = ""                   # PEM private key for quic_cert
@@ -71,7 +73,7 @@ class NodeConfig:
 _NODE_KEYS = {"listen", "admin", "auth", "secret_env", "max_listeners", "ring_depth",
               "slot_bytes", "burst_packets", "keepalive_interval", "session_timeout", "redirect",
               "room_label_limit", "join_rate", "join_rate_per_source", "max_rooms", "workers", "max_load",
-              "quic", "quic_cert", "quic_key", "quic_redirect"}
+              "max_machine_load", "quic", "quic_cert", "quic_key", "quic_redirect"}
 _ROOM_KEYS = {"name", "ingest", "sources", "max_listeners"}
 
 
@@ -222,11 +224,11 @@ def from_dict(raw: dict[str, Any], label: str = "config", environ: Mapping[str, 
     cfg.join_rate_per_source = _seconds("[node] join_rate_per_source",
                                         node.get("join_rate_per_source", cfg.join_rate_per_source))
     cfg.max_rooms = _int("[node] max_rooms", node.get("max_rooms", cfg.max_rooms), 1, 100_000)
-    max_load = node.get("max_load", cfg.max_load)
-    if not isinstance(max_load, (int, float)) or isinstance(max_load, bool) or not 0 <= max_load <= 1:
-        raise ConfigError(f"[node] max_load: expected a fraction of a core from 0 (off) to 1, "
-                          f"got {max_load!r}")
-    cfg.max_load = float(max_load)
+    for key, what in (("max_load", "a core"), ("max_machine_load", "the machine's CPUs")):
+        value = node.get(key, getattr(cfg, key))
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+            raise ConfigError(f"[node] {key}: expected a fraction of {what} from 0 (off) to 1, got {value!r}")
+        setattr(cfg, key, float(value))
     workers = node.get("workers", "auto")
     if workers == "auto":
         workers = max(1, min(os.cpu_count() or 1, 64))

@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 from aioquic.asyncio import QuicConnectionProtocol, serve
@@ -39,17 +39,15 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import (ConnectionTerminated, HandshakeCompleted, QuicEvent,
                                  StreamDataReceived)
 
-from relay import certs
-from relay.protocol import (Accept, FrameReader, Join, Leave, ProtocolError, Reason, Reject,
-                            frame)
-
-if TYPE_CHECKING:
-    from relay.server import Node
+from relay._core import Core
+from relay.node import certs
+from relay.node.load import QuicLoad
+from relay.node.sessions import Session, Sessions
+from relay.wire.protocol import (ALPN_QUIC, MAX_DATAGRAM_FRAME, WEBTRANSPORT_PATH, Accept, FrameReader,
+                                 Join, Leave, ProtocolError, Reject, frame)
 
 log = logging.getLogger("relay.quic")
 
-ALPN_QUIC = "relay-listen/1"
-WEBTRANSPORT_PATH = "/relay"
 # datagrams queued inside a connection before we stop pulling from its ring:
 # enough to fill a congestion window's worth between two fan-outs, little
 # enough that a stalled path loses old audio in the ring, not in aioquic
@@ -58,10 +56,6 @@ IN_FLIGHT = 8
 # default); a peer we have sent to for this long without hearing a packet
 # back has stalled, and gets no more until it answers
 STALL_S = 1.0
-MAX_DATAGRAM_FRAME = 65536
-# loop-thread share one QUIC listener costs before any has been measured:
-# bench/quic.py measured 0.0044 of a core per listener at 50 packets/s
-SESSION_COST_GUESS = 0.005
 
 
 @dataclass
@@ -83,10 +77,7 @@ class ListenerConnection(QuicConnectionProtocol):
         self.wt_session: int | None = None       # the WebTransport CONNECT stream
         self.join_stream: int | None = None
         self.readers: dict[int, FrameReader] = {}
-        self.slot = -1
-        self.room = ""
-        self.ssrc = 0
-        self.session_id = b""
+        self.session: Session | None = None         # the listener session, once joined
         self.transport_name = "quic"
         self.last_ping = time.monotonic()          # last PING or audio sent
         self.unanswered_since: float | None = None   # first send since the peer last spoke
@@ -97,9 +88,9 @@ class ListenerConnection(QuicConnectionProtocol):
         t0 = time.perf_counter_ns()
         self.unanswered_since = None
         super().datagram_received(data, addr)
-        if self.slot >= 0:
+        if self.session is not None:
             # a session's steady cost (ACKs); handshakes are load, not per-session cost
-            self.endpoint.busy_ns += time.perf_counter_ns() - t0
+            self.endpoint.load.busy_ns += time.perf_counter_ns() - t0
 
     def quic_event_received(self, event: QuicEvent) -> None:
         if isinstance(event, HandshakeCompleted):
@@ -189,11 +180,13 @@ class ListenerConnection(QuicConnectionProtocol):
 
 
 class QuicEndpoint:
-    """The node's QUIC/WebTransport listener port."""
+    """The node's QUIC/WebTransport listener port. It sees the core (to pull
+    audio from rings) and the session table (the shared join policy and
+    the one place sessions live), nothing else of the node."""
 
-    def __init__(self, node: "Node") -> None:
-        self.node = node
-        cfg = node.cfg
+    def __init__(self, core: Core, sessions: Sessions) -> None:
+        self.core, self.sessions = core, sessions
+        cfg = sessions.cfg
         assert cfg.quic is not None
         self.addr = cfg.quic
         if cfg.quic_cert:
@@ -201,21 +194,14 @@ class QuicEndpoint:
         else:
             self.creds = certs.self_signed(["localhost", "127.0.0.1", "::1", self.addr[0]])
         self.counters = QuicCounters()
-        self.sessions: set[ListenerConnection] = set()        # connections with a listener session
-        self.by_room: Counter = Counter()                     # (room, transport) -> listeners
         self.server: QuicServer | None = None
-        # every QUIC packet is parsed, built and sealed on the loop thread:
-        # its busy fraction, and the part of it QUIC took, per session
-        self.busy_ns = 0
-        self.load = 0.0
-        self.load_sessions = 0
-        self.cost_per_session = 0.0
-        self._busy_seen = 0
+        # every QUIC packet is parsed, built and sealed on the loop thread
+        self.load = QuicLoad()
 
     def configuration(self) -> QuicConfiguration:
         conf = QuicConfiguration(is_client=False, alpn_protocols=[ALPN_QUIC, *H3_ALPN],
                                  max_datagram_frame_size=MAX_DATAGRAM_FRAME,
-                                 idle_timeout=self.node.cfg.session_timeout)
+                                 idle_timeout=self.sessions.cfg.session_timeout)
         conf.certificate = self.creds.chain[0]
         conf.certificate_chain = self.creds.chain[1:]
         conf.private_key = self.creds.key
@@ -228,7 +214,7 @@ class QuicEndpoint:
         # flood of spoofed Initials costs one stateless reply each
         self.server = await serve(self.addr[0], self.addr[1], configuration=self.configuration(),
                                   create_protocol=partial(ListenerConnection, endpoint=self), retry=True)
-        asyncio.get_running_loop().add_reader(self.node.core.pull_fd, self._on_pull_ready)
+        asyncio.get_running_loop().add_reader(self.core.pull_fd, self._on_pull_ready)
         log.info("QUIC/WebTransport listeners on %s:%d (certificate %s, sha-256 %s)",
                  self.addr[0], self.port, "self-signed" if self.creds.self_signed else "configured",
                  self.creds.sha256.hex())
@@ -239,71 +225,42 @@ class QuicEndpoint:
             return self.server._transport.get_extra_info("sockname")[1]
         return self.addr[1]
 
+    def _connections(self) -> list[ListenerConnection]:
+        return self.sessions.pulled()  # type: ignore[return-value]  # QUIC sessions are keyed by connection
+
     # --------------------------------------------------------------- sessions
 
     def join(self, conn: ListenerConnection, msg: Join) -> Accept | Reject:
         """Admit a listener through the node's shared policy."""
-        sessions = self.node.sessions
-        if conn in self.sessions:
-            if conn.room == msg.room:
-                return self._accept(conn)
-            self.leave(conn)  # switching rooms
+        s = conn.session
+        if s is not None and s.room == msg.room:
+            return self.sessions.accept_message(s)
         # the validated path's address: what the per-source join limit keys on
         paths = conn._quic._network_paths
         peer = paths[0].addr if paths else ("", 0)
-        redirect = self.node.cfg.quic_redirect
-        admitted = sessions.admit(msg.room, msg.token, str(peer[0]), time.time(), pull=True,
-                                  redirect=redirect, transport_full=self.over_load)
-        if isinstance(admitted, Reject):
-            return admitted
-        conn.slot, conn.ssrc = admitted
-        conn.room = msg.room
-        conn.session_id = os.urandom(8)
-        self.sessions.add(conn)
-        self.by_room[(msg.room, conn.transport_name)] += 1
+        cfg = self.sessions.cfg
+        joined = self.sessions.join(conn, conn.transport_name, msg.room, msg.token, str(peer[0]),
+                                    time.monotonic(), redirect=cfg.quic_redirect,
+                                    transport_full=lambda: self.load.full(len(self.sessions.pulled()),
+                                                                          self.sessions.cfg.max_load))
+        if isinstance(joined, Reject):
+            # a room switch refused after the token check has ended the old session
+            conn.session = self.sessions.table.get(conn)  # type: ignore[assignment]
+            return joined
+        conn.session = joined
         self._pump(conn)
-        return self._accept(conn)
+        return self.sessions.accept_message(joined)
 
     def note_load(self, loop_duty: float, interval_ns: int) -> None:
-        """The loop thread's busy fraction (0..1 of a core) over the last
-        `interval_ns`; QUIC's own share of it is what this endpoint timed."""
-        quic = (self.busy_ns - self._busy_seen) / max(1, interval_ns)
-        self._busy_seen = self.busy_ns
-        self.load, self.load_sessions = loop_duty, len(self.sessions)
-        self.cost_per_session = quic / self.load_sessions if self.load_sessions else 0.0
-
-    def over_load(self) -> bool:
-        """True when one more QUIC session would take the loop thread past
-        [node] max_load: the measured load plus what each session admitted
-        since costs. The loop also reads every room's ingest and answers
-        every UDP join, so QUIC must not fill it: a full loop would starve
-        listeners on every transport."""
-        max_load = self.node.cfg.max_load
-        if max_load <= 0:
-            return False
-        added = len(self.sessions) + 1 - self.load_sessions
-        cost = self.cost_per_session or SESSION_COST_GUESS
-        return self.load + cost * max(1, added) > max_load
-
-    def _accept(self, conn: ListenerConnection) -> Accept:
-        cfg = self.node.cfg
-        return Accept(conn.session_id, conn.ssrc, int(cfg.keepalive_interval * 1000),
-                      int(cfg.session_timeout * 1000))
+        """The loop thread's busy fraction over the last `interval_ns`."""
+        self.load.note(loop_duty, interval_ns, len(self.sessions.pulled()))
 
     def leave(self, conn: ListenerConnection, why: str = "") -> None:
         """End the connection's session, if it has one; `why` is "left"
         (LEAVE or a closed connection) or "timeout" (idle), for the counters."""
-        if conn not in self.sessions:
-            return
-        self.sessions.discard(conn)
-        self.by_room[(conn.room, conn.transport_name)] -= 1
-        self.node.core.listener_remove(conn.slot)
-        counters = self.node.sessions.counters
-        if why == "left":
-            counters.leaves += 1
-        elif why == "timeout":
-            counters.timeouts += 1
-        conn.slot = -1
+        if conn.session is not None:
+            self.sessions.end(conn, why)
+            conn.session = None
 
     def describe(self, admin_host: str = "") -> dict[str, Any]:
         """Where and how to connect, for the web page and `relay listen
@@ -318,27 +275,24 @@ class QuicEndpoint:
                 "webtransport": f"https://{shown}:{self.port}{WEBTRANSPORT_PATH}",
                 "cert_sha256": self.creds.sha256.hex() if self.creds.self_signed else None}
 
-    def listeners(self, room: str, transport: str) -> int:
-        return self.by_room[(room, transport)]
-
     # ------------------------------------------------------------ data path
 
     def _on_pull_ready(self) -> None:
         t0 = time.perf_counter_ns()
         try:
-            os.read(self.node.core.pull_fd, 8)
+            os.read(self.core.pull_fd, 8)
         except BlockingIOError:
             pass
-        for conn in list(self.sessions):
+        for conn in self._connections():
             self._pump(conn)
-        self.busy_ns += time.perf_counter_ns() - t0
+        self.load.busy_ns += time.perf_counter_ns() - t0
 
     def _pump(self, conn: ListenerConnection) -> None:
         now = time.monotonic()
         room = conn.can_take(now)
-        if room <= 0:
+        if room <= 0 or conn.session is None:
             return  # this path is behind: its ring drops its own oldest audio
-        packets = self.node.core.pull(conn.slot, room)
+        packets = self.core.pull(conn.session.slot, room)
         if not packets:
             return
         if conn.unanswered_since is None:
@@ -357,36 +311,27 @@ class QuicEndpoint:
         """PING sessions that have had nothing to send for a while (a quiet
         publisher), so the idle timeout only ends sessions whose listener
         has really gone."""
-        interval = self.node.cfg.keepalive_interval
-        for conn in self.sessions:
+        interval = self.sessions.cfg.keepalive_interval
+        for conn in self._connections():
             if now - conn.last_ping >= interval:
                 conn.keepalive_ping(now)
 
-    def end_room(self, room: str) -> int:
-        """Tell a removed room's listeners (REJECT unknown_room) and close them."""
-        gone = [c for c in self.sessions if c.room == room]
-        for conn in gone:
-            self.leave(conn)
-            conn.send(Reject(Reason.UNKNOWN_ROOM))
-            conn._close("room removed")
-        return len(gone)
-
-    def drain(self) -> int:
-        """REJECT draining (with the QUIC redirect) to every session, then close."""
-        told = 0
-        for conn in list(self.sessions):
-            self.leave(conn)
-            conn.send(Reject(Reason.DRAINING, self.node.cfg.quic_redirect))
-            told += 1
-        return told
+    def tell(self, session: Session, reject: Reject, close: str = "") -> None:
+        """An ended session's listener is told why on its join stream; with
+        `close`, its connection is closed with that reason too."""
+        conn: ListenerConnection = session.key  # type: ignore[assignment]
+        conn.session = None
+        conn.send(reject)
+        if close:
+            conn._close(close)
 
     def close(self) -> None:
         """Close every connection and the port."""
         try:
-            asyncio.get_running_loop().remove_reader(self.node.core.pull_fd)
+            asyncio.get_running_loop().remove_reader(self.core.pull_fd)
         except RuntimeError:
             pass
-        for conn in list(self.sessions):
+        for conn in self._connections():
             self.leave(conn)
         if self.server is not None:
             self.server.close()

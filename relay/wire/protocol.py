@@ -198,6 +198,9 @@ def decode(data: bytes) -> Message:
 # --- the same messages on a QUIC or WebTransport stream
 
 MAX_FRAME = 4096
+ALPN_QUIC = "relay-listen/1"     # plain QUIC listeners; browsers use h3 + WebTransport
+WEBTRANSPORT_PATH = "/relay"     # the extended CONNECT's path
+MAX_DATAGRAM_FRAME = 65536       # QUIC DATAGRAM frame size both sides advertise
 
 
 def frame(msg: Message) -> bytes:
@@ -248,7 +251,7 @@ class CookieJar:
         return hmac.new(self._secret, struct.pack("!I", issued) + addr, hashlib.sha256).digest()[:16]
 
     def make(self, addr: bytes, now: float) -> bytes:
-        """A cookie for raw address bytes `addr` (see relay.addr.to_sockaddr)."""
+        """A cookie for raw address bytes `addr` (see relay.wire.addr.to_sockaddr)."""
         issued = int(now) & 0xFFFFFFFF
         return struct.pack("!I", issued) + self._mac(issued, addr)
 

@@ -15,8 +15,8 @@ import subprocess
 import sys
 import time
 
-from relay.config import load
-from relay.loadgen import LoopbackCrowd, histogram_quantile, scrape, wait_ready
+from relay.wire.config import load
+from relay.testing.loadgen import LoopbackCrowd, histogram_quantile, scrape, wait_ready
 
 
 def _tone_hz(path: str) -> float | None:

@@ -17,11 +17,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from relay.addr import parse_hostport
-from relay.protocol import (Accept, Challenge, Join, Keepalive, Leave, ProtocolError, Reason,
+from relay.wire.addr import parse_hostport
+from relay.wire.protocol import (Accept, Challenge, Join, Keepalive, Leave, ProtocolError, Reason,
                             Reject, build_nack, decode, encode, is_control)
 
-log = logging.getLogger("relay.client")
+log = logging.getLogger("relay.client.listen")
 
 REORDER_PACKETS = 4   # hold this many packets for late resends before giving up a gap
 

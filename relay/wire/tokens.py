@@ -6,7 +6,7 @@ import time
 
 import jwt
 
-from relay.protocol import Reason
+from relay.wire.protocol import Reason
 
 ROLES = ("listen", "publish")
 

@@ -15,20 +15,19 @@ import platform
 import resource
 import time
 from collections import Counter
-from typing import TYPE_CHECKING, Iterator
+from typing import Callable, Iterator
 
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily, Metric)
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from relay import __version__
-from relay.protocol import Reason
-from relay.quic_endpoint import QuicCounters
-
-if TYPE_CHECKING:
-    from relay.server import Node
-
-_PULLED = ("quic", "webtransport")   # transports that pull from their rings
+from relay._core import Core
+from relay.node.load import LoadMeter
+from relay.node.quic import QuicCounters
+from relay.node.senders import SenderThreads
+from relay.node.sessions import PULLED, UDP, RoomState, Sessions
+from relay.wire.protocol import Reason
 _CORE_DROPS = ("foreign", "malformed", "oversized", "late", "no_room", "overflow", "send_error",
                "shard_lag")
 
@@ -45,21 +44,25 @@ def _histogram(name: str, doc: str, hist: tuple[list[float], list[int], float]) 
 
 
 class NodeCollector(Collector):
-    """Yields the node's metric families from live counters."""
+    """Yields the node's metric families from live counters: the core's,
+    the session table's, the load measures, the sender threads' and the
+    QUIC port's (when there is one). It reads; it changes nothing."""
 
-    def __init__(self, node: "Node") -> None:
-        self.node = node
+    def __init__(self, core: Core, sessions: Sessions, load: LoadMeter, senders: SenderThreads,
+                 quic: Callable[[], QuicCounters | None], started: float) -> None:
+        self.core, self.sessions, self.load, self.senders = core, sessions, load, senders
+        self.quic, self.started = quic, started
 
     def collect(self) -> Iterator[Metric]:
-        node = self.node
-        c = node.core.counters()
-        sc = node.sessions.counters
-        limit = node.cfg.room_label_limit
+        core, load = self.core, self.load
+        c = core.counters()
+        sc = self.sessions.counters
+        cfg = self.sessions.cfg
         yield from self._build_info()
-        yield GaugeMetricFamily("relay_rooms", "Rooms configured on this node.", len(node.rooms))
-        yield from self._rooms(limit)
+        yield GaugeMetricFamily("relay_rooms", "Rooms configured on this node.", len(self.sessions.rooms))
+        yield from self._rooms(cfg.room_label_limit)
         yield GaugeMetricFamily("relay_listener_capacity", "Listeners this node admits.",
-                                node.cfg.max_listeners)
+                                cfg.max_listeners)
         for name, key, doc in (
             ("relay_packets_in", "packets_in", "RTP packets accepted from publishers."),
             ("relay_bytes_in", "bytes_in", "Bytes of accepted publisher RTP."),
@@ -96,48 +99,48 @@ class NodeCollector(Collector):
             rej.add_metric([reason.name.lower()], sc.rejections.get(reason.name.lower(), 0))
         yield rej
         yield _histogram("relay_fanout_latency_seconds",
-                         "Ingest receive to the last send of that packet.", node.core.latency_histogram())
+                         "Ingest receive to the last send of that packet.", core.latency_histogram())
         yield _histogram("relay_sendmmsg_batch_size", "Messages per successful sendmmsg call.",
-                         node.core.batch_histogram())
+                         core.batch_histogram())
         yield GaugeMetricFamily("relay_loop_lag_seconds", "Event-loop lag at the last probe.",
-                                node.loop_lag)
+                                load.loop_lag)
         yield GaugeMetricFamily("relay_sender_threads", "Sender threads (shards) fanning out.",
-                                node.core.shards)
+                                core.shards)
         yield GaugeMetricFamily("relay_fanout_duty_ratio",
                                 "Busy fraction of the busiest sender (1 = a full core); joins "
-                                "stop when it would pass max_load.", node.duty)
+                                "stop when it would pass max_load.", load.duty)
         yield GaugeMetricFamily("relay_machine_cpu_busy_ratio",
                                 "Busy fraction of all the machine's CPUs over the last 250 ms.",
-                                node.machine_busy)
+                                load.machine_busy)
         yield GaugeMetricFamily("relay_loop_duty_ratio",
                                 "Busy fraction of the event-loop thread (ingest, control, QUIC); "
-                                "QUIC joins stop when it would pass max_load.", node.loop_duty)
+                                "QUIC joins stop when it would pass max_load.", load.loop_duty)
         yield CounterMetricFamily("relay_rejections_load",
                                   "JOINs refused (as node_full) because the senders (or, for QUIC, the "
                                   "loop thread) are near a full core.",
                                   sc.rejections_load)
         yield CounterMetricFamily("relay_sender_thread_restarts",
-                                  "Sender threads found stopped and restarted.", node.shard_restarts)
+                                  "Sender threads found stopped and restarted.", self.senders.restarts)
         yield from self._quic()
         yield GaugeMetricFamily("relay_draining", "1 while the node is draining.",
-                                1 if node.sessions.draining else 0)
+                                1 if self.sessions.draining else 0)
         yield GaugeMetricFamily("relay_process_resident_memory_bytes", "Resident memory.", _rss())
         yield GaugeMetricFamily("relay_process_open_fds", "Open file descriptors.", _fds())
         ru = resource.getrusage(resource.RUSAGE_SELF)
         yield CounterMetricFamily("relay_process_cpu_seconds", "CPU time, user + system.",
                                   ru.ru_utime + ru.ru_stime)
         yield GaugeMetricFamily("relay_uptime_seconds", "Seconds since start.",
-                                time.monotonic() - node.started)
+                                time.monotonic() - self.started)
 
     def _quic(self) -> Iterator[Metric]:
-        q = self.node.quic.counters if self.node.quic is not None else QuicCounters()
+        q = self.quic() or QuicCounters()
         yield CounterMetricFamily("relay_quic_connections", "QUIC handshakes completed.", q.connections)
         for name, values, doc in (
             ("relay_quic_datagrams_sent", q.datagrams_sent, "Listener packets sent as QUIC datagrams."),
             ("relay_quic_bytes_sent", q.bytes_sent, "RTP bytes sent as QUIC datagrams (before QUIC framing)."),
         ):
             family = CounterMetricFamily(name, doc, labels=["transport"])
-            for t in _PULLED:
+            for t in PULLED:
                 family.add_metric([t], values[t])
             yield family
         yield CounterMetricFamily("relay_quic_stream_errors",
@@ -155,7 +158,7 @@ class NodeCollector(Collector):
     def _rooms(self, limit: int) -> Iterator[Metric]:
         """Per-room series for the first `limit` rooms; the rest summed as
         room="_other" so a node with thousands of rooms stays scrapeable."""
-        node = self.node
+        sessions, core = self.sessions, self.core
         listeners = GaugeMetricFamily("relay_listeners", "Listeners connected.",
                                       labels=["room", "transport"])
         packets_in = CounterMetricFamily("relay_room_packets_in",
@@ -165,15 +168,15 @@ class NodeCollector(Collector):
                                     "Seconds since the room's publisher last sent a packet "
                                     "(since start if it never did).", labels=["room"])
         now = time.monotonic_ns()
-        started = int(node.started * 1e9)
+        started = int(self.started * 1e9)
         other_l: Counter = Counter()
         other_p = 0
         other_s = 0.0
-        for i, room in enumerate(node.rooms.values()):
-            st = node.core.room_stats(room.index)
+        rooms: list[RoomState] = list(sessions.rooms.values())
+        for i, room in enumerate(rooms):
+            st = core.room_stats(room.index)
             quiet = (now - (st["last_rx_ns"] if st["have_stream"] else started)) / 1e9
-            by_transport = {t: node.quic.listeners(room.name, t) if node.quic else 0 for t in _PULLED}
-            by_transport["udp"] = st["listeners"] - sum(by_transport.values())
+            by_transport = {t: sessions.listeners(room.name, t) for t in (UDP, *PULLED)}
             if i < limit:
                 for t, n in by_transport.items():
                     listeners.add_metric([room.name, t], n)
@@ -183,8 +186,8 @@ class NodeCollector(Collector):
                 other_l.update(by_transport)
                 other_p += st["packets_in"]
                 other_s = max(other_s, quiet)
-        if len(node.rooms) > limit:
-            for t in ("udp", *_PULLED):
+        if len(rooms) > limit:
+            for t in (UDP, *PULLED):
                 listeners.add_metric(["_other", t], other_l[t])
             packets_in.add_metric(["_other"], other_p)
             silence.add_metric(["_other"], other_s)
@@ -216,8 +219,8 @@ def _fds() -> int:
         return 0
 
 
-def registry_for(node: "Node") -> CollectorRegistry:
+def registry_for(collector: NodeCollector) -> CollectorRegistry:
     """A registry holding only this node's collector (no global state)."""
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(NodeCollector(node))
+    reg.register(collector)
     return reg

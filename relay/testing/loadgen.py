@@ -15,7 +15,7 @@ import urllib.request
 from dataclasses import dataclass, field
 
 from relay.testing._crowd import Crowd
-from relay.protocol import (Accept, Challenge, Join, Keepalive, Leave, ProtocolError, Reason,
+from relay.wire.protocol import (Accept, Challenge, Join, Keepalive, Leave, ProtocolError, Reason,
                             Reject, decode, encode)
 
 

@@ -1,0 +1,247 @@
+"""`relay serve`: one node, wired together.
+
+The data path runs through the parts in the order packets travel: the UDP
+adapter's ingest sockets feed the compiled core (relay/_core.pyx), which
+fans out into listener rings and sends with sendmmsg, on the loop thread
+(inline, one worker) or on sender threads (one per shard). The QUIC adapter
+pulls QUIC listeners' rings. Around it: the session policy (who may join),
+the load measure admission reads, the admin HTTP port and its metrics,
+SIGHUP reload and SIGTERM drain. This module owns their lifecycle and
+passes each part only what it needs.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from typing import Any, Callable
+
+from prometheus_client import generate_latest
+
+from relay import __version__
+from relay._core import Core
+from relay.node.admin import AdminServer, AdminViews
+from relay.node.load import LoadMeter
+from relay.node.metrics import NodeCollector, registry_for
+from relay.node.quic import QuicEndpoint
+from relay.node.reload import plan_reload
+from relay.node.senders import SenderThreads
+from relay.node.sessions import UDP, RoomState, Sessions, Tell
+from relay.node.udp import UdpPorts
+from relay.wire.addr import to_sockaddr
+from relay.wire.config import NodeConfig, RoomConfig
+from relay.wire.tokens import Auth
+
+log = logging.getLogger("relay.server")
+
+HOUSEKEEPING_S = 0.25
+
+
+class Node:
+    """One relay node: rooms, the core, sessions and their sockets."""
+
+    def __init__(self, cfg: NodeConfig) -> None:
+        self.cfg = cfg
+        # the arena and the room table are sized once; a reload works within them
+        self.core = Core(cfg.max_listeners, rooms=cfg.max_rooms, depth=cfg.ring_depth,
+                         slot_bytes=cfg.slot_bytes, shards=cfg.workers, threaded=cfg.workers > 1)
+        self.rooms: dict[str, RoomState] = {}
+        self.sessions = Sessions(self.core, cfg, self.rooms, Auth(cfg.auth, cfg.secret))
+        self.load = LoadMeter()
+        self.senders = SenderThreads(self.core)
+        self.udp = UdpPorts(self.core, self.sessions)
+        self.quic: QuicEndpoint | None = QuicEndpoint(self.core, self.sessions) if cfg.quic else None
+        self.started = time.monotonic()
+        self.collector = NodeCollector(self.core, self.sessions, self.load, self.senders,
+                                       lambda: self.quic.counters if self.quic else None, self.started)
+        self.admin = AdminServer(AdminViews(
+            metrics=lambda: generate_latest(registry_for(self.collector)),
+            not_ready=self._not_ready, rooms=self._room_list,
+            quic=self.quic.describe if self.quic else None))
+        self._free_rooms = list(range(cfg.max_rooms - 1, -1, -1))
+        self._tasks: list[asyncio.Task] = []
+        for r in cfg.rooms:
+            self._open_room(r)
+
+    # what tests and benchmarks read
+    @property
+    def listen_addr(self) -> tuple:
+        assert self.udp.listen_sock is not None
+        return self.udp.listen_sock.getsockname()
+
+    @property
+    def shard_restarts(self) -> int:
+        return self.senders.restarts
+
+    @property
+    def threads(self) -> list:
+        return self.senders.threads
+
+    def _open_room(self, r: RoomConfig) -> RoomState:
+        index = self._free_rooms.pop()
+        self.core.room_open(index, r.any_source)
+        state = RoomState(r.name, index, r.max_listeners)
+        self.rooms[r.name] = state
+        self._allow_sources(state, r)
+        return state
+
+    def _allow_sources(self, state: RoomState, r: RoomConfig) -> None:
+        self.core.room_clear_sources(state.index)
+        for host, port in r.sources:
+            self.core.room_allow(state.index, to_sockaddr((host, port)), any_port=(port == 0))
+
+    async def start(self) -> None:
+        """Bind every socket and start serving. Raises OSError if a port is taken."""
+        loop = asyncio.get_running_loop()
+        try:
+            self.udp.bind_listener(self.cfg.listen)
+            for r in self.cfg.rooms:
+                self.udp.bind_ingest(r.name, self.rooms[r.name].index, r.ingest)
+            if self.cfg.admin:
+                await self.admin.start(*self.cfg.admin)
+            if self.quic is not None:
+                await self.quic.start()
+        except OSError:
+            self.close()
+            raise
+        self.udp.start(loop)
+        self.senders.start(self.udp.out_fd)
+        self._tasks = [asyncio.create_task(self._housekeeping())]
+        log.info("relay %s listening on %s, rooms: %s, auth: %s", __version__, self.listen_addr[:2],
+                 ", ".join(f"{r.name}<-{r.ingest[0]}:{r.ingest[1]}" for r in self.cfg.rooms), self.cfg.auth)
+
+    # ---------------------------------------------------------------- reload
+
+    def reload(self, new: NodeConfig) -> list[str]:
+        """Apply a new config without dropping listeners of rooms that stay:
+        rooms are added, removed (their listeners told UNKNOWN_ROOM) or
+        changed in place; limits, rates and tokens take effect for the next
+        join. Returns what changed, one line each."""
+        plan = plan_reload(self.cfg, new, self.core.capacity, self.core.rooms)
+        notes = plan.notes
+        if plan.refused:
+            return notes
+        for name in plan.remove:
+            self._tell(self.sessions.end_room(name), "room removed")
+            self.udp.unbind_ingest(name)
+            state = self.rooms.pop(name)
+            self.core.room_close(state.index)
+            self._free_rooms.append(state.index)
+            notes.append(f"room {name!r} removed")
+        for r in plan.add:
+            self._open_room(r)
+            if self._bind_ingest(r, notes):
+                notes.append(f"room {r.name!r} added")
+        for r in plan.sources:
+            self._allow_sources(self.rooms[r.name], r)
+            notes.append(f"room {r.name!r}: sources now {r.sources}")
+        for r in plan.rebind:
+            if self._bind_ingest(r, notes):
+                notes.append(f"room {r.name!r}: ingest now {r.ingest[0]}:{r.ingest[1]}")
+        for r in plan.limits:
+            self.rooms[r.name].max_listeners = r.max_listeners
+        self.sessions.reconfigure(new, Auth(new.auth, new.secret))
+        self.cfg = new
+        return notes
+
+    def _bind_ingest(self, r: RoomConfig, notes: list[str]) -> bool:
+        try:
+            self.udp.bind_ingest(r.name, self.rooms[r.name].index, r.ingest)
+        except OSError as e:
+            kept = " (kept the old port)" if r.name in self.udp.ingest else ""
+            notes.append(f"room {r.name!r}: cannot bind ingest {r.ingest[0]}:{r.ingest[1]}: {e.strerror}{kept}")
+            return False
+        return True
+
+    def _on_sighup(self, reload_config: Callable[[], NodeConfig]) -> None:
+        try:
+            new = reload_config()
+        except Exception as e:  # a bad file must not take the node down
+            log.error("reload refused, keeping the running config: %s", e)
+            return
+        notes = self.reload(new)
+        log.warning("config reloaded%s", "".join(f"; {n}" for n in notes) or ": no changes")
+
+    # ---------------------------------------------------------- housekeeping
+
+    async def _housekeeping(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            t0 = loop.time()
+            await asyncio.sleep(HOUSEKEEPING_S)
+            self.load.loop_lag = max(0.0, loop.time() - t0 - HOUSEKEEPING_S)
+            self.sessions.expire(time.monotonic())
+            if self.quic is not None:
+                self.quic.keepalive(time.monotonic())
+            self.senders.check()
+            self._measure_load()
+
+    def _measure_load(self) -> None:
+        """Update the load measures and tell admission: joins stop before the
+        node runs out of CPU, not after."""
+        busy = self.core.busy_ns() if self.core.threaded else [self.udp.busy_ns]
+        if self.load.measure(busy):
+            self.sessions.note_load(self.load.duty, self.load.machine_busy, self.core.listeners)
+            if self.quic is not None:
+                self.quic.note_load(self.load.loop_duty, self.load.interval_ns)
+
+    # ----------------------------------------------------------------- admin
+
+    def _not_ready(self) -> str:
+        if self.sessions.draining:
+            return "draining"
+        if self.core.listeners >= self.cfg.max_listeners:
+            return "full"
+        return ""
+
+    def _room_list(self) -> list[dict[str, Any]]:
+        now = time.monotonic_ns()
+        rooms = []
+        for r in self.rooms.values():
+            st = self.core.room_stats(r.index)
+            rooms.append({"name": r.name, "listeners": st["listeners"], "packets_in": st["packets_in"],
+                          "publisher_silent_s": (now - st["last_rx_ns"]) / 1e9 if st["have_stream"] else None})
+        return rooms
+
+    # -------------------------------------------------------------- shutdown
+
+    def _tell(self, tells: list[Tell], close: str = "") -> int:
+        """Tell ended sessions why, each on its own transport; returns how many."""
+        told = self.udp.send(Sessions.sends(tells))
+        for t in tells:
+            if t.session.transport != UDP and self.quic is not None:
+                self.quic.tell(t.session, t.reject, close)
+                told += 1
+        return told
+
+    def drain(self) -> int:
+        """Stop admitting and tell every listener to go (REJECT DRAINING,
+        with the redirect if configured). Returns listeners told."""
+        return self._tell(self.sessions.drain())
+
+    def close(self) -> None:
+        """Release every socket, thread and task."""
+        for t in self._tasks:
+            t.cancel()
+        self.senders.stop()
+        self.admin.close()
+        if self.quic is not None:
+            self.quic.close()
+        self.udp.close()
+
+    async def run_until_signalled(self, reload_config: Callable[[], NodeConfig] | None = None) -> None:
+        """Serve until SIGTERM/SIGINT, then drain and exit. SIGHUP calls
+        `reload_config` and applies what it returns."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if reload_config is not None:
+            loop.add_signal_handler(signal.SIGHUP, self._on_sighup, reload_config)
+        await stop.wait()
+        told = self.drain()
+        log.info("draining: told %d listeners to move", told)
+        # let the kernel take the last datagrams before the socket goes
+        await asyncio.sleep(0.1)
+        self.close()

@@ -1,0 +1,356 @@
+"""Listener sessions: who may join, who is still there, who gets a resend.
+
+Sans-IO policy over the core, one session table for every transport. The
+calls take what arrived (a datagram and its source, or a QUIC join), a
+monotonic `now` and return what the adapters must do: the reply bytes for
+a control datagram's source, `Resend` these sequence numbers of this slot,
+`Tell` an ended session why (`Send` these bytes to this address for UDP). Joining and leaving are calls into the core's
+arena. Random numbers (SSRCs, offsets, session ids, the cookie secret) come
+from an injected source. Every refusal is counted by reason; nothing here
+raises on bad input.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Hashable, NamedTuple
+
+from relay._core import Core
+from relay.node.admission import JoinLimiter
+from relay.wire.addr import to_sockaddr
+from relay.wire.config import NodeConfig
+from relay.wire.protocol import (MIN_JOIN, Accept, Challenge, CookieJar, Join, Keepalive, Leave,
+                                 ProtocolError, Reason, Reject, decode, encode, parse_rtcp)
+from relay.wire.tokens import Auth, TokenError
+
+log = logging.getLogger("relay.sessions")
+
+UDP = "udp"
+LOAD_LOG_EVERY_S = 10.0   # at most one log line per this long about refusals for load
+PULLED = ("quic", "webtransport")   # transports that pull from their rings
+
+
+class Send(NamedTuple):
+    """Send `data` to `addr` on the listener socket."""
+    addr: tuple
+    data: bytes
+
+
+class Resend(NamedTuple):
+    """Send these ring packets of listener `slot` again (its own sequence numbers)."""
+    slot: int
+    seqs: tuple[int, ...]
+
+
+class Tell(NamedTuple):
+    """A session has ended: tell its listener `reject` on its own transport."""
+    session: "Session"
+    reject: Reject
+
+
+@dataclass(eq=False)
+class Session:
+    key: Hashable        # UDP: the listener's address; QUIC: its connection
+    transport: str       # "udp", "quic" or "webtransport"
+    room: str
+    slot: int
+    ssrc: int
+    session_id: bytes
+    last_seen: float
+    nack_budget: float = 0.0
+    nack_at: float = 0.0
+
+
+@dataclass
+class RoomState:
+    name: str
+    index: int
+    max_listeners: int
+
+
+@dataclass
+class SessionCounters:
+    joins: int = 0
+    leaves: int = 0
+    timeouts: int = 0
+    challenges: int = 0
+    keepalives: int = 0
+    nacks: int = 0
+    nack_rate_limited: int = 0
+    control_malformed: int = 0
+    replies_suppressed: int = 0
+    rejections: Counter = field(default_factory=Counter)
+    rate_limited: Counter = field(default_factory=Counter)
+    rejections_load: int = 0      # of the node_full rejections, those for load
+
+
+class Sessions:
+    """The session table of one node."""
+
+    # resends per listener: a burst of this many, refilled per second
+    NACK_BURST = 32.0
+    NACK_RATE = 16.0
+
+    def __init__(self, core: Core, cfg: NodeConfig, rooms: dict[str, RoomState],
+                 auth: Auth, rng: random.Random | None = None) -> None:
+        self.core, self.cfg, self.rooms, self.auth = core, cfg, rooms, auth
+        self.rng = rng or random.SystemRandom()
+        self.cookies = CookieJar(self.rng.randbytes(32))
+        self.table: dict[Hashable, Session] = {}
+        self.counters = SessionCounters()
+        self.draining = False
+        self.limiter = JoinLimiter(cfg.join_rate, cfg.join_rate_per_source)
+        self.load = 0.0           # the relay's fan-out duty cycle at the last measurement
+        self.machine = 0.0        # the machine's CPU busy fraction then
+        self.load_listeners = 0   # listeners at that measurement
+        self._load_logged = -LOAD_LOG_EVERY_S
+        self._load_refused = 0    # refusals for load since the last log line
+        self._by_room: Counter = Counter()    # (room, transport) -> sessions
+        self._pulled: set[Hashable] = set()   # keys of sessions whose transport pulls
+
+    # ---------------------------------------------------------------- control
+
+    def on_control(self, data: bytes, addr: tuple, now: float) -> bytes | None:
+        """Handle one UDP control datagram from `addr`; returns the reply to
+        send back to `addr`, if any (never longer than `data`)."""
+        try:
+            msg = decode(data)
+        except ProtocolError as e:
+            self.counters.control_malformed += 1
+            if e.reason == Reason.UNSUPPORTED_VERSION:
+                return self._reply(Reject(Reason.UNSUPPORTED_VERSION), data)
+            return None
+        if isinstance(msg, Join):
+            return self._on_join(msg, data, addr, now)
+        if isinstance(msg, Keepalive):
+            s = self.table.get(addr)
+            if s is None or s.session_id != msg.session_id:
+                return self._reply(self._refuse(Reason.UNKNOWN_SESSION), data)
+            s.last_seen = now
+            self.counters.keepalives += 1
+            return data  # the echo lets the client see the node is alive
+        if isinstance(msg, Leave):
+            s = self.table.get(addr)
+            if s is not None and s.session_id == msg.session_id:
+                self.end(addr, "left")
+            return None
+        # CHALLENGE/ACCEPT/REJECT only flow node -> listener
+        self.counters.control_malformed += 1
+        return None
+
+    def _reply(self, msg: Challenge | Accept | Reject, request: bytes) -> bytes | None:
+        out = encode(msg)
+        if len(out) > len(request):
+            # the rule that makes us useless for amplification: never answer
+            # with more bytes than we were sent
+            if isinstance(msg, Reject) and msg.redirect:
+                return self._reply(Reject(msg.reason), request)
+            self.counters.replies_suppressed += 1
+            return None
+        return out
+
+    def _on_join(self, msg: Join, data: bytes, addr: tuple, now: float) -> bytes | None:
+        if len(data) < MIN_JOIN:
+            self.counters.control_malformed += 1
+            return None
+        raw = to_sockaddr(addr)
+        if not msg.cookie:
+            self.counters.challenges += 1
+            return self._reply(Challenge(self.cookies.make(raw, now)), data)
+        if not self.cookies.check(msg.cookie, raw, now):
+            # forged, stale or for another address: ask again, never admit
+            self.counters.rejections["stale_cookie"] += 1
+            self.counters.challenges += 1
+            return self._reply(Challenge(self.cookies.make(raw, now)), data)
+        # the address is proven from here on
+        existing = self.table.get(addr)
+        if existing is not None and existing.room == msg.room:
+            existing.last_seen = now  # a retransmitted JOIN: the ACCEPT was lost
+            return self._reply(self.accept_message(existing), data)
+        joined = self.join(addr, UDP, msg.room, msg.token, addr[0], now, sockaddr=raw)
+        return self._reply(joined if isinstance(joined, Reject) else self.accept_message(joined), data)
+
+    def join(self, key: Hashable, transport: str, room_name: str, token: str, source_ip: str,
+             now: float, *, sockaddr: bytes = b"", redirect: str | None = None,
+             transport_full: Callable[[], bool] | None = None) -> Session | Reject:
+        """The join policy every transport shares, once the joiner's address
+        is proven: draining, room, rate limits, token, node and room limits,
+        then a slot in the core and a row in the table under `key`. Returns
+        the Session, or the Reject to send (already counted). A session
+        already under `key` ends once the token checks out (a room switch).
+        Pulled transports (QUIC) are drained by their adapter instead of
+        sendmmsg; such an adapter passes `transport_full`, its own load
+        test, checked with the node's."""
+        redirect = self.cfg.redirect if redirect is None else redirect
+        if self.draining:
+            return self._refuse(Reason.DRAINING, redirect)
+        room = self.rooms.get(room_name)
+        if room is None:
+            return self._refuse(Reason.UNKNOWN_ROOM)
+        # rate limits come before the token check, whose HMAC is the
+        # costliest step a flood could make us repeat
+        limited = self.limiter.allow(source_ip, now)
+        if limited is not None:
+            self.counters.rate_limited[limited] += 1
+            return self._refuse(Reason.RATE_LIMITED, redirect if limited == "node" else "")
+        try:
+            self.auth.check(token, room_name)
+        except TokenError as e:
+            return self._refuse(e.reason)
+        if key in self.table:
+            self._remove(self.table[key])  # switching rooms
+        if self.core.listeners >= self.cfg.max_listeners or self._over_load(now, transport_full):
+            return self._refuse(Reason.NODE_FULL, redirect)
+        if room.max_listeners and self.core.room_listeners(room.index) >= room.max_listeners:
+            return self._refuse(Reason.ROOM_FULL, redirect)
+        pull = transport != UDP
+        ssrc = self.rng.getrandbits(32)
+        slot = self.core.listener_add(room.index, sockaddr, ssrc, self.rng.getrandbits(16),
+                                      self.rng.getrandbits(32), pull=pull, burst=self.cfg.burst_packets)
+        if slot < 0:
+            return self._refuse(Reason.NODE_FULL, redirect)
+        self.counters.joins += 1
+        s = Session(key, transport, room_name, slot, ssrc, self.rng.randbytes(8), now, self.NACK_BURST, now)
+        self.table[key] = s
+        self._by_room[(room_name, transport)] += 1
+        if pull:
+            self._pulled.add(key)
+        return s
+
+    def _refuse(self, reason: Reason, redirect: str = "") -> Reject:
+        self.counters.rejections[reason.name.lower()] += 1
+        return Reject(reason, redirect)
+
+    def note_load(self, duty: float, machine: float, listeners: int) -> None:
+        """The relay's measured fan-out duty cycle (0..1 of a core) with this
+        many listeners, and the machine's CPU busy fraction (0..1)."""
+        self.load, self.machine, self.load_listeners = duty, machine, listeners
+
+    def _over_load(self, now: float, transport_full: Callable[[], bool] | None = None) -> bool:
+        cfg = self.cfg
+        # The relay's cost grows with its listeners, so one more costs about
+        # load / load_listeners; below 5 % the measure is mostly noise (or
+        # the publisher is quiet) and only max_listeners applies. The
+        # machine's CPU is not projected: other processes do not grow with
+        # our listeners. It is a cap of its own, with headroom.
+        projected = self.load * (self.core.listeners + 1) / self.load_listeners if self.load_listeners else 0.0
+        why = ""
+        if cfg.max_load > 0 and self.load >= 0.05 and projected > cfg.max_load:
+            why = f"relay duty {self.load:.3f} with {self.load_listeners} listeners projects to " \
+                  f"{projected:.3f} > max_load {cfg.max_load}"
+        elif cfg.max_machine_load > 0 and self.machine > cfg.max_machine_load:
+            why = f"machine CPU {self.machine:.3f} busy > max_machine_load {cfg.max_machine_load}"
+        elif transport_full is not None and transport_full():
+            why = "the event-loop thread would pass max_load with one more QUIC session"
+        if not why:
+            return False
+        self.counters.rejections_load += 1
+        self._load_refused += 1
+        if now - self._load_logged >= LOAD_LOG_EVERY_S:
+            # a storm refuses thousands a second: one line per interval, with the count
+            log.warning("refusing joins for load: %s (%d refused since the last line)", why, self._load_refused)
+            self._load_logged, self._load_refused = now, 0
+        return True
+
+    def accept_message(self, s: Session) -> Accept:
+        """The ACCEPT that tells a listener its session."""
+        return Accept(s.session_id, s.ssrc, int(self.cfg.keepalive_interval * 1000),
+                      int(self.cfg.session_timeout * 1000))
+
+    def _remove(self, s: Session) -> None:
+        self.core.listener_remove(s.slot)
+        del self.table[s.key]
+        self._by_room[(s.room, s.transport)] -= 1
+        self._pulled.discard(s.key)
+
+    def end(self, key: Hashable, why: str) -> Session | None:
+        """End the session under `key`, if there is one; `why` is "left"
+        (LEAVE, or a closed connection) or "timeout", for the counters."""
+        s = self.table.get(key)
+        if s is None:
+            return None
+        self._remove(s)
+        if why == "left":
+            self.counters.leaves += 1
+        elif why == "timeout":
+            self.counters.timeouts += 1
+        return s
+
+    # ------------------------------------------------------------------ RTCP
+
+    def on_rtcp(self, data: bytes, addr: tuple, now: float) -> Resend | None:
+        """Receiver reports keep a UDP session alive; NACKs become a Resend
+        of what the listener's budget allows (rate-limited per listener)."""
+        s = self.table.get(addr)
+        if s is None:
+            return None  # unproven address: nothing is sent back, ever
+        ok, nacks = parse_rtcp(data)
+        if not ok:
+            self.counters.control_malformed += 1
+            return None
+        s.last_seen = now
+        seqs: list[int] = []
+        for nack in nacks:
+            if nack.media_ssrc != s.ssrc:
+                continue
+            for seq in nack.seqs:
+                self.counters.nacks += 1
+                s.nack_budget = min(self.NACK_BURST, s.nack_budget + (now - s.nack_at) * self.NACK_RATE)
+                s.nack_at = now
+                if s.nack_budget < 1:
+                    self.counters.nack_rate_limited += 1
+                    continue
+                s.nack_budget -= 1
+                seqs.append(seq)
+        return Resend(s.slot, tuple(seqs)) if seqs else None
+
+    # ------------------------------------------------------------- lifecycle
+
+    def expire(self, now: float) -> int:
+        """End UDP sessions silent for longer than the timeout (consent
+        lapsed: we stop sending). QUIC's own idle timeout ends QUIC ones.
+        Returns how many ended."""
+        cutoff = now - self.cfg.session_timeout
+        stale = [s for s in self.table.values() if s.transport == UDP and s.last_seen < cutoff]
+        for s in stale:
+            self.end(s.key, "timeout")
+        return len(stale)
+
+    def pulled(self) -> list[Hashable]:
+        """Keys (connections) of the sessions their transport pulls audio for."""
+        return list(self._pulled)
+
+    def listeners(self, room: str, transport: str) -> int:
+        """Sessions in `room` over `transport`."""
+        return self._by_room[(room, transport)]
+
+    def end_room(self, room: str) -> list[Tell]:
+        """End every session of a room that is going away."""
+        gone = [s for s in self.table.values() if s.room == room]
+        for s in gone:
+            self._remove(s)
+        return [Tell(s, Reject(Reason.UNKNOWN_ROOM)) for s in gone]
+
+    def reconfigure(self, cfg: NodeConfig, auth: Auth) -> None:
+        """New limits and token settings, for joins from now on."""
+        self.cfg, self.auth = cfg, auth
+        self.limiter = JoinLimiter(cfg.join_rate, cfg.join_rate_per_source)
+
+    def drain(self) -> list[Tell]:
+        """Stop admitting; end every session, each told DRAINING with its
+        transport's redirect if one is configured."""
+        self.draining = True
+        out = []
+        for s in list(self.table.values()):
+            self._remove(s)
+            out.append(Tell(s, Reject(Reason.DRAINING, self.cfg.redirect if s.transport == UDP
+                                      else self.cfg.quic_redirect)))
+        return out
+
+    @staticmethod
+    def sends(tells: list[Tell]) -> list[Send]:
+        """The UDP datagrams among `tells`."""
+        return [Send(t.session.key, encode(t.reject)) for t in tells  # type: ignore[arg-type]
+                if t.session.transport == UDP]  # a UDP session's key is its address
