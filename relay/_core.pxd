@@ -11,5 +11,3 @@ cdef class Core:
     cdef Room *_room(self, int room) except NULL
     cdef Listener *_listener(self, int slot) except NULL
     cdef bytes _slot_bytes(self, int32_t slot, uint32_t j)
-    cdef list _per_shard(self, int field)
-    cdef tuple _histogram(self, int which)

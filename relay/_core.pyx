@@ -2,14 +2,17 @@
 
 Data path (DESIGN.md), one included file per step:
 
-    core/ingest.pxi  ingest fd --recvmmsg--> datagrams
-    core/rtp.pxi     parse RTP, check source, rewrite numbering once per room
-                     into the room's history
-    core/fanout.pxi  memcpy into every listener's ring slot with that
-                     listener's SSRC, sequence and timestamp
-    core/egress.pxi  egress queue --sendmmsg, GIL released--> kernel;
-                     NACK resends from the ring
-    core/shards.pxi  shard locks, wake-ups and the sender threads' loop
+    core/arena.pxi      the memory all of it runs over, allocated once
+    core/listeners.pxi  join and leave: slots from a free list, room lists
+    core/ingest.pxi     ingest fd --recvmmsg--> datagrams
+    core/rtp.pxi        parse RTP, check source, rewrite numbering once per
+                        room into the room's history
+    core/fanout.pxi     memcpy into every listener's ring slot with that
+                        listener's SSRC, sequence and timestamp
+    core/egress.pxi     egress queue --sendmmsg, GIL released--> kernel;
+                        NACK resends from the ring
+    core/shards.pxi     shard locks, wake-ups and the sender threads' loop
+    core/stats.pxi      counters, read at scrape time
 
 This file is the shell: the Core's lifecycle (every allocation happens when
 a Core is built and is freed with it) and its Python API. State lives in one
@@ -55,36 +58,14 @@ cpdef enum Ingest:
     INGEST_RTCP = 6
 
 
+include "core/arena.pxi"
+include "core/listeners.pxi"
 include "core/ingest.pxi"
 include "core/rtp.pxi"
 include "core/fanout.pxi"
 include "core/egress.pxi"
 include "core/shards.pxi"
-
-
-cdef uint64_t _allocs = 0
-cdef uint64_t _frees = 0
-
-
-cdef void *_alloc(size_t n, size_t size) except NULL:
-    global _allocs
-    cdef void *p = calloc(n if n > 0 else 1, size)
-    if p == NULL:
-        raise MemoryError()
-    _allocs += 1
-    return p
-
-
-cdef void _free(void *p) noexcept:
-    global _frees
-    if p != NULL:
-        free(p)
-        _frees += 1
-
-
-def allocation_balance():
-    """(allocations, frees) made by every Core so far: a leak check for tests."""
-    return _allocs, _frees
+include "core/stats.pxi"
 
 
 cdef int _sockaddr_len_ok(bytes sockaddr):
@@ -113,8 +94,6 @@ cdef class Core:
 
     def __cinit__(self, int capacity, int rooms=16, int depth=16, int slot_bytes=480, int shards=1,
                   threaded=None):
-        cdef int i, k, per
-        cdef Shard *s
         cdef CoreState *c = &self.st
         memset(c, 0, sizeof(CoreState))
         c.pull_fd = -1
@@ -139,93 +118,13 @@ cdef class Core:
         c.slot_bytes = slot_bytes
         c.shards = shards
         c.threaded = 1 if threaded else 0
-        # calloc'd ring memory is only backed by pages once a listener writes
-        # to it, so an idle arena costs address space, not resident memory.
-        c.ls = <Listener *>_alloc(<size_t>capacity, sizeof(Listener))
-        c.rm = <Room *>_alloc(<size_t>rooms, sizeof(Room))
-        c.sh = <Shard *>_alloc(<size_t>shards, sizeof(Shard))
-        c.rings = <uint8_t *>_alloc(<size_t>capacity * <size_t>depth, <size_t>slot_bytes)
-        c.ring_len = <uint16_t *>_alloc(<size_t>capacity * <size_t>depth, sizeof(uint16_t))
-        # the room history is twice the ring depth: shards read at most
-        # depth - 1 entries behind the head, so the ingest thread would have
-        # to accept depth more packets during one entry's fan-out before it
-        # could overwrite the entry being read
-        c.hist = <uint8_t *>_alloc(<size_t>rooms * c.hist_depth, <size_t>slot_bytes)
-        c.hist_len = <uint16_t *>_alloc(<size_t>rooms * c.hist_depth, sizeof(uint16_t))
-        c.hist_rx = <int64_t *>_alloc(<size_t>rooms * c.hist_depth, sizeof(int64_t))
-        c.rx = <mmsghdr *>_alloc(RX_BATCH, sizeof(mmsghdr))
-        c.rx_iov = <iovec *>_alloc(RX_BATCH, sizeof(iovec))
-        c.rx_buf = <uint8_t *>_alloc(RX_BATCH, RX_BUF)
-        c.rx_addr = <uint8_t *>_alloc(RX_BATCH, RX_ADDR)
-        for k in range(shards):
-            c.sh[k].efd = -1
-        per = (capacity + shards - 1) // shards
-        for k in range(shards):
-            s = &c.sh[k]
-            s.lo = min(k * per, capacity)
-            s.hi = min(s.lo + per, capacity)
-            s.free_list = <int32_t *>_alloc(<size_t>max(1, s.hi - s.lo), sizeof(int32_t))
-            s.queue = <int32_t *>_alloc(<size_t>max(1, s.hi - s.lo), sizeof(int32_t))
-            s.tx = <mmsghdr *>_alloc(TX_BATCH, sizeof(mmsghdr))
-            s.tx_iov = <iovec *>_alloc(TX_BATCH, sizeof(iovec))
-            s.tx_owner = <int32_t *>_alloc(TX_BATCH, sizeof(int32_t))
-            s.hist_seen = <uint32_t *>_alloc(<size_t>rooms, sizeof(uint32_t))
-            s.efd = eventfd(0, EFD_CLOEXEC)
-            if s.efd < 0:
-                raise OSError(errno, "eventfd failed")
-            pthread_mutex_init(&s.lock, NULL)
-            # hand out low slots first so a small crowd stays in few pages
-            for i in range(s.hi - s.lo):
-                s.free_list[i] = s.hi - 1 - i
-            s.n_free = s.hi - s.lo
-            for i in range(TX_BATCH):
-                s.tx[i].msg_hdr.msg_iov = &s.tx_iov[i]
-                s.tx[i].msg_hdr.msg_iovlen = 1
-        c.pull_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
-        if c.pull_fd < 0:
-            raise OSError(errno, "eventfd failed")
-        for i in range(RX_BATCH):
-            c.rx_iov[i].iov_base = c.rx_buf + <size_t>i * RX_BUF
-            c.rx_iov[i].iov_len = RX_BUF
-            c.rx[i].msg_hdr.msg_iov = &c.rx_iov[i]
-            c.rx[i].msg_hdr.msg_iovlen = 1
-        for i in range(rooms):
-            for k in range(MAX_SHARDS):
-                c.rm[i].first[k] = -1
+        arena_build(c)
 
     def __dealloc__(self):
         self._release()
 
     cdef void _release(self) noexcept:
-        cdef CoreState *c = &self.st
-        cdef int k
-        if c.sh != NULL:
-            for k in range(c.shards):
-                _free(c.sh[k].free_list)
-                _free(c.sh[k].queue)
-                _free(c.sh[k].tx)
-                _free(c.sh[k].tx_iov)
-                _free(c.sh[k].tx_owner)
-                _free(c.sh[k].hist_seen)
-                if c.sh[k].efd >= 0:
-                    close(c.sh[k].efd)
-                    pthread_mutex_destroy(&c.sh[k].lock)
-        if c.pull_fd >= 0:
-            close(c.pull_fd)
-        _free(c.ls)
-        _free(c.rm)
-        _free(c.sh)
-        _free(c.rings)
-        _free(c.ring_len)
-        _free(c.hist)
-        _free(c.hist_len)
-        _free(c.hist_rx)
-        _free(c.rx)
-        _free(c.rx_iov)
-        _free(c.rx_buf)
-        _free(c.rx_addr)
-        memset(c, 0, sizeof(CoreState))
-        c.pull_fd = -1
+        arena_release(&self.st)
 
     # ------------------------------------------------------------- shape
 
@@ -338,56 +237,30 @@ cdef class Core:
         queued at once so playback can start without waiting."""
         cdef CoreState *c = &self.st
         cdef Room *r = self._room(room)
-        cdef Listener *l
-        cdef Shard *s
         cdef int32_t i
-        cdef int k, best = -1, queued
-        cdef uint8_t was_queued
+        cdef int k, queued
+        cdef const uint8_t *addr = <const uint8_t *>b""
+        cdef uint8_t addrlen = 0
         if not r.active:
             raise ValueError(f"room {room} is not open")
-        if not pull and not _sockaddr_len_ok(sockaddr):
-            raise ValueError("sockaddr must be 16 bytes (AF_INET) or 28 (AF_INET6)")
-        # n_free and listeners change only on this thread (joins and leaves)
-        for k in range(c.shards):
-            if c.sh[k].n_free > 0 and (best < 0 or c.sh[k].listeners < c.sh[best].listeners):
-                best = k
-        if best < 0:
+        if not pull:
+            if not _sockaddr_len_ok(sockaddr):
+                raise ValueError("sockaddr must be 16 bytes (AF_INET) or 28 (AF_INET6)")
+            addr, addrlen = <const uint8_t *>sockaddr, <uint8_t>len(sockaddr)
+        k = least_loaded_shard(c)
+        if k < 0:
             return -1
         if now_ns < 0:
             now_ns = monotonic_ns()
-        s = &c.sh[best]
-        lock_shard_gil(c, best)
-        s.n_free -= 1
-        i = s.free_list[s.n_free]
-        l = &c.ls[i]
-        # `queued` survives reuse on purpose: a stale queue entry for this slot
-        # may still be waiting, and it now simply serves the new listener.
-        was_queued = l.queued
-        memset(l, 0, sizeof(Listener))
-        l.queued = was_queued
-        l.active = 1
-        l.pull = 1 if pull else 0
-        l.room = room
-        l.shard = best
-        l.ssrc = ssrc
-        l.seq_off = seq_off
-        l.ts_off = ts_off
-        if not pull:
-            l.addrlen = <uint8_t>len(sockaddr)
-            memcpy(l.addr, <const uint8_t *>sockaddr, l.addrlen)
-        l.prev = -1
-        l.next = r.first[best]
-        if r.first[best] >= 0:
-            c.ls[r.first[best]].prev = i
-        r.first[best] = i
-        s.listeners += 1
-        burst_recent(c, s, room, i, burst, now_ns)
-        queued = s.q_len
-        unlock_shard(c, best)
+        lock_shard_gil(c, k)
+        i = listener_take(c, k, room, addr, addrlen, ssrc, seq_off, ts_off)
+        burst_recent(c, &c.sh[k], room, i, burst, now_ns)
+        queued = c.sh[k].q_len
+        unlock_shard(c, k)
         r.n_listeners += 1
         c.listeners += 1
         if c.threaded and queued:
-            wake(c, best)
+            wake(c, k)
         return i
 
     cdef Listener *_listener(self, int slot) except NULL:
@@ -397,26 +270,14 @@ cdef class Core:
 
     def listener_remove(self, int slot):
         """Take the listener out of its room and return its slot to the free list."""
-        cdef CoreState *c = &self.st
         cdef Listener *l = self._listener(slot)
-        cdef Room *r = &c.rm[l.room]
         cdef int k = l.shard
-        cdef Shard *s = &c.sh[k]
-        lock_shard_gil(c, k)
-        if l.prev >= 0:
-            c.ls[l.prev].next = l.next
-        else:
-            r.first[k] = l.next
-        if l.next >= 0:
-            c.ls[l.next].prev = l.prev
-        l.active = 0
-        l.head = l.sent = 0
-        s.free_list[s.n_free] = slot
-        s.n_free += 1
-        s.listeners -= 1
-        unlock_shard(c, k)
+        cdef Room *r = &self.st.rm[l.room]
+        lock_shard_gil(&self.st, k)
+        listener_release(&self.st, slot)
+        unlock_shard(&self.st, k)
         r.n_listeners -= 1
-        c.listeners -= 1
+        self.st.listeners -= 1
 
     # ------------------------------------------------------------- data path
 
@@ -606,79 +467,17 @@ cdef class Core:
 
     def counters(self):
         """Node-wide counters, summed over rooms and shards."""
-        cdef CoreState *c = &self.st
-        cdef int k
-        cdef Shard *s
-        cdef uint64_t pin = 0, bin_ = 0, fo = 0, ma = 0, ov = 0, la = 0, rs = 0
-        cdef uint64_t po = 0, bo = 0, calls = 0, msgs = 0, wb = 0, dov = 0, dse = 0, lag = 0
-        cdef int64_t queued = 0
-        for k in range(c.rooms):
-            pin += c.rm[k].packets_in
-            bin_ += c.rm[k].bytes_in
-            fo += c.rm[k].drop_foreign
-            ma += c.rm[k].drop_malformed
-            ov += c.rm[k].drop_oversized
-            la += c.rm[k].drop_late
-            rs += c.rm[k].source_restarts
-        for k in range(c.shards):
-            s = &c.sh[k]
-            lock_shard_gil(c, k)
-            po += s.packets_out
-            bo += s.bytes_out
-            calls += s.sendmmsg_calls
-            msgs += s.sendmmsg_messages
-            wb += s.would_block
-            dov += s.drop_overflow
-            dse += s.drop_send_error
-            lag += s.drop_lag
-            queued += s.q_len
-            unlock_shard(c, k)
-        return {
-            "rx_datagrams": c.c_rx_datagrams,
-            "packets_in": pin,
-            "bytes_in": bin_,
-            "packets_out": po,
-            "bytes_out": bo,
-            "sendmmsg_calls": calls,
-            "sendmmsg_messages": msgs,
-            "would_block": wb,
-            "resends": c.c_resends,
-            "source_restarts": rs,
-            "rtcp_ignored": c.c_rtcp_ignored,
-            "drop_no_room": c.c_no_room,
-            "drop_foreign": fo,
-            "drop_malformed": ma,
-            "drop_oversized": ov,
-            "drop_late": la,
-            "drop_overflow": dov,
-            "drop_send_error": dse,
-            "drop_shard_lag": lag,
-            "listeners": c.listeners,
-            "queued": queued,
-        }
-
-    cdef list _per_shard(self, int field):
-        """One uint64 field of every shard, each read under its lock."""
-        cdef CoreState *c = &self.st
-        cdef int k
-        cdef uint64_t v
-        out = []
-        for k in range(c.shards):
-            lock_shard_gil(c, k)
-            v = c.sh[k].busy_ns if field == 0 else <uint64_t>c.sh[k].listeners
-            unlock_shard(c, k)
-            out.append(v)
-        return out
+        return stats_counters(&self.st)
 
     def busy_ns(self):
         """Per shard: nanoseconds its sender thread has spent fanning out and
         sending. Its rate of change is the shard's duty cycle, the node's
         measure of how close it is to what one core can send."""
-        return self._per_shard(0)
+        return stats_per_shard(&self.st, 0)
 
     def shard_listeners(self):
         """Listeners per shard."""
-        return self._per_shard(1)
+        return stats_per_shard(&self.st, 1)
 
     def room_stats(self, int room):
         """Per-room counters and stream state."""
@@ -715,26 +514,11 @@ cdef class Core:
         unlock_shard(&self.st, l.shard)
         return out
 
-    cdef tuple _histogram(self, int which):
-        """Bucket counts and sum over all shards, each read under its lock:
-        0 = fan-out latency (ns), 1 = sendmmsg batch sizes."""
-        cdef CoreState *c = &self.st
-        cdef int k, b, n = LAT_BUCKETS if which == 0 else BATCH_BUCKETS
-        cdef uint64_t total = 0
-        counts = [0] * n
-        for k in range(c.shards):
-            lock_shard_gil(c, k)
-            for b in range(n):
-                counts[b] += c.sh[k].lat_count[b] if which == 0 else c.sh[k].batch_count[b]
-            total += c.sh[k].lat_sum_ns if which == 0 else c.sh[k].sendmmsg_messages
-            unlock_shard(c, k)
-        return counts, total
-
     def latency_histogram(self):
         """(upper bounds in seconds, counts per bucket, sum in seconds) of
         ingest receive → last sendmmsg of that packet, over all shards."""
         cdef int b
-        counts, total = self._histogram(0)
+        counts, total = stats_histogram(&self.st, 0)
         bounds = [LAT_BOUNDS_NS[b] / 1e9 for b in range(LAT_BUCKETS - 1)] + [float("inf")]
         return bounds, counts, total / 1e9
 
@@ -742,6 +526,6 @@ cdef class Core:
         """(upper bounds, counts per bucket, sum) of messages per successful
         sendmmsg call; bounds are powers of two up to 1024."""
         cdef int b
-        counts, total = self._histogram(1)
+        counts, total = stats_histogram(&self.st, 1)
         return [float(1 << b) for b in range(BATCH_BUCKETS)], counts, float(total)
 

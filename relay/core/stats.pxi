@@ -1,0 +1,70 @@
+# Counters, read at scrape time: the rooms' (written by the ingest thread,
+# read on the same thread) and the shards' (written by whoever fans out for
+# the shard, so each is read under the shard's lock). Included by
+# relay/_core.pyx; called with the GIL held.
+
+
+cdef dict stats_counters(CoreState *c):
+    """Node-wide counters, summed over rooms and shards."""
+    cdef int k
+    cdef Shard *s
+    cdef uint64_t pin = 0, bin_ = 0, fo = 0, ma = 0, ov = 0, la = 0, rs = 0
+    cdef uint64_t po = 0, bo = 0, calls = 0, msgs = 0, wb = 0, dov = 0, dse = 0, lag = 0
+    cdef int64_t queued = 0
+    for k in range(c.rooms):
+        pin += c.rm[k].packets_in
+        bin_ += c.rm[k].bytes_in
+        fo += c.rm[k].drop_foreign
+        ma += c.rm[k].drop_malformed
+        ov += c.rm[k].drop_oversized
+        la += c.rm[k].drop_late
+        rs += c.rm[k].source_restarts
+    for k in range(c.shards):
+        s = &c.sh[k]
+        lock_shard_gil(c, k)
+        po += s.packets_out
+        bo += s.bytes_out
+        calls += s.sendmmsg_calls
+        msgs += s.sendmmsg_messages
+        wb += s.would_block
+        dov += s.drop_overflow
+        dse += s.drop_send_error
+        lag += s.drop_lag
+        queued += s.q_len
+        unlock_shard(c, k)
+    return {
+        "rx_datagrams": c.c_rx_datagrams, "packets_in": pin, "bytes_in": bin_,
+        "packets_out": po, "bytes_out": bo, "sendmmsg_calls": calls, "sendmmsg_messages": msgs,
+        "would_block": wb, "resends": c.c_resends, "source_restarts": rs,
+        "rtcp_ignored": c.c_rtcp_ignored, "drop_no_room": c.c_no_room, "drop_foreign": fo,
+        "drop_malformed": ma, "drop_oversized": ov, "drop_late": la, "drop_overflow": dov,
+        "drop_send_error": dse, "drop_shard_lag": lag, "listeners": c.listeners, "queued": queued,
+    }
+
+
+cdef list stats_per_shard(CoreState *c, int field):
+    """One figure of every shard: 0 = busy nanoseconds, 1 = listeners."""
+    cdef int k
+    cdef uint64_t v
+    out = []
+    for k in range(c.shards):
+        lock_shard_gil(c, k)
+        v = c.sh[k].busy_ns if field == 0 else <uint64_t>c.sh[k].listeners
+        unlock_shard(c, k)
+        out.append(v)
+    return out
+
+
+cdef tuple stats_histogram(CoreState *c, int which):
+    """Bucket counts and sum over all shards: 0 = fan-out latency (ns),
+    1 = sendmmsg batch sizes."""
+    cdef int k, b, n = LAT_BUCKETS if which == 0 else BATCH_BUCKETS
+    cdef uint64_t total = 0
+    counts = [0] * n
+    for k in range(c.shards):
+        lock_shard_gil(c, k)
+        for b in range(n):
+            counts[b] += c.sh[k].lat_count[b] if which == 0 else c.sh[k].batch_count[b]
+        total += c.sh[k].lat_sum_ns if which == 0 else c.sh[k].sendmmsg_messages
+        unlock_shard(c, k)
+    return counts, total
