@@ -41,7 +41,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from relay.testing.loadgen import LoopbackCrowd, free_port, scrape, wait_ready  # noqa: E402
-from run import cpu_seconds, terminate  # noqa: E402
+from procs import cpu_seconds, terminate  # noqa: E402
 
 PY = sys.executable
 RATE = 50   # packets per second: 20 ms Opus frames

@@ -45,26 +45,15 @@ sys.path.insert(0, str(ROOT))
 from relay.testing.loadgen import (LoopbackCrowd, free_port, histogram_quantile, raise_fd_limit,  # noqa: E402
                            scrape, wait_ready)
 from relay.client.publish import RtpPacketizer, encode_tone  # noqa: E402
+from procs import cpu_seconds, rss_bytes, terminate  # noqa: E402
 
 PY = sys.executable
-CLK = os.sysconf("SC_CLK_TCK")
 
 
 def udp_out() -> int:
     with open("/proc/net/snmp") as f:
         rows = [line.split() for line in f if line.startswith("Udp:")]
     return int(rows[1][rows[0].index("OutDatagrams")])
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK
-
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def build_limit() -> str:
@@ -168,16 +157,6 @@ def throughput_run(kind: str, listeners: int, crowd: LoopbackCrowd, dests: Path,
         return res
     finally:
         terminate(proc)
-
-
-def terminate(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL if it has not gone in 10 s."""
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def callgrind(kind: str, listeners: int, packets: int, limit_bin: str, dests: Path) -> float | None:
@@ -385,6 +364,22 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def medians(result: dict, impls: list[str], listeners: int) -> dict:
+    """Per implementation, the medians of its runs at this listener count
+    (and, for the relay, keep its last run's latency buckets)."""
+    med = {}
+    for impl in impls:
+        rs = [x for x in result["runs"] if x["impl"] == impl and x["listeners"] == listeners]
+        med[impl] = {k: statistics.median(x[k] for x in rs) for k in ("delivered_per_s", "cpu_cores",
+                                                                      "delivered_per_core_s")}
+        if impl == "relay":
+            for k in ("latency_p50_s", "latency_p99_s", "rss_per_listener_bytes"):
+                vals = [x[k] for x in rs if x.get(k) is not None]
+                med[impl][k] = statistics.median(vals) if vals else None
+            result["latency_buckets"][str(listeners)] = rs[-1]["latency_buckets"]
+    return med
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = ap.add_mutually_exclusive_group()
@@ -439,17 +434,7 @@ def main() -> None:
                           f"{res['delivered_per_core_s']:>10,.0f} per core-s", flush=True)
         finally:
             crowd.close()
-        med = {}
-        for impl in impls:
-            rs = [x for x in result["runs"] if x["impl"] == impl and x["listeners"] == L]
-            med[impl] = {k: statistics.median(x[k] for x in rs) for k in ("delivered_per_s", "cpu_cores",
-                                                                          "delivered_per_core_s")}
-            if impl == "relay":
-                for k in ("latency_p50_s", "latency_p99_s", "rss_per_listener_bytes"):
-                    vals = [x[k] for x in rs if x.get(k) is not None]
-                    med[impl][k] = statistics.median(vals) if vals else None
-                result["latency_buckets"][str(L)] = rs[-1]["latency_buckets"]
-        result["medians"][str(L)] = med
+        result["medians"][str(L)] = medians(result, impls, L)
     if cg:
         d = Path(tempfile.mkdtemp()) / "cgdests.txt"
         d.write_text("".join(f"127.1.{i // 250}.{1 + i % 250} 9\n" for i in range(cg[0])))

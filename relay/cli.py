@@ -97,21 +97,22 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------ listen
 
-def cmd_listen(args: argparse.Namespace) -> None:
-    from relay.client.listen import JoinRefused, ListenClient, sdp_for
+def _listen_sinks(args: argparse.Namespace) -> tuple[list[Callable[[bytes], None]], Callable[[], None]]:
+    """Where received packets go (an Ogg file, an RTP forward), and what
+    closes them at the end."""
+    from relay.client.listen import sdp_for
     from relay.client.ogg import OggOpusWriter
 
     sinks: list[Callable[[bytes], None]] = []
-    writer: OggOpusWriter | None = None
-    out_file: BinaryIO | None = None
+    closers: list[Callable[[], None]] = []
     if args.out:
         try:
-            out_file = open(args.out, "wb")
+            out_file: BinaryIO = open(args.out, "wb")
         except OSError as e:
             _die(f"--out {args.out}: {e.strerror}")
-        assert out_file is not None
-        ogg = writer = OggOpusWriter(out_file)
+        ogg = OggOpusWriter(out_file)
         sinks.append(lambda pkt: ogg.write(_payload(pkt)))
+        closers += [ogg.close, out_file.close]
     if args.forward:
         import socket
         try:
@@ -130,8 +131,18 @@ def cmd_listen(args: argparse.Namespace) -> None:
         if args.sdp:
             with open(args.sdp, "w") as f:
                 f.write(sdp_for(port, host))
-            print(f"play it live: ffplay -protocol_whitelist file,udp,rtp -i {args.sdp}",
-                  file=sys.stderr)
+            print(f"play it live: ffplay -protocol_whitelist file,udp,rtp -i {args.sdp}", file=sys.stderr)
+
+    def close() -> None:
+        for c in closers:
+            c()
+    return sinks, close
+
+
+def cmd_listen(args: argparse.Namespace) -> None:
+    from relay.client.listen import JoinRefused, ListenClient
+
+    sinks, close_sinks = _listen_sinks(args)
     try:
         server = parse_hostport(args.server or ("127.0.0.1:7443" if args.quic else "127.0.0.1:7000"))
     except ValueError as e:
@@ -180,9 +191,7 @@ def cmd_listen(args: argparse.Namespace) -> None:
     except KeyboardInterrupt:
         code = 0
     finally:
-        if writer is not None and out_file is not None:
-            writer.close()
-            out_file.close()
+        close_sinks()
     raise SystemExit(code)
 
 

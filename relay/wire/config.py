@@ -193,18 +193,7 @@ def from_dict(raw: dict[str, Any], label: str = "config", environ: Mapping[str, 
         cfg.listen = _addr("[node] listen", node["listen"])
     if "admin" in node:
         cfg.admin = None if node["admin"] == "" else _addr("[node] admin", node["admin"])
-    cfg.auth = node.get("auth", "jwt")
-    if cfg.auth not in ("jwt", "open"):
-        raise ConfigError(f"[node] auth: expected \"jwt\" or \"open\", got {cfg.auth!r}")
-    if cfg.auth == "jwt":
-        secret_env = node.get("secret_env", "RELAY_SECRET")
-        cfg.secret = env.get(secret_env, "")
-        if not cfg.secret:
-            raise ConfigError(f"[node] auth = \"jwt\" needs a secret: set the environment "
-                              f"variable {secret_env} (or use auth = \"open\" for local use)")
-        if len(cfg.secret.encode()) < 32:
-            raise ConfigError(f"[node] the secret in {secret_env} is {len(cfg.secret.encode())} bytes; "
-                              "HS256 wants at least 32 bytes")
+    _auth(cfg, node, env)
     cfg.max_listeners = _int("[node] max_listeners", node.get("max_listeners", cfg.max_listeners), 1, 10**7)
     cfg.ring_depth = _int("[node] ring_depth", node.get("ring_depth", cfg.ring_depth), 2, 4096)
     if cfg.ring_depth & (cfg.ring_depth - 1):
@@ -239,7 +228,26 @@ def from_dict(raw: dict[str, Any], label: str = "config", environ: Mapping[str, 
     if len(cfg.redirect.encode()) > MAX_REDIRECT:
         raise ConfigError(f"[node] redirect: at most {MAX_REDIRECT} bytes")
     _quic(cfg, node)
-    rooms = raw.get("room", [])
+    _rooms(cfg, raw.get("room", []), label)
+    return cfg
+
+
+def _auth(cfg: NodeConfig, node: dict[str, Any], env: Mapping[str, str]) -> None:
+    cfg.auth = node.get("auth", "jwt")
+    if cfg.auth not in ("jwt", "open"):
+        raise ConfigError(f"[node] auth: expected \"jwt\" or \"open\", got {cfg.auth!r}")
+    if cfg.auth == "jwt":
+        secret_env = node.get("secret_env", "RELAY_SECRET")
+        cfg.secret = env.get(secret_env, "")
+        if not cfg.secret:
+            raise ConfigError(f"[node] auth = \"jwt\" needs a secret: set the environment "
+                              f"variable {secret_env} (or use auth = \"open\" for local use)")
+        if len(cfg.secret.encode()) < 32:
+            raise ConfigError(f"[node] the secret in {secret_env} is {len(cfg.secret.encode())} bytes; "
+                              "HS256 wants at least 32 bytes")
+
+
+def _rooms(cfg: NodeConfig, rooms: Any, label: str) -> None:
     if not isinstance(rooms, list):
         raise ConfigError(f"{label}: rooms are [[room]] tables")
     cfg.rooms = [_room(i, r, cfg.auth == "open") for i, r in enumerate(rooms)]
@@ -256,4 +264,3 @@ def from_dict(raw: dict[str, Any], label: str = "config", environ: Mapping[str, 
             raise ConfigError(f"room {r.name!r}: ingest {r.ingest[0]}:{r.ingest[1]} is already in use")
         seen.add(r.name)
         ports.add(r.ingest)
-    return cfg
