@@ -23,6 +23,20 @@ def _die(msg: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
+def _positive(kind: type) -> Callable[[str], Any]:
+    """An argparse type: a number above zero."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        return value
+    parse.__name__ = kind.__name__   # argparse names the type in its messages
+    return parse
+
+
 def _run(coro) -> Any:
     try:
         import uvloop
@@ -45,6 +59,8 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["max_listeners"] = args.max_listeners
     if args.redirect is not None:
         out["redirect"] = args.redirect
+    if args.quic is not None:
+        out["quic"] = args.quic
     if args.workers is not None:
         out["workers"] = args.workers if args.workers == "auto" else _workers(args.workers)
     if args.room:
@@ -67,6 +83,7 @@ def _workers(text: str) -> int | str:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    from relay.node.certs import CertificateError
     from relay.node.node import Node
 
     try:
@@ -79,8 +96,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
     async def main() -> None:
         try:
             node = Node(cfg)
-        except ValueError as e:  # a configured QUIC certificate that does not load
+        except CertificateError as e:
             _die(f"[node] quic_cert: {e}")
+        except MemoryError:
+            _die(f"[node] max_listeners = {cfg.max_listeners}: not enough memory for the listener arena; "
+                 "lower max_listeners, ring_depth or slot_bytes")
         try:
             await node.start()
         except OSError as e:
@@ -105,6 +125,8 @@ def _listen_sinks(args: argparse.Namespace) -> tuple[list[Callable[[bytes], None
 
     sinks: list[Callable[[bytes], None]] = []
     closers: list[Callable[[], None]] = []
+    if args.sdp and not args.forward:
+        _die("--sdp describes the stream --forward sends: give --forward HOST:PORT too")
     if args.out:
         try:
             out_file: BinaryIO = open(args.out, "wb")
@@ -140,7 +162,7 @@ def _listen_sinks(args: argparse.Namespace) -> tuple[list[Callable[[bytes], None
 
 
 def cmd_listen(args: argparse.Namespace) -> None:
-    from relay.client.listen import JoinRefused, ListenClient
+    from relay.client.listen import JoinRefused, ListenClient, Unreachable
 
     sinks, close_sinks = _listen_sinks(args)
     try:
@@ -170,18 +192,17 @@ def cmd_listen(args: argparse.Namespace) -> None:
         else:
             client = ListenClient(f"{server[0]}:{server[1]}", args.room, token, sink=sink)
             refused = (JoinRefused,)
+        client.on_event = lambda text: print(f"relay: {text}", file=sys.stderr, flush=True)
         try:
             stats = await client.listen(args.duration)
         except refused as e:
             print(f"relay: {e}", file=sys.stderr)
             return 3
-        except (TimeoutError, ConnectionError) as e:
+        except (TimeoutError, ConnectionError, Unreachable) as e:
             print(f"relay: {e}", file=sys.stderr)
             return 4
         finally:
             await client.aclose()
-        for ev in stats.events:
-            print(f"relay: {ev}", file=sys.stderr)
         print(f"received {stats.received} packets ({stats.bytes} bytes), delivered "
               f"{stats.delivered}, lost {stats.lost}, NACKs {stats.nacks_sent}", file=sys.stderr)
         return 0
@@ -258,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--listen", help="listener UDP address, host:port")
     s.add_argument("--admin", help="admin/metrics HTTP address, host:port ('' to disable)")
     s.add_argument("--open", action="store_true", help="admit listeners without a token")
-    s.add_argument("--max-listeners", type=int, help="listeners this node admits")
+    s.add_argument("--max-listeners", type=_positive(int), help="listeners this node admits")
+    s.add_argument("--quic", help="QUIC and WebTransport listener address, host:port")
     s.add_argument("--redirect", help="host:port sent to listeners turned away when full")
     s.add_argument("--workers", help="sender threads, a number or 'auto' (one per core, the default)")
     s.add_argument("--room", action="append", help="NAME=HOST:PORT (replaces the config's rooms)")
@@ -277,29 +299,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="write the audio to this Ogg Opus file")
     s.add_argument("--forward", help="forward RTP to host:port (e.g. for ffplay)")
     s.add_argument("--sdp", help="with --forward: write an SDP file for the player")
-    s.add_argument("--duration", type=float, help="seconds to listen (default: until Ctrl-C)")
+    s.add_argument("--duration", type=_positive(float), help="seconds to listen (default: until Ctrl-C)")
     s.set_defaults(func=cmd_listen)
 
     s = sub.add_parser("publish", help="send RTP/Opus to a room's ingest port")
     s.add_argument("--to", default="127.0.0.1:5004", help="the room's ingest address")
     s.add_argument("--file", help="publish this file through ffmpeg")
     s.add_argument("--tone", type=float, default=440.0, help="tone frequency in Hz (default 440)")
-    s.add_argument("--duration", type=float, help="seconds (default: forever)")
+    s.add_argument("--duration", type=_positive(float), help="seconds (default: forever)")
     s.add_argument("--frame-ms", type=int, default=20, choices=[10, 20, 40, 60],
                    help="tone: milliseconds of audio per packet (default 20)")
-    s.add_argument("--bitrate", type=int, default=64000, help="tone: Opus bits/s (default 64000)")
+    s.add_argument("--bitrate", type=_positive(int), default=64000, help="tone: Opus bits/s (default 64000)")
     s.set_defaults(func=cmd_publish)
 
     s = sub.add_parser("token", help="mint a join token")
     s.add_argument("--room", required=True)
     s.add_argument("--role", default="listen", choices=["listen", "publish"])
-    s.add_argument("--ttl", type=float, default=3600.0, help="seconds until it expires")
+    s.add_argument("--ttl", type=_positive(float), default=3600.0, help="seconds until it expires")
     s.add_argument("--secret-env", default="RELAY_SECRET", help="variable holding the secret")
     s.set_defaults(func=cmd_token)
 
     s = sub.add_parser("demo", help="relay + tone publisher + a crowd of listeners on loopback")
-    s.add_argument("--listeners", type=int, default=2000)
-    s.add_argument("--seconds", type=float, default=10.0)
+    s.add_argument("--listeners", type=_positive(int), default=2000)
+    s.add_argument("--seconds", type=_positive(float), default=10.0)
     s.add_argument("--out", default="demo-listener.ogg", help="one listener's audio goes here")
     s.add_argument("--frame-ms", type=int, default=20, choices=[10, 20, 40, 60],
                    help="milliseconds of audio per packet (default 20: 50 packets/s)")

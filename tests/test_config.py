@@ -60,3 +60,36 @@ def test_serve_with_bad_config_prints_one_line(tmp_path) -> None:
                              capture_output=True, text=True, timeout=30)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert "cannot read" in missing.stderr
+
+
+# values that were accepted and then failed at run time (a MemoryError
+# traceback, a TypeError, a struct.error on every JOIN, a source reported as
+# a certificate problem, a keepalive ten thousand times a second)
+ACCEPTED_THEN_FAILING = [
+    ('max_listeners = 10000000', "max_listeners = 10000000 needs"),
+    ('secret_env = 5', "secret_env: expected the name of an environment variable"),
+    ('session_timeout = 5000000', "session_timeout: expected a positive number of seconds from 0.2 to 3600"),
+    ('keepalive_interval = 0.0001', "keepalive_interval: expected a positive number of seconds from 0.1 to 600"),
+]
+
+
+@pytest.mark.parametrize("line, needle", ACCEPTED_THEN_FAILING)
+def test_values_that_cannot_work_are_refused_up_front(line: str, needle: str, tmp_path) -> None:
+    text = GOOD.replace('auth = "jwt"', f'auth = "jwt"\n{line}')
+    with pytest.raises(ConfigError) as e:
+        load(text, environ={"RELAY_SECRET": "x" * 32})
+    assert needle in str(e.value) and "\n" not in str(e.value)
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(text)
+    p = subprocess.run([sys.executable, "-m", "relay", "serve", "-c", str(cfg)], capture_output=True,
+                       text=True, timeout=30, env={"RELAY_SECRET": "x" * 32, "PATH": "/usr/bin:/bin"})
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.count("\n") == 1 and needle in p.stderr
+
+
+def test_a_host_name_source_is_named_as_a_source_problem(tmp_path) -> None:
+    text = GOOD.replace('sources = ["127.0.0.1", "10.1.2.3:5000"]', 'sources = ["localhost"]')
+    with pytest.raises(ConfigError) as e:
+        load(text, environ={"RELAY_SECRET": "x" * 32})
+    assert str(e.value).startswith("room 'a': source 'localhost':")
+    assert "quic_cert" not in str(e.value)

@@ -73,3 +73,38 @@ sources = ["127.0.0.1"]
         if second is not None:
             second.close()
         assert stop(relay.proc) == 0
+
+
+def test_reload_onto_a_taken_ingest_port_keeps_the_room_on_its_old_port(tmp_path) -> None:
+    import socket
+
+    relay = start_relay(tmp_path)
+    cfg_path = tmp_path / "relay.toml"
+    taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    taken.bind(("127.0.0.1", 0))
+    busy = taken.getsockname()[1]
+    crowd = LoopbackCrowd(5, relay.listen, relay.room)
+    pub = None
+    try:
+        assert crowd.join().accepted == 5
+        old = f'ingest = "{relay.ingest[0]}:{relay.ingest[1]}"'
+        cfg_path.write_text(cfg_path.read_text().replace(old, f'ingest = "127.0.0.1:{busy}"'))
+        relay.proc.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        assert relay.proc.poll() is None
+        # the publisher still reaches the room on the old port, and the
+        # listeners hear it: the failed rebind did not leave the room deaf
+        pub = subprocess.Popen(relay.relay_cmd("publish", "--to", f"{relay.ingest[0]}:{relay.ingest[1]}",
+                                               "--duration", "3"), env=relay.env, stderr=subprocess.DEVNULL)
+        crowd.run(2.5)
+        totals = crowd.crowd.totals()
+        assert totals["heard"] == 5 and totals["received"] >= 5 * 50, totals
+    finally:
+        if pub is not None:
+            pub.kill()
+            pub.wait()
+        crowd.close()
+        taken.close()
+        assert stop(relay.proc) == 0
+    log = relay.proc.stdout.read()
+    assert f"cannot bind ingest 127.0.0.1:{busy}" in log and "kept the old port" in log, log

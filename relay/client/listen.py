@@ -26,13 +26,26 @@ log = logging.getLogger("relay.client.listen")
 REORDER_PACKETS = 4   # hold this many packets for late resends before giving up a gap
 
 
+# what a node may tell a listener, clamped: a keepalive interval of 0 would
+# make a client send keepalives as fast as it can
+KEEPALIVE_MS = (100, 600_000)
+
+
 class JoinRefused(Exception):
     """The node said no; `reason` and `redirect` say why and where to go."""
 
-    def __init__(self, reason: Reason, redirect: str = "") -> None:
-        super().__init__(f"join refused: {reason.name.lower()}"
-                         + (f", go to {redirect}" if redirect else ""))
+    def __init__(self, reason: Reason, redirect: str = "", had_token: bool = True) -> None:
+        if reason == Reason.BAD_TOKEN and not had_token:
+            text = "join refused: this room needs a token (pass --token or set RELAY_TOKEN)"
+        else:
+            text = f"join refused: {reason.name.lower()}" + (f", go to {redirect}" if redirect else "")
+        super().__init__(text)
         self.reason, self.redirect = reason, redirect
+
+
+class Unreachable(Exception):
+    """The node's address cannot be used (a name that does not resolve, an
+    address this machine cannot send to); the message says which and why."""
 
 
 @dataclass
@@ -77,14 +90,29 @@ class ListenClient:
         self._high: int | None = None
         self._nacked: set[int] = set()
         self._sender_ssrc = int.from_bytes(os.urandom(4), "big")
+        self.on_event: Callable[[str], None] | None = None   # told each event as it happens
+        self._via = ""    # how we came to the current server, for error messages
+
+    def _event(self, text: str) -> None:
+        self.stats.events.append(text)
+        if self.on_event is not None:
+            self.on_event(text)
+
+    def _where(self) -> str:
+        return f"{self.server[0]}:{self.server[1]}" + (f" ({self._via})" if self._via else "")
 
     async def _open(self) -> None:
         if self._transport is not None:
             self._transport.close()
         loop = asyncio.get_running_loop()
-        family = socket.AF_INET6 if ":" in self.server[0] else socket.AF_INET
-        self._transport, _ = await loop.create_datagram_endpoint(
-            lambda: _Proto(self), remote_addr=self.server, family=family)
+        family = socket.AF_INET6 if ":" in self.server[0] else socket.AF_UNSPEC
+        try:
+            self._transport, _ = await loop.create_datagram_endpoint(
+                lambda: _Proto(self), remote_addr=self.server, family=family)
+        except socket.gaierror as e:
+            raise Unreachable(f"cannot resolve {self._where()}: {e.strerror}") from None
+        except OSError as e:
+            raise Unreachable(f"cannot send to {self._where()}: {e.strerror}") from None
 
     def _send(self, data: bytes) -> None:
         if self._transport is not None:
@@ -110,14 +138,29 @@ class ListenClient:
 
     def _redirected(self, reason: Reason, redirect: str) -> bool:
         """Take a refusal's redirect if it is one to follow; True if taken."""
-        if redirect and reason in (Reason.NODE_FULL, Reason.ROOM_FULL, Reason.DRAINING,
-                                   Reason.RATE_LIMITED):
-            self.stats.events.append(f"redirected to {redirect} ({reason.name.lower()})")
+        if not redirect or reason not in (Reason.NODE_FULL, Reason.ROOM_FULL, Reason.DRAINING,
+                                          Reason.RATE_LIMITED):
+            return False
+        here = f"{self.server[0]}:{self.server[1]}"
+        try:
             self.server = parse_hostport(redirect)
-            return True
-        return False
+        except ValueError as e:
+            self._event(f"{here} said {reason.name.lower()} and sent us to {redirect!r}, "
+                        f"which is not an address ({e}): not following it")
+            return False
+        self._via = f"sent there by {here}: {reason.name.lower()}"
+        self._event(f"{here} said {reason.name.lower()}: going to {redirect}")
+        return True
+
+    def _refused(self, msg: Reject) -> JoinRefused:
+        return JoinRefused(msg.reason, msg.redirect, had_token=bool(self.token))
 
     def _joined(self, msg: Accept) -> Accept:
+        lo, hi = KEEPALIVE_MS
+        if not lo <= msg.keepalive_ms <= hi:
+            self._event(f"the node asked for keepalives every {msg.keepalive_ms} ms; using "
+                        f"{min(max(msg.keepalive_ms, lo), hi)} ms")
+            msg = Accept(msg.session_id, msg.ssrc, min(max(msg.keepalive_ms, lo), hi), msg.timeout_ms)
         self._session = msg
         self.stats.ssrc = msg.ssrc
         self.stats.joined_at = time.monotonic()
@@ -125,7 +168,11 @@ class ListenClient:
 
     async def _move(self, redirect: str) -> None:
         """The node sent us elsewhere mid-session: join there."""
-        self.server = parse_hostport(redirect)
+        try:
+            self.server = parse_hostport(redirect)
+        except ValueError as e:
+            raise Unreachable(f"the node sent us to {redirect!r}, which is not an address: {e}") from None
+        self._via = "sent there by the draining node"
         self.stats.rejoins += 1
         await self.join()
 
@@ -149,10 +196,10 @@ class ListenClient:
                     elif isinstance(msg, Accept):
                         return self._joined(msg)
                     elif isinstance(msg, Reject):
-                        raise JoinRefused(msg.reason, msg.redirect)
+                        raise self._refused(msg)
             except asyncio.TimeoutError:
                 continue
-        raise TimeoutError(f"no answer from {self.server[0]}:{self.server[1]}")
+        raise TimeoutError(f"no answer from {self._where()}")
 
     def _datagram(self, data: bytes) -> None:
         if is_control(data):
@@ -225,11 +272,10 @@ class ListenClient:
             if isinstance(msg, Reject):
                 if msg.reason == Reason.UNKNOWN_SESSION:
                     self.stats.rejoins += 1
-                    self.stats.events.append("session forgotten by the node: rejoining")
+                    self._event("session forgotten by the node: rejoining")
                     await self.join()
                 elif msg.reason == Reason.DRAINING:
-                    self.stats.events.append("node draining" + (f", moving to {msg.redirect}"
-                                                                if msg.redirect else ""))
+                    self._event("node draining" + (f", moving to {msg.redirect}" if msg.redirect else ""))
                     if not msg.redirect:
                         break
                     await self._move(msg.redirect)

@@ -120,7 +120,7 @@ class QuicListenClient(ListenClient):
                 return self._joined(msg)
             if self._redirected(msg.reason, msg.redirect):
                 continue
-            raise JoinRefused(msg.reason, msg.redirect)
+            raise self._refused(msg)
         raise JoinRefused(Reason.NODE_FULL, "")
 
     async def _connect_retrying(self, attempts: int, timeout: float) -> _Conn:
@@ -130,7 +130,7 @@ class QuicListenClient(ListenClient):
                 return await self._connect(timeout)
             except (asyncio.TimeoutError, ConnectionError):
                 await self._disconnect()
-        raise TimeoutError(f"no QUIC answer from {self.server[0]}:{self.server[1]}")
+        raise TimeoutError(f"no QUIC answer from {self._where()}")
 
     async def _next_control(self, timeout: float | None) -> Accept | Reject:
         assert self._conn is not None
@@ -153,11 +153,11 @@ class QuicListenClient(ListenClient):
             except asyncio.TimeoutError:
                 break
             except ConnectionError as e:
-                self.stats.events.append(str(e))
+                self._event(str(e))
                 break
             if isinstance(msg, Reject):
-                self.stats.events.append(f"node says {msg.reason.name.lower()}"
-                                         + (f", moving to {msg.redirect}" if msg.redirect else ""))
+                self._event(f"node says {msg.reason.name.lower()}"
+                            + (f", moving to {msg.redirect}" if msg.redirect else ""))
                 if not msg.redirect:
                     break
                 await self._move(msg.redirect)

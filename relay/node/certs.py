@@ -59,17 +59,21 @@ def self_signed(hosts: list[str], days: int = SELF_SIGNED_DAYS) -> Credentials:
     return Credentials([cert], key, True)
 
 
+class CertificateError(ValueError):
+    """A configured certificate or key that cannot be used; one readable line."""
+
+
 def load(cert_path: str, key_path: str) -> Credentials:
-    """A configured PEM chain and key; raises ValueError with a readable line."""
+    """A configured PEM chain and key; raises CertificateError."""
     try:
         with open(cert_path, "rb") as f:
             chain = x509.load_pem_x509_certificates(f.read())
         with open(key_path, "rb") as f:
             key = serialization.load_pem_private_key(f.read(), password=None)
     except OSError as e:
-        raise ValueError(f"cannot read {e.filename}: {e.strerror}") from None
+        raise CertificateError(f"cannot read {e.filename}: {e.strerror}") from None
     except (ValueError, TypeError) as e:
-        raise ValueError(f"not a PEM certificate and unencrypted key: {e}") from None
+        raise CertificateError(f"not a PEM certificate and unencrypted key: {e}") from None
     if not chain:
-        raise ValueError(f"{cert_path}: no certificate")
+        raise CertificateError(f"{cert_path}: no certificate")
     return Credentials(chain, key, False)

@@ -28,6 +28,9 @@ from relay.wire.tokens import Auth, TokenError
 log = logging.getLogger("relay.sessions")
 
 UDP = "udp"
+# RTCP a listener may send us: an RR and a NACK of a few dozen FCIs fit
+# many times over; anything longer is not from a well-behaved listener
+MAX_RTCP = 512
 LOAD_LOG_EVERY_S = 10.0   # at most one log line per this long about refusals for load
 PULLED = ("quic", "webtransport")   # transports that pull from their rings
 
@@ -281,24 +284,36 @@ class Sessions:
     # ------------------------------------------------------------------ RTCP
 
     def on_rtcp(self, data: bytes, addr: tuple, now: float) -> Resend | None:
-        """Receiver reports keep a UDP session alive; NACKs become a Resend
-        of what the listener's budget allows (rate-limited per listener)."""
+        """NACKs from a UDP session become a Resend of what the listener's
+        budget allows. The budget is checked before anything is parsed and
+        bounds how much of a NACK is read, so a flood of huge NACKs costs
+        the loop a table lookup each, and only the sender pays for it.
+        RTCP does not renew consent: only a KEEPALIVE, which carries the
+        session id, does (an RR is easy to forge from a departed listener's
+        address)."""
         s = self.table.get(addr)
         if s is None:
             return None  # unproven address: nothing is sent back, ever
-        ok, nacks = parse_rtcp(data)
+        s.nack_budget = min(self.NACK_BURST, s.nack_budget + (now - s.nack_at) * self.NACK_RATE)
+        s.nack_at = now
+        if s.nack_budget < 1:
+            # at least one sequence number asked for, none parsed
+            self.counters.nacks += 1
+            self.counters.nack_rate_limited += 1
+            return None
+        if len(data) > MAX_RTCP:
+            self.counters.control_malformed += 1
+            return None
+        ok, nacks = parse_rtcp(data, max_seqs=int(s.nack_budget) + 1)
         if not ok:
             self.counters.control_malformed += 1
             return None
-        s.last_seen = now
         seqs: list[int] = []
         for nack in nacks:
             if nack.media_ssrc != s.ssrc:
                 continue
             for seq in nack.seqs:
                 self.counters.nacks += 1
-                s.nack_budget = min(self.NACK_BURST, s.nack_budget + (now - s.nack_at) * self.NACK_RATE)
-                s.nack_at = now
                 if s.nack_budget < 1:
                     self.counters.nack_rate_limited += 1
                     continue

@@ -16,11 +16,13 @@ from typing import Iterable
 
 from relay._core import Core
 from relay.node.sessions import Resend, Send, Sessions
-from relay.wire.protocol import MAGIC
+from relay.wire.protocol import MAGIC, MAX_CONTROL
 
 CONTROL_BATCH = 256      # control datagrams handled per wake-up, so fan-out is never starved
 SOCKET_BUFFER = 8 << 20
-CONTROL_BUFFER = 2048
+# every control message fits (a longer datagram is not one of ours), and
+# RTCP compound packets from listeners are far smaller
+CONTROL_BUFFER = MAX_CONTROL + 1
 
 
 def udp_socket(host: str, port: int, sndbuf: int = 0, rcvbuf: int = 0) -> socket.socket:

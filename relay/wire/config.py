@@ -2,6 +2,7 @@
 for the demo. Every mistake becomes one ConfigError line naming what to fix."""
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -92,10 +93,35 @@ def _int(where: str, value: Any, lo: int, hi: int) -> int:
     return value
 
 
-def _seconds(where: str, value: Any) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"{where}: expected a positive number of seconds, got {value!r}")
+def _seconds(where: str, value: Any, lo: float = 0.0, hi: float = float("inf")) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0 or not lo <= value <= hi:
+        bounds = f" from {lo:g} to {hi:g}" if hi != float("inf") else ""
+        raise ConfigError(f"{where}: expected a positive number of seconds{bounds}, got {value!r}")
     return float(value)
+
+
+# what one listener slot costs besides its ring (the Listener struct, its
+# ring's length table and queue entry, rounded up)
+SLOT_OVERHEAD = 160
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0
+
+
+def _check_arena(cfg: NodeConfig) -> None:
+    """The listener arena is reserved at start-up; refuse a size the machine
+    could never hold, with the figures, instead of failing in calloc."""
+    need = cfg.max_listeners * (cfg.ring_depth * (cfg.slot_bytes + 2) + SLOT_OVERHEAD)
+    have = _physical_memory()
+    if have and need > have:
+        raise ConfigError(f"[node] max_listeners = {cfg.max_listeners} needs {need / 2**30:.1f} GiB of "
+                          f"listener rings (ring_depth {cfg.ring_depth} x slot_bytes {cfg.slot_bytes} each) "
+                          f"but this machine has {have / 2**30:.1f} GiB: lower max_listeners, ring_depth "
+                          f"or slot_bytes")
 
 
 def _room(i: int, raw: Any, open_auth: bool) -> RoomConfig:
@@ -123,9 +149,11 @@ def _room(i: int, raw: Any, open_auth: bool) -> RoomConfig:
             any_source = True
             continue
         try:
-            sources.append(parse_hostport(str(s), default_port=0))
+            host, port = parse_hostport(str(s), default_port=0)
+            ipaddress.ip_address(host)
         except ValueError as e:
             raise ConfigError(f"{where}: source {s!r}: {e}") from None
+        sources.append((host, port))
     limit = _int(f"{where}: max_listeners", raw.get("max_listeners", 0), 0, 10**7)
     return RoomConfig(name, ingest, sources, any_source, limit)
 
@@ -201,12 +229,15 @@ def from_dict(raw: dict[str, Any], label: str = "config", environ: Mapping[str, 
     cfg.slot_bytes = _int("[node] slot_bytes", node.get("slot_bytes", cfg.slot_bytes), 64, 2048)
     cfg.burst_packets = _int("[node] burst_packets", node.get("burst_packets", cfg.burst_packets),
                              0, cfg.ring_depth - 1)
+    # the ACCEPT carries both in milliseconds; keepalives faster than 10 a
+    # second would only be load
     cfg.keepalive_interval = _seconds("[node] keepalive_interval",
-                                      node.get("keepalive_interval", cfg.keepalive_interval))
+                                      node.get("keepalive_interval", cfg.keepalive_interval), 0.1, 600)
     cfg.session_timeout = _seconds("[node] session_timeout",
-                                   node.get("session_timeout", cfg.session_timeout))
+                                   node.get("session_timeout", cfg.session_timeout), 0.2, 3600)
     if cfg.session_timeout < 2 * cfg.keepalive_interval:
         raise ConfigError("[node] session_timeout: must be at least twice keepalive_interval")
+    _check_arena(cfg)
     cfg.room_label_limit = _int("[node] room_label_limit",
                                 node.get("room_label_limit", cfg.room_label_limit), 0, 10_000)
     cfg.join_rate = _seconds("[node] join_rate", node.get("join_rate", cfg.join_rate))
@@ -238,6 +269,9 @@ def _auth(cfg: NodeConfig, node: dict[str, Any], env: Mapping[str, str]) -> None
         raise ConfigError(f"[node] auth: expected \"jwt\" or \"open\", got {cfg.auth!r}")
     if cfg.auth == "jwt":
         secret_env = node.get("secret_env", "RELAY_SECRET")
+        if not isinstance(secret_env, str) or not secret_env:
+            raise ConfigError(f"[node] secret_env: expected the name of an environment variable, "
+                              f"got {secret_env!r}")
         cfg.secret = env.get(secret_env, "")
         if not cfg.secret:
             raise ConfigError(f"[node] auth = \"jwt\" needs a secret: set the environment "

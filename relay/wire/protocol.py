@@ -26,6 +26,10 @@ MAX_TOKEN = 2048
 MAX_REDIRECT = 96
 SESSION_ID_LEN = 8
 COOKIE_LEN = 20
+# the longest control message there is: a JOIN with the longest room, token
+# and cookie (header, room length, room, token length, token, cookie
+# length, cookie); receivers size their buffers from it
+MAX_CONTROL = 4 + 1 + MAX_ROOM + 2 + MAX_TOKEN + 1 + 255
 
 
 class MsgType(IntEnum):
@@ -279,25 +283,33 @@ class Nack:
     seqs: tuple[int, ...]
 
 
-def parse_rtcp(data: bytes) -> tuple[bool, list[Nack]]:
+def parse_rtcp(data: bytes, max_seqs: int = 1 << 30) -> tuple[bool, list[Nack]]:
     """Walk a compound RTCP packet. Returns (is_rtcp, NACKs found). A packet
-    that is not well-formed RTCP returns (False, [])."""
+    that is not well-formed RTCP returns (False, []). NACKs are expanded to
+    at most `max_seqs` sequence numbers in all: a 2 KB NACK names thousands,
+    and the caller can only afford to resend a few."""
     nacks: list[Nack] = []
     at = 0
     seen = False
+    room = max_seqs
     while at + 4 <= len(data):
         b0, pt, words = struct.unpack_from("!BBH", data, at)
         size = 4 * (words + 1)
         if b0 >> 6 != 2 or not 192 <= pt <= 223 or at + size > len(data):
             return False, []
         seen = True
-        if pt == RTCP_RTPFB and (b0 & 0x1F) == NACK_FMT and size >= 16:
+        if pt == RTCP_RTPFB and (b0 & 0x1F) == NACK_FMT and size >= 16 and room > 0:
             (media,) = struct.unpack_from("!I", data, at + 8)
             seqs: list[int] = []
             for fci in range(at + 12, at + size - 3, 4):
+                if len(seqs) >= room:
+                    break
                 pid, blp = struct.unpack_from("!HH", data, fci)
                 seqs.append(pid)
-                seqs += [(pid + 1 + bit) & 0xFFFF for bit in range(16) if blp >> bit & 1]
+                if blp:
+                    seqs += [(pid + 1 + bit) & 0xFFFF for bit in range(16) if blp >> bit & 1]
+            del seqs[room:]
+            room -= len(seqs)
             nacks.append(Nack(media, tuple(seqs)))
         at += size
     if not seen or at != len(data):

@@ -1,0 +1,138 @@
+"""Attacks by a listener on a live node (loopback, bounded in count and
+time): whatever one session sends, the other listeners lose nothing, and
+nothing keeps audio flowing to an address without the session's secret."""
+from __future__ import annotations
+
+import socket
+import struct
+import subprocess
+import threading
+import time
+
+from relay.testing.loadgen import LoopbackCrowd, scrape
+from relay.wire.protocol import (RTCP_RTPFB, Accept, Challenge, Join, build_receiver_report, decode,
+                                 encode)
+from tests.conftest import start_relay, stop
+
+
+def _join(sock: socket.socket, room: str) -> Accept:
+    sock.send(encode(Join(room, "")))
+    challenge = decode(sock.recv(4096))
+    assert isinstance(challenge, Challenge)
+    sock.send(encode(Join(room, "", challenge.cookie)))
+    while True:
+        msg = sock.recv(4096)
+        if msg[0] == 0x0B:
+            acc = decode(msg)
+            assert isinstance(acc, Accept)
+            return acc
+
+
+def _huge_nack(media_ssrc: int, size: int = 2048) -> bytes:
+    """One generic NACK of `size` bytes naming every sequence number it can
+    (17 per FCI): thousands of resends asked for in one datagram."""
+    fcis = (size - 12) // 4
+    body = b"".join(struct.pack("!HH", (17 * i) & 0xFFFF, 0xFFFF) for i in range(fcis))
+    return struct.pack("!BBHII", 0x81, RTCP_RTPFB, 2 + fcis, 0x5EED, media_ssrc) + body
+
+
+def _publisher(relay, seconds: float) -> subprocess.Popen:
+    return subprocess.Popen(relay.relay_cmd("publish", "--to", f"{relay.ingest[0]}:{relay.ingest[1]}",
+                                            "--duration", str(seconds)), env=relay.env, stderr=subprocess.DEVNULL)
+
+
+def test_a_nack_flood_from_one_listener_costs_the_others_nothing(tmp_path) -> None:
+    relay = start_relay(tmp_path, extra_node="workers = 1")
+    attacker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    attacker.connect(relay.listen)
+    attacker.settimeout(5)
+    crowd = LoopbackCrowd(20, relay.listen, relay.room)
+    pub = _publisher(relay, 8)
+    stop_flood = threading.Event()
+    sent = {2048: 0, 500: 0}
+
+    def flood() -> None:
+        # NACKs of 2 KB and of 500 bytes (about 8,600 and 2,100 sequence
+        # numbers each), 2,000 a second in all, for at most 4 s
+        nacks = {n: _huge_nack(acc.ssrc, n) for n in sent}
+        deadline = time.monotonic() + 4
+        while not stop_flood.is_set() and time.monotonic() < deadline:
+            for _ in range(20):
+                for n, nack in nacks.items():
+                    try:
+                        attacker.send(nack)
+                        sent[n] += 1
+                    except OSError:
+                        pass
+            time.sleep(0.02)
+
+    try:
+        acc = _join(attacker, relay.room)
+        assert crowd.join().accepted == 20
+        crowd.run(1.0)
+        before = crowd.crowd.totals()
+        t = threading.Thread(target=flood)
+        t.start()
+        crowd.run(3.0)
+        stop_flood.set()
+        t.join()
+        after = crowd.crowd.totals()
+        m = scrape(relay.admin)
+        assert sum(sent.values()) >= 4000
+        assert after["heard"] == 20
+        assert after["received"] - before["received"] >= 20 * 120
+        assert after["lost"] == before["lost"] == 0, after
+        # only the sender's own budget was spent (a burst of resends, then
+        # 16 a second); every other NACK was refused before it was read:
+        # over budget, or (2 KB) longer than any listener's RTCP
+        assert m["relay_resends_total"] <= 32 + 16 * 6
+        refused = m["relay_nacks_rate_limited_total"] + m["relay_control_malformed_total"]
+        assert refused >= sum(sent.values()) - 100, (refused, sent)
+    finally:
+        stop_flood.set()
+        pub.kill()
+        pub.wait()
+        crowd.close()
+        attacker.close()
+        assert stop(relay.proc) == 0
+
+
+def test_a_forged_receiver_report_does_not_keep_a_departed_listener(tmp_path) -> None:
+    relay = start_relay(tmp_path, extra_node="keepalive_interval = 0.5\nsession_timeout = 1.5")
+    victim = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    victim.connect(relay.listen)
+    victim.settimeout(5)
+    pub = _publisher(relay, 8)
+    try:
+        _join(victim, relay.room)
+        victim.recv(4096)   # audio flows
+        # the listener is gone (no KEEPALIVE any more); someone who can send
+        # from its address keeps sending 8-byte receiver reports
+        deadline = time.monotonic() + 3.5
+        while time.monotonic() < deadline:
+            victim.send(build_receiver_report(0x1234))
+            time.sleep(0.25)
+        m = scrape(relay.admin)
+        assert m["relay_timeouts_total"] == 1
+        # nothing arrives any more (after what was queued before the timeout)
+        victim.setblocking(False)
+        while True:
+            try:
+                victim.recv(4096)
+            except BlockingIOError:
+                break
+        victim.settimeout(0.3)
+        audio = 0
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            try:
+                if victim.recv(4096)[0] >> 6 == 2:
+                    audio += 1
+            except socket.timeout:
+                pass
+        assert audio == 0
+    finally:
+        pub.kill()
+        pub.wait()
+        victim.close()
+        assert stop(relay.proc) == 0
