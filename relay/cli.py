@@ -104,7 +104,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         try:
             await node.start()
         except OSError as e:
-            _die(f"cannot bind a socket: {e.strerror or e}", 1)
+            _die(f"cannot bind: {e.strerror or e}", 1)
         print(f"relay {__version__}: serving {len(cfg.rooms)} room(s) on "
               f"{cfg.listen[0]}:{cfg.listen[1]}"
               + (f", admin on http://{cfg.admin[0]}:{cfg.admin[1]}" if cfg.admin else ""),
@@ -193,6 +193,8 @@ def cmd_listen(args: argparse.Namespace) -> None:
             client = ListenClient(f"{server[0]}:{server[1]}", args.room, token, sink=sink)
             refused = (JoinRefused,)
         client.on_event = lambda text: print(f"relay: {text}", file=sys.stderr, flush=True)
+        # aioquic logs a refused certificate itself; we say it once, with the fix
+        logging.getLogger("quic").setLevel(logging.CRITICAL)
         try:
             stats = await client.listen(args.duration)
         except refused as e:

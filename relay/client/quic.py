@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
 import ssl
 import time
 from contextlib import AsyncExitStack
@@ -24,13 +25,17 @@ from aioquic.quic.events import (ConnectionTerminated, DatagramFrameReceived, Qu
                                  StreamDataReceived)
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from relay.client.listen import JoinRefused, ListenClient, ListenStats
+from relay.client.listen import JoinRefused, ListenClient, ListenStats, Unreachable
 from relay.wire.protocol import Accept, FrameReader, Join, Leave, ProtocolError, Reason, Reject, frame
 from relay.wire.protocol import ALPN_QUIC, MAX_DATAGRAM_FRAME
 
 
+# QUIC's CRYPTO_ERROR range: 0x100 plus a TLS alert (RFC 9001 4.8)
+TLS_ALERT = 0x100
+
+
 class CertificateMismatch(Exception):
-    """The node's certificate is not the one pinned."""
+    """The node's certificate is not the one pinned, or not trusted."""
 
 
 class _Conn(QuicConnectionProtocol):
@@ -39,6 +44,7 @@ class _Conn(QuicConnectionProtocol):
         self.on_datagram: Callable[[bytes], None] = lambda d: None
         self.control: asyncio.Queue = asyncio.Queue()
         self.reader = FrameReader()
+        self.terminated: ConnectionTerminated | None = None
 
     async def wait_connected(self) -> None:
         # aioquic shields this future, so it outlives a timed-out wait and
@@ -59,6 +65,7 @@ class _Conn(QuicConnectionProtocol):
             except ProtocolError:
                 self.control.put_nowait(ConnectionError("the node sent a malformed control frame"))
         elif isinstance(event, ConnectionTerminated):
+            self.terminated = event
             self.control.put_nowait(ConnectionError(f"connection closed: {event.reason_phrase or event.error_code}"))
 
 
@@ -88,9 +95,26 @@ class QuicListenClient(ListenClient):
     async def _connect(self, timeout: float) -> _Conn:
         await self._disconnect()
         self._stack = AsyncExitStack()
-        conn = await asyncio.wait_for(self._stack.enter_async_context(
-            connect(self.server[0], self.server[1], configuration=self._configuration(),
-                    create_protocol=_Conn)), timeout)
+        made: list[_Conn] = []
+
+        def protocol(*args: Any, **kwargs: Any) -> _Conn:
+            made.append(_Conn(*args, **kwargs))
+            return made[-1]
+        try:
+            conn = await asyncio.wait_for(self._stack.enter_async_context(
+                connect(self.server[0], self.server[1], configuration=self._configuration(),
+                        create_protocol=protocol)), timeout)
+        except socket.gaierror as e:
+            raise Unreachable(f"cannot resolve {self._where()}: {e.strerror}") from None
+        except ConnectionError:
+            ended = made[-1].terminated if made else None
+            if ended is not None and TLS_ALERT <= ended.error_code < TLS_ALERT + 0x100:
+                # our TLS refused the node's certificate: retrying cannot help
+                await self._disconnect()
+                raise CertificateMismatch(
+                    f"the node's certificate is not trusted here ({ended.reason_phrase}): pin it with "
+                    "--cert-hash (the node's admin port serves it at /quic.json) or pass --cafile") from None
+            raise
         assert isinstance(conn, _Conn)
         if self.cert_sha256:
             peer = conn._quic.tls._peer_certificate

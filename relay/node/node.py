@@ -12,10 +12,12 @@ passes each part only what it needs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
 import signal
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from prometheus_client import generate_latest
 
@@ -36,6 +38,25 @@ from relay.wire.tokens import Auth
 log = logging.getLogger("relay.server")
 
 HOUSEKEEPING_S = 0.25
+
+
+class BindError(OSError):
+    """A socket the config names could not be bound; the message names the
+    setting, the address and the fix."""
+
+
+@contextlib.contextmanager
+def _binding(setting: str, addr: tuple[str, int], flag: str) -> Iterator[None]:
+    try:
+        yield
+    except BindError:
+        raise
+    except OSError as e:
+        hint = {errno.EADDRINUSE: f"another program has it: choose a free port ({setting.split(':')[0]} or {flag})",
+                errno.EADDRNOTAVAIL: "this machine has no such address",
+                errno.EACCES: "ports below 1024 need privileges"}.get(e.errno or 0, "")
+        raise BindError(e.errno, f"{setting} {addr[0]}:{addr[1]}: {e.strerror or e}"
+                        + (f"; {hint}" if hint else "")) from None
 
 
 class Node:
@@ -95,13 +116,17 @@ class Node:
         """Bind every socket and start serving. Raises OSError if a port is taken."""
         loop = asyncio.get_running_loop()
         try:
-            self.udp.bind_listener(self.cfg.listen)
+            with _binding("[node] listen", self.cfg.listen, "--listen"):
+                self.udp.bind_listener(self.cfg.listen)
             for r in self.cfg.rooms:
-                self.udp.bind_ingest(r.name, self.rooms[r.name].index, r.ingest)
+                with _binding(f"room {r.name!r}: ingest", r.ingest, "--room"):
+                    self.udp.bind_ingest(r.name, self.rooms[r.name].index, r.ingest)
             if self.cfg.admin:
-                await self.admin.start(*self.cfg.admin)
+                with _binding("[node] admin", self.cfg.admin, "--admin"):
+                    await self.admin.start(*self.cfg.admin)
             if self.quic is not None:
-                await self.quic.start()
+                with _binding("[node] quic", self.quic.addr, "--quic"):
+                    await self.quic.start()
         except OSError:
             self.close()
             raise

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -209,6 +210,13 @@ class QuicEndpoint:
 
     async def start(self) -> None:
         """Bind the UDP port; raises OSError if it is taken."""
+        # the event loop reports a failed bind without its errno; a plain
+        # bind first gives the real reason ("Address already in use")
+        probe = socket.socket(socket.AF_INET6 if ":" in self.addr[0] else socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            probe.bind(self.addr)
+        finally:
+            probe.close()
         # Retry (RFC 9000 8.1.2): a client proves its address with a token
         # before the node spends a key exchange and a signature on it, so a
         # flood of spoofed Initials costs one stateless reply each
