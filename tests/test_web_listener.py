@@ -78,3 +78,19 @@ def test_web_page_decodes_a_live_room(tmp_path) -> None:
         publisher.kill()
         publisher.wait()
         assert stop(relay.proc) == 0   # a no-op when the test stopped it already
+
+
+def test_web_page_on_a_node_without_quic_says_so(tmp_path) -> None:
+    if not browser.available():
+        pytest.fail("chromium is not installed; run `make test`, which installs it")
+    from tests.conftest import start_relay
+
+    relay = start_relay(tmp_path)     # no [node] quic
+    page = browser.Browser()
+    try:
+        page.goto(relay.url(f"/listen?room={relay.room}"))
+        st = wait_state(page, lambda s: s["state"] == "error", timeout=15)
+        assert st["state"] == "error" and st["error"] == "QUIC is off on this node", st
+    finally:
+        page.close()
+        assert stop(relay.proc) == 0

@@ -180,7 +180,13 @@ async function listen() {
     return;
   }
   setupAudio();
-  const info = await (await fetch("/quic.json")).json();
+  const answer0 = await fetch("/quic.json");
+  const info = await answer0.json();
+  if (!answer0.ok || !info.webtransport) {
+    // the node serves this page but has no QUIC port: say so, not a URL error
+    setState("error", info.error || "this node does not offer QUIC listeners");
+    return;
+  }
   const opts = {};
   if (info.cert_sha256) {
     opts.serverCertificateHashes = [{ algorithm: "sha-256", value: hexBytes(info.cert_sha256) }];
