@@ -122,6 +122,7 @@ def _listen_sinks(args: argparse.Namespace) -> tuple[list[Callable[[bytes], None
     closes them at the end."""
     from relay.client.listen import sdp_for
     from relay.client.ogg import OggOpusWriter
+    from relay.client.publish import PAYLOAD_TYPE
 
     sinks: list[Callable[[bytes], None]] = []
     closers: list[Callable[[], None]] = []
@@ -145,6 +146,11 @@ def _listen_sinks(args: argparse.Namespace) -> tuple[list[Callable[[bytes], None
         fwd.connect((host, port))
 
         def forward(pkt: bytes) -> None:
+            # The relay passes on the publisher's payload type (ffmpeg sends
+            # 97, GStreamer 96); the player decodes only what the SDP
+            # declares, so what we forward carries the SDP's.
+            if pkt[1] & 0x7F != PAYLOAD_TYPE:
+                pkt = pkt[:1] + bytes([(pkt[1] & 0x80) | PAYLOAD_TYPE]) + pkt[2:]
             try:
                 fwd.send(pkt)
             except OSError:
@@ -152,7 +158,7 @@ def _listen_sinks(args: argparse.Namespace) -> tuple[list[Callable[[bytes], None
         sinks.append(forward)
         if args.sdp:
             with open(args.sdp, "w") as f:
-                f.write(sdp_for(port, host))
+                f.write(sdp_for(port, host, PAYLOAD_TYPE))
             print(f"play it live: ffplay -protocol_whitelist file,udp,rtp -i {args.sdp}", file=sys.stderr)
 
     def close() -> None:
