@@ -136,3 +136,28 @@ def test_a_forged_receiver_report_does_not_keep_a_departed_listener(tmp_path) ->
         pub.wait()
         victim.close()
         assert stop(relay.proc) == 0
+
+
+def test_a_flood_of_bad_tokens_does_not_starve_legitimate_joins(tmp_path) -> None:
+    # 400 addresses, each with a valid cookie and a forged token, arrive at
+    # once with 10 real listeners; the node-wide join budget (20 a second)
+    # is spent only on joins whose token checks out
+    relay = start_relay(tmp_path, auth="jwt", extra_node="join_rate = 20")
+    token = subprocess.run(relay.relay_cmd("token", "--room", relay.room), env=relay.env,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    bad = LoopbackCrowd(400, relay.listen, relay.room, token="forged", first_address=1000)
+    good = LoopbackCrowd(10, relay.listen, relay.room, token=token, first_address=2000)
+    results = {}
+    try:
+        t = threading.Thread(target=lambda: results.update(bad=bad.join(attempts=1, chunk=400,
+                                                                        retry_limited=False)))
+        t.start()
+        time.sleep(0.02)
+        results["good"] = good.join(attempts=1, retry_limited=False)
+        t.join()
+        assert results["good"].accepted == 10, (results["good"], results["bad"])
+        assert results["bad"].rejected.get("bad_token", 0) >= 300, results["bad"]
+    finally:
+        bad.close()
+        good.close()
+        assert stop(relay.proc) == 0

@@ -11,6 +11,7 @@ from relay.wire.addr import to_sockaddr
 from relay.wire.config import load
 from relay.wire.protocol import (MIN_JOIN, Accept, Challenge, CookieJar, Join, Keepalive, Leave,
                             ProtocolError, Reason, Reject, build_nack, decode, encode, parse_rtcp)
+from relay.node.admission import JoinLimiter, source_key
 from relay.node.sessions import RoomState, Sessions
 from relay.wire.tokens import Auth, TokenError, mint
 
@@ -221,3 +222,36 @@ def test_a_busy_machine_is_not_projected_onto_the_relays_listeners() -> None:
     assert s.counters.rejections_load == 1
     s.cfg.max_machine_load = 0   # off
     assert isinstance(_join(s, ("127.0.0.1", 51)), Accept)
+
+
+def test_one_token_holds_a_bounded_number_of_sessions() -> None:
+    s = _sessions(auth=Auth("jwt", SECRET))
+    s.cfg.max_sessions_per_token = 3
+    token = mint(SECRET, "demo")
+    assert all(isinstance(_join(s, ("127.0.0.1", p), token=token), Accept) for p in (1, 2, 3))
+    assert _join(s, ("127.0.0.1", 4), token=token) == Reject(Reason.TOKEN_IN_USE)
+    # the same session joining again is not a new one
+    assert isinstance(_join(s, ("127.0.0.1", 1), token=token), Accept)
+    # a session that leaves frees its place; other tokens are not affected
+    s.end(("127.0.0.1", 1), "left")
+    assert isinstance(_join(s, ("127.0.0.1", 4), token=token), Accept)
+    assert isinstance(_join(s, ("127.0.0.1", 5), token=mint(SECRET, "demo", ttl_s=60)), Accept)
+
+
+def test_bad_tokens_do_not_spend_the_nodes_join_budget() -> None:
+    s = _sessions(auth=Auth("jwt", SECRET))
+    s.limiter = JoinLimiter(node_rate=5, source_rate=1000)
+    t = 1000.0
+    for port in range(1, 200):
+        assert _join(s, ("127.0.0.1", port), token="forged", now=t) == Reject(Reason.BAD_TOKEN)
+    good = [_join(s, ("127.0.0.2", p), token=mint(SECRET, "demo", ttl_s=600 + p), now=t) for p in range(1, 6)]
+    assert all(isinstance(r, Accept) for r in good), good
+
+
+def test_the_per_source_limit_counts_an_ipv6_slash_64_as_one_source() -> None:
+    assert source_key("2001:db8:1:2:aaaa::1") == source_key("2001:db8:1:2:bbbb::9") == "2001:db8:1:2::/64"
+    assert source_key("2001:db8:1:3::1") != source_key("2001:db8:1:2::1")
+    assert source_key("::ffff:192.0.2.7") == source_key("192.0.2.7") == "192.0.2.7"
+    limiter = JoinLimiter(node_rate=1000, source_rate=1)
+    spent = [limiter.allow_source(f"2001:db8:1:2::{i:x}", 0.0) for i in range(1, 10)]
+    assert spent.count(True) == 2   # a burst of twice the per-second rate, for the whole /64

@@ -64,6 +64,7 @@ class Session:
     last_seen: float
     nack_budget: float = 0.0
     nack_at: float = 0.0
+    token: str = ""      # what admitted it, for the per-token session cap
 
 
 @dataclass
@@ -112,6 +113,7 @@ class Sessions:
         self._load_refused = 0    # refusals for load since the last log line
         self._by_room: Counter = Counter()    # (room, transport) -> sessions
         self._pulled: set[Hashable] = set()   # keys of sessions whose transport pulls
+        self._by_token: Counter = Counter()   # token -> sessions it holds
 
     # ---------------------------------------------------------------- control
 
@@ -192,16 +194,25 @@ class Sessions:
         room = self.rooms.get(room_name)
         if room is None:
             return self._refuse(Reason.UNKNOWN_ROOM)
-        # rate limits come before the token check, whose HMAC is the
-        # costliest step a flood could make us repeat
-        limited = self.limiter.allow(source_ip, now)
-        if limited is not None:
-            self.counters.rate_limited[limited] += 1
-            return self._refuse(Reason.RATE_LIMITED, redirect if limited == "node" else "")
+        # The per-source limit comes before the token check, whose HMAC is
+        # the costliest step one source could make us repeat; the node-wide
+        # budget after it, so only joins that can succeed spend it.
+        if not self.limiter.allow_source(source_ip, now):
+            self.counters.rate_limited["source"] += 1
+            return self._refuse(Reason.RATE_LIMITED)
         try:
             self.auth.check(token, room_name)
         except TokenError as e:
             return self._refuse(e.reason)
+        if not self.limiter.allow_node(now):
+            self.counters.rate_limited["node"] += 1
+            return self._refuse(Reason.RATE_LIMITED, redirect)
+        # one token may hold only so many sessions at once (a rejoin of the
+        # session it already holds does not count twice)
+        current = self.table.get(key)
+        held = self.cfg.max_sessions_per_token
+        if held and token and self._by_token[token] >= held and (current is None or current.token != token):
+            return self._refuse(Reason.TOKEN_IN_USE)
         if key in self.table:
             self._remove(self.table[key])  # switching rooms
         if self.core.listeners >= self.cfg.max_listeners or self._over_load(now, transport_full):
@@ -215,9 +226,11 @@ class Sessions:
         if slot < 0:
             return self._refuse(Reason.NODE_FULL, redirect)
         self.counters.joins += 1
-        s = Session(key, transport, room_name, slot, ssrc, self.rng.randbytes(8), now, self.NACK_BURST, now)
+        s = Session(key, transport, room_name, slot, ssrc, self.rng.randbytes(8), now, self.NACK_BURST, now, token)
         self.table[key] = s
         self._by_room[(room_name, transport)] += 1
+        if token:
+            self._by_token[token] += 1
         if pull:
             self._pulled.add(key)
         return s
@@ -266,6 +279,10 @@ class Sessions:
         self.core.listener_remove(s.slot)
         del self.table[s.key]
         self._by_room[(s.room, s.transport)] -= 1
+        if s.token:
+            self._by_token[s.token] -= 1
+            if not self._by_token[s.token]:
+                del self._by_token[s.token]
         self._pulled.discard(s.key)
 
     def end(self, key: Hashable, why: str) -> Session | None:

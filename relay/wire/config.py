@@ -59,7 +59,8 @@ class NodeConfig:
     redirect: str = ""
     room_label_limit: int = 50
     join_rate: float = 2000.0            # admitted joins per second, node-wide
-    join_rate_per_source: float = 20.0   # admitted joins per second per source IP
+    join_rate_per_source: float = 20.0   # admitted joins per second per source IP (IPv6: per /64)
+    max_sessions_per_token: int = 16     # sessions one token may hold at once; 0 = no limit
     max_rooms: int = 64                  # room slots reserved for reloads
     workers: int = 1                     # sender threads; "auto" = one per core
     max_load: float = 0.8                # admit while the relay's projected duty stays below this; 0 = off
@@ -74,7 +75,7 @@ class NodeConfig:
 _NODE_KEYS = {"listen", "admin", "auth", "secret_env", "max_listeners", "ring_depth",
               "slot_bytes", "burst_packets", "keepalive_interval", "session_timeout", "redirect",
               "room_label_limit", "join_rate", "join_rate_per_source", "max_rooms", "workers", "max_load",
-              "max_machine_load", "quic", "quic_cert", "quic_key", "quic_redirect"}
+              "max_machine_load", "max_sessions_per_token", "quic", "quic_cert", "quic_key", "quic_redirect"}
 _ROOM_KEYS = {"name", "ingest", "sources", "max_listeners"}
 
 
@@ -244,6 +245,8 @@ def from_dict(raw: dict[str, Any], label: str = "config", environ: Mapping[str, 
     cfg.join_rate_per_source = _seconds("[node] join_rate_per_source",
                                         node.get("join_rate_per_source", cfg.join_rate_per_source))
     cfg.max_rooms = _int("[node] max_rooms", node.get("max_rooms", cfg.max_rooms), 1, 100_000)
+    cfg.max_sessions_per_token = _int("[node] max_sessions_per_token",
+                                      node.get("max_sessions_per_token", cfg.max_sessions_per_token), 0, 10**7)
     for key, what in (("max_load", "a core"), ("max_machine_load", "the machine's CPUs")):
         value = node.get(key, getattr(cfg, key))
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:

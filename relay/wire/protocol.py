@@ -57,6 +57,7 @@ class Reason(IntEnum):
     DRAINING = 11
     WRONG_ROLE = 12
     RATE_LIMITED = 13
+    TOKEN_IN_USE = 14
 
 
 class ProtocolError(ValueError):
