@@ -72,6 +72,10 @@ def control(data: bytes) -> None:
 def rtcp(data: bytes) -> None:
     ok, nacks = protocol.parse_rtcp(data)
     assert ok or not nacks
+    # read only as far as a listener's NACK budget pays for
+    cap = data[0] % 40 if data else 0
+    ok_capped, capped = protocol.parse_rtcp(data, max_seqs=cap)
+    assert ok_capped == ok and sum(len(n.seqs) for n in capped) <= cap
 
 
 def token(data: bytes) -> None:

@@ -19,7 +19,7 @@ from typing import Callable
 
 from relay.wire.addr import parse_hostport
 from relay.wire.protocol import (Accept, Challenge, Join, Keepalive, Leave, ProtocolError, Reason,
-                            Reject, build_nack, decode, encode, is_control)
+                                 Reject, build_nack, cookie_proof, decode, encode, is_control)
 
 log = logging.getLogger("relay.client.listen")
 
@@ -92,6 +92,7 @@ class ListenClient:
         self._sender_ssrc = int.from_bytes(os.urandom(4), "big")
         self.on_event: Callable[[str], None] | None = None   # told each event as it happens
         self._via = ""    # how we came to the current server, for error messages
+        self._warned_unproven = False
 
     def _event(self, text: str) -> None:
         self.stats.events.append(text)
@@ -152,6 +153,22 @@ class ListenClient:
         self._event(f"{here} said {reason.name.lower()}: going to {redirect}")
         return True
 
+    def _proven(self, msg: Reject, proof: bytes) -> bool:
+        """Is this REJECT from our node? Once we hold a cookie or a session
+        it must carry its proof, or anyone who can forge the node's address
+        could end our session or send us elsewhere. Before that only a
+        refusal without a redirect counts (a version the node does not speak)."""
+        if proof and msg.proof == proof:
+            return True
+        if not proof and not msg.redirect:
+            return True
+        if not self._warned_unproven:
+            self._warned_unproven = True
+            what = "this session's id" if self._session is not None else "the join's cookie"
+            self._event(f"ignored a REJECT that did not carry {what} ({msg.reason.name.lower()}"
+                        + (f", to {msg.redirect}" if msg.redirect else "") + ")")
+        return False
+
     def _refused(self, msg: Reject) -> JoinRefused:
         return JoinRefused(msg.reason, msg.redirect, had_token=bool(self.token))
 
@@ -196,7 +213,8 @@ class ListenClient:
                     elif isinstance(msg, Accept):
                         return self._joined(msg)
                     elif isinstance(msg, Reject):
-                        raise self._refused(msg)
+                        if self._proven(msg, cookie_proof(cookie) if cookie else b""):
+                            raise self._refused(msg)
             except asyncio.TimeoutError:
                 continue
         raise TimeoutError(f"no answer from {self._where()}")
@@ -269,7 +287,7 @@ class ListenClient:
             except asyncio.TimeoutError:
                 self._send(encode(Keepalive(self._session.session_id)))
                 continue
-            if isinstance(msg, Reject):
+            if isinstance(msg, Reject) and self._proven(msg, self._session.session_id):
                 if msg.reason == Reason.UNKNOWN_SESSION:
                     self.stats.rejoins += 1
                     self._event("session forgotten by the node: rejoining")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Hashable, NamedTuple
 
 from relay._core import Core
@@ -22,7 +22,7 @@ from relay.node.admission import JoinLimiter
 from relay.wire.addr import to_sockaddr
 from relay.wire.config import NodeConfig
 from relay.wire.protocol import (MIN_JOIN, Accept, Challenge, CookieJar, Join, Keepalive, Leave,
-                                 ProtocolError, Reason, Reject, decode, encode, parse_rtcp)
+                                 ProtocolError, Reason, Reject, cookie_proof, decode, encode, parse_rtcp)
 from relay.wire.tokens import Auth, TokenError
 
 log = logging.getLogger("relay.sessions")
@@ -132,7 +132,9 @@ class Sessions:
         if isinstance(msg, Keepalive):
             s = self.table.get(addr)
             if s is None or s.session_id != msg.session_id:
-                return self._reply(self._refuse(Reason.UNKNOWN_SESSION), data)
+                # echo the id asked about: proof to the listener that this
+                # answer saw its KEEPALIVE
+                return self._reply(replace(self._refuse(Reason.UNKNOWN_SESSION), proof=msg.session_id), data)
             s.last_seen = now
             self.counters.keepalives += 1
             return data  # the echo lets the client see the node is alive
@@ -151,6 +153,9 @@ class Sessions:
             # the rule that makes us useless for amplification: never answer
             # with more bytes than we were sent
             if isinstance(msg, Reject) and msg.redirect:
+                return self._reply(Reject(msg.reason, proof=msg.proof), request)
+            if isinstance(msg, Reject) and msg.proof:
+                # an unpadded KEEPALIVE: the refusal without its proof
                 return self._reply(Reject(msg.reason), request)
             self.counters.replies_suppressed += 1
             return None
@@ -175,7 +180,9 @@ class Sessions:
             existing.last_seen = now  # a retransmitted JOIN: the ACCEPT was lost
             return self._reply(self.accept_message(existing), data)
         joined = self.join(addr, UDP, msg.room, msg.token, addr[0], now, sockaddr=raw)
-        return self._reply(joined if isinstance(joined, Reject) else self.accept_message(joined), data)
+        if isinstance(joined, Reject):
+            return self._reply(replace(joined, proof=cookie_proof(msg.cookie)), data)
+        return self._reply(self.accept_message(joined), data)
 
     def join(self, key: Hashable, transport: str, room_name: str, token: str, source_ip: str,
              now: float, *, sockaddr: bytes = b"", redirect: str | None = None,
@@ -363,7 +370,7 @@ class Sessions:
         gone = [s for s in self.table.values() if s.room == room]
         for s in gone:
             self._remove(s)
-        return [Tell(s, Reject(Reason.UNKNOWN_ROOM)) for s in gone]
+        return [Tell(s, Reject(Reason.UNKNOWN_ROOM, proof=s.session_id)) for s in gone]
 
     def reconfigure(self, cfg: NodeConfig, auth: Auth) -> None:
         """New limits and token settings, for joins from now on."""
@@ -378,7 +385,7 @@ class Sessions:
         for s in list(self.table.values()):
             self._remove(s)
             out.append(Tell(s, Reject(Reason.DRAINING, self.cfg.redirect if s.transport == UDP
-                                      else self.cfg.quic_redirect)))
+                                      else self.cfg.quic_redirect, s.session_id)))
         return out
 
     @staticmethod

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 
 MAGIC = 0x0B
@@ -26,6 +26,8 @@ MAX_TOKEN = 2048
 MAX_REDIRECT = 96
 SESSION_ID_LEN = 8
 COOKIE_LEN = 20
+PROOF_LEN = 8
+KEEPALIVE_PAD = 4
 # the longest control message there is: a JOIN with the longest room, token
 # and cookie (header, room length, room, token length, token, cookie
 # length, cookie); receivers size their buffers from it
@@ -92,6 +94,11 @@ class Accept:
 class Reject:
     reason: Reason
     redirect: str = ""
+    # PROOF_LEN bytes that show the REJECT comes from the node the listener
+    # talks to: its session id once it has one, or the MAC of the cookie it
+    # joined with (an off-path attacker sees neither). Empty when neither
+    # exists yet. Not part of equality: it says who sent it, not what.
+    proof: bytes = field(default=b"", compare=False)
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,11 @@ class Leave:
 
 
 Message = Join | Challenge | Accept | Reject | Keepalive | Leave
+
+
+def cookie_proof(cookie: bytes) -> bytes:
+    """What a REJECT to a JOIN carrying `cookie` shows as its proof."""
+    return cookie[4:4 + PROOF_LEN]
 
 
 def is_control(datagram: bytes) -> bool:
@@ -132,9 +144,13 @@ def encode(msg: Message) -> bytes:
                 + struct.pack("!III", msg.ssrc, msg.keepalive_ms, msg.timeout_ms))
     if isinstance(msg, Reject):
         redirect = msg.redirect.encode()[:MAX_REDIRECT]
-        return _head(MsgType.REJECT) + bytes([msg.reason, len(redirect)]) + redirect
+        if len(msg.proof) not in (0, PROOF_LEN):
+            raise ValueError(f"a REJECT's proof is {PROOF_LEN} bytes")
+        return _head(MsgType.REJECT) + bytes([msg.reason, len(redirect)]) + redirect + msg.proof
     if isinstance(msg, Keepalive):
-        return _head(MsgType.KEEPALIVE) + msg.session_id
+        # padded so that the REJECT unknown_session answering it, with its
+        # proof, is not larger than the KEEPALIVE (no amplification)
+        return _head(MsgType.KEEPALIVE) + msg.session_id + bytes(KEEPALIVE_PAD)
     if isinstance(msg, Leave):
         return _head(MsgType.LEAVE) + msg.session_id
     raise TypeError(f"not a control message: {msg!r}")
@@ -192,7 +208,9 @@ def decode(data: bytes) -> Message:
             reason = Reason(code)
         except ValueError:
             raise ProtocolError(f"unknown reject reason {code}") from None
-        return Reject(reason, r.text(r.u8()))
+        redirect = r.text(r.u8())
+        proof = r.take(PROOF_LEN) if len(data) - r.at >= PROOF_LEN else b""
+        return Reject(reason, redirect, proof)
     if kind == MsgType.KEEPALIVE:
         return Keepalive(r.take(SESSION_ID_LEN))
     if kind == MsgType.LEAVE:

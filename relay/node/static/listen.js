@@ -7,7 +7,7 @@
 
 const REASONS = ["", "bad_request", "unsupported_version", "bad_token", "expired_token",
   "wrong_room", "unknown_room", "node_full", "room_full", "stale_cookie", "unknown_session",
-  "draining", "wrong_role", "rate_limited"];
+  "draining", "wrong_role", "rate_limited", "token_in_use"];
 const MAGIC = 0x0b, VERSION = 1, JOIN = 1, ACCEPT = 3, REJECT = 4;
 const PLAYOUT_DELAY = 0.08;   // seconds of audio scheduled ahead, absorbs jitter
 
