@@ -9,7 +9,7 @@ import subprocess
 import threading
 import time
 
-from relay.testing.loadgen import LoopbackCrowd, scrape
+from relay.testing.loadgen import LoopbackCrowd, free_port, scrape
 from relay.wire.protocol import (RTCP_RTPFB, Accept, Challenge, Join, build_receiver_report, decode,
                                  encode)
 from tests.conftest import start_relay, stop
@@ -161,3 +161,122 @@ def test_a_flood_of_bad_tokens_does_not_starve_legitimate_joins(tmp_path) -> Non
         bad.close()
         good.close()
         assert stop(relay.proc) == 0
+
+
+async def _open_quietly(server: str, n: int, seconds: float) -> int:
+    """Open `n` QUIC connections that never JOIN; hold them `seconds`.
+    Returns how many handshakes completed."""
+    import asyncio
+    import ssl
+    from contextlib import AsyncExitStack
+
+    from aioquic.asyncio import connect
+    from aioquic.quic.configuration import QuicConfiguration
+
+    from relay.wire.protocol import ALPN_QUIC, MAX_DATAGRAM_FRAME
+
+    host, port = server.rsplit(":", 1)
+    async with AsyncExitStack() as stack:
+        async def one() -> bool:
+            conf = QuicConfiguration(is_client=True, alpn_protocols=[ALPN_QUIC], verify_mode=ssl.CERT_NONE,
+                                     max_datagram_frame_size=MAX_DATAGRAM_FRAME, idle_timeout=30)
+            try:
+                await asyncio.wait_for(stack.enter_async_context(connect(host, int(port), configuration=conf)), 2)
+                return True
+            except (asyncio.TimeoutError, ConnectionError):
+                return False
+        done = await asyncio.gather(*(one() for _ in range(n)))
+        await asyncio.sleep(seconds)
+        return sum(done)
+
+
+def test_quic_connections_that_never_join_are_capped_and_closed(tmp_path) -> None:
+    import asyncio
+    import logging
+
+    from tests.test_quic import metric
+
+    logging.getLogger("quic").setLevel(logging.CRITICAL)
+    port = free_port()
+    # the idle timeout (session_timeout) is longer than the JOIN deadline (5 s)
+    relay = start_relay(tmp_path, extra_node=f'quic = "127.0.0.1:{port}"\nsession_timeout = 10\n'
+                        "quic_max_pending = 20\nquic_max_pending_per_source = 1000\n")
+    server = f"127.0.0.1:{port}"
+    crowd = LoopbackCrowd(5, relay.listen, relay.room)
+    pub = _publisher(relay, 15)
+    try:
+        assert crowd.join().accepted == 5
+        before = crowd.crowd.totals()
+        opened = asyncio.run(_open_quietly(server, 60, 1.0))
+        text = relay.get("/metrics")[1]
+        # quic_max_pending = 20 in this relay's config: the rest were dropped unanswered
+        assert opened == 20, opened
+        assert metric(text, "relay_quic_connections_refused_total") >= 40
+        # held open without a JOIN past the deadline: the node closed them
+        opened_late = asyncio.run(_open_quietly(server, 20, 6.5))
+        assert opened_late == 20
+        assert metric(relay.get("/metrics")[1], "relay_quic_join_deadline_total") >= 20
+        crowd.run(0.5)
+        after = crowd.crowd.totals()
+        assert after["lost"] == before["lost"] == 0 and after["received"] > before["received"]
+    finally:
+        pub.kill()
+        pub.wait()
+        crowd.close()
+        assert stop(relay.proc) == 0
+
+
+def test_forgetting_a_closed_quic_connection_touches_only_its_own_ids() -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    from aioquic.asyncio.server import QuicServer
+    from aioquic.quic.configuration import QuicConfiguration
+
+    from relay.node.quic import _Server
+
+    class NoWalk(dict):
+        def items(self):  # what aioquic's own _connection_terminated does, per closed connection
+            raise AssertionError("walked every connection id to forget one connection")
+
+    def fake(i: int) -> SimpleNamespace:
+        cids = [SimpleNamespace(cid=f"h{i}-{k}".encode()) for k in range(3)]
+        return SimpleNamespace(_quic=SimpleNamespace(_host_cids=cids, original_destination_connection_id=b"o%d" % i,
+                                                     _retry_source_connection_id=b"r%d" % i))
+
+    async def scenario() -> None:
+        server = _Server(SimpleNamespace(), configuration=QuicConfiguration(is_client=False))
+        server._protocols = NoWalk()
+        protos = [fake(i) for i in range(2000)]
+        for p in protos:
+            for cid in [c.cid for c in p._quic._host_cids] + [p._quic._retry_source_connection_id]:
+                server._protocols[cid] = p
+        for p in protos:
+            server._connection_terminated(p)
+        assert len(server._protocols) == 0
+        # aioquic's own way fails this test
+        server._protocols[b"x"] = protos[0]
+        try:
+            QuicServer._connection_terminated(server, protos[0])
+        except AssertionError:
+            return
+        raise AssertionError("the stock implementation did not walk the table")
+
+    asyncio.run(scenario())
+
+
+def test_one_source_holds_a_bounded_number_of_unjoined_quic_connections() -> None:
+    from types import SimpleNamespace
+
+    from relay.node.quic import QuicEndpoint
+
+    endpoint = QuicEndpoint.__new__(QuicEndpoint)
+    endpoint.sessions = SimpleNamespace(cfg=SimpleNamespace(quic_max_pending=100, quic_max_pending_per_source=3))
+    endpoint.counters = SimpleNamespace(refused_connections=0)
+    endpoint.pending, endpoint._pending_by_source = {}, __import__("collections").Counter()
+    for i in range(3):
+        assert endpoint.may_open(("2001:db8::1", 5000 + i))
+        endpoint.opened(object(), ("2001:db8::%x" % (i + 1), 5000 + i))   # one /64
+    assert not endpoint.may_open(("2001:db8::99", 6000))
+    assert endpoint.may_open(("2001:db8:0:1::1", 6000))                   # another /64
+    assert endpoint.counters.refused_connections == 1

@@ -145,6 +145,11 @@ class NodeCollector(Collector):
             yield family
         yield CounterMetricFamily("relay_quic_stream_errors",
                                   "QUIC control streams closed for a malformed message.", q.stream_errors)
+        yield CounterMetricFamily("relay_quic_connections_refused",
+                                  "New QUIC connections dropped while too many had not joined "
+                                  "(quic_max_pending, quic_max_pending_per_source).", q.refused_connections)
+        yield CounterMetricFamily("relay_quic_join_deadline",
+                                  "QUIC connections closed for not joining within 5 s.", q.join_deadline)
         yield CounterMetricFamily("relay_quic_requests_refused",
                                   "HTTP/3 requests that were not a WebTransport session for /relay.",
                                   q.refused_requests)

@@ -32,8 +32,10 @@ from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
-from aioquic.asyncio import QuicConnectionProtocol, serve
+from aioquic.asyncio import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer
+from aioquic.buffer import Buffer
+from aioquic.quic.packet import QuicPacketType, pull_quic_header
 from aioquic.h3.connection import H3_ALPN, H3Connection
 from aioquic.h3.events import DatagramReceived, H3Event, HeadersReceived, WebTransportStreamDataReceived
 from aioquic.quic.configuration import QuicConfiguration
@@ -42,6 +44,7 @@ from aioquic.quic.events import (ConnectionTerminated, HandshakeCompleted, QuicE
 
 from relay._core import Core
 from relay.node import certs
+from relay.node.admission import source_key
 from relay.node.load import QuicLoad
 from relay.node.sessions import Session, Sessions
 from relay.wire.protocol import (ALPN_QUIC, MAX_DATAGRAM_FRAME, WEBTRANSPORT_PATH, Accept, FrameReader,
@@ -57,6 +60,9 @@ IN_FLIGHT = 8
 # default); a peer we have sent to for this long without hearing a packet
 # back has stalled, and gets no more until it answers
 STALL_S = 1.0
+# a connection that has not sent its JOIN this long after it was opened is
+# closed: a listener joins at once, an idle connection only holds memory
+JOIN_DEADLINE_S = 5.0
 
 
 @dataclass
@@ -66,6 +72,8 @@ class QuicCounters:
     bytes_sent: Counter = field(default_factory=Counter)
     stream_errors: int = 0        # join streams that did not parse
     refused_requests: int = 0     # HTTP/3 requests that were not a WebTransport CONNECT
+    refused_connections: int = 0  # new connections over the cap of ones that have not joined
+    join_deadline: int = 0        # connections closed for not joining in time
 
 
 class ListenerConnection(QuicConnectionProtocol):
@@ -100,6 +108,7 @@ class ListenerConnection(QuicConnectionProtocol):
                 self.h3 = H3Connection(self._quic, enable_webtransport=True)
                 self.transport_name = "webtransport"
         elif isinstance(event, ConnectionTerminated):
+            self.endpoint._not_pending(self)
             # aioquic's own phrase for a peer that stopped answering
             self.endpoint.leave(self, "timeout" if event.reason_phrase == "Idle timeout" else "left")
             return
@@ -180,6 +189,47 @@ class ListenerConnection(QuicConnectionProtocol):
         self.transmit()
 
 
+class _Server(QuicServer):
+    """aioquic's server, with two changes for a node that many strangers
+    connect to. Forgetting a closed connection touches only that
+    connection's ids (aioquic walks every id of every connection, so
+    closing N connections cost O(N²): 1,500 at once stalled the loop for
+    13 s). And a new connection is not created at all while too many that
+    have not joined are open, node-wide or from one source (dropped before
+    any state or key exchange; the client's handshake times out)."""
+
+    def __init__(self, endpoint: "QuicEndpoint", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.endpoint = endpoint
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        assert isinstance(data, bytes)
+        try:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=self._configuration.connection_id_length)
+        except ValueError:
+            return
+        known = header.destination_cid in self._protocols
+        # only an Initial that carries our Retry token can open a connection
+        if (not known and header.packet_type == QuicPacketType.INITIAL and header.token
+                and not self.endpoint.may_open(addr)):
+            return
+        super().datagram_received(data, addr)
+        if not known:
+            protocol = self._protocols.get(header.destination_cid)
+            if protocol is not None:
+                self.endpoint.opened(protocol, addr)  # type: ignore[arg-type]
+
+    def _connection_terminated(self, protocol: QuicConnectionProtocol) -> None:
+        quic = protocol._quic
+        cids = {c.cid for c in quic._host_cids}
+        cids.add(quic.original_destination_connection_id)
+        if quic._retry_source_connection_id:
+            cids.add(quic._retry_source_connection_id)
+        for cid in cids:
+            if self._protocols.get(cid) is protocol:
+                del self._protocols[cid]
+
+
 class QuicEndpoint:
     """The node's QUIC/WebTransport listener port. It sees the core (to pull
     audio from rings) and the session table (the shared join policy and
@@ -196,6 +246,9 @@ class QuicEndpoint:
             self.creds = certs.self_signed(["localhost", "127.0.0.1", "::1", self.addr[0]])
         self.counters = QuicCounters()
         self.server: QuicServer | None = None
+        # connections that have not joined yet: when they opened, and from where
+        self.pending: dict[ListenerConnection, tuple[float, str]] = {}
+        self._pending_by_source: Counter = Counter()
         # every QUIC packet is parsed, built and sealed on the loop thread
         self.load = QuicLoad()
 
@@ -220,8 +273,11 @@ class QuicEndpoint:
         # Retry (RFC 9000 8.1.2): a client proves its address with a token
         # before the node spends a key exchange and a signature on it, so a
         # flood of spoofed Initials costs one stateless reply each
-        self.server = await serve(self.addr[0], self.addr[1], configuration=self.configuration(),
-                                  create_protocol=partial(ListenerConnection, endpoint=self), retry=True)
+        _, server = await asyncio.get_running_loop().create_datagram_endpoint(
+            lambda: _Server(self, configuration=self.configuration(),
+                            create_protocol=partial(ListenerConnection, endpoint=self), retry=True),
+            local_addr=self.addr)
+        self.server = server
         asyncio.get_running_loop().add_reader(self.core.pull_fd, self._on_pull_ready)
         log.info("QUIC/WebTransport listeners on %s:%d (certificate %s, sha-256 %s)",
                  self.addr[0], self.port, "self-signed" if self.creds.self_signed else "configured",
@@ -235,6 +291,31 @@ class QuicEndpoint:
 
     def _connections(self) -> list[ListenerConnection]:
         return self.sessions.pulled()  # type: ignore[return-value]  # QUIC sessions are keyed by connection
+
+    # ------------------------------------------------------------ connections
+
+    def may_open(self, addr: Any) -> bool:
+        """May this source open one more connection? Not while the node, or
+        this source (an IPv4 address or IPv6 /64), holds its cap of
+        connections that have not joined."""
+        cfg = self.sessions.cfg
+        if len(self.pending) >= cfg.quic_max_pending or \
+                self._pending_by_source[source_key(str(addr[0]))] >= cfg.quic_max_pending_per_source:
+            self.counters.refused_connections += 1
+            return False
+        return True
+
+    def opened(self, conn: ListenerConnection, addr: Any) -> None:
+        key = source_key(str(addr[0]))
+        self.pending[conn] = (time.monotonic(), key)
+        self._pending_by_source[key] += 1
+
+    def _not_pending(self, conn: ListenerConnection) -> None:
+        entry = self.pending.pop(conn, None)
+        if entry is not None:
+            self._pending_by_source[entry[1]] -= 1
+            if not self._pending_by_source[entry[1]]:
+                del self._pending_by_source[entry[1]]
 
     # --------------------------------------------------------------- sessions
 
@@ -256,6 +337,7 @@ class QuicEndpoint:
             conn.session = self.sessions.table.get(conn)  # type: ignore[assignment]
             return joined
         conn.session = joined
+        self._not_pending(conn)
         self._pump(conn)
         return self.sessions.accept_message(joined)
 
@@ -323,6 +405,11 @@ class QuicEndpoint:
         for conn in self._connections():
             if now - conn.last_ping >= interval:
                 conn.keepalive_ping(now)
+        late = [c for c, (opened, _) in self.pending.items() if now - opened > JOIN_DEADLINE_S]
+        for conn in late:
+            self._not_pending(conn)
+            self.counters.join_deadline += 1
+            conn._close("no JOIN in time")
 
     def tell(self, session: Session, reject: Reject, close: str = "") -> None:
         """An ended session's listener is told why on its join stream; with

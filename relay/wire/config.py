@@ -61,6 +61,8 @@ class NodeConfig:
     join_rate: float = 2000.0            # admitted joins per second, node-wide
     join_rate_per_source: float = 20.0   # admitted joins per second per source IP (IPv6: per /64)
     max_sessions_per_token: int = 16     # sessions one token may hold at once; 0 = no limit
+    quic_max_pending: int = 512          # QUIC connections open but not yet joined, node-wide
+    quic_max_pending_per_source: int = 16  # ... from one IPv4 address or IPv6 /64
     max_rooms: int = 64                  # room slots reserved for reloads
     workers: int = 1                     # sender threads; "auto" = one per core
     max_load: float = 0.8                # admit while the relay's projected duty stays below this; 0 = off
@@ -75,7 +77,8 @@ class NodeConfig:
 _NODE_KEYS = {"listen", "admin", "auth", "secret_env", "max_listeners", "ring_depth",
               "slot_bytes", "burst_packets", "keepalive_interval", "session_timeout", "redirect",
               "room_label_limit", "join_rate", "join_rate_per_source", "max_rooms", "workers", "max_load",
-              "max_machine_load", "max_sessions_per_token", "quic", "quic_cert", "quic_key", "quic_redirect"}
+              "max_machine_load", "max_sessions_per_token",
+              "quic_max_pending", "quic_max_pending_per_source", "quic", "quic_cert", "quic_key", "quic_redirect"}
 _ROOM_KEYS = {"name", "ingest", "sources", "max_listeners"}
 
 
@@ -245,6 +248,11 @@ def from_dict(raw: dict[str, Any], label: str = "config", environ: Mapping[str, 
     cfg.join_rate_per_source = _seconds("[node] join_rate_per_source",
                                         node.get("join_rate_per_source", cfg.join_rate_per_source))
     cfg.max_rooms = _int("[node] max_rooms", node.get("max_rooms", cfg.max_rooms), 1, 100_000)
+    cfg.quic_max_pending = _int("[node] quic_max_pending", node.get("quic_max_pending", cfg.quic_max_pending),
+                                1, 10**6)
+    cfg.quic_max_pending_per_source = _int("[node] quic_max_pending_per_source",
+                                           node.get("quic_max_pending_per_source", cfg.quic_max_pending_per_source),
+                                           1, 10**6)
     cfg.max_sessions_per_token = _int("[node] max_sessions_per_token",
                                       node.get("max_sessions_per_token", cfg.max_sessions_per_token), 0, 10**7)
     for key, what in (("max_load", "a core"), ("max_machine_load", "the machine's CPUs")):
