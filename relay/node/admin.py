@@ -1,19 +1,30 @@
 """The admin HTTP port: /metrics for Prometheus, /healthz and /readyz for
 load balancers, /rooms, /quic.json and the browser listener page. It is
 handed what it shows as small callables, never the node itself, and runs
-on the node's event loop."""
+on the node's event loop.
+
+It answers one GET per connection and is bounded against clients that
+misbehave: a request head over 16 KiB is answered 431, a head not complete
+within 5 s is dropped, and at most 256 connections are open at once (a new
+one evicts the oldest that has not finished sending its head), so slow or
+oversized clients cost a bounded amount of memory and no traceback. It
+never builds a URL from the request's Host header."""
 from __future__ import annotations
 
 import asyncio
 import json
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from relay.node import web
 
 Response = tuple[str, str, bytes]    # status line, content type, body
+
+MAX_HEAD = 16 * 1024      # request line and headers
+HEAD_DEADLINE_S = 5.0
+MAX_CONNECTIONS = 256
 
 
 @dataclass
@@ -22,7 +33,55 @@ class AdminViews:
     metrics: Callable[[], bytes]                  # the Prometheus exposition
     not_ready: Callable[[], str]                  # "" when ready, else why not
     rooms: Callable[[], list[dict[str, Any]]]
-    quic: Callable[[str], dict[str, Any]] | None  # /quic.json, given the Host header; None: QUIC off
+    quic: Callable[[], dict[str, Any]] | None     # /quic.json; None: QUIC off
+
+
+class _Request(asyncio.Protocol):
+    """One connection: read the request head (bounded in size and time),
+    answer, close. A plain protocol rather than asyncio streams, so a
+    connection costs one small object and a timer, not a reader, a writer
+    and a task."""
+
+    def __init__(self, server: "AdminServer") -> None:
+        self.server = server
+        self.head: bytearray | None = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)   # uvloop's does not subclass asyncio's
+        self.timer = asyncio.get_running_loop().call_later(HEAD_DEADLINE_S, self.transport.abort)
+        self.server.opened(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.head is None:
+            return   # answered already; a client that keeps sending is ignored
+        self.head += data
+        end = self.head.find(b"\r\n\r\n")
+        if end < 0 and len(self.head) <= MAX_HEAD:
+            return
+        if end < 0 or end > MAX_HEAD:
+            self.server.oversized += 1
+            self.answer("431 Request Header Fields Too Large", "text/plain",
+                        f"request head over {MAX_HEAD} bytes\n".encode())
+            return
+        parts = bytes(self.head[:self.head.find(b"\r\n")]).decode("latin-1").split()
+        path = parts[1].split("?")[0] if len(parts) >= 2 else ""
+        self.answer(*self.server.route(parts[0] if parts else "", path))
+
+    def answer(self, status: str, ctype: str, body: bytes) -> None:
+        self.head = None
+        self.server.answered(self)
+        assert self.transport is not None
+        self.transport.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+                             f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n"
+                             "Connection: close\r\n\r\n".encode() + body)
+        self.transport.close()   # after what was written has gone
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.server.answered(self)
 
 
 class AdminServer:
@@ -31,40 +90,33 @@ class AdminServer:
     def __init__(self, views: AdminViews) -> None:
         self.views = views
         self.server: asyncio.AbstractServer | None = None
+        # connections still sending their request head, oldest first
+        self._reading: dict[_Request, None] = {}
+        self.evicted = 0
+        self.oversized = 0
 
     async def start(self, host: str, port: int) -> None:
         """Bind; raises OSError if the port is taken."""
-        self.server = await asyncio.start_server(self._on_client, host, port)
+        self.server = await asyncio.get_running_loop().create_server(lambda: _Request(self), host, port)
 
     def close(self) -> None:
         if self.server is not None:
             self.server.close()
             self.server = None
 
-    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            line = await asyncio.wait_for(reader.readline(), 5)
-            host = ""
-            for _ in range(100):
-                header = await asyncio.wait_for(reader.readline(), 5)
-                if header in (b"\r\n", b"\n", b""):
-                    break
-                name, _, value = header.decode("latin-1").partition(":")
-                if name.strip().lower() == "host":
-                    host = value.strip()
-            parts = line.decode("latin-1").split()
-            path = parts[1].split("?")[0] if len(parts) >= 2 else ""
-            status, ctype, body = self.route(parts[0] if parts else "", path, host)
-            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
-                         f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n"
-                         "Connection: close\r\n\r\n".encode() + body)
-            await writer.drain()
-        except (asyncio.TimeoutError, ConnectionError, UnicodeDecodeError):
-            pass
-        finally:
-            writer.close()
+    def opened(self, request: _Request) -> None:
+        if len(self._reading) >= MAX_CONNECTIONS:
+            oldest = next(iter(self._reading))
+            del self._reading[oldest]
+            if oldest.transport is not None:
+                oldest.transport.abort()
+            self.evicted += 1
+        self._reading[request] = None
 
-    def route(self, method: str, path: str, host: str = "") -> Response:
+    def answered(self, request: _Request) -> None:
+        self._reading.pop(request, None)
+
+    def route(self, method: str, path: str) -> Response:
         """The response to one request."""
         if method != "GET":
             return "405 Method Not Allowed", "text/plain", b"only GET\n"
@@ -73,7 +125,7 @@ class AdminServer:
         if path == "/quic.json":
             if self.views.quic is None:
                 return "404 Not Found", "application/json", b'{"error": "QUIC is off on this node"}'
-            return "200 OK", "application/json", json.dumps(self.views.quic(host)).encode()
+            return "200 OK", "application/json", json.dumps(self.views.quic()).encode()
         if path == "/metrics":
             return "200 OK", CONTENT_TYPE_LATEST, self.views.metrics()
         if path == "/healthz":

@@ -352,17 +352,18 @@ class QuicEndpoint:
             self.sessions.end(conn, why)
             conn.session = None
 
-    def describe(self, admin_host: str = "") -> dict[str, Any]:
+    def describe(self) -> dict[str, Any]:
         """Where and how to connect, for the web page and `relay listen
         --quic`: the WebTransport URL and, for a self-signed certificate, the
-        SHA-256 to pin. A wildcard bind is reached at the host name the
-        client used for the admin port."""
+        SHA-256 to pin. A wildcard bind has no one address to give: then
+        "quic" and "webtransport" are null and a client uses the host it
+        reached the admin port by, with "port" and "path" (never a name
+        taken from a request's Host header, which anyone can write)."""
         host = self.addr[0]
-        if host in ("0.0.0.0", "::", ""):
-            host = urlsplit(f"//{admin_host}").hostname or "127.0.0.1"
-        shown = f"[{host}]" if ":" in host else host
-        return {"quic": f"{shown}:{self.port}", "alpn": ALPN_QUIC,
-                "webtransport": f"https://{shown}:{self.port}{WEBTRANSPORT_PATH}",
+        shown = None if host in ("0.0.0.0", "::", "") else (f"[{host}]" if ":" in host else host)
+        return {"quic": f"{shown}:{self.port}" if shown else None, "port": self.port, "alpn": ALPN_QUIC,
+                "path": WEBTRANSPORT_PATH,
+                "webtransport": f"https://{shown}:{self.port}{WEBTRANSPORT_PATH}" if shown else None,
                 "cert_sha256": self.creds.sha256.hex() if self.creds.self_signed else None}
 
     # ------------------------------------------------------------ data path

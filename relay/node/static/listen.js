@@ -182,17 +182,20 @@ async function listen() {
   setupAudio();
   const answer0 = await fetch("/quic.json");
   const info = await answer0.json();
-  if (!answer0.ok || !info.webtransport) {
+  if (!answer0.ok || !info.port) {
     // the node serves this page but has no QUIC port: say so, not a URL error
     setState("error", info.error || "this node does not offer QUIC listeners");
     return;
   }
+  // a node bound to every address names none: use the host this page came
+  // from (an IPv6 hostname comes with its brackets)
+  const url = info.webtransport || "https://" + location.hostname + ":" + info.port + info.path;
   const opts = {};
   if (info.cert_sha256) {
     opts.serverCertificateHashes = [{ algorithm: "sha-256", value: hexBytes(info.cert_sha256) }];
   }
   setState("connecting");
-  const wt = new WebTransport(info.webtransport, opts);
+  const wt = new WebTransport(url, opts);
   await wt.ready;
   // a close after a refusal or an error keeps that message on screen
   const closed = (why) => { if (!["rejected", "ended", "error"].includes(st.state)) setState("closed", why); };
