@@ -280,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="relay", description="Live-audio fan-out relay.")
     p.add_argument("--version", action="version", version=f"relay {__version__}")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="log lines as plain text (default) or one JSON object each")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run a relay node")
@@ -341,6 +343,10 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the `relay` command."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    if args.log_format == "json":
+        from relay.node.events import JsonFormatter
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
     # aioquic logs every handshake at INFO: noise on a node with many listeners
     logging.getLogger("quic").setLevel(max(logging.WARNING, logging.getLogger().level))
     args.func(args)

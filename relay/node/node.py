@@ -24,6 +24,7 @@ from prometheus_client import generate_latest
 from relay import __version__
 from relay._core import Core
 from relay.node.admin import AdminServer, AdminViews
+from relay.node.events import EventLog, emit
 from relay.node.load import LoadMeter
 from relay.node.metrics import NodeCollector, registry_for
 from relay.node.quic import QuicEndpoint
@@ -73,6 +74,7 @@ class Node:
         self.senders = SenderThreads(self.core)
         self.udp = UdpPorts(self.core, self.sessions)
         self.quic: QuicEndpoint | None = QuicEndpoint(self.core, self.sessions) if cfg.quic else None
+        self.events = EventLog(self.core, self.sessions, cfg.log_interval)
         self.started = time.monotonic()
         self.collector = NodeCollector(self.core, self.sessions, self.load, self.senders,
                                        lambda: self.quic.counters if self.quic else None, self.started)
@@ -186,7 +188,8 @@ class Node:
             log.error("reload refused, keeping the running config: %s", e)
             return
         notes = self.reload(new)
-        log.warning("config reloaded%s", "".join(f"; {n}" for n in notes) or ": no changes")
+        log.warning("config reloaded%s", "".join(f"; {n}" for n in notes) or ": no changes",
+                    extra={"fields": {"event": "reload", "changes": notes}})
 
     # ---------------------------------------------------------- housekeeping
 
@@ -201,6 +204,7 @@ class Node:
                 self.quic.keepalive(time.monotonic())
             self.senders.check()
             self._measure_load()
+            self.events.tick(time.monotonic())
 
     def _measure_load(self) -> None:
         """Update the load measures and tell admission: joins stop before the
@@ -266,7 +270,7 @@ class Node:
             loop.add_signal_handler(signal.SIGHUP, self._on_sighup, reload_config)
         await stop.wait()
         told = self.drain()
-        log.info("draining: told %d listeners to move", told)
+        emit("draining", f"draining: told {told} listeners to move", told=told)
         # let the kernel take the last datagrams before the socket goes
         await asyncio.sleep(0.1)
         self.close()

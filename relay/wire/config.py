@@ -61,6 +61,7 @@ class NodeConfig:
     join_rate: float = 2000.0            # admitted joins per second, node-wide
     join_rate_per_source: float = 20.0   # admitted joins per second per source IP (IPv6: per /64)
     max_sessions_per_token: int = 16     # sessions one token may hold at once; 0 = no limit
+    log_interval: float = 10.0           # seconds between summary log lines (joins, refusals, drops)
     quic_max_pending: int = 512          # QUIC connections open but not yet joined, node-wide
     quic_max_pending_per_source: int = 16  # ... from one IPv4 address or IPv6 /64
     max_rooms: int = 64                  # room slots reserved for reloads
@@ -78,7 +79,8 @@ _NODE_KEYS = {"listen", "admin", "auth", "secret_env", "max_listeners", "ring_de
               "slot_bytes", "burst_packets", "keepalive_interval", "session_timeout", "redirect",
               "room_label_limit", "join_rate", "join_rate_per_source", "max_rooms", "workers", "max_load",
               "max_machine_load", "max_sessions_per_token",
-              "quic_max_pending", "quic_max_pending_per_source", "quic", "quic_cert", "quic_key", "quic_redirect"}
+              "quic_max_pending", "quic_max_pending_per_source", "log_interval",
+              "quic", "quic_cert", "quic_key", "quic_redirect"}
 _ROOM_KEYS = {"name", "ingest", "sources", "max_listeners"}
 
 
@@ -248,6 +250,7 @@ def from_dict(raw: dict[str, Any], label: str = "config", environ: Mapping[str, 
     cfg.join_rate_per_source = _seconds("[node] join_rate_per_source",
                                         node.get("join_rate_per_source", cfg.join_rate_per_source))
     cfg.max_rooms = _int("[node] max_rooms", node.get("max_rooms", cfg.max_rooms), 1, 100_000)
+    cfg.log_interval = _seconds("[node] log_interval", node.get("log_interval", cfg.log_interval), 0.1, 3600)
     cfg.quic_max_pending = _int("[node] quic_max_pending", node.get("quic_max_pending", cfg.quic_max_pending),
                                 1, 10**6)
     cfg.quic_max_pending_per_source = _int("[node] quic_max_pending_per_source",

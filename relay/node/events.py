@@ -1,0 +1,108 @@
+"""What an operator reads in the log: joins and leaves, refusals by reason,
+drops by reason, publishers starting, stopping and being replaced.
+
+Nothing here logs per join or per packet: the node's counters are compared
+once per interval and each kind of change becomes at most one line, so a
+join storm or a packet flood adds a few lines, never thousands. Publisher
+changes are found from the rooms' counters on every housekeeping tick and
+logged as they happen (one line per change of state). Lines are plain text,
+or one JSON object each with `--log-format json`; the structured fields
+travel in the record as `fields`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from typing import Any
+
+from relay._core import Core
+from relay.node.sessions import PULLED, UDP, Sessions
+
+log = logging.getLogger("relay.events")
+
+# a publisher that has sent nothing for this long has stopped
+PUBLISHER_QUIET_S = 2.0
+_CORE_DROPS = ("foreign", "malformed", "oversized", "late", "no_room", "overflow", "send_error", "shard_lag")
+
+
+def emit(event: str, text: str, **fields: Any) -> None:
+    """One log line for an event, with its fields for the JSON format."""
+    log.info(text, extra={"fields": {"event": event, **fields}})
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and the
+    event's fields when it has them."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {"ts": round(record.created, 3), "level": record.levelname.lower(),
+                               "logger": record.name, "msg": record.getMessage()}
+        out.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+class EventLog:
+    """Turns the node's counters into a bounded number of log lines."""
+
+    def __init__(self, core: Core, sessions: Sessions, interval_s: float) -> None:
+        self.core, self.sessions, self.interval_s = core, sessions, interval_s
+        self._at = time.monotonic()
+        self._seen = self._snapshot()
+        # per room: publishing now?, source restarts seen
+        self._publishing: dict[str, tuple[bool, int]] = {}
+
+    def _snapshot(self) -> dict[str, Any]:
+        sc = self.sessions.counters
+        c = self.core.counters()
+        return {"joins": sc.joins, "leaves": sc.leaves, "timeouts": sc.timeouts,
+                "refused": Counter(sc.rejections), "drops": {d: c[f"drop_{d}"] for d in _CORE_DROPS}}
+
+    def tick(self, now: float) -> None:
+        """Called on every housekeeping tick."""
+        self._publishers()
+        if now - self._at >= self.interval_s:
+            self._at = now
+            self._summary()
+
+    def _publishers(self) -> None:
+        now_ns = time.monotonic_ns()
+        for name, room in self.sessions.rooms.items():
+            st = self.core.room_stats(room.index)
+            live = bool(st["have_stream"]) and now_ns - st["last_rx_ns"] < PUBLISHER_QUIET_S * 1e9
+            was, restarts = self._publishing.get(name, (False, st["source_restarts"]))
+            if live and not was:
+                emit("publisher_started", f"room {name!r}: publisher started", room=name)
+            elif was and not live:
+                emit("publisher_stopped", f"room {name!r}: publisher stopped (silent {PUBLISHER_QUIET_S:g} s)",
+                     room=name)
+            elif live and st["source_restarts"] != restarts:
+                emit("publisher_replaced", f"room {name!r}: a new publisher stream took over", room=name,
+                     restarts=st["source_restarts"] - restarts)
+            self._publishing[name] = (live, st["source_restarts"])
+        for gone in self._publishing.keys() - self.sessions.rooms.keys():
+            del self._publishing[gone]
+
+    def _summary(self) -> None:
+        now = self._snapshot()
+        was, self._seen = self._seen, now
+        joined, left, timed_out = (now[k] - was[k] for k in ("joins", "leaves", "timeouts"))
+        if joined or left or timed_out:
+            by_transport: Counter[str] = Counter()
+            for room in self.sessions.rooms:
+                for t in (UDP, *PULLED):
+                    by_transport[t] += self.sessions.listeners(room, t)
+            emit("listeners", f"listeners: {joined} joined, {left} left, {timed_out} timed out; now "
+                 f"{self.core.listeners} ({', '.join(f'{t} {n}' for t, n in by_transport.items() if n) or 'none'})",
+                 joined=joined, left=left, timed_out=timed_out, listeners=self.core.listeners,
+                 by_transport=dict(by_transport))
+        refused = now["refused"] - was["refused"]
+        if refused:
+            emit("refused", "joins refused: " + ", ".join(f"{r} {n}" for r, n in refused.most_common()),
+                 reasons=dict(refused))
+        drops = {d: now["drops"][d] - was["drops"][d] for d in _CORE_DROPS if now["drops"][d] > was["drops"][d]}
+        if drops:
+            emit("drops", "packets dropped: " + ", ".join(f"{d} {n}" for d, n in drops.items()), reasons=drops)
