@@ -268,6 +268,22 @@ cdef class Core:
             raise ValueError(f"no listener in slot {slot}")
         return &self.st.ls[slot]
 
+    def listener_hold(self, int slot, bint hold):
+        """Hold a listener out of the fan-out (True) or put it back (False).
+        A held listener keeps its slot, session and ring, but gets no new
+        packets and so counts no overflow: for a pull listener whose peer
+        has stopped answering, whose backlog would otherwise be counted as
+        egress drops until it is found gone."""
+        cdef Listener *l = self._listener(slot)
+        lock_shard_gil(&self.st, l.shard)
+        if hold and not l.held:
+            listener_unlink(&self.st, slot)
+            l.held = 1
+        elif not hold and l.held:
+            listener_link(&self.st, slot)
+            l.held = 0
+        unlock_shard(&self.st, l.shard)
+
     def listener_remove(self, int slot):
         """Take the listener out of its room and return its slot to the free list."""
         cdef Listener *l = self._listener(slot)

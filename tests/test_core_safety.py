@@ -96,3 +96,25 @@ def test_threaded_core_never_sends_from_the_callers_thread() -> None:
         core.stop_shards()
         t.join(5)
     assert not t.is_alive()
+
+
+def test_a_held_listener_gets_nothing_and_counts_no_overflow() -> None:
+    core = Core(4, rooms=1, depth=4)
+    core.room_open(0, True)
+    held = core.listener_add(0, b"", 1, 0, 0, pull=True)
+    other = core.listener_add(0, DEST, 2, 0, 0)
+    core.listener_hold(held, True)
+    for k in range(10):
+        core.feed(0, rtp(k, 960 * k, 9, bytes([k]) * 20), SRC_A)
+    assert core.pending(held) == 0 and core.listener_stats(held)["drop_overflow"] == 0
+    assert core.listener_stats(other)["drop_overflow"] == 10 - 4   # the others' rings go on as before
+    assert core.room_listeners(0) == 2
+    core.listener_hold(held, False)
+    core.feed(0, rtp(10, 9600, 9, b"x" * 20), SRC_A)
+    assert [p[12:13] for p in core.pull(held)] == [b"x"]
+    # holding twice, or removing a held listener, keeps the room's list whole
+    core.listener_hold(held, True)
+    core.listener_hold(held, True)
+    core.listener_remove(held)
+    core.feed(0, rtp(11, 10560, 9, b"y" * 20), SRC_A)
+    assert core.ring(other)[-1][12:13] == b"y"

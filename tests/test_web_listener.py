@@ -94,3 +94,27 @@ def test_web_page_on_a_node_without_quic_says_so(tmp_path) -> None:
     finally:
         page.close()
         assert stop(relay.proc) == 0
+
+
+def test_a_closed_page_stops_counting_as_a_listener(tmp_path) -> None:
+    if not browser.available():
+        pytest.fail("chromium is not installed; run `make test`, which installs it")
+    relay, _server, _cert = quic_relay(tmp_path)
+    publisher = publish(relay, 20)
+    page = browser.Browser()
+    listeners = f'relay_listeners{{room="{relay.room}",transport="webtransport"}}'
+    try:
+        page.goto(relay.url(f"/listen?room={relay.room}"))
+        assert wait_state(page, lambda s: s["state"] == "playing", timeout=15)["state"] == "playing"
+        assert metric(relay.get("/metrics")[1], listeners) == 1
+        page.goto("about:blank")   # the tab leaves the page: its WebTransport session closes
+        deadline = time.monotonic() + 3
+        while metric(relay.get("/metrics")[1], listeners) != 0:
+            assert time.monotonic() < deadline, "the closed page still counts as a listener"
+            time.sleep(0.1)
+        assert metric(relay.get("/metrics")[1], "relay_leaves_total") == 1
+    finally:
+        page.close()
+        publisher.kill()
+        publisher.wait()
+        assert stop(relay.proc) == 0

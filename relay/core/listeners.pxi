@@ -19,7 +19,6 @@ cdef int32_t listener_take(CoreState *c, int k, int room, const uint8_t *addr, u
     """Take a free slot of shard k for a listener of `room` (addrlen 0: a
     pull listener, drained by its transport instead of sendmmsg)."""
     cdef Shard *s = &c.sh[k]
-    cdef Room *r = &c.rm[room]
     cdef int32_t i
     cdef Listener *l
     cdef uint8_t was_queued
@@ -40,13 +39,32 @@ cdef int32_t listener_take(CoreState *c, int k, int room, const uint8_t *addr, u
     l.ts_off = ts_off
     l.addrlen = addrlen
     memcpy(l.addr, addr, addrlen)
-    l.prev = -1
-    l.next = r.first[k]
-    if r.first[k] >= 0:
-        c.ls[r.first[k]].prev = i
-    r.first[k] = i
+    listener_link(c, i)
     s.listeners += 1
     return i
+
+
+cdef void listener_unlink(CoreState *c, int32_t slot) noexcept nogil:
+    """Take the listener out of its room's list for its shard."""
+    cdef Listener *l = &c.ls[slot]
+    if l.prev >= 0:
+        c.ls[l.prev].next = l.next
+    else:
+        c.rm[l.room].first[l.shard] = l.next
+    if l.next >= 0:
+        c.ls[l.next].prev = l.prev
+    l.prev = l.next = -1
+
+
+cdef void listener_link(CoreState *c, int32_t slot) noexcept nogil:
+    """Put the listener at the head of its room's list for its shard."""
+    cdef Listener *l = &c.ls[slot]
+    cdef Room *r = &c.rm[l.room]
+    l.prev = -1
+    l.next = r.first[l.shard]
+    if r.first[l.shard] >= 0:
+        c.ls[r.first[l.shard]].prev = slot
+    r.first[l.shard] = slot
 
 
 cdef void listener_release(CoreState *c, int32_t slot) noexcept nogil:
@@ -54,12 +72,9 @@ cdef void listener_release(CoreState *c, int32_t slot) noexcept nogil:
     cdef Listener *l = &c.ls[slot]
     cdef int k = l.shard
     cdef Shard *s = &c.sh[k]
-    if l.prev >= 0:
-        c.ls[l.prev].next = l.next
-    else:
-        c.rm[l.room].first[k] = l.next
-    if l.next >= 0:
-        c.ls[l.next].prev = l.prev
+    if not l.held:
+        listener_unlink(c, slot)
+    l.held = 0
     l.active = 0
     l.head = l.sent = 0
     s.free_list[s.n_free] = slot

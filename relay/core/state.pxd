@@ -35,7 +35,8 @@ ctypedef struct Listener:
     int32_t prev
     uint32_t ssrc
     uint16_t seq_off      # listener seq = room seq + seq_off
-    uint16_t _pad
+    uint8_t held          # out of its room's list: the fan-out skips it (a stalled pull listener)
+    uint8_t _pad
     uint32_t ts_off       # listener ts  = room ts  + ts_off
     uint32_t head         # packets written into the ring, ever
     uint32_t sent         # packets handed to the kernel (or pulled), ever

@@ -148,6 +148,9 @@ class NodeCollector(Collector):
         yield CounterMetricFamily("relay_quic_connections_refused",
                                   "New QUIC connections dropped while too many had not joined "
                                   "(quic_max_pending, quic_max_pending_per_source).", q.refused_connections)
+        yield CounterMetricFamily("relay_quic_listeners_gone",
+                                  "QUIC listeners ended after 3 s without an answer (also in relay_timeouts_total).",
+                                  q.gone)
         yield CounterMetricFamily("relay_quic_join_deadline",
                                   "QUIC connections closed for not joining within 5 s.", q.join_deadline)
         yield CounterMetricFamily("relay_quic_requests_refused",

@@ -40,7 +40,7 @@ from aioquic.h3.connection import H3_ALPN, H3Connection
 from aioquic.h3.events import DatagramReceived, H3Event, HeadersReceived, WebTransportStreamDataReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import (ConnectionTerminated, HandshakeCompleted, QuicEvent,
-                                 StreamDataReceived)
+                                 StreamDataReceived, StreamReset)
 
 from relay._core import Core
 from relay.node import certs
@@ -63,6 +63,11 @@ STALL_S = 1.0
 # a connection that has not sent its JOIN this long after it was opened is
 # closed: a listener joins at once, an idle connection only holds memory
 JOIN_DEADLINE_S = 5.0
+# a joined listener that has not answered for STALL_S + GONE_S has gone (a
+# killed process, a lost network): its session ends then, not at the idle
+# timeout; while stalled it is held out of the fan-out, so its backlog is
+# not counted as egress drops
+GONE_S = 2.0
 
 
 @dataclass
@@ -74,6 +79,7 @@ class QuicCounters:
     refused_requests: int = 0     # HTTP/3 requests that were not a WebTransport CONNECT
     refused_connections: int = 0  # new connections over the cap of ones that have not joined
     join_deadline: int = 0        # connections closed for not joining in time
+    gone: int = 0                 # joined listeners that stopped answering, ended
 
 
 class ListenerConnection(QuicConnectionProtocol):
@@ -87,6 +93,7 @@ class ListenerConnection(QuicConnectionProtocol):
         self.join_stream: int | None = None
         self.readers: dict[int, FrameReader] = {}
         self.session: Session | None = None         # the listener session, once joined
+        self.held = False                           # out of the fan-out while the peer is silent
         self.transport_name = "quic"
         self.last_ping = time.monotonic()          # last PING or audio sent
         self.unanswered_since: float | None = None   # first send since the peer last spoke
@@ -111,6 +118,13 @@ class ListenerConnection(QuicConnectionProtocol):
             self.endpoint._not_pending(self)
             # aioquic's own phrase for a peer that stopped answering
             self.endpoint.leave(self, "timeout" if event.reason_phrase == "Idle timeout" else "left")
+            return
+        if (isinstance(event, (StreamDataReceived, StreamReset)) and event.stream_id == self.wt_session
+                and (isinstance(event, StreamReset) or event.end_stream)):
+            # the page closed its WebTransport session (a closed tab): the
+            # browser may keep the connection itself for a while
+            self.endpoint.leave(self, "left")
+            self._close("webtransport session closed")
             return
         if self.h3 is not None:
             for h3_event in self.h3.handle_event(event):
@@ -404,13 +418,32 @@ class QuicEndpoint:
         has really gone."""
         interval = self.sessions.cfg.keepalive_interval
         for conn in self._connections():
-            if now - conn.last_ping >= interval:
+            self._watch(conn, now)
+            if conn.session is not None and now - conn.last_ping >= interval:
                 conn.keepalive_ping(now)
         late = [c for c, (opened, _) in self.pending.items() if now - opened > JOIN_DEADLINE_S]
         for conn in late:
             self._not_pending(conn)
             self.counters.join_deadline += 1
             conn._close("no JOIN in time")
+
+    def _watch(self, conn: ListenerConnection, now: float) -> None:
+        """Hold a stalled listener out of the fan-out, put it back when it
+        answers, end its session when it has gone."""
+        s = conn.session
+        if s is None:
+            return
+        quiet = now - conn.unanswered_since if conn.unanswered_since is not None else 0.0
+        if quiet > STALL_S + GONE_S:
+            self.counters.gone += 1
+            self.leave(conn, "timeout")
+            conn._close("listener stopped answering")
+        elif quiet > STALL_S and not conn.held:
+            self.core.listener_hold(s.slot, True)
+            conn.held = True
+        elif quiet <= STALL_S and conn.held:
+            self.core.listener_hold(s.slot, False)
+            conn.held = False
 
     def tell(self, session: Session, reject: Reject, close: str = "") -> None:
         """An ended session's listener is told why on its join stream; with
