@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 
 from relay.testing.loadgen import free_port, raise_fd_limit, scrape
 from tests.conftest import start_relay, stop
