@@ -56,6 +56,7 @@ class Node:
         cfg = Path(tempfile.mkdtemp()) / "relay.toml"
         cfg.write_text(f'[node]\nlisten = "127.0.0.1:{self.listen}"\nadmin = "127.0.0.1:{self.admin[1]}"\n'
                        f'quic = "127.0.0.1:{self.quic}"\nauth = "open"\nworkers = 1\nmax_load = {max_load}\n'
+                       'drain_grace = 0\n'
                        f'max_listeners = {listeners + 16}\njoin_rate = 1000000\njoin_rate_per_source = 100000\n'
                        f'[[room]]\nname = "b"\ningest = "127.0.0.1:{self.ingest}"\nsources = ["127.0.0.1"]\n')
         self.proc = subprocess.Popen([PY, "-m", "relay", "--log-level", "error", "serve", "-c", str(cfg)],

@@ -112,7 +112,7 @@ def start_impl(kind: str, ingest: int, dests: Path, crowd: LoopbackCrowd, limit_
         listen, admin = free_port(), free_port(socket.SOCK_STREAM)
         cfg = Path(tempfile.mkdtemp()) / "relay.toml"
         cfg.write_text(f'[node]\nlisten = "127.0.0.1:{listen}"\nadmin = "127.0.0.1:{admin}"\n'
-                       f'auth = "open"\nworkers = 1\nmax_listeners = {listeners + 16}\n'
+                       f'auth = "open"\nworkers = 1\ndrain_grace = 0\nmax_listeners = {listeners + 16}\n'
                        f'join_rate = 1000000\njoin_rate_per_source = 1000\n[[room]]\nname = "b"\n'
                        f'ingest = "127.0.0.1:{ingest}"\nsources = ["127.0.0.1"]\n')
         proc = subprocess.Popen([PY, "-m", "relay", "--log-level", "error", "serve", "-c", str(cfg)],
@@ -186,6 +186,7 @@ def storm(existing_n: int, storm_n: int, payloads: list[bytes] | None = None) ->
     ingest, listen, admin = free_port(), free_port(), free_port(socket.SOCK_STREAM)
     cfg = Path(tempfile.mkdtemp()) / "relay.toml"
     cfg.write_text(f'[node]\nlisten = "127.0.0.1:{listen}"\nadmin = "127.0.0.1:{admin}"\nauth = "open"\n'
+                   'drain_grace = 0\n'
                    f'max_listeners = {existing_n + storm_n}\njoin_rate = 100000\n'
                    f'[[room]]\nname = "s"\ningest = "127.0.0.1:{ingest}"\nsources = ["127.0.0.1"]\n')
     proc = subprocess.Popen([PY, "-m", "relay", "--log-level", "error", "serve", "-c", str(cfg)],

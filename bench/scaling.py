@@ -34,7 +34,7 @@ def run_once(workers: int, listeners: int, rate: int, seconds: float, payloads: 
     listen, admin, ingest = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_STREAM), free_port(socket.SOCK_DGRAM)
     cfg = Path(tempfile.mkdtemp()) / "bench.toml"
     cfg.write_text(f'[node]\nlisten = "127.0.0.1:{listen}"\nadmin = "127.0.0.1:{admin}"\n'
-                   f'auth = "open"\nworkers = {workers}\nmax_listeners = {listeners}\n'
+                   f'auth = "open"\ndrain_grace = 0\nworkers = {workers}\nmax_listeners = {listeners}\n'
                    f'join_rate = 1000000\n'
                    f'[[room]]\nname = "b"\ningest = "127.0.0.1:{ingest}"\nsources = ["127.0.0.1"]\n')
     relay = subprocess.Popen([sys.executable, "-m", "relay", "--log-level", "error", "serve", "-c", str(cfg)],

@@ -35,7 +35,7 @@ def main() -> None:
     listen, admin, ingest = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_STREAM), free_port(socket.SOCK_DGRAM)
     cfg = Path(tempfile.mkdtemp()) / "soak.toml"
     cfg.write_text(f'[node]\nlisten = "127.0.0.1:{listen}"\nadmin = "127.0.0.1:{admin}"\n'
-                   f'auth = "open"\njoin_rate = 100000\njoin_rate_per_source = 1000\n'
+                   f'auth = "open"\ndrain_grace = 0\njoin_rate = 100000\njoin_rate_per_source = 1000\n'
                    f'[[room]]\nname = "soak"\ningest = "127.0.0.1:{ingest}"\nsources = ["127.0.0.1"]\n')
     py = [sys.executable, "-m", "relay"]
     relay = subprocess.Popen(py + ["--log-level", "warning", "serve", "-c", str(cfg)])

@@ -50,7 +50,8 @@ def start_relay(tmp_path: Path, auth: str = "open", extra_node: str = "", source
     cfg = tmp_path / "relay.toml"
     # Load admission measures CPU, and these tests share a machine with
     # whatever else runs; only tests of admission itself turn it on.
-    for key in ("max_load", "max_machine_load"):
+    # Tests that do not test draining stop their relay at once.
+    for key in ("max_load", "max_machine_load", "drain_grace"):
         if key not in extra_node:
             extra_node += f"\n{key} = 0"
     cfg.write_text(f"""

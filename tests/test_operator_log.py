@@ -19,7 +19,7 @@ def _start(tmp_path, extra: str = "") -> tuple[subprocess.Popen, dict]:
     ports = {"listen": free_port(), "admin": free_port(__import__("socket").SOCK_STREAM), "ingest": free_port()}
     cfg = tmp_path / "relay.toml"
     cfg.write_text(f'[node]\nlisten = "127.0.0.1:{ports["listen"]}"\nadmin = "127.0.0.1:{ports["admin"]}"\n'
-                   f'auth = "open"\nmax_load = 0\nmax_machine_load = 0\nlog_interval = 0.5\n{extra}'
+                   f'auth = "open"\nmax_load = 0\nmax_machine_load = 0\nlog_interval = 0.5\ndrain_grace = 0\n{extra}'
                    f'[[room]]\nname = "hall"\ningest = "127.0.0.1:{ports["ingest"]}"\nsources = ["127.0.0.1"]\n')
     proc = subprocess.Popen([sys.executable, "-m", "relay", "--log-format", "json", "serve", "-c", str(cfg)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

@@ -39,6 +39,7 @@ from relay.wire.tokens import Auth
 log = logging.getLogger("relay.server")
 
 HOUSEKEEPING_S = 0.25
+DRAIN_STEP_S = 0.1       # one batch of listeners moved per step
 
 
 class BindError(OSError):
@@ -269,8 +270,34 @@ class Node:
         if reload_config is not None:
             loop.add_signal_handler(signal.SIGHUP, self._on_sighup, reload_config)
         await stop.wait()
-        told = self.drain()
-        emit("draining", f"draining: told {told} listeners to move", told=told)
+        stop.clear()
+        await self.drain_gracefully(stop)
         # let the kernel take the last datagrams before the socket goes
         await asyncio.sleep(0.1)
         self.close()
+
+    async def drain_gracefully(self, hurry: asyncio.Event) -> int:
+        """Leave the way a load balancer expects: /readyz fails and new joins
+        are refused (with the redirect) at once; the listeners we have keep
+        listening for [node] drain_grace seconds, so the balancer can stop
+        sending new ones; then they are moved at [node] drain_rate per
+        second, in batches every 0.1 s, so the node they go to is not hit by
+        all of them at once. `hurry` (a second signal) moves the rest at
+        once. Returns the listeners told."""
+        cfg = self.cfg
+        self.sessions.draining = True
+        emit("draining", f"draining: not ready; serving {len(self.sessions.table)} listeners "
+             f"{cfg.drain_grace:g} s more, then moving them at {cfg.drain_rate:g}/s",
+             listeners=len(self.sessions.table), grace_s=cfg.drain_grace)
+        try:
+            await asyncio.wait_for(hurry.wait(), cfg.drain_grace)
+        except asyncio.TimeoutError:
+            pass
+        batch = max(1, int(cfg.drain_rate * DRAIN_STEP_S))
+        told = 0
+        while self.sessions.table:
+            told += self._tell(self.sessions.drain(None if hurry.is_set() else batch))
+            if self.sessions.table:
+                await asyncio.sleep(DRAIN_STEP_S)
+        emit("drained", f"drained: told {told} listeners to move", told=told)
+        return told

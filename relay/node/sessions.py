@@ -377,12 +377,12 @@ class Sessions:
         self.cfg, self.auth = cfg, auth
         self.limiter = JoinLimiter(cfg.join_rate, cfg.join_rate_per_source)
 
-    def drain(self) -> list[Tell]:
-        """Stop admitting; end every session, each told DRAINING with its
-        transport's redirect if one is configured."""
+    def drain(self, limit: int | None = None) -> list[Tell]:
+        """Stop admitting; end every session (or the `limit` oldest), each
+        told DRAINING with its transport's redirect if one is configured."""
         self.draining = True
         out = []
-        for s in list(self.table.values()):
+        for s in list(self.table.values())[:limit]:
             self._remove(s)
             out.append(Tell(s, Reject(Reason.DRAINING, self.cfg.redirect if s.transport == UDP
                                       else self.cfg.quic_redirect, s.session_id)))

@@ -23,6 +23,8 @@ join_rate = 10000
 # the demo's listeners run on this same machine and would count as load
 max_load = 0
 max_machine_load = 0
+# the demo ends its relay with SIGTERM: no load balancer to wait for
+drain_grace = 0
 
 [[room]]
 name = "demo"
@@ -62,6 +64,8 @@ class NodeConfig:
     join_rate_per_source: float = 20.0   # admitted joins per second per source IP (IPv6: per /64)
     max_sessions_per_token: int = 16     # sessions one token may hold at once; 0 = no limit
     log_interval: float = 10.0           # seconds between summary log lines (joins, refusals, drops)
+    drain_grace: float = 5.0             # on SIGTERM: seconds to keep serving after /readyz fails
+    drain_rate: float = 2000.0           # then listeners moved per second
     quic_max_pending: int = 512          # QUIC connections open but not yet joined, node-wide
     quic_max_pending_per_source: int = 16  # ... from one IPv4 address or IPv6 /64
     max_rooms: int = 64                  # room slots reserved for reloads
@@ -79,7 +83,7 @@ _NODE_KEYS = {"listen", "admin", "auth", "secret_env", "max_listeners", "ring_de
               "slot_bytes", "burst_packets", "keepalive_interval", "session_timeout", "redirect",
               "room_label_limit", "join_rate", "join_rate_per_source", "max_rooms", "workers", "max_load",
               "max_machine_load", "max_sessions_per_token",
-              "quic_max_pending", "quic_max_pending_per_source", "log_interval",
+              "quic_max_pending", "quic_max_pending_per_source", "log_interval", "drain_grace", "drain_rate",
               "quic", "quic_cert", "quic_key", "quic_redirect"}
 _ROOM_KEYS = {"name", "ingest", "sources", "max_listeners"}
 
@@ -97,6 +101,12 @@ def _int(where: str, value: Any, lo: int, hi: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
         raise ConfigError(f"{where}: expected an integer from {lo} to {hi}, got {value!r}")
     return value
+
+
+def _float(where: str, value: Any, lo: float, hi: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ConfigError(f"{where}: expected a number from {lo:g} to {hi:g}, got {value!r}")
+    return float(value)
 
 
 def _seconds(where: str, value: Any, lo: float = 0.0, hi: float = float("inf")) -> float:
@@ -250,6 +260,8 @@ def from_dict(raw: dict[str, Any], label: str = "config", environ: Mapping[str, 
     cfg.join_rate_per_source = _seconds("[node] join_rate_per_source",
                                         node.get("join_rate_per_source", cfg.join_rate_per_source))
     cfg.max_rooms = _int("[node] max_rooms", node.get("max_rooms", cfg.max_rooms), 1, 100_000)
+    cfg.drain_grace = _float("[node] drain_grace", node.get("drain_grace", cfg.drain_grace), 0, 3600)
+    cfg.drain_rate = _seconds("[node] drain_rate", node.get("drain_rate", cfg.drain_rate), 1, 10**7)
     cfg.log_interval = _seconds("[node] log_interval", node.get("log_interval", cfg.log_interval), 0.1, 3600)
     cfg.quic_max_pending = _int("[node] quic_max_pending", node.get("quic_max_pending", cfg.quic_max_pending),
                                 1, 10**6)
