@@ -508,6 +508,7 @@ cdef class Core:
             "drop_oversized": r.drop_oversized,
             "drop_late": r.drop_late,
             "source_restarts": r.source_restarts,
+            "seq_gaps": r.seq_gaps,
             "have_stream": bool(r.have_stream),
             "last_rx_ns": r.last_rx_ns,
         }

@@ -30,9 +30,11 @@ VIEW = (800, 600)   # the page's viewport, and the screenshot's size
 class Browser:
     """One Chromium process with one page."""
 
-    def __init__(self) -> None:
+    def __init__(self, autoplay: bool = True) -> None:
+        """`autoplay=False` keeps Chromium's default policy: audio waits for a click."""
         self.profile = tempfile.mkdtemp(prefix="relay-chromium-")
-        self.proc = subprocess.Popen([CHROMIUM, *FLAGS, f"--user-data-dir={self.profile}", "about:blank"],
+        flags = FLAGS if autoplay else [f for f in FLAGS if not f.startswith("--autoplay-policy")]
+        self.proc = subprocess.Popen([CHROMIUM, *flags, f"--user-data-dir={self.profile}", "about:blank"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         url = self._devtools_url()
         self._stack = ExitStack()
@@ -83,6 +85,14 @@ class Browser:
         if "exceptionDetails" in r:
             raise RuntimeError(f"page error: {r['exceptionDetails']}")
         return r["result"].get("value")
+
+    def click(self, element_id: str) -> None:
+        """A real mouse click (a user gesture, unlike element.click()) on an element."""
+        box = self.evaluate(f"(() => {{ const r = document.getElementById({element_id!r}).getBoundingClientRect();"
+                            " return [r.x + r.width / 2, r.y + r.height / 2]; })()")
+        for kind in ("mousePressed", "mouseReleased"):
+            self.call("Input.dispatchMouseEvent", session=True, type=kind, x=box[0], y=box[1],
+                      button="left", clickCount=1)
 
     def screenshot(self, path: str) -> None:
         data = self.call("Page.captureScreenshot", session=True, format="png")["data"]

@@ -118,3 +118,51 @@ def test_a_closed_page_stops_counting_as_a_listener(tmp_path) -> None:
         publisher.kill()
         publisher.wait()
         assert stop(relay.proc) == 0
+
+
+def test_the_page_asks_for_a_click_when_autoplay_is_blocked(tmp_path) -> None:
+    if not browser.available():
+        pytest.fail("chromium is not installed; run `make test`, which installs it")
+    relay, _server, _cert = quic_relay(tmp_path)
+    publisher = publish(relay, 20)
+    page = browser.Browser(autoplay=False)
+    try:
+        page.goto(relay.url(f"/listen?room={relay.room}"))
+        st = wait_state(page, lambda s: s["framesDecoded"] > 10, timeout=15)
+        assert st["audio"] == "suspended", st
+        assert page.evaluate("!document.getElementById('play').hidden") is True
+        assert page.evaluate("document.getElementById('play').textContent") == "Click to play"
+        page.click("play")
+        st = wait_state(page, lambda s: s["audio"] == "running", timeout=10)
+        assert st["audio"] == "running" and page.evaluate("document.getElementById('play').hidden") is True
+    finally:
+        page.close()
+        publisher.kill()
+        publisher.wait()
+        assert stop(relay.proc) == 0
+
+
+def test_the_page_retries_a_full_node_with_backoff(tmp_path) -> None:
+    if not browser.available():
+        pytest.fail("chromium is not installed; run `make test`, which installs it")
+    from relay.testing.loadgen import LoopbackCrowd
+
+    relay, _server, _cert = quic_relay(tmp_path, extra="max_listeners = 1\n")
+    publisher = publish(relay, 25)
+    crowd = LoopbackCrowd(1, relay.listen, relay.room)
+    page = browser.Browser()
+    try:
+        # the node admits one listener; the crowd holds it
+        assert crowd.join().accepted == 1
+        page.goto(relay.url(f"/listen?room={relay.room}"))
+        st = wait_state(page, lambda s: s["state"] == "rejected", timeout=15)
+        assert st["error"].startswith("node_full, retrying in "), st
+        crowd.leave()
+        st = wait_state(page, lambda s: s["state"] == "playing", timeout=20)
+        assert st["state"] == "playing" and st["retries"] == 0, st
+    finally:
+        page.close()
+        crowd.close()
+        publisher.kill()
+        publisher.wait()
+        assert stop(relay.proc) == 0

@@ -126,6 +126,8 @@ cdef int accept_packet(CoreState *c, int room, const uint8_t *pkt, Py_ssize_t n,
         elif delta <= 0:
             r.drop_late += 1
             return INGEST_LATE
+        elif delta > 1:
+            r.seq_gaps += <uint64_t>(delta - 1)
     r.in_ssrc = ssrc
     r.in_seq = seq
     r.out_seq = <uint16_t>(seq + r.seq_off)

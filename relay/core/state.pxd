@@ -83,6 +83,7 @@ ctypedef struct Room:
     uint64_t drop_oversized
     uint64_t drop_late
     uint64_t source_restarts
+    uint64_t seq_gaps     # sequence numbers the publisher skipped: loss on the way in
 
 
 ctypedef struct Shard:

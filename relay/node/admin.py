@@ -12,6 +12,7 @@ never builds a URL from the request's Host header."""
 from __future__ import annotations
 
 import asyncio
+import html
 import json
 from dataclasses import dataclass
 from typing import Any, Callable, cast
@@ -34,6 +35,7 @@ class AdminViews:
     not_ready: Callable[[], str]                  # "" when ready, else why not
     rooms: Callable[[], list[dict[str, Any]]]
     quic: Callable[[], dict[str, Any]] | None     # /quic.json; None: QUIC off
+    index: Callable[[], list[tuple[str, str]]] = lambda: []   # (link, what it is) for /
 
 
 class _Request(asyncio.Protocol):
@@ -120,6 +122,11 @@ class AdminServer:
         """The response to one request."""
         if method != "GET":
             return "405 Method Not Allowed", "text/plain", b"only GET\n"
+        if path == "/":
+            items = "".join(f'<li><a href="{html.escape(link)}">{html.escape(link)}</a> {html.escape(what)}</li>'
+                            for link, what in self.views.index())
+            return "200 OK", "text/html; charset=utf-8", (
+                f"<!doctype html><meta charset=utf-8><title>relay</title><h1>relay</h1><ul>{items}</ul>").encode()
         if path in web.PAGES:
             return "200 OK", *web.page(path)
         if path == "/quic.json":

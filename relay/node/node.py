@@ -30,7 +30,7 @@ from relay.node.metrics import NodeCollector, registry_for
 from relay.node.quic import QuicEndpoint
 from relay.node.reload import plan_reload
 from relay.node.senders import SenderThreads
-from relay.node.sessions import UDP, RoomState, Sessions, Tell
+from relay.node.sessions import PULLED, UDP, RoomState, Sessions, Tell
 from relay.node.udp import UdpPorts
 from relay.wire.addr import to_sockaddr
 from relay.wire.config import NodeConfig, RoomConfig
@@ -81,10 +81,12 @@ class Node:
                                        lambda: self.quic.counters if self.quic else None, self.started)
         self.admin = AdminServer(AdminViews(
             metrics=lambda: generate_latest(registry_for(self.collector)),
-            not_ready=self._not_ready, rooms=self._room_list,
+            not_ready=self._not_ready, rooms=self._room_list, index=self._index,
             quic=self.quic.describe if self.quic else None))
         self._free_rooms = list(range(cfg.max_rooms - 1, -1, -1))
         self._tasks: list[asyncio.Task] = []
+        self._rates: dict[str, float] = {}                      # room -> bits/s in
+        self._rate_seen: dict[str, tuple[float, int]] = {}      # room -> (when, bytes_in)
         for r in cfg.rooms:
             self._open_room(r)
 
@@ -206,6 +208,7 @@ class Node:
             self.senders.check()
             self._measure_load()
             self.events.tick(time.monotonic())
+            self._measure_rates(time.monotonic())
 
     def _measure_load(self) -> None:
         """Update the load measures and tell admission: joins stop before the
@@ -230,9 +233,35 @@ class Node:
         rooms = []
         for r in self.rooms.values():
             st = self.core.room_stats(r.index)
-            rooms.append({"name": r.name, "listeners": st["listeners"], "packets_in": st["packets_in"],
-                          "publisher_silent_s": (now - st["last_rx_ns"]) / 1e9 if st["have_stream"] else None})
+            received = st["packets_in"] + st["seq_gaps"]
+            rooms.append({
+                "name": r.name, "listeners": st["listeners"],
+                "by_transport": {t: self.sessions.listeners(r.name, t) for t in (UDP, *PULLED)},
+                "packets_in": st["packets_in"],
+                "bitrate_in_bps": round(self._rates.get(r.name, 0.0)),
+                # publisher to node: sequence numbers that never arrived
+                "loss_in": st["seq_gaps"] / received if received else 0.0,
+                "drops_in": {k: st[f"drop_{k}"] for k in ("foreign", "malformed", "oversized", "late")},
+                "publisher_silent_s": (now - st["last_rx_ns"]) / 1e9 if st["have_stream"] else None})
         return rooms
+
+    def _measure_rates(self, now: float) -> None:
+        """Each room's incoming bitrate, over windows of about a second."""
+        for r in self.rooms.values():
+            got = self.core.room_stats(r.index)["bytes_in"]
+            then, seen = self._rate_seen.get(r.name, (now, got))
+            if now - then >= 1.0:
+                self._rates[r.name] = 8 * (got - seen) / (now - then)
+                self._rate_seen[r.name] = (now, got)
+            elif r.name not in self._rate_seen:
+                self._rate_seen[r.name] = (now, got)
+
+    def _index(self) -> list[tuple[str, str]]:
+        """What the admin port's / links to."""
+        links = [(f"/listen?room={name}", f"listen to {name} in this browser") for name in self.rooms]
+        return links + [("/rooms", "rooms: listeners, bitrate, loss, drops"), ("/metrics", "Prometheus metrics"),
+                        ("/healthz", "alive"), ("/readyz", "ready for new listeners"),
+                        ("/quic.json", "QUIC and WebTransport address")]
 
     # -------------------------------------------------------------- shutdown
 

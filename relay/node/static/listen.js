@@ -5,6 +5,8 @@
 // for anyone debugging from the console.
 "use strict";
 
+// refusals worth asking again after a while (with backoff)
+const RETRY = ["node_full", "room_full", "rate_limited", "draining"];
 const REASONS = ["", "bad_request", "unsupported_version", "bad_token", "expired_token",
   "wrong_room", "unknown_room", "node_full", "room_full", "stale_cookie", "unknown_session",
   "draining", "wrong_role", "rate_limited", "token_in_use"];
@@ -15,7 +17,7 @@ const params = new URLSearchParams(location.search);
 const st = window.relayListener = {
   state: "starting", room: params.get("room") || "demo", error: "",
   packets: 0, bytes: 0, lost: 0, framesDecoded: 0, decodeErrors: 0,
-  bitrateKbps: 0, levelDb: -Infinity, pitchHz: 0, audio: "off", ssrc: 0,
+  bitrateKbps: 0, levelDb: -Infinity, pitchHz: 0, audio: "off", ssrc: 0, retries: 0,
 };
 const $ = (id) => document.getElementById(id);
 $("room").textContent = st.room;
@@ -85,12 +87,14 @@ const window1s = [];                 // [time, bytes] of the last second
 let pitchCrossings = 0, pitchSamples = 0;
 
 function setupAudio() {
+  if (ctx) return;   // once per page, also across retries
   try {
     ctx = new AudioContext({ sampleRate: 48000, latencyHint: "interactive" });
   } catch (e) {
     st.audio = "unavailable: " + e.message;
     return;
   }
+  // a browser that blocks autoplay leaves the context suspended until a click
   const show = () => { st.audio = ctx.state; $("play").hidden = ctx.state === "running"; };
   ctx.onstatechange = show;
   show();
@@ -209,10 +213,18 @@ async function listen() {
   if (first.done) throw new Error("the node closed the control stream");
   const answer = parseControl(first.value);
   if (answer.type === "reject") {
-    setState("rejected", answer.reason + (answer.redirect ? ", go to " + answer.redirect : ""));
     wt.close();
+    if (RETRY.includes(answer.reason)) {
+      // a full or draining node may have room again soon: back off and ask again
+      const wait = Math.min(30, 2 ** st.retries++) * (0.8 + 0.4 * Math.random());
+      setState("rejected", answer.reason + ", retrying in " + wait.toFixed(1) + " s");
+      await new Promise((r) => setTimeout(r, wait * 1000));
+      return listen();
+    }
+    setState("rejected", answer.reason + (answer.redirect ? ", go to " + answer.redirect : ""));
     return;
   }
+  st.retries = 0;
   st.ssrc = answer.ssrc;
   setState("joined");
   const decoder = makeDecoder();
