@@ -20,6 +20,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 SELF_SIGNED_DAYS = 10
+# a self-signed certificate is replaced when it has less than this left, so
+# a page that fetched its hash a moment ago still connects
+RENEW_BEFORE = datetime.timedelta(days=3)
 
 
 @dataclass
@@ -27,6 +30,15 @@ class Credentials:
     chain: list[Any]          # cryptography x509.Certificate, leaf first
     key: Any                  # the leaf's private key
     self_signed: bool
+
+    @property
+    def not_after(self) -> datetime.datetime:
+        return self.chain[0].not_valid_after_utc
+
+    def due(self, now: datetime.datetime | None = None) -> bool:
+        """A self-signed certificate close enough to its end to be replaced."""
+        now = now or datetime.datetime.now(datetime.timezone.utc)
+        return self.self_signed and self.not_after - now < RENEW_BEFORE
 
     @property
     def sha256(self) -> bytes:
@@ -61,6 +73,18 @@ def self_signed(hosts: list[str], days: int = SELF_SIGNED_DAYS) -> Credentials:
 
 class CertificateError(ValueError):
     """A configured certificate or key that cannot be used; one readable line."""
+
+
+def fingerprint(cert_path: str, key_path: str) -> bytes:
+    """A hash of the two files' contents, to see whether they changed."""
+    h = hashlib.sha256()
+    for path in (cert_path, key_path):
+        try:
+            with open(path, "rb") as f:
+                h.update(f.read())
+        except OSError:
+            h.update(b"unreadable")
+    return h.digest()
 
 
 def load(cert_path: str, key_path: str) -> Credentials:

@@ -173,6 +173,10 @@ class Node:
             self.rooms[r.name].max_listeners = r.max_listeners
         self.sessions.reconfigure(new, Auth(new.auth, new.secret))
         self.cfg = new
+        if self.quic is not None:
+            note = self.quic.reload_certificate(new.quic_cert, new.quic_key)
+            if note:
+                notes.append(note)
         return notes
 
     def _bind_ingest(self, r: RoomConfig, notes: list[str]) -> bool:

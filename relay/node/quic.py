@@ -254,10 +254,8 @@ class QuicEndpoint:
         cfg = sessions.cfg
         assert cfg.quic is not None
         self.addr = cfg.quic
-        if cfg.quic_cert:
-            self.creds = certs.load(cfg.quic_cert, cfg.quic_key)
-        else:
-            self.creds = certs.self_signed(["localhost", "127.0.0.1", "::1", self.addr[0]])
+        self.files = certs.fingerprint(cfg.quic_cert, cfg.quic_key) if cfg.quic_cert else b""
+        self.creds = certs.load(cfg.quic_cert, cfg.quic_key) if cfg.quic_cert else self._self_signed()
         self.counters = QuicCounters()
         self.server: QuicServer | None = None
         # connections that have not joined yet: when they opened, and from where
@@ -265,6 +263,42 @@ class QuicEndpoint:
         self._pending_by_source: Counter = Counter()
         # every QUIC packet is parsed, built and sealed on the loop thread
         self.load = QuicLoad()
+
+    def _self_signed(self) -> certs.Credentials:
+        return certs.self_signed(["localhost", "127.0.0.1", "::1", self.addr[0]])
+
+    def _use(self, creds: certs.Credentials) -> None:
+        """New connections get `creds`; connections already open keep
+        theirs (their keys do not depend on the certificate any more)."""
+        self.creds = creds
+        if self.server is not None:
+            self.server._configuration = self.configuration()
+
+    def reload_certificate(self, cert_path: str, key_path: str) -> str:
+        """SIGHUP: take the configured files again if their contents changed.
+        Returns a line for the reload log ("" if nothing changed); a file
+        that no longer loads keeps the certificate in use."""
+        if not cert_path:
+            return ""
+        now = certs.fingerprint(cert_path, key_path)
+        if now == self.files:
+            return ""
+        try:
+            creds = certs.load(cert_path, key_path)
+        except certs.CertificateError as e:
+            return f"quic_cert: {e}; kept the certificate in use"
+        self.files = now
+        self._use(creds)
+        return f"quic_cert: reloaded {cert_path} (valid until {creds.not_after:%Y-%m-%d})"
+
+    def renew_if_due(self, now: Any = None) -> bool:
+        """Replace a self-signed certificate before it expires. /quic.json
+        gives the new hash at once; open sessions are not touched."""
+        if not self.creds.due(now):
+            return False
+        self._use(self._self_signed())
+        log.info("QUIC: renewed the self-signed certificate, sha-256 %s", self.creds.sha256.hex())
+        return True
 
     def configuration(self) -> QuicConfiguration:
         conf = QuicConfiguration(is_client=False, alpn_protocols=[ALPN_QUIC, *H3_ALPN],
@@ -417,6 +451,7 @@ class QuicEndpoint:
         publisher), so the idle timeout only ends sessions whose listener
         has really gone."""
         interval = self.sessions.cfg.keepalive_interval
+        self.renew_if_due()
         for conn in self._connections():
             self._watch(conn, now)
             if conn.session is not None and now - conn.last_ping >= interval:
