@@ -6,7 +6,7 @@ DURATION ?= 10
 
 FUZZ_SECONDS ?= 60
 
-.PHONY: setup demo test test-fast lint bench bench-full bench-quic fuzz sanitize tsan annotate clean
+.PHONY: setup demo test test-fast lint bench bench-full bench-quic fuzz sanitize tsan dist deploy-check annotate clean
 
 setup:
 	@./scripts/bootstrap.sh
@@ -55,6 +55,14 @@ sanitize: setup
 # the core's tests (sender threads included) on a ThreadSanitizer build; any report fails
 tsan: setup
 	./scripts/sanitize.sh thread
+
+# the edge node as one executable (build/dist/relay) and the wheel, both checked
+dist: setup
+	./scripts/dist.sh
+
+# the systemd unit (systemd-analyze verify) and the deploy files
+deploy-check: setup
+	./scripts/check_deploy.sh
 
 # Cython's annotated HTML: the per-packet loops must show no Python interaction
 # (relay/_core.html, built with the same directives as the extension)

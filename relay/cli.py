@@ -268,6 +268,16 @@ def cmd_token(args: argparse.Namespace) -> None:
         _die(str(e))
 
 
+def cmd_check(args: argparse.Namespace) -> None:
+    from relay.node.check import report
+
+    try:
+        cfg = load(path=args.config)
+    except ConfigError as e:
+        _die(str(e))
+    raise SystemExit(report(cfg))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from relay.testing.demo import run_demo
 
@@ -328,6 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ttl", type=_positive(float), default=3600.0, help="seconds until it expires")
     s.add_argument("--secret-env", default="RELAY_SECRET", help="variable holding the secret")
     s.set_defaults(func=cmd_token)
+
+    s = sub.add_parser("check", help="what on this machine limits a node, and what to change")
+    s.add_argument("--config", "-c", help="the node's TOML config (default: the embedded demo config)")
+    s.set_defaults(func=cmd_check)
 
     s = sub.add_parser("demo", help="relay + tone publisher + a crowd of listeners on loopback")
     s.add_argument("--listeners", type=_positive(int), default=2000)

@@ -18,6 +18,8 @@ fi
 if [ "${1:-}" = "test" ]; then
     # the web listener's test drives a real headless browser
     command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+    # make deploy-check verifies the systemd unit with systemd-analyze
+    command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 fi
 command -v ffmpeg >/dev/null 2>&1 || missing+=(ffmpeg)
 ldconfig -p 2>/dev/null | grep -q 'libopus\.so\.0' || missing+=(libopus0)
