@@ -10,22 +10,9 @@ import threading
 import time
 
 from relay.testing.loadgen import LoopbackCrowd, free_port, scrape
-from relay.wire.protocol import (RTCP_RTPFB, Accept, Challenge, Join, build_receiver_report, decode,
-                                 encode)
+from relay.wire.protocol import RTCP_RTPFB, build_receiver_report
 from tests.conftest import start_relay, stop
-
-
-def _join(sock: socket.socket, room: str) -> Accept:
-    sock.send(encode(Join(room, "")))
-    challenge = decode(sock.recv(4096))
-    assert isinstance(challenge, Challenge)
-    sock.send(encode(Join(room, "", challenge.cookie)))
-    while True:
-        msg = sock.recv(4096)
-        if msg[0] == 0x0B:
-            acc = decode(msg)
-            assert isinstance(acc, Accept)
-            return acc
+from tests.test_nack import _join
 
 
 def _huge_nack(media_ssrc: int, size: int = 2048) -> bytes:
