@@ -68,17 +68,6 @@ include "core/shards.pxi"
 include "core/stats.pxi"
 
 
-cdef int _sockaddr_len_ok(bytes sockaddr):
-    """A raw sockaddr the core may read: AF_INET needs 16 bytes, AF_INET6
-    28 (the core compares the 16-byte address at offset 8)."""
-    cdef Py_ssize_t n = len(sockaddr)
-    if n < 16 or n > ADDR_MAX:
-        return 0
-    if (<const uint16_t *><const char *>sockaddr)[0] == AF_INET6:
-        return n >= 28
-    return 1
-
-
 cdef class Core:
     """A relay node's data path: rooms, a listener arena and their rings.
 
@@ -118,6 +107,8 @@ cdef class Core:
         c.slot_bytes = slot_bytes
         c.shards = shards
         c.threaded = 1 if threaded else 0
+        # the shape, readable from Python (it never changes)
+        self.capacity, self.rooms, self.depth, self.slot_bytes, self.shards = capacity, rooms, depth, slot_bytes, shards
         arena_build(c)
 
     def __dealloc__(self):
@@ -127,26 +118,6 @@ cdef class Core:
         arena_release(&self.st)
 
     # ------------------------------------------------------------- shape
-
-    @property
-    def capacity(self):
-        return self.st.capacity
-
-    @property
-    def rooms(self):
-        return self.st.rooms
-
-    @property
-    def depth(self):
-        return self.st.depth
-
-    @property
-    def slot_bytes(self):
-        return self.st.slot_bytes
-
-    @property
-    def shards(self):
-        return self.st.shards
 
     @property
     def threaded(self):
@@ -497,39 +468,11 @@ cdef class Core:
 
     def room_stats(self, int room):
         """Per-room counters and stream state."""
-        cdef Room *r = self._room(room)
-        return {
-            "active": bool(r.active),
-            "listeners": r.n_listeners,
-            "packets_in": r.packets_in,
-            "bytes_in": r.bytes_in,
-            "drop_foreign": r.drop_foreign,
-            "drop_malformed": r.drop_malformed,
-            "drop_oversized": r.drop_oversized,
-            "drop_late": r.drop_late,
-            "source_restarts": r.source_restarts,
-            "seq_gaps": r.seq_gaps,
-            "have_stream": bool(r.have_stream),
-            "last_rx_ns": r.last_rx_ns,
-        }
+        return stats_room(self._room(room))
 
     def listener_stats(self, int slot):
         """Per-listener counters."""
-        cdef Listener *l = self._listener(slot)
-        lock_shard_gil(&self.st, l.shard)
-        out = {
-            "room": l.room,
-            "shard": l.shard,
-            "ssrc": l.ssrc,
-            "packets_out": l.packets_out,
-            "bytes_out": l.bytes_out,
-            "drop_overflow": l.drop_overflow,
-            "drop_send_error": l.drop_send_error,
-            "resends": l.resends,
-            "pending": l.head - l.sent,
-        }
-        unlock_shard(&self.st, l.shard)
-        return out
+        return stats_listener(&self.st, self._listener(slot))
 
     def latency_histogram(self):
         """(upper bounds in seconds, counts per bucket, sum in seconds) of

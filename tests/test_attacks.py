@@ -220,7 +220,7 @@ def test_forgetting_a_closed_quic_connection_touches_only_its_own_ids() -> None:
     from aioquic.asyncio.server import QuicServer
     from aioquic.quic.configuration import QuicConfiguration
 
-    from relay.node.quic import _Server
+    from relay.node.quic_server import QuicServer as RelayQuicServer
 
     class NoWalk(dict):
         def items(self):  # what aioquic's own _connection_terminated does, per closed connection
@@ -232,7 +232,7 @@ def test_forgetting_a_closed_quic_connection_touches_only_its_own_ids() -> None:
                                                      _retry_source_connection_id=b"r%d" % i))
 
     async def scenario() -> None:
-        server = _Server(SimpleNamespace(), configuration=QuicConfiguration(is_client=False))
+        server = RelayQuicServer(SimpleNamespace(), configuration=QuicConfiguration(is_client=False))
         server._protocols = NoWalk()
         protos = [fake(i) for i in range(2000)]
         for p in protos:

@@ -4,6 +4,17 @@
 # relay/_core.pyx; called with the shard's lock held.
 
 
+cdef int _sockaddr_len_ok(bytes sockaddr):
+    """A raw sockaddr the core may read: AF_INET needs 16 bytes, AF_INET6
+    28 (the core compares the 16-byte address at offset 8)."""
+    cdef Py_ssize_t n = len(sockaddr)
+    if n < 16 or n > ADDR_MAX:
+        return 0
+    if (<const uint16_t *><const char *>sockaddr)[0] == AF_INET6:
+        return n >= 28
+    return 1
+
+
 cdef int least_loaded_shard(CoreState *c) noexcept nogil:
     """The shard with a free slot and the fewest listeners, or -1 if full.
     n_free and listeners change only on the thread that joins and leaves."""

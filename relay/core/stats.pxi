@@ -68,3 +68,25 @@ cdef tuple stats_histogram(CoreState *c, int which):
         total += c.sh[k].lat_sum_ns if which == 0 else c.sh[k].sendmmsg_messages
         unlock_shard(c, k)
     return counts, total
+
+
+cdef dict stats_room(Room *r):
+    """One room's counters and stream state (ingest-thread fields, read on it)."""
+    return {
+        "active": bool(r.active), "listeners": r.n_listeners, "packets_in": r.packets_in,
+        "bytes_in": r.bytes_in, "drop_foreign": r.drop_foreign, "drop_malformed": r.drop_malformed,
+        "drop_oversized": r.drop_oversized, "drop_late": r.drop_late, "source_restarts": r.source_restarts,
+        "seq_gaps": r.seq_gaps, "have_stream": bool(r.have_stream), "last_rx_ns": r.last_rx_ns,
+    }
+
+
+cdef dict stats_listener(CoreState *c, Listener *l):
+    """One listener's counters, read under its shard's lock."""
+    lock_shard_gil(c, l.shard)
+    out = {
+        "room": l.room, "shard": l.shard, "ssrc": l.ssrc, "packets_out": l.packets_out,
+        "bytes_out": l.bytes_out, "drop_overflow": l.drop_overflow, "drop_send_error": l.drop_send_error,
+        "resends": l.resends, "pending": l.head - l.sent,
+    }
+    unlock_shard(c, l.shard)
+    return out

@@ -33,9 +33,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from aioquic.asyncio import QuicConnectionProtocol
-from aioquic.asyncio.server import QuicServer
-from aioquic.buffer import Buffer
-from aioquic.quic.packet import QuicPacketType, pull_quic_header
 from aioquic.h3.connection import H3_ALPN, H3Connection
 from aioquic.h3.events import DatagramReceived, H3Event, HeadersReceived, WebTransportStreamDataReceived
 from aioquic.quic.configuration import QuicConfiguration
@@ -46,6 +43,7 @@ from relay._core import Core
 from relay.node import certs
 from relay.node.admission import source_key
 from relay.node.load import QuicLoad
+from relay.node.quic_server import QuicServer
 from relay.node.sessions import Session, Sessions
 from relay.wire.protocol import (ALPN_QUIC, MAX_DATAGRAM_FRAME, WEBTRANSPORT_PATH, Accept, FrameReader,
                                  Join, Leave, ProtocolError, Reject, frame)
@@ -203,47 +201,6 @@ class ListenerConnection(QuicConnectionProtocol):
         self.transmit()
 
 
-class _Server(QuicServer):
-    """aioquic's server, with two changes for a node that many strangers
-    connect to. Forgetting a closed connection touches only that
-    connection's ids (aioquic walks every id of every connection, so
-    closing N connections cost O(N²): 1,500 at once stalled the loop for
-    13 s). And a new connection is not created at all while too many that
-    have not joined are open, node-wide or from one source (dropped before
-    any state or key exchange; the client's handshake times out)."""
-
-    def __init__(self, endpoint: "QuicEndpoint", **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.endpoint = endpoint
-
-    def datagram_received(self, data: bytes | str, addr: Any) -> None:
-        assert isinstance(data, bytes)
-        try:
-            header = pull_quic_header(Buffer(data=data), host_cid_length=self._configuration.connection_id_length)
-        except ValueError:
-            return
-        known = header.destination_cid in self._protocols
-        # only an Initial that carries our Retry token can open a connection
-        if (not known and header.packet_type == QuicPacketType.INITIAL and header.token
-                and not self.endpoint.may_open(addr)):
-            return
-        super().datagram_received(data, addr)
-        if not known:
-            protocol = self._protocols.get(header.destination_cid)
-            if protocol is not None:
-                self.endpoint.opened(protocol, addr)  # type: ignore[arg-type]
-
-    def _connection_terminated(self, protocol: QuicConnectionProtocol) -> None:
-        quic = protocol._quic
-        cids = {c.cid for c in quic._host_cids}
-        cids.add(quic.original_destination_connection_id)
-        if quic._retry_source_connection_id:
-            cids.add(quic._retry_source_connection_id)
-        for cid in cids:
-            if self._protocols.get(cid) is protocol:
-                del self._protocols[cid]
-
-
 class QuicEndpoint:
     """The node's QUIC/WebTransport listener port. It sees the core (to pull
     audio from rings) and the session table (the shared join policy and
@@ -322,7 +279,7 @@ class QuicEndpoint:
         # before the node spends a key exchange and a signature on it, so a
         # flood of spoofed Initials costs one stateless reply each
         _, server = await asyncio.get_running_loop().create_datagram_endpoint(
-            lambda: _Server(self, configuration=self.configuration(),
+            lambda: QuicServer(self, configuration=self.configuration(),
                             create_protocol=partial(ListenerConnection, endpoint=self), retry=True),
             local_addr=self.addr)
         self.server = server
