@@ -158,6 +158,8 @@ class Node:
             state = self.rooms.pop(name)
             self.core.room_close(state.index)
             self._free_rooms.append(state.index)
+            self._rates.pop(name, None)
+            self._rate_seen.pop(name, None)
             notes.append(f"room {name!r} removed")
         for r in plan.add:
             self._open_room(r)
