@@ -63,7 +63,6 @@ class _Request(asyncio.Protocol):
         if end < 0 and len(self.head) <= MAX_HEAD:
             return
         if end < 0 or end > MAX_HEAD:
-            self.server.oversized += 1
             self.answer("431 Request Header Fields Too Large", "text/plain",
                         f"request head over {MAX_HEAD} bytes\n".encode())
             return
@@ -94,8 +93,6 @@ class AdminServer:
         self.server: asyncio.AbstractServer | None = None
         # connections still sending their request head, oldest first
         self._reading: dict[_Request, None] = {}
-        self.evicted = 0
-        self.oversized = 0
 
     async def start(self, host: str, port: int) -> None:
         """Bind; raises OSError if the port is taken."""
@@ -112,7 +109,6 @@ class AdminServer:
             del self._reading[oldest]
             if oldest.transport is not None:
                 oldest.transport.abort()
-            self.evicted += 1
         self._reading[request] = None
 
     def answered(self, request: _Request) -> None:

@@ -10,7 +10,7 @@ import shutil
 from dataclasses import dataclass
 
 from relay.node.udp import SOCKET_BUFFER
-from relay.wire.config import NodeConfig, SLOT_OVERHEAD
+from relay.wire.config import NodeConfig, arena_bytes
 
 
 @dataclass
@@ -49,7 +49,7 @@ def findings(cfg: NodeConfig) -> list[Finding]:
         out.append(Finding(name, ok, f"{value} bytes; the listener socket asks for {SOCKET_BUFFER}"
                            + ("" if ok else f": sysctl -w {name}={SOCKET_BUFFER} (deploy/sysctl/90-relay.conf) "
                                             "or the kernel silently gives less")))
-    arena = cfg.max_listeners * (cfg.ring_depth * (cfg.slot_bytes + 2) + SLOT_OVERHEAD)
+    arena = arena_bytes(cfg)
     memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     out.append(Finding("memory", arena <= memory // 2,
                        f"{arena / 2**20:.0f} MiB of listener arena for max_listeners = {cfg.max_listeners}, "

@@ -18,13 +18,13 @@ from collections import Counter
 from typing import Any
 
 from relay._core import Core
+from relay.node.metrics import CORE_DROPS
 from relay.node.sessions import PULLED, UDP, Sessions
 
 log = logging.getLogger("relay.events")
 
 # a publisher that has sent nothing for this long has stopped
 PUBLISHER_QUIET_S = 2.0
-_CORE_DROPS = ("foreign", "malformed", "oversized", "late", "no_room", "overflow", "send_error", "shard_lag")
 
 
 def emit(event: str, text: str, **fields: Any) -> None:
@@ -59,19 +59,18 @@ class EventLog:
         sc = self.sessions.counters
         c = self.core.counters()
         return {"joins": sc.joins, "leaves": sc.leaves, "timeouts": sc.timeouts,
-                "refused": Counter(sc.rejections), "drops": {d: c[f"drop_{d}"] for d in _CORE_DROPS}}
+                "refused": Counter(sc.rejections), "drops": {d: c[f"drop_{d}"] for d in CORE_DROPS}}
 
-    def tick(self, now: float) -> None:
-        """Called on every housekeeping tick."""
-        self._publishers()
+    def tick(self, now: float, stats: dict[str, dict[str, Any]]) -> None:
+        """Called on every housekeeping tick with each room's core stats."""
+        self._publishers(stats)
         if now - self._at >= self.interval_s:
             self._at = now
             self._summary()
 
-    def _publishers(self) -> None:
+    def _publishers(self, stats: dict[str, dict[str, Any]]) -> None:
         now_ns = time.monotonic_ns()
-        for name, room in self.sessions.rooms.items():
-            st = self.core.room_stats(room.index)
+        for name, st in stats.items():
             live = bool(st["have_stream"]) and now_ns - st["last_rx_ns"] < PUBLISHER_QUIET_S * 1e9
             was, restarts = self._publishing.get(name, (False, st["source_restarts"]))
             if live and not was:
@@ -83,7 +82,7 @@ class EventLog:
                 emit("publisher_replaced", f"room {name!r}: a new publisher stream took over", room=name,
                      restarts=st["source_restarts"] - restarts)
             self._publishing[name] = (live, st["source_restarts"])
-        for gone in self._publishing.keys() - self.sessions.rooms.keys():
+        for gone in self._publishing.keys() - stats.keys():
             del self._publishing[gone]
 
     def _summary(self) -> None:
@@ -103,6 +102,6 @@ class EventLog:
         if refused:
             emit("refused", "joins refused: " + ", ".join(f"{r} {n}" for r, n in refused.most_common()),
                  reasons=dict(refused))
-        drops = {d: now["drops"][d] - was["drops"][d] for d in _CORE_DROPS if now["drops"][d] > was["drops"][d]}
+        drops = {d: now["drops"][d] - was["drops"][d] for d in CORE_DROPS if now["drops"][d] > was["drops"][d]}
         if drops:
             emit("drops", "packets dropped: " + ", ".join(f"{d} {n}" for d, n in drops.items()), reasons=drops)

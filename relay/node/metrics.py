@@ -28,7 +28,8 @@ from relay.node.quic import QuicCounters
 from relay.node.senders import SenderThreads
 from relay.node.sessions import PULLED, UDP, RoomState, Sessions
 from relay.wire.protocol import Reason
-_CORE_DROPS = ("foreign", "malformed", "oversized", "late", "no_room", "overflow", "send_error",
+# the core counts drops for these reasons (relay_drops_total{reason})
+CORE_DROPS = ("foreign", "malformed", "oversized", "late", "no_room", "overflow", "send_error",
                "shard_lag")
 
 
@@ -78,7 +79,7 @@ class NodeCollector(Collector):
         ):
             yield CounterMetricFamily(name, doc, c[key])
         drops = CounterMetricFamily("relay_drops", "Packets dropped, by reason.", labels=["reason"])
-        for why in _CORE_DROPS:
+        for why in CORE_DROPS:
             drops.add_metric([why], c[f"drop_{why}"])
         yield drops
         for name, value, doc in (

@@ -213,8 +213,10 @@ class Node:
                 self.quic.keepalive(time.monotonic())
             self.senders.check()
             self._measure_load()
-            self.events.tick(time.monotonic())
-            self._measure_rates(time.monotonic())
+            now = time.monotonic()
+            stats = {name: self.core.room_stats(r.index) for name, r in self.rooms.items()}
+            self.events.tick(now, stats)
+            self._measure_rates(now, stats)
 
     def _measure_load(self) -> None:
         """Update the load measures and tell admission: joins stop before the
@@ -251,16 +253,14 @@ class Node:
                 "publisher_silent_s": (now - st["last_rx_ns"]) / 1e9 if st["have_stream"] else None})
         return rooms
 
-    def _measure_rates(self, now: float) -> None:
+    def _measure_rates(self, now: float, stats: dict[str, dict[str, Any]]) -> None:
         """Each room's incoming bitrate, over windows of about a second."""
-        for r in self.rooms.values():
-            got = self.core.room_stats(r.index)["bytes_in"]
-            then, seen = self._rate_seen.get(r.name, (now, got))
+        for name, st in stats.items():
+            got = st["bytes_in"]
+            then, seen = self._rate_seen.setdefault(name, (now, got))
             if now - then >= 1.0:
-                self._rates[r.name] = 8 * (got - seen) / (now - then)
-                self._rate_seen[r.name] = (now, got)
-            elif r.name not in self._rate_seen:
-                self._rate_seen[r.name] = (now, got)
+                self._rates[name] = 8 * (got - seen) / (now - then)
+                self._rate_seen[name] = (now, got)
 
     def _index(self) -> list[tuple[str, str]]:
         """What the admin port's / links to."""

@@ -128,10 +128,16 @@ def _physical_memory() -> int:
         return 0
 
 
+def arena_bytes(cfg: NodeConfig) -> int:
+    """What the listener arena reserves for this config: every listener's
+    ring (with its length table) and slot."""
+    return cfg.max_listeners * (cfg.ring_depth * (cfg.slot_bytes + 2) + SLOT_OVERHEAD)
+
+
 def _check_arena(cfg: NodeConfig) -> None:
     """The listener arena is reserved at start-up; refuse a size the machine
     could never hold, with the figures, instead of failing in calloc."""
-    need = cfg.max_listeners * (cfg.ring_depth * (cfg.slot_bytes + 2) + SLOT_OVERHEAD)
+    need = arena_bytes(cfg)
     have = _physical_memory()
     if have and need > have:
         raise ConfigError(f"[node] max_listeners = {cfg.max_listeners} needs {need / 2**30:.1f} GiB of "
@@ -261,7 +267,7 @@ def from_dict(raw: dict[str, Any], label: str = "config", environ: Mapping[str, 
                                         node.get("join_rate_per_source", cfg.join_rate_per_source))
     cfg.max_rooms = _int("[node] max_rooms", node.get("max_rooms", cfg.max_rooms), 1, 100_000)
     cfg.drain_grace = _float("[node] drain_grace", node.get("drain_grace", cfg.drain_grace), 0, 3600)
-    cfg.drain_rate = _seconds("[node] drain_rate", node.get("drain_rate", cfg.drain_rate), 1, 10**7)
+    cfg.drain_rate = _float("[node] drain_rate", node.get("drain_rate", cfg.drain_rate), 1, 10**7)
     cfg.log_interval = _seconds("[node] log_interval", node.get("log_interval", cfg.log_interval), 0.1, 3600)
     cfg.quic_max_pending = _int("[node] quic_max_pending", node.get("quic_max_pending", cfg.quic_max_pending),
                                 1, 10**6)
