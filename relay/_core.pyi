@@ -12,18 +12,19 @@ class Ingest(IntEnum):
     INGEST_RTCP = 6
 
 def allocation_balance() -> tuple[int, int]: ...
+def listener_bytes(depth: int, ring_bytes: int) -> int: ...
 
 class Core:
     capacity: int
     rooms: int
     depth: int
-    slot_bytes: int
+    ring_bytes: int
     listeners: int
     blocked: int
     shards: int
     threaded: bool  # sender threads fan out (run_shard); else the caller, inline
     pull_fd: int  # eventfd, readable when a pull listener has new packets
-    def __init__(self, capacity: int, rooms: int = 16, depth: int = 16, slot_bytes: int = 480,
+    def __init__(self, capacity: int, rooms: int = 16, depth: int = 16, ring_bytes: int = 3840,
                  shards: int = 1, threaded: bool | None = None) -> None: ...
     def room_open(self, room: int, any_source: bool = False) -> None: ...
     def room_close(self, room: int) -> None: ...

@@ -7,7 +7,9 @@ Data path (DESIGN.md), one included file per step:
     core/ingest.pxi     ingest fd --recvmmsg--> datagrams
     core/rtp.pxi        parse RTP, check source, rewrite numbering once per
                         room into the room's history
-    core/fanout.pxi     memcpy into every listener's ring slot with that
+    core/ring.pxi       a listener's ring: packets of any length end to end
+                        in a byte budget, the oldest let go to make room
+    core/fanout.pxi     memcpy into every listener's ring with that
                         listener's SSRC, sequence and timestamp
     core/egress.pxi     egress queue --sendmmsg, GIL released--> kernel;
                         NACK resends from the ring
@@ -36,7 +38,7 @@ from relay.core.clock cimport monotonic_ns
 from relay.core.state cimport (
     CoreState, Listener, Room, Shard, Source,
     ADDR_MAX, MAX_SOURCES, LAT_BUCKETS, BATCH_BUCKETS, PEND_MAX, MAX_SHARDS, TX_BATCH,
-    HIST_FACTOR, RX_BATCH, RX_BUF, RX_ADDR, RX_ROUNDS, HDR, OPUS_CLOCK,
+    HIST_FACTOR, RX_BATCH, RX_BUF, MAX_RING, RX_ADDR, RX_ROUNDS, HDR, OPUS_CLOCK,
 )
 from relay.core.syscalls cimport (
     sockaddr, iovec, msghdr, mmsghdr, sendmmsg, recvmmsg, sendto, MSG_DONTWAIT, MSG_TRUNC,
@@ -62,6 +64,7 @@ include "core/arena.pxi"
 include "core/listeners.pxi"
 include "core/ingest.pxi"
 include "core/rtp.pxi"
+include "core/ring.pxi"
 include "core/fanout.pxi"
 include "core/egress.pxi"
 include "core/shards.pxi"
@@ -74,14 +77,16 @@ cdef class Core:
     capacity: listeners the arena holds (allocated once).
     rooms: room slots; rooms are numbered 0..rooms-1 by the caller.
     depth: ring depth in packets, a power of two (resend window and burst).
-    slot_bytes: bytes per ring slot; larger RTP payloads are dropped as oversized.
+    ring_bytes: bytes of each listener's ring, which holds up to `depth` packets
+        of any length end to end; also the largest packet (RTP header
+        included) a room takes: larger ones are dropped as oversized.
     shards: slices of the arena, each sent by one sender thread when threaded.
     threaded: True (the default with more than one shard): sender threads
         run run_shard() and ingest() only reads and wakes them. False: the
         caller's thread fans out and sends in ingest()/flush() (one shard).
     """
 
-    def __cinit__(self, int capacity, int rooms=16, int depth=16, int slot_bytes=480, int shards=1,
+    def __cinit__(self, int capacity, int rooms=16, int depth=16, int ring_bytes=3840, int shards=1,
                   threaded=None):
         cdef CoreState *c = &self.st
         memset(c, 0, sizeof(CoreState))
@@ -90,8 +95,8 @@ cdef class Core:
             raise ValueError("capacity and rooms must be at least 1")
         if depth < 2 or depth > 4096 or (depth & (depth - 1)) != 0:
             raise ValueError("depth must be a power of two between 2 and 4096")
-        if slot_bytes < HDR + 1 or slot_bytes > RX_BUF:
-            raise ValueError(f"slot_bytes must be between {HDR + 1} and {RX_BUF}")
+        if ring_bytes < HDR + 1 or ring_bytes > MAX_RING:
+            raise ValueError(f"ring_bytes must be between {HDR + 1} and {MAX_RING}")
         if shards < 1 or shards > MAX_SHARDS or shards > capacity:
             raise ValueError(f"shards must be between 1 and {min(MAX_SHARDS, capacity)}")
         if threaded is None:
@@ -104,11 +109,11 @@ cdef class Core:
         c.mask = <uint32_t>depth - 1
         c.hist_depth = HIST_FACTOR * <uint32_t>depth
         c.hist_mask = HIST_FACTOR * <uint32_t>depth - 1
-        c.slot_bytes = slot_bytes
+        c.ring_bytes = ring_bytes
         c.shards = shards
         c.threaded = 1 if threaded else 0
         # the shape, readable from Python (it never changes)
-        self.capacity, self.rooms, self.depth, self.slot_bytes, self.shards = capacity, rooms, depth, slot_bytes, shards
+        self.capacity, self.rooms, self.depth, self.ring_bytes, self.shards = capacity, rooms, depth, ring_bytes, shards
         arena_build(c)
 
     def __dealloc__(self):
@@ -389,21 +394,22 @@ cdef class Core:
 
     # ------------------------------------------------------------ listener I/O
 
-    cdef bytes _slot_bytes(self, int32_t slot, uint32_t j):
-        cdef size_t at = <size_t>slot * <size_t>self.st.depth + (j & self.st.mask)
-        cdef size_t off = at * <size_t>self.st.slot_bytes
-        return self.st.rings[off:off + self.st.ring_len[at]]
+    cdef bytes _packet(self, int32_t slot, uint32_t j):
+        cdef uint16_t n
+        cdef uint8_t *p = ring_packet(&self.st, slot, j, &n)
+        return p[:n]
 
     def ring(self, int slot):
         """The packets still held in a listener's ring, oldest first (sent or
         not): what a NACK can be answered from."""
         cdef Listener *l = self._listener(slot)
-        cdef uint32_t j, start
+        cdef uint32_t j
         out = []
         lock_shard_gil(&self.st, l.shard)
-        start = l.head - min(l.head, <uint32_t>self.st.depth)
-        for j in range(start, l.head):
-            out.append(self._slot_bytes(slot, j))
+        j = l.tail
+        while j != l.head:
+            out.append(self._packet(slot, j))
+            j += 1
         unlock_shard(&self.st, l.shard)
         return out
 
@@ -421,7 +427,7 @@ cdef class Core:
         (QUIC sessions drain their own pace; overflow has dropped the oldest)."""
         cdef CoreState *c = &self.st
         cdef Listener *l = self._listener(slot)
-        cdef size_t at
+        cdef bytes pkt
         out = []
         if not l.pull:
             raise ValueError(f"slot {slot} is not a pull listener")
@@ -429,11 +435,11 @@ cdef class Core:
         if not c.threaded:
             fanout_shard(c, l.shard)
         while l.sent != l.head and len(out) < max_packets:
-            at = <size_t>slot * <size_t>c.depth + (l.sent & c.mask)
-            out.append(self._slot_bytes(slot, l.sent))
+            pkt = self._packet(slot, l.sent)
+            out.append(pkt)
             l.sent += 1
             l.packets_out += 1
-            l.bytes_out += c.ring_len[at]
+            l.bytes_out += len(pkt)
         unlock_shard(c, l.shard)
         return out
 

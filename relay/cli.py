@@ -100,7 +100,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             _die(f"[node] quic_cert: {e}")
         except MemoryError:
             _die(f"[node] max_listeners = {cfg.max_listeners}: not enough memory for the listener arena; "
-                 "lower max_listeners, ring_depth or slot_bytes")
+                 "lower max_listeners or ring_bytes")
         try:
             await node.start()
         except OSError as e:
@@ -213,6 +213,11 @@ def cmd_listen(args: argparse.Namespace) -> None:
             await client.aclose()
         print(f"received {stats.received} packets ({stats.bytes} bytes), delivered "
               f"{stats.delivered}, lost {stats.lost}, NACKs {stats.nacks_sent}", file=sys.stderr)
+        if stats.received == 0:
+            # joined, yet silence: say it rather than end as if all were well
+            print(f"relay: heard no audio from room {args.room!r}: nobody is publishing, or the node drops "
+                  f"what is published (its /rooms page shows drops_in)", file=sys.stderr)
+            return 5
         return 0
 
     try:
@@ -307,7 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--source", action="append", help="publisher address allowed into --room rooms")
     s.set_defaults(func=cmd_serve)
 
-    s = sub.add_parser("listen", help="join a room and receive its audio")
+    s = sub.add_parser("listen", help="join a room and receive its audio",
+                       epilog="exit status: 0 audio heard, 2 a usage mistake, 3 join refused, "
+                              "4 no answer from the node, 5 joined but heard no audio")
     s.add_argument("--server", help="relay listener address (default 127.0.0.1:7000, "
                                     "or 127.0.0.1:7443 with --quic)")
     s.add_argument("--quic", action="store_true", help="join over QUIC (audio as QUIC datagrams)")

@@ -71,8 +71,8 @@ def test_node_survives_bad_input_and_keeps_serving(tmp_path) -> None:
         publish(25)
         bad_ingest = [b"", b"\x00" * 5, bytes(100), b"\x80" + os.urandom(3), b"\x00" + os.urandom(1499),
                       bytes([0x8F]) + rtp(seq + 1, 0, ssrc, b"ab")[1:],  # CSRCs past the end
-                      rtp(seq + 1, 0, ssrc, b"x" * 1400),  # larger than a ring slot
-                      b"\x80" + bytes(2999)]  # larger than any RTP we read
+                      rtp(seq + 1, 0, ssrc, b"x" * 3900),  # larger than a listener's ring
+                      b"\x80" + bytes(16999)]  # larger than any RTP we read
         for _ in range(20):
             for pkt in bad_ingest:
                 publisher.sendto(pkt, relay.ingest)

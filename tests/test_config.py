@@ -66,10 +66,12 @@ def test_serve_with_bad_config_prints_one_line(tmp_path) -> None:
 # traceback, a TypeError, a struct.error on every JOIN, a source reported as
 # a certificate problem, a keepalive ten thousand times a second)
 ACCEPTED_THEN_FAILING = [
-    ('max_listeners = 10000000', "max_listeners = 10000000 needs"),
+    ('max_listeners = 10000000\nring_bytes = 16384', "max_listeners = 10000000 needs"),  # 165 GB
     ('secret_env = 5', "secret_env: expected the name of an environment variable"),
     ('session_timeout = 5000000', "session_timeout: expected a positive number of seconds from 0.2 to 3600"),
     ('keepalive_interval = 0.0001', "keepalive_interval: expected a positive number of seconds from 0.1 to 600"),
+    ('ring_bytes = 1000', "ring_bytes: expected an integer from 1287 to 16384"),
+    ('slot_bytes = 480', "slot_bytes is gone: rings now hold packets of any length; size them with ring_bytes"),
 ]
 
 
@@ -85,6 +87,14 @@ def test_values_that_cannot_work_are_refused_up_front(line: str, needle: str, tm
                        text=True, timeout=30, env={"RELAY_SECRET": "x" * 32, "PATH": "/usr/bin:/bin"})
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.count("\n") == 1 and needle in p.stderr
+
+
+def test_the_arena_estimate_is_what_the_core_reserves() -> None:
+    from relay._core import listener_bytes
+    from relay.wire.config import arena_bytes
+    for extra in ("", "ring_bytes = 8192\nring_depth = 64\nmax_listeners = 3"):
+        cfg = load(GOOD.replace('auth = "jwt"', f'auth = "jwt"\n{extra}'), environ={"RELAY_SECRET": "x" * 32})
+        assert arena_bytes(cfg) == cfg.max_listeners * listener_bytes(cfg.ring_depth, cfg.ring_bytes)
 
 
 def test_a_host_name_source_is_named_as_a_source_problem(tmp_path) -> None:

@@ -28,7 +28,7 @@ def test_full_socket_makes_flush_wait_and_resume_in_order() -> None:
     rx.bind(path)
     rx.setblocking(False)
     try:
-        core = Core(4, rooms=1, depth=256)
+        core = Core(4, rooms=1, depth=256, ring_bytes=16384)  # all 200 packets fit
         core.room_open(0, True)
         slot = core.listener_add(0, raw, 42, 0, 0)
         n = 200

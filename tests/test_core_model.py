@@ -12,10 +12,12 @@ from relay.testing.model import ModelCore
 from tests.rtp import SRC_A, SRC_B, SRC_FOREIGN, rtp
 
 DEPTH = 8
-SLOT = 160
+# small enough that the byte budget, not only the depth, decides how many
+# packets a ring holds, and that packets wrap to the start
+RING = 300
 ROOMS = 3
 
-payloads = st.binary(min_size=0, max_size=SLOT + 16)
+payloads = st.binary(min_size=0, max_size=RING + 16)
 valid_packet = st.builds(
     lambda ssrc, seq, ts, pay, pt, m, cc, ext, pad: rtp(seq, ts, ssrc, pay, pt, m, cc, ext, pad),
     st.sampled_from([0x1111, 0x2222]),
@@ -36,7 +38,7 @@ feed = st.tuples(st.just("feed"), st.integers(0, ROOMS - 1),
                  st.integers(0, 400_000_000))
 # a stream in order, so most packets reach the rings rather than being late
 stream = st.tuples(st.just("stream"), st.integers(0, ROOMS - 1), st.integers(1, 2 * DEPTH + 3),
-                   st.integers(0, 30_000_000))
+                   st.integers(0, 30_000_000), st.integers(1, 140))
 join = st.tuples(st.just("join"), st.integers(0, ROOMS - 1), st.booleans(), st.integers(0, DEPTH + 2))
 leave = st.tuples(st.just("leave"), st.integers(0, 1000))
 flush = st.tuples(st.just("flush"))
@@ -63,8 +65,8 @@ def _drain(rx: socket.socket) -> list[bytes]:
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops)
 def test_core_matches_model(ops) -> None:
-    core = Core(12, rooms=ROOMS, depth=DEPTH, slot_bytes=SLOT)
-    model = ModelCore(12, rooms=ROOMS, depth=DEPTH, slot_bytes=SLOT)
+    core = Core(12, rooms=ROOMS, depth=DEPTH, ring_bytes=RING)
+    model = ModelCore(12, rooms=ROOMS, depth=DEPTH, ring_bytes=RING)
     for room in range(ROOMS):
         any_source = room == 2
         core.room_open(room, any_source)
@@ -85,11 +87,13 @@ def test_core_matches_model(ops) -> None:
                 now += dt
                 assert core.feed(room, pkt, src, now) == model.feed(room, pkt, src, now)
             elif op[0] == "stream":
-                _, room, count, dt = op
-                for _ in range(count):
+                _, room, count, dt, size = op
+                for k in range(count):
                     now += dt
                     seqs[room] += 1
-                    pkt = rtp(seqs[room], seqs[room] * 960, 0x1111, bytes([seqs[room] & 0xFF]) * 20)
+                    # sizes vary packet to packet, as a VBR encoder's do
+                    pkt = rtp(seqs[room], seqs[room] * 960, 0x1111,
+                              bytes([seqs[room] & 0xFF]) * (1 + (size * (k + 1)) % 140))
                     assert core.feed(room, pkt, SRC_A, now) == model.feed(room, pkt, SRC_A, now)
             elif op[0] == "join":
                 _, room, pull, burst = op

@@ -1,5 +1,6 @@
-"""Ring behaviour of the compiled core: wrap, overflow, continuity across a
-publisher restart, slot reuse, bounded memory under churn, and bad RTP."""
+"""Ring behaviour of the compiled core: wrap, overflow, packets of any
+length in a byte budget, continuity across a publisher restart, slot reuse,
+bounded memory under churn, and bad RTP."""
 from __future__ import annotations
 
 import gc
@@ -8,7 +9,7 @@ import socket
 
 import pytest
 
-from relay._core import Core, Ingest, allocation_balance
+from relay._core import Core, Ingest, allocation_balance, listener_bytes
 from relay.wire.addr import to_sockaddr
 from tests.rtp import SRC_A, SRC_FOREIGN, header, rtp
 
@@ -33,6 +34,98 @@ def test_ring_keeps_last_depth_packets_and_counts_overflow() -> None:
     assert core.pending(slot) == 8
     assert core.listener_stats(slot)["drop_overflow"] == 12
     assert core.counters()["drop_overflow"] == 12
+
+
+def _sent_and_received(core: Core, packets: list[bytes]) -> list[bytes]:
+    """Feed the packets to room 0 for one listener on a real socket, flush
+    after each, and return what the socket received."""
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    rx.settimeout(1)
+    try:
+        core.listener_add(0, to_sockaddr(rx.getsockname(), socket.AF_INET), 0xFEED, 0, 0)
+        got = []
+        for k, pkt in enumerate(packets):
+            assert core.feed(0, pkt, SRC_A, k * 20 * MS) == Ingest.INGEST_OK
+            assert core.flush(tx.fileno()) == 0
+            got.append(rx.recv(65536))
+        return got
+    finally:
+        rx.close()
+        tx.close()
+
+
+def test_every_opus_packet_size_passes_with_the_default_ring() -> None:
+    # Opus frames carry at most 1,275 bytes (RFC 6716 3.4); packets of
+    # several frames more: 60 ms at 510 kbit/s is 3,825 bytes. The old
+    # fixed 480-byte slots dropped everything above ~187 kbit/s.
+    core = _core()
+    sizes = [1, 160, 468, 469, 1275, 2550, 3825, 200, 3825, 1]
+    packets = [rtp(100 + k, 960 * k, 7, bytes([k + 1]) * n) for k, n in enumerate(sizes)]
+    got = _sent_and_received(core, packets)
+    assert [len(p) - 12 for p in got] == sizes
+    assert [p[12:] for p in got] == [p[12:] for p in packets]
+    assert core.room_stats(0)["drop_oversized"] == 0
+
+
+def test_ring_holds_as_many_packets_as_its_bytes_allow() -> None:
+    core = _core(depth=16)  # the default 3,840 ring bytes
+    small = core.listener_add(0, DEST, 1, 0, 0)
+    # 64 kbit/s in 20 ms frames: 160-byte payloads, all 16 fit
+    for k in range(40):
+        core.feed(0, rtp(k, 960 * k, 7, bytes([k]) * 160), SRC_A, k * 20 * MS)
+    assert [p[12] for p in core.ring(small)] == list(range(24, 40))
+    # 1,000-byte payloads: three fit in 3,840 bytes, the fourth starts over at 0
+    for k in range(40, 50):
+        core.feed(0, rtp(k, 960 * k, 7, bytes([k]) * 1000), SRC_A, k * 20 * MS)
+    assert [p[12] for p in core.ring(small)] == [47, 48, 49]
+    # nothing was sent, so everything let go was an overflow drop
+    assert core.pending(small) == 3
+    assert core.listener_stats(small)["drop_overflow"] == 50 - 3
+
+
+def test_sent_packets_make_room_quietly_and_stay_for_nacks() -> None:
+    core = _core(depth=16, ring_bytes=1000)
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    rx.settimeout(1)
+    try:
+        slot = core.listener_add(0, to_sockaddr(rx.getsockname(), socket.AF_INET), 0xFEED, 0, 0)
+        for k in range(30):
+            # sizes that do not divide the ring: packets wrap with a gap at the end
+            core.feed(0, rtp(k, 960 * k, 7, bytes([k]) * (90 + 37 * (k % 5))), SRC_A, k * 20 * MS)
+            assert core.flush(tx.fileno()) == 0
+            rx.recv(2048)
+        assert core.listener_stats(slot)["drop_overflow"] == 0
+        held = core.ring(slot)
+        assert sum(len(p) for p in held) <= 1000
+        assert [p[12] for p in held] == list(range(30 - len(held), 30))
+        # a NACK for the oldest held packet is answered from the ring, byte for byte
+        seq = int.from_bytes(held[0][2:4], "big")
+        assert core.resend(tx.fileno(), slot, seq) == 1
+        assert rx.recv(2048) == held[0]
+        # one packet older is gone
+        assert core.resend(tx.fileno(), slot, (seq - 1) & 0xFFFF) == 0
+    finally:
+        rx.close()
+        tx.close()
+
+
+def test_a_packet_larger_than_the_ring_is_dropped_as_oversized() -> None:
+    core = _core(ring_bytes=1300)
+    slot = core.listener_add(0, DEST, 1, 0, 0)
+    assert core.feed(0, rtp(1, 0, 7, b"x" * 1288), SRC_A, 0) == Ingest.INGEST_OK
+    assert core.feed(0, rtp(2, 960, 7, b"x" * 1289), SRC_A, 20 * MS) == Ingest.INGEST_OVERSIZED
+    assert core.room_stats(0)["drop_oversized"] == 1
+    assert len(core.ring(slot)) == 1
+
+
+def test_a_listener_costs_at_most_4_kib_at_the_default_shape() -> None:
+    # the issue's goal: 64 kbit/s, 20 ms frames, 16 packets of history
+    assert 16 * (12 + 160) <= 3840
+    assert listener_bytes(16, 3840) <= 4096
 
 
 def test_listener_header_is_its_own_and_continuous() -> None:
@@ -102,7 +195,7 @@ def test_late_and_duplicate_packets_are_dropped_and_counted() -> None:
     (bytes([0x80, 200]) + bytes(26), Ingest.INGEST_RTCP),          # a sender report
 ])
 def test_bad_rtp_is_refused_with_a_reason(packet: bytes, outcome: Ingest) -> None:
-    core = _core(slot_bytes=480)
+    core = _core(ring_bytes=480)
     slot = core.listener_add(0, DEST, 1, 0, 0)
     assert core.feed(0, packet, SRC_A, 0) == outcome
     assert len(core.ring(slot)) == (1 if outcome == Ingest.INGEST_OK else 0)
@@ -209,6 +302,7 @@ def _rss_kib() -> int:
 
 
 def test_long_churn_does_not_grow_memory() -> None:
+    gc.collect()  # Cores other tests left in reference cycles go now, not mid-count
     before_allocs = allocation_balance()
     core = Core(2000, rooms=1, depth=16)
     core.room_open(0, True)

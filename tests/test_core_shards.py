@@ -37,8 +37,8 @@ ops = st.lists(st.one_of(
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops)
 def test_sharded_core_delivers_what_the_model_sends(ops) -> None:
-    core = Core(30, rooms=1, depth=DEPTH, slot_bytes=200, shards=SHARDS)
-    model = ModelCore(30, rooms=1, depth=DEPTH, slot_bytes=200)
+    core = Core(30, rooms=1, depth=DEPTH, ring_bytes=200, shards=SHARDS)
+    model = ModelCore(30, rooms=1, depth=DEPTH, ring_bytes=200)
     core.room_open(0, True)
     model.room_open(0, True)
     rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

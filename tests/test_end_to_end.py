@@ -3,6 +3,8 @@
 it, and the tone is checked by its frequency."""
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import time
 
@@ -131,6 +133,42 @@ def test_publish_a_file_and_listen_live_through_an_sdp(tmp_path) -> None:
     finally:
         for p in (publisher, listener, player):
             if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+        assert stop(relay.proc) == 0
+
+
+@pytest.mark.parametrize("bitrate, frame_ms, packet_bytes", [("256k", 20, 652), ("510k", 60, 3837)])
+def test_high_bitrate_publishers_are_heard(tmp_path, bitrate: str, frame_ms: int, packet_bytes: int) -> None:
+    """ffmpeg at constant bitrates far above the old 187 kbit/s limit: 256
+    kbit/s in 20 ms frames, and Opus's maximum, 510 kbit/s, in 60 ms frames
+    (3,825-byte packets, the largest a 60 ms packet can be). Every packet
+    reaches the listener, which decodes the tone."""
+    relay = start_relay(tmp_path)
+    out = tmp_path / "heard.ogg"
+    cmd = [need("ffmpeg"), "-hide_banner", "-loglevel", "error", "-nostdin", "-re", "-f", "lavfi",
+           "-i", f"sine=frequency={TONE_HZ}:sample_rate=48000", "-t", "8", "-ac", "2", "-c:a", "libopus",
+           "-b:a", bitrate, "-vbr", "off", "-frame_duration", str(frame_ms), "-application", "audio",
+           "-f", "rtp", "-sdp_file", str(tmp_path / "ffmpeg.sdp"),
+           f"rtp://{relay.ingest[0]}:{relay.ingest[1]}?pkt_size=8192"]
+    publisher = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    listener = subprocess.Popen(
+        relay.relay_cmd("listen", "--server", f"{relay.listen[0]}:{relay.listen[1]}", "--room", relay.room,
+                        "--out", str(out), "--duration", "5"),
+        env=relay.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        text = listener.communicate(timeout=30)[0]
+        assert listener.returncode == 0, text
+        status, body = relay.get("/rooms")
+        room = json.loads(body)["rooms"][0]
+        assert room["drops_in"]["oversized"] == 0, room
+        received, nbytes = map(int, re.search(r"received (\d+) packets \((\d+) bytes\)", text).groups())
+        assert received >= 4000 / frame_ms, text
+        assert nbytes == received * packet_bytes, text  # constant bitrate: every packet whole
+        assert abs(dominant_hz(out) - TONE_HZ) < 3
+    finally:
+        for p in (publisher, listener):
+            if p.poll() is None:
                 p.kill()
                 p.wait()
         assert stop(relay.proc) == 0

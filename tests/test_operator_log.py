@@ -78,3 +78,25 @@ def test_a_join_storm_adds_a_few_lines_not_one_per_join(tmp_path) -> None:
     assert len(records) <= 15, [r["msg"] for r in records]
     refused = [r for r in records if r.get("event") == "refused"]
     assert sum(r["reasons"]["node_full"] for r in refused) == 1900
+
+
+def test_packets_too_large_for_the_rings_are_explained_once(tmp_path) -> None:
+    """A publisher whose packets are larger than [node] ring_bytes is heard
+    by nobody; the log says so with the size and the fix, once a minute, not
+    once a packet."""
+    proc, ports = _start(tmp_path, "ring_bytes = 1300\n")
+    pub = __import__("socket").socket(__import__("socket").AF_INET, __import__("socket").SOCK_DGRAM)
+    try:
+        for k in range(50):                                     # 1 s of 1,400-byte packets
+            pub.sendto(rtp(k, 960 * k, 0xA, bytes(1388)), ("127.0.0.1", ports["ingest"]))
+            time.sleep(0.02)
+        time.sleep(0.6)
+    finally:
+        pub.close()
+    records = _events(proc)
+    oversized = [r for r in records if r.get("event") == "oversized"]
+    assert len(oversized) == 1, [r["msg"] for r in records]
+    line = oversized[0]
+    assert line["room"] == "hall" and line["size"] == 1400 and line["ring_bytes"] == 1300
+    assert 1 <= line["dropped"] <= 50
+    assert "raise [node] ring_bytes (now 1300, at most 16384)" in line["msg"]

@@ -99,6 +99,47 @@ def test_quic_listener_hears_the_ffmpeg_tone(tmp_path, workers: int) -> None:
         assert stop(relay.proc) == 0
 
 
+def test_audio_too_large_for_a_quic_datagram_is_skipped_not_stuck(tmp_path) -> None:
+    """A QUIC DATAGRAM cannot span packets, so a 1,400-byte Opus packet can
+    never be sent to a QUIC listener. It used to wait at the head of the
+    connection's queue forever, and the listener heard nothing more. Now it
+    is skipped and counted, and the packets that fit keep flowing."""
+    import socket
+    import threading
+    from tests.rtp import rtp
+    relay, server, cert = quic_relay(tmp_path)
+    stop_publishing = threading.Event()
+
+    def publish_mixed() -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as pub:
+            for seq in range(400):   # 8 s at most
+                if stop_publishing.is_set():
+                    return
+                # the largest packet a QUIC datagram carries (MAX_QUIC_AUDIO), and one too large
+                size = 1400 if seq % 2 else 1152 - 12
+                pub.sendto(rtp(seq, seq * 960, 0xB16, bytes([seq & 0xFF]) * size), relay.ingest)
+                time.sleep(0.02)
+
+    publisher = threading.Thread(target=publish_mixed)
+    publisher.start()
+    try:
+        p = subprocess.run(listen_quic(relay, server, cert, "--duration", "3"),
+                           env=relay.env, capture_output=True, text=True, timeout=60)
+        m = re.search(r"received (\d+) packets \((\d+) bytes\)", p.stderr)
+        assert p.returncode == 0 and m, p.stderr
+        received, nbytes = int(m.group(1)), int(m.group(2))
+        # 25 packets a second that fit, for 3 s
+        assert received >= 50 and nbytes == received * 1152, p.stderr
+        too_large = metric(relay.get("/metrics")[1], 'relay_quic_too_large_total{transport="quic"}')
+        assert too_large >= 50
+        assert stop(relay.proc) == 0
+        assert "QUIC listeners cannot be sent 1412-byte audio packets" in relay.proc.stdout.read()
+    finally:
+        stop_publishing.set()
+        publisher.join()
+        assert stop(relay.proc) == 0
+
+
 def test_stalled_quic_listener_drops_only_its_own_audio(tmp_path) -> None:
     """One QUIC listener stops answering (SIGSTOP: no ACKs, as a killed
     process or a lost network). Within a second it is held out of the

@@ -29,9 +29,15 @@ def allocation_balance():
     return _allocs, _frees
 
 
+def listener_bytes(int depth, int ring_bytes):
+    """What one listener slot reserves in the arena: its ring's bytes, the
+    ring's index, the Listener struct, and its free-list and queue entries."""
+    return ring_bytes + depth * 2 * sizeof(uint16_t) + sizeof(Listener) + 2 * sizeof(int32_t)
+
+
 cdef int arena_build(CoreState *c) except -1:
     """Allocate everything for the shape already in `c` (capacity, rooms,
-    depth, slot_bytes, shards). On failure, what was allocated stays in `c`
+    depth, ring_bytes, shards). On failure, what was allocated stays in `c`
     for arena_release()."""
     cdef int i, k, per
     cdef Shard *s
@@ -40,13 +46,14 @@ cdef int arena_build(CoreState *c) except -1:
     c.ls = <Listener *>_alloc(<size_t>c.capacity, sizeof(Listener))
     c.rm = <Room *>_alloc(<size_t>c.rooms, sizeof(Room))
     c.sh = <Shard *>_alloc(<size_t>c.shards, sizeof(Shard))
-    c.rings = <uint8_t *>_alloc(<size_t>c.capacity * <size_t>c.depth, <size_t>c.slot_bytes)
+    c.rings = <uint8_t *>_alloc(<size_t>c.capacity, <size_t>c.ring_bytes)
+    c.ring_off = <uint16_t *>_alloc(<size_t>c.capacity * <size_t>c.depth, sizeof(uint16_t))
     c.ring_len = <uint16_t *>_alloc(<size_t>c.capacity * <size_t>c.depth, sizeof(uint16_t))
     # the room history is twice the ring depth: shards read at most
     # depth - 1 entries behind the head, so the ingest thread would have
     # to accept depth more packets during one entry's fan-out before it
     # could overwrite the entry being read
-    c.hist = <uint8_t *>_alloc(<size_t>c.rooms * c.hist_depth, <size_t>c.slot_bytes)
+    c.hist = <uint8_t *>_alloc(<size_t>c.rooms * c.hist_depth, <size_t>c.ring_bytes)
     c.hist_len = <uint16_t *>_alloc(<size_t>c.rooms * c.hist_depth, sizeof(uint16_t))
     c.hist_rx = <int64_t *>_alloc(<size_t>c.rooms * c.hist_depth, sizeof(int64_t))
     c.rx = <mmsghdr *>_alloc(RX_BATCH, sizeof(mmsghdr))
@@ -111,6 +118,7 @@ cdef void arena_release(CoreState *c) noexcept:
     _free(c.rm)
     _free(c.sh)
     _free(c.rings)
+    _free(c.ring_off)
     _free(c.ring_len)
     _free(c.hist)
     _free(c.hist_len)

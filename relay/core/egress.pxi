@@ -18,10 +18,9 @@ cdef int flush_shard(CoreState *c, int k, int fd) noexcept nogil:
     cdef Shard *s = &c.sh[k]
     cdef int32_t qi, i, qcap = s.hi - s.lo
     cdef int n, done, rc, err, j
-    cdef uint32_t sent, at
+    cdef uint32_t sent
+    cdef uint16_t len
     cdef Listener *l
-    cdef uint8_t *base
-    cdef uint16_t *lens
     cdef int32_t qpos
     while s.q_len > 0:
         n = 0
@@ -35,12 +34,9 @@ cdef int flush_shard(CoreState *c, int k, int fd) noexcept nogil:
             l = &c.ls[i]
             if l.active and not l.pull:
                 sent = l.sent
-                base = c.rings + <size_t>i * <size_t>c.depth * <size_t>c.slot_bytes
-                lens = c.ring_len + <size_t>i * <size_t>c.depth
                 while sent != l.head and n < TX_BATCH:
-                    at = sent & c.mask
-                    s.tx_iov[n].iov_base = base + <size_t>at * <size_t>c.slot_bytes
-                    s.tx_iov[n].iov_len = lens[at]
+                    s.tx_iov[n].iov_base = ring_packet(c, i, sent, &len)
+                    s.tx_iov[n].iov_len = len
                     s.tx[n].msg_hdr.msg_name = l.addr
                     s.tx[n].msg_hdr.msg_namelen = l.addrlen
                     s.tx_owner[n] = i
@@ -130,15 +126,15 @@ cdef int resend_seq(CoreState *c, int fd, int32_t slot, uint16_t seq) noexcept n
     1 if sent, 0 if no longer in the ring (or not sent yet), -1 if the
     socket refused it."""
     cdef Listener *l = &c.ls[slot]
-    cdef uint32_t j, start
-    cdef size_t at
+    cdef uint32_t j
+    cdef uint16_t n
     cdef uint8_t *p
-    start = l.head - min(l.head, <uint32_t>c.depth)
-    for j in range(start, l.sent):
-        at = <size_t>slot * <size_t>c.depth + (j & c.mask)
-        p = c.rings + at * <size_t>c.slot_bytes
+    j = l.tail
+    while j != l.sent:
+        p = ring_packet(c, slot, j, &n)
+        j += 1
         if be16(p + 2) == seq:
-            if sendto(fd, p, c.ring_len[at], MSG_DONTWAIT, <const sockaddr *>l.addr, l.addrlen) < 0:
+            if sendto(fd, p, n, MSG_DONTWAIT, <const sockaddr *>l.addr, l.addrlen) < 0:
                 return -1
             l.resends += 1
             c.c_resends += 1

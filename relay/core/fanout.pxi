@@ -1,5 +1,5 @@
 # Fan-out: every room packet a shard has not seen yet is copied from the
-# room's history into each of the shard's listeners' ring slots, with that
+# room's history into each of the shard's listeners' rings, with that
 # listener's SSRC, sequence and timestamp written into the header. A ring
 # that is full of unsent packets drops its oldest (counted). Included by
 # relay/_core.pyx; runs without the GIL, with the shard's lock held.
@@ -28,28 +28,18 @@ cdef inline void write_slot(CoreState *c, Shard *s, int32_t i, const uint8_t *sr
     """Copy one room packet (room numbering `seq`, `ts`) into listener i's
     ring with its own SSRC, sequence and timestamp, and queue it for egress."""
     cdef Listener *l = &c.ls[i]
-    cdef size_t at
-    cdef uint8_t *dst
-    cdef int32_t tail
-    if l.head - l.sent >= <uint32_t>c.depth:
-        # ring full of unsent packets: live audio drops the oldest
-        l.sent += 1
-        l.drop_overflow += 1
-        s.drop_overflow += 1
-    at = <size_t>i * <size_t>c.depth + (l.head & c.mask)
-    dst = c.rings + at * <size_t>c.slot_bytes
+    cdef uint8_t *dst = ring_push(c, s, i, n)
+    cdef int32_t end
     memcpy(dst, src, n)
     relay_put_header(dst, <uint16_t>(seq + l.seq_off), ts + l.ts_off, l.ssrc)
-    c.ring_len[at] = n
-    l.head += 1
     if l.pull:
         s.pull_ready = 1
     elif not l.queued:
         l.queued = 1
-        tail = s.q_head + s.q_len
-        if tail >= s.hi - s.lo:
-            tail -= s.hi - s.lo
-        s.queue[tail] = i
+        end = s.q_head + s.q_len
+        if end >= s.hi - s.lo:
+            end -= s.hi - s.lo
+        s.queue[end] = i
         s.q_len += 1
 
 
@@ -75,7 +65,7 @@ cdef void fanout_shard(CoreState *c, int k) noexcept nogil:
             h = head - <uint32_t>(c.depth - 1)
         while h != head:
             at = <uint32_t>room * c.hist_depth + (h & c.hist_mask)
-            src = c.hist + <size_t>at * <size_t>c.slot_bytes
+            src = c.hist + <size_t>at * <size_t>c.ring_bytes
             n = c.hist_len[at]
             seq = be16(src + 2)
             ts = be32(src + 4)
@@ -112,5 +102,5 @@ cdef void burst_recent(CoreState *c, Shard *s, int room, int32_t i, int packets,
     start = s.hist_seen[room] - n
     for j in range(start, s.hist_seen[room]):
         at = <uint32_t>room * c.hist_depth + (j & c.hist_mask)
-        src = c.hist + <size_t>at * <size_t>c.slot_bytes
+        src = c.hist + <size_t>at * <size_t>c.ring_bytes
         write_slot(c, s, i, src, c.hist_len[at], be16(src + 2), be32(src + 4))

@@ -87,7 +87,7 @@ cdef void listener_release(CoreState *c, int32_t slot) noexcept nogil:
         listener_unlink(c, slot)
     l.held = 0
     l.active = 0
-    l.head = l.sent = 0
+    l.head = l.sent = l.tail = l.wr = 0
     s.free_list[s.n_free] = slot
     s.n_free += 1
     s.listeners -= 1

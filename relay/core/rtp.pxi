@@ -76,6 +76,7 @@ cdef int accept_packet(CoreState *c, int room, const uint8_t *pkt, Py_ssize_t n,
         return INGEST_FOREIGN
     if n > RX_BUF:
         r.drop_oversized += 1
+        r.oversized_len = RX_BUF + 1
         return INGEST_OVERSIZED
     if n < HDR or (pkt[0] >> 6) != 2:
         r.drop_malformed += 1
@@ -103,8 +104,9 @@ cdef int accept_packet(CoreState *c, int room, const uint8_t *pkt, Py_ssize_t n,
         r.drop_malformed += 1
         return INGEST_MALFORMED
     plen = end - off
-    if plen + HDR > c.slot_bytes:
+    if plen + HDR > c.ring_bytes:
         r.drop_oversized += 1
+        r.oversized_len = <uint32_t>(plen + HDR)
         return INGEST_OVERSIZED
     seq = be16(pkt + 2)
     ts = be32(pkt + 4)
@@ -137,7 +139,7 @@ cdef int accept_packet(CoreState *c, int room, const uint8_t *pkt, Py_ssize_t n,
     r.bytes_in += <uint64_t>n
     # the room packet: a clean 12-byte header (SSRC filled per listener)
     i = <uint32_t>room * c.hist_depth + (r.hist_head & c.hist_mask)
-    h = c.hist + <size_t>i * <size_t>c.slot_bytes
+    h = c.hist + <size_t>i * <size_t>c.ring_bytes
     h[0] = 0x80
     h[1] = pkt[1]
     put16(h + 2, r.out_seq)

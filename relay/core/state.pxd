@@ -17,7 +17,8 @@ cdef enum:
     TX_BATCH = 1024     # sendmmsg's own cap (UIO_MAXIOV)
     HIST_FACTOR = 2     # room history entries per ring slot
     RX_BATCH = 32
-    RX_BUF = 2048       # larger datagrams are truncated and dropped as oversized
+    RX_BUF = 16384      # larger datagrams are truncated and dropped as oversized
+    MAX_RING = 16384    # largest ring_bytes: the largest Opus packet (120 ms at 510 kbit/s, 7,650 B) twice
     RX_ADDR = 128       # sizeof(struct sockaddr_storage)
     RX_ROUNDS = 8       # recvmmsg calls per ingest() before yielding to the loop
     HDR = 12            # the RTP header we emit: no CSRC, no extension, no padding
@@ -40,6 +41,8 @@ ctypedef struct Listener:
     uint32_t ts_off       # listener ts  = room ts  + ts_off
     uint32_t head         # packets written into the ring, ever
     uint32_t sent         # packets handed to the kernel (or pulled), ever
+    uint32_t tail         # oldest packet still held (NACK history): tail <= sent <= head
+    uint32_t wr           # byte offset in the ring where the next packet goes
     uint8_t addr[ADDR_MAX]
     uint64_t packets_out
     uint64_t bytes_out
@@ -81,6 +84,7 @@ ctypedef struct Room:
     uint64_t drop_foreign
     uint64_t drop_malformed
     uint64_t drop_oversized
+    uint32_t oversized_len  # the last oversized packet's RTP size (RX_BUF + 1: larger than we read)
     uint64_t drop_late
     uint64_t source_restarts
     uint64_t seq_gaps     # sequence numbers the publisher skipped: loss on the way in
@@ -132,9 +136,10 @@ ctypedef struct CoreState:
     Listener *ls
     Room *rm
     Shard *sh
-    uint8_t *rings          # capacity x depth slots of slot_bytes
+    uint8_t *rings          # capacity x ring_bytes: each listener's packets, end to end (ring.pxi)
+    uint16_t *ring_off      # capacity x depth: each held packet's offset and length
     uint16_t *ring_len
-    uint8_t *hist           # rooms x hist_depth slots of slot_bytes
+    uint8_t *hist           # rooms x hist_depth slots of ring_bytes (the largest packet)
     uint16_t *hist_len
     int64_t *hist_rx
     mmsghdr *rx             # the ingest batch (event-loop thread only)
@@ -144,7 +149,7 @@ ctypedef struct CoreState:
     int capacity
     int rooms
     int depth
-    int slot_bytes
+    int ring_bytes
     int shards
     int listeners
     # fixed when the Core is built: 1 when sender threads run the fan-out

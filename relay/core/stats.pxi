@@ -75,7 +75,7 @@ cdef dict stats_room(Room *r):
     return {
         "active": bool(r.active), "listeners": r.n_listeners, "packets_in": r.packets_in,
         "bytes_in": r.bytes_in, "drop_foreign": r.drop_foreign, "drop_malformed": r.drop_malformed,
-        "drop_oversized": r.drop_oversized, "drop_late": r.drop_late, "source_restarts": r.source_restarts,
+        "drop_oversized": r.drop_oversized, "oversized_len": r.oversized_len, "drop_late": r.drop_late, "source_restarts": r.source_restarts,
         "seq_gaps": r.seq_gaps, "have_stream": bool(r.have_stream), "last_rx_ns": r.last_rx_ns,
     }
 

@@ -54,7 +54,7 @@ def findings(cfg: NodeConfig) -> list[Finding]:
     out.append(Finding("memory", arena <= memory // 2,
                        f"{arena / 2**20:.0f} MiB of listener arena for max_listeners = {cfg.max_listeners}, "
                        f"{memory / 2**30:.1f} GiB here" + ("" if arena <= memory // 2 else
-                                                            ": lower max_listeners or ring_depth")))
+                                                            ": lower max_listeners or ring_bytes")))
     opus = ctypes.util.find_library("opus")
     out.append(Finding("libopus", opus is not None,
                        opus or "not found: relay publish --tone needs it (Debian: apt-get install libopus0)"))

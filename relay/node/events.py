@@ -1,5 +1,6 @@
 """What an operator reads in the log: joins and leaves, refusals by reason,
-drops by reason, publishers starting, stopping and being replaced.
+drops by reason, publishers starting, stopping and being replaced, and a
+publisher whose packets are too large for the listeners' rings.
 
 Nothing here logs per join or per packet: the node's counters are compared
 once per interval and each kind of change becomes at most one line, so a
@@ -20,11 +21,14 @@ from typing import Any
 from relay._core import Core
 from relay.node.metrics import CORE_DROPS
 from relay.node.sessions import PULLED, UDP, Sessions
+from relay.wire.config import MAX_RING_BYTES
 
 log = logging.getLogger("relay.events")
 
 # a publisher that has sent nothing for this long has stopped
 PUBLISHER_QUIET_S = 2.0
+# at most one line per room this often about packets dropped as oversized
+OVERSIZED_LOG_EVERY_S = 60.0
 
 
 def emit(event: str, text: str, **fields: Any) -> None:
@@ -54,6 +58,8 @@ class EventLog:
         self._seen = self._snapshot()
         # per room: publishing now?, source restarts seen
         self._publishing: dict[str, tuple[bool, int]] = {}
+        # per room: oversized drops seen, when last said
+        self._oversized: dict[str, tuple[int, float]] = {}
 
     def _snapshot(self) -> dict[str, Any]:
         sc = self.sessions.counters
@@ -64,6 +70,7 @@ class EventLog:
     def tick(self, now: float, stats: dict[str, dict[str, Any]]) -> None:
         """Called on every housekeeping tick with each room's core stats."""
         self._publishers(stats)
+        self._too_large(now, stats)
         if now - self._at >= self.interval_s:
             self._at = now
             self._summary()
@@ -84,6 +91,29 @@ class EventLog:
             self._publishing[name] = (live, st["source_restarts"])
         for gone in self._publishing.keys() - stats.keys():
             del self._publishing[gone]
+
+    def _too_large(self, now: float, stats: dict[str, dict[str, Any]]) -> None:
+        """Say so when a room's publisher sends packets the rings cannot
+        hold: its listeners hear nothing of them, and only the operator can
+        fix it."""
+        for name, st in stats.items():
+            seen, said = self._oversized.get(name, (0, -OVERSIZED_LOG_EVERY_S))
+            dropped = st["drop_oversized"]
+            if dropped > seen and now - said >= OVERSIZED_LOG_EVERY_S:
+                size = st["oversized_len"]
+                ring = self.core.ring_bytes
+                what = (f"{size}-byte packets (RTP header included) are larger than a listener's ring: raise "
+                        f"[node] ring_bytes (now {ring}, at most {MAX_RING_BYTES}) or lower the publisher's "
+                        f"bitrate or frame length") if size <= MAX_RING_BYTES else \
+                       f"datagrams are larger than {MAX_RING_BYTES} bytes: that is not RTP/Opus"
+                log.warning("room %r: %d packets dropped as oversized since the last line; its %s",
+                            name, dropped - seen, what,
+                            extra={"fields": {"event": "oversized", "room": name, "dropped": dropped - seen,
+                                              "size": size, "ring_bytes": ring}})
+                seen, said = dropped, now
+            self._oversized[name] = (seen, said)
+        for gone in self._oversized.keys() - stats.keys():
+            del self._oversized[gone]
 
     def _summary(self) -> None:
         now = self._snapshot()

@@ -139,6 +139,8 @@ class NodeCollector(Collector):
         for name, values, doc in (
             ("relay_quic_datagrams_sent", q.datagrams_sent, "Listener packets sent as QUIC datagrams."),
             ("relay_quic_bytes_sent", q.bytes_sent, "RTP bytes sent as QUIC datagrams (before QUIC framing)."),
+            ("relay_quic_too_large", q.too_large,
+             "Audio packets not sent to a QUIC listener: larger than one QUIC datagram carries (1,152 bytes)."),
         ):
             family = CounterMetricFamily(name, doc, labels=["transport"])
             for t in PULLED:

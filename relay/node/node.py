@@ -68,7 +68,7 @@ class Node:
         self.cfg = cfg
         # the arena and the room table are sized once; a reload works within them
         self.core = Core(cfg.max_listeners, rooms=cfg.max_rooms, depth=cfg.ring_depth,
-                         slot_bytes=cfg.slot_bytes, shards=cfg.workers, threaded=cfg.workers > 1)
+                         ring_bytes=cfg.ring_bytes, shards=cfg.workers, threaded=cfg.workers > 1)
         self.rooms: dict[str, RoomState] = {}
         self.sessions = Sessions(self.core, cfg, self.rooms, Auth(cfg.auth, cfg.secret))
         self.load = LoadMeter()

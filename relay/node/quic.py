@@ -45,7 +45,7 @@ from relay.node.admission import source_key
 from relay.node.load import QuicLoad
 from relay.node.quic_server import QuicServer
 from relay.node.sessions import Session, Sessions
-from relay.wire.protocol import (ALPN_QUIC, MAX_DATAGRAM_FRAME, WEBTRANSPORT_PATH, Accept, FrameReader,
+from relay.wire.protocol import (ALPN_QUIC, MAX_DATAGRAM_FRAME, MAX_QUIC_AUDIO, WEBTRANSPORT_PATH, Accept, FrameReader,
                                  Join, Leave, ProtocolError, Reject, frame)
 
 log = logging.getLogger("relay.quic")
@@ -66,6 +66,8 @@ JOIN_DEADLINE_S = 5.0
 # timeout; while stalled it is held out of the fan-out, so its backlog is
 # not counted as egress drops
 GONE_S = 2.0
+# at most one line a minute about audio packets too large for QUIC
+TOO_LARGE_LOG_EVERY_S = 60.0
 
 
 @dataclass
@@ -73,6 +75,7 @@ class QuicCounters:
     connections: int = 0
     datagrams_sent: Counter = field(default_factory=Counter)    # by transport
     bytes_sent: Counter = field(default_factory=Counter)
+    too_large: Counter = field(default_factory=Counter)         # audio packets over MAX_QUIC_AUDIO, by transport
     stream_errors: int = 0        # join streams that did not parse
     refused_requests: int = 0     # HTTP/3 requests that were not a WebTransport CONNECT
     refused_connections: int = 0  # new connections over the cap of ones that have not joined
@@ -214,6 +217,7 @@ class QuicEndpoint:
         self.files = certs.fingerprint(cfg.quic_cert, cfg.quic_key) if cfg.quic_cert else b""
         self.creds = certs.load(cfg.quic_cert, cfg.quic_key) if cfg.quic_cert else self._self_signed()
         self.counters = QuicCounters()
+        self._too_large_logged = -TOO_LARGE_LOG_EVERY_S
         self.server: QuicServer | None = None
         # connections that have not joined yet: when they opened, and from where
         self.pending: dict[ListenerConnection, tuple[float, str]] = {}
@@ -394,12 +398,27 @@ class QuicEndpoint:
         if conn.unanswered_since is None:
             conn.unanswered_since = now
         conn.last_ping = now   # audio elicits ACKs as well as a PING would
-        for p in packets:
-            conn.send_datagram(p)
         kind = conn.transport_name
-        self.counters.datagrams_sent[kind] += len(packets)
-        self.counters.bytes_sent[kind] += sum(map(len, packets))
+        sent = 0
+        for p in packets:
+            if len(p) > MAX_QUIC_AUDIO:
+                # it would never leave: aioquic keeps an unsendable DATAGRAM
+                # at the head of its queue, and everything behind it waits
+                self._too_large(kind, len(p), now)
+                continue
+            conn.send_datagram(p)
+            sent += 1
+            self.counters.bytes_sent[kind] += len(p)
+        self.counters.datagrams_sent[kind] += sent
         conn.transmit()
+
+    def _too_large(self, kind: str, size: int, now: float) -> None:
+        self.counters.too_large[kind] += 1
+        if now - self._too_large_logged >= TOO_LARGE_LOG_EVERY_S:
+            self._too_large_logged = now
+            log.warning("QUIC listeners cannot be sent %d-byte audio packets (a QUIC datagram carries at "
+                        "most %d): they hear gaps; lower the publisher's bitrate or frame length "
+                        "(relay_quic_too_large_total counts them)", size, MAX_QUIC_AUDIO)
 
     # ---------------------------------------------------------- housekeeping
 

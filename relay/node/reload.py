@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from relay.wire.config import NodeConfig, RoomConfig
 
 # settings a running node keeps until it is restarted
-RESTART_ONLY = ("listen", "admin", "ring_depth", "slot_bytes", "max_rooms", "workers",
+RESTART_ONLY = ("listen", "admin", "ring_depth", "ring_bytes", "max_rooms", "workers",
                 "quic", "quic_cert", "quic_key")
 # (the certificate files named by quic_cert and quic_key are read again on
 # every reload, see QuicEndpoint.reload_certificate; their paths stay)

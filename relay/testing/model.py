@@ -2,8 +2,9 @@
 
 It implements the same contract as `relay._core.Core` (rooms locked to
 sources, RTP validation, room numbering that stays continuous across a new
-sender, per-listener rings with their own SSRC/sequence/timestamp, drop-oldest
-overflow, a burst of recent packets on join) with lists and dicts, so the
+sender, per-listener rings of variable-length packets in a byte budget with
+their own SSRC/sequence/timestamp, drop-oldest overflow, a burst of recent
+packets on join) with lists and dicts, so the
 property tests can compare the compiled core to it byte for byte.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from relay._core import Ingest
 HDR = 12
 TAKEOVER_NS = 150_000_000
 BURST_FRESH_NS = 1_000_000_000
-RX_BUF = 2048
+RX_BUF = 16384
 
 
 def _source_key(sockaddr: bytes) -> tuple[int, bytes, int]:
@@ -34,7 +35,10 @@ class ModelListener:
     ts_off: int
     pull: bool
     written: list[bytes] = field(default_factory=list)
+    spans: list[tuple[int, int]] = field(default_factory=list)  # (offset, end) of each written packet
+    tail: int = 0       # written[tail:] are still held
     sent: int = 0
+    wr: int = 0         # where the next packet would start
     drop_overflow: int = 0
 
 
@@ -59,8 +63,8 @@ class ModelCore:
     in the same order as the core's free list (lowest first, last freed
     first) so slot numbers can be compared too."""
 
-    def __init__(self, capacity: int, rooms: int = 16, depth: int = 16, slot_bytes: int = 480):
-        self.capacity, self.depth, self.slot_bytes = capacity, depth, slot_bytes
+    def __init__(self, capacity: int, rooms: int = 16, depth: int = 16, ring_bytes: int = 3840):
+        self.capacity, self.depth, self.ring_bytes = capacity, depth, ring_bytes
         self.rooms: dict[int, ModelRoom] = {}
         self.n_rooms = rooms
         self.listeners: dict[int, ModelListener] = {}
@@ -95,10 +99,23 @@ class ModelCore:
         pkt = (room_pkt[:2] + struct.pack("!HII", (seq + lst.seq_off) & 0xFFFF,
                                           (ts + lst.ts_off) & 0xFFFFFFFF, lst.ssrc)
                + room_pkt[HDR:])
+        # a packet goes where the last one ended, or at 0 if it would run
+        # past the end; the oldest held packets are let go until at most
+        # depth - 1 remain and none of them overlaps the new one
+        at = lst.wr if lst.wr + len(pkt) <= self.ring_bytes else 0
+        end = at + len(pkt)
+        while lst.tail < len(lst.written) and (
+                len(lst.written) - lst.tail >= self.depth
+                or any(a < end and at < b for a, b in lst.spans[lst.tail:])):
+            if lst.tail == lst.sent:
+                lst.sent += 1
+                lst.drop_overflow += 1
+            lst.tail += 1
+        if lst.tail == len(lst.written):
+            at, end = 0, len(pkt)
         lst.written.append(pkt)
-        if len(lst.written) - lst.sent > self.depth:
-            lst.sent += 1
-            lst.drop_overflow += 1
+        lst.spans.append((at, end))
+        lst.wr = end
 
     def _allowed(self, r: ModelRoom, source: bytes) -> bool:
         if r.any_source:
@@ -132,7 +149,7 @@ class ModelCore:
         if start >= end:
             return self._drop(r, Ingest.INGEST_MALFORMED)
         payload = pkt[start:end]
-        if len(payload) + HDR > self.slot_bytes:
+        if len(payload) + HDR > self.ring_bytes:
             return self._drop(r, Ingest.INGEST_OVERSIZED)
         seq, ts, ssrc = struct.unpack_from("!HII", pkt, 2)
         if not r.have_stream:
@@ -172,7 +189,8 @@ class ModelCore:
         return why
 
     def ring(self, slot: int) -> list[bytes]:
-        return self.listeners[slot].written[-self.depth:]
+        lst = self.listeners[slot]
+        return lst.written[lst.tail:]
 
     def pending(self, slot: int) -> int:
         lst = self.listeners[slot]

@@ -54,7 +54,7 @@ class NodeConfig:
     secret: str = ""
     max_listeners: int = 100_000
     ring_depth: int = 16
-    slot_bytes: int = 480
+    ring_bytes: int = 3840
     burst_packets: int = 8
     keepalive_interval: float = 5.0
     session_timeout: float = 15.0
@@ -80,7 +80,7 @@ class NodeConfig:
 
 
 _NODE_KEYS = {"listen", "admin", "auth", "secret_env", "max_listeners", "ring_depth",
-              "slot_bytes", "burst_packets", "keepalive_interval", "session_timeout", "redirect",
+              "ring_bytes", "burst_packets", "keepalive_interval", "session_timeout", "redirect",
               "room_label_limit", "join_rate", "join_rate_per_source", "max_rooms", "workers", "max_load",
               "max_machine_load", "max_sessions_per_token",
               "quic_max_pending", "quic_max_pending_per_source", "log_interval", "drain_grace", "drain_rate",
@@ -116,9 +116,16 @@ def _seconds(where: str, value: Any, lo: float = 0.0, hi: float = float("inf")) 
     return float(value)
 
 
-# what one listener slot costs besides its ring (the Listener struct, its
-# ring's length table and queue entry, rounded up)
-SLOT_OVERHEAD = 160
+# what one listener slot costs besides its ring's bytes and index: the
+# Listener struct and its free-list and queue entries (Core.listener_bytes()
+# says the same, and a test holds the two together)
+SLOT_OVERHEAD = 128
+# each held packet's index entry: offset and length
+INDEX_ENTRY = 4
+# the largest ring_bytes the core takes, and the smallest that carries
+# every Opus frame (1,275 bytes at most, RFC 6716 3.4) with its RTP header
+MAX_RING_BYTES = 16384
+MIN_RING_BYTES = 1275 + 12
 
 
 def _physical_memory() -> int:
@@ -130,8 +137,8 @@ def _physical_memory() -> int:
 
 def arena_bytes(cfg: NodeConfig) -> int:
     """What the listener arena reserves for this config: every listener's
-    ring (with its length table) and slot."""
-    return cfg.max_listeners * (cfg.ring_depth * (cfg.slot_bytes + 2) + SLOT_OVERHEAD)
+    ring, its index and its slot."""
+    return cfg.max_listeners * (cfg.ring_bytes + cfg.ring_depth * INDEX_ENTRY + SLOT_OVERHEAD)
 
 
 def _check_arena(cfg: NodeConfig) -> None:
@@ -141,9 +148,8 @@ def _check_arena(cfg: NodeConfig) -> None:
     have = _physical_memory()
     if have and need > have:
         raise ConfigError(f"[node] max_listeners = {cfg.max_listeners} needs {need / 2**30:.1f} GiB of "
-                          f"listener rings (ring_depth {cfg.ring_depth} x slot_bytes {cfg.slot_bytes} each) "
-                          f"but this machine has {have / 2**30:.1f} GiB: lower max_listeners, ring_depth "
-                          f"or slot_bytes")
+                          f"listener rings (ring_bytes {cfg.ring_bytes} each) "
+                          f"but this machine has {have / 2**30:.1f} GiB: lower max_listeners or ring_bytes")
 
 
 def _room(i: int, raw: Any, open_auth: bool) -> RoomConfig:
@@ -235,6 +241,9 @@ def from_dict(raw: dict[str, Any], label: str = "config", environ: Mapping[str, 
     node = raw.get("node", {})
     if not isinstance(node, dict):
         raise ConfigError(f"{label}: [node] must be a table")
+    if "slot_bytes" in node:
+        raise ConfigError(f"{label}: [node] slot_bytes is gone: rings now hold packets of any length; "
+                          f"size them with ring_bytes (bytes per listener, default {NodeConfig.ring_bytes})")
     unknown = set(node) - _NODE_KEYS
     if unknown:
         raise ConfigError(f"{label}: [node]: unknown key {sorted(unknown)[0]!r}")
@@ -248,7 +257,9 @@ def from_dict(raw: dict[str, Any], label: str = "config", environ: Mapping[str, 
     cfg.ring_depth = _int("[node] ring_depth", node.get("ring_depth", cfg.ring_depth), 2, 4096)
     if cfg.ring_depth & (cfg.ring_depth - 1):
         raise ConfigError(f"[node] ring_depth: must be a power of two, got {cfg.ring_depth}")
-    cfg.slot_bytes = _int("[node] slot_bytes", node.get("slot_bytes", cfg.slot_bytes), 64, 2048)
+    # a ring must hold at least the largest packet it is asked to carry
+    cfg.ring_bytes = _int("[node] ring_bytes", node.get("ring_bytes", cfg.ring_bytes),
+                          MIN_RING_BYTES, MAX_RING_BYTES)
     cfg.burst_packets = _int("[node] burst_packets", node.get("burst_packets", cfg.burst_packets),
                              0, cfg.ring_depth - 1)
     # the ACCEPT carries both in milliseconds; keepalives faster than 10 a

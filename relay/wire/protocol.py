@@ -224,6 +224,13 @@ MAX_FRAME = 4096
 ALPN_QUIC = "relay-listen/1"     # plain QUIC listeners; browsers use h3 + WebTransport
 WEBTRANSPORT_PATH = "/relay"     # the extended CONNECT's path
 MAX_DATAGRAM_FRAME = 65536       # QUIC DATAGRAM frame size both sides advertise
+# The largest audio packet a QUIC or WebTransport listener can be sent: a
+# DATAGRAM frame never spans QUIC packets (RFC 9221 section 5), and a QUIC
+# packet must fit the 1,200-byte datagram every path carries. 48 bytes go
+# to the short header (a 20-byte connection id at most, a 4-byte packet
+# number), the AEAD tag, the frame's type and length, and WebTransport's
+# quarter stream id. Any 20 ms Opus frame up to 450 kbit/s fits.
+MAX_QUIC_AUDIO = 1200 - 48
 
 
 def frame(msg: Message) -> bytes:
