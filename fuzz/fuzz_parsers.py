@@ -3,8 +3,10 @@
     python fuzz/fuzz_parsers.py TARGET [libFuzzer flags, e.g. -runs=100000]
 
 Targets: control (control messages through the session policy), rtcp,
-token, rtp (the compiled core's ingest), stream (framed control messages
-on a QUIC/WebTransport stream, arriving in arbitrary pieces). Each checks invariants, not only
+token, rtp (the compiled core's ingest, RTCP BYEs included), stream (framed
+control messages on a QUIC/WebTransport stream, arriving in arbitrary
+pieces), srtp (a room's SRTP ingest: raw bytes, and real SRTP packets
+altered or replayed). Each checks invariants, not only
 "no crash": no reply larger than its request, only the documented
 exceptions, rings that never hold more than they should.
 """
@@ -26,6 +28,8 @@ with atheris.instrument_imports(enable_loader_override=False):
     from relay.wire.addr import to_sockaddr
     from relay.wire.config import load
     from relay.node.sessions import RoomState, Sessions
+    from relay.node.srtp import SrtpIngest
+from pylibsrtp import Policy, Session  # noqa: E402  (libsrtp: the reference encoder, not under test)
 
 SECRET = "fuzz-secret-0123456789abcdef0123456789"
 SRC = to_sockaddr(("127.0.0.1", 5000))
@@ -118,7 +122,35 @@ def stream(data: bytes) -> None:
     assert len(reader._buf) <= 2 + protocol.MAX_FRAME, len(reader._buf)
 
 
-TARGETS = {"control": control, "rtcp": rtcp, "token": token, "rtp": rtp, "stream": stream}
+SRTP_KEY = bytes(range(30))
+SRTP_IN = SrtpIngest(SRTP_KEY)
+SRTP_OUT = Session(Policy(key=SRTP_KEY, ssrc_type=Policy.SSRC_ANY_OUTBOUND))
+SRTP_SEQ = [0]
+
+
+def srtp(data: bytes) -> None:
+    fdp = atheris.FuzzedDataProvider(data)
+    mode = fdp.ConsumeIntInRange(0, 2)
+    if mode == 0:                    # anything at all: without the key nothing authenticates
+        assert SRTP_IN.open(fdp.ConsumeBytes(fdp.remaining_bytes())) is None
+        return
+    SRTP_SEQ[0] += 1
+    seq = SRTP_SEQ[0] & 0xFFFF
+    plain = bytes([0x80, 111]) + seq.to_bytes(2, "big") + bytes(4) + (7).to_bytes(4, "big") + \
+        fdp.ConsumeBytes(fdp.ConsumeIntInRange(1, 300))
+    sealed = bytearray(SRTP_OUT.protect(plain))
+    if mode == 1 and fdp.remaining_bytes() >= 2:
+        # one byte changed anywhere: the tag must catch it
+        at = fdp.ConsumeIntInRange(0, len(sealed) - 1)
+        flip = fdp.ConsumeIntInRange(1, 255)
+        sealed[at] ^= flip
+        assert SRTP_IN.open(bytes(sealed)) is None
+        return
+    assert SRTP_IN.open(bytes(sealed)) == plain
+    assert SRTP_IN.open(bytes(sealed)) is None      # the same packet again is a replay
+
+
+TARGETS = {"control": control, "rtcp": rtcp, "token": token, "rtp": rtp, "stream": stream, "srtp": srtp}
 
 
 def main() -> None:

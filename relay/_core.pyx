@@ -147,7 +147,8 @@ cdef class Core:
 
     def room_open(self, int room, bint any_source=False):
         """Start accepting packets for `room`; sources must be allowed first
-        unless `any_source` (open demo rooms)."""
+        unless `any_source` (open demo rooms). The takeover rule starts as
+        room_rules()' defaults."""
         cdef Room *r = self._room(room)
         cdef int k
         if r.active:
@@ -160,7 +161,25 @@ cdef class Core:
             self.st.sh[k].hist_seen[room] = 0
         r.active = 1
         r.any_source = 1 if any_source else 0
+        r.takeover_ns = TAKEOVER_NS
         unlock_all(&self.st)
+
+    def room_rules(self, int room, double takeover_s=0.15, bint pin_source=False):
+        """Who may replace the room's live stream. A new stream (a new SSRC
+        or, with `pin_source`, a new source address) may, after an RTCP BYE
+        from the live one, after room_release(), or after `takeover_s`
+        seconds of the live one's silence (negative: never)."""
+        cdef Room *r = self._room(room)
+        r.takeover_ns = <int64_t>(takeover_s * 1e9) if takeover_s >= 0 else -1
+        r.pin_source = 1 if pin_source else 0
+
+    def room_release(self, int room):
+        """Let the next stream take the room at once (the operator's word,
+        for a publisher that went away without a BYE)."""
+        cdef Room *r = self._room(room)
+        if not r.active:
+            raise ValueError(f"room {room} is not open")
+        r.released = 1
 
     def room_close(self, int room):
         """Stop the room. Its listeners must have been removed first."""

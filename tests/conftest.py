@@ -43,7 +43,7 @@ class RunningRelay:
 
 
 def start_relay(tmp_path: Path, auth: str = "open", extra_node: str = "", sources: str = '"127.0.0.1"',
-                room: str = "live") -> RunningRelay:
+                room: str = "live", extra_room: str = "", extra_env: dict | None = None) -> RunningRelay:
     listen = ("127.0.0.1", free_port())
     admin = ("127.0.0.1", free_port(socket.SOCK_STREAM))
     ingest = ("127.0.0.1", free_port())
@@ -64,8 +64,9 @@ auth = "{auth}"
 name = "{room}"
 ingest = "{ingest[0]}:{ingest[1]}"
 sources = [{sources}]
+{extra_room}
 """)
-    env = dict(os.environ, RELAY_SECRET=SECRET, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, RELAY_SECRET=SECRET, PYTHONUNBUFFERED="1", **(extra_env or {}))
     proc = subprocess.Popen([sys.executable, "-m", "relay", "--log-level", "warning", "serve",
                              "-c", str(cfg)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

@@ -103,3 +103,28 @@ def test_a_host_name_source_is_named_as_a_source_problem(tmp_path) -> None:
         load(text, environ={"RELAY_SECRET": "x" * 32})
     assert str(e.value).startswith("room 'a': source 'localhost':")
     assert "quic_cert" not in str(e.value)
+
+
+@pytest.mark.parametrize("value, needle", [
+    (None, "environment variable ROOM_KEY is not set"),
+    ("not base64!", "ROOM_KEY is not base64"),
+    ("AAAAAAAAAAAAAAAAAAAAAA==", "ROOM_KEY holds 16 bytes; AES_CM_128_HMAC_SHA1_80 needs 30"),
+])
+def test_an_srtp_key_that_cannot_work_is_named(value: str | None, needle: str) -> None:
+    text = GOOD.replace('name = "a"', 'name = "a"\nsrtp_key_env = "ROOM_KEY"')
+    env = {"RELAY_SECRET": "x" * 32} | ({"ROOM_KEY": value} if value else {})
+    with pytest.raises(ConfigError) as e:
+        load(text, environ=env)
+    assert str(e.value).startswith("room 'a': srtp_key_env: ") and needle in str(e.value)
+
+
+def test_rooms_take_over_by_rule() -> None:
+    import base64
+    key = base64.b64encode(bytes(range(30))).decode()
+    text = GOOD.replace('name = "a"', 'name = "a"\nsrtp_key_env = "ROOM_KEY"')
+    cfg = load(text, environ={"RELAY_SECRET": "x" * 32, "ROOM_KEY": key})
+    assert cfg.rooms[0].srtp_key == bytes(range(30)) and cfg.rooms[0].takeover_after == 0.15
+    plain = load(GOOD, environ={"RELAY_SECRET": "x" * 32})
+    assert plain.rooms[0].srtp_key == b"" and plain.rooms[0].takeover_after is None
+    chosen = load(GOOD.replace('name = "a"', 'name = "a"\ntakeover_after = 2'), environ={"RELAY_SECRET": "x" * 32})
+    assert chosen.rooms[0].takeover_after == 2.0

@@ -3,6 +3,7 @@ hypothesis-generated packets and join/leave sequences."""
 from __future__ import annotations
 
 import socket
+import struct
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -39,10 +40,19 @@ feed = st.tuples(st.just("feed"), st.integers(0, ROOMS - 1),
 # a stream in order, so most packets reach the rings rather than being late
 stream = st.tuples(st.just("stream"), st.integers(0, ROOMS - 1), st.integers(1, 2 * DEPTH + 3),
                    st.integers(0, 30_000_000), st.integers(1, 140))
+# an RTCP BYE (alone, or after a receiver report in a compound packet)
+# naming one of the SSRCs in play, from one of the sources
+bye = st.tuples(st.just("bye"), st.integers(0, ROOMS - 1), st.sampled_from([0x1111, 0x2222]), st.booleans(),
+                st.sampled_from([SRC_A, SRC_B, SRC_FOREIGN]))
+release = st.tuples(st.just("release"), st.integers(0, ROOMS - 1))
 join = st.tuples(st.just("join"), st.integers(0, ROOMS - 1), st.booleans(), st.integers(0, DEPTH + 2))
 leave = st.tuples(st.just("leave"), st.integers(0, 1000))
 flush = st.tuples(st.just("flush"))
-ops = st.lists(st.one_of(feed, stream, stream, join, join, leave, flush), max_size=60)
+ops = st.lists(st.one_of(feed, stream, stream, join, join, leave, flush, bye, release), max_size=60)
+# room 0: the default rule (a new SSRC after 150 ms of silence); room 1: a
+# plain-RTP room as the node opens it (pinned to the live source, no
+# takeover without a BYE or the operator); room 2: open to any source
+RULES = [dict(), dict(takeover_s=-1, pin_source=True), dict(takeover_s=0.05, pin_source=True)]
 
 
 def _receiver() -> tuple[socket.socket, bytes]:
@@ -71,6 +81,8 @@ def test_core_matches_model(ops) -> None:
         any_source = room == 2
         core.room_open(room, any_source)
         model.room_open(room, any_source)
+        core.room_rules(room, **RULES[room])
+        model.room_rules(room, **RULES[room])
         core.room_allow(room, SRC_A)
         model.room_allow(room, SRC_A)
         core.room_allow(room, SRC_B, any_port=False)
@@ -95,6 +107,15 @@ def test_core_matches_model(ops) -> None:
                     pkt = rtp(seqs[room], seqs[room] * 960, 0x1111,
                               bytes([seqs[room] & 0xFF]) * (1 + (size * (k + 1)) % 140))
                     assert core.feed(room, pkt, SRC_A, now) == model.feed(room, pkt, SRC_A, now)
+            elif op[0] == "bye":
+                _, room, ssrc, compound, src = op
+                pkt = struct.pack("!BBHI", 0x81, 203, 1, ssrc)
+                if compound:
+                    pkt = struct.pack("!BBHI", 0x80, 201, 1, 0x7777) + pkt
+                assert core.feed(room, pkt, src, now) == model.feed(room, pkt, src, now)
+            elif op[0] == "release":
+                core.room_release(op[1])
+                model.room_release(op[1])
             elif op[0] == "join":
                 _, room, pull, burst = op
                 n_join += 1
@@ -121,6 +142,7 @@ def test_core_matches_model(ops) -> None:
             assert stats["drop_malformed"] == drops.get("INGEST_MALFORMED", 0)
             assert stats["drop_oversized"] == drops.get("INGEST_OVERSIZED", 0)
             assert stats["drop_late"] == drops.get("INGEST_LATE", 0)
+            assert stats["released"] == model.rooms[room].released
     finally:
         rx.close()
         tx.close()

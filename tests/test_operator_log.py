@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -45,6 +46,8 @@ def test_the_log_tells_an_operator_what_happened(tmp_path) -> None:
         for k in range(60):                                     # a publisher for 1.2 s ...
             pub.sendto(rtp(k, 960 * k, 0xA, bytes(40)), ("127.0.0.1", ports["ingest"]))
             time.sleep(0.02)
+        bye = struct.pack("!BBHI", 0x80, 201, 1, 0xA) + struct.pack("!BBHI", 0x81, 203, 1, 0xA)
+        pub.sendto(bye, ("127.0.0.1", ports["ingest"]))         # ... that says BYE ...
         for k in range(60):                                     # ... replaced by another
             pub.sendto(rtp(5000 + k, 960 * k, 0xB, bytes(40)), ("127.0.0.1", ports["ingest"]))
             time.sleep(0.02) if k else time.sleep(0.3)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import math
 import os
 import shutil
@@ -59,6 +60,12 @@ class RtpPacketizer:
         self.ts = (self.ts + samples) & 0xFFFFFFFF
         return out
 
+    def bye(self) -> bytes:
+        """The RTCP BYE that ends this stream (RFC 3550 6.6): it lets the
+        relay give the room to the next publisher at once. RFC 3550 wants a
+        report first in every compound packet: an empty receiver report."""
+        return struct.pack("!BBHI", 0x80, 201, 1, self.ssrc) + struct.pack("!BBHI", 0x81, 203, 1, self.ssrc)
+
 
 async def publish_tone(to: tuple[str, int], freq: float = 440.0, duration: float | None = None,
                        bitrate: int = 64000, progress=None, frame_ms: int = 20) -> int:
@@ -90,6 +97,8 @@ async def publish_tone(to: tuple[str, int], freq: float = 440.0, duration: float
             if delay > 0:
                 await asyncio.sleep(delay)
     finally:
+        with contextlib.suppress(OSError):
+            sock.send(rtp.bye())
         sock.close()
     return sent
 
@@ -108,9 +117,12 @@ def ffmpeg_command(source: str, to: tuple[str, int], bitrate: str = "64k",
     if duration is not None:
         cmd += ["-t", str(duration)]
     host = f"[{to[0]}]" if ":" in to[0] else to[0]
+    # send_bye: a BYE at the end releases the room for the next publisher;
+    # rtcpport: to the ingest port itself (it comes from the RTP port + 1)
     cmd += ["-vn", "-ac", "2", "-ar", "48000", "-c:a", "libopus", "-b:a", bitrate,
             "-frame_duration", "20", "-application", "audio",
-            "-f", "rtp", "-payload_type", str(PAYLOAD_TYPE), f"rtp://{host}:{to[1]}?pkt_size=1200"]
+            "-f", "rtp", "-payload_type", str(PAYLOAD_TYPE), "-rtpflags", "send_bye",
+            f"rtp://{host}:{to[1]}?pkt_size=1200&rtcpport={to[1]}"]
     return cmd
 
 

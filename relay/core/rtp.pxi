@@ -5,8 +5,11 @@
 # header. Included by relay/_core.pyx; runs without the GIL on the thread
 # that reads ingest.
 
-# A new SSRC may take over a room only once the current one has been quiet
-# this long; otherwise two publishers on one room would fight packet by packet.
+# The default takeover rule (Core.room_open): a new SSRC may take over a
+# room once the current one has been quiet this long; sooner, two publishers
+# on one room would fight packet by packet. The node sets each room's rule:
+# authenticated (SRTP) rooms keep this, plain-RTP rooms wait for a BYE from
+# the live stream or for the operator.
 cdef int64_t TAKEOVER_NS = 150000000
 # A silence this long or longer advances the timestamp by the most the
 # 32-bit clock can carry (0x7fffffff ticks, about 12.4 hours at 48 kHz);
@@ -53,6 +56,46 @@ cdef inline bint source_ok(Room *r, const uint8_t *a) noexcept nogil:
     return False
 
 
+cdef inline void source_of(Source *s, const uint8_t *a) noexcept nogil:
+    """Remember the raw sockaddr `a` as a source (address and port)."""
+    s.family = <uint8_t>(<const uint16_t *>a)[0]
+    s.port = (<const uint16_t *>a)[1]
+    if s.family == AF_INET:
+        memcpy(s.ip, a + 4, 4)
+    else:
+        memcpy(s.ip, a + 8, 16)
+
+
+cdef inline bint same_source(Source *s, const uint8_t *a, int port_slack) noexcept nogil:
+    """Is `a` the source `s`? With port_slack, also the port above it:
+    RTCP's own port, by RFC 3550's convention, when it is not muxed."""
+    cdef uint16_t port = be16(a + 2), live = be16(<const uint8_t *>&s.port)
+    if s.family != (<const uint16_t *>a)[0] or not (port == live or (port_slack and port == live + 1)):
+        return False
+    if s.family == AF_INET:
+        return memcmp(s.ip, a + 4, 4) == 0
+    return memcmp(s.ip, a + 8, 16) == 0
+
+
+cdef void check_bye(CoreState *c, Room *r, const uint8_t *pkt, Py_ssize_t n, const uint8_t *src) noexcept nogil:
+    """A compound RTCP packet that carries a BYE for the live stream, from
+    the live stream's own address, releases the room: the next stream may
+    take it at once. Anything else is only counted as ignored RTCP."""
+    cdef Py_ssize_t off = 0, size
+    if not r.have_stream or (r.pin_source and not same_source(&r.live, src, 1)):
+        return
+    while off + 8 <= n and (pkt[off] >> 6) == 2:
+        size = 4 * (<Py_ssize_t>be16(pkt + off + 2) + 1)
+        if off + size > n:
+            return
+        # BYE (203) with at least one SSRC, the first being the live one
+        if pkt[off + 1] == 203 and (pkt[off] & 0x1f) >= 1 and be32(pkt + off + 4) == r.in_ssrc:
+            r.released = 1
+            r.byes += 1
+            return
+        off += size
+
+
 cdef int accept_packet(CoreState *c, int room, const uint8_t *pkt, Py_ssize_t n,
                        const uint8_t *src, int64_t now) noexcept nogil:
     """Check one ingest datagram and, if it is good, rewrite it into the
@@ -84,8 +127,10 @@ cdef int accept_packet(CoreState *c, int room, const uint8_t *pkt, Py_ssize_t n,
     b0 = pkt[0]
     pt = pkt[1] & 0x7f
     if 72 <= pt <= 76:
-        # RTCP sender reports multiplexed onto the ingest port (RFC 5761)
+        # RTCP multiplexed onto the ingest port (RFC 5761): sender reports
+        # are ignored, a BYE from the live stream releases the room
         c.c_rtcp_ignored += 1
+        check_bye(c, r, pkt, n, src)
         return INGEST_RTCP
     off = HDR + 4 * (b0 & 0x0f)
     if b0 & 0x10:
@@ -115,13 +160,20 @@ cdef int accept_packet(CoreState *c, int room, const uint8_t *pkt, Py_ssize_t n,
         r.have_stream = 1
         r.seq_off = 0
         r.ts_off = 0
+        source_of(&r.live, src)
     else:
         delta = <int16_t>(seq - r.in_seq)
-        if ssrc != r.in_ssrc:
-            if now - r.last_rx_ns < TAKEOVER_NS:
+        if ssrc != r.in_ssrc or (r.pin_source and not same_source(&r.live, src, 0)):
+            # a new stream: it may replace the live one only once that one
+            # said BYE (or the operator released it), or was silent for
+            # the room's takeover time
+            if not r.released and (r.takeover_ns < 0 or now - r.last_rx_ns < r.takeover_ns):
                 r.drop_foreign += 1
+                r.takeovers_refused += 1
                 return INGEST_FOREIGN
             restart(r, seq, ts, now)
+            source_of(&r.live, src)
+            r.released = 0
         elif delta > 3000 or delta < -100:
             # same SSRC, numbering jumped: a restarted sender
             restart(r, seq, ts, now)

@@ -64,6 +64,12 @@ ctypedef struct Room:
     uint8_t have_stream   # seen a packet since open
     uint8_t n_sources
     Source sources[MAX_SOURCES]
+    # who may replace the live stream (set by the node's policy, rtp.pxi):
+    # a new stream is a new SSRC or, when pinned, a new source address
+    int64_t takeover_ns   # silence after which a new stream may take the room; < 0: never
+    uint8_t pin_source    # the live stream is its SSRC and its source address
+    uint8_t released      # the live stream said BYE, or the operator released it
+    Source live           # the live stream's source address (pinned rooms)
     int32_t first[MAX_SHARDS]   # head of each shard's listener list, -1 if empty
     int32_t n_listeners
     # input continuity: the room rewrites the publisher's numbering once,
@@ -87,6 +93,8 @@ ctypedef struct Room:
     uint32_t oversized_len  # the last oversized packet's RTP size (RX_BUF + 1: larger than we read)
     uint64_t drop_late
     uint64_t source_restarts
+    uint64_t takeovers_refused  # packets of a new stream refused while the live one holds the room
+    uint64_t byes               # RTCP BYEs from the live stream, which release the room
     uint64_t seq_gaps     # sequence numbers the publisher skipped: loss on the way in
 
 

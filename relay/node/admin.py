@@ -3,7 +3,10 @@ load balancers, /rooms, /quic.json and the browser listener page. It is
 handed what it shows as small callables, never the node itself, and runs
 on the node's event loop.
 
-It answers one GET per connection and is bounded against clients that
+It answers one request per connection: GETs, and one POST that changes
+state, /rooms/NAME/release (let the next publisher stream take the room),
+taken only from this machine's loopback since the port has no other
+authentication. It is bounded against clients that
 misbehave: a request head over 16 KiB is answered 431, a head not complete
 within 5 s is dropped, and at most 256 connections are open at once (a new
 one evicts the oldest that has not finished sending its head), so slow or
@@ -13,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import html
+import ipaddress
 import json
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Callable, cast
 
@@ -36,6 +41,7 @@ class AdminViews:
     rooms: Callable[[], list[dict[str, Any]]]
     quic: Callable[[], dict[str, Any]] | None     # /quic.json; None: QUIC off
     index: Callable[[], list[tuple[str, str]]] = lambda: []   # (link, what it is) for /
+    release: Callable[[str], bool] = lambda room: False      # POST /rooms/NAME/release; False: no such room
 
 
 class _Request(asyncio.Protocol):
@@ -68,7 +74,10 @@ class _Request(asyncio.Protocol):
             return
         parts = bytes(self.head[:self.head.find(b"\r\n")]).decode("latin-1").split()
         path = parts[1].split("?")[0] if len(parts) >= 2 else ""
-        self.answer(*self.server.route(parts[0] if parts else "", path))
+        assert self.transport is not None
+        peer = self.transport.get_extra_info("peername")
+        local = bool(peer) and _is_loopback(peer[0])
+        self.answer(*self.server.route(parts[0] if parts else "", path, local))
 
     def answer(self, status: str, ctype: str, body: bytes) -> None:
         self.head = None
@@ -83,6 +92,13 @@ class _Request(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
         self.server.answered(self)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.partition("%")[0]).is_loopback
+    except ValueError:
+        return False
 
 
 class AdminServer:
@@ -114,10 +130,17 @@ class AdminServer:
     def answered(self, request: _Request) -> None:
         self._reading.pop(request, None)
 
-    def route(self, method: str, path: str) -> Response:
-        """The response to one request."""
+    def route(self, method: str, path: str, local: bool = False) -> Response:
+        """The response to one request; `local`: it came over loopback."""
+        if method == "POST" and path.startswith("/rooms/") and path.endswith("/release"):
+            if not local:
+                return "403 Forbidden", "text/plain", b"releasing a room is only taken from this machine\n"
+            room = urllib.parse.unquote(path[len("/rooms/"):-len("/release")])
+            if not self.views.release(room):
+                return "404 Not Found", "text/plain", f"no room {room!r}\n".encode()
+            return "200 OK", "text/plain", f"room {room!r} released: the next publisher stream takes it\n".encode()
         if method != "GET":
-            return "405 Method Not Allowed", "text/plain", b"only GET\n"
+            return "405 Method Not Allowed", "text/plain", b"only GET (and POST /rooms/NAME/release)\n"
         if path == "/":
             items = "".join(f'<li><a href="{html.escape(link)}">{html.escape(link)}</a> {html.escape(what)}</li>'
                             for link, what in self.views.index())

@@ -1,6 +1,7 @@
 """What an operator reads in the log: joins and leaves, refusals by reason,
-drops by reason, publishers starting, stopping and being replaced, and a
-publisher whose packets are too large for the listeners' rings.
+drops by reason, publishers starting, stopping and being replaced, and
+publishers refused for reasons only the operator can fix (packets too large
+for the listeners' rings, a new stream while the live one holds the room).
 
 Nothing here logs per join or per packet: the node's counters are compared
 once per interval and each kind of change becomes at most one line, so a
@@ -27,8 +28,8 @@ log = logging.getLogger("relay.events")
 
 # a publisher that has sent nothing for this long has stopped
 PUBLISHER_QUIET_S = 2.0
-# at most one line per room this often about packets dropped as oversized
-OVERSIZED_LOG_EVERY_S = 60.0
+# at most one line per room and reason this often about refused packets
+ROOM_LOG_EVERY_S = 60.0
 
 
 def emit(event: str, text: str, **fields: Any) -> None:
@@ -58,8 +59,8 @@ class EventLog:
         self._seen = self._snapshot()
         # per room: publishing now?, source restarts seen
         self._publishing: dict[str, tuple[bool, int]] = {}
-        # per room: oversized drops seen, when last said
-        self._oversized: dict[str, tuple[int, float]] = {}
+        # per (room, event): the count last said, and when
+        self._said: dict[tuple[str, str], tuple[int, float]] = {}
 
     def _snapshot(self) -> dict[str, Any]:
         sc = self.sessions.counters
@@ -70,7 +71,7 @@ class EventLog:
     def tick(self, now: float, stats: dict[str, dict[str, Any]]) -> None:
         """Called on every housekeeping tick with each room's core stats."""
         self._publishers(stats)
-        self._too_large(now, stats)
+        self._rooms_needing_the_operator(now, stats)
         if now - self._at >= self.interval_s:
             self._at = now
             self._summary()
@@ -92,28 +93,34 @@ class EventLog:
         for gone in self._publishing.keys() - stats.keys():
             del self._publishing[gone]
 
-    def _too_large(self, now: float, stats: dict[str, dict[str, Any]]) -> None:
-        """Say so when a room's publisher sends packets the rings cannot
-        hold: its listeners hear nothing of them, and only the operator can
-        fix it."""
+    def _rooms_needing_the_operator(self, now: float, stats: dict[str, dict[str, Any]]) -> None:
+        """Say so when a room refuses what its publisher sends, for reasons
+        only the operator can fix: packets too large for the rings, or a
+        new publisher stream while the live one still holds the room. At
+        most one line per room and reason a minute, with the count."""
+        ring = self.core.ring_bytes
         for name, st in stats.items():
-            seen, said = self._oversized.get(name, (0, -OVERSIZED_LOG_EVERY_S))
-            dropped = st["drop_oversized"]
-            if dropped > seen and now - said >= OVERSIZED_LOG_EVERY_S:
-                size = st["oversized_len"]
-                ring = self.core.ring_bytes
-                what = (f"{size}-byte packets (RTP header included) are larger than a listener's ring: raise "
-                        f"[node] ring_bytes (now {ring}, at most {MAX_RING_BYTES}) or lower the publisher's "
-                        f"bitrate or frame length") if size <= MAX_RING_BYTES else \
-                       f"datagrams are larger than {MAX_RING_BYTES} bytes: that is not RTP/Opus"
-                log.warning("room %r: %d packets dropped as oversized since the last line; its %s",
-                            name, dropped - seen, what,
-                            extra={"fields": {"event": "oversized", "room": name, "dropped": dropped - seen,
-                                              "size": size, "ring_bytes": ring}})
-                seen, said = dropped, now
-            self._oversized[name] = (seen, said)
-        for gone in self._oversized.keys() - stats.keys():
-            del self._oversized[gone]
+            size = st["oversized_len"]
+            self._once_a_minute(now, name, "oversized", st["drop_oversized"], (
+                f"{size}-byte packets (RTP header included) are larger than a listener's ring: raise "
+                f"[node] ring_bytes (now {ring}, at most {MAX_RING_BYTES}) or lower the publisher's "
+                f"bitrate or frame length") if size <= MAX_RING_BYTES else
+                f"datagrams are larger than {MAX_RING_BYTES} bytes: that is not RTP/Opus",
+                size=size, ring_bytes=ring)
+            self._once_a_minute(now, name, "takeover_refused", st["takeovers_refused"], (
+                "a new publisher stream (another SSRC or address) while the live one holds the room; "
+                f"if the publisher restarted, release the room (POST /rooms/{name}/release on the admin "
+                "port), end publishers with an RTCP BYE, or set takeover_after"))
+        for gone in {key for key in self._said if key[0] not in stats}:
+            del self._said[gone]
+
+    def _once_a_minute(self, now: float, room: str, event: str, count: int, what: str, **fields: Any) -> None:
+        seen, said = self._said.get((room, event), (0, -ROOM_LOG_EVERY_S))
+        if count > seen and now - said >= ROOM_LOG_EVERY_S:
+            log.warning("room %r: %d packets refused since the last line: %s", room, count - seen, what,
+                        extra={"fields": {"event": event, "room": room, "dropped": count - seen, **fields}})
+            seen, said = count, now
+        self._said[(room, event)] = (seen, said)
 
     def _summary(self) -> None:
         now = self._snapshot()

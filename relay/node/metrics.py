@@ -27,7 +27,9 @@ from relay.node.load import LoadMeter
 from relay.node.quic import QuicCounters
 from relay.node.senders import SenderThreads
 from relay.node.sessions import PULLED, UDP, RoomState, Sessions
+from relay.node.srtp import SRTP_DROPS
 from relay.wire.protocol import Reason
+
 # the core counts drops for these reasons (relay_drops_total{reason})
 CORE_DROPS = ("foreign", "malformed", "oversized", "late", "no_room", "overflow", "send_error",
                "shard_lag")
@@ -50,9 +52,10 @@ class NodeCollector(Collector):
     QUIC port's (when there is one). It reads; it changes nothing."""
 
     def __init__(self, core: Core, sessions: Sessions, load: LoadMeter, senders: SenderThreads,
-                 quic: Callable[[], QuicCounters | None], started: float) -> None:
+                 quic: Callable[[], QuicCounters | None], started: float,
+                 srtp_drops: Callable[[], Counter[str]] = Counter) -> None:
         self.core, self.sessions, self.load, self.senders = core, sessions, load, senders
-        self.quic, self.started = quic, started
+        self.quic, self.started, self.srtp_drops = quic, started, srtp_drops
 
     def collect(self) -> Iterator[Metric]:
         core, load = self.core, self.load
@@ -75,13 +78,25 @@ class NodeCollector(Collector):
             ("relay_resends", "resends", "Packets resent in answer to NACKs."),
             ("relay_source_restarts", "source_restarts",
              "New publisher streams spliced into a room's numbering."),
-            ("relay_rtcp_ignored", "rtcp_ignored", "RTCP datagrams on ingest ports, ignored."),
+            ("relay_takeovers_refused", "takeovers_refused",
+             "Packets of a new publisher stream refused while the live one held its room "
+             "(also counted as foreign drops)."),
+            ("relay_publisher_byes", "publisher_byes", "RTCP BYEs from a live publisher stream, "
+             "each releasing its room to the next stream."),
+            ("relay_rtcp_ignored", "rtcp_ignored", "RTCP datagrams on ingest ports (only BYEs are read)."),
         ):
             yield CounterMetricFamily(name, doc, c[key])
         drops = CounterMetricFamily("relay_drops", "Packets dropped, by reason.", labels=["reason"])
         for why in CORE_DROPS:
             drops.add_metric([why], c[f"drop_{why}"])
         yield drops
+        srtp = CounterMetricFamily("relay_srtp_drops", "SRTP ingest datagrams dropped before the core: "
+                                   "auth (the tag did not verify with the room's key), replay, malformed.",
+                                   labels=["reason"])
+        srtp_counts = self.srtp_drops()
+        for why in SRTP_DROPS:
+            srtp.add_metric([why], srtp_counts[why])
+        yield srtp
         for name, value, doc in (
             ("relay_joins", sc.joins, "Listeners admitted."),
             ("relay_leaves", sc.leaves, "Listeners that sent LEAVE (or closed their QUIC connection)."),

@@ -17,6 +17,7 @@ import errno
 import logging
 import signal
 import time
+from ipaddress import ip_address
 from typing import Any, Callable, Iterator
 
 from prometheus_client import generate_latest
@@ -78,10 +79,11 @@ class Node:
         self.events = EventLog(self.core, self.sessions, cfg.log_interval)
         self.started = time.monotonic()
         self.collector = NodeCollector(self.core, self.sessions, self.load, self.senders,
-                                       lambda: self.quic.counters if self.quic else None, self.started)
+                                       lambda: self.quic.counters if self.quic else None, self.started,
+                                       self.udp.srtp_drops)
         self.admin = AdminServer(AdminViews(
             metrics=lambda: generate_latest(registry_for(self.collector)),
-            not_ready=self._not_ready, rooms=self._room_list, index=self._index,
+            not_ready=self._not_ready, rooms=self._room_list, index=self._index, release=self._release,
             quic=self.quic.describe if self.quic else None))
         self._free_rooms = list(range(cfg.max_rooms - 1, -1, -1))
         self._tasks: list[asyncio.Task] = []
@@ -116,6 +118,23 @@ class Node:
         self.core.room_clear_sources(state.index)
         for host, port in r.sources:
             self.core.room_allow(state.index, to_sockaddr((host, port)), any_port=(port == 0))
+        self._publish_rules(state, r)
+
+    def _publish_rules(self, state: RoomState, r: RoomConfig) -> None:
+        """Who may publish and who may replace the live stream. With an SRTP
+        key, packets must authenticate, and a new stream may take over after
+        a short silence: it holds the key. Without one, the live stream is
+        its SSRC and its address, and another may take over only after a
+        BYE from it, the operator's release, or takeover_after seconds of
+        silence if the operator chose that."""
+        takeover = -1.0 if r.takeover_after is None else r.takeover_after
+        self.core.room_rules(state.index, takeover, pin_source=not r.srtp_key)
+        allowed = {(ip_address(h), p) for h, p in r.sources}
+
+        def allowed_source(addr: tuple) -> bool:
+            ip = ip_address(addr[0].partition("%")[0])
+            return r.any_source or (ip, 0) in allowed or (ip, addr[1]) in allowed
+        self.udp.use_srtp(r.name, r.srtp_key, allowed_source)
 
     async def start(self) -> None:
         """Bind every socket and start serving. Raises OSError if a port is taken."""
@@ -168,6 +187,10 @@ class Node:
         for r in plan.sources:
             self._allow_sources(self.rooms[r.name], r)
             notes.append(f"room {r.name!r}: sources now {r.sources}")
+        for r in plan.rules:
+            self._publish_rules(self.rooms[r.name], r)
+            notes.append(f"room {r.name!r}: publishers now {'SRTP' if r.srtp_key else 'plain RTP'}, takeover "
+                         + ("after a BYE or release" if r.takeover_after is None else f"after {r.takeover_after:g} s"))
         for r in plan.rebind:
             if self._bind_ingest(r, notes):
                 notes.append(f"room {r.name!r}: ingest now {r.ingest[0]}:{r.ingest[1]}")
@@ -252,6 +275,16 @@ class Node:
                 "drops_in": {k: st[f"drop_{k}"] for k in ("foreign", "malformed", "oversized", "late")},
                 "publisher_silent_s": (now - st["last_rx_ns"]) / 1e9 if st["have_stream"] else None})
         return rooms
+
+    def _release(self, name: str) -> bool:
+        """The operator lets the next publisher stream take the room."""
+        state = self.rooms.get(name)
+        if state is None:
+            return False
+        self.core.room_release(state.index)
+        emit("room_released", f"room {name!r}: released by the operator; the next publisher stream takes it",
+             room=name)
+        return True
 
     def _measure_rates(self, now: float, stats: dict[str, dict[str, Any]]) -> None:
         """Each room's incoming bitrate, over windows of about a second."""

@@ -22,6 +22,7 @@ class ReloadPlan:
     add: list[RoomConfig] = field(default_factory=list)
     sources: list[RoomConfig] = field(default_factory=list)   # allowed publishers changed
     rebind: list[RoomConfig] = field(default_factory=list)    # ingest address changed
+    rules: list[RoomConfig] = field(default_factory=list)     # SRTP key or takeover rule changed
     limits: list[RoomConfig] = field(default_factory=list)    # every kept room (its max_listeners)
 
 
@@ -55,5 +56,7 @@ def plan_reload(old: NodeConfig, new: NodeConfig, capacity: int, room_slots: int
             plan.sources.append(r)
         if was.ingest != r.ingest:
             plan.rebind.append(r)
+        if (was.srtp_key, was.takeover_after) != (r.srtp_key, r.takeover_after):
+            plan.rules.append(r)
         plan.limits.append(r)
     return plan

@@ -1,7 +1,8 @@
 """The UDP adapter: the node's own non-blocking sockets on the event loop.
 
-Each room's ingest socket is drained by core.ingest() (recvmmsg in C); the
-listener socket carries control messages and RTCP in, and replies, resends
+Each room's ingest socket is drained by core.ingest() (recvmmsg in C), or,
+for a room whose publishers use SRTP, read here, opened (srtp.py) and fed
+to the core one packet at a time; the listener socket carries control messages and RTCP in, and replies, resends
 and (from the core, with sendmmsg) audio out. This module only moves bytes:
 what to answer is the session policy's, what to send is the core's. With an
 inline core the loop thread also waits for the socket to drain when the
@@ -12,13 +13,18 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from typing import Iterable
+from collections import Counter
+from typing import Callable, Iterable
 
 from relay._core import Core
 from relay.node.sessions import Resend, Send, Sessions
+from relay.node.srtp import SrtpIngest
+from relay.wire.addr import to_sockaddr
 from relay.wire.protocol import MAGIC, MAX_CONTROL
 
 CONTROL_BATCH = 256      # control datagrams handled per wake-up, so fan-out is never starved
+SRTP_BATCH = 64          # SRTP ingest datagrams opened per wake-up, likewise
+SRTP_BUFFER = 16384 + 1  # the largest RTP the core takes, and one byte to tell a larger one
 SOCKET_BUFFER = 8 << 20
 # every control message fits (a longer datagram is not one of ours), and
 # RTCP compound packets from listeners are far smaller
@@ -50,6 +56,8 @@ class UdpPorts:
         self.core, self.sessions = core, sessions
         self.listen_sock: socket.socket | None = None
         self.ingest: dict[str, tuple[socket.socket, int]] = {}    # room -> (socket, room index)
+        self.srtp: dict[str, SrtpIngest] = {}                      # rooms whose publishers use SRTP
+        self._allowed: dict[str, Callable[[tuple], bool]] = {}
         self.busy_ns = 0          # loop time spent in the inline fan-out
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writing = False
@@ -67,8 +75,8 @@ class UdpPorts:
         """Start reading the listener socket and every ingest socket."""
         self._loop = loop
         loop.add_reader(self.out_fd, self._on_listener_socket)
-        for sock, index in self.ingest.values():
-            loop.add_reader(sock.fileno(), self._on_ingest, sock.fileno(), index)
+        for room in self.ingest:
+            self._read_ingest(room)
 
     # ---------------------------------------------------------------- ingest
 
@@ -79,7 +87,7 @@ class UdpPorts:
         self.unbind_ingest(room)
         self.ingest[room] = (sock, index)
         if self._loop is not None:
-            self._loop.add_reader(sock.fileno(), self._on_ingest, sock.fileno(), index)
+            self._read_ingest(room)
 
     def unbind_ingest(self, room: str) -> None:
         entry = self.ingest.pop(room, None)
@@ -88,10 +96,65 @@ class UdpPorts:
                 self._loop.remove_reader(entry[0].fileno())
             entry[0].close()
 
+    def use_srtp(self, room: str, key: bytes, allowed: Callable[[tuple], bool]) -> None:
+        """Take the room's packets only when they authenticate with `key`
+        (empty: plain RTP again); `allowed` says whether a source address may
+        publish at all, checked before any cryptography is spent on it."""
+        if key and (room not in self.srtp or self.srtp[room].key != key):
+            self.srtp[room] = SrtpIngest(key)
+        elif not key:
+            self.srtp.pop(room, None)
+        self._allowed[room] = allowed
+        if self._loop is not None and room in self.ingest:
+            self._read_ingest(room)
+
+    def srtp_drops(self) -> Counter[str]:
+        """SRTP datagrams dropped, by reason, over every SRTP room."""
+        total: Counter[str] = Counter()
+        for srtp in self.srtp.values():
+            total.update(srtp.drops)
+        return total
+
+    def _read_ingest(self, room: str) -> None:
+        """(Re)start reading a room's ingest socket the way its room wants:
+        straight into the core, or through SRTP."""
+        assert self._loop is not None
+        sock, index = self.ingest[room]
+        self._loop.remove_reader(sock.fileno())
+        if room in self.srtp:
+            self._loop.add_reader(sock.fileno(), self._on_srtp_ingest, room, sock, index)
+        else:
+            self._loop.add_reader(sock.fileno(), self._on_ingest, sock.fileno(), index)
+
     def _on_ingest(self, fd: int, room: int) -> None:
         t0 = time.perf_counter_ns()
         self.core.ingest(fd, room, self.out_fd)
         if self.core.blocked:
+            self._wait_writable()
+        self.busy_ns += time.perf_counter_ns() - t0
+
+    def _on_srtp_ingest(self, room: str, sock: socket.socket, index: int) -> None:
+        t0 = time.perf_counter_ns()
+        srtp, allowed = self.srtp.get(room), self._allowed.get(room)
+        fed = False
+        for _ in range(SRTP_BATCH):
+            try:
+                data, addr = sock.recvfrom(SRTP_BUFFER)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                continue
+            if srtp is None or allowed is None:
+                break
+            if not allowed(addr):
+                # the core counts it as foreign, without a key ever being tried
+                self.core.feed(index, data, to_sockaddr(addr))
+                continue
+            plain = srtp.open(data)
+            if plain is not None:
+                self.core.feed(index, plain, to_sockaddr(addr))
+                fed = True
+        if fed and not self.core.threaded and self.core.flush(self.out_fd):
             self._wait_writable()
         self.busy_ns += time.perf_counter_ns() - t0
 

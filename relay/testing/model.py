@@ -56,6 +56,10 @@ class ModelRoom:
     last_rx_ns: int = 0
     history: list[bytes] = field(default_factory=list)
     drops: dict[str, int] = field(default_factory=dict)
+    takeover_ns: int = TAKEOVER_NS
+    pin_source: bool = False
+    released: bool = False
+    live: tuple[int, bytes, int] = (0, b"", 0)   # the live stream's source
 
 
 class ModelCore:
@@ -72,6 +76,14 @@ class ModelCore:
 
     def room_open(self, room: int, any_source: bool = False) -> None:
         self.rooms[room] = ModelRoom(any_source=any_source)
+
+    def room_rules(self, room: int, takeover_s: float = 0.15, pin_source: bool = False) -> None:
+        r = self.rooms[room]
+        r.takeover_ns = int(takeover_s * 1e9) if takeover_s >= 0 else -1
+        r.pin_source = pin_source
+
+    def room_release(self, room: int) -> None:
+        self.rooms[room].released = True
 
     def room_allow(self, room: int, sockaddr: bytes, any_port: bool = True) -> None:
         family, ip, port = _source_key(sockaddr)
@@ -135,6 +147,7 @@ class ModelCore:
         if len(pkt) < HDR or pkt[0] >> 6 != 2:
             return self._drop(r, Ingest.INGEST_MALFORMED)
         if 72 <= (pkt[1] & 0x7F) <= 76:
+            self._bye(r, pkt, source)
             return Ingest.INGEST_RTCP
         start = HDR + 4 * (pkt[0] & 0x0F)
         if pkt[0] & 0x10:
@@ -154,13 +167,16 @@ class ModelCore:
         seq, ts, ssrc = struct.unpack_from("!HII", pkt, 2)
         if not r.have_stream:
             r.have_stream = True
+            r.live = _source_key(source)
         else:
             delta = (seq - r.in_seq) & 0xFFFF
             delta = delta - 0x10000 if delta >= 0x8000 else delta
-            if ssrc != r.in_ssrc:
-                if now_ns - r.last_rx_ns < TAKEOVER_NS:
+            if ssrc != r.in_ssrc or (r.pin_source and _source_key(source) != r.live):
+                quiet_enough = r.takeover_ns >= 0 and now_ns - r.last_rx_ns >= r.takeover_ns
+                if not (r.released or quiet_enough):
                     return self._drop(r, Ingest.INGEST_FOREIGN)
                 self._restart(r, seq, ts, now_ns)
+                r.live, r.released = _source_key(source), False
             elif delta > 3000 or delta < -100:
                 self._restart(r, seq, ts, now_ns)
             elif delta <= 0:
@@ -175,6 +191,24 @@ class ModelCore:
             if lst.room == room:
                 self._write(lst, room_pkt)
         return Ingest.INGEST_OK
+
+    @staticmethod
+    def _bye(r: ModelRoom, pkt: bytes, source: bytes) -> None:
+        """A BYE naming the live SSRC, from the live address (or the port
+        above it), in a well-formed compound RTCP packet, releases the room."""
+        family, ip, port = _source_key(source)
+        if not r.have_stream or (r.pin_source and (family, ip) != r.live[:2]) \
+                or (r.pin_source and port not in (r.live[2], r.live[2] + 1)):
+            return
+        off = 0
+        while off + 8 <= len(pkt) and pkt[off] >> 6 == 2:
+            size = 4 * (struct.unpack_from("!H", pkt, off + 2)[0] + 1)
+            if off + size > len(pkt):
+                return
+            if pkt[off + 1] == 203 and pkt[off] & 0x1F and struct.unpack_from("!I", pkt, off + 4)[0] == r.in_ssrc:
+                r.released = True
+                return
+            off += size
 
     @staticmethod
     def _restart(r: ModelRoom, seq: int, ts: int, now_ns: int) -> None:

@@ -2,6 +2,8 @@
 for the demo. Every mistake becomes one ConfigError line naming what to fix."""
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import os
 import tomllib
@@ -44,6 +46,13 @@ class RoomConfig:
     sources: list[tuple[str, int]]   # port 0 = any port
     any_source: bool = False
     max_listeners: int = 0           # 0 = only the node limit
+    # SRTP (AES_CM_128_HMAC_SHA1_80) master key and salt, 30 bytes: every
+    # packet must authenticate with it, and holding it is what lets a new
+    # stream take over the room
+    srtp_key: bytes = b""
+    # seconds of silence after which another stream may take the room
+    # (None: never; a BYE from the live stream or the operator releases it)
+    takeover_after: float | None = None
 
 
 @dataclass
@@ -85,7 +94,11 @@ _NODE_KEYS = {"listen", "admin", "auth", "secret_env", "max_listeners", "ring_de
               "max_machine_load", "max_sessions_per_token",
               "quic_max_pending", "quic_max_pending_per_source", "log_interval", "drain_grace", "drain_rate",
               "quic", "quic_cert", "quic_key", "quic_redirect"}
-_ROOM_KEYS = {"name", "ingest", "sources", "max_listeners"}
+_ROOM_KEYS = {"name", "ingest", "sources", "max_listeners", "srtp_key_env", "takeover_after"}
+SRTP_KEY_BYTES = 30      # AES_CM_128_HMAC_SHA1_80: a 16-byte master key and a 14-byte salt
+# how long an SRTP room's stream must be silent before another authenticated
+# one may take over (sooner, two key holders would fight packet by packet)
+SRTP_TAKEOVER_S = 0.15
 
 
 def _addr(where: str, value: Any) -> tuple[str, int]:
@@ -152,7 +165,27 @@ def _check_arena(cfg: NodeConfig) -> None:
                           f"but this machine has {have / 2**30:.1f} GiB: lower max_listeners or ring_bytes")
 
 
-def _room(i: int, raw: Any, open_auth: bool) -> RoomConfig:
+def _srtp_key(where: str, raw: dict[str, Any], environ: Mapping[str, str]) -> bytes:
+    name = raw.get("srtp_key_env")
+    if name is None:
+        return b""
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{where}: srtp_key_env: expected the name of an environment variable, got {name!r}")
+    value = environ.get(name)
+    if not value:
+        raise ConfigError(f"{where}: srtp_key_env: environment variable {name} is not set "
+                          f"(the base64 of a 30-byte SRTP master key and salt, e.g. openssl rand -base64 30)")
+    try:
+        key = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError(f"{where}: srtp_key_env: {name} is not base64") from None
+    if len(key) != SRTP_KEY_BYTES:
+        raise ConfigError(f"{where}: srtp_key_env: {name} holds {len(key)} bytes; AES_CM_128_HMAC_SHA1_80 "
+                          f"needs {SRTP_KEY_BYTES} (a 16-byte master key and a 14-byte salt)")
+    return key
+
+
+def _room(i: int, raw: Any, open_auth: bool, environ: Mapping[str, str]) -> RoomConfig:
     where = f"room #{i + 1}"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a table")
@@ -183,7 +216,11 @@ def _room(i: int, raw: Any, open_auth: bool) -> RoomConfig:
             raise ConfigError(f"{where}: source {s!r}: {e}") from None
         sources.append((host, port))
     limit = _int(f"{where}: max_listeners", raw.get("max_listeners", 0), 0, 10**7)
-    return RoomConfig(name, ingest, sources, any_source, limit)
+    srtp_key = _srtp_key(where, raw, environ)
+    takeover: float | None = SRTP_TAKEOVER_S if srtp_key else None
+    if "takeover_after" in raw:
+        takeover = _float(f"{where}: takeover_after", raw["takeover_after"], 0, 86400)
+    return RoomConfig(name, ingest, sources, any_source, limit, srtp_key, takeover)
 
 
 def _quic(cfg: NodeConfig, node: dict[str, Any]) -> None:
@@ -302,7 +339,7 @@ def from_dict(raw: dict[str, Any], label: str = "config", environ: Mapping[str, 
     if len(cfg.redirect.encode()) > MAX_REDIRECT:
         raise ConfigError(f"[node] redirect: at most {MAX_REDIRECT} bytes")
     _quic(cfg, node)
-    _rooms(cfg, raw.get("room", []), label)
+    _rooms(cfg, raw.get("room", []), label, env)
     return cfg
 
 
@@ -324,10 +361,10 @@ def _auth(cfg: NodeConfig, node: dict[str, Any], env: Mapping[str, str]) -> None
                               "HS256 wants at least 32 bytes")
 
 
-def _rooms(cfg: NodeConfig, rooms: Any, label: str) -> None:
+def _rooms(cfg: NodeConfig, rooms: Any, label: str, environ: Mapping[str, str]) -> None:
     if not isinstance(rooms, list):
         raise ConfigError(f"{label}: rooms are [[room]] tables")
-    cfg.rooms = [_room(i, r, cfg.auth == "open") for i, r in enumerate(rooms)]
+    cfg.rooms = [_room(i, r, cfg.auth == "open", environ) for i, r in enumerate(rooms)]
     if not cfg.rooms:
         raise ConfigError(f"{label}: no [[room]] configured")
     if len(cfg.rooms) > cfg.max_rooms:
