@@ -108,3 +108,17 @@ def test_reload_onto_a_taken_ingest_port_keeps_the_room_on_its_old_port(tmp_path
         assert stop(relay.proc) == 0
     log = relay.proc.stdout.read()
     assert f"cannot bind ingest 127.0.0.1:{busy}" in log and "kept the old port" in log, log
+
+
+def test_a_reload_plans_new_publishing_rules_for_a_kept_room() -> None:
+    import base64
+    from relay.node.reload import plan_reload
+    from relay.wire.config import load
+    base = '[node]\nauth = "open"\n[[room]]\nname = "a"\ningest = "127.0.0.1:5100"\nsources = ["127.0.0.1"]\n'
+    env = {"K": base64.b64encode(bytes(30)).decode()}
+    old = load(base, environ=env)
+    keyed = load(base + 'srtp_key_env = "K"\n', environ=env)
+    plan = plan_reload(old, keyed, capacity=old.max_listeners, room_slots=old.max_rooms)
+    assert [r.name for r in plan.rules] == ["a"] and not plan.rebind and not plan.sources
+    same = plan_reload(keyed, load(base + 'srtp_key_env = "K"\n', environ=env), old.max_listeners, old.max_rooms)
+    assert same.rules == []
