@@ -16,6 +16,8 @@ if [ "${1:-}" = "test" ] || [ "${1:-}" = "bench" ]; then
     command -v valgrind >/dev/null 2>&1 || missing+=(valgrind)
 fi
 if [ "${1:-}" = "test" ]; then
+    # the cluster directory's tests run a real Redis
+    command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
     # GStreamer's srtpenc, an SRTP publisher the tests use
     [ -n "$(find /usr/lib -name libgstsrtp.so 2>/dev/null | head -1)" ] || missing+=(gstreamer1.0-plugins-bad)
     # the web listener's test drives a real headless browser

@@ -93,6 +93,7 @@ class ListenClient:
         self.on_event: Callable[[str], None] | None = None   # told each event as it happens
         self._via = ""    # how we came to the current server, for error messages
         self._warned_unproven = False
+        self.last_heard = time.monotonic()   # when the node last sent us anything
 
     def _event(self, text: str) -> None:
         self.stats.events.append(text)
@@ -220,6 +221,7 @@ class ListenClient:
         raise TimeoutError(f"no answer from {self._where()}")
 
     def _datagram(self, data: bytes) -> None:
+        self.last_heard = time.monotonic()
         if is_control(data):
             try:
                 msg = decode(data)
@@ -272,19 +274,31 @@ class ListenClient:
             else:
                 break
 
-    async def listen(self, duration: float | None = None) -> ListenStats:
+    async def listen(self, duration: float | None = None, dead_after: float | None = None) -> ListenStats:
         """Join, then receive until `duration` seconds pass (forever if None).
-        Rejoins when the node forgets the session."""
+        Rejoins when the node forgets the session. With `dead_after`, sends
+        keepalives often enough to hear the node's echo and raises
+        Unreachable once nothing at all came from it for that long (a node
+        taking a room from another must notice a dead upstream at once)."""
         await self.join()
+        return await self.receive(duration, dead_after)
+
+    async def receive(self, duration: float | None = None, dead_after: float | None = None) -> ListenStats:
+        """listen(), once joined."""
         assert self._session is not None
+        self.last_heard = time.monotonic()
         deadline = None if duration is None else time.monotonic() + duration
         while deadline is None or time.monotonic() < deadline:
             wait = self._session.keepalive_ms / 1000
+            if dead_after is not None:
+                wait = min(wait, dead_after / 3)
             if deadline is not None:
                 wait = min(wait, max(0.0, deadline - time.monotonic()))
             try:
                 msg = await self._await_control(wait)
             except asyncio.TimeoutError:
+                if dead_after is not None and time.monotonic() - self.last_heard > dead_after:
+                    raise Unreachable(f"nothing from {self._where()} for {dead_after:g} s") from None
                 self._send(encode(Keepalive(self._session.session_id)))
                 continue
             if isinstance(msg, Reject) and self._proven(msg, self._session.session_id):

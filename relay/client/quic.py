@@ -165,9 +165,10 @@ class QuicListenClient(ListenClient):
             if isinstance(item, (Accept, Reject)):
                 return item
 
-    async def listen(self, duration: float | None = None) -> ListenStats:
+    async def listen(self, duration: float | None = None, dead_after: float | None = None) -> ListenStats:
         """Join, then receive until `duration` seconds pass (forever if None).
-        A node that drains with a redirect is followed there."""
+        A node that drains with a redirect is followed there. (`dead_after`
+        is the UDP client's; QUIC's idle timeout ends a dead connection.)"""
         await self.join()
         deadline = None if duration is None else time.monotonic() + duration
         while deadline is None or time.monotonic() < deadline:

@@ -42,6 +42,7 @@ class AdminViews:
     quic: Callable[[], dict[str, Any]] | None     # /quic.json; None: QUIC off
     index: Callable[[], list[tuple[str, str]]] = lambda: []   # (link, what it is) for /
     release: Callable[[str], bool] = lambda room: False      # POST /rooms/NAME/release; False: no such room
+    join: Callable[[str], dict[str, Any] | None] = lambda room: None   # GET /join?room=NAME; None: no such room
 
 
 class _Request(asyncio.Protocol):
@@ -73,7 +74,7 @@ class _Request(asyncio.Protocol):
                         f"request head over {MAX_HEAD} bytes\n".encode())
             return
         parts = bytes(self.head[:self.head.find(b"\r\n")]).decode("latin-1").split()
-        path = parts[1].split("?")[0] if len(parts) >= 2 else ""
+        path = parts[1] if len(parts) >= 2 else ""
         assert self.transport is not None
         peer = self.transport.get_extra_info("peername")
         local = bool(peer) and _is_loopback(peer[0])
@@ -130,8 +131,10 @@ class AdminServer:
     def answered(self, request: _Request) -> None:
         self._reading.pop(request, None)
 
-    def route(self, method: str, path: str, local: bool = False) -> Response:
-        """The response to one request; `local`: it came over loopback."""
+    def route(self, method: str, target: str, local: bool = False) -> Response:
+        """The response to one request (`target`: path and query); `local`:
+        it came over loopback."""
+        path, _, query = target.partition("?")
         if method == "POST" and path.startswith("/rooms/") and path.endswith("/release"):
             if not local:
                 return "403 Forbidden", "text/plain", b"releasing a room is only taken from this machine\n"
@@ -161,6 +164,15 @@ class AdminServer:
             if why:
                 return "503 Service Unavailable", "text/plain", f"{why}\n".encode()
             return "200 OK", "text/plain", b"ready\n"
+        if path == "/join":
+            room = urllib.parse.parse_qs(query).get("room", [""])[0]
+            where = self.views.join(room)
+            if where is None:
+                return "404 Not Found", "application/json", json.dumps({"error": f"no room {room!r}"}).encode()
+            if not where["udp"]:
+                return "503 Service Unavailable", "application/json", json.dumps(
+                    {"error": "no node has room for another listener", "room": room}).encode()
+            return "200 OK", "application/json", json.dumps(where).encode()
         if path == "/rooms":
             return "200 OK", "application/json", json.dumps({"rooms": self.views.rooms()}).encode()
         return "404 Not Found", "text/plain", b"not found\n"

@@ -15,6 +15,7 @@ import platform
 import resource
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
@@ -46,6 +47,16 @@ def _histogram(name: str, doc: str, hist: tuple[list[float], list[int], float]) 
     return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=total)
 
 
+@dataclass
+class Cluster:
+    """The node's place in the cluster, as the collector reads it."""
+    directory: bool = False
+    reachable: bool = False
+    peers: int = 0
+    failures: int = 0
+    upstreams: dict[str, tuple[bool, int]] = field(default_factory=dict)   # room -> (connected, switches)
+
+
 class NodeCollector(Collector):
     """Yields the node's metric families from live counters: the core's,
     the session table's, the load measures, the sender threads' and the
@@ -53,9 +64,10 @@ class NodeCollector(Collector):
 
     def __init__(self, core: Core, sessions: Sessions, load: LoadMeter, senders: SenderThreads,
                  quic: Callable[[], QuicCounters | None], started: float,
-                 srtp_drops: Callable[[], Counter[str]] = Counter) -> None:
+                 srtp_drops: Callable[[], Counter[str]] = Counter,
+                 cluster: Callable[[], Cluster] = lambda: Cluster()) -> None:
         self.core, self.sessions, self.load, self.senders = core, sessions, load, senders
-        self.quic, self.started, self.srtp_drops = quic, started, srtp_drops
+        self.quic, self.started, self.srtp_drops, self.cluster = quic, started, srtp_drops, cluster
 
     def collect(self) -> Iterator[Metric]:
         core, load = self.core, self.load
@@ -138,6 +150,7 @@ class NodeCollector(Collector):
         yield CounterMetricFamily("relay_sender_thread_restarts",
                                   "Sender threads found stopped and restarted.", self.senders.restarts)
         yield from self._quic()
+        yield from self._cluster()
         yield GaugeMetricFamily("relay_draining", "1 while the node is draining.",
                                 1 if self.sessions.draining else 0)
         yield GaugeMetricFamily("relay_process_resident_memory_bytes", "Resident memory.", _rss())
@@ -174,6 +187,26 @@ class NodeCollector(Collector):
         yield CounterMetricFamily("relay_quic_requests_refused",
                                   "HTTP/3 requests that were not a WebTransport session for /relay.",
                                   q.refused_requests)
+
+    def _cluster(self) -> Iterator[Metric]:
+        c = self.cluster()
+        if c.directory:
+            yield GaugeMetricFamily("relay_directory_reachable", "1 while the last heartbeat reached the "
+                                    "cluster directory (Redis).", float(c.reachable))
+            yield GaugeMetricFamily("relay_directory_peers", "Other live nodes in this node's view of the "
+                                    "directory.", c.peers)
+            yield CounterMetricFamily("relay_directory_heartbeat_failures", "Heartbeats that did not reach "
+                                      "the directory.", c.failures)
+        if c.upstreams:
+            up = GaugeMetricFamily("relay_upstream_connected", "1 while a room taken from upstream has a "
+                                   "live upstream node.", labels=["room"])
+            switches = CounterMetricFamily("relay_upstream_switches", "Times a room taken from upstream "
+                                           "moved to another upstream node.", labels=["room"])
+            for room, (connected, moved) in c.upstreams.items():
+                up.add_metric([room], float(connected))
+                switches.add_metric([room], moved)
+            yield up
+            yield switches
 
     def _build_info(self) -> Iterator[Metric]:
         info = GaugeMetricFamily("relay_build_info", "Version of relay and what it was built with.",

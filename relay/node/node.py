@@ -25,14 +25,16 @@ from prometheus_client import generate_latest
 from relay import __version__
 from relay._core import Core
 from relay.node.admin import AdminServer, AdminViews
+from relay.node.directory import Directory
 from relay.node.events import EventLog, emit
 from relay.node.load import LoadMeter
-from relay.node.metrics import NodeCollector, registry_for
+from relay.node.metrics import Cluster, NodeCollector, registry_for
 from relay.node.quic import QuicEndpoint
 from relay.node.reload import plan_reload
 from relay.node.senders import SenderThreads
 from relay.node.sessions import PULLED, UDP, RoomState, Sessions, Tell
 from relay.node.udp import UdpPorts
+from relay.node.upstream import Upstream, relay_token
 from relay.wire.addr import to_sockaddr
 from relay.wire.config import NodeConfig, RoomConfig
 from relay.wire.tokens import Auth
@@ -46,6 +48,13 @@ DRAIN_STEP_S = 0.1       # one batch of listeners moved per step
 class BindError(OSError):
     """A socket the config names could not be bound; the message names the
     setting, the address and the fix."""
+
+
+def _origin(r: RoomConfig) -> str:
+    """Where a room's audio comes from, for the start-up line."""
+    if r.ingest is None:
+        return "upstream " + ", ".join(f"{h}:{p}" for h, p in r.upstream)
+    return f"{r.ingest[0]}:{r.ingest[1]}"
 
 
 @contextlib.contextmanager
@@ -80,13 +89,19 @@ class Node:
         self.started = time.monotonic()
         self.collector = NodeCollector(self.core, self.sessions, self.load, self.senders,
                                        lambda: self.quic.counters if self.quic else None, self.started,
-                                       self.udp.srtp_drops)
+                                       self.udp.srtp_drops, self._cluster)
         self.admin = AdminServer(AdminViews(
             metrics=lambda: generate_latest(registry_for(self.collector)),
             not_ready=self._not_ready, rooms=self._room_list, index=self._index, release=self._release,
+            join=self._where_to_join,
             quic=self.quic.describe if self.quic else None))
         self._free_rooms = list(range(cfg.max_rooms - 1, -1, -1))
         self._tasks: list[asyncio.Task] = []
+        self.upstreams: dict[str, Upstream] = {}                 # rooms taken from other nodes
+        self.directory: Directory | None = None
+        if cfg.directory:
+            self.directory = Directory(cfg.directory, cfg.node_id, self._describe)
+            self.sessions.route = self._route
         self._rates: dict[str, float] = {}                      # room -> bits/s in
         self._rate_seen: dict[str, tuple[float, int]] = {}      # room -> (when, bytes_in)
         for r in cfg.rooms:
@@ -108,8 +123,12 @@ class Node:
 
     def _open_room(self, r: RoomConfig) -> RoomState:
         index = self._free_rooms.pop()
-        self.core.room_open(index, r.any_source)
+        # a room from upstream is fed only by this node's own subscription
+        self.core.room_open(index, r.any_source or bool(r.upstream))
         state = RoomState(r.name, index, r.max_listeners)
+        if r.upstream:
+            self.upstreams[r.name] = Upstream(r.name, index, r.upstream, self.core,
+                                              lambda: relay_token(self.cfg.secret, r.name), self._sent)
         self.rooms[r.name] = state
         self._allow_sources(state, r)
         return state
@@ -143,8 +162,9 @@ class Node:
             with _binding("[node] listen", self.cfg.listen, "--listen"):
                 self.udp.bind_listener(self.cfg.listen)
             for r in self.cfg.rooms:
-                with _binding(f"room {r.name!r}: ingest", r.ingest, "--room"):
-                    self.udp.bind_ingest(r.name, self.rooms[r.name].index, r.ingest)
+                if r.ingest is not None:
+                    with _binding(f"room {r.name!r}: ingest", r.ingest, "--room"):
+                        self.udp.bind_ingest(r.name, self.rooms[r.name].index, r.ingest)
             if self.cfg.admin:
                 with _binding("[node] admin", self.cfg.admin, "--admin"):
                     await self.admin.start(*self.cfg.admin)
@@ -157,8 +177,10 @@ class Node:
         self.udp.start(loop)
         self.senders.start(self.udp.out_fd)
         self._tasks = [asyncio.create_task(self._housekeeping())]
+        if self.directory is not None:
+            self.directory.start()
         log.info("relay %s listening on %s, rooms: %s, auth: %s", __version__, self.listen_addr[:2],
-                 ", ".join(f"{r.name}<-{r.ingest[0]}:{r.ingest[1]}" for r in self.cfg.rooms), self.cfg.auth)
+                 ", ".join(f"{r.name}<-{_origin(r)}" for r in self.cfg.rooms), self.cfg.auth)
 
     # ---------------------------------------------------------------- reload
 
@@ -173,6 +195,9 @@ class Node:
             return notes
         for name in plan.remove:
             self._tell(self.sessions.end_room(name), "room removed")
+            up = self.upstreams.pop(name, None)
+            if up is not None:
+                up.stop()
             self.udp.unbind_ingest(name)
             state = self.rooms.pop(name)
             self.core.room_close(state.index)
@@ -191,9 +216,12 @@ class Node:
             self._publish_rules(self.rooms[r.name], r)
             notes.append(f"room {r.name!r}: publishers now {'SRTP' if r.srtp_key else 'plain RTP'}, takeover "
                          + ("after a BYE or release" if r.takeover_after is None else f"after {r.takeover_after:g} s"))
+        for r in plan.upstream:
+            self.upstreams[r.name].nodes = r.upstream
+            notes.append(f"room {r.name!r}: upstream now {', '.join(f'{h}:{p}' for h, p in r.upstream)}")
         for r in plan.rebind:
             if self._bind_ingest(r, notes):
-                notes.append(f"room {r.name!r}: ingest now {r.ingest[0]}:{r.ingest[1]}")
+                notes.append(f"room {r.name!r}: ingest now {_origin(r)}")
         for r in plan.limits:
             self.rooms[r.name].max_listeners = r.max_listeners
         self.sessions.reconfigure(new, Auth(new.auth, new.secret))
@@ -205,6 +233,8 @@ class Node:
         return notes
 
     def _bind_ingest(self, r: RoomConfig, notes: list[str]) -> bool:
+        if r.ingest is None:
+            return True
         try:
             self.udp.bind_ingest(r.name, self.rooms[r.name].index, r.ingest)
         except OSError as e:
@@ -238,6 +268,8 @@ class Node:
             self._measure_load()
             now = time.monotonic()
             stats = {name: self.core.room_stats(r.index) for name, r in self.rooms.items()}
+            for name, up in self.upstreams.items():
+                up.want(stats[name]["listeners"], now, self.cfg.upstream_linger)
             self.events.tick(now, stats)
             self._measure_rates(now, stats)
 
@@ -275,6 +307,52 @@ class Node:
                 "drops_in": {k: st[f"drop_{k}"] for k in ("foreign", "malformed", "oversized", "late")},
                 "publisher_silent_s": (now - st["last_rx_ns"]) / 1e9 if st["have_stream"] else None})
         return rooms
+
+    # ------------------------------------------------------------- directory
+
+    def _describe(self) -> dict[str, Any]:
+        """This node's directory record."""
+        quic = ""
+        if self.quic is not None and self.cfg.advertise:
+            quic = f"{self.cfg.advertise.rpartition(':')[0]}:{self.quic.addr[1]}"
+        carried = [name for name, r in self.rooms.items()
+                   if name not in self.upstreams or self.upstreams[name].current is not None]
+        return {"udp": self.cfg.advertise, "quic": quic, "tier": self.cfg.tier,
+                "capacity": self.cfg.max_listeners, "listeners": self.core.listeners,
+                "load": round(self.load.duty, 4), "draining": self.sessions.draining, "rooms": carried}
+
+    def _cluster(self) -> Cluster:
+        d = self.directory
+        return Cluster(d is not None, d is not None and d.reachable, len(d.peers) if d else 0,
+                       d.failures if d else 0,
+                       {name: (up.current is not None, up.switches) for name, up in self.upstreams.items()})
+
+    def _route(self, room: str, transport: str) -> str:
+        """A live node with room for a listener this node turns away."""
+        assert self.directory is not None
+        peer = self.directory.pick(room, tier=self.cfg.tier, exclude=self.cfg.advertise)
+        if peer is None:
+            return ""
+        return peer.udp if transport == UDP else peer.quic
+
+    def _where_to_join(self, room: str) -> dict[str, Any] | None:
+        """GET /join: where a new listener of `room` should connect; this
+        node if it would take one, else the directory's pick."""
+        if room not in self.rooms:
+            return None
+        if not self.sessions.draining and self.core.listeners < self.cfg.max_listeners and self.cfg.advertise:
+            quic = self._describe()["quic"]
+            return {"room": room, "node": self.cfg.node_id, "udp": self.cfg.advertise, "quic": quic}
+        if self.directory is not None:
+            peer = self.directory.pick(room, tier=self.cfg.tier, exclude=self.cfg.advertise)
+            if peer is not None:
+                return {"room": room, "node": peer.id, "udp": peer.udp, "quic": peer.quic}
+        return {"room": room, "node": "", "udp": "", "quic": ""}
+
+    def _sent(self) -> None:
+        """A packet was fed to the core from Python: an inline core sends it now."""
+        if not self.core.threaded:
+            self.udp.flush_inline()
 
     def _release(self, name: str) -> bool:
         """The operator lets the next publisher stream take the room."""
@@ -322,6 +400,8 @@ class Node:
         """Release every socket, thread and task."""
         for t in self._tasks:
             t.cancel()
+        for up in self.upstreams.values():
+            up.stop()
         self.senders.stop()
         self.admin.close()
         if self.quic is not None:
@@ -342,6 +422,8 @@ class Node:
         await self.drain_gracefully(stop)
         # let the kernel take the last datagrams before the socket goes
         await asyncio.sleep(0.1)
+        if self.directory is not None:
+            await self.directory.close(leave=True)
         self.close()
 
     async def drain_gracefully(self, hurry: asyncio.Event) -> int:

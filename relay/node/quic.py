@@ -336,9 +336,8 @@ class QuicEndpoint:
         # the validated path's address: what the per-source join limit keys on
         paths = conn._quic._network_paths
         peer = paths[0].addr if paths else ("", 0)
-        cfg = self.sessions.cfg
         joined = self.sessions.join(conn, conn.transport_name, msg.room, msg.token, str(peer[0]),
-                                    time.monotonic(), redirect=cfg.quic_redirect,
+                                    time.monotonic(),
                                     transport_full=lambda: self.load.full(len(self.sessions.pulled()),
                                                                           self.sessions.cfg.max_load))
         if isinstance(joined, Reject):

@@ -9,7 +9,7 @@ from relay.wire.config import NodeConfig, RoomConfig
 
 # settings a running node keeps until it is restarted
 RESTART_ONLY = ("listen", "admin", "ring_depth", "ring_bytes", "max_rooms", "workers",
-                "quic", "quic_cert", "quic_key")
+                "quic", "quic_cert", "quic_key", "directory", "node_id", "tier", "advertise")
 # (the certificate files named by quic_cert and quic_key are read again on
 # every reload, see QuicEndpoint.reload_certificate; their paths stay)
 
@@ -23,6 +23,7 @@ class ReloadPlan:
     sources: list[RoomConfig] = field(default_factory=list)   # allowed publishers changed
     rebind: list[RoomConfig] = field(default_factory=list)    # ingest address changed
     rules: list[RoomConfig] = field(default_factory=list)     # SRTP key or takeover rule changed
+    upstream: list[RoomConfig] = field(default_factory=list)  # the nodes an upstream room comes from changed
     limits: list[RoomConfig] = field(default_factory=list)    # every kept room (its max_listeners)
 
 
@@ -45,11 +46,18 @@ def plan_reload(old: NodeConfig, new: NodeConfig, capacity: int, room_slots: int
     old_rooms = {r.name: r for r in old.rooms}
     new_rooms = {r.name: r for r in new.rooms}
     plan.remove = [name for name in old_rooms if name not in new_rooms]
-    for name, r in new_rooms.items():
+    for name, r in list(new_rooms.items()):
         was = old_rooms.get(name)
         if was is None:
             plan.add.append(r)
             continue
+        if bool(was.upstream) != bool(r.upstream):
+            plan.notes.append(f"room {name!r}: switching between ingest and upstream needs a restart; kept")
+            new.rooms[new.rooms.index(r)] = was
+            plan.limits.append(was)
+            continue
+        if was.upstream != r.upstream:
+            plan.upstream.append(r)
         if (was.sources, was.any_source) != (r.sources, r.any_source):
             if was.any_source != r.any_source:
                 plan.notes.append(f"room {name!r}: switching '*' sources needs a restart")

@@ -65,6 +65,7 @@ class Session:
     nack_budget: float = 0.0
     nack_at: float = 0.0
     token: str = ""      # what admitted it, for the per-token session cap
+    role: str = "listen"  # or "relay": another node taking the room (cascade)
 
 
 @dataclass
@@ -114,6 +115,10 @@ class Sessions:
         self._by_room: Counter = Counter()    # (room, transport) -> sessions
         self._pulled: set[Hashable] = set()   # keys of sessions whose transport pulls
         self._by_token: Counter = Counter()   # token -> sessions it holds
+        # where to send a joiner this node refuses: (room, transport) -> an
+        # address, or "" for the configured redirect (the cluster directory
+        # sets it; it reads a local table, never the network)
+        self.route: Callable[[str, str], str] | None = None
 
     # ---------------------------------------------------------------- control
 
@@ -185,7 +190,7 @@ class Sessions:
         return self._reply(self.accept_message(joined), data)
 
     def join(self, key: Hashable, transport: str, room_name: str, token: str, source_ip: str,
-             now: float, *, sockaddr: bytes = b"", redirect: str | None = None,
+             now: float, *, sockaddr: bytes = b"",
              transport_full: Callable[[], bool] | None = None) -> Session | Reject:
         """The join policy every transport shares, once the joiner's address
         is proven: draining, room, rate limits, token, node and room limits,
@@ -195,9 +200,10 @@ class Sessions:
         Pulled transports (QUIC) are drained by their adapter instead of
         sendmmsg; such an adapter passes `transport_full`, its own load
         test, checked with the node's."""
-        redirect = self.cfg.redirect if redirect is None else redirect
+        def redirect() -> str:   # only worked out for a refusal that carries one
+            return self.redirect_for(room_name, transport)
         if self.draining:
-            return self._refuse(Reason.DRAINING, redirect)
+            return self._refuse(Reason.DRAINING, redirect())
         room = self.rooms.get(room_name)
         if room is None:
             return self._refuse(Reason.UNKNOWN_ROOM)
@@ -208,12 +214,12 @@ class Sessions:
             self.counters.rate_limited["source"] += 1
             return self._refuse(Reason.RATE_LIMITED)
         try:
-            self.auth.check(token, room_name)
+            role = self.auth.check(token, room_name, ("listen", "relay"))
         except TokenError as e:
             return self._refuse(e.reason)
         if not self.limiter.allow_node(now):
             self.counters.rate_limited["node"] += 1
-            return self._refuse(Reason.RATE_LIMITED, redirect)
+            return self._refuse(Reason.RATE_LIMITED, redirect())
         # one token may hold only so many sessions at once (a rejoin of the
         # session it already holds does not count twice)
         current = self.table.get(key)
@@ -222,18 +228,23 @@ class Sessions:
             return self._refuse(Reason.TOKEN_IN_USE)
         if key in self.table:
             self._remove(self.table[key])  # switching rooms
-        if self.core.listeners >= self.cfg.max_listeners or self._over_load(now, transport_full):
-            return self._refuse(Reason.NODE_FULL, redirect)
-        if room.max_listeners and self.core.room_listeners(room.index) >= room.max_listeners:
-            return self._refuse(Reason.ROOM_FULL, redirect)
+        # A node below this one in the tree is admitted past the listener
+        # limits: it is one session that serves thousands, and refusing it
+        # would cut a whole branch off. The arena is the only hard limit.
+        if role != "relay":
+            if self.core.listeners >= self.cfg.max_listeners or self._over_load(now, transport_full):
+                return self._refuse(Reason.NODE_FULL, redirect())
+            if room.max_listeners and self.core.room_listeners(room.index) >= room.max_listeners:
+                return self._refuse(Reason.ROOM_FULL, redirect())
         pull = transport != UDP
         ssrc = self.rng.getrandbits(32)
         slot = self.core.listener_add(room.index, sockaddr, ssrc, self.rng.getrandbits(16),
                                       self.rng.getrandbits(32), pull=pull, burst=self.cfg.burst_packets)
         if slot < 0:
-            return self._refuse(Reason.NODE_FULL, redirect)
+            return self._refuse(Reason.NODE_FULL, redirect())
         self.counters.joins += 1
-        s = Session(key, transport, room_name, slot, ssrc, self.rng.randbytes(8), now, self.NACK_BURST, now, token)
+        s = Session(key, transport, room_name, slot, ssrc, self.rng.randbytes(8), now, self.NACK_BURST, now, token,
+                    role)
         self.table[key] = s
         self._by_room[(room_name, transport)] += 1
         if token:
@@ -241,6 +252,12 @@ class Sessions:
         if pull:
             self._pulled.add(key)
         return s
+
+    def redirect_for(self, room: str, transport: str) -> str:
+        """Where to send a listener of `room` on `transport` that this node
+        will not take: the directory's pick, else the configured redirect."""
+        picked = self.route(room, transport) if self.route is not None else ""
+        return picked or (self.cfg.redirect if transport == UDP else self.cfg.quic_redirect)
 
     def _refuse(self, reason: Reason, redirect: str = "") -> Reject:
         self.counters.rejections[reason.name.lower()] += 1
@@ -384,8 +401,7 @@ class Sessions:
         out = []
         for s in list(self.table.values())[:limit]:
             self._remove(s)
-            out.append(Tell(s, Reject(Reason.DRAINING, self.cfg.redirect if s.transport == UDP
-                                      else self.cfg.quic_redirect, s.session_id)))
+            out.append(Tell(s, Reject(Reason.DRAINING, self.redirect_for(s.room, s.transport), s.session_id)))
         return out
 
     @staticmethod

@@ -158,6 +158,12 @@ class UdpPorts:
             self._wait_writable()
         self.busy_ns += time.perf_counter_ns() - t0
 
+    def flush_inline(self) -> None:
+        """Send what an inline core has queued (after a packet was fed to it
+        from Python), waiting for the socket if it is full."""
+        if self.core.flush(self.out_fd):
+            self._wait_writable()
+
     def _wait_writable(self) -> None:
         if not self._writing and self._loop is not None:
             self._writing = True

@@ -116,7 +116,7 @@ def run_demo(listeners: int = 2000, seconds: float = 10.0, out: str = "demo-list
     with tempfile.TemporaryDirectory(prefix="relay-demo-") as tmp:
         path, cfg = demo_config(tmp)
         room, admin = cfg.rooms[0], cfg.admin
-        assert admin is not None, "the embedded config has an admin port"
+        assert admin is not None and room.ingest is not None, "the embedded config has an admin and an ingest port"
         server = f"{cfg.listen[0]}:{cfg.listen[1]}"
         try:
             relay = _start(["--log-level", "warning", "serve", "-c", path], env, procs,

@@ -6,6 +6,7 @@ import base64
 import binascii
 import ipaddress
 import os
+import socket
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -42,7 +43,7 @@ class ConfigError(Exception):
 @dataclass
 class RoomConfig:
     name: str
-    ingest: tuple[str, int]
+    ingest: tuple[str, int] | None   # None: the room comes from upstream nodes
     sources: list[tuple[str, int]]   # port 0 = any port
     any_source: bool = False
     max_listeners: int = 0           # 0 = only the node limit
@@ -53,6 +54,9 @@ class RoomConfig:
     # seconds of silence after which another stream may take the room
     # (None: never; a BYE from the live stream or the operator releases it)
     takeover_after: float | None = None
+    # nodes to take the room from, in order of preference (a cascade):
+    # this node joins the first that answers as a relay listener
+    upstream: list[tuple[str, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -73,6 +77,14 @@ class NodeConfig:
     join_rate_per_source: float = 20.0   # admitted joins per second per source IP (IPv6: per /64)
     max_sessions_per_token: int = 16     # sessions one token may hold at once; 0 = no limit
     log_interval: float = 10.0           # seconds between summary log lines (joins, refusals, drops)
+    upstream_linger: float = 10.0        # an upstream room is left this long after its last listener
+    # the cluster directory (relay/node/directory.py): a redis:// or
+    # rediss:// URL, this node's id and tier, and the address other nodes
+    # and listeners reach it at
+    directory: str = ""
+    node_id: str = ""
+    tier: str = "edge"
+    advertise: str = ""
     drain_grace: float = 5.0             # on SIGTERM: seconds to keep serving after /readyz fails
     drain_rate: float = 2000.0           # then listeners moved per second
     quic_max_pending: int = 512          # QUIC connections open but not yet joined, node-wide
@@ -93,8 +105,9 @@ _NODE_KEYS = {"listen", "admin", "auth", "secret_env", "max_listeners", "ring_de
               "room_label_limit", "join_rate", "join_rate_per_source", "max_rooms", "workers", "max_load",
               "max_machine_load", "max_sessions_per_token",
               "quic_max_pending", "quic_max_pending_per_source", "log_interval", "drain_grace", "drain_rate",
+              "upstream_linger", "directory", "node_id", "tier", "advertise",
               "quic", "quic_cert", "quic_key", "quic_redirect"}
-_ROOM_KEYS = {"name", "ingest", "sources", "max_listeners", "srtp_key_env", "takeover_after"}
+_ROOM_KEYS = {"name", "ingest", "sources", "max_listeners", "srtp_key_env", "takeover_after", "upstream"}
 SRTP_KEY_BYTES = 30      # AES_CM_128_HMAC_SHA1_80: a 16-byte master key and a 14-byte salt
 # how long an SRTP room's stream must be silent before another authenticated
 # one may take over (sooner, two key holders would fight packet by packet)
@@ -185,6 +198,21 @@ def _srtp_key(where: str, raw: dict[str, Any], environ: Mapping[str, str]) -> by
     return key
 
 
+def _upstream_room(where: str, name: str, raw: dict[str, Any]) -> RoomConfig:
+    """A room this node takes from other nodes instead of from publishers."""
+    for key in ("ingest", "sources", "srtp_key_env", "takeover_after"):
+        if key in raw:
+            raise ConfigError(f"{where}: '{key}' is for rooms with publishers; this one comes from 'upstream'")
+    nodes = raw["upstream"]
+    if isinstance(nodes, str):
+        nodes = [nodes]
+    if not isinstance(nodes, list) or not nodes:
+        raise ConfigError(f"{where}: 'upstream' must list the nodes to take the room from (host:port)")
+    upstream = [_addr(f"{where}: upstream", n) for n in nodes]
+    limit = _int(f"{where}: max_listeners", raw.get("max_listeners", 0), 0, 10**7)
+    return RoomConfig(name, None, [], False, limit, upstream=upstream)
+
+
 def _room(i: int, raw: Any, open_auth: bool, environ: Mapping[str, str]) -> RoomConfig:
     where = f"room #{i + 1}"
     if not isinstance(raw, dict):
@@ -196,8 +224,10 @@ def _room(i: int, raw: Any, open_auth: bool, environ: Mapping[str, str]) -> Room
     if not isinstance(name, str) or not name or len(name.encode()) > MAX_ROOM:
         raise ConfigError(f"{where}: 'name' must be a string of 1 to {MAX_ROOM} bytes")
     where = f"room {name!r}"
+    if "upstream" in raw:
+        return _upstream_room(where, name, raw)
     if "ingest" not in raw:
-        raise ConfigError(f"{where}: 'ingest' (host:port for RTP) is missing")
+        raise ConfigError(f"{where}: 'ingest' (host:port for RTP) is missing, or 'upstream' (nodes to take it from)")
     ingest = _addr(f"{where}: ingest", raw["ingest"])
     sources_raw = raw.get("sources")
     if not isinstance(sources_raw, list) or not sources_raw:
@@ -317,6 +347,8 @@ def from_dict(raw: dict[str, Any], label: str = "config", environ: Mapping[str, 
     cfg.drain_grace = _float("[node] drain_grace", node.get("drain_grace", cfg.drain_grace), 0, 3600)
     cfg.drain_rate = _float("[node] drain_rate", node.get("drain_rate", cfg.drain_rate), 1, 10**7)
     cfg.log_interval = _seconds("[node] log_interval", node.get("log_interval", cfg.log_interval), 0.1, 3600)
+    cfg.upstream_linger = _seconds("[node] upstream_linger", node.get("upstream_linger", cfg.upstream_linger),
+                                   0.1, 3600)
     cfg.quic_max_pending = _int("[node] quic_max_pending", node.get("quic_max_pending", cfg.quic_max_pending),
                                 1, 10**6)
     cfg.quic_max_pending_per_source = _int("[node] quic_max_pending_per_source",
@@ -339,8 +371,33 @@ def from_dict(raw: dict[str, Any], label: str = "config", environ: Mapping[str, 
     if len(cfg.redirect.encode()) > MAX_REDIRECT:
         raise ConfigError(f"[node] redirect: at most {MAX_REDIRECT} bytes")
     _quic(cfg, node)
+    _directory(cfg, node)
     _rooms(cfg, raw.get("room", []), label, env)
     return cfg
+
+
+TIERS = ("origin", "mid", "edge")
+
+
+def _directory(cfg: NodeConfig, node: dict[str, Any]) -> None:
+    cfg.directory = str(node.get("directory", ""))
+    if cfg.directory and not cfg.directory.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"[node] directory: expected a redis:// or rediss:// URL, got {cfg.directory!r}")
+    cfg.tier = str(node.get("tier", cfg.tier))
+    if cfg.tier not in TIERS:
+        raise ConfigError(f"[node] tier: one of {', '.join(TIERS)}, got {cfg.tier!r}")
+    host, port = cfg.listen
+    advertise = node.get("advertise")
+    if advertise is not None:
+        h, p = _addr("[node] advertise", advertise)
+        cfg.advertise = f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
+    elif host in ("0.0.0.0", "::"):
+        if cfg.directory:
+            raise ConfigError(f"[node] advertise: listen is {host}:{port}, which other nodes cannot reach; "
+                              f"set the address they should use (host:port)")
+    else:
+        cfg.advertise = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    cfg.node_id = str(node.get("node_id", "") or f"{socket.gethostname()}:{port}")
 
 
 def _auth(cfg: NodeConfig, node: dict[str, Any], env: Mapping[str, str]) -> None:
@@ -374,7 +431,9 @@ def _rooms(cfg: NodeConfig, rooms: Any, label: str, environ: Mapping[str, str]) 
     for r in cfg.rooms:
         if r.name in seen:
             raise ConfigError(f"room {r.name!r}: defined twice")
+        seen.add(r.name)
+        if r.ingest is None:
+            continue
         if r.ingest in ports or r.ingest == cfg.listen or r.ingest == cfg.quic:
             raise ConfigError(f"room {r.name!r}: ingest {r.ingest[0]}:{r.ingest[1]} is already in use")
-        seen.add(r.name)
         ports.add(r.ingest)

@@ -8,7 +8,9 @@ import jwt
 
 from relay.wire.protocol import Reason
 
-ROLES = ("listen", "publish")
+# listen: a listener; publish: a speaker; relay: a node taking a room from
+# another node (minted by nodes that share the cluster's secret)
+ROLES = ("listen", "publish", "relay")
 
 
 class TokenError(Exception):
@@ -42,10 +44,13 @@ class Auth:
             raise ValueError("auth 'jwt' needs a secret")
         self.mode, self._secret = mode, secret
 
-    def check(self, token: str, room: str, role: str = "listen") -> None:
-        """Raise TokenError unless `token` admits `role` in `room`."""
+    def check(self, token: str, room: str, role: str | tuple[str, ...] = "listen") -> str:
+        """The role `token` admits in `room` (one of `role`, if a tuple);
+        raise TokenError unless it admits one. Open mode admits `role`
+        (the first, if a tuple)."""
+        roles = (role,) if isinstance(role, str) else role
         if self.mode == "open":
-            return
+            return roles[0]
         try:
             claims = jwt.decode(token, self._secret, algorithms=["HS256"],
                                 options={"require": ["exp", "room", "role"]})
@@ -55,5 +60,6 @@ class Auth:
             raise TokenError(f"bad token: {e}", Reason.BAD_TOKEN) from None
         if claims.get("room") != room:
             raise TokenError("token is for another room", Reason.WRONG_ROOM)
-        if claims.get("role") != role:
-            raise TokenError(f"token role is not {role!r}", Reason.WRONG_ROLE)
+        if claims.get("role") not in roles:
+            raise TokenError(f"token role is not {' or '.join(map(repr, roles))}", Reason.WRONG_ROLE)
+        return str(claims["role"])

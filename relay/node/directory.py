@@ -1,0 +1,167 @@
+"""The cluster directory, on Redis: which nodes are alive, what they can
+take, and which rooms they carry. It is never in the packet path and never
+in a join's way: a node writes its own record once a second and reads the
+others' into a local table, and join routing reads only that table.
+
+Layout (every key under `relay:`):
+
+    relay:node:ID    hash: udp, quic, tier, capacity, listeners, load,
+                     draining, rooms (JSON list); EXPIREs 3 s after the
+                     last heartbeat, so a dead node vanishes by itself
+    relay:nodes      sorted set of node ids, scored by when their record
+                     expires: the index to read the hashes through (a
+                     member whose score has passed is dead, and is
+                     trimmed by whoever sees it)
+
+Redis being down or unreachable costs nothing but freshness: the node
+keeps serving and admitting by its own limits, routes with the table it
+last read (entries older than STALE_S are dropped), says once that the
+directory is unreachable, and registers again as soon as a heartbeat gets
+through.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+log = logging.getLogger("relay.directory")
+
+HEARTBEAT_S = 1.0
+TTL_S = 3                 # a record outlives three missed heartbeats
+STALE_S = 10.0            # a peer not read again for this long is forgotten
+PREFIX = "relay:"
+
+
+@dataclass
+class Peer:
+    """Another node, as its last heartbeat described it."""
+    id: str
+    udp: str
+    quic: str
+    tier: str
+    capacity: int
+    listeners: int
+    load: float
+    draining: bool
+    rooms: list[str]
+    seen: float           # monotonic time we last read it
+
+    @property
+    def spare(self) -> int:
+        return max(0, self.capacity - self.listeners)
+
+
+def _peer(node_id: str, fields: dict[str, str], now: float) -> Peer | None:
+    try:
+        return Peer(node_id, fields["udp"], fields.get("quic", ""), fields.get("tier", "edge"),
+                    int(fields["capacity"]), int(fields["listeners"]), float(fields["load"]),
+                    fields.get("draining") == "1", list(json.loads(fields.get("rooms", "[]"))), now)
+    except (KeyError, ValueError, TypeError):
+        return None   # a record written by something else, or half written: not a peer
+
+
+class Directory:
+    """This node's side of the directory: its heartbeat and its view of the
+    others. `describe` returns this node's record each heartbeat."""
+
+    def __init__(self, url: str, node_id: str, describe: Callable[[], dict[str, Any]]) -> None:
+        self.url, self.node_id, self.describe = url, node_id, describe
+        self.peers: dict[str, Peer] = {}
+        self._rng = random.Random()
+        self.reachable = False
+        self.heartbeats = 0       # written
+        self.failures = 0         # heartbeats that did not get through
+        self._client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5,
+                                            decode_responses=True)
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self, leave: bool = True) -> None:
+        """Stop the heartbeat; with `leave`, remove our record at once (a
+        clean shutdown), else it expires by itself."""
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        if leave:
+            try:
+                await self._client.delete(PREFIX + "node:" + self.node_id)
+                await self._client.zrem(PREFIX + "nodes", self.node_id)
+            except (RedisError, OSError):
+                pass
+        await self._client.aclose()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.beat()
+                if not self.reachable:
+                    log.warning("directory %s: registered as %s", self.url, self.node_id)
+                self.reachable = True
+            except (RedisError, OSError) as e:
+                self.failures += 1
+                if self.reachable or self.failures == 1:
+                    log.warning("directory %s unreachable (%s): serving on, routing with what was last read",
+                                self.url, e)
+                self.reachable = False
+            self._forget_stale(time.monotonic())
+            await asyncio.sleep(HEARTBEAT_S)
+
+    async def beat(self) -> None:
+        """Write our record and read everyone's, in two round trips."""
+        record: dict[Any, Any] = {
+            k: json.dumps(v) if isinstance(v, list) else str(int(v) if isinstance(v, bool) else v)
+            for k, v in self.describe().items()}
+        key = PREFIX + "node:" + self.node_id
+        wall = time.time()
+        async with self._client.pipeline(transaction=True) as p:
+            p.hset(key, mapping=record)
+            p.expire(key, TTL_S)
+            p.zadd(PREFIX + "nodes", {self.node_id: wall + TTL_S})
+            p.zremrangebyscore(PREFIX + "nodes", "-inf", wall)
+            p.zrangebyscore(PREFIX + "nodes", wall, "+inf")
+            *_, ids = await p.execute()
+        self.heartbeats += 1
+        others = [i for i in ids if i != self.node_id]
+        async with self._client.pipeline(transaction=False) as p:
+            for i in others:
+                p.hgetall(PREFIX + "node:" + i)
+            records = await p.execute()
+        now = time.monotonic()
+        for i, fields in zip(others, records, strict=True):
+            peer = _peer(i, fields, now) if fields else None
+            if peer is not None:
+                self.peers[i] = peer
+
+    def _forget_stale(self, now: float) -> None:
+        for i in [i for i, p in self.peers.items() if now - p.seen > STALE_S]:
+            del self.peers[i]
+
+    def pick(self, room: str, tier: str = "", exclude: str = "") -> Peer | None:
+        """A live peer for a new listener of `room`: not draining, with
+        spare capacity, of `tier` if given, preferring those that already
+        carry the room; among them one at random, weighted by spare room.
+        The pick is counted against that peer here at once: a storm sends
+        thousands of joiners between two heartbeats, and they must spread
+        over the cluster rather than all go to the peer that looked emptiest
+        a second ago."""
+        now = time.monotonic()
+        fits = [p for p in self.peers.values()
+                if not p.draining and p.spare > 0 and now - p.seen <= STALE_S
+                and (not tier or p.tier == tier) and p.udp != exclude]
+        carrying = [p for p in fits if room in p.rooms]
+        fits = carrying or fits
+        if not fits:
+            return None
+        peer = self._rng.choices(fits, weights=[p.spare for p in fits])[0]
+        peer.listeners += 1
+        return peer

@@ -1,0 +1,126 @@
+"""A tree of nodes (#13, the cascade): an edge takes a room from an upstream
+node as one `relay`-role listener and serves its own listeners from it;
+it subscribes only while it has listeners; when its upstream dies it
+takes the room from the next node in its list, and its listeners' stream
+stays one continuous sequence with a gap under a second."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from relay.client.publish import encode_tone, ffmpeg_command
+from relay.testing.loadgen import LoopbackCrowd, free_port, scrape, wait_ready
+from tests.conftest import SECRET, need, stop
+from tests.rtp import rtp
+from tests.test_end_to_end import TONE_HZ, dominant_hz
+
+ENV = dict(os.environ, RELAY_SECRET=SECRET, PYTHONUNBUFFERED="1")
+
+
+class Node:
+    """A `relay serve` with one room "live": from an ingest port, or from
+    the upstream nodes given."""
+
+    def __init__(self, tmp: Path, name: str, upstream: list["Node"] | None = None, workers: int = 1) -> None:
+        self.listen = ("127.0.0.1", free_port())
+        self.admin = ("127.0.0.1", free_port(socket.SOCK_STREAM))
+        self.ingest = ("127.0.0.1", free_port())
+        room = (f'upstream = [{", ".join(repr(f"{u.listen[0]}:{u.listen[1]}") for u in upstream)}]'
+                if upstream else f'ingest = "{self.ingest[0]}:{self.ingest[1]}"\nsources = ["127.0.0.1"]')
+        cfg = tmp / f"{name}.toml"
+        cfg.write_text(f'[node]\nlisten = "{self.listen[0]}:{self.listen[1]}"\n'
+                       f'admin = "{self.admin[0]}:{self.admin[1]}"\nauth = "jwt"\nworkers = {workers}\n'
+                       'max_load = 0\nmax_machine_load = 0\ndrain_grace = 0\nupstream_linger = 0.5\n'
+                       f'[[room]]\nname = "live"\n{room}\n'.replace("'", '"'))
+        self.proc = subprocess.Popen([sys.executable, "-m", "relay", "--log-level", "warning", "serve", "-c", str(cfg)],
+                                     env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert wait_ready(self.admin, self.proc), f"{name} did not start"
+
+    def listeners(self) -> float:
+        return scrape(self.admin)['relay_listeners{room="live",transport="udp"}']
+
+
+def _token() -> str:
+    return subprocess.run([sys.executable, "-m", "relay", "token", "--room", "live"], env=ENV,
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_an_edge_takes_the_room_from_upstream_only_while_it_has_listeners(tmp_path) -> None:
+    origin = Node(tmp_path, "origin")
+    edge = Node(tmp_path, "edge", upstream=[origin], workers=2)
+    publisher = subprocess.Popen(ffmpeg_command(f"sine=frequency={TONE_HZ}:sample_rate=48000", origin.ingest,
+                                                lavfi=True, duration=15),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        need("ffmpeg")
+        time.sleep(1.0)
+        assert origin.listeners() == 0          # no listener on the edge yet: no subscription
+        out = tmp_path / "edge.ogg"
+        heard = subprocess.run([sys.executable, "-m", "relay", "listen", "--server",
+                                f"{edge.listen[0]}:{edge.listen[1]}", "--room", "live", "--token", _token(),
+                                "--out", str(out), "--duration", "4"],
+                               env=ENV, capture_output=True, text=True, timeout=60)
+        assert heard.returncode == 0, heard.stderr
+        assert int(re.search(r"received (\d+) packets", heard.stderr).group(1)) >= 150, heard.stderr
+        assert abs(dominant_hz(out) - TONE_HZ) < 3
+        # the edge held one relay session at the origin while it had a listener ...
+        m = scrape(origin.admin)
+        assert m["relay_joins_total"] == 1
+        # ... and leaves it once its last listener has been gone for upstream_linger
+        deadline = time.monotonic() + 5
+        while origin.listeners() != 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert origin.listeners() == 0
+        assert scrape(origin.admin)["relay_leaves_total"] == 1
+    finally:
+        publisher.kill()
+        publisher.wait()
+        assert stop(edge.proc) == 0
+        assert stop(origin.proc) == 0
+
+
+def test_an_edge_whose_upstream_dies_moves_to_the_next_within_a_second(tmp_path) -> None:
+    origin = Node(tmp_path, "origin")
+    mid = [Node(tmp_path, f"mid{i}", upstream=[origin]) for i in range(2)]
+    edge = Node(tmp_path, "edge", upstream=mid)
+    crowd = LoopbackCrowd(5, edge.listen, "live", token=_token())
+    frames = encode_tone(440, 1.0)
+    pub = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        assert crowd.join().accepted == 5
+
+        def publish(first: int, count: int) -> None:
+            for k in range(first, first + count):      # 50 packets a second, bounded
+                pub.sendto(rtp(k, 960 * k, 0xC0DE, frames[k % len(frames)]), origin.ingest)
+                crowd.crowd.poll(0)
+                time.sleep(0.02)
+
+        publish(0, 100)
+        assert mid[0].listeners() == 1 and mid[1].listeners() == 0   # the first in the list carries it
+        mid[0].proc.send_signal(signal.SIGKILL)                       # it dies mid-stream
+        publish(100, 150)
+        crowd.crowd.poll(300)
+        totals = crowd.crowd.totals()
+        # every listener heard the stream on both sides of the switch as one
+        # sequence (no gap in the numbering: the new upstream's stream is
+        # spliced on); what it missed is the time the edge took to notice
+        # and the next node to subscribe: under a second of 20 ms packets
+        assert totals["heard"] == 5 and totals["lost"] == 0, totals
+        assert totals["received"] >= 5 * (250 - 50), totals
+        assert mid[1].listeners() == 1
+        m = scrape(edge.admin)
+        assert m["relay_source_restarts_total"] == 1    # the switch, spliced into one numbering
+        assert m['relay_upstream_switches_total{room="live"}'] == 1
+        assert m['relay_upstream_connected{room="live"}'] == 1
+    finally:
+        crowd.close()
+        pub.close()
+        mid[0].proc.wait()
+        for node in (edge, mid[1], origin):
+            assert stop(node.proc) == 0

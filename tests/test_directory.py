@@ -1,0 +1,203 @@
+"""The cluster directory on a real Redis (#13): nodes heartbeat their
+records with a short TTL; a node that is full sends joiners to a live node
+with room (a storm at one node ends up spread, none admitting past its
+limit); GET /join answers where to connect; with Redis down every node
+keeps serving and admitting by its own limits, and registers again when
+Redis returns."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import redis
+
+from relay.client.listen import ListenClient
+from relay.testing.loadgen import LoopbackCrowd, free_port, scrape, wait_ready
+from tests.conftest import need, stop
+from tests.rtp import rtp
+
+ENV = dict(os.environ, PYTHONUNBUFFERED="1")
+
+
+class RedisServer:
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port(socket.SOCK_STREAM)
+        self.proc = subprocess.Popen([need("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
+                                      "--save", "", "--appendonly", "no"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_timeout=1)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+        self.client = client
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+class Node:
+    def __init__(self, tmp: Path, name: str, directory: str, max_listeners: int = 20) -> None:
+        self.name = name
+        self.listen = ("127.0.0.1", free_port())
+        self.admin = ("127.0.0.1", free_port(socket.SOCK_STREAM))
+        self.ingest = ("127.0.0.1", free_port())
+        cfg = tmp / f"{name}.toml"
+        cfg.write_text(f'[node]\nlisten = "{self.listen[0]}:{self.listen[1]}"\n'
+                       f'admin = "{self.admin[0]}:{self.admin[1]}"\nauth = "open"\n'
+                       'join_rate = 100000\njoin_rate_per_source = 100000\n'
+                       f'max_listeners = {max_listeners}\nmax_load = 0\nmax_machine_load = 0\ndrain_grace = 0\n'
+                       f'directory = "{directory}"\nnode_id = "{name}"\n'
+                       f'[[room]]\nname = "live"\ningest = "{self.ingest[0]}:{self.ingest[1]}"\n'
+                       'sources = ["127.0.0.1"]\n')
+        self.proc = subprocess.Popen([sys.executable, "-m", "relay", "--log-level", "warning", "serve", "-c", str(cfg)],
+                                     env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert wait_ready(self.admin, self.proc), f"{name} did not start"
+
+    @property
+    def udp(self) -> str:
+        return f"{self.listen[0]}:{self.listen[1]}"
+
+    def get(self, path: str) -> tuple[int, dict]:
+        try:
+            with urllib.request.urlopen(f"http://{self.admin[0]}:{self.admin[1]}{path}", timeout=10) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def listeners(self) -> int:
+        return int(scrape(self.admin)['relay_listeners{room="live",transport="udp"}'])
+
+
+def _registered(r: RedisServer, names: list[str], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(r.client.exists(f"relay:node:{n}") for n in names):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+async def _join_many(server: str, n: int) -> list[ListenClient]:
+    clients = [ListenClient(server, "live") for _ in range(n)]
+    await asyncio.gather(*(c.join() for c in clients))
+    return clients
+
+
+def test_a_join_storm_at_one_node_spreads_over_the_cluster(tmp_path) -> None:
+    r = RedisServer()
+    nodes = [Node(tmp_path, n, r.url) for n in ("a", "b", "c")]
+    try:
+        assert _registered(r, ["a", "b", "c"])
+        record = r.client.hgetall("relay:node:a")
+        assert record[b"udp"].decode() == nodes[0].udp and record[b"capacity"] == b"20"
+        assert 0 < r.client.ttl("relay:node:a") <= 3
+        time.sleep(1.2)   # every node has read the others once
+
+        async def storm() -> list[str]:
+            clients = await _join_many(nodes[0].udp, 50)   # all at node a, which takes 20
+            where = [f"{c.server[0]}:{c.server[1]}" for c in clients]
+            for c in clients:
+                c.close()
+            return where
+        where = asyncio.run(storm())
+        assert where.count(nodes[0].udp) == 20
+        assert where.count(nodes[1].udp) + where.count(nodes[2].udp) == 30
+        assert all(where.count(n.udp) <= 20 for n in nodes)   # nobody past its limit
+    finally:
+        for n in nodes:
+            assert stop(n.proc) == 0
+        # a clean stop takes the record out at once
+        assert not any(r.client.exists(f"relay:node:{n}") for n in ("a", "b", "c"))
+        r.stop()
+
+
+def test_join_answers_where_to_connect(tmp_path) -> None:
+    r = RedisServer()
+    a, b = Node(tmp_path, "a", r.url, max_listeners=2), Node(tmp_path, "b", r.url)
+    try:
+        assert _registered(r, ["a", "b"])
+        time.sleep(1.2)
+        assert a.get("/join?room=live") == (200, {"room": "live", "node": "a", "udp": a.udp,
+                                                  "quic": ""})
+        assert a.get("/join?room=nowhere")[0] == 404
+
+        async def fill_a_and_ask() -> None:
+            clients = await _join_many(a.udp, 2)               # a is full now
+            await asyncio.sleep(1.2)                           # its record says so
+            assert a.get("/join?room=live") == (200, {"room": "live", "node": "b", "udp": b.udp, "quic": ""})
+            for c in clients:
+                c.close()
+        asyncio.run(fill_a_and_ask())
+    finally:
+        for n in (a, b):
+            assert stop(n.proc) == 0
+        r.stop()
+
+
+def test_with_redis_down_nodes_serve_on_and_register_again(tmp_path) -> None:
+    r = RedisServer()
+    a, b = Node(tmp_path, "a", r.url), Node(tmp_path, "b", r.url)
+    crowd = LoopbackCrowd(10, a.listen, "live")
+    pub = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        assert _registered(r, ["a", "b"])
+        assert crowd.join().accepted == 10
+        time.sleep(1.2)
+        m = scrape(a.admin)
+        assert m["relay_directory_reachable"] == 1 and m["relay_directory_peers"] == 1
+        r.stop()                                      # Redis goes away mid-stream
+        for k in range(150):                          # 3 s of audio while it is gone
+            pub.sendto(rtp(k, 960 * k, 0xD1, bytes([k & 0xFF]) * 80), a.ingest)
+            crowd.crowd.poll(0)
+            time.sleep(0.02)
+        crowd.crowd.poll(200)
+        totals = crowd.crowd.totals()
+        assert totals["heard"] == 10 and totals["lost"] == 0 and totals["received"] == 1500, totals
+        m = scrape(a.admin)
+        assert m["relay_directory_reachable"] == 0 and m["relay_directory_heartbeat_failures_total"] >= 2
+        # admission goes on by each node's own limits
+
+        async def join_b() -> None:
+            late = await _join_many(b.udp, 5)
+            assert all(c.server == b.listen for c in late)
+            for c in late:
+                c.close()
+        asyncio.run(join_b())
+        r = RedisServer(r.port)                        # Redis is back, empty
+        assert _registered(r, ["a", "b"], timeout=5)
+        assert a.proc.poll() is None and b.proc.poll() is None
+    finally:
+        crowd.close()
+        pub.close()
+        for n in (a, b):
+            assert stop(n.proc) == 0
+        r.stop()
+    log = a.proc.stdout.read()
+    assert log.count("unreachable") == 1, log       # said once, not once a second
+    assert "registered as a" in log
+
+
+@pytest.mark.parametrize("url", ["http://x", "redis"])
+def test_a_directory_that_is_not_a_redis_url_is_named(url: str) -> None:
+    from relay.wire.config import ConfigError, load
+    with pytest.raises(ConfigError, match="directory: expected a redis:// or rediss:// URL"):
+        load(f'[node]\nauth = "open"\ndirectory = "{url}"\n[[room]]\nname = "a"\ningest = "127.0.0.1:5100"\n'
+             'sources = ["127.0.0.1"]\n')
