@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import sys
+import urllib.parse
 from typing import Any, BinaryIO, Callable
 
 from relay import __version__
@@ -171,10 +172,14 @@ def cmd_listen(args: argparse.Namespace) -> None:
     from relay.client.listen import JoinRefused, ListenClient, Unreachable
 
     sinks, close_sinks = _listen_sinks(args)
-    try:
-        server = parse_hostport(args.server or ("127.0.0.1:7443" if args.quic else "127.0.0.1:7000"))
-    except ValueError as e:
-        _die(f"--server: {e}")
+    if args.via and args.quic:
+        _die("--via is for UDP listeners (QUIC listeners follow a drain's redirect)")
+    server: tuple[str, int] | None = None
+    if args.server or not args.via:
+        try:
+            server = parse_hostport(args.server or ("127.0.0.1:7443" if args.quic else "127.0.0.1:7000"))
+        except ValueError as e:
+            _die(f"--server: {e}")
     token = args.token or os.environ.get("RELAY_TOKEN", "")
 
     if (args.cert_hash or args.cafile) and not args.quic:
@@ -192,11 +197,14 @@ def cmd_listen(args: argparse.Namespace) -> None:
         client: ListenClient
         if args.quic:
             from relay.client.quic import CertificateMismatch, QuicListenClient
+            assert server is not None   # --via is refused with --quic
             client = QuicListenClient(f"{server[0]}:{server[1]}", args.room, token, sink=sink,
                                       cert_sha256=args.cert_hash or "", cafile=args.cafile)
             refused: tuple[type[Exception], ...] = (JoinRefused, CertificateMismatch)
         else:
-            client = ListenClient(f"{server[0]}:{server[1]}", args.room, token, sink=sink)
+            client = ListenClient(f"{server[0]}:{server[1]}" if server else "", args.room, token, sink=sink,
+                                  via=[f"{u}{'&' if '?' in u else '?'}room={urllib.parse.quote(args.room)}"
+                                       for u in args.via])
             refused = (JoinRefused,)
         client.on_event = lambda text: print(f"relay: {text}", file=sys.stderr, flush=True)
         # aioquic logs a refused certificate itself; we say it once, with the fix
@@ -318,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--server", help="relay listener address (default 127.0.0.1:7000, "
                                     "or 127.0.0.1:7443 with --quic)")
     s.add_argument("--quic", action="store_true", help="join over QUIC (audio as QUIC datagrams)")
+    s.add_argument("--via", action="append", default=[], metavar="URL",
+                   help="a node's admin /join URL (e.g. http://edge-1:7080/join), asked where to listen "
+                        "when the node goes silent, or to start with when --server is not given; repeatable")
     s.add_argument("--cert-hash", help="with --quic: pin the node's certificate by its SHA-256 "
                                        "(hex; the node logs it, and serves it at /quic.json)")
     s.add_argument("--cafile", help="with --quic: trust this CA file instead of the system's")

@@ -27,7 +27,8 @@ class Node:
     """A `relay serve` with one room "live": from an ingest port, or from
     the upstream nodes given."""
 
-    def __init__(self, tmp: Path, name: str, upstream: list["Node"] | None = None, workers: int = 1) -> None:
+    def __init__(self, tmp: Path, name: str, upstream: list["Node"] | None = None, workers: int = 1,
+                 env: dict | None = None, directory: str = "") -> None:
         self.listen = ("127.0.0.1", free_port())
         self.admin = ("127.0.0.1", free_port(socket.SOCK_STREAM))
         self.ingest = ("127.0.0.1", free_port())
@@ -37,9 +38,10 @@ class Node:
         cfg.write_text(f'[node]\nlisten = "{self.listen[0]}:{self.listen[1]}"\n'
                        f'admin = "{self.admin[0]}:{self.admin[1]}"\nauth = "jwt"\nworkers = {workers}\n'
                        'max_load = 0\nmax_machine_load = 0\ndrain_grace = 0\nupstream_linger = 0.5\n'
+                       + (f'directory = "{directory}"\nnode_id = "{name}"\n' if directory else "") +
                        f'[[room]]\nname = "live"\n{room}\n'.replace("'", '"'))
         self.proc = subprocess.Popen([sys.executable, "-m", "relay", "--log-level", "warning", "serve", "-c", str(cfg)],
-                                     env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                     env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert wait_ready(self.admin, self.proc), f"{name} did not start"
 
     def listeners(self) -> float:
@@ -124,3 +126,32 @@ def test_an_edge_whose_upstream_dies_moves_to_the_next_within_a_second(tmp_path)
         mid[0].proc.wait()
         for node in (edge, mid[1], origin):
             assert stop(node.proc) == 0
+
+
+def test_a_node_without_the_cluster_secret_cannot_pull_a_room(tmp_path) -> None:
+    """Whatever a directory says, the upstream checks the relay token: a
+    node that does not hold the cluster's secret gets nothing."""
+    origin = Node(tmp_path, "origin")
+    forged = dict(ENV, RELAY_SECRET="another-secret-0123456789abcdef01234567")
+    rogue = Node(tmp_path, "rogue", upstream=[origin], env=forged)
+    pub = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        rogue_token = subprocess.run([sys.executable, "-m", "relay", "token", "--room", "live"], env=forged,
+                                     capture_output=True, text=True, check=True).stdout.strip()
+        listener = subprocess.Popen([sys.executable, "-m", "relay", "listen", "--server",
+                                     f"{rogue.listen[0]}:{rogue.listen[1]}", "--room", "live", "--duration", "3",
+                                     "--token", rogue_token],
+                                    env=forged, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        frames = encode_tone(440, 1.0)
+        for k in range(150):
+            pub.sendto(rtp(k, 960 * k, 0xF00D, frames[k % len(frames)]), origin.ingest)
+            time.sleep(0.02)
+        _, err = listener.communicate(timeout=30)
+        assert listener.returncode == 5, err            # joined the rogue node, heard nothing
+        m = scrape(origin.admin)
+        assert m['relay_rejections_total{reason="bad_token"}'] >= 1
+        assert m["relay_joins_total"] == 0 and origin.listeners() == 0
+    finally:
+        pub.close()
+        assert stop(rogue.proc) == 0
+        assert stop(origin.proc) == 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import redis
 
 from relay.client.listen import ListenClient
 from relay.testing.loadgen import LoopbackCrowd, free_port, scrape, wait_ready
-from tests.conftest import need, stop
+from tests.conftest import SECRET, need, stop
 from tests.rtp import rtp
 
 ENV = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -201,3 +202,49 @@ def test_a_directory_that_is_not_a_redis_url_is_named(url: str) -> None:
     with pytest.raises(ConfigError, match="directory: expected a redis:// or rediss:// URL"):
         load(f'[node]\nauth = "open"\ndirectory = "{url}"\n[[room]]\nname = "a"\ningest = "127.0.0.1:5100"\n'
              'sources = ["127.0.0.1"]\n')
+
+
+def test_when_its_edge_dies_a_listener_rejoins_through_the_directory(tmp_path) -> None:
+    """origin <- ffmpeg; two edges take the room from it. A `relay listen`
+    on edge 1 that knows edge 2's /join: edge 1 is killed, and within a few
+    seconds the listener hears the room from edge 2, its output one stream."""
+    from tests.test_cascade import Node as CascadeNode
+    from tests.test_end_to_end import TONE_HZ, dominant_hz
+    from relay.client.publish import ffmpeg_command
+    r = RedisServer()
+    origin = CascadeNode(tmp_path, "origin")
+    edges = [CascadeNode(tmp_path, f"edge{i}", upstream=[origin], directory=r.url) for i in (1, 2)]
+    publisher = subprocess.Popen(ffmpeg_command(f"sine=frequency={TONE_HZ}:sample_rate=48000", origin.ingest,
+                                                lavfi=True, duration=20),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = tmp_path / "followed.ogg"
+    e1, e2 = edges
+    try:
+        need("ffmpeg")
+        listener = subprocess.Popen(
+            [sys.executable, "-m", "relay", "listen", "--server", f"{e1.listen[0]}:{e1.listen[1]}",
+             "--via", f"http://{e2.admin[0]}:{e2.admin[1]}/join", "--room", "live", "--token", _token(),
+             "--out", str(out), "--duration", "9"],
+            env=dict(ENV, RELAY_SECRET=SECRET), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(3.5)
+        e1.proc.kill()                                    # the edge dies under its listener
+        _, err = listener.communicate(timeout=60)
+        assert listener.returncode == 0, err
+        assert f"says {e2.listen[0]}:{e2.listen[1]}" in err, err
+        m = re.search(r"received (\d+) packets .* delivered (\d+), lost (\d+)", err)
+        received, delivered, lost = map(int, m.groups())
+        assert received >= 9 * 50 - 4 * 50, err            # a few seconds lost, no more
+        assert delivered >= received - 10 and lost <= 10, err   # one stream across the move
+        assert abs(dominant_hz(out) - TONE_HZ) < 3
+    finally:
+        publisher.kill()
+        publisher.wait()
+        e1.proc.wait()
+        for n in (e2, origin):
+            assert stop(n.proc) == 0
+        r.stop()
+
+
+def _token() -> str:
+    return subprocess.run([sys.executable, "-m", "relay", "token", "--room", "live"],
+                          env=dict(ENV, RELAY_SECRET=SECRET), capture_output=True, text=True, check=True).stdout.strip()

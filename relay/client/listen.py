@@ -9,11 +9,14 @@ A short reorder buffer lets NACKed resends land in order.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
 import struct
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -29,6 +32,9 @@ REORDER_PACKETS = 4   # hold this many packets for late resends before giving up
 # what a node may tell a listener, clamped: a keepalive interval of 0 would
 # make a client send keepalives as fast as it can
 KEEPALIVE_MS = (100, 600_000)
+# with `via`, a node that sends nothing at all (no audio, no keepalive echo)
+# for this long is taken for gone, and the client asks where to go
+FOLLOW_DEAD_S = 2.0
 
 
 class JoinRefused(Exception):
@@ -78,8 +84,12 @@ class ListenClient:
     """One listener. `sink` gets each RTP packet, in sequence order."""
 
     def __init__(self, server: str, room: str, token: str = "",
-                 sink: Callable[[bytes], None] | None = None, nack: bool = True) -> None:
-        self.server = parse_hostport(server)
+                 sink: Callable[[bytes], None] | None = None, nack: bool = True,
+                 via: list[str] | None = None) -> None:
+        # `via`: URLs of nodes' GET /join, asked where to go when the node
+        # we listen to goes silent (or, with no server, where to start)
+        self.via = via or []
+        self.server = parse_hostport(server) if server else ("", 0)
         self.room, self.token, self.sink, self.nack = room, token, sink, nack
         self.stats = ListenStats()
         self._transport: asyncio.DatagramTransport | None = None
@@ -179,6 +189,11 @@ class ListenClient:
             self._event(f"the node asked for keepalives every {msg.keepalive_ms} ms; using "
                         f"{min(max(msg.keepalive_ms, lo), hi)} ms")
             msg = Accept(msg.session_id, msg.ssrc, min(max(msg.keepalive_ms, lo), hi), msg.timeout_ms)
+        if self._session is not None and self._session.session_id != msg.session_id:
+            # a new session (a move, a rejoin): its numbering is its own
+            self._flush_held()
+            self._next = self._high = None
+            self._nacked.clear()
         self._session = msg
         self.stats.ssrc = msg.ssrc
         self.stats.joined_at = time.monotonic()
@@ -280,8 +295,38 @@ class ListenClient:
         keepalives often enough to hear the node's echo and raises
         Unreachable once nothing at all came from it for that long (a node
         taking a room from another must notice a dead upstream at once)."""
-        await self.join()
-        return await self.receive(duration, dead_after)
+        deadline = None if duration is None else time.monotonic() + duration
+        if not self.server[0]:
+            await self._relocate("no node given")
+        else:
+            await self.join()
+        if self.via and dead_after is None:
+            dead_after = FOLLOW_DEAD_S
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                return await self.receive(left, dead_after)
+            except Unreachable as e:
+                if not self.via:
+                    raise
+                await self._relocate(str(e))
+
+    async def _relocate(self, why: str) -> None:
+        """Ask the `via` URLs where to listen, and join there."""
+        for url in self.via:
+            try:
+                where = await asyncio.to_thread(_ask_where, url)
+            except (OSError, ValueError) as e:
+                self._event(f"{url}: {e}")
+                continue
+            if where:
+                self._event(f"{why}: {url} says {where}")
+                self.server = parse_hostport(where)
+                self._via = f"sent there by {url}"
+                self.stats.rejoins += 1
+                await self.join()
+                return
+        raise Unreachable(f"{why}, and no node to move to ({', '.join(self.via)})")
 
     async def receive(self, duration: float | None = None, dead_after: float | None = None) -> ListenStats:
         """listen(), once joined."""
@@ -325,6 +370,17 @@ class ListenClient:
                 self._send(encode(Leave(self._session.session_id)))
             self._transport.close()
             self._transport = None
+
+
+def _ask_where(url: str) -> str:
+    """A node's GET /join answer: the UDP address to join ("" if none)."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return str(json.loads(r.read()).get("udp", ""))
+    except urllib.error.HTTPError as e:
+        if e.code == 503:
+            return ""
+        raise
 
 
 def sdp_for(port: int, host: str = "127.0.0.1", payload_type: int = 111) -> str:

@@ -56,15 +56,26 @@ class JoinResult:
     rejected: dict[str, int] = field(default_factory=dict)
     unanswered: int = 0
     seconds: float = 0.0
+    redirects: int = 0     # REJECTs followed to another node (follow=True)
+
+
+# the refusals whose redirect a member follows (as relay listen does)
+FOLLOWED = (Reason.NODE_FULL, Reason.ROOM_FULL, Reason.DRAINING, Reason.RATE_LIMITED)
 
 
 class LoopbackCrowd:
     """`n` listener sockets connected to `server`, joined to `room`."""
 
     def __init__(self, n: int, server: tuple[str, int], room: str, token: str = "",
-                 rcvbuf: int = 256 * 1024, first_address: int = 0, connected: bool = True) -> None:
+                 rcvbuf: int = 256 * 1024, first_address: int = 0, connected: bool = True,
+                 follow: bool = False) -> None:
         """`connected` sockets accept datagrams from the node only; the bench
-        uses unconnected ones so the same sockets can receive from its peers."""
+        uses unconnected ones so the same sockets can receive from its peers.
+        With `follow` (unconnected only), a member refused with a redirect
+        joins where it was sent, as `relay listen` does."""
+        assert not (follow and connected), "a member that follows redirects must not be connected"
+        self.follow = follow
+        self.node_of: list[tuple[str, int]] = [server] * n   # where each member joins
         raise_fd_limit(n + 256)
         self.server, self.room, self.token = server, room, token
         self.connected = connected
@@ -88,6 +99,7 @@ class LoopbackCrowd:
     def retarget(self, server: tuple[str, int], room: str) -> None:
         """Point every member at another node and room (sessions are dropped)."""
         self.server, self.room = server, room
+        self.node_of = [server] * len(self.socks)
         self.sessions.clear()
         if self.connected:
             for s in self.socks:
@@ -98,7 +110,7 @@ class LoopbackCrowd:
             if self.connected:
                 self.socks[i].send(data)
             else:
-                self.socks[i].sendto(data, self.server)
+                self.socks[i].sendto(data, self.node_of[i])
         except OSError:
             pass  # a full socket buffer or ICMP error: the retry covers it
 
@@ -142,6 +154,12 @@ class LoopbackCrowd:
                     self.sessions[i] = msg
                     waiting.discard(i)
                 elif isinstance(msg, Reject) and i in waiting:
+                    if self.follow and msg.redirect and msg.reason in FOLLOWED:
+                        host, _, port = msg.redirect.rpartition(":")
+                        self.node_of[i] = (host.strip("[]"), int(port))
+                        res.redirects += 1
+                        self._send(i, encode(Join(self.room, self.token)))
+                        continue
                     if msg.reason == Reason.RATE_LIMITED and retry_limited:
                         continue  # stays waiting: the next attempt asks again
                     key = msg.reason.name.lower()
