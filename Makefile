@@ -6,7 +6,7 @@ DURATION ?= 10
 
 FUZZ_SECONDS ?= 60
 
-.PHONY: setup demo test test-fast lint bench bench-full bench-quic fuzz sanitize tsan dist deploy-check annotate clean
+.PHONY: setup demo test test-fast lint bench bench-full bench-quic bench-cluster fuzz sanitize tsan dist deploy-check annotate clean
 
 setup:
 	@./scripts/bootstrap.sh
@@ -39,6 +39,11 @@ bench-full:
 bench-quic:
 	@./scripts/bootstrap.sh bench
 	$(PY) bench/quic.py
+
+# a tree of nodes with a Redis directory: origin cost, a join storm, failover, a Redis outage
+bench-cluster:
+	@./scripts/bootstrap.sh test
+	$(PY) bench/cluster.py
 
 # every parser of untrusted bytes under atheris, FUZZ_SECONDS each
 fuzz: setup

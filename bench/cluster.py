@@ -258,6 +258,8 @@ def redis_outage(tmp: Path, redis: Redis, per_edge: int, seconds: float) -> dict
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="seconds, few listeners")
+    ap.add_argument("--out", help="where to write the JSON (default bench/results/cluster.json, "
+                                  "or cluster-smoke.json with --smoke)")
     args = ap.parse_args()
     crowds, seconds, storm_n, limit, per_edge, outage = (
         ([40, 80], 2.0, 120, 40, 10, 3.0) if args.smoke else ([200, 800, 2000], 5.0, 1600, 500, 100, 10.0))
@@ -275,9 +277,9 @@ def main() -> None:
     finally:
         if redis.proc.poll() is None:
             redis.stop()
-    name = "cluster-smoke.json" if args.smoke else "cluster.json"
-    (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote bench/results/{name}")
+    out = Path(args.out) if args.out else RESULTS / ("cluster-smoke.json" if args.smoke else "cluster.json")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

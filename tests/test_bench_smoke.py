@@ -1,6 +1,6 @@
 """A seconds-long run of the benchmark suites, so bench/ cannot rot: every
-implementation (and both transports) delivers to every listener and the
-report is written."""
+implementation (and both transports) delivers to every listener, the
+cluster's tree works end to end, and the reports are written."""
 from __future__ import annotations
 
 import json
@@ -37,3 +37,16 @@ def test_quic_bench_smoke(tmp_path) -> None:
         # 10 listeners at 50 packets/s each, over the measured window
         assert medians[transport]["delivered_per_s"] > 0.8 * 10 * 50, (transport, medians)
     assert medians["quic"]["loss_ratio"] < 0.01, medians
+
+
+def test_cluster_bench_smoke(tmp_path) -> None:
+    out = tmp_path / "cluster.json"
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "cluster.py"), "--smoke", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert all(row["origin_sessions"] == 2 for row in result["origin_cost"])   # two mids, whatever the crowd
+    storm = result["storm"]
+    assert storm["accepted"] == storm["joins"] and storm["past_limit"] == 0 and storm["redirects"] > 0, storm
+    assert result["failover"]["numbering_gaps"] == 0 and result["failover"]["gap_s_max"] < 2.0, result["failover"]
+    assert result["redis_outage"]["lost"] == 0 and result["redis_outage"]["nodes_alive"] == 7

@@ -66,6 +66,37 @@ def _panel_exprs() -> list[tuple[str, str]]:
             for p in d["panels"] for t in p["targets"]]
 
 
+# what only a node in a cluster exports: checked by the cluster test
+CLUSTER_ONLY = ("relay_directory_", "relay_upstream_")
+
+
+def _cluster_only(expr: str) -> bool:
+    return any(m in expr for m in CLUSTER_ONLY)
+
+
+def _start_prometheus(tmp_path: Path, targets: list[tuple[str, int]]) -> tuple[subprocess.Popen, "Prometheus"]:
+    """A real Prometheus with our config and rules, scraping `targets` every second."""
+    prometheus = need("prometheus")
+    port = free_port(__import__("socket").SOCK_STREAM)
+    shutil.copy(ALERTS, tmp_path / "alerts.yml")
+    cfg = PROM_CONFIG.read_text().replace("15s", "1s").replace(
+        '"127.0.0.1:7080"', ", ".join(f'"{h}:{p}"' for h, p in targets))
+    (tmp_path / "prometheus.yml").write_text(cfg)
+    prom = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={tmp_path / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return prom, Prometheus(f"http://127.0.0.1:{port}")
+
+
+def _stop_prometheus(prom: subprocess.Popen) -> None:
+    prom.terminate()
+    try:
+        prom.wait(10)
+    except subprocess.TimeoutExpired:
+        prom.kill()
+
+
 def _signal(expr: str) -> str:
     """An alert's expression without its final threshold comparison."""
     m = re.match(r"^(.*)\s(>|<|>=|<=|==|!=)\s*[0-9.]+\s*$", expr.strip(), re.S)
@@ -74,21 +105,11 @@ def _signal(expr: str) -> str:
 
 
 def test_every_panel_and_alert_returns_data_from_real_prometheus(tmp_path) -> None:
-    prometheus = need("prometheus")
     relay = start_relay(tmp_path)
     pub = subprocess.Popen(relay.relay_cmd("publish", "--to", f"{relay.ingest[0]}:{relay.ingest[1]}",
                                            "--duration", "60"), env=relay.env, stderr=subprocess.DEVNULL)
     crowd = LoopbackCrowd(20, relay.listen, relay.room)
-    port = free_port(__import__("socket").SOCK_STREAM)
-    shutil.copy(ALERTS, tmp_path / "alerts.yml")
-    cfg = PROM_CONFIG.read_text().replace("15s", "1s").replace(
-        '"127.0.0.1:7080"', f'"{relay.admin[0]}:{relay.admin[1]}"')
-    (tmp_path / "prometheus.yml").write_text(cfg)
-    prom = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={tmp_path / 'data'}",
-                             f"--web.listen-address=127.0.0.1:{port}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    p = Prometheus(f"http://127.0.0.1:{port}")
+    prom, p = _start_prometheus(tmp_path, [relay.admin])
     try:
         assert crowd.join().accepted == 20
         crowd.run(10.0)  # traffic while Prometheus scrapes every second
@@ -97,14 +118,14 @@ def test_every_panel_and_alert_returns_data_from_real_prometheus(tmp_path) -> No
             crowd.run(1.0)
         assert f"{relay.admin[0]}:{relay.admin[1]}" in p.api(
             "label/instance/values", **{"match[]": "relay_build_info"})
-        empty = [(title, expr) for title, expr in _panel_exprs() if not p.query(expr)]
+        empty = [(title, expr) for title, expr in _panel_exprs() if not _cluster_only(expr) and not p.query(expr)]
         assert empty == [], f"panels with no data: {empty}"
 
         groups = p.api("rules")["groups"]
         rules = [r for g in groups for r in g["rules"]]
-        assert len(rules) == 6
+        assert len(rules) == 8
         assert all(r["health"] == "ok" for r in rules), rules
-        no_signal = [r["name"] for r in rules if not p.query(_signal(r["query"]))]
+        no_signal = [r["name"] for r in rules if not _cluster_only(r["query"]) and not p.query(_signal(r["query"]))]
         assert no_signal == [], f"alert signals with no data: {no_signal}"
 
         # the publisher goes quiet: its alert must start pending within its window
@@ -124,9 +145,56 @@ def test_every_panel_and_alert_returns_data_from_real_prometheus(tmp_path) -> No
         crowd.close()
         if pub.poll() is None:
             pub.kill()
-        prom.terminate()
-        try:
-            prom.wait(10)
-        except subprocess.TimeoutExpired:
-            prom.kill()
+        _stop_prometheus(prom)
         assert stop(relay.proc) == 0
+
+
+def test_the_cluster_row_and_alerts_from_real_prometheus(tmp_path) -> None:
+    """An origin and an edge sharing a Redis directory: the cluster panels
+    and alert signals have data, and the edge losing its only upstream
+    while it has listeners starts RelayEdgeWithoutUpstream."""
+    import signal as signals
+    from tests.test_cascade import Node, _token
+    from tests.test_directory import RedisServer
+    redis = RedisServer()
+    origin = Node(tmp_path, "origin", directory=redis.url)
+    edge = Node(tmp_path, "edge", upstream=[origin], directory=redis.url)
+    pub = subprocess.Popen([sys.executable, "-m", "relay", "publish", "--to",
+                            f"{origin.ingest[0]}:{origin.ingest[1]}", "--duration", "60"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    crowd = LoopbackCrowd(5, edge.listen, "live", token=_token())
+    prom, p = _start_prometheus(tmp_path, [origin.admin, edge.admin])
+    try:
+        assert crowd.join().accepted == 5
+        crowd.run(8.0)
+        deadline = time.monotonic() + 30
+        while not p.query('relay_upstream_connected == 1') and time.monotonic() < deadline:
+            crowd.run(1.0)
+        cluster_panels = [(t, e) for t, e in _panel_exprs() if _cluster_only(e)]
+        assert len(cluster_panels) == 4
+        empty = [(t, e) for t, e in cluster_panels if not p.query(e)]
+        assert empty == [], f"cluster panels with no data: {empty}"
+        rules = [r for g in p.api("rules")["groups"] for r in g["rules"] if _cluster_only(r["query"])]
+        assert sorted(r["name"] for r in rules) == ["RelayDirectoryUnreachable", "RelayEdgeWithoutUpstream"]
+        # the signals: every directory node reachable, the edge connected
+        assert p.query('max by (instance) (relay_directory_reachable) == 1')
+        assert p.query('max by (instance, room) (relay_upstream_connected) == 1')
+
+        origin.proc.send_signal(signals.SIGKILL)     # the edge's only upstream dies under its listeners
+        deadline = time.monotonic() + 40
+        state = None
+        while time.monotonic() < deadline and state is None:
+            crowd.run(1.0)
+            alerts = [a for a in p.api("alerts")["alerts"] if a["labels"]["alertname"] == "RelayEdgeWithoutUpstream"]
+            if alerts:
+                state = alerts[0]["state"]
+                assert alerts[0]["labels"]["room"] == "live"
+        assert state in ("pending", "firing")
+    finally:
+        crowd.close()
+        pub.kill()
+        pub.wait()
+        _stop_prometheus(prom)
+        origin.proc.wait()
+        assert stop(edge.proc) == 0
+        redis.stop()

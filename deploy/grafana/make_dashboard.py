@@ -58,6 +58,16 @@ PANELS: list[tuple[str, str, list[tuple[str, str]], int]] = [
     ("Memory and fds", "bytes",
      [("RSS {{instance}}", f"relay_process_resident_memory_bytes{{{N}}}"),
       ("fds {{instance}}", f"relay_process_open_fds{{{N}}}")], 8),
+    # the cluster: the directory, the tree above each node, joiners sent on
+    ("Cluster: nodes in the directory", "short",
+     [("seen by {{instance}}", f"relay_directory_peers{{{N}}} + 1"),
+      ("directory reachable {{instance}}", f"relay_directory_reachable{{{N}}}")], 8),
+    ("Cluster: joiners sent to another node /s", "reqps",
+     [("{{reason}}", f'sum by (reason) (rate(relay_rejections_total{{{N},reason=~"node_full|room_full|draining"}}'
+                     f"[{R}]))")], 8),
+    ("Cluster: upstream health and failovers", "short",
+     [("connected {{instance}} {{room}}", f"relay_upstream_connected{{{N}}}"),
+      ("failovers {{instance}} {{room}}", f"increase(relay_upstream_switches_total{{{N}}}[{R}])")], 8),
 ]
 
 
