@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 from relay.client.publish import encode_tone, ffmpeg_command
@@ -28,7 +29,7 @@ class Node:
     the upstream nodes given."""
 
     def __init__(self, tmp: Path, name: str, upstream: list["Node"] | None = None, workers: int = 1,
-                 env: dict | None = None, directory: str = "") -> None:
+                 env: dict | None = None, directory: str = "", quic: bool = False) -> None:
         self.listen = ("127.0.0.1", free_port())
         self.admin = ("127.0.0.1", free_port(socket.SOCK_STREAM))
         self.ingest = ("127.0.0.1", free_port())
@@ -38,7 +39,8 @@ class Node:
         cfg.write_text(f'[node]\nlisten = "{self.listen[0]}:{self.listen[1]}"\n'
                        f'admin = "{self.admin[0]}:{self.admin[1]}"\nauth = "jwt"\nworkers = {workers}\n'
                        'max_load = 0\nmax_machine_load = 0\ndrain_grace = 0\nupstream_linger = 0.5\n'
-                       + (f'directory = "{directory}"\nnode_id = "{name}"\n' if directory else "") +
+                       + (f'directory = "{directory}"\nnode_id = "{name}"\n' if directory else "")
+                       + (f'quic = "127.0.0.1:{free_port()}"\n' if quic else "") +
                        f'[[room]]\nname = "live"\n{room}\n'.replace("'", '"'))
         self.proc = subprocess.Popen([sys.executable, "-m", "relay", "--log-level", "warning", "serve", "-c", str(cfg)],
                                      env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -46,6 +48,10 @@ class Node:
 
     def listeners(self) -> float:
         return scrape(self.admin)['relay_listeners{room="live",transport="udp"}']
+
+    def get_metrics(self) -> str:
+        with urllib.request.urlopen(f"http://{self.admin[0]}:{self.admin[1]}/metrics", timeout=10) as r:
+            return r.read().decode()
 
 
 def _token() -> str:

@@ -166,3 +166,44 @@ def test_the_page_retries_a_full_node_with_backoff(tmp_path) -> None:
         publisher.kill()
         publisher.wait()
         assert stop(relay.proc) == 0
+
+
+def test_the_page_moves_to_another_edge_when_its_edge_dies(tmp_path) -> None:
+    """origin <- ffmpeg; two edges with QUIC take the room from it and share
+    a Redis directory. A page playing from edge 1, told `via` edge 2's
+    /join, keeps playing from edge 2 after edge 1 is killed."""
+    if not browser.available():
+        pytest.fail("chromium is not installed; run `make test`, which installs it")
+    from relay.client.publish import ffmpeg_command
+    from tests.test_cascade import Node, _token
+    from tests.test_directory import RedisServer
+    import subprocess
+    redis = RedisServer()
+    origin = Node(tmp_path, "origin")
+    e1, e2 = (Node(tmp_path, f"edge{i}", upstream=[origin], directory=redis.url, quic=True) for i in (1, 2))
+    publisher = subprocess.Popen(ffmpeg_command(f"sine=frequency={TONE_HZ}:sample_rate=48000", origin.ingest,
+                                                lavfi=True, duration=40),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    page = browser.Browser()
+    try:
+        time.sleep(1.2)   # the edges have read each other's records
+        page.goto(f"http://{e1.admin[0]}:{e1.admin[1]}/listen?room=live&token={_token()}"
+                  f"&via=http://{e2.admin[0]}:{e2.admin[1]}/join")
+        st = wait_state(page, lambda s: s["state"] == "playing" and s["framesDecoded"] >= 50, timeout=30)
+        assert st["state"] == "playing" and st["moves"] == 0, st
+        before = st["framesDecoded"]
+        e1.proc.kill()                                   # the edge dies under the page
+        st = wait_state(page, lambda s: s["moves"] == 1 and s["state"] == "playing"
+                        and s["framesDecoded"] >= before + 150, timeout=30)
+        assert st["moves"] == 1 and st["node"] == "edge2" and st["state"] == "playing", st
+        assert st["framesDecoded"] >= before + 150 and st["decodeErrors"] == 0, st
+        assert abs(st["pitchHz"] - TONE_HZ) < 10, st
+        assert metric(e2.get_metrics(), 'relay_listeners{room="live",transport="webtransport"}') == 1
+    finally:
+        page.close()
+        publisher.kill()
+        publisher.wait()
+        e1.proc.wait()
+        for n in (e2, origin):
+            assert stop(n.proc) == 0
+        redis.stop()

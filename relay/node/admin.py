@@ -78,14 +78,18 @@ class _Request(asyncio.Protocol):
         assert self.transport is not None
         peer = self.transport.get_extra_info("peername")
         local = bool(peer) and _is_loopback(peer[0])
-        self.answer(*self.server.route(parts[0] if parts else "", path, local))
+        # /join is asked by pages served from other nodes (a listener moving
+        # on): it says only where to connect, so any origin may read it
+        cors = path.partition("?")[0] == "/join"
+        self.answer(*self.server.route(parts[0] if parts else "", path, local), cors=cors)
 
-    def answer(self, status: str, ctype: str, body: bytes) -> None:
+    def answer(self, status: str, ctype: str, body: bytes, cors: bool = False) -> None:
         self.head = None
         self.server.answered(self)
         assert self.transport is not None
+        allow = "Access-Control-Allow-Origin: *\r\n" if cors else ""
         self.transport.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
-                             f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n"
+                             f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n{allow}"
                              "Connection: close\r\n\r\n".encode() + body)
         self.transport.close()   # after what was written has gone
 

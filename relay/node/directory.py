@@ -5,8 +5,8 @@ others' into a local table, and join routing reads only that table.
 
 Layout (every key under `relay:`):
 
-    relay:node:ID    hash: udp, quic, tier, capacity, listeners, load,
-                     draining, rooms (JSON list); EXPIREs 3 s after the
+    relay:node:ID    hash: udp, quic, webtransport, cert, tier, capacity,
+                     listeners, load, draining, rooms (JSON list); EXPIREs 3 s after the
                      last heartbeat, so a dead node vanishes by itself
     relay:nodes      sorted set of node ids, scored by when their record
                      expires: the index to read the hashes through (a
@@ -53,6 +53,8 @@ class Peer:
     draining: bool
     rooms: list[str]
     seen: float           # monotonic time we last read it
+    webtransport: str = ""   # the page's URL for it ("" without QUIC)
+    cert: str = ""           # its self-signed certificate's SHA-256, for a page to pin
 
     @property
     def spare(self) -> int:
@@ -63,7 +65,8 @@ def _peer(node_id: str, fields: dict[str, str], now: float) -> Peer | None:
     try:
         return Peer(node_id, fields["udp"], fields.get("quic", ""), fields.get("tier", "edge"),
                     int(fields["capacity"]), int(fields["listeners"]), float(fields["load"]),
-                    fields.get("draining") == "1", list(json.loads(fields.get("rooms", "[]"))), now)
+                    fields.get("draining") == "1", list(json.loads(fields.get("rooms", "[]"))), now,
+                    fields.get("webtransport", ""), fields.get("cert", ""))
     except (KeyError, ValueError, TypeError):
         return None   # a record written by something else, or half written: not a peer
 

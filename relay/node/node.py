@@ -312,12 +312,16 @@ class Node:
 
     def _describe(self) -> dict[str, Any]:
         """This node's directory record."""
-        quic = ""
+        quic = webtransport = cert = ""
         if self.quic is not None and self.cfg.advertise:
-            quic = f"{self.cfg.advertise.rpartition(':')[0]}:{self.quic.addr[1]}"
+            quic = f"{self.cfg.advertise.rpartition(':')[0]}:{self.quic.port}"
+            info = self.quic.describe()
+            webtransport = f"https://{quic}{info['path']}"
+            cert = info["cert_sha256"] or ""
         carried = [name for name, r in self.rooms.items()
                    if name not in self.upstreams or self.upstreams[name].current is not None]
-        return {"udp": self.cfg.advertise, "quic": quic, "tier": self.cfg.tier,
+        return {"udp": self.cfg.advertise, "quic": quic, "webtransport": webtransport, "cert": cert,
+                "tier": self.cfg.tier,
                 "capacity": self.cfg.max_listeners, "listeners": self.core.listeners,
                 "load": round(self.load.duty, 4), "draining": self.sessions.draining, "rooms": carried}
 
@@ -341,13 +345,15 @@ class Node:
         if room not in self.rooms:
             return None
         if not self.sessions.draining and self.core.listeners < self.cfg.max_listeners and self.cfg.advertise:
-            quic = self._describe()["quic"]
-            return {"room": room, "node": self.cfg.node_id, "udp": self.cfg.advertise, "quic": quic}
+            me = self._describe()
+            return {"room": room, "node": self.cfg.node_id, "udp": me["udp"], "quic": me["quic"],
+                    "webtransport": me["webtransport"], "cert_sha256": me["cert"]}
         if self.directory is not None:
             peer = self.directory.pick(room, tier=self.cfg.tier, exclude=self.cfg.advertise)
             if peer is not None:
-                return {"room": room, "node": peer.id, "udp": peer.udp, "quic": peer.quic}
-        return {"room": room, "node": "", "udp": "", "quic": ""}
+                return {"room": room, "node": peer.id, "udp": peer.udp, "quic": peer.quic,
+                        "webtransport": peer.webtransport, "cert_sha256": peer.cert}
+        return {"room": room, "node": "", "udp": "", "quic": "", "webtransport": "", "cert_sha256": ""}
 
     def _sent(self) -> None:
         """A packet was fed to the core from Python: an inline core sends it now."""

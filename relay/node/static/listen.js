@@ -12,13 +12,20 @@ const REASONS = ["", "bad_request", "unsupported_version", "bad_token", "expired
   "draining", "wrong_role", "rate_limited", "token_in_use"];
 const MAGIC = 0x0b, VERSION = 1, JOIN = 1, ACCEPT = 3, REJECT = 4;
 const PLAYOUT_DELAY = 0.08;   // seconds of audio scheduled ahead, absorbs jitter
+// with ?via=URL (a node's /join), a node silent this long is taken for gone
+// and the page asks there where to listen instead
+const FOLLOW_MS = 2000;
 
 const params = new URLSearchParams(location.search);
 const st = window.relayListener = {
   state: "starting", room: params.get("room") || "demo", error: "",
   packets: 0, bytes: 0, lost: 0, framesDecoded: 0, decodeErrors: 0,
   bitrateKbps: 0, levelDb: -Infinity, pitchHz: 0, audio: "off", ssrc: 0, retries: 0,
+  moves: 0, node: "",
 };
+const via = params.get("via");
+let generation = 0;          // each connection's number: a dead one's errors are not ours
+let lastDatagram = 0;
 const $ = (id) => document.getElementById(id);
 $("room").textContent = st.room;
 
@@ -159,6 +166,7 @@ function onDatagram(d, decoder) {
   if (d[0] & 0x20) end -= d[end - 1];
   if (off >= end) return;
   const seq = v.getUint16(2), ts = v.getUint32(4);
+  lastDatagram = performance.now();
   st.packets++;
   st.bytes += d.length;
   window1s.push([performance.now(), d.length]);
@@ -178,31 +186,65 @@ function onDatagram(d, decoder) {
 
 // ------------------------------------------------------------------- main
 
-async function listen() {
-  if (!("WebTransport" in window) || !("AudioDecoder" in window)) {
-    setState("error", "this browser lacks WebTransport or WebCodecs");
-    return;
-  }
-  setupAudio();
+// where this page's own node takes WebTransport listeners
+async function ownNode() {
   const answer0 = await fetch("/quic.json");
   const info = await answer0.json();
   if (!answer0.ok || !info.port) {
     // the node serves this page but has no QUIC port: say so, not a URL error
-    setState("error", info.error || "this node does not offer QUIC listeners");
-    return;
+    throw new Error(info.error || "this node does not offer QUIC listeners");
   }
   // a node bound to every address names none: use the host this page came
   // from (an IPv6 hostname comes with its brackets)
-  const url = info.webtransport || "https://" + location.hostname + ":" + info.port + info.path;
-  const opts = {};
-  if (info.cert_sha256) {
-    opts.serverCertificateHashes = [{ algorithm: "sha-256", value: hexBytes(info.cert_sha256) }];
+  return { url: info.webtransport || "https://" + location.hostname + ":" + info.port + info.path,
+           cert: info.cert_sha256 };
+}
+
+// our node went silent: ask ?via= where to listen now, and go there
+async function moveOn() {
+  const answer = await fetch(via + (via.includes("?") ? "&" : "?") + "room=" + encodeURIComponent(st.room));
+  const where = await answer.json();
+  if (!answer.ok || !where.webtransport) throw new Error(where.error || "no node to move to");
+  st.moves++;
+  setState("moving", "to " + where.node);
+  return listen({ url: where.webtransport, cert: where.cert_sha256, node: where.node });
+}
+
+setInterval(() => {
+  // a node that died shows as silence, or as the connection closing under us
+  if (via && ["joined", "playing", "closed"].includes(st.state) && performance.now() - lastDatagram > FOLLOW_MS) {
+    setState("lost", "nothing from the node for " + FOLLOW_MS / 1000 + " s");
+    moveOn().catch((e) => setState("error", e.message || e));
   }
+}, 500);
+
+async function listen(target) {
+  if (!("WebTransport" in window) || !("AudioDecoder" in window)) {
+    setState("error", "this browser lacks WebTransport or WebCodecs");
+    return;
+  }
+  const gen = ++generation;
+  setupAudio();
+  let node;
+  try {
+    node = target || await ownNode();
+  } catch (e) {
+    setState("error", e.message);
+    return;
+  }
+  const opts = {};
+  if (node.cert) {
+    opts.serverCertificateHashes = [{ algorithm: "sha-256", value: hexBytes(node.cert) }];
+  }
+  st.node = node.node || location.host;
   setState("connecting");
-  const wt = new WebTransport(url, opts);
+  const wt = new WebTransport(node.url, opts);
   await wt.ready;
-  // a close after a refusal or an error keeps that message on screen
-  const closed = (why) => { if (!["rejected", "ended", "error"].includes(st.state)) setState("closed", why); };
+  // a close after a refusal or an error keeps that message on screen; a
+  // connection we have moved on from says nothing
+  const closed = (why) => {
+    if (gen === generation && !["rejected", "ended", "error"].includes(st.state)) setState("closed", why);
+  };
   wt.closed.then(() => closed(""), (e) => closed(e.message));
   const stream = await wt.createBidirectionalStream();
   const w = stream.writable.getWriter();
@@ -219,13 +261,16 @@ async function listen() {
       const wait = Math.min(30, 2 ** st.retries++) * (0.8 + 0.4 * Math.random());
       setState("rejected", answer.reason + ", retrying in " + wait.toFixed(1) + " s");
       await new Promise((r) => setTimeout(r, wait * 1000));
-      return listen();
+      return listen(target);
     }
     setState("rejected", answer.reason + (answer.redirect ? ", go to " + answer.redirect : ""));
     return;
   }
   st.retries = 0;
   st.ssrc = answer.ssrc;
+  // a new session numbers its packets its own way
+  highSeq = firstSeq = tsBase = -1;
+  lastDatagram = performance.now();
   setState("joined");
   const decoder = makeDecoder();
   // later control messages: the node draining or the room going away
@@ -237,10 +282,11 @@ async function listen() {
   })().catch(() => {});
   const reader = wt.datagrams.readable.getReader();
   for (;;) {
-    const { value, done } = await reader.read();
-    if (done) break;
+    const { value, done } = await reader.read().catch(() => ({ done: true }));
+    if (done || gen !== generation) break;
     onDatagram(value, decoder);
   }
+  if (gen !== generation) wt.close();
 }
 
 function render() {
@@ -261,4 +307,4 @@ setInterval(render, 250);
 
 // once the node has ended the session (draining, room removed), the
 // connection closing after it is expected, not an error
-listen().catch((e) => { if (st.state !== "ended") setState("error", e.message || e); });
+listen().catch((e) => { if (st.state !== "ended" && st.moves === 0) setState("error", e.message || e); });
