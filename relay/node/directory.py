@@ -89,12 +89,16 @@ class Directory:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
-    async def close(self, leave: bool = True) -> None:
-        """Stop the heartbeat; with `leave`, remove our record at once (a
-        clean shutdown), else it expires by itself."""
+    def stop(self) -> None:
+        """Stop the heartbeat; the record expires by itself."""
         if self._task is not None:
             self._task.cancel()
             self._task = None
+
+    async def close(self, leave: bool = True) -> None:
+        """Stop the heartbeat; with `leave`, remove our record at once (a
+        clean shutdown), else it expires by itself."""
+        self.stop()
         if leave:
             try:
                 await self._client.delete(PREFIX + "node:" + self.node_id)

@@ -408,6 +408,8 @@ class Node:
             t.cancel()
         for up in self.upstreams.values():
             up.stop()
+        if self.directory is not None:
+            self.directory.stop()
         self.senders.stop()
         self.admin.close()
         if self.quic is not None:

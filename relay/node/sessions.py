@@ -228,9 +228,9 @@ class Sessions:
             return self._refuse(Reason.TOKEN_IN_USE)
         if key in self.table:
             self._remove(self.table[key])  # switching rooms
-        # A node below this one in the tree is admitted past the listener
-        # limits: it is one session that serves thousands, and refusing it
-        # would cut a whole branch off. The arena is the only hard limit.
+        # A node below this one in the tree is admitted past the load and
+        # room limits: it is one session that serves thousands, and refusing
+        # it would cut a whole branch off. Only a full arena refuses it.
         if role != "relay":
             if self.core.listeners >= self.cfg.max_listeners or self._over_load(now, transport_full):
                 return self._refuse(Reason.NODE_FULL, redirect())
