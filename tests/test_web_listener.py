@@ -207,3 +207,41 @@ def test_the_page_moves_to_another_edge_when_its_edge_dies(tmp_path) -> None:
         for n in (e2, origin):
             assert stop(n.proc) == 0
         redis.stop()
+
+
+def test_a_page_refused_by_a_full_node_goes_where_its_join_says(tmp_path) -> None:
+    """A full edge in a cluster: the page asks the node's own /join and plays
+    from the edge it names, pinning that edge's certificate."""
+    if not browser.available():
+        pytest.fail("chromium is not installed; run `make test`, which installs it")
+    from relay.client.publish import ffmpeg_command
+    from relay.testing.loadgen import LoopbackCrowd
+    from tests.test_cascade import Node, _token
+    from tests.test_directory import RedisServer
+    import subprocess
+    redis = RedisServer()
+    origin = Node(tmp_path, "origin")
+    full = Node(tmp_path, "full", upstream=[origin], directory=redis.url, quic=True, max_listeners=1)
+    spare = Node(tmp_path, "spare", upstream=[origin], directory=redis.url, quic=True)
+    publisher = subprocess.Popen(ffmpeg_command(f"sine=frequency={TONE_HZ}:sample_rate=48000", origin.ingest,
+                                                lavfi=True, duration=30),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    token = _token()
+    crowd = LoopbackCrowd(1, full.listen, "live", token=token)
+    page = browser.Browser()
+    try:
+        assert crowd.join().accepted == 1                 # the one place on "full" is taken
+        time.sleep(2.2)                                    # and its record says so
+        page.goto(f"http://{full.admin[0]}:{full.admin[1]}/listen?room=live&token={token}")
+        st = wait_state(page, lambda s: s["state"] == "playing" and s["framesDecoded"] >= 100, timeout=30)
+        assert st["state"] == "playing" and st["node"] == "spare" and st["moves"] == 1, st
+        assert st["decodeErrors"] == 0 and abs(st["pitchHz"] - TONE_HZ) < 10, st
+        assert metric(spare.get_metrics(), 'relay_listeners{room="live",transport="webtransport"}') == 1
+    finally:
+        page.close()
+        crowd.close()
+        publisher.kill()
+        publisher.wait()
+        for n in (full, spare, origin):
+            assert stop(n.proc) == 0
+        redis.stop()

@@ -200,11 +200,17 @@ async function ownNode() {
            cert: info.cert_sha256 };
 }
 
+// a node's /join: where a listener of this room should go (null if nowhere)
+async function askJoin(url) {
+  const answer = await fetch(url + (url.includes("?") ? "&" : "?") + "room=" + encodeURIComponent(st.room));
+  const where = await answer.json();
+  return answer.ok && where.webtransport ? where : null;
+}
+
 // our node went silent: ask ?via= where to listen now, and go there
 async function moveOn() {
-  const answer = await fetch(via + (via.includes("?") ? "&" : "?") + "room=" + encodeURIComponent(st.room));
-  const where = await answer.json();
-  if (!answer.ok || !where.webtransport) throw new Error(where.error || "no node to move to");
+  const where = await askJoin(via);
+  if (!where) throw new Error("no node to move to");
   st.moves++;
   setState("moving", "to " + where.node);
   return listen({ url: where.webtransport, cert: where.cert_sha256, node: where.node });
@@ -257,6 +263,13 @@ async function listen(target) {
   if (answer.type === "reject") {
     wt.close();
     if (RETRY.includes(answer.reason)) {
+      // a node in a cluster knows one with room: ask it (or ?via=) and go there
+      const where = await askJoin(via || "/join").catch(() => null);
+      if (where && where.node !== st.node) {
+        st.moves++;
+        setState("moving", answer.reason + ", to " + where.node);
+        return listen({ url: where.webtransport, cert: where.cert_sha256, node: where.node });
+      }
       // a full or draining node may have room again soon: back off and ask again
       const wait = Math.min(30, 2 ** st.retries++) * (0.8 + 0.4 * Math.random());
       setState("rejected", answer.reason + ", retrying in " + wait.toFixed(1) + " s");
