@@ -245,3 +245,40 @@ def test_a_page_refused_by_a_full_node_goes_where_its_join_says(tmp_path) -> Non
         for n in (full, spare, origin):
             assert stop(n.proc) == 0
         redis.stop()
+
+
+def test_a_page_on_a_draining_edge_moves_to_another(tmp_path) -> None:
+    """SIGTERM on the page's edge: told `draining`, the page asks /join
+    (here its ?via=) and plays on from the other edge."""
+    if not browser.available():
+        pytest.fail("chromium is not installed; run `make test`, which installs it")
+    from relay.client.publish import ffmpeg_command
+    from tests.test_cascade import Node, _token
+    from tests.test_directory import RedisServer
+    import subprocess
+    redis = RedisServer()
+    origin = Node(tmp_path, "origin")
+    e1, e2 = (Node(tmp_path, f"edge{i}", upstream=[origin], directory=redis.url, quic=True) for i in (1, 2))
+    publisher = subprocess.Popen(ffmpeg_command(f"sine=frequency={TONE_HZ}:sample_rate=48000", origin.ingest,
+                                                lavfi=True, duration=30),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    page = browser.Browser()
+    try:
+        time.sleep(1.2)
+        page.goto(f"http://{e1.admin[0]}:{e1.admin[1]}/listen?room=live&token={_token()}"
+                  f"&via=http://{e2.admin[0]}:{e2.admin[1]}/join")
+        st = wait_state(page, lambda s: s["state"] == "playing" and s["framesDecoded"] >= 50, timeout=30)
+        assert st["state"] == "playing", st
+        before = st["framesDecoded"]
+        assert stop(e1.proc) == 0                        # drains: tells the page, then exits
+        st = wait_state(page, lambda s: s["moves"] == 1 and s["state"] == "playing"
+                        and s["framesDecoded"] >= before + 100, timeout=30)
+        assert st["moves"] == 1 and st["node"] == "edge2" and st["state"] == "playing", st
+        assert st["decodeErrors"] == 0, st
+    finally:
+        page.close()
+        publisher.kill()
+        publisher.wait()
+        for n in (e1, e2, origin):
+            assert stop(n.proc) == 0
+        redis.stop()

@@ -207,6 +207,18 @@ async function askJoin(url) {
   return answer.ok && where.webtransport ? where : null;
 }
 
+// refused or drained: if our node's /join (or ?via=) names another node, go
+// there; false if it names none
+async function goWhereJoinSays(why) {
+  const where = await askJoin(via || "/join").catch(() => null);
+  if (!where || where.node === st.node) return false;
+  st.moves++;
+  setState("moving", why + ", to " + where.node);
+  listen({ url: where.webtransport, cert: where.cert_sha256, node: where.node })
+    .catch((e) => setState("error", e.message || e));
+  return true;
+}
+
 // our node went silent: ask ?via= where to listen now, and go there
 async function moveOn() {
   const where = await askJoin(via);
@@ -264,12 +276,7 @@ async function listen(target) {
     wt.close();
     if (RETRY.includes(answer.reason)) {
       // a node in a cluster knows one with room: ask it (or ?via=) and go there
-      const where = await askJoin(via || "/join").catch(() => null);
-      if (where && where.node !== st.node) {
-        st.moves++;
-        setState("moving", answer.reason + ", to " + where.node);
-        return listen({ url: where.webtransport, cert: where.cert_sha256, node: where.node });
-      }
+      if (await goWhereJoinSays(answer.reason)) return;
       // a full or draining node may have room again soon: back off and ask again
       const wait = Math.min(30, 2 ** st.retries++) * (0.8 + 0.4 * Math.random());
       setState("rejected", answer.reason + ", retrying in " + wait.toFixed(1) + " s");
@@ -290,7 +297,10 @@ async function listen(target) {
   (async () => {
     for await (const m of control) {
       const msg = parseControl(m);
-      if (msg.type === "reject") setState("ended", msg.reason + (msg.redirect ? ", go to " + msg.redirect : ""));
+      if (msg.type !== "reject") continue;
+      setState("ended", msg.reason + (msg.redirect ? ", go to " + msg.redirect : ""));
+      // a draining node in a cluster: its /join names where to go on
+      if (msg.reason === "draining" && gen === generation) await goWhereJoinSays("draining");
     }
   })().catch(() => {});
   const reader = wt.datagrams.readable.getReader();
