@@ -2,8 +2,9 @@
 
 Each room's ingest socket is drained by core.ingest() (recvmmsg in C), or,
 for a room whose publishers use SRTP, read here, opened (srtp.py) and fed
-to the core one packet at a time; the listener socket carries control messages and RTCP in, and replies, resends
-and (from the core, with sendmmsg) audio out. This module only moves bytes:
+to the core one packet at a time. The listener socket carries control
+messages and RTCP in, and replies, resends and (from the core, with
+sendmmsg) audio out. This module only moves bytes:
 what to answer is the session policy's, what to send is the core's. With an
 inline core the loop thread also waits for the socket to drain when the
 kernel's buffer fills.
