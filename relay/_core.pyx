@@ -7,6 +7,7 @@ Data path (DESIGN.md), one included file per step:
     core/ingest.pxi     ingest fd --recvmmsg--> datagrams
     core/rtp.pxi        parse RTP, check source, rewrite numbering once per
                         room into the room's history
+    core/rooms.pxi      the room table set up from Python: sources, takeover rules
     core/ring.pxi       a listener's ring: packets of any length end to end
                         in a byte budget, the oldest let go to make room
     core/fanout.pxi     memcpy into every listener's ring with that
@@ -64,6 +65,7 @@ include "core/arena.pxi"
 include "core/listeners.pxi"
 include "core/ingest.pxi"
 include "core/rtp.pxi"
+include "core/rooms.pxi"
 include "core/ring.pxi"
 include "core/fanout.pxi"
 include "core/egress.pxi"
@@ -149,19 +151,10 @@ cdef class Core:
         """Start accepting packets for `room`; sources must be allowed first
         unless `any_source` (open demo rooms). The takeover rule starts as
         room_rules()' defaults."""
-        cdef Room *r = self._room(room)
-        cdef int k
-        if r.active:
+        if self._room(room).active:
             raise ValueError(f"room {room} is already open")
         lock_all_gil(&self.st)
-        memset(r, 0, sizeof(Room))
-        for k in range(MAX_SHARDS):
-            r.first[k] = -1
-        for k in range(self.st.shards):
-            self.st.sh[k].hist_seen[room] = 0
-        r.active = 1
-        r.any_source = 1 if any_source else 0
-        r.takeover_ns = TAKEOVER_NS
+        room_reset(&self.st, room, any_source)
         unlock_all(&self.st)
 
     def room_rules(self, int room, double takeover_s=0.15, bint pin_source=False):
@@ -169,9 +162,7 @@ cdef class Core:
         or, with `pin_source`, a new source address) may, after an RTCP BYE
         from the live one, after room_release(), or after `takeover_s`
         seconds of the live one's silence (negative: never)."""
-        cdef Room *r = self._room(room)
-        r.takeover_ns = <int64_t>(takeover_s * 1e9) if takeover_s >= 0 else -1
-        r.pin_source = 1 if pin_source else 0
+        room_set_rules(self._room(room), takeover_s, pin_source)
 
     def room_release(self, int room):
         """Let the next stream take the room at once (the operator's word,
@@ -201,26 +192,13 @@ cdef class Core:
         """Lock the room to a source address (raw sockaddr bytes, see
         relay.wire.addr.to_sockaddr); with any_port only the IP must match."""
         cdef Room *r = self._room(room)
-        cdef const uint8_t *a = sockaddr
-        cdef Source *s
-        cdef uint16_t family
         if r.n_sources >= MAX_SOURCES:
             raise ValueError(f"a room allows at most {MAX_SOURCES} sources")
         if not _sockaddr_len_ok(sockaddr):
             raise ValueError("sockaddr must be 16 bytes (AF_INET) or 28 (AF_INET6)")
-        s = &r.sources[r.n_sources]
-        memset(s, 0, sizeof(Source))
-        family = (<const uint16_t *>a)[0]
-        if family == AF_INET:
-            memcpy(s.ip, a + 4, 4)
-        elif family == AF_INET6:
-            memcpy(s.ip, a + 8, 16)
-        else:
+        if (<const uint16_t *><const uint8_t *>sockaddr)[0] not in (AF_INET, AF_INET6):
             raise ValueError("sockaddr must be AF_INET or AF_INET6")
-        s.family = <uint8_t>family
-        s.port = (<const uint16_t *>a)[1]
-        s.any_port = 1 if any_port else 0
-        r.n_sources += 1
+        room_add_source(r, sockaddr, any_port)
 
     # -------------------------------------------------------------- listeners
 
@@ -386,18 +364,9 @@ cdef class Core:
     def settled(self):
         """True when every shard has fanned out every room packet and sent
         all it can: what tests wait for before comparing with the model."""
-        cdef CoreState *c = &self.st
-        cdef int k, room
-        cdef bint done = True
-        for k in range(c.shards):
-            lock_shard_gil(c, k)
-            if c.sh[k].q_len:
-                done = False
-            for room in range(c.rooms):
-                if c.rm[room].active and c.sh[k].hist_seen[room] != relay_load_acquire(&c.rm[room].hist_head):
-                    done = False
-            unlock_shard(c, k)
-            if not done:
+        cdef int k
+        for k in range(self.st.shards):
+            if not shard_settled(&self.st, k):
                 return False
         return True
 

@@ -58,6 +58,7 @@ cdef inline bint source_ok(Room *r, const uint8_t *a) noexcept nogil:
 
 cdef inline void source_of(Source *s, const uint8_t *a) noexcept nogil:
     """Remember the raw sockaddr `a` as a source (address and port)."""
+    memset(s, 0, sizeof(Source))
     s.family = <uint8_t>(<const uint16_t *>a)[0]
     s.port = (<const uint16_t *>a)[1]
     if s.family == AF_INET:

@@ -80,3 +80,16 @@ cdef void shard_loop(CoreState *c, int k, int fd) noexcept nogil:
         flush_shard(c, k, fd)
         s.busy_ns += <uint64_t>(monotonic_ns() - t0)
         unlock_shard(c, k)
+
+
+cdef bint shard_settled(CoreState *c, int k):
+    """Has shard k fanned out every room packet and sent all it can?"""
+    cdef int room
+    cdef bint done
+    lock_shard_gil(c, k)
+    done = c.sh[k].q_len == 0
+    for room in range(c.rooms):
+        if c.rm[room].active and c.sh[k].hist_seen[room] != relay_load_acquire(&c.rm[room].hist_head):
+            done = False
+    unlock_shard(c, k)
+    return done
