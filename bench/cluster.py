@@ -130,10 +130,7 @@ def origin_cost(tmp: Path, redis: Redis, crowds: list[int], seconds: float) -> l
                 time.sleep(1.0)   # the edges have subscribed
                 before = [n_.cpu() for n_ in tree.nodes]
                 t0 = time.monotonic()
-                end = t0 + seconds
-                while time.monotonic() < end:
-                    for c in crowd:
-                        c.run(0.05)
+                run(crowd, seconds)
                 elapsed = time.monotonic() - t0
                 used = [(b - a) / elapsed for a, b in zip(before, [n_.cpu() for n_ in tree.nodes], strict=True)]
                 origin_listeners = tree.origin.listeners()
@@ -185,24 +182,35 @@ def storm(tmp: Path, redis: Redis, joins: int, edge_limit: int) -> dict:
         tree.close()
 
 
+def listening(tree: Tree, per_edge: int, seconds: float) -> list[LoopbackCrowd]:
+    """`per_edge` listeners joined on every edge, heard for `seconds`."""
+    crowds = [LoopbackCrowd(per_edge, e.listen, "live", first_address=k * per_edge)
+              for k, e in enumerate(tree.edges)]
+    for c in crowds:
+        c.join(timeout=30)
+    run(crowds, seconds)
+    return crowds
+
+
+def run(crowds: list[LoopbackCrowd], seconds: float) -> None:
+    """Receive on every crowd, in turns, for `seconds`."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for c in crowds:
+            c.run(0.05)
+
+
 def failover(tmp: Path, redis: Redis, per_edge: int) -> dict:
     """A mid dies: the edges under it move to the other mid."""
     tree = Tree(tmp / "failover", redis)
-    crowds = [LoopbackCrowd(per_edge, e.listen, "live", first_address=k * per_edge)
-              for k, e in enumerate(tree.edges)]
+    crowds: list[LoopbackCrowd] = []
     try:
-        for c in crowds:
-            c.join(timeout=30)
-        for _ in range(20):
-            for c in crowds:
-                c.run(0.05)
+        crowds = listening(tree, per_edge, 4.0)
         before = [[c.crowd.member(i)["received"] for i in range(per_edge)] for c in crowds]
         lost_before = sum(c.crowd.totals()["lost"] for c in crowds)
         t0 = time.monotonic()
         tree.mids[0].proc.send_signal(signal.SIGKILL)
-        while time.monotonic() < t0 + 4.0:
-            for c in crowds:
-                c.run(0.05)
+        run(crowds, 4.0)
         elapsed = time.monotonic() - t0
         gaps = []
         for k, c in enumerate(crowds):
@@ -227,21 +235,13 @@ def failover(tmp: Path, redis: Redis, per_edge: int) -> dict:
 
 def redis_outage(tmp: Path, redis: Redis, per_edge: int, seconds: float) -> dict:
     tree = Tree(tmp / "outage", redis)
-    crowds = [LoopbackCrowd(per_edge, e.listen, "live", first_address=k * per_edge)
-              for k, e in enumerate(tree.edges)]
+    crowds: list[LoopbackCrowd] = []
     try:
-        for c in crowds:
-            c.join(timeout=30)
-        for _ in range(10):
-            for c in crowds:
-                c.run(0.05)
+        crowds = listening(tree, per_edge, 2.0)
         before = sum(c.crowd.totals()["received"] for c in crowds)
         lost0 = sum(c.crowd.totals()["lost"] for c in crowds)
         redis.stop()
-        t0 = time.monotonic()
-        while time.monotonic() < t0 + seconds:
-            for c in crowds:
-                c.run(0.05)
+        run(crowds, seconds)
         got = sum(c.crowd.totals()["received"] for c in crowds) - before
         result = {"outage_s": seconds, "listeners": per_edge * len(crowds), "received": got,
                   "lost": sum(c.crowd.totals()["lost"] for c in crowds) - lost0,

@@ -5,8 +5,10 @@ through the page's own state (window.relayListener) over the DevTools
 protocol; the test saves a screenshot of the page."""
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
+import subprocess
 import time
 from pathlib import Path
 
@@ -168,106 +170,95 @@ def test_the_page_retries_a_full_node_with_backoff(tmp_path) -> None:
         assert stop(relay.proc) == 0
 
 
-def test_the_page_moves_to_another_edge_when_its_edge_dies(tmp_path) -> None:
-    """origin <- ffmpeg; two edges with QUIC take the room from it and share
-    a Redis directory. A page playing from edge 1, told `via` edge 2's
-    /join, keeps playing from edge 2 after edge 1 is killed."""
+@contextlib.contextmanager
+def _cluster_page(tmp_path, **edges: dict):
+    """origin <- ffmpeg's tone; edges (name -> Node options), each with QUIC,
+    take the room from it and share a Redis directory; one browser page.
+    Yields the edges by name and the page."""
     if not browser.available():
         pytest.fail("chromium is not installed; run `make test`, which installs it")
     from relay.client.publish import ffmpeg_command
-    from tests.test_cascade import Node, _token
+    from tests.test_cascade import Node
     from tests.test_directory import RedisServer
-    import subprocess
     redis = RedisServer()
     origin = Node(tmp_path, "origin")
-    e1, e2 = (Node(tmp_path, f"edge{i}", upstream=[origin], directory=redis.url, quic=True) for i in (1, 2))
+    nodes = {name: Node(tmp_path, name, upstream=[origin], directory=redis.url, quic=True, **kw)
+             for name, kw in edges.items()}
     publisher = subprocess.Popen(ffmpeg_command(f"sine=frequency={TONE_HZ}:sample_rate=48000", origin.ingest,
                                                 lavfi=True, duration=40),
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     page = browser.Browser()
     try:
+        yield nodes, page
+    finally:
+        page.close()
+        publisher.kill()
+        publisher.wait()
+        for n in (*nodes.values(), origin):
+            if n.proc.poll() is None or n.proc.returncode >= 0:   # not one the test killed
+                assert stop(n.proc) == 0
+        redis.stop()
+
+
+def _page(node, token: str, via=None) -> str:
+    url = f"http://{node.admin[0]}:{node.admin[1]}/listen?room=live&token={token}"
+    return url + (f"&via=http://{via.admin[0]}:{via.admin[1]}/join" if via else "")
+
+
+def _playing(page: browser.Browser, frames: int) -> dict:
+    return wait_state(page, lambda s: s["state"] == "playing" and s["framesDecoded"] >= frames, timeout=30)
+
+
+def test_the_page_moves_to_another_edge_when_its_edge_dies(tmp_path) -> None:
+    """A page playing from edge 1, told `via` edge 2's /join, keeps playing
+    from edge 2 after edge 1 is killed."""
+    from tests.test_cascade import _token
+    with _cluster_page(tmp_path, edge1={}, edge2={}) as (edges, page):
+        e1, e2 = edges["edge1"], edges["edge2"]
         time.sleep(1.2)   # the edges have read each other's records
-        page.goto(f"http://{e1.admin[0]}:{e1.admin[1]}/listen?room=live&token={_token()}"
-                  f"&via=http://{e2.admin[0]}:{e2.admin[1]}/join")
-        st = wait_state(page, lambda s: s["state"] == "playing" and s["framesDecoded"] >= 50, timeout=30)
+        page.goto(_page(e1, _token(), via=e2))
+        st = _playing(page, 50)
         assert st["state"] == "playing" and st["moves"] == 0, st
         before = st["framesDecoded"]
         e1.proc.kill()                                   # the edge dies under the page
+        e1.proc.wait()
         st = wait_state(page, lambda s: s["moves"] == 1 and s["state"] == "playing"
                         and s["framesDecoded"] >= before + 150, timeout=30)
         assert st["moves"] == 1 and st["node"] == "edge2" and st["state"] == "playing", st
         assert st["framesDecoded"] >= before + 150 and st["decodeErrors"] == 0, st
         assert abs(st["pitchHz"] - TONE_HZ) < 10, st
         assert metric(e2.get_metrics(), 'relay_listeners{room="live",transport="webtransport"}') == 1
-    finally:
-        page.close()
-        publisher.kill()
-        publisher.wait()
-        e1.proc.wait()
-        for n in (e2, origin):
-            assert stop(n.proc) == 0
-        redis.stop()
 
 
 def test_a_page_refused_by_a_full_node_goes_where_its_join_says(tmp_path) -> None:
     """A full edge in a cluster: the page asks the node's own /join and plays
     from the edge it names, pinning that edge's certificate."""
-    if not browser.available():
-        pytest.fail("chromium is not installed; run `make test`, which installs it")
-    from relay.client.publish import ffmpeg_command
     from relay.testing.loadgen import LoopbackCrowd
-    from tests.test_cascade import Node, _token
-    from tests.test_directory import RedisServer
-    import subprocess
-    redis = RedisServer()
-    origin = Node(tmp_path, "origin")
-    full = Node(tmp_path, "full", upstream=[origin], directory=redis.url, quic=True, max_listeners=1)
-    spare = Node(tmp_path, "spare", upstream=[origin], directory=redis.url, quic=True)
-    publisher = subprocess.Popen(ffmpeg_command(f"sine=frequency={TONE_HZ}:sample_rate=48000", origin.ingest,
-                                                lavfi=True, duration=30),
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    from tests.test_cascade import _token
     token = _token()
-    crowd = LoopbackCrowd(1, full.listen, "live", token=token)
-    page = browser.Browser()
-    try:
-        assert crowd.join().accepted == 1                 # the one place on "full" is taken
-        time.sleep(2.2)                                    # and its record says so
-        page.goto(f"http://{full.admin[0]}:{full.admin[1]}/listen?room=live&token={token}")
-        st = wait_state(page, lambda s: s["state"] == "playing" and s["framesDecoded"] >= 100, timeout=30)
-        assert st["state"] == "playing" and st["node"] == "spare" and st["moves"] == 1, st
-        assert st["decodeErrors"] == 0 and abs(st["pitchHz"] - TONE_HZ) < 10, st
-        assert metric(spare.get_metrics(), 'relay_listeners{room="live",transport="webtransport"}') == 1
-    finally:
-        page.close()
-        crowd.close()
-        publisher.kill()
-        publisher.wait()
-        for n in (full, spare, origin):
-            assert stop(n.proc) == 0
-        redis.stop()
+    with _cluster_page(tmp_path, full={"max_listeners": 1}, spare={}) as (edges, page):
+        crowd = LoopbackCrowd(1, edges["full"].listen, "live", token=token)
+        try:
+            assert crowd.join().accepted == 1             # the one place on "full" is taken
+            time.sleep(2.2)                                # and its record says so
+            page.goto(_page(edges["full"], token))
+            st = _playing(page, 100)
+            assert st["state"] == "playing" and st["node"] == "spare" and st["moves"] == 1, st
+            assert st["decodeErrors"] == 0 and abs(st["pitchHz"] - TONE_HZ) < 10, st
+            assert metric(edges["spare"].get_metrics(), 'relay_listeners{room="live",transport="webtransport"}') == 1
+        finally:
+            crowd.close()
 
 
 def test_a_page_on_a_draining_edge_moves_to_another(tmp_path) -> None:
     """SIGTERM on the page's edge: told `draining`, the page asks /join
     (here its ?via=) and plays on from the other edge."""
-    if not browser.available():
-        pytest.fail("chromium is not installed; run `make test`, which installs it")
-    from relay.client.publish import ffmpeg_command
-    from tests.test_cascade import Node, _token
-    from tests.test_directory import RedisServer
-    import subprocess
-    redis = RedisServer()
-    origin = Node(tmp_path, "origin")
-    e1, e2 = (Node(tmp_path, f"edge{i}", upstream=[origin], directory=redis.url, quic=True) for i in (1, 2))
-    publisher = subprocess.Popen(ffmpeg_command(f"sine=frequency={TONE_HZ}:sample_rate=48000", origin.ingest,
-                                                lavfi=True, duration=30),
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    page = browser.Browser()
-    try:
+    from tests.test_cascade import _token
+    with _cluster_page(tmp_path, edge1={}, edge2={}) as (edges, page):
+        e1, e2 = edges["edge1"], edges["edge2"]
         time.sleep(1.2)
-        page.goto(f"http://{e1.admin[0]}:{e1.admin[1]}/listen?room=live&token={_token()}"
-                  f"&via=http://{e2.admin[0]}:{e2.admin[1]}/join")
-        st = wait_state(page, lambda s: s["state"] == "playing" and s["framesDecoded"] >= 50, timeout=30)
+        page.goto(_page(e1, _token(), via=e2))
+        st = _playing(page, 50)
         assert st["state"] == "playing", st
         before = st["framesDecoded"]
         assert stop(e1.proc) == 0                        # drains: tells the page, then exits
@@ -275,10 +266,3 @@ def test_a_page_on_a_draining_edge_moves_to_another(tmp_path) -> None:
                         and s["framesDecoded"] >= before + 100, timeout=30)
         assert st["moves"] == 1 and st["node"] == "edge2" and st["state"] == "playing", st
         assert st["decodeErrors"] == 0, st
-    finally:
-        page.close()
-        publisher.kill()
-        publisher.wait()
-        for n in (e1, e2, origin):
-            assert stop(n.proc) == 0
-        redis.stop()

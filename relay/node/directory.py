@@ -80,7 +80,6 @@ class Directory:
         self.peers: dict[str, Peer] = {}
         self._rng = random.Random()
         self.reachable = False
-        self.heartbeats = 0       # written
         self.failures = 0         # heartbeats that did not get through
         self._client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5,
                                             decode_responses=True)
@@ -137,7 +136,6 @@ class Directory:
             p.zremrangebyscore(PREFIX + "nodes", "-inf", wall)
             p.zrangebyscore(PREFIX + "nodes", wall, "+inf")
             *_, ids = await p.execute()
-        self.heartbeats += 1
         others = [i for i in ids if i != self.node_id]
         async with self._client.pipeline(transaction=False) as p:
             for i in others:

@@ -47,14 +47,15 @@ class Upstream:
         self.token = token        # a fresh relay token for each join
         self.sent = sent          # after feeding: an inline core sends now
         self.current: tuple[str, int] | None = None   # the node we hear from now
-        self.switches = 0         # joins after the first (a dead or draining upstream)
-        self.joins = 0
+        self.joins = 0            # upstream joins that succeeded
         self._task: asyncio.Task | None = None
         self._unwanted_since: float | None = None
 
     @property
-    def subscribed(self) -> bool:
-        return self._task is not None
+    def switches(self) -> int:
+        """Joins after the first: moves to another upstream (a dead or
+        draining one, or a new subscription after the room was left)."""
+        return max(0, self.joins - 1)
 
     def want(self, listeners: int, now: float, linger: float) -> None:
         """Called on every housekeeping tick with the room's listeners here:
@@ -99,8 +100,6 @@ class Upstream:
             # the new upstream's stream replaces the old at once: the core
             # splices its numbering onto the room's
             self.core.room_release(self.index)
-            if self.joins:
-                self.switches += 1
             self.joins += 1
             self.current = node
             log.warning("room %r: taking it from %s", self.room, where,
