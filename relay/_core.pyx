@@ -444,6 +444,26 @@ cdef class Core:
         unlock_shard(&self.st, l.shard)
         return rc
 
+    def room_send(self, int room, int fd, const uint8_t[:] data):
+        """Send one datagram to every listener of `room` that sendmmsg
+        serves (QUIC listeners get theirs from their transport): a periodic
+        room message such as who is speaking, never audio. Best effort:
+        returns (sent, refused), refused being those a full socket or a
+        failing address did not take."""
+        cdef CoreState *c = &self.st
+        cdef int k, sent = 0
+        cdef uint64_t refused = 0
+        cdef Py_ssize_t n = data.shape[0]
+        if room < 0 or room >= c.rooms or not c.rm[room].active:
+            raise ValueError(f"room {room} is not open")
+        if n < 1 or n > RX_BUF:
+            raise ValueError(f"a room message is 1 to {RX_BUF} bytes")
+        for k in range(c.shards):
+            lock_shard_gil(c, k)
+            sent += broadcast_shard(c, k, room, fd, &data[0], <size_t>n, &refused)
+            unlock_shard(c, k)
+        return sent, int(refused)
+
     # --------------------------------------------------------------- counters
 
     def counters(self):

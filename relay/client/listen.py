@@ -17,12 +17,12 @@ import struct
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from relay.wire.addr import parse_hostport
 from relay.wire.protocol import (Accept, Challenge, Join, Keepalive, Leave, ProtocolError, Reason,
-                                 Reject, build_nack, cookie_proof, decode, encode, is_control)
+                                 Reject, Speakers, build_nack, cookie_proof, decode, encode, is_control)
 
 log = logging.getLogger("relay.client.listen")
 
@@ -104,6 +104,8 @@ class ListenClient:
         self._via = ""    # how we came to the current server, for error messages
         self._warned_unproven = False
         self.last_heard = time.monotonic()   # when the node last sent us anything
+        self.speaker = False                 # join the room's stage (SpeakerClient)
+        self.speakers: Speakers | None = None  # who is on the stage, as the node last said
 
     def _event(self, text: str) -> None:
         self.stats.events.append(text)
@@ -188,7 +190,7 @@ class ListenClient:
         if not lo <= msg.keepalive_ms <= hi:
             self._event(f"the node asked for keepalives every {msg.keepalive_ms} ms; using "
                         f"{min(max(msg.keepalive_ms, lo), hi)} ms")
-            msg = Accept(msg.session_id, msg.ssrc, min(max(msg.keepalive_ms, lo), hi), msg.timeout_ms)
+            msg = replace(msg, keepalive_ms=min(max(msg.keepalive_ms, lo), hi))
         if self._session is not None and self._session.session_id != msg.session_id:
             # a new session (a move, a rejoin): its numbering is its own
             self._flush_held()
@@ -217,7 +219,7 @@ class ListenClient:
     async def _handshake(self, attempts: int, timeout: float) -> Accept:
         cookie = b""
         for _ in range(attempts):
-            self._send(encode(Join(self.room, self.token, cookie)))
+            self._send(encode(Join(self.room, self.token, cookie, self.speaker)))
             try:
                 while True:
                     msg = await self._await_control(timeout)
@@ -225,7 +227,7 @@ class ListenClient:
                         if cookie == msg.cookie:
                             continue
                         cookie = msg.cookie
-                        self._send(encode(Join(self.room, self.token, cookie)))
+                        self._send(encode(Join(self.room, self.token, cookie, self.speaker)))
                     elif isinstance(msg, Accept):
                         return self._joined(msg)
                     elif isinstance(msg, Reject):
@@ -243,6 +245,9 @@ class ListenClient:
             except ProtocolError:
                 return
             if isinstance(msg, Keepalive):
+                return
+            if isinstance(msg, Speakers):
+                self._on_speakers(msg)
                 return
             self._control.put_nowait(msg)
             return
@@ -271,6 +276,17 @@ class ListenClient:
                     self._send(build_nack(self._sender_ssrc, self._session.ssrc, missing))
             self._high = ext
         self._deliver()
+
+    def _on_speakers(self, msg: Speakers) -> None:
+        """Who is on the stage: an event when the set speaking changes."""
+        if self._session is None:
+            return
+        speaking = [s.name for s in msg.speakers if s.active]
+        before = [s.name for s in self.speakers.speakers if s.active] if self.speakers else None
+        self.speakers = msg
+        if speaking != before:
+            self._event("speaking: " + (", ".join(speaking) or "nobody")
+                        + f" ({len(msg.speakers)} on stage)")
 
     def _deliver(self, flush: bool = False) -> None:
         assert self._next is not None

@@ -140,3 +140,48 @@ cdef int resend_seq(CoreState *c, int fd, int32_t slot, uint16_t seq) noexcept n
             c.c_resends += 1
             return 1
     return 0
+
+
+cdef int broadcast_shard(CoreState *c, int k, int room, int fd, const uint8_t *data, size_t n,
+                         uint64_t *refused) noexcept nogil:
+    """Send one datagram (a periodic room message, not audio) to every
+    listener of `room` in shard k that sendmmsg serves: not pull listeners,
+    not held ones. The shard's batch arrays are scratch between flushes, so
+    the caller holds the shard's lock. Best effort, like the message: a full
+    socket ends the round and what was not sent is counted in `refused`.
+    Returns how many the kernel took."""
+    cdef Shard *s = &c.sh[k]
+    cdef int32_t i = c.rm[room].first[k]
+    cdef int m, done, rc, sent = 0
+    cdef Listener *l
+    while i >= 0:
+        m = 0
+        while i >= 0 and m < TX_BATCH:
+            l = &c.ls[i]
+            i = l.next
+            if l.pull or not l.active:
+                continue
+            s.tx_iov[m].iov_base = <void *>data
+            s.tx_iov[m].iov_len = n
+            s.tx[m].msg_hdr.msg_name = l.addr
+            s.tx[m].msg_hdr.msg_namelen = l.addrlen
+            m += 1
+        done = 0
+        while done < m:
+            rc = sendmmsg(fd, s.tx + done, <unsigned int>(m - done), MSG_DONTWAIT)
+            if rc > 0:
+                done += rc
+                sent += rc
+            elif errno == EINTR:
+                continue
+            elif errno == EAGAIN or errno == ENOBUFS:
+                refused[0] += <uint64_t>(m - done)
+                while i >= 0:       # and the rest of the room, unsent
+                    if not c.ls[i].pull:
+                        refused[0] += 1
+                    i = c.ls[i].next
+                return sent
+            else:
+                refused[0] += 1     # this address alone failed
+                done += 1
+    return sent

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import signal
 import time
 from ipaddress import ip_address
@@ -33,6 +34,7 @@ from relay.node.quic import QuicEndpoint
 from relay.node.reload import plan_reload
 from relay.node.senders import SenderThreads
 from relay.node.sessions import PULLED, UDP, RoomState, Sessions, Tell
+from relay.node.stages import Stages
 from relay.node.udp import UdpPorts
 from relay.node.upstream import Upstream, relay_token
 from relay.wire.addr import to_sockaddr
@@ -52,6 +54,8 @@ class BindError(OSError):
 
 def _origin(r: RoomConfig) -> str:
     """Where a room's audio comes from, for the start-up line."""
+    if r.stage:
+        return f"up to {r.max_speakers} speakers"
     if r.ingest is None:
         return "upstream " + ", ".join(f"{h}:{p}" for h, p in r.upstream)
     return f"{r.ingest[0]}:{r.ingest[1]}"
@@ -76,14 +80,18 @@ class Node:
 
     def __init__(self, cfg: NodeConfig) -> None:
         self.cfg = cfg
-        # the arena and the room table are sized once; a reload works within them
-        self.core = Core(cfg.max_listeners, rooms=cfg.max_rooms, depth=cfg.ring_depth,
+        # the arena and the room table are sized once; a reload works within
+        # them. Rooms past max_rooms carry speakers' mix-minus streams.
+        self.core = Core(cfg.max_listeners, rooms=cfg.max_rooms + cfg.speaker_slots, depth=cfg.ring_depth,
                          ring_bytes=cfg.ring_bytes, shards=cfg.workers, threaded=cfg.workers > 1)
         self.rooms: dict[str, RoomState] = {}
         self.sessions = Sessions(self.core, cfg, self.rooms, Auth(cfg.auth, cfg.secret))
         self.load = LoadMeter()
         self.senders = SenderThreads(self.core)
         self.udp = UdpPorts(self.core, self.sessions)
+        self.stages = Stages(self.core, list(range(cfg.max_rooms + cfg.speaker_slots - 1, cfg.max_rooms - 1, -1)),
+                             self._sent, os.urandom)
+        self.sessions.stages = self.stages
         self.quic: QuicEndpoint | None = QuicEndpoint(self.core, self.sessions) if cfg.quic else None
         self.events = EventLog(self.core, self.sessions, cfg.log_interval)
         self.started = time.monotonic()
@@ -123,9 +131,13 @@ class Node:
 
     def _open_room(self, r: RoomConfig) -> RoomState:
         index = self._free_rooms.pop()
+        state = RoomState(r.name, index, r.max_listeners)
+        if r.stage:
+            self.stages.open(r, index)
+            self.rooms[r.name] = state
+            return state
         # a room from upstream is fed only by this node's own subscription
         self.core.room_open(index, r.any_source or bool(r.upstream))
-        state = RoomState(r.name, index, r.max_listeners)
         if r.upstream:
             self.upstreams[r.name] = Upstream(r.name, index, r.upstream, self.core,
                                               lambda: relay_token(self.cfg.secret, r.name), self._sent)
@@ -175,6 +187,7 @@ class Node:
             self.close()
             raise
         self.udp.start(loop)
+        self.stages.start(loop)
         self.senders.start(self.udp.out_fd)
         self._tasks = [asyncio.create_task(self._housekeeping())]
         if self.directory is not None:
@@ -198,6 +211,7 @@ class Node:
             up = self.upstreams.pop(name, None)
             if up is not None:
                 up.stop()
+            self.stages.close(name)
             self.udp.unbind_ingest(name)
             state = self.rooms.pop(name)
             self.core.room_close(state.index)
@@ -224,6 +238,8 @@ class Node:
                 notes.append(f"room {r.name!r}: ingest now {_origin(r)}")
         for r in plan.limits:
             self.rooms[r.name].max_listeners = r.max_listeners
+            if r.stage:
+                self.stages.set_limit(r.name, r.max_speakers)
         self.sessions.reconfigure(new, Auth(new.auth, new.secret))
         self.cfg = new
         if self.quic is not None:
@@ -272,6 +288,7 @@ class Node:
                 up.want(stats[name]["listeners"], now, self.cfg.upstream_linger)
             self.events.tick(now, stats)
             self._measure_rates(now, stats)
+            self.stages.tell_speakers(self.udp.out_fd, now, self.quic.tell_room if self.quic else None)
 
     def _measure_load(self) -> None:
         """Update the load measures and tell admission: joins stop before the
@@ -306,6 +323,8 @@ class Node:
                 "loss_in": st["seq_gaps"] / received if received else 0.0,
                 "drops_in": {k: st[f"drop_{k}"] for k in ("foreign", "malformed", "oversized", "late")},
                 "publisher_silent_s": (now - st["last_rx_ns"]) / 1e9 if st["have_stream"] else None})
+            if self.stages.has(r.name):
+                rooms[-1]["stage"] = self.stages.describe(r.name)
         return rooms
 
     # ------------------------------------------------------------- directory
@@ -411,6 +430,7 @@ class Node:
         if self.directory is not None:
             self.directory.stop()
         self.senders.stop()
+        self.stages.stop()
         self.admin.close()
         if self.quic is not None:
             self.quic.close()

@@ -175,8 +175,12 @@ class ListenerConnection(QuicConnectionProtocol):
 
     def send(self, msg: Accept | Reject) -> None:
         """A control message on the join stream."""
+        self.send_framed(frame(msg))
+
+    def send_framed(self, data: bytes) -> None:
+        """A framed control message, already encoded, on the join stream."""
         if self.join_stream is not None:
-            self._quic.send_stream_data(self.join_stream, frame(msg))
+            self._quic.send_stream_data(self.join_stream, data)
             self.transmit()
 
     def can_take(self, now: float) -> int:
@@ -454,6 +458,14 @@ class QuicEndpoint:
         elif quiet <= STALL_S and conn.held:
             self.core.listener_hold(s.slot, False)
             conn.held = False
+
+    def tell_room(self, room: str, message: bytes) -> None:
+        """An encoded control message (who is speaking) to every QUIC and
+        WebTransport listener of `room`, on its join stream."""
+        framed = len(message).to_bytes(2, "big") + message
+        for conn in self._connections():
+            if conn.session is not None and conn.session.room == room:
+                conn.send_framed(framed)
 
     def tell(self, session: Session, reject: Reject, close: str = "") -> None:
         """An ended session's listener is told why on its join stream; with

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from relay.wire.config import NodeConfig, RoomConfig
 
 # settings a running node keeps until it is restarted
-RESTART_ONLY = ("listen", "admin", "ring_depth", "ring_bytes", "max_rooms", "workers",
+RESTART_ONLY = ("listen", "admin", "ring_depth", "ring_bytes", "max_rooms", "speaker_slots", "workers",
                 "quic", "quic_cert", "quic_key", "directory", "node_id", "tier", "advertise")
 # (the certificate files named by quic_cert and quic_key are read again on
 # every reload, see QuicEndpoint.reload_certificate; their paths stay)
@@ -51,8 +51,9 @@ def plan_reload(old: NodeConfig, new: NodeConfig, capacity: int, room_slots: int
         if was is None:
             plan.add.append(r)
             continue
-        if bool(was.upstream) != bool(r.upstream):
-            plan.notes.append(f"room {name!r}: switching between ingest and upstream needs a restart; kept")
+        if _origin(was) != _origin(r):
+            plan.notes.append(f"room {name!r}: switching between {_origin(was)} and {_origin(r)} needs a restart; "
+                              "kept")
             new.rooms[new.rooms.index(r)] = was
             plan.limits.append(was)
             continue
@@ -68,3 +69,8 @@ def plan_reload(old: NodeConfig, new: NodeConfig, capacity: int, room_slots: int
             plan.rules.append(r)
         plan.limits.append(r)
     return plan
+
+
+def _origin(r: RoomConfig) -> str:
+    """Where a room's audio comes from, one word."""
+    return "upstream" if r.upstream else "speakers" if r.stage else "ingest"

@@ -19,9 +19,10 @@ from typing import Callable, Hashable, NamedTuple
 
 from relay._core import Core
 from relay.node.admission import JoinLimiter
+from relay.node.stages import Stages
 from relay.wire.addr import to_sockaddr
 from relay.wire.config import NodeConfig
-from relay.wire.protocol import (MIN_JOIN, Accept, Challenge, CookieJar, Join, Keepalive, Leave,
+from relay.wire.protocol import (MIN_JOIN, SRTP_KEY_LEN, Accept, Challenge, CookieJar, Join, Keepalive, Leave,
                                  ProtocolError, Reason, Reject, cookie_proof, decode, encode, parse_rtcp)
 from relay.wire.tokens import Auth, TokenError
 
@@ -65,7 +66,10 @@ class Session:
     nack_budget: float = 0.0
     nack_at: float = 0.0
     token: str = ""      # what admitted it, for the per-token session cap
-    role: str = "listen"  # or "relay": another node taking the room (cascade)
+    # "listen"; "relay": another node taking the room (cascade); "publish": a
+    # speaker on the room's stage, listening to its mix-minus
+    role: str = "listen"
+    srtp_key: bytes = b""  # a speaker's: what its RTP must authenticate with
 
 
 @dataclass
@@ -119,6 +123,7 @@ class Sessions:
         # address, or "" for the configured redirect (the cluster directory
         # sets it; it reads a local table, never the network)
         self.route: Callable[[str, str], str] | None = None
+        self.stages: Stages | None = None     # the node's stages, for speakers
 
     # ---------------------------------------------------------------- control
 
@@ -184,14 +189,14 @@ class Sessions:
         if existing is not None and existing.room == msg.room:
             existing.last_seen = now  # a retransmitted JOIN: the ACCEPT was lost
             return self._reply(self.accept_message(existing), data)
-        joined = self.join(addr, UDP, msg.room, msg.token, addr[0], now, sockaddr=raw)
+        joined = self.join(addr, UDP, msg.room, msg.token, addr[0], now, sockaddr=raw, speaker=msg.speaker)
         if isinstance(joined, Reject):
             return self._reply(replace(joined, proof=cookie_proof(msg.cookie)), data)
         return self._reply(self.accept_message(joined), data)
 
     def join(self, key: Hashable, transport: str, room_name: str, token: str, source_ip: str,
              now: float, *, sockaddr: bytes = b"",
-             transport_full: Callable[[], bool] | None = None) -> Session | Reject:
+             transport_full: Callable[[], bool] | None = None, speaker: bool = False) -> Session | Reject:
         """The join policy every transport shares, once the joiner's address
         is proven: draining, room, rate limits, token, node and room limits,
         then a slot in the core and a row in the table under `key`. Returns
@@ -199,7 +204,8 @@ class Sessions:
         already under `key` ends once the token checks out (a room switch).
         Pulled transports (QUIC) are drained by their adapter instead of
         sendmmsg; such an adapter passes `transport_full`, its own load
-        test, checked with the node's."""
+        test, checked with the node's. A `speaker` joins the room's stage
+        with a publish token, and listens to its mix-minus."""
         def redirect() -> str:   # only worked out for a refusal that carries one
             return self.redirect_for(room_name, transport)
         if self.draining:
@@ -214,9 +220,10 @@ class Sessions:
             self.counters.rate_limited["source"] += 1
             return self._refuse(Reason.RATE_LIMITED)
         try:
-            role = self.auth.check(token, room_name, ("listen", "relay"))
+            claims = self.auth.claims(token, room_name, ("publish",) if speaker else ("listen", "relay"))
         except TokenError as e:
             return self._refuse(e.reason)
+        role = str(claims["role"])
         if not self.limiter.allow_node(now):
             self.counters.rate_limited["node"] += 1
             return self._refuse(Reason.RATE_LIMITED, redirect())
@@ -228,6 +235,8 @@ class Sessions:
             return self._refuse(Reason.TOKEN_IN_USE)
         if key in self.table:
             self._remove(self.table[key])  # switching rooms
+        if speaker:
+            return self._join_stage(key, transport, room_name, token, now, sockaddr, claims, redirect)
         # A node below this one in the tree is admitted past the load and
         # room limits: it is one session that serves thousands, and refusing
         # it would cut a whole branch off. Only a full arena refuses it.
@@ -242,14 +251,36 @@ class Sessions:
                                       self.rng.getrandbits(32), pull=pull, burst=self.cfg.burst_packets)
         if slot < 0:
             return self._refuse(Reason.NODE_FULL, redirect())
+        return self._add(Session(key, transport, room_name, slot, ssrc, self.rng.randbytes(8), now,
+                                 self.NACK_BURST, now, token, role))
+
+    def _join_stage(self, key: Hashable, transport: str, room: str, token: str, now: float, sockaddr: bytes,
+                    claims: dict, redirect: Callable[[], str]) -> Session | Reject:
+        """A speaker: a place on the stage, then a slot in its mix-minus room.
+        Like a relay it passes the node's load limits (a stage has a few
+        speakers, and refusing one silences a room); a full arena refuses."""
+        if transport != UDP or self.stages is None:
+            return self._refuse(Reason.NO_STAGE)
+        key_bytes = self.rng.randbytes(SRTP_KEY_LEN)
+        minus = self.stages.admit(room, key, claims, key_bytes)
+        if isinstance(minus, Reason):
+            return self._refuse(minus, redirect() if minus == Reason.NODE_FULL else "")
+        ssrc = self.rng.getrandbits(32)
+        slot = self.core.listener_add(minus, sockaddr, ssrc, self.rng.getrandbits(16), self.rng.getrandbits(32))
+        if slot < 0:
+            self.stages.leave(key)
+            return self._refuse(Reason.NODE_FULL, redirect())
+        return self._add(Session(key, transport, room, slot, ssrc, self.rng.randbytes(8), now, self.NACK_BURST,
+                                 now, token, "publish", key_bytes))
+
+    def _add(self, s: Session) -> Session:
         self.counters.joins += 1
-        s = Session(key, transport, room_name, slot, ssrc, self.rng.randbytes(8), now, self.NACK_BURST, now, token,
-                    role)
+        key, token = s.key, s.token
         self.table[key] = s
-        self._by_room[(room_name, transport)] += 1
+        self._by_room[(s.room, s.transport)] += 1
         if token:
             self._by_token[token] += 1
-        if pull:
+        if s.transport != UDP:
             self._pulled.add(key)
         return s
 
@@ -297,10 +328,12 @@ class Sessions:
     def accept_message(self, s: Session) -> Accept:
         """The ACCEPT that tells a listener its session."""
         return Accept(s.session_id, s.ssrc, int(self.cfg.keepalive_interval * 1000),
-                      int(self.cfg.session_timeout * 1000))
+                      int(self.cfg.session_timeout * 1000), s.srtp_key)
 
     def _remove(self, s: Session) -> None:
         self.core.listener_remove(s.slot)
+        if s.role == "publish" and self.stages is not None:
+            self.stages.leave(s.key)
         del self.table[s.key]
         self._by_room[(s.room, s.transport)] -= 1
         if s.token:

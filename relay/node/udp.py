@@ -3,8 +3,8 @@
 Each room's ingest socket is drained by core.ingest() (recvmmsg in C), or,
 for a room whose publishers use SRTP, read here, opened (srtp.py) and fed
 to the core one packet at a time. The listener socket carries control
-messages and RTCP in, and replies, resends and (from the core, with
-sendmmsg) audio out. This module only moves bytes:
+messages, RTCP and speakers' SRTP in, and replies, resends and (from the
+core, with sendmmsg) audio out. This module only moves bytes:
 what to answer is the session policy's, what to send is the core's. With an
 inline core the loop thread also waits for the socket to drain when the
 kernel's buffer fills.
@@ -27,9 +27,10 @@ CONTROL_BATCH = 256      # control datagrams handled per wake-up, so fan-out is 
 SRTP_BATCH = 64          # SRTP ingest datagrams opened per wake-up, likewise
 SRTP_BUFFER = 16384 + 1  # the largest RTP the core takes, and one byte to tell a larger one
 SOCKET_BUFFER = 8 << 20
-# every control message fits (a longer datagram is not one of ours), and
-# RTCP compound packets from listeners are far smaller
-CONTROL_BUFFER = MAX_CONTROL + 1
+# every control message fits (a longer datagram is not one of ours), RTCP
+# compound packets from listeners are far smaller, and so is a speaker's
+# SRTP (a 20 ms Opus frame is at most 1,275 bytes)
+CONTROL_BUFFER = max(MAX_CONTROL, 4096) + 1
 
 
 def udp_socket(host: str, port: int, sndbuf: int = 0, rcvbuf: int = 0) -> socket.socket:
@@ -198,10 +199,13 @@ class UdpPorts:
                 reply = self.sessions.on_control(data, addr, now)
                 if reply is not None:
                     self.send([Send(addr, reply)])
-            elif 128 <= data[0] <= 191:
+            elif 128 <= data[0] <= 191 and len(data) > 1 and 192 <= data[1] <= 223:
+                # RTCP, told from RTP by its packet type (RFC 5761)
                 resend = self.sessions.on_rtcp(data, addr, now)
                 if resend is not None:
                     self._resend(resend)
+            elif 128 <= data[0] <= 191 and self.sessions.stages is not None:
+                self.sessions.stages.on_rtp(data, addr)   # a speaker's audio (or counted and dropped)
             else:
                 self.sessions.counters.control_malformed += 1
         # a join queues a burst of recent audio; sender threads are woken by

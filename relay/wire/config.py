@@ -57,6 +57,14 @@ class RoomConfig:
     # nodes to take the room from, in order of preference (a cascade):
     # this node joins the first that answers as a relay listener
     upstream: list[tuple[str, int]] = field(default_factory=list)
+    # speakers the room's stage holds at once: a room with neither ingest
+    # nor upstream takes its audio from speakers who join with a publish token
+    max_speakers: int = 0
+
+    @property
+    def stage(self) -> bool:
+        """Does the room take its audio from speakers (relay/node/stage.py)?"""
+        return self.ingest is None and not self.upstream
 
 
 @dataclass
@@ -90,6 +98,7 @@ class NodeConfig:
     quic_max_pending: int = 512          # QUIC connections open but not yet joined, node-wide
     quic_max_pending_per_source: int = 16  # ... from one IPv4 address or IPv6 /64
     max_rooms: int = 64                  # room slots reserved for reloads
+    speaker_slots: int = 64              # speakers on every stage of the node at once (each hears its own mix)
     workers: int = 1                     # sender threads; "auto" = one per core
     max_load: float = 0.8                # admit while the relay's projected duty stays below this; 0 = off
     max_machine_load: float = 0.95       # and while the whole machine is less busy than this; 0 = off
@@ -102,12 +111,16 @@ class NodeConfig:
 
 _NODE_KEYS = {"listen", "admin", "auth", "secret_env", "max_listeners", "ring_depth",
               "ring_bytes", "burst_packets", "keepalive_interval", "session_timeout", "redirect",
-              "room_label_limit", "join_rate", "join_rate_per_source", "max_rooms", "workers", "max_load",
+              "room_label_limit", "join_rate", "join_rate_per_source", "max_rooms", "speaker_slots", "workers",
+              "max_load",
               "max_machine_load", "max_sessions_per_token",
               "quic_max_pending", "quic_max_pending_per_source", "log_interval", "drain_grace", "drain_rate",
               "upstream_linger", "directory", "node_id", "tier", "advertise",
               "quic", "quic_cert", "quic_key", "quic_redirect"}
-_ROOM_KEYS = {"name", "ingest", "sources", "max_listeners", "srtp_key_env", "takeover_after", "upstream"}
+_ROOM_KEYS = {"name", "ingest", "sources", "max_listeners", "srtp_key_env", "takeover_after", "upstream",
+              "max_speakers"}
+DEFAULT_SPEAKERS = 16    # a stage room's max_speakers unless it says
+MAX_SPEAKERS = 64
 SRTP_KEY_BYTES = 30      # AES_CM_128_HMAC_SHA1_80: a 16-byte master key and a 14-byte salt
 # how long an SRTP room's stream must be silent before another authenticated
 # one may take over (sooner, two key holders would fight packet by packet)
@@ -200,7 +213,7 @@ def _srtp_key(where: str, raw: dict[str, Any], environ: Mapping[str, str]) -> by
 
 def _upstream_room(where: str, name: str, raw: dict[str, Any]) -> RoomConfig:
     """A room this node takes from other nodes instead of from publishers."""
-    for key in ("ingest", "sources", "srtp_key_env", "takeover_after"):
+    for key in ("ingest", "sources", "srtp_key_env", "takeover_after", "max_speakers"):
         if key in raw:
             raise ConfigError(f"{where}: '{key}' is for rooms with publishers; this one comes from 'upstream'")
     nodes = raw["upstream"]
@@ -227,7 +240,10 @@ def _room(i: int, raw: Any, open_auth: bool, environ: Mapping[str, str]) -> Room
     if "upstream" in raw:
         return _upstream_room(where, name, raw)
     if "ingest" not in raw:
-        raise ConfigError(f"{where}: 'ingest' (host:port for RTP) is missing, or 'upstream' (nodes to take it from)")
+        return _stage_room(where, name, raw)
+    if "max_speakers" in raw:
+        raise ConfigError(f"{where}: 'max_speakers' is for rooms of speakers; this one takes its audio from "
+                          "'ingest' (drop one of the two)")
     ingest = _addr(f"{where}: ingest", raw["ingest"])
     sources_raw = raw.get("sources")
     if not isinstance(sources_raw, list) or not sources_raw:
@@ -251,6 +267,17 @@ def _room(i: int, raw: Any, open_auth: bool, environ: Mapping[str, str]) -> Room
     if "takeover_after" in raw:
         takeover = _float(f"{where}: takeover_after", raw["takeover_after"], 0, 86400)
     return RoomConfig(name, ingest, sources, any_source, limit, srtp_key, takeover)
+
+
+def _stage_room(where: str, name: str, raw: dict[str, Any]) -> RoomConfig:
+    """A room whose audio comes from speakers who join it (no ingest port)."""
+    for key in ("sources", "srtp_key_env", "takeover_after"):
+        if key in raw:
+            raise ConfigError(f"{where}: '{key}' is for rooms with an 'ingest' port; this one has none, "
+                              "so its audio comes from speakers who join with a publish token")
+    speakers = _int(f"{where}: max_speakers", raw.get("max_speakers", DEFAULT_SPEAKERS), 1, MAX_SPEAKERS)
+    limit = _int(f"{where}: max_listeners", raw.get("max_listeners", 0), 0, 10**7)
+    return RoomConfig(name, None, [], False, limit, max_speakers=speakers)
 
 
 def _quic(cfg: NodeConfig, node: dict[str, Any]) -> None:
@@ -344,6 +371,7 @@ def from_dict(raw: dict[str, Any], label: str = "config", environ: Mapping[str, 
     cfg.join_rate_per_source = _seconds("[node] join_rate_per_source",
                                         node.get("join_rate_per_source", cfg.join_rate_per_source))
     cfg.max_rooms = _int("[node] max_rooms", node.get("max_rooms", cfg.max_rooms), 1, 100_000)
+    cfg.speaker_slots = _int("[node] speaker_slots", node.get("speaker_slots", cfg.speaker_slots), 0, 100_000)
     cfg.drain_grace = _float("[node] drain_grace", node.get("drain_grace", cfg.drain_grace), 0, 3600)
     cfg.drain_rate = _float("[node] drain_rate", node.get("drain_rate", cfg.drain_rate), 1, 10**7)
     cfg.log_interval = _seconds("[node] log_interval", node.get("log_interval", cfg.log_interval), 0.1, 3600)

@@ -41,6 +41,7 @@ class MsgType(IntEnum):
     REJECT = 4
     KEEPALIVE = 5
     LEAVE = 6
+    SPEAKERS = 7
 
 
 class Reason(IntEnum):
@@ -60,6 +61,8 @@ class Reason(IntEnum):
     WRONG_ROLE = 12
     RATE_LIMITED = 13
     TOKEN_IN_USE = 14
+    STAGE_FULL = 15      # the room has max_speakers speakers already
+    NO_STAGE = 16        # the room takes no speakers (its audio comes from ingest or upstream)
 
 
 class ProtocolError(ValueError):
@@ -70,11 +73,18 @@ class ProtocolError(ValueError):
         self.reason = reason
 
 
+# JOIN's flags (the header's fourth byte)
+JOIN_SPEAKER = 0x01      # join the stage: publish (role `publish`) and hear the mix-minus
+SRTP_KEY_LEN = 30        # a speaker's SRTP master key and salt, in its ACCEPT
+MAX_SPEAKER_TEXT = 32    # a speaker's id and display name, in bytes, in SPEAKERS
+
+
 @dataclass(frozen=True)
 class Join:
     room: str
     token: str
     cookie: bytes = b""
+    speaker: bool = False
 
 
 @dataclass(frozen=True)
@@ -88,6 +98,8 @@ class Accept:
     ssrc: int
     keepalive_ms: int
     timeout_ms: int
+    # a speaker's: the SRTP key (AES_CM_128_HMAC_SHA1_80) its RTP must carry
+    srtp_key: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -111,7 +123,21 @@ class Leave:
     session_id: bytes
 
 
-Message = Join | Challenge | Accept | Reject | Keepalive | Leave
+@dataclass(frozen=True)
+class Speaker:
+    id: str
+    name: str
+    level: int          # RFC 6464: -dBov, 0 (loudest) to 127 (silence)
+    active: bool        # speaking now
+
+
+@dataclass(frozen=True)
+class Speakers:
+    """Who is on the stage: sent to a room's sessions every second or so."""
+    speakers: tuple[Speaker, ...]
+
+
+Message = Join | Challenge | Accept | Reject | Keepalive | Leave | Speakers
 
 
 def cookie_proof(cookie: bytes) -> bytes:
@@ -124,8 +150,13 @@ def is_control(datagram: bytes) -> bool:
     return len(datagram) > 0 and datagram[0] == MAGIC
 
 
-def _head(kind: MsgType) -> bytes:
-    return HEADER.pack(MAGIC, VERSION, kind, 0)
+def _head(kind: MsgType, flags: int = 0) -> bytes:
+    return HEADER.pack(MAGIC, VERSION, kind, flags)
+
+
+def _short(text: str) -> bytes:
+    """`text` in at most MAX_SPEAKER_TEXT bytes of UTF-8, cut on a character."""
+    return text.encode()[:MAX_SPEAKER_TEXT].decode(errors="ignore").encode()
 
 
 def encode(msg: Message) -> bytes:
@@ -134,14 +165,23 @@ def encode(msg: Message) -> bytes:
         room, token = msg.room.encode(), msg.token.encode()
         if len(room) > MAX_ROOM or len(token) > MAX_TOKEN or len(msg.cookie) > 255:
             raise ValueError("room, token or cookie too long")
-        out = (_head(MsgType.JOIN) + bytes([len(room)]) + room + struct.pack("!H", len(token))
+        out = (_head(MsgType.JOIN, JOIN_SPEAKER if msg.speaker else 0) + bytes([len(room)]) + room + struct.pack("!H", len(token))
                + token + bytes([len(msg.cookie)]) + msg.cookie)
         return out + bytes(max(0, MIN_JOIN - len(out)))
     if isinstance(msg, Challenge):
         return _head(MsgType.CHALLENGE) + bytes([len(msg.cookie)]) + msg.cookie
     if isinstance(msg, Accept):
+        if len(msg.srtp_key) not in (0, SRTP_KEY_LEN):
+            raise ValueError(f"a speaker's SRTP key is {SRTP_KEY_LEN} bytes")
         return (_head(MsgType.ACCEPT) + msg.session_id
-                + struct.pack("!III", msg.ssrc, msg.keepalive_ms, msg.timeout_ms))
+                + struct.pack("!III", msg.ssrc, msg.keepalive_ms, msg.timeout_ms) + msg.srtp_key)
+    if isinstance(msg, Speakers):
+        out = _head(MsgType.SPEAKERS) + bytes([len(msg.speakers)])
+        for sp in msg.speakers[:255]:
+            sid, name = _short(sp.id), _short(sp.name)
+            out += bytes([min(max(sp.level, 0), 127) | (0x80 if sp.active else 0), len(sid)]) + sid
+            out += bytes([len(name)]) + name
+        return out
     if isinstance(msg, Reject):
         redirect = msg.redirect.encode()[:MAX_REDIRECT]
         if len(msg.proof) not in (0, PROOF_LEN):
@@ -181,7 +221,7 @@ def decode(data: bytes) -> Message:
     """Parse one control datagram; raises ProtocolError with a reason."""
     if len(data) < HEADER.size or data[0] != MAGIC:
         raise ProtocolError("not a control message")
-    _, version, kind, _ = HEADER.unpack_from(data)
+    _, version, kind, flags = HEADER.unpack_from(data)
     if version != VERSION:
         raise ProtocolError(f"version {version} not supported", Reason.UNSUPPORTED_VERSION)
     r = _Reader(data, HEADER.size)
@@ -195,13 +235,14 @@ def decode(data: bytes) -> Message:
             raise ProtocolError("token too long")
         token = r.text(n)
         cookie = r.take(r.u8())
-        return Join(room, token, cookie)
+        return Join(room, token, cookie, bool(flags & JOIN_SPEAKER))
     if kind == MsgType.CHALLENGE:
         return Challenge(r.take(r.u8()))
     if kind == MsgType.ACCEPT:
         sid = r.take(SESSION_ID_LEN)
         ssrc, keepalive, timeout = struct.unpack("!III", r.take(12))
-        return Accept(sid, ssrc, keepalive, timeout)
+        key = r.take(SRTP_KEY_LEN) if len(data) - r.at >= SRTP_KEY_LEN else b""
+        return Accept(sid, ssrc, keepalive, timeout, key)
     if kind == MsgType.REJECT:
         code = r.u8()
         try:
@@ -215,6 +256,13 @@ def decode(data: bytes) -> Message:
         return Keepalive(r.take(SESSION_ID_LEN))
     if kind == MsgType.LEAVE:
         return Leave(r.take(SESSION_ID_LEN))
+    if kind == MsgType.SPEAKERS:
+        speakers = []
+        for _ in range(r.u8()):
+            level = r.u8()
+            sid = r.text(r.u8())
+            speakers.append(Speaker(sid, r.text(r.u8()), level & 0x7F, bool(level & 0x80)))
+        return Speakers(tuple(speakers))
     raise ProtocolError(f"unknown message type {kind}")
 
 

@@ -22,14 +22,19 @@ class TokenError(Exception):
 
 
 def mint(secret: str, room: str, role: str = "listen", ttl_s: float = 3600.0,
-         now: float | None = None) -> str:
-    """A signed token for `room` and `role`, valid for `ttl_s` seconds."""
+         now: float | None = None, speaker: str = "", name: str = "") -> str:
+    """A signed token for `room` and `role`, valid for `ttl_s` seconds. A
+    speaker's (role publish) may carry its id (`sub`) and display name."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
     if len(secret.encode()) < 32:
         raise ValueError("the secret must be at least 32 bytes (HS256)")
     issued = int(time.time() if now is None else now)
-    claims = {"room": room, "role": role, "iat": issued, "exp": issued + int(ttl_s)}
+    claims: dict[str, object] = {"room": room, "role": role, "iat": issued, "exp": issued + int(ttl_s)}
+    if speaker:
+        claims["sub"] = speaker
+    if name:
+        claims["name"] = name
     return jwt.encode(claims, secret, algorithm="HS256")
 
 
@@ -48,9 +53,15 @@ class Auth:
         """The role `token` admits in `room` (one of `role`, if a tuple);
         raise TokenError unless it admits one. Open mode admits `role`
         (the first, if a tuple)."""
+        return str(self.claims(token, room, role)["role"])
+
+    def claims(self, token: str, room: str, role: str | tuple[str, ...] = "listen") -> dict:
+        """check(), returning the token's claims (role, and for a speaker
+        `sub` and `name` if the token has them). Open mode has none but the
+        role it admits."""
         roles = (role,) if isinstance(role, str) else role
         if self.mode == "open":
-            return roles[0]
+            return {"role": roles[0]}
         try:
             claims = jwt.decode(token, self._secret, algorithms=["HS256"],
                                 options={"require": ["exp", "room", "role"]})
@@ -62,4 +73,4 @@ class Auth:
             raise TokenError("token is for another room", Reason.WRONG_ROOM)
         if claims.get("role") not in roles:
             raise TokenError(f"token role is not {' or '.join(map(repr, roles))}", Reason.WRONG_ROLE)
-        return str(claims["role"])
+        return claims

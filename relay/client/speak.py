@@ -1,0 +1,98 @@
+"""`relay publish --token`: a speaker on a room's stage.
+
+The speaker joins like a listener (JOIN with the speaker flag and a publish
+token, the cookie CHALLENGE, ACCEPT), over the node's listener port. The
+ACCEPT carries an SRTP key; the speaker's audio goes out as SRTP
+(AES_CM_128_HMAC_SHA1_80) on the same socket, so the node can tell its
+packets from anyone else's, a spoofed source address included. Each packet
+carries its audio level (RFC 6464, one-byte extension id 1), which is how
+the node shows who is speaking without decoding a lone speaker. What comes
+back on the session is the stage without this speaker's own voice, handled
+like any listener's audio (NACKs, keepalives, the sink).
+"""
+from __future__ import annotations
+
+import array
+import asyncio
+import math
+import struct
+import time
+from typing import Callable, Iterator
+
+import opuslib
+from pylibsrtp import Policy, Session as SrtpSession
+
+from relay.client.listen import ListenClient, ListenStats
+from relay.client.publish import FRAME, PAYLOAD_TYPE, RATE, RtpPacketizer, tone_frames
+
+LEVEL_EXT_ID = 1          # the node reads the audio level from this extension id
+
+
+def audio_level(pcm: bytes) -> int:
+    """RFC 6464 level of 16-bit PCM: -dBov of its RMS, 0 to 127 (silence)."""
+    samples = array.array("h", pcm)
+    if not samples:
+        return 127
+    rms = math.sqrt(sum(s * s for s in samples[::8]) / len(samples[::8]))
+    return 127 if rms < 1 else min(127, max(0, round(-20 * math.log10(rms / 32768))))
+
+
+def with_level(packet: bytes, level: int, voice: bool = True) -> bytes:
+    """`packet` (a 12-byte-header RTP packet) with an RFC 6464 level extension."""
+    ext = struct.pack("!HHBBH", 0xBEDE, 1, (LEVEL_EXT_ID << 4) | 0, (0x80 if voice else 0) | level, 0)
+    return bytes([packet[0] | 0x10]) + packet[1:12] + ext + packet[12:]
+
+
+class SpeakerClient(ListenClient):
+    """A speaker: `sink` gets the stage without this speaker (mix-minus)."""
+
+    def __init__(self, server: str, room: str, token: str = "",
+                 sink: Callable[[bytes], None] | None = None) -> None:
+        super().__init__(server, room, token, sink)
+        self.speaker = True
+        self.sent = 0
+
+    def _srtp(self) -> SrtpSession:
+        if self._session is None or not self._session.srtp_key:
+            raise RuntimeError("not on a stage: the node sent no SRTP key")
+        return SrtpSession(Policy(key=self._session.srtp_key, ssrc_type=Policy.SSRC_ANY_OUTBOUND,
+                                  srtp_profile=Policy.SRTP_PROFILE_AES128_CM_SHA1_80))
+
+    async def speak(self, frames: Iterator[bytes], duration: float | None, bitrate: int = 64000) -> int:
+        """Encode and send PCM frames (20 ms, 48 kHz stereo) in real time as
+        SRTP for `duration` seconds (forever if None). Returns packets sent."""
+        enc = opuslib.Encoder(RATE, 2, opuslib.APPLICATION_AUDIO)
+        enc.bitrate = bitrate
+        srtp, rtp = self._srtp(), RtpPacketizer()
+        start = time.monotonic()
+        n = 0
+        while duration is None or n * FRAME / RATE < duration:
+            pcm = next(frames)
+            packet = with_level(rtp.packet(enc.encode(pcm, FRAME)), audio_level(pcm))
+            self._send(srtp.protect(packet))
+            n += 1
+            self.sent = n
+            delay = start + n * FRAME / RATE - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        return n
+
+
+async def speak_tone(server: str, room: str, token: str, freq: float, duration: float | None,
+                     sink: Callable[[bytes], None] | None = None, bitrate: int = 64000,
+                     client: SpeakerClient | None = None) -> ListenStats:
+    """Join `room`'s stage, speak a tone for `duration` seconds while hearing
+    the others, then leave. Returns what was heard (the mix-minus)."""
+    client = client or SpeakerClient(server, room, token, sink)
+    await client.join()
+    hearing = asyncio.create_task(client.receive())
+    try:
+        await client.speak(tone_frames(freq), duration, bitrate)
+    finally:
+        hearing.cancel()
+        await asyncio.gather(hearing, return_exceptions=True)
+        client.close()
+    return client.stats
+
+
+__all__ = ["SpeakerClient", "speak_tone", "audio_level", "with_level", "PAYLOAD_TYPE"]

@@ -1,0 +1,375 @@
+"""A room's stage: the speakers who publish into it, and what the room hears.
+
+A stage room has no ingest port. Speakers join it like listeners, with a
+publish token (sessions.py), and send SRTP with the key their ACCEPT gave
+them from the address they joined from. Each speaker also listens, in a
+room of its own in the core (its *mix-minus room*), to the stage without
+its own voice.
+
+What the room hears depends on who is live (sent audio in the last second):
+- nobody: nothing;
+- one speaker: that speaker's packets, passed through as they arrive,
+  renumbered into the stage's own stream (no decode, no re-encode);
+- two or more: the mix (mixer.py), one packet per 20 ms frame.
+Every output (the room, each mix-minus room) has one SSRC and continuous
+sequence numbers and timestamps across those modes, and each frame of the
+timeline goes out once: a switch to the mix starts at the first frame the
+speaker's own packets did not already carry, and the mixer's lookahead
+compensation makes its audio continue where theirs stopped.
+
+Everything in a Stage runs on the StageWorker's thread, off the event loop:
+SRTP, jitter buffers, decoding, mixing and encoding. The loop hands it
+packets and joins; it hands the loop finished RTP packets for the core.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import struct
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Hashable
+
+from pylibsrtp import Error as SrtpError, Policy, Session as SrtpSession
+
+from relay.node.mixer import FRAME, SILENT, SPEAKING, Mixer, Voice
+from relay.wire.protocol import Speaker
+
+log = logging.getLogger("relay.stage")
+
+LIVE_NS = 1_000_000_000      # a speaker who sent audio this recently is live
+ACTIVE_NS = 300_000_000      # and one loud enough this recently is speaking
+MARGIN_NS = 3_000_000        # a packet is due this long before the tick that first needs it
+FRAME_NS = 20_000_000
+PAYLOAD_TYPE = 111
+LEVEL_EXT_ID = 1             # RFC 6464 audio level: the one-byte extension id speakers use
+MAX_CATCH_UP = 10            # ticks run at once after the worker was held up; older ones are skipped
+# a speaker's audio the stage drops, by reason (relay_stage_drops_total)
+STAGE_DROPS = ("foreign", "auth", "replay", "malformed", "late")
+Output = tuple[int, bytes, Hashable]  # (core room, RTP packet, the speaker whose mix-minus room it is, or None)
+
+
+def rtp_payload(packet: bytes) -> tuple[int, int, bytes, int | None] | None:
+    """(sequence number, timestamp, payload, RFC 6464 level or None) of
+    an RTP packet, or None if it is not one we can use."""
+    if len(packet) < 12 or packet[0] >> 6 != 2:
+        return None
+    b0 = packet[0]
+    seq, ts = struct.unpack_from("!HI", packet, 2)
+    off = 12 + 4 * (b0 & 0x0F)
+    level = None
+    end = len(packet)
+    if b0 & 0x10:
+        if off + 4 > end:
+            return None
+        profile, words = struct.unpack_from("!HH", packet, off)
+        ext_end = off + 4 + 4 * words
+        if profile == 0xBEDE:
+            level = _level_ext(packet, off + 4, min(ext_end, end))
+        off = ext_end
+    if b0 & 0x20:
+        end -= packet[-1]
+    if off >= end:
+        return None
+    return seq, ts, packet[off:end], level
+
+
+def _level_ext(packet: bytes, at: int, end: int) -> int | None:
+    """The audio level in one-byte header extensions (RFC 8285), if any."""
+    while at < end:
+        b = packet[at]
+        if b == 0:
+            at += 1
+            continue
+        ext_id, size = b >> 4, (b & 0x0F) + 1
+        if ext_id == 15:
+            return None
+        if ext_id == LEVEL_EXT_ID and at + 1 < end:
+            return packet[at + 1] & 0x7F
+        at += 1 + size
+    return None
+
+
+@dataclass
+class Output:
+    """A core room the stage feeds: one SSRC-less stream (the core sets each
+    listener's SSRC) with its own continuous numbering."""
+    index: int
+    seq: int
+    ts_base: int
+    emitted: int | None = None   # the last timeline position sent
+
+    def packet(self, position: int, payload: bytes) -> bytes | None:
+        """The RTP packet carrying timeline frame `position`, unless that
+        frame (or a later one) already went out."""
+        if self.emitted is not None and position <= self.emitted:
+            return None
+        self.emitted = position
+        self.seq = (self.seq + 1) & 0xFFFF
+        return struct.pack("!BBHII", 0x80, PAYLOAD_TYPE, self.seq, (self.ts_base + position) & 0xFFFFFFFF,
+                           0) + payload
+
+
+@dataclass
+class Stage:
+    """One stage room's audio state (owned by the worker thread)."""
+    name: str
+    index: int
+    rng_bytes: Callable[[int], bytes]
+    voices: dict[Hashable, Voice] = field(default_factory=dict)
+    minus: dict[Hashable, Output] = field(default_factory=dict)
+    srtp: dict[Hashable, SrtpSession] = field(default_factory=dict)
+    mode: str = "idle"           # "idle", "pass" or "mix"
+    solo: Hashable = None
+    next_t: int = 0              # the timeline position of the next tick's frame
+    tick_ns: int = 0             # when the next tick runs
+    drops: Counter = field(default_factory=Counter)
+    frames_mixed: int = 0
+    switches: int = 0
+    busy_ns: int = 0             # worker time spent on this stage
+    snapshot: tuple = ()         # (Speaker, ...) for the loop thread to read
+
+    def __post_init__(self) -> None:
+        self.room = self._output(self.index)
+        self.mixer = Mixer()
+
+    def _output(self, index: int) -> Output:
+        r = self.rng_bytes(6)
+        return Output(index, int.from_bytes(r[:2], "big"), int.from_bytes(r[2:], "big"))
+
+    # ----------------------------------------------------------- membership
+
+    def add(self, key: Hashable, speaker_id: str, name: str, srtp_key: bytes, minus_index: int) -> None:
+        """A speaker joined: its voice, its SRTP context, its mix-minus room."""
+        self.voices[key] = Voice(key, speaker_id, name)
+        self.srtp[key] = SrtpSession(Policy(key=srtp_key, ssrc_type=Policy.SSRC_ANY_INBOUND,
+                                            srtp_profile=Policy.SRTP_PROFILE_AES128_CM_SHA1_80))
+        self.minus[key] = self._output(minus_index)
+
+    def remove(self, key: Hashable, now_ns: int) -> list[Output]:
+        """A speaker left: the room goes on without it at once."""
+        self.voices.pop(key, None)
+        self.srtp.pop(key, None)
+        self.minus.pop(key, None)
+        self.mixer.forget(key)
+        return self._choose_mode(now_ns)
+
+    # --------------------------------------------------------------- packets
+
+    def on_packet(self, key: Hashable, datagram: bytes, now_ns: int) -> list[Output]:
+        """One SRTP datagram from a speaker's address."""
+        voice, srtp = self.voices.get(key), self.srtp.get(key)
+        if voice is None or srtp is None:
+            self.drops["foreign"] += 1
+            return []
+        try:
+            plain = srtp.unprotect(datagram)
+        except SrtpError as e:
+            self.drops["replay" if "replay" in str(e) else "auth"] += 1
+            return []
+        parsed = rtp_payload(plain)
+        if parsed is None:
+            self.drops["malformed"] += 1
+            return []
+        _seq, ts, payload, level = parsed
+        if self.mode == "idle":
+            # the first live voice sets the clock, and the timeline resumes
+            # past anything already sent
+            self.tick_ns = now_ns + MARGIN_NS
+            if self.room.emitted is not None and self.room.emitted >= self.next_t:
+                self._shift(self.room.emitted + FRAME - self.next_t)
+        self._place(voice, voice.extend(ts), now_ns)
+        voice.heard_ns = now_ns
+        if level is not None:
+            voice.level = level
+            if level < SPEAKING:
+                voice.spoke_ns = now_ns
+        elif self.mode != "mix" and len(payload) > 10:   # no level sent: a non-DTX packet is speech
+            voice.spoke_ns = now_ns
+        assert voice.offset is not None
+        position = voice.extend(ts) + voice.offset
+        if not voice.put(position, payload):
+            self.drops["late"] += 1
+        if self.mode == "idle" or (self.mode == "pass" and key != self.solo):
+            out = self._choose_mode(now_ns)
+        else:
+            out = []
+        if self.mode == "pass" and key == self.solo:
+            out += self._pass(key, position, payload)
+        return out
+
+    def _slot(self, now_ns: int) -> int:
+        """The frame of the first tick at least MARGIN_NS from now."""
+        ahead = max(0, -(-(now_ns + MARGIN_NS - self.tick_ns) // FRAME_NS))
+        return self.next_t + ahead * FRAME
+
+    def _place(self, voice: Voice, ext: int, now_ns: int) -> None:
+        """Map a speaker's timestamps onto the timeline: its packet is due one
+        frame after the next tick (the mixer's lookahead needs it then).
+        When its clock or its path has moved it more than three frames from
+        there, it is placed afresh; a solo speaker instead takes the
+        timeline with it, so what it passes through stays continuous."""
+        target = self._slot(now_ns) + FRAME
+        if voice.offset is None:
+            voice.offset = target - ext
+            return
+        lead = ext + voice.offset - target
+        if abs(lead) <= 3 * FRAME:
+            return
+        if self.mode == "pass" and voice.key == self.solo:
+            self._shift(lead)
+        else:
+            voice.offset -= lead
+            voice.packets.clear()
+            voice.rewind()
+
+    def _pass(self, key: Hashable, position: int, payload: bytes) -> list[Output]:
+        """A solo speaker's packet, as it is, to the room and to every other
+        speaker's mix-minus room."""
+        out: list[Output] = []
+        pkt = self.room.packet(position, payload)
+        if pkt is not None:
+            out.append((self.room.index, pkt, None))
+        for other, o in self.minus.items():
+            if other != key:
+                pkt = o.packet(position, payload)
+                if pkt is not None:
+                    out.append((o.index, pkt, other))
+        return out
+
+    # ------------------------------------------------------------------ ticks
+
+    def tick(self, now_ns: int) -> list[Output]:
+        """Timeline frame next_t is due: choose the mode, and mix it if two
+        or more speakers are live."""
+        out = self._choose_mode(now_ns)
+        if self.mode == "mix":
+            live = [v for v in self.voices.values() if now_ns - v.heard_ns < LIVE_NS]
+            room, minus = self.mixer.frame(live, list(self.minus), self.next_t, now_ns)
+            self.frames_mixed += 1
+            pkt = self.room.packet(self.next_t, room)
+            if pkt is not None:
+                out.append((self.room.index, pkt, None))
+            for key, payload in minus.items():
+                pkt = self.minus[key].packet(self.next_t, payload)
+                if pkt is not None:
+                    out.append((self.minus[key].index, pkt, key))
+        self.next_t += FRAME
+        self.tick_ns += FRAME_NS
+        self._snapshot(now_ns)
+        return out
+
+    def _choose_mode(self, now_ns: int) -> list[Output]:
+        live = [k for k, v in self.voices.items() if v.heard_ns and now_ns - v.heard_ns < LIVE_NS]
+        mode = "idle" if not live else "pass" if len(live) == 1 else "mix"
+        out: list[Output] = []
+        if mode == self.mode and (mode != "pass" or self.solo == live[0]):
+            return out
+        self.switches += 1
+        if mode == "pass":
+            solo = self.voices[live[0]]
+            # what the mix had not sent yet of the solo speaker's packets goes now
+            for position in sorted(p for p in solo.packets if self.room.emitted is None or p > self.room.emitted):
+                out += self._pass(solo.key, position, solo.packets[position])
+            self.solo = solo.key
+        elif mode == "mix":
+            for v in self.voices.values():
+                v.rewind()
+            # the timeline catches up with what the solo speaker's packets
+            # already carried, so the mix goes on right after them
+            if self.room.emitted is not None and self.room.emitted >= self.next_t + 2 * FRAME:
+                self._shift(self.room.emitted - FRAME - self.next_t)
+            self.solo = None
+        self.mode = mode
+        return out
+
+    def _shift(self, d: int) -> None:
+        """Move the timeline on by `d` samples; the voices' packets move with it."""
+        self.next_t += d
+        for v in self.voices.values():
+            if v.offset is not None and v.key != self.solo:
+                v.offset += d
+                v.packets = {p + d: pkt for p, pkt in v.packets.items()}
+
+    def _snapshot(self, now_ns: int) -> None:
+        self.snapshot = tuple(
+            Speaker(v.id, v.name, v.level if now_ns - v.heard_ns < LIVE_NS else SILENT,
+                    now_ns - v.spoke_ns < ACTIVE_NS)
+            for v in sorted(self.voices.values(), key=lambda v: (v.level, v.id)))
+
+
+class StageWorker:
+    """The thread that runs every stage of a node: packets and joins come in
+    on a queue from the event loop, ticks every 20 ms per active stage, and
+    finished RTP goes back to the loop through `deliver` (called on this
+    thread; it must hand over to the loop, e.g. with call_soon_threadsafe)."""
+
+    def __init__(self, deliver: Callable[[list[Output]], None]) -> None:
+        self.deliver = deliver
+        self.stages: dict[str, Stage] = {}
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self.skipped_ticks = 0
+
+    def start(self) -> None:
+        """Run the worker thread."""
+        self._thread = threading.Thread(target=self._run, name="relay-stage", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the worker thread (what is queued is dropped)."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=2)
+            self._thread = None
+
+    def call(self, fn: Callable[..., list[Output] | None], *args: object) -> None:
+        """Run fn(*args) on the worker thread; what it returns is delivered."""
+        self._queue.put((fn, args))
+
+    def _run(self) -> None:
+        while True:
+            active = [st for st in self.stages.values() if st.voices]
+            wait = None
+            if active:
+                wait = max(0.0, (min(st.tick_ns for st in active) - time.monotonic_ns()) / 1e9)
+            try:
+                item = self._queue.get(timeout=wait)
+            except queue.Empty:
+                item = ()
+            if item is None:
+                return
+            out: list[Output] = []
+            if item:
+                fn, args = item
+                try:
+                    out += fn(*args) or []
+                except Exception:   # one bad packet or join must not stop every stage
+                    log.exception("stage worker: %s failed", getattr(fn, "__name__", fn))
+            out += self._ticks()
+            if out:
+                self.deliver(out)
+
+    def _ticks(self) -> list[Output]:
+        out: list[Output] = []
+        now = time.monotonic_ns()
+        for st in self.stages.values():
+            if not st.voices:
+                continue
+            behind = (now - st.tick_ns) // FRAME_NS
+            if behind >= MAX_CATCH_UP:   # held up for long: skip ahead rather than mix a backlog
+                st.next_t += int(behind) * FRAME
+                st.tick_ns += int(behind) * FRAME_NS
+                self.skipped_ticks += int(behind)
+            while st.tick_ns <= now:
+                t0 = time.thread_time_ns()
+                try:
+                    out += st.tick(now)
+                except Exception:
+                    log.exception("stage %r: tick failed", st.name)
+                    st.tick_ns += FRAME_NS
+                    st.next_t += FRAME
+                st.busy_ns += time.thread_time_ns() - t0
+        return out

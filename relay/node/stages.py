@@ -1,0 +1,193 @@
+"""The event loop's side of the node's stages: who is on which stage, the
+core rooms their mix-minus streams go to, and the hand-over to and from
+the StageWorker thread (stage.py), which does the audio.
+
+Each speaker takes one of the node's `speaker_slots` core rooms for the
+stage without its own voice; its session listens there like any listener
+(rings, NACKs, keepalives). Every RTP packet the worker finishes comes back
+here and is fed to the core on the loop thread, the only thread that
+writes a room's history, as an ingest datagram from STAGE_SOURCE.
+"""
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Hashable
+
+from relay._core import Core
+from relay.node.stage import STAGE_DROPS, Output, Stage, StageWorker
+from relay.wire.addr import to_sockaddr
+from relay.wire.config import RoomConfig
+from relay.wire.protocol import Reason, Speakers, encode
+
+# the source address the stage's packets are fed to the core from: no
+# socket delivers it, and a stage room has no ingest socket anyway
+STAGE_SOURCE = to_sockaddr(("0.0.0.0", 0), socket.AF_INET)
+SPEAKERS_EVERY_S = 1.0      # how often a stage tells its room who is speaking
+
+
+@dataclass
+class Member:
+    """A speaker on a stage, as the loop sees it."""
+    room: str
+    key: Hashable
+    speaker_id: str
+    name: str
+    minus_index: int
+
+
+class Stages:
+    """Every stage of one node."""
+
+    def __init__(self, core: Core, free_minus: list[int], sent: Callable[[], None],
+                 rng_bytes: Callable[[int], bytes]) -> None:
+        self.core, self.sent, self.rng_bytes = core, sent, rng_bytes
+        self._free = free_minus                       # core rooms for mix-minus streams
+        self.limits: dict[str, int] = {}              # stage room -> max_speakers
+        self.members: dict[Hashable, Member] = {}
+        self._owner: dict[int, Hashable] = {}         # mix-minus room -> its speaker
+        self.worker = StageWorker(self._from_worker)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.refused_rtp = 0                           # RTP on the listener port from no speaker
+        self._told = 0.0
+
+    # ------------------------------------------------------------ lifecycle
+
+    def open(self, r: RoomConfig, index: int) -> None:
+        """A stage room was opened (room `index` of the core)."""
+        self.core.room_open(index, True)   # only the stage feeds it: no ingest socket exists
+        self.limits[r.name] = r.max_speakers
+        self.worker.stages[r.name] = Stage(r.name, index, self.rng_bytes)
+
+    def close(self, name: str) -> None:
+        """A stage room goes away (its sessions were ended first)."""
+        self.limits.pop(name, None)
+        self.worker.call(lambda: [] if self.worker.stages.pop(name, None) else [])
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the worker thread; finished packets come back to `loop`."""
+        self._loop = loop
+        self.worker.start()
+
+    def stop(self) -> None:
+        """Stop the worker thread."""
+        self.worker.stop()
+
+    def has(self, room: str) -> bool:
+        """Is `room` a stage room?"""
+        return room in self.limits
+
+    def set_limit(self, room: str, max_speakers: int) -> None:
+        """A reload changed the room's max_speakers (for joins from now on)."""
+        self.limits[room] = max_speakers
+
+    # ------------------------------------------------------------ membership
+
+    def admit(self, room: str, key: Hashable, claims: dict, srtp_key: bytes) -> int | Reason:
+        """A speaker with a checked publish token: the core room of its
+        mix-minus stream, or why not."""
+        if room not in self.limits:
+            return Reason.NO_STAGE
+        on_stage = sum(1 for m in self.members.values() if m.room == room)
+        if on_stage >= self.limits[room]:
+            return Reason.STAGE_FULL
+        if not self._free:
+            return Reason.NODE_FULL
+        index = self._free.pop()
+        self.core.room_open(index, True)
+        speaker_id = str(claims.get("sub") or f"speaker-{self.rng_bytes(3).hex()}")
+        name = str(claims.get("name") or speaker_id)
+        self.members[key] = Member(room, key, speaker_id, name, index)
+        self._owner[index] = key
+        stage = self.worker.stages[room]
+        self.worker.call(stage.add, key, speaker_id, name, srtp_key, index)
+        return index
+
+    def leave(self, key: Hashable) -> None:
+        """A speaker's session ended (left, timed out, the room went)."""
+        m = self.members.pop(key, None)
+        if m is None:
+            return
+        del self._owner[m.minus_index]
+        self.core.room_close(m.minus_index)
+        self._free.append(m.minus_index)
+        stage = self.worker.stages.get(m.room)
+        if stage is not None:
+            self.worker.call(stage.remove, key, time.monotonic_ns())
+
+    def on_rtp(self, data: bytes, key: Hashable) -> bool:
+        """RTP on the listener port from `key`'s address: a speaker's audio
+        goes to its stage; anything else is refused (False, counted)."""
+        m = self.members.get(key)
+        if m is None:
+            self.refused_rtp += 1
+            return False
+        self.worker.call(self.worker.stages[m.room].on_packet, key, data, time.monotonic_ns())
+        return True
+
+    # --------------------------------------------------------------- output
+
+    def _from_worker(self, out: list[Output]) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._feed, out)
+
+    def _feed(self, out: list[Output]) -> None:
+        fed = False
+        for index, packet, speaker in out:
+            # a mix-minus room whose speaker left (and which another may
+            # hold by now) gets nothing more from the old one
+            if speaker is not None and self._owner.get(index) != speaker:
+                continue
+            self.core.feed(index, packet, STAGE_SOURCE)
+            fed = True
+        if fed:
+            self.sent()
+
+    def tell_speakers(self, fd: int, now: float, quic_send: Callable[[str, bytes], None] | None) -> int:
+        """Every SPEAKERS_EVERY_S, tell each stage room and each speaker who
+        is on the stage and who is speaking: one small datagram each, sent
+        by the core in sendmmsg batches. Returns datagrams sent."""
+        if now - self._told < SPEAKERS_EVERY_S:
+            return 0
+        self._told = now
+        sent = 0
+        for name, stage in list(self.worker.stages.items()):
+            if not stage.snapshot:
+                continue
+            msg = encode(Speakers(stage.snapshot))
+            sent += self.core.room_send(stage.index, fd, msg)[0]
+            for m in self.members.values():
+                if m.room == name:
+                    sent += self.core.room_send(m.minus_index, fd, msg)[0]
+            if quic_send is not None:
+                quic_send(name, msg)
+        return sent
+
+    # ----------------------------------------------------------- what shows
+
+    def speakers(self, room: str) -> list[dict]:
+        """The room's stage for /rooms: each speaker's id, name, level and
+        whether it is speaking now, loudest first."""
+        stage = self.worker.stages.get(room)
+        if stage is None:
+            return []
+        return [{"id": s.id, "name": s.name, "level_dbov": -s.level, "speaking": s.active}
+                for s in stage.snapshot]
+
+    def describe(self, room: str) -> dict:
+        """A stage room's state for /rooms."""
+        stage = self.worker.stages[room]
+        return {"mode": stage.mode, "speakers": self.speakers(room),
+                "max_speakers": self.limits.get(room, 0), "frames_mixed": stage.frames_mixed,
+                "mixer_cpu_s": round(stage.busy_ns / 1e9, 3)}
+
+    def drops(self) -> Counter[str]:
+        """Speaker audio dropped, by reason, over every stage."""
+        total: Counter[str] = Counter({reason: 0 for reason in STAGE_DROPS})
+        total["foreign"] += self.refused_rtp
+        for stage in list(self.worker.stages.values()):
+            total.update(stage.drops)
+        return total
