@@ -247,6 +247,10 @@ def _payload(pkt: bytes) -> bytes:
 def cmd_publish(args: argparse.Namespace) -> None:
     from relay.client.publish import publish_tone, publish_with_ffmpeg
 
+    if args.token is not None or args.server:
+        raise SystemExit(_speak(args))
+    if args.out:
+        _die("--out records what a speaker hears: give --server (and --token) to join a stage")
     try:
         to = parse_hostport(args.to)
     except ValueError as e:
@@ -267,6 +271,47 @@ def cmd_publish(args: argparse.Namespace) -> None:
     print(f"sent {sent} packets", file=sys.stderr)
 
 
+def _speak(args: argparse.Namespace) -> int:
+    """`relay publish --server --token`: a speaker on a room's stage."""
+    from relay.client.listen import JoinRefused
+    from relay.client.ogg import OggOpusWriter
+    from relay.client.speak import speak_tone
+
+    if args.file:
+        _die("--file publishes to an ingest port (--to); a speaker sends a --tone")
+    try:
+        server = parse_hostport(args.server or "127.0.0.1:7000")
+    except ValueError as e:
+        _die(f"--server: {e}")
+    out_file: BinaryIO | None = None
+    if args.out:
+        try:
+            out_file = open(args.out, "wb")
+        except OSError as e:
+            _die(f"--out {args.out}: {e.strerror}")
+    ogg = OggOpusWriter(out_file) if out_file is not None else None
+    print(f"speaking a {args.tone:g} Hz tone on room {args.room!r}'s stage at {server[0]}:{server[1]}",
+          file=sys.stderr)
+    try:
+        stats = _run(speak_tone(f"{server[0]}:{server[1]}", args.room, args.token or "", args.tone,
+                                args.duration, sink=(lambda pkt: ogg.write(_payload(pkt))) if ogg else None,
+                                bitrate=args.bitrate))
+    except JoinRefused as e:
+        print(f"relay: {e}", file=sys.stderr)
+        return 3
+    except (TimeoutError, ConnectionError) as e:
+        print(f"relay: {e}", file=sys.stderr)
+        return 4
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if ogg is not None and out_file is not None:
+            ogg.close()
+            out_file.close()
+    print(f"heard {stats.received} packets of the stage without this speaker", file=sys.stderr)
+    return 0
+
+
 # ------------------------------------------------------------------- token
 
 def cmd_token(args: argparse.Namespace) -> None:
@@ -276,7 +321,7 @@ def cmd_token(args: argparse.Namespace) -> None:
     if not secret:
         _die(f"set the environment variable {args.secret_env} to the node's secret")
     try:
-        print(mint(secret, args.room, args.role, args.ttl))
+        print(mint(secret, args.room, args.role, args.ttl, speaker=args.speaker, name=args.name))
     except ValueError as e:
         _die(str(e))
 
@@ -340,8 +385,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--duration", type=_positive(float), help="seconds to listen (default: until Ctrl-C)")
     s.set_defaults(func=cmd_listen)
 
-    s = sub.add_parser("publish", help="send RTP/Opus to a room's ingest port")
+    s = sub.add_parser("publish", help="send RTP/Opus to a room's ingest port, or speak on its stage",
+                       epilog="with --server or --token: join the room's stage as a speaker (exit status 3 "
+                              "join refused, 4 no answer from the node)")
     s.add_argument("--to", default="127.0.0.1:5004", help="the room's ingest address")
+    s.add_argument("--server", help="a speaker: the node's listener address (default 127.0.0.1:7000 with --token)")
+    s.add_argument("--room", default="demo", help="a speaker: the stage room (default demo)")
+    s.add_argument("--token", help="a speaker: a publish token for the room (empty for an open node)")
+    s.add_argument("--out", help="a speaker: write what it hears (the stage without itself) to this Ogg file")
     s.add_argument("--file", help="publish this file through ffmpeg")
     s.add_argument("--tone", type=float, default=440.0, help="tone frequency in Hz (default 440)")
     s.add_argument("--duration", type=_positive(float), help="seconds (default: forever)")
@@ -353,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("token", help="mint a join token")
     s.add_argument("--room", required=True)
     s.add_argument("--role", default="listen", choices=["listen", "publish"])
+    s.add_argument("--speaker", default="", help="role publish: the speaker's id (the token's sub)")
+    s.add_argument("--name", default="", help="role publish: the speaker's display name")
     s.add_argument("--ttl", type=_positive(float), default=3600.0, help="seconds until it expires")
     s.add_argument("--secret-env", default="RELAY_SECRET", help="variable holding the secret")
     s.set_defaults(func=cmd_token)

@@ -33,6 +33,7 @@ CHANNELS = 2
 FRAME = 960              # samples per channel in a 20 ms frame
 MAX_DECODE = 5760        # the longest Opus packet: 120 ms
 HISTORY_FRAMES = 8       # packets a voice keeps behind its playout point
+PRIME_FRAMES = 4         # frames encoded (and dropped) before a mix's first, so it continues what was heard
 CONCEAL_FRAMES = 5       # frames of concealment before a missing voice is silence
 SILENT = 127             # RFC 6464: the level of digital silence (-127 dBov)
 LIMIT = 0.89 * 32767     # the limiter's ceiling (-1 dBFS)
@@ -127,6 +128,9 @@ class Voice:
             self.late += 1
             return False
         self.packets[position] = payload
+        if len(self.packets) > 4 * HISTORY_FRAMES:   # passed through undecoded: keep only recent ones
+            for old in [p for p in self.packets if p < position - 2 * HISTORY_FRAMES * FRAME]:
+                del self.packets[old]
         return True
 
     def rewind(self) -> None:
@@ -209,6 +213,15 @@ class Mixer:
             own = parts.get(key)
             minus[key] = enc.encode(lim.apply(total - own if own is not None else total), FRAME)
         return room, minus
+
+    def prime(self, voices: list[Voice], listeners: list[object], start: int, now_ns: int) -> None:
+        """Before a mix's first frame at `start`: run the encoders over the
+        frames just before it, and drop what they make. Listeners' decoders
+        were fed a speaker's own encoder until now; an encoder that has seen
+        the same audio predicts the next frame's energies and pitch as those
+        decoders expect, so the mix continues without a click."""
+        for k in range(PRIME_FRAMES, 0, -1):
+            self.frame(voices, listeners, start - k * FRAME, now_ns)
 
     def forget(self, key: object) -> None:
         """A speaker left: its mix-minus encoder goes."""

@@ -281,6 +281,7 @@ class Stage:
             # already carried, so the mix goes on right after them
             if self.room.emitted is not None and self.room.emitted >= self.next_t + 2 * FRAME:
                 self._shift(self.room.emitted - FRAME - self.next_t)
+            self.mixer.prime([self.voices[k] for k in live], list(self.minus), self.next_t, now_ns)
             self.solo = None
         self.mode = mode
         return out

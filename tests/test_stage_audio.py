@@ -1,0 +1,212 @@
+"""The stage's audio path in one process: a node on loopback, real speaker
+and listener clients, and the mixer's parts on their own (levels, the
+limiter, loss concealment)."""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+import sys
+
+import numpy as np
+import opuslib
+import pytest
+
+from relay.client.listen import ListenClient
+from relay.client.publish import encode_tone, tone_frames
+from relay.client.speak import SpeakerClient, with_level
+from relay.node.mixer import CHANNELS, FRAME, LIMIT, Limiter, Voice, level_of
+from relay.node.node import Node
+from relay.node.stage import rtp_payload
+from relay.testing.loadgen import free_port
+from relay.wire.config import load
+
+
+def node_config(port: int) -> str:
+    return f"""
+[node]
+listen = "127.0.0.1:{port}"
+admin = ""
+auth = "open"
+max_load = 0
+max_machine_load = 0
+[[room]]
+name = "stage"
+"""
+
+
+def decode(packets: list[bytes]) -> np.ndarray:
+    dec = opuslib.Decoder(48000, 1)
+    return np.frombuffer(b"".join(dec.decode(p[12:], 5760) for p in packets), "<i2").astype(float)
+
+
+def tone_residual(x: np.ndarray, hz: float = 440.0, win: int = 480, hop: int = 240) -> np.ndarray:
+    """Per 10 ms window: the share of its energy that is not the tone (a
+    click, a jump in phase). Codec noise alone keeps it near 1e-4."""
+    t = np.arange(win) / 48000
+    basis = np.stack([np.sin(2 * np.pi * hz * t), np.cos(2 * np.pi * hz * t), np.ones(win)], 1)
+    out = []
+    for i in range(0, len(x) - win, hop):
+        seg = x[i:i + win]
+        coef, *_ = np.linalg.lstsq(basis, seg, rcond=None)
+        out.append(float(np.sum((seg - basis @ coef) ** 2) / (np.sum(seg ** 2) + 1e-9)))
+    return np.array(out)
+
+
+async def _switching(lookahead: int | None) -> tuple[list[bytes], Node]:
+    """Ann speaks a tone for 4.5 s; Bo is on stage, live but silent, from
+    1 s to 2.5 s: the room goes from Ann's own packets to the mix and back."""
+    port = free_port()
+    node = Node(load(node_config(port)))
+    await node.start()
+    if lookahead is not None:
+        node.stages.worker.stages["stage"].mixer.lookahead = lookahead
+    heard: list[bytes] = []
+    lis = ListenClient(f"127.0.0.1:{port}", "stage", sink=heard.append)
+    listening = asyncio.create_task(lis.listen(5.0))
+    await asyncio.sleep(0.2)
+    ann = SpeakerClient(f"127.0.0.1:{port}", "stage")
+    await ann.join()
+    speaking = asyncio.create_task(ann.speak(tone_frames(440.0), 4.5))
+    await asyncio.sleep(1.0)
+    bo = SpeakerClient(f"127.0.0.1:{port}", "stage")
+    await bo.join()
+    await bo.speak(tone_frames(660.0, amplitude=0.0), 1.5)
+    bo.close()
+    await speaking
+    ann.close()
+    await listening
+    return heard, node
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_switching_to_the_mix_and_back_is_seamless(aligned: bool) -> None:
+    heard, node = asyncio.run(_switching(None if aligned else 0))
+    try:
+        stage = node.stages.worker.stages["stage"]
+        assert stage.switches >= 3 and stage.frames_mixed > 50, (stage.switches, stage.frames_mixed)
+        # one stream: every sequence number, and timestamps a frame apart
+        seqs = [struct.unpack_from("!H", p, 2)[0] for p in heard]
+        stamps = [struct.unpack_from("!I", p, 4)[0] for p in heard]
+        assert all((b - a) & 0xFFFF == 1 for a, b in zip(seqs, seqs[1:]))
+        assert all((b - a) & 0xFFFFFFFF == FRAME for a, b in zip(stamps, stamps[1:]))
+        assert len(heard) > 200
+        # Ann's tone, and nothing else, from after her start to before her end
+        worst = tone_residual(decode(heard))[100:-100].max()
+        if aligned:
+            assert worst < 0.002, worst
+        else:
+            # the control: a mix that ignores the encoder's lookahead jumps
+            # back 312 samples at each switch, and the measure sees it
+            assert worst > 0.01, worst
+    finally:
+        node.close()
+
+
+def test_injected_and_spoofed_speaker_audio_is_dropped() -> None:
+    """Only a speaker's own session may put audio on the stage: RTP from
+    another address is refused, and RTP forged with the speaker's very
+    address and port (a raw socket) fails SRTP's authentication."""
+    if os.geteuid() != 0:
+        pytest.skip("forging a source address needs a raw socket (root)")
+
+    async def run() -> tuple[list[bytes], Node, tuple]:
+        port = free_port()
+        node = Node(load(node_config(port)))
+        await node.start()
+        heard: list[bytes] = []
+        lis = ListenClient(f"127.0.0.1:{port}", "stage", sink=heard.append)
+        listening = asyncio.create_task(lis.listen(3.0))
+        ann = SpeakerClient(f"127.0.0.1:{port}", "stage")
+        await ann.join()
+        speaking = asyncio.create_task(ann.speak(tone_frames(440.0), 2.5))
+        await asyncio.sleep(0.5)
+        assert ann._transport is not None
+        ann_addr = ann._transport.get_extra_info("sockname")
+        loud = [with_level(struct.pack("!BBHII", 0x80, 111, 1000 + i, 960 * i, 0x1234) + p, 3)
+                for i, p in enumerate(encode_tone(1000.0, 1.0))]
+        other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        for pkt in loud:
+            other.sendto(pkt, ("127.0.0.1", port))
+            raw.sendto(_udp_ip(ann_addr, ("127.0.0.1", port), pkt), ("127.0.0.1", 0))
+            await asyncio.sleep(0.02)
+        other.close()
+        raw.close()
+        await speaking
+        ann.close()
+        await listening
+        return heard, node, ann_addr
+
+    heard, node, _ = asyncio.run(run())
+    try:
+        drops = node.stages.drops()
+        assert drops["foreign"] == 50 and drops["auth"] == 50, drops
+        x = decode(heard)[24000:]
+        spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+        bins = np.fft.rfftfreq(len(x), 1 / 48000)
+        at = {hz: spectrum[(bins > hz - 8) & (bins < hz + 8)].max() for hz in (440, 1000)}
+        assert at[1000] < 0.01 * at[440], at
+    finally:
+        node.close()
+
+
+def _udp_ip(src: tuple, dst: tuple, payload: bytes) -> bytes:
+    """An IPv4 datagram from `src` to `dst` (the kernel fills in the
+    header checksum; a UDP checksum of 0 means none, which IPv4 allows)."""
+    udp = struct.pack("!HHHH", src[1], dst[1], 8 + len(payload), 0) + payload
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, socket.IPPROTO_UDP, 0,
+                     socket.inet_aton(src[0]), socket.inet_aton(dst[0]))
+    return ip + udp
+
+
+# ---------------------------------------------------------------- the parts
+
+def test_levels_follow_rfc_6464() -> None:
+    assert level_of(np.zeros(1920, dtype=np.int32)) == 127
+    full = (32767 * np.sin(np.arange(1920) / 7)).astype(np.int32)
+    assert level_of(full) == 3          # a full-scale sine is -3 dBov
+    assert level_of(full // 10) == 23
+    assert rtp_payload(with_level(struct.pack("!BBHII", 0x80, 111, 1, 2, 3) + b"opus", 42)) == (1, 2, b"opus", 42)
+    assert rtp_payload(struct.pack("!BBHII", 0x80, 111, 1, 2, 3) + b"opus") == (1, 2, b"opus", None)
+    assert rtp_payload(b"\x90" + bytes(11)) is None      # an extension that is not there
+
+
+def test_the_limiter_never_clips_sixteen_loud_voices() -> None:
+    lim = Limiter()
+    rng = np.random.default_rng(1)
+    peaks = []
+    for k in range(100):
+        voices = [(20000 * np.sin(2 * np.pi * (200 + 50 * v) * (np.arange(FRAME) + k * FRAME) / 48000))
+                  for v in range(16)]
+        mix = np.repeat(np.sum(voices, axis=0), CHANNELS).astype(np.int32) + rng.integers(-5, 5, FRAME * CHANNELS)
+        out = np.frombuffer(lim.apply(mix), "<i2")
+        peaks.append(np.abs(out).max())
+    assert lim.clipped == 0 and max(peaks) <= LIMIT + 1
+    assert max(peaks) > 0.8 * LIMIT     # limited, not silenced
+    # and a quiet mix passes untouched once the gain has recovered
+    quiet = (1000 * np.sin(np.arange(FRAME * CHANNELS) / 5)).astype(np.int32)
+    for _ in range(60):
+        out = np.frombuffer(lim.apply(quiet), "<i2")
+    assert np.array_equal(out, quiet.astype("<i2"))
+
+
+def test_a_lost_packet_is_concealed_and_a_silent_voice_fades_to_nothing() -> None:
+    packets = encode_tone(440.0, 0.4)      # 20 packets, stereo
+    v = Voice("k", "ann", "Ann")
+    for i, p in enumerate(packets):
+        if i != 8:                         # one lost on the way
+            v.put(i * FRAME, p)
+    pcm = np.concatenate([v.audio(i * FRAME, FRAME) for i in range(1, 30)])
+    frame_rms = [np.sqrt(np.mean(pcm[i * 2 * FRAME:(i + 1) * 2 * FRAME].astype(float) ** 2)) for i in range(29)]
+    # the lost one from the next packet (its FEC, or concealment where it
+    # carries none), the five after the last packet by concealment
+    assert (v.recovered, v.concealed) == (1, 5)
+    assert frame_rms[7] > 0.5 * frame_rms[5]         # the lost frame still sounds
+    assert max(frame_rms[-5:]) == 0.0                # after the last packet: concealment, then silence
+    assert v.put(2 * FRAME, packets[2]) is False and v.late == 1   # too late to be used
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
