@@ -26,10 +26,11 @@ session_timeout = 4.0
 """
 
 
-def quic_relay(tmp_path, auth: str = "open", workers: int = 2, extra: str = "") -> tuple[RunningRelay, str, str]:
+def quic_relay(tmp_path, auth: str = "open", workers: int = 2, extra: str = "",
+               extra_room: str = "") -> tuple[RunningRelay, str, str]:
     """A relay with its QUIC port; returns it, the QUIC address and the
     certificate hash the node publishes at /quic.json."""
-    relay = start_relay(tmp_path, auth=auth,
+    relay = start_relay(tmp_path, auth=auth, extra_room=extra_room,
                         extra_node=QUIC_NODE.format(port=free_port()) + f"workers = {workers}\n{extra}")
     status, body = relay.get("/quic.json")
     assert status == 200, body

@@ -266,3 +266,36 @@ def test_a_page_on_a_draining_edge_moves_to_another(tmp_path) -> None:
                         and s["framesDecoded"] >= before + 100, timeout=30)
         assert st["moves"] == 1 and st["node"] == "edge2" and st["state"] == "playing", st
         assert st["decodeErrors"] == 0, st
+
+
+def test_the_page_shows_who_is_speaking(tmp_path) -> None:
+    """A stage room: two speakers (`relay publish --token`), their names and
+    level bars on the page, from the node's periodic SPEAKERS message."""
+    if not browser.available():
+        pytest.fail("chromium is not installed; run `make test`, which installs it")
+    from tests.test_stage import STAGE, speaker, token
+    relay, _server, _cert = quic_relay(tmp_path, auth="jwt", extra_room=STAGE)
+    speakers = [speaker(relay, name, 20.0) for name in ("ann", "bo")]
+    page = browser.Browser()
+    try:
+        page.goto(relay.url(f"/listen?room=stage&token={token('stage', 'listen')}"))
+        st = wait_state(page, lambda s: s["framesDecoded"] >= 100 and len(s["speakers"]) == 2
+                        and all(x["speaking"] for x in s["speakers"]), timeout=30)
+        assert st is not None and st["state"] == "playing", st
+        assert sorted(s["name"] for s in st["speakers"]) == ["Ann", "Bo"], st
+        # a 0.3 tone is -13.5 dBov; each bar shows it
+        assert all(10 <= s["level"] <= 17 for s in st["speakers"]), st
+        bars = json.loads(page.evaluate(
+            "JSON.stringify([...document.querySelectorAll('#speakers li')].map(li => "
+            "[li.children[0].textContent, li.children[0].className, li.children[1].firstChild.style.width]))"))
+        assert sorted(b[0] for b in bars) == ["Ann", "Bo"] and all(b[1] == "speaking" for b in bars), bars
+        assert all(70 <= float(b[2].rstrip("%")) <= 85 for b in bars), bars
+        assert st["decodeErrors"] == 0 and st["lost"] == 0, st
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(str(SCREENSHOT.with_name("web-stage.png")))
+    finally:
+        page.close()
+        for p in speakers:
+            p.kill()
+            p.wait()
+        stop(relay.proc)

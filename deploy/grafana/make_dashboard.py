@@ -58,6 +58,15 @@ PANELS: list[tuple[str, str, list[tuple[str, str]], int]] = [
     ("Memory and fds", "bytes",
      [("RSS {{instance}}", f"relay_process_resident_memory_bytes{{{N}}}"),
       ("fds {{instance}}", f"relay_process_open_fds{{{N}}}")], 8),
+    # stages: rooms of several speakers, mixed on this node
+    ("Stages: speakers, mixer CPU, dropped speaker audio", "short",
+     [("speakers {{instance}}", f"relay_speakers{{{N}}}"),
+      ("mixer cores {{instance}}", f"rate(relay_mixer_cpu_seconds_total{{{N}}}[{R}])"),
+      ("dropped /s: {{reason}}", f"sum by (reason) (rate(relay_stage_drops_total{{{N}}}[{R}]))")], 12),
+    ("Stages: mixed frames and switches /s", "short",
+     [("mixed {{instance}}", f"rate(relay_mixed_frames_total{{{N}}}[{R}])"),
+      ("switches {{instance}}", f"rate(relay_stage_switches_total{{{N}}}[{R}])"),
+      ("clipped samples {{instance}}", f"rate(relay_limiter_clipped_samples_total{{{N}}}[{R}])")], 12),
     # the cluster: the directory, the tree above each node, joiners sent on
     ("Cluster: nodes in the directory", "short",
      [("seen by {{instance}}", f"relay_directory_peers{{{N}}} + 1"),

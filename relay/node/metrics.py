@@ -29,6 +29,8 @@ from relay.node.quic import QuicCounters
 from relay.node.senders import SenderThreads
 from relay.node.sessions import PULLED, UDP, RoomState, Sessions
 from relay.node.srtp import SRTP_DROPS
+from relay.node.stage import STAGE_DROPS
+from relay.node.stages import Stages
 from relay.wire.protocol import Reason
 
 # the core counts drops for these reasons (relay_drops_total{reason})
@@ -65,8 +67,9 @@ class NodeCollector(Collector):
     def __init__(self, core: Core, sessions: Sessions, load: LoadMeter, senders: SenderThreads,
                  quic: Callable[[], QuicCounters | None], started: float,
                  srtp_drops: Callable[[], Counter[str]] = Counter,
-                 cluster: Callable[[], Cluster] = lambda: Cluster()) -> None:
+                 cluster: Callable[[], Cluster] = lambda: Cluster(), stages: Stages | None = None) -> None:
         self.core, self.sessions, self.load, self.senders = core, sessions, load, senders
+        self.stages = stages
         self.quic, self.started, self.srtp_drops, self.cluster = quic, started, srtp_drops, cluster
 
     def collect(self) -> Iterator[Metric]:
@@ -150,6 +153,7 @@ class NodeCollector(Collector):
         yield CounterMetricFamily("relay_sender_thread_restarts",
                                   "Sender threads found stopped and restarted.", self.senders.restarts)
         yield from self._quic()
+        yield from self._stages()
         yield from self._cluster()
         yield GaugeMetricFamily("relay_draining", "1 while the node is draining.",
                                 1 if self.sessions.draining else 0)
@@ -187,6 +191,31 @@ class NodeCollector(Collector):
         yield CounterMetricFamily("relay_quic_requests_refused",
                                   "HTTP/3 requests that were not a WebTransport session for /relay.",
                                   q.refused_requests)
+
+    def _stages(self) -> Iterator[Metric]:
+        if self.stages is None:
+            return
+        t = self.stages.totals()
+        yield GaugeMetricFamily("relay_speakers", "Speakers on this node's stages.", t["speakers"])
+        for name, key, doc in (
+            ("relay_mixer_cpu_seconds", "mixer_seconds", "CPU time the stage worker spent mixing "
+             "(decoding, summing, encoding)."),
+            ("relay_mixed_frames", "frames_mixed", "20 ms frames mixed, over every stage."),
+            ("relay_stage_switches", "switches", "Stages switching between nobody, one speaker passed "
+             "through, and the mix."),
+            ("relay_limiter_clipped_samples", "clipped", "Mixed samples the limiter let past full scale "
+             "(should stay 0)."),
+            ("relay_mixer_skipped_ticks", "skipped_ticks", "Mix frames skipped because the stage worker "
+             "was held up for 200 ms or more."),
+        ):
+            yield CounterMetricFamily(name, doc, t[key])
+        drops = CounterMetricFamily("relay_stage_drops", "Speaker audio dropped before the stage: foreign "
+                                    "(RTP from no speaker's address), auth, replay, malformed, late.",
+                                    labels=["reason"])
+        counts = self.stages.drops()
+        for why in STAGE_DROPS:
+            drops.add_metric([why], counts[why])
+        yield drops
 
     def _cluster(self) -> Iterator[Metric]:
         c = self.cluster()

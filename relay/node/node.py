@@ -97,7 +97,7 @@ class Node:
         self.started = time.monotonic()
         self.collector = NodeCollector(self.core, self.sessions, self.load, self.senders,
                                        lambda: self.quic.counters if self.quic else None, self.started,
-                                       self.udp.srtp_drops, self._cluster)
+                                       self.udp.srtp_drops, self._cluster, self.stages)
         self.admin = AdminServer(AdminViews(
             metrics=lambda: generate_latest(registry_for(self.collector)),
             not_ready=self._not_ready, rooms=self._room_list, index=self._index, release=self._release,

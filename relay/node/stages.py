@@ -184,6 +184,14 @@ class Stages:
                 "max_speakers": self.limits.get(room, 0), "frames_mixed": stage.frames_mixed,
                 "mixer_cpu_s": round(stage.busy_ns / 1e9, 3)}
 
+    def totals(self) -> dict[str, float]:
+        """Counters over every stage, for the metrics."""
+        stages = list(self.worker.stages.values())
+        return {"speakers": len(self.members), "mixer_seconds": sum(st.busy_ns for st in stages) / 1e9,
+                "frames_mixed": sum(st.frames_mixed for st in stages),
+                "switches": sum(st.switches for st in stages),
+                "clipped": sum(st.mixer.clipped for st in stages), "skipped_ticks": self.worker.skipped_ticks}
+
     def drops(self) -> Counter[str]:
         """Speaker audio dropped, by reason, over every stage."""
         total: Counter[str] = Counter({reason: 0 for reason in STAGE_DROPS})

@@ -9,8 +9,8 @@
 const RETRY = ["node_full", "room_full", "rate_limited", "draining"];
 const REASONS = ["", "bad_request", "unsupported_version", "bad_token", "expired_token",
   "wrong_room", "unknown_room", "node_full", "room_full", "stale_cookie", "unknown_session",
-  "draining", "wrong_role", "rate_limited", "token_in_use"];
-const MAGIC = 0x0b, VERSION = 1, JOIN = 1, ACCEPT = 3, REJECT = 4;
+  "draining", "wrong_role", "rate_limited", "token_in_use", "stage_full", "no_stage"];
+const MAGIC = 0x0b, VERSION = 1, JOIN = 1, ACCEPT = 3, REJECT = 4, SPEAKERS = 7;
 const PLAYOUT_DELAY = 0.08;   // seconds of audio scheduled ahead, absorbs jitter
 // with ?via=URL (a node's /join), a node silent this long is taken for gone
 // and the page asks there where to listen instead
@@ -22,6 +22,7 @@ const st = window.relayListener = {
   packets: 0, bytes: 0, lost: 0, framesDecoded: 0, decodeErrors: 0,
   bitrateKbps: 0, levelDb: -Infinity, pitchHz: 0, audio: "off", ssrc: 0, retries: 0,
   moves: 0, node: "",
+  speakers: [],   // who is on the room's stage: {id, name, level (-dBov), speaking}
 };
 const via = params.get("via");
 let generation = 0;          // each connection's number: a dead one's errors are not ours
@@ -84,7 +85,45 @@ function parseControl(m) {
     const redirect = new TextDecoder().decode(m.subarray(6, 6 + m[5]));
     return { type: "reject", reason: REASONS[m[4]] || "reason " + m[4], redirect };
   }
+  if (m[2] === SPEAKERS) {
+    // count, then per speaker: level|speaking<<7, id (length, UTF-8), name (length, UTF-8)
+    const dec = new TextDecoder(), speakers = [];
+    let at = 5;
+    for (let i = 0; i < m[4] && at + 2 <= m.length; i++) {
+      const level = m[at] & 0x7f, speaking = (m[at] & 0x80) !== 0;
+      const id = dec.decode(m.subarray(at + 2, at + 2 + m[at + 1]));
+      at += 2 + m[at + 1];
+      const name = dec.decode(m.subarray(at + 1, at + 1 + m[at]));
+      at += 1 + m[at];
+      speakers.push({ id, name, level, speaking });
+    }
+    return { type: "speakers", speakers };
+  }
   return { type: "other" };
+}
+
+// the stage: each speaker's name and a bar for its level (-60 dBov and
+// below shows empty), the ones speaking now in bold
+function renderStage() {
+  const box = $("stage");
+  box.hidden = st.speakers.length === 0;
+  const list = $("speakers");
+  list.replaceChildren(...st.speakers.map((s) => {
+    const row = document.createElement("li");
+    const name = document.createElement("span");
+    name.textContent = s.name;
+    name.className = s.speaking ? "speaking" : "";
+    const track = document.createElement("span"), bar = document.createElement("span");
+    track.className = "track";
+    bar.className = "bar";
+    bar.style.width = Math.max(0, Math.min(100, (60 - s.level) * 100 / 60)) + "%";
+    track.append(bar);
+    const db = document.createElement("span");
+    db.className = "db";
+    db.textContent = s.level >= 127 ? "silent" : "-" + s.level + " dBov";
+    row.append(name, track, db);
+    return row;
+  }));
 }
 
 // ------------------------------------------------------------------ audio
@@ -297,6 +336,7 @@ async function listen(target) {
   (async () => {
     for await (const m of control) {
       const msg = parseControl(m);
+      if (msg.type === "speakers") { st.speakers = msg.speakers; renderStage(); continue; }
       if (msg.type !== "reject") continue;
       setState("ended", msg.reason + (msg.redirect ? ", go to " + msg.redirect : ""));
       // a draining node in a cluster: its /join names where to go on
