@@ -34,6 +34,9 @@ def test_good_config_and_secret_from_environment() -> None:
     (GOOD.replace('auth = "jwt"', 'auth = "jwt"\nring_depth = 12'), "power of two"),
     (GOOD + GOOD.split("[[room]]")[1].join(["[[room]]", ""]), "defined twice"),
     ('[node]\nauth = "open"', "no [[room]]"),
+    (GOOD.replace('name = "a"', 'name = "a"\nmax_speakers = 4'), "'max_speakers' is for rooms of speakers"),
+    (GOOD + '[[room]]\nname = "s"\nsources = ["127.0.0.1"]\n', "'sources' is for rooms with an 'ingest' port"),
+    (GOOD + '[[room]]\nname = "s"\nmax_speakers = 0\n', "max_speakers: expected an integer from 1 to 64"),
     (GOOD.replace('auth = "jwt"', 'auth = "jwt"\nsecret_env = "SHORT"'), "at least 32 bytes"),
     (GOOD.replace('auth = "jwt"', 'auth = "jwt"\nquic = "127.0.0.1:7100"'), "also the UDP listen address"),
     (GOOD.replace('auth = "jwt"', 'auth = "jwt"\nquic = "127.0.0.1:7443"\nquic_cert = "c.pem"'),
@@ -128,3 +131,11 @@ def test_rooms_take_over_by_rule() -> None:
     assert plain.rooms[0].srtp_key == b"" and plain.rooms[0].takeover_after is None
     chosen = load(GOOD.replace('name = "a"', 'name = "a"\ntakeover_after = 2'), environ={"RELAY_SECRET": "x" * 32})
     assert chosen.rooms[0].takeover_after == 2.0
+
+
+def test_a_room_without_ingest_or_upstream_is_a_stage() -> None:
+    cfg = load(GOOD + '[[room]]\nname = "s"\n[[room]]\nname = "t"\nmax_speakers = 3\n',
+               environ={"RELAY_SECRET": "x" * 32})
+    assert [(r.name, r.stage, r.max_speakers) for r in cfg.rooms] == [("a", False, 0), ("s", True, 16),
+                                                                       ("t", True, 3)]
+    assert cfg.speaker_slots == 64

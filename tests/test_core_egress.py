@@ -92,3 +92,35 @@ def test_ingest_creates_no_python_objects_or_allocations_per_packet() -> None:
     finally:
         for s in [pub, ingest, out] + sinks:
             s.close()
+
+
+def test_a_room_message_goes_to_its_udp_listeners_only() -> None:
+    """Core.room_send: one datagram to every sendmmsg listener of a room,
+    none to its pull (QUIC) listeners or to other rooms' listeners."""
+    core = Core(8, rooms=3)
+    core.room_open(0)
+    core.room_open(1)
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(4)]
+    for k in socks:
+        k.bind(("127.0.0.1", 0))
+        k.setblocking(False)
+    for k, room in zip(socks, (0, 0, 0, 1)):
+        core.listener_add(room, to_sockaddr(k.getsockname()), 1, 0, 0)
+    core.listener_add(0, b"", 2, 0, 0, pull=True)
+    out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    assert core.room_send(0, out.fileno(), b"\x0bwho is speaking") == (3, 0)
+    got = []
+    for k in socks:
+        try:
+            got.append(k.recv(64))
+        except BlockingIOError:
+            got.append(None)
+    assert got == [b"\x0bwho is speaking"] * 3 + [None]
+    for k in (*socks, out):
+        k.close()
+    try:
+        core.room_send(2, 0, b"x")   # never opened
+    except ValueError as e:
+        assert "not open" in str(e)
+    else:
+        raise AssertionError("a closed room took a message")

@@ -10,7 +10,8 @@ from relay._core import Core
 from relay.wire.addr import to_sockaddr
 from relay.wire.config import load
 from relay.wire.protocol import (MIN_JOIN, Accept, Challenge, CookieJar, Join, Keepalive, Leave,
-                            ProtocolError, Reason, Reject, build_nack, decode, encode, parse_rtcp)
+                            ProtocolError, Reason, Reject, Speaker, Speakers, build_nack, decode, encode,
+                            parse_rtcp)
 from relay.node.admission import JoinLimiter, source_key
 from relay.node.sessions import RoomState, Sessions
 from relay.wire.tokens import Auth, TokenError, mint
@@ -23,6 +24,8 @@ ADDR = ("127.0.0.1", 40000)
     Join("demo", "tok", b""), Join("dé", "t" * 300, bytes(20)), Challenge(bytes(20)),
     Accept(b"12345678", 0xDEADBEEF, 5000, 15000), Reject(Reason.NODE_FULL, "10.0.0.2:7000"),
     Keepalive(b"abcdefgh"), Leave(b"abcdefgh"),
+    Join("stage", "tok", bytes(20), speaker=True), Accept(b"12345678", 7, 5000, 15000, bytes(range(30))),
+    Speakers(()), Speakers((Speaker("ann-1", "Ann Ö", 13, True), Speaker("b", "", 127, False))),
 ])
 def test_messages_round_trip(msg) -> None:
     assert decode(encode(msg)) == msg
@@ -255,3 +258,48 @@ def test_the_per_source_limit_counts_an_ipv6_slash_64_as_one_source() -> None:
     limiter = JoinLimiter(node_rate=1000, source_rate=1)
     spent = [limiter.allow_source(f"2001:db8:1:2::{i:x}", 0.0) for i in range(1, 10)]
     assert spent.count(True) == 2   # a burst of twice the per-second rate, for the whole /64
+
+
+def _stage_sessions(max_speakers: int = 2, slots: int = 2) -> Sessions:
+    """Sessions over a core with a stage room ("stage", room 0), a room fed
+    by ingest ("demo", room 1), and `slots` mix-minus rooms."""
+    import os
+    from relay.node.stages import Stages
+    from relay.wire.config import RoomConfig
+    cfg = load()
+    core = Core(100, rooms=2 + slots)
+    core.room_open(1, True)
+    s = Sessions(core, cfg, {"stage": RoomState("stage", 0, 0), "demo": RoomState("demo", 1, 0)},
+                 Auth("jwt", SECRET))
+    s.stages = Stages(core, list(range(2, 2 + slots)), lambda: None, os.urandom)
+    s.stages.open(RoomConfig("stage", None, [], max_speakers=max_speakers), 0)
+    return s
+
+
+def _speak(s: Sessions, token: str, room: str = "stage", addr=ADDR):
+    now = time.time()
+    challenge = decode(s.on_control(encode(Join(room, token, speaker=True)), addr, now))
+    return decode(s.on_control(encode(Join(room, token, challenge.cookie, speaker=True)), addr, now))
+
+
+def test_speakers_need_a_publish_token_a_stage_and_a_free_place() -> None:
+    s = _stage_sessions(max_speakers=2)
+    ann = _speak(s, mint(SECRET, "stage", "publish", speaker="ann", name="Ann"))
+    # a speaker's ACCEPT carries the SRTP key its audio must carry; it
+    # listens in a mix-minus room of its own
+    assert isinstance(ann, Accept) and len(ann.srtp_key) == 30
+    assert s.stages.members[ADDR].name == "Ann" and s.stages.members[ADDR].minus_index in (2, 3)
+    assert s.core.room_listeners(s.stages.members[ADDR].minus_index) == 1
+    refused = [_speak(s, mint(SECRET, "stage", "listen"), addr=("127.0.0.1", 2)),      # a listener's token
+               _speak(s, mint(SECRET, "demo", "publish"), room="demo", addr=("127.0.0.1", 3))]  # no stage
+    assert [r.reason for r in refused] == [Reason.WRONG_ROLE, Reason.NO_STAGE]
+    bo = _speak(s, mint(SECRET, "stage", "publish"), addr=("127.0.0.1", 4))
+    cy = _speak(s, mint(SECRET, "stage", "publish"), addr=("127.0.0.1", 5))
+    assert isinstance(bo, Accept) and isinstance(cy, Reject) and cy.reason == Reason.STAGE_FULL
+    # leaving frees the place and the mix-minus room
+    s.on_control(encode(Leave(ann.session_id)), ADDR, time.time())
+    assert ADDR not in s.stages.members and len(s.stages._free) == 1
+    assert isinstance(_speak(s, mint(SECRET, "stage", "publish"), addr=("127.0.0.1", 5)), Accept)
+    # and a listener's JOIN to the stage room is an ordinary listener
+    assert isinstance(_join(s, ("127.0.0.1", 6), "stage", mint(SECRET, "stage")), Accept)
+    assert s.core.room_listeners(0) == 1

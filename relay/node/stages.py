@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Callable, Hashable
 
 from relay._core import Core
+from relay.node.events import emit
 from relay.node.stage import STAGE_DROPS, Output, Stage, StageWorker
 from relay.wire.addr import to_sockaddr
 from relay.wire.config import RoomConfig
@@ -104,6 +105,8 @@ class Stages:
         self._owner[index] = key
         stage = self.worker.stages[room]
         self.worker.call(stage.add, key, speaker_id, name, srtp_key, index)
+        emit("speaker_joined", f"room {room!r}: speaker {name!r} ({speaker_id}) joined the stage "
+             f"({on_stage + 1} of {self.limits[room]})", room=room, speaker=speaker_id)
         return index
 
     def leave(self, key: Hashable) -> None:
@@ -117,6 +120,8 @@ class Stages:
         stage = self.worker.stages.get(m.room)
         if stage is not None:
             self.worker.call(stage.remove, key, time.monotonic_ns())
+        emit("speaker_left", f"room {m.room!r}: speaker {m.name!r} ({m.speaker_id}) left the stage",
+             room=m.room, speaker=m.speaker_id)
 
     def on_rtp(self, data: bytes, key: Hashable) -> bool:
         """RTP on the listener port from `key`'s address: a speaker's audio
