@@ -6,7 +6,7 @@ DURATION ?= 10
 
 FUZZ_SECONDS ?= 60
 
-.PHONY: setup demo test test-fast lint bench bench-full bench-quic bench-cluster fuzz sanitize tsan dist deploy-check annotate clean
+.PHONY: setup demo test test-fast lint bench bench-full bench-quic bench-cluster bench-speakers fuzz sanitize tsan dist deploy-check annotate clean
 
 setup:
 	@./scripts/bootstrap.sh
@@ -41,6 +41,10 @@ bench-quic:
 	$(PY) bench/quic.py
 
 # a tree of nodes with a Redis directory: origin cost, a join storm, failover, a Redis outage
+bench-speakers:
+	@./scripts/bootstrap.sh bench
+	$(PY) bench/speakers.py
+
 bench-cluster:
 	@./scripts/bootstrap.sh test
 	$(PY) bench/cluster.py

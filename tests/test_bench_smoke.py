@@ -50,3 +50,18 @@ def test_cluster_bench_smoke(tmp_path) -> None:
     assert storm["accepted"] == storm["joins"] and storm["past_limit"] == 0 and storm["redirects"] > 0, storm
     assert result["failover"]["numbering_gaps"] == 0 and result["failover"]["gap_s_max"] < 2.0, result["failover"]
     assert result["redis_outage"]["lost"] == 0 and result["redis_outage"]["nodes_alive"] == 7
+
+
+def test_speakers_bench_smoke(tmp_path) -> None:
+    out = tmp_path / "speakers.json"
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "speakers.py"), "--smoke", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    result = json.loads(out.read_text())
+    # one speaker passes through, more are mixed, and the mix never clips
+    assert [(r["speakers"], r["mode"]) for r in result["cpu"]] == [(1, "pass"), (2, "mix"), (4, "mix"),
+                                                                   (8, "mix"), (16, "mix")]
+    assert all(r["clipped"] == 0 and r["rooms_per_core"] > 0 for r in result["cpu"])
+    # every frame the first speaker sent is found in the listener's stream
+    for r in result["latency"]:
+        assert r["matched"] >= 0.9 * r["frames"], r

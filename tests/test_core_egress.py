@@ -104,7 +104,7 @@ def test_a_room_message_goes_to_its_udp_listeners_only() -> None:
     for k in socks:
         k.bind(("127.0.0.1", 0))
         k.setblocking(False)
-    for k, room in zip(socks, (0, 0, 0, 1)):
+    for k, room in zip(socks, (0, 0, 0, 1), strict=True):
         core.listener_add(room, to_sockaddr(k.getsockname()), 1, 0, 0)
     core.listener_add(0, b"", 2, 0, 0, pull=True)
     out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

@@ -56,7 +56,7 @@ def pcm_of(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype="<i2").astype(float)
 
 
-def shares(x: np.ndarray, freqs=tuple(TONES.values())) -> dict[float, float]:
+def shares(x: np.ndarray, freqs: tuple[float, ...] = tuple(TONES.values())) -> dict[float, float]:
     """Each tone's spectral peak, relative to the strongest of them."""
     spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
     bins = np.fft.rfftfreq(len(x), 1 / 48000)

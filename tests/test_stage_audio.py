@@ -89,8 +89,8 @@ def test_switching_to_the_mix_and_back_is_seamless(aligned: bool) -> None:
         # one stream: every sequence number, and timestamps a frame apart
         seqs = [struct.unpack_from("!H", p, 2)[0] for p in heard]
         stamps = [struct.unpack_from("!I", p, 4)[0] for p in heard]
-        assert all((b - a) & 0xFFFF == 1 for a, b in zip(seqs, seqs[1:]))
-        assert all((b - a) & 0xFFFFFFFF == FRAME for a, b in zip(stamps, stamps[1:]))
+        assert all((b - a) & 0xFFFF == 1 for a, b in zip(seqs, seqs[1:], strict=False))
+        assert all((b - a) & 0xFFFFFFFF == FRAME for a, b in zip(stamps, stamps[1:], strict=False))
         assert len(heard) > 200
         # Ann's tone, and nothing else, from after her start to before her end
         worst = tone_residual(decode(heard))[100:-100].max()

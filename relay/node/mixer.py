@@ -205,7 +205,9 @@ class Mixer:
             v.level = level_of(pcm)
             if v.level < SPEAKING:
                 v.spoke_ns = now_ns
-        total = sum(parts.values()) if parts else np.zeros(FRAME * CHANNELS, dtype=np.int32)
+        total = np.zeros(FRAME * CHANNELS, dtype=np.int32)
+        for pcm in parts.values():
+            total = total + pcm
         room = self.room.encode(self.room_limiter.apply(total), FRAME)
         minus = {}
         for key in listeners:

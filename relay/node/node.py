@@ -90,7 +90,7 @@ class Node:
         self.senders = SenderThreads(self.core)
         self.udp = UdpPorts(self.core, self.sessions)
         self.stages = Stages(self.core, list(range(cfg.max_rooms + cfg.speaker_slots - 1, cfg.max_rooms - 1, -1)),
-                             self._sent, os.urandom)
+                             self._sent, os.urandom, emit)
         self.sessions.stages = self.stages
         self.quic: QuicEndpoint | None = QuicEndpoint(self.core, self.sessions) if cfg.quic else None
         self.events = EventLog(self.core, self.sessions, cfg.log_interval)

@@ -93,7 +93,7 @@ def _level_ext(packet: bytes, at: int, end: int) -> int | None:
 
 
 @dataclass
-class Output:
+class Stream:
     """A core room the stage feeds: one SSRC-less stream (the core sets each
     listener's SSRC) with its own continuous numbering."""
     index: int
@@ -119,7 +119,7 @@ class Stage:
     index: int
     rng_bytes: Callable[[int], bytes]
     voices: dict[Hashable, Voice] = field(default_factory=dict)
-    minus: dict[Hashable, Output] = field(default_factory=dict)
+    minus: dict[Hashable, Stream] = field(default_factory=dict)
     srtp: dict[Hashable, SrtpSession] = field(default_factory=dict)
     mode: str = "idle"           # "idle", "pass" or "mix"
     solo: Hashable = None
@@ -135,9 +135,9 @@ class Stage:
         self.room = self._output(self.index)
         self.mixer = Mixer()
 
-    def _output(self, index: int) -> Output:
+    def _output(self, index: int) -> Stream:
         r = self.rng_bytes(6)
-        return Output(index, int.from_bytes(r[:2], "big"), int.from_bytes(r[2:], "big"))
+        return Stream(index, int.from_bytes(r[:2], "big"), int.from_bytes(r[2:], "big"))
 
     # ----------------------------------------------------------- membership
 
@@ -313,6 +313,7 @@ class StageWorker:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self.skipped_ticks = 0
+        self.busy_ns = 0        # this thread's CPU time on packets and ticks
 
     def start(self) -> None:
         """Run the worker thread."""
@@ -342,6 +343,7 @@ class StageWorker:
                 item = ()
             if item is None:
                 return
+            t0 = time.thread_time_ns()
             out: list[Output] = []
             if item:
                 fn, args = item
@@ -350,6 +352,7 @@ class StageWorker:
                 except Exception:   # one bad packet or join must not stop every stage
                     log.exception("stage worker: %s failed", getattr(fn, "__name__", fn))
             out += self._ticks()
+            self.busy_ns += time.thread_time_ns() - t0
             if out:
                 self.deliver(out)
 

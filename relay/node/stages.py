@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Callable, Hashable
 
 from relay._core import Core
-from relay.node.events import emit
 from relay.node.stage import STAGE_DROPS, Output, Stage, StageWorker
 from relay.wire.addr import to_sockaddr
 from relay.wire.config import RoomConfig
@@ -44,8 +43,10 @@ class Stages:
     """Every stage of one node."""
 
     def __init__(self, core: Core, free_minus: list[int], sent: Callable[[], None],
-                 rng_bytes: Callable[[int], bytes]) -> None:
-        self.core, self.sent, self.rng_bytes = core, sent, rng_bytes
+                 rng_bytes: Callable[[int], bytes], emit: Callable[..., None] = lambda *a, **kw: None) -> None:
+        # sent: the core was fed from here (an inline core sends now);
+        # emit: the node's operator log (events.emit)
+        self.core, self.sent, self.rng_bytes, self.emit = core, sent, rng_bytes, emit
         self._free = free_minus                       # core rooms for mix-minus streams
         self.limits: dict[str, int] = {}              # stage room -> max_speakers
         self.members: dict[Hashable, Member] = {}
@@ -105,7 +106,7 @@ class Stages:
         self._owner[index] = key
         stage = self.worker.stages[room]
         self.worker.call(stage.add, key, speaker_id, name, srtp_key, index)
-        emit("speaker_joined", f"room {room!r}: speaker {name!r} ({speaker_id}) joined the stage "
+        self.emit("speaker_joined", f"room {room!r}: speaker {name!r} ({speaker_id}) joined the stage "
              f"({on_stage + 1} of {self.limits[room]})", room=room, speaker=speaker_id)
         return index
 
@@ -120,7 +121,7 @@ class Stages:
         stage = self.worker.stages.get(m.room)
         if stage is not None:
             self.worker.call(stage.remove, key, time.monotonic_ns())
-        emit("speaker_left", f"room {m.room!r}: speaker {m.name!r} ({m.speaker_id}) left the stage",
+        self.emit("speaker_left", f"room {m.room!r}: speaker {m.name!r} ({m.speaker_id}) left the stage",
              room=m.room, speaker=m.speaker_id)
 
     def on_rtp(self, data: bytes, key: Hashable) -> bool:
@@ -192,7 +193,7 @@ class Stages:
     def totals(self) -> dict[str, float]:
         """Counters over every stage, for the metrics."""
         stages = list(self.worker.stages.values())
-        return {"speakers": len(self.members), "mixer_seconds": sum(st.busy_ns for st in stages) / 1e9,
+        return {"speakers": len(self.members), "mixer_seconds": self.worker.busy_ns / 1e9,
                 "frames_mixed": sum(st.frames_mixed for st in stages),
                 "switches": sum(st.switches for st in stages),
                 "clipped": sum(st.mixer.clipped for st in stages), "skipped_ticks": self.worker.skipped_ticks}

@@ -165,8 +165,8 @@ def encode(msg: Message) -> bytes:
         room, token = msg.room.encode(), msg.token.encode()
         if len(room) > MAX_ROOM or len(token) > MAX_TOKEN or len(msg.cookie) > 255:
             raise ValueError("room, token or cookie too long")
-        out = (_head(MsgType.JOIN, JOIN_SPEAKER if msg.speaker else 0) + bytes([len(room)]) + room + struct.pack("!H", len(token))
-               + token + bytes([len(msg.cookie)]) + msg.cookie)
+        out = (_head(MsgType.JOIN, JOIN_SPEAKER if msg.speaker else 0) + bytes([len(room)]) + room
+               + struct.pack("!H", len(token)) + token + bytes([len(msg.cookie)]) + msg.cookie)
         return out + bytes(max(0, MIN_JOIN - len(out)))
     if isinstance(msg, Challenge):
         return _head(MsgType.CHALLENGE) + bytes([len(msg.cookie)]) + msg.cookie
@@ -260,8 +260,8 @@ def decode(data: bytes) -> Message:
         speakers = []
         for _ in range(r.u8()):
             level = r.u8()
-            sid = r.text(r.u8())
-            speakers.append(Speaker(sid, r.text(r.u8()), level & 0x7F, bool(level & 0x80)))
+            speaker_id = r.text(r.u8())
+            speakers.append(Speaker(speaker_id, r.text(r.u8()), level & 0x7F, bool(level & 0x80)))
         return Speakers(tuple(speakers))
     raise ProtocolError(f"unknown message type {kind}")
 
