@@ -231,6 +231,8 @@ def test_an_edge_carries_the_origins_mix(tmp_path) -> None:
         assert lis.returncode == 0, lis_out
         heard = shares(pcm_of(room)[48000:], (440.0, 660.0))
         assert min(heard.values()) > 0.3, heard
+        # who is speaking reaches the edge's listeners too, through the edge
+        assert "relay: speaking: " in lis_out and "Ann" in lis_out and "Bo" in lis_out, lis_out
         # one mix, made at the origin: the edge's stage (it has none) mixed nothing
         with urllib.request.urlopen(f"http://127.0.0.1:{edge_admin[1]}/rooms") as r:
             assert "stage" not in json.loads(r.read())["rooms"][0]

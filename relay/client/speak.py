@@ -22,8 +22,9 @@ from typing import Callable, Iterator
 import opuslib
 from pylibsrtp import Policy, Session as SrtpSession
 
-from relay.client.listen import ListenClient, ListenStats
+from relay.client.listen import JoinRefused, ListenClient, ListenStats
 from relay.client.publish import FRAME, PAYLOAD_TYPE, RATE, RtpPacketizer, tone_frames
+from relay.wire.protocol import Accept, Reason
 
 LEVEL_EXT_ID = 1          # the node reads the audio level from this extension id
 
@@ -51,6 +52,14 @@ class SpeakerClient(ListenClient):
         super().__init__(server, room, token, sink)
         self.speaker = True
         self.sent = 0
+
+    async def join(self, attempts: int = 5, timeout: float = 1.0) -> Accept:
+        """The JOIN handshake; a node that answers without an SRTP key took
+        us for a listener (it has no stages): refused, as `no_stage`."""
+        accept = await super().join(attempts, timeout)
+        if not accept.srtp_key:
+            raise JoinRefused(Reason.NO_STAGE)
+        return accept
 
     def _srtp(self) -> SrtpSession:
         if self._session is None or not self._session.srtp_key:

@@ -288,7 +288,9 @@ class Node:
                 up.want(stats[name]["listeners"], now, self.cfg.upstream_linger)
             self.events.tick(now, stats)
             self._measure_rates(now, stats)
-            self.stages.tell_speakers(self.udp.out_fd, now, self.quic.tell_room if self.quic else None)
+            relayed = {name: (up.index, said) for name, up in self.upstreams.items()
+                       if (said := up.speakers) is not None}
+            self.stages.tell_speakers(self.udp.out_fd, now, self.quic.tell_room if self.quic else None, relayed)
 
     def _measure_load(self) -> None:
         """Update the load measures and tell admission: joins stop before the

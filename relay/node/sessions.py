@@ -186,7 +186,7 @@ class Sessions:
             return self._reply(Challenge(self.cookies.make(raw, now)), data)
         # the address is proven from here on
         existing = self.table.get(addr)
-        if existing is not None and existing.room == msg.room:
+        if existing is not None and existing.room == msg.room and (existing.role == "publish") == msg.speaker:
             existing.last_seen = now  # a retransmitted JOIN: the ACCEPT was lost
             return self._reply(self.accept_message(existing), data)
         joined = self.join(addr, UDP, msg.room, msg.token, addr[0], now, sockaddr=raw, speaker=msg.speaker)

@@ -154,7 +154,9 @@ class Stage:
         self.srtp.pop(key, None)
         self.minus.pop(key, None)
         self.mixer.forget(key)
-        return self._choose_mode(now_ns)
+        out = self._choose_mode(now_ns)
+        self._snapshot(now_ns)
+        return out
 
     # --------------------------------------------------------------- packets
 

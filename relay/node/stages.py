@@ -55,6 +55,7 @@ class Stages:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.refused_rtp = 0                           # RTP on the listener port from no speaker
         self._told = 0.0
+        self._was_told: set[str] = set()             # stage rooms last told of someone on stage
 
     # ------------------------------------------------------------ lifecycle
 
@@ -152,22 +153,34 @@ class Stages:
         if fed:
             self.sent()
 
-    def tell_speakers(self, fd: int, now: float, quic_send: Callable[[str, bytes], None] | None) -> int:
+    def tell_speakers(self, fd: int, now: float, quic_send: Callable[[str, bytes], None] | None,
+                      relayed: dict[str, tuple[int, Speakers]] | None = None) -> int:
         """Every SPEAKERS_EVERY_S, tell each stage room and each speaker who
         is on the stage and who is speaking: one small datagram each, sent
-        by the core in sendmmsg batches. Returns datagrams sent."""
+        by the core in sendmmsg batches. `relayed`: rooms this node takes
+        from upstream (name -> (core room, what the upstream said)), passed
+        on to their listeners the same way. Returns datagrams sent."""
         if now - self._told < SPEAKERS_EVERY_S:
             return 0
         self._told = now
         sent = 0
         for name, stage in list(self.worker.stages.items()):
-            if not stage.snapshot:
+            # an empty stage is told once, so listeners stop showing the last speaker
+            if not stage.snapshot and name not in self._was_told:
                 continue
+            self._was_told.discard(name)
+            if stage.snapshot:
+                self._was_told.add(name)
             msg = encode(Speakers(stage.snapshot))
             sent += self.core.room_send(stage.index, fd, msg)[0]
             for m in self.members.values():
                 if m.room == name:
                     sent += self.core.room_send(m.minus_index, fd, msg)[0]
+            if quic_send is not None:
+                quic_send(name, msg)
+        for name, (index, speakers) in (relayed or {}).items():
+            msg = encode(speakers)
+            sent += self.core.room_send(index, fd, msg)[0]
             if quic_send is not None:
                 quic_send(name, msg)
         return sent

@@ -25,6 +25,7 @@ from typing import Callable
 from relay._core import Core
 from relay.client.listen import JoinRefused, ListenClient, Unreachable
 from relay.wire.addr import to_sockaddr
+from relay.wire.protocol import Speakers
 from relay.wire.tokens import mint
 
 log = logging.getLogger("relay.upstream")
@@ -48,8 +49,15 @@ class Upstream:
         self.sent = sent          # after feeding: an inline core sends now
         self.current: tuple[str, int] | None = None   # the node we hear from now
         self.joins = 0            # upstream joins that succeeded
+        self.client: ListenClient | None = None       # the session upstream, while there is one
         self._task: asyncio.Task | None = None
         self._unwanted_since: float | None = None
+
+    @property
+    def speakers(self) -> Speakers | None:
+        """Who is on the room's stage, as the upstream node last said (a
+        stage room's SPEAKERS reach every node below it this way)."""
+        return self.client.speakers if self.client is not None and self.current is not None else None
 
     @property
     def switches(self) -> int:
@@ -94,7 +102,7 @@ class Upstream:
             self.core.feed(self.index, pkt, source)
             self.sent()
 
-        client = ListenClient(where, self.room, self.token(), sink=feed)
+        client = self.client = ListenClient(where, self.room, self.token(), sink=feed)
         try:
             await client.join(attempts=JOIN_ATTEMPTS, timeout=JOIN_TIMEOUT_S)
             # the new upstream's stream replaces the old at once: the core
@@ -109,7 +117,7 @@ class Upstream:
             log.warning("room %r: upstream %s: %s", self.room, where, e,
                         extra={"fields": {"event": "upstream_lost", "room": self.room, "node": where}})
         finally:
-            self.current = None
+            self.current = self.client = None
             with contextlib.suppress(OSError):
                 client.close()
 
