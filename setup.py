@@ -45,19 +45,21 @@ DIRECTIVES = {
 }
 
 
-def ext(module: str) -> Extension:
+def ext(module: str, libraries: tuple[str, ...] = ()) -> Extension:
     return Extension(
         module,
         [module.replace(".", "/") + ".pyx"],
         define_macros=macros,
         extra_compile_args=cflags,
         extra_link_args=extra_link,
+        libraries=list(libraries),
     )
 
 
 setup(
     ext_modules=cythonize(
-        [ext("relay._core"), ext("relay.testing._crowd")],
+        # the core seals QUIC packets with OpenSSL's libcrypto (Debian: libssl-dev to build)
+        [ext("relay._core", ("crypto",)), ext("relay.testing._crowd")],
         compile_time_env={"RELAY_DEBUG": DEBUG},
         annotate=os.environ.get("RELAY_ANNOTATE") == "1",   # make annotate: relay/_core.html
         compiler_directives=DIRECTIVES,

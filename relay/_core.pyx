@@ -16,6 +16,8 @@ Data path (DESIGN.md), one included file per step:
                         NACK resends from the ring
     core/shards.pxi     shard locks, wake-ups and the sender threads' loop
     core/stats.pxi      counters, read at scrape time
+    core/quic.pxi       QUIC packet protection for audio datagrams (#15:
+                        sealed in C; not yet on the egress path)
 
 This file is the shell: the Core's lifecycle (every allocation happens when
 a Core is built and is freed with it) and its Python API. State lives in one
@@ -71,6 +73,7 @@ include "core/fanout.pxi"
 include "core/egress.pxi"
 include "core/shards.pxi"
 include "core/stats.pxi"
+include "core/quic.pxi"
 
 
 cdef class Core:

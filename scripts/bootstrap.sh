@@ -28,6 +28,8 @@ fi
 command -v ffmpeg >/dev/null 2>&1 || missing+=(ffmpeg)
 ldconfig -p 2>/dev/null | grep -q 'libopus\.so\.0' || missing+=(libopus0)
 command -v gcc >/dev/null 2>&1 || missing+=(gcc)
+# the core seals QUIC packets with libcrypto: its headers to build
+[ -e /usr/include/openssl/evp.h ] || missing+=(libssl-dev)
 python3 -c 'import sysconfig,os,sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
     || missing+=(python3-dev)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)

@@ -1,0 +1,129 @@
+"""#15, first step: the core seals QUIC 1-RTT packets carrying audio
+DATAGRAMs in C (libcrypto), and a real QUIC stack (aioquic's client) opens
+them: every cipher suite, a key update, WebTransport's prefix, packet
+numbers reserved from the library's own counter so both sides' packets
+stay one coherent sequence, and the peer's ACKs of our packets harmless to
+the library. Not yet on the node's egress path."""
+from __future__ import annotations
+
+import ssl
+
+import pytest
+from aioquic import tls
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.crypto import derive_key_iv_hp
+from aioquic.quic.events import ConnectionTerminated, DatagramFrameReceived
+from aioquic.tls import CipherSuite
+
+from relay._core import QuicSealer
+from relay.node.certs import self_signed
+
+SERVER, CLIENT = ("127.0.0.1", 4433), ("127.0.0.2", 5000)
+SUITES = [CipherSuite.AES_128_GCM_SHA256, CipherSuite.AES_256_GCM_SHA384, CipherSuite.CHACHA20_POLY1305_SHA256]
+
+
+def _pair(suite: CipherSuite) -> tuple[QuicConnection, QuicConnection]:
+    creds = self_signed(["localhost"])
+    cconf = QuicConfiguration(is_client=True, alpn_protocols=["t"], max_datagram_frame_size=65536,
+                              verify_mode=ssl.CERT_NONE, cipher_suites=[suite])
+    sconf = QuicConfiguration(is_client=False, alpn_protocols=["t"], max_datagram_frame_size=65536,
+                              cipher_suites=[suite])
+    sconf.certificate, sconf.private_key = creds.chain[0], creds.key
+    client = QuicConnection(configuration=cconf)
+    client.connect(SERVER, now=1.0)
+    server = QuicConnection(configuration=sconf,
+                            original_destination_connection_id=client.original_destination_connection_id)
+    _exchange(client, server)
+    return client, server
+
+
+def _exchange(client: QuicConnection, server: QuicConnection, rounds: int = 8) -> list:
+    """Move packets both ways; the client's events."""
+    events = []
+    for _ in range(rounds):
+        for data, _ in client.datagrams_to_send(now=1.0):
+            server.receive_datagram(data, CLIENT, now=1.0)
+        for data, _ in server.datagrams_to_send(now=1.0):
+            client.receive_datagram(data, SERVER, now=1.0)
+        while (e := client.next_event()) is not None:
+            events.append(e)
+        while (e := server.next_event()) is not None:
+            assert not isinstance(e, ConnectionTerminated), e
+    return events
+
+
+def _sealer(server: QuicConnection, hp: bytes | None = None, prefix: bytes = b"") -> tuple[QuicSealer, bytes]:
+    """The server's 1-RTT send keys, as the node will hand them to the core.
+    Header protection keeps the first key phase's key (RFC 9001 6)."""
+    send = server._cryptos[tls.Epoch.ONE_RTT].send
+    key, iv, first_hp = derive_key_iv_hp(cipher_suite=send.cipher_suite, secret=send.secret, version=send.version)
+    hp = hp or first_hp
+    return QuicSealer(int(send.cipher_suite), key, iv, hp, server._peer_cid.cid, prefix, send.key_phase), hp
+
+
+def _reserve(server: QuicConnection, n: int) -> range:
+    """Packet numbers for the core: taken from the library's own counter,
+    which moves past them, so no number is ever used twice."""
+    start = server._packet_number
+    server._packet_number += n
+    return range(start, start + n)
+
+
+def _received(client: QuicConnection, packets: list[bytes]) -> list[bytes]:
+    for p in packets:
+        client.receive_datagram(p, SERVER, now=1.0)
+    out = []
+    while (e := client.next_event()) is not None:
+        if isinstance(e, DatagramFrameReceived):
+            out.append(e.data)
+    return out
+
+
+@pytest.mark.parametrize("suite", SUITES, ids=lambda s: s.name)
+def test_a_real_quic_stack_opens_what_the_core_seals(suite: CipherSuite) -> None:
+    client, server = _pair(suite)
+    sealer, _ = _sealer(server)
+    audio = [bytes([0x80, 111]) + bytes([n]) * 170 for n in range(5)]
+    pns = _reserve(server, len(audio))
+    assert _received(client, [sealer.seal(a, pn) for a, pn in zip(audio, pns, strict=True)]) == audio
+    # a byte changed anywhere, and the same packet again: both refused
+    forged = bytearray(sealer.seal(audio[0], _reserve(server, 1)[0]))
+    forged[-3] ^= 1
+    assert _received(client, [bytes(forged)]) == []
+    assert _received(client, [sealer.seal(audio[1], pns[1])]) == []   # a packet number seen before
+    # the library's own packets after ours, and the client's ACKs of ours
+    # back at the library: one coherent connection
+    server.send_datagram_frame(b"from the library")
+    events = _exchange(client, server)
+    assert [e.data for e in events if isinstance(e, DatagramFrameReceived)] == [b"from the library"]
+
+
+def test_a_key_update_and_webtransport_s_prefix() -> None:
+    client, server = _pair(CipherSuite.AES_128_GCM_SHA256)
+    quarter_id = b"\x00"                   # the first WebTransport session's stream 0, as a varint
+    sealer, hp = _sealer(server, prefix=quarter_id)
+    stale, _ = _sealer(server, prefix=quarter_id)
+    assert _received(client, [sealer.seal(b"before", _reserve(server, 1)[0])]) == [quarter_id + b"before"]
+    # the library updates its keys; the core takes the new phase's keys
+    server.request_key_update()
+    server.send_datagram_frame(b"x")
+    _exchange(client, server)
+    send = server._cryptos[tls.Epoch.ONE_RTT].send
+    assert send.key_phase == 1
+    key, iv, _ = derive_key_iv_hp(cipher_suite=send.cipher_suite, secret=send.secret, version=send.version)
+    sealer.update(int(send.cipher_suite), key, iv, hp, send.key_phase)
+    assert _received(client, [sealer.seal(b"after", _reserve(server, 1)[0])]) == [quarter_id + b"after"]
+    # keys of the phase the connection left are refused: the core must
+    # follow every key update
+    assert _received(client, [stale.seal(b"stale", _reserve(server, 1)[0])]) == []
+
+
+def test_the_sealer_refuses_what_it_cannot_do() -> None:
+    with pytest.raises(ValueError, match="not one QUIC uses"):
+        QuicSealer(0x1304, bytes(16), bytes(12), bytes(16), b"\x01" * 8)
+    with pytest.raises(ValueError, match="at most 20 bytes"):
+        QuicSealer(0x1301, bytes(16), bytes(12), bytes(16), b"\x01" * 21)
+    sealer = QuicSealer(0x1301, bytes(16), bytes(12), bytes(16), b"\x01" * 8)
+    with pytest.raises(ValueError, match="1,500"):
+        sealer.seal(bytes(1480), 1)
