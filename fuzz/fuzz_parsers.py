@@ -7,7 +7,9 @@ token, rtp (the compiled core's ingest, RTCP BYEs included), stream (framed
 control messages on a QUIC/WebTransport stream, arriving in arbitrary
 pieces), srtp (a room's SRTP ingest: raw bytes, and real SRTP packets
 altered or replayed), stage (a speaker's audio on a stage: raw bytes, and
-authentic SRTP around any RTP and any payload, mixed each frame). Each checks invariants, not only
+authentic SRTP around any RTP and any payload, mixed each frame), quic (the
+core's opening of a listener's 1-RTT packets and its ACK reader: raw bytes,
+and authentic packets around any frames). Each checks invariants, not only
 "no crash": no reply larger than its request, only the documented
 exceptions, rings that never hold more than they should.
 """
@@ -25,12 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 with atheris.instrument_imports(enable_loader_override=False):
     from relay.wire import protocol, tokens
-    from relay._core import Core, Ingest
+    from relay._core import Core, Ingest, QuicOpener
     from relay.wire.addr import to_sockaddr
     from relay.wire.config import load
     from relay.node.sessions import RoomState, Sessions
     from relay.node.srtp import SrtpIngest
     from relay.node.stage import FRAME_NS, Stage, rtp_payload
+from aioquic.quic.crypto import CryptoContext, derive_key_iv_hp  # noqa: E402  (the peer's side, not under test)
+from aioquic.buffer import Buffer  # noqa: E402
+from aioquic.tls import CipherSuite  # noqa: E402
 from pylibsrtp import Error as SrtpError, Policy, Session  # noqa: E402  (libsrtp: the reference encoder, not under test)
 
 SECRET = "fuzz-secret-0123456789abcdef0123456789"
@@ -197,8 +202,46 @@ def stage(data: bytes) -> None:
     assert parsed is not None or not authentic or sum(STAGE.drops.values()) > dropped or out == []
 
 
+QUIC_CID = bytes(range(1, 9))
+QUIC_SECRET = bytes(range(32))
+QUIC_PEER = CryptoContext()      # aioquic's own packet protection: the peer's side, not under test
+QUIC_PEER.setup(cipher_suite=CipherSuite.AES_128_GCM_SHA256, secret=QUIC_SECRET, version=1)
+QUIC_OPENER = QuicOpener(0x1301, *derive_key_iv_hp(cipher_suite=CipherSuite.AES_128_GCM_SHA256,
+                                                   secret=QUIC_SECRET, version=1), QUIC_CID)
+QUIC_PN = [0]
+
+
+def quic(data: bytes) -> None:
+    fdp = atheris.FuzzedDataProvider(data)
+    if fdp.ConsumeBool():                    # anything at all
+        what, *_ = QUIC_OPENER.open(fdp.ConsumeBytes(fdp.remaining_bytes()), QUIC_PN[0])
+        assert what in ("not_ours", "forged", "other", "ack")
+        return
+    QUIC_PN[0] += fdp.ConsumeIntInRange(1, 300)
+    pn_len = fdp.ConsumeIntInRange(1, 4)
+    if fdp.ConsumeBool():
+        # an ACK frame from fuzzed numbers (consistent or not), then anything
+        ack = Buffer(capacity=2048)
+        ack.push_uint8(fdp.ConsumeIntInRange(2, 3))
+        for _ in range(4 + 2 * fdp.ConsumeIntInRange(0, 40)):
+            ack.push_uint_var(fdp.ConsumeIntInRange(0, 1 << fdp.ConsumeIntInRange(0, 62)) & ((1 << 62) - 1))
+        frames = ack.data + fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 200))
+    else:
+        frames = fdp.ConsumeBytes(fdp.ConsumeIntInRange(1, 1200))
+    header = bytes([0x40 | (pn_len - 1)]) + QUIC_CID + (QUIC_PN[0] % (1 << (8 * pn_len))).to_bytes(pn_len, "big")
+    frames += bytes(max(0, 4 - pn_len))      # the sample needs 4 bytes past a short number
+    packet = QUIC_PEER.encrypt_packet(header, frames, QUIC_PN[0])
+    what, pn, largest, _delay, ranges = QUIC_OPENER.open(packet, QUIC_PN[0])
+    assert what in ("ack", "other", "forged"), what    # authentic: never taken for another's
+    if what == "ack":
+        assert pn == QUIC_PN[0]
+        # ranges run from the largest acknowledged down, never overlapping
+        assert ranges[0][1] == largest and all(lo <= hi for lo, hi in ranges)
+        assert all(a[0] > b[1] + 1 for a, b in zip(ranges, ranges[1:], strict=False))
+
+
 TARGETS = {"control": control, "rtcp": rtcp, "token": token, "rtp": rtp, "stream": stream, "srtp": srtp,
-           "stage": stage}
+           "stage": stage, "quic": quic}
 
 
 def main() -> None:

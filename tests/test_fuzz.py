@@ -11,7 +11,7 @@ import pytest
 
 FUZZ = Path(__file__).resolve().parent.parent / "fuzz"
 HARNESS = FUZZ / "fuzz_parsers.py"
-TARGETS = ["control", "rtcp", "token", "rtp", "stream", "srtp", "stage"]
+TARGETS = ["control", "rtcp", "token", "rtp", "stream", "srtp", "stage", "quic"]
 REGRESSIONS = sorted(p for p in (FUZZ / "regressions").iterdir() if p.suffix != ".md")
 
 

@@ -16,7 +16,7 @@ from aioquic.quic.crypto import derive_key_iv_hp
 from aioquic.quic.events import ConnectionTerminated, DatagramFrameReceived
 from aioquic.tls import CipherSuite
 
-from relay._core import QuicSealer
+from relay._core import QuicOpener, QuicSealer
 from relay.node.certs import self_signed
 
 SERVER, CLIENT = ("127.0.0.1", 4433), ("127.0.0.2", 5000)
@@ -127,3 +127,57 @@ def test_the_sealer_refuses_what_it_cannot_do() -> None:
     sealer = QuicSealer(0x1301, bytes(16), bytes(12), bytes(16), b"\x01" * 8)
     with pytest.raises(ValueError, match="1,500"):
         sealer.seal(bytes(1480), 1)
+
+
+def _opener(server: QuicConnection, client: QuicConnection) -> QuicOpener:
+    """The keys the client sends with: what the core opens its ACKs with."""
+    send = client._cryptos[tls.Epoch.ONE_RTT].send
+    key, iv, hp = derive_key_iv_hp(cipher_suite=send.cipher_suite, secret=send.secret, version=send.version)
+    return QuicOpener(int(send.cipher_suite), key, iv, hp, server.host_cid, send.key_phase)
+
+
+def _expected(server: QuicConnection) -> int:
+    return server._spaces[tls.Epoch.ONE_RTT].expected_packet_number
+
+
+@pytest.mark.parametrize("suite", SUITES, ids=lambda s: s.name)
+def test_the_core_opens_the_listeners_acks_of_its_packets(suite: CipherSuite) -> None:
+    client, server = _pair(suite)
+    sealer, _ = _sealer(server)
+    opener = _opener(server, client)
+    pns = _reserve(server, 6)
+    # every packet but the fourth arrives: the ACK has two ranges
+    assert len(_received(client, [sealer.seal(b"audio", pn) for pn in pns if pn != pns[3]])) == 5
+    answers = [d for d, _ in client.datagrams_to_send(now=1.1)]   # past its ACK delay
+    opened = [opener.open(d, _expected(server)) for d in answers]
+    acks = [o for o in opened if o[0] == "ack"]
+    assert acks, opened
+    what, pn, largest, delay, ranges = acks[-1]
+    # (the lower range may reach further down, to the library's own packets before ours)
+    assert largest == pns[-1] and ranges[0] == (pns[4], pns[5]), ranges
+    assert ranges[1][1] == pns[2] and ranges[1][0] <= pns[0], ranges
+    assert pn >= _expected(server)
+    # the library reads the same packets without complaint (ours are not
+    # among the packets it sent, so it only notes them)
+    for d in answers:
+        server.receive_datagram(d, CLIENT, now=1.0)
+    while (e := server.next_event()) is not None:
+        assert not isinstance(e, ConnectionTerminated), e
+    # a changed byte, another connection's id, and a packet with more than
+    # ACKs (a DATAGRAM from the client: the library's to handle)
+    forged = bytearray(answers[-1])
+    forged[-1] ^= 0x40
+    assert opener.open(bytes(forged), _expected(server))[0] == "forged"
+    other_cid = bytearray(answers[-1])
+    other_cid[1] ^= 0xFF
+    assert opener.open(bytes(other_cid), _expected(server))[0] == "not_ours"
+    client.send_datagram_frame(b"from the listener")
+    more = [opener.open(d, _expected(server))[0] for d, _ in client.datagrams_to_send(now=1.2)]
+    assert "other" in more, more
+
+
+def test_the_ack_reader_takes_any_bytes() -> None:
+    opener = QuicOpener(0x1301, bytes(16), bytes(12), bytes(16), b"\x01" * 8)
+    for n in range(0, 200, 7):
+        for first in (0x40, 0x45, 0x5F, 0xC0, 0x00):
+            assert opener.open(bytes([first]) + b"\x01" * 8 + bytes(n), 0)[0] in ("not_ours", "forged")

@@ -191,3 +191,232 @@ cdef class QuicSealer:
 
     def __dealloc__(self):
         quic_tx_free(&self.tx)
+
+
+# --- the other way: a listener's ACK-only packets, opened in C
+
+cdef extern from "openssl/evp.h" nogil:
+    int EVP_DecryptInit_ex(EVP_CIPHER_CTX *ctx, const EVP_CIPHER *cipher, void *impl,
+                           const unsigned char *key, const unsigned char *iv)
+    int EVP_DecryptUpdate(EVP_CIPHER_CTX *ctx, unsigned char *out, int *outl, const unsigned char *inp, int inl)
+    int EVP_DecryptFinal_ex(EVP_CIPHER_CTX *ctx, unsigned char *out, int *outl)
+    int EVP_CTRL_AEAD_SET_TAG
+
+
+# what became of a packet offered to quic_open (the library gets all but ACK_ONLY)
+cdef enum:
+    QOPEN_ACK_ONLY = 0      # ACK, PADDING and PING frames only: handled here
+    QOPEN_OTHER = 1         # opened, but it carries other frames: for the QUIC library
+    QOPEN_NOT_OURS = 2      # a long header, another connection id, another key phase
+    QOPEN_FORGED = 3        # did not authenticate (or malformed): dropped
+    QUIC_MAX_RANGES = 32    # ACK ranges read; more are the library's to read
+
+
+ctypedef struct QuicAck:
+    uint64_t pn             # the packet's own number
+    uint64_t largest        # largest acknowledged
+    uint64_t delay          # ACK delay, in the peer's units (ack_delay_exponent)
+    int n_ranges            # [lo, hi] pairs, highest first
+    uint64_t lo[QUIC_MAX_RANGES]
+    uint64_t hi[QUIC_MAX_RANGES]
+
+
+ctypedef struct QuicRx:
+    EVP_CIPHER_CTX *aead
+    EVP_CIPHER_CTX *hp
+    int chacha
+    uint8_t iv[12]
+    uint8_t key_phase
+    uint8_t dcid_len
+    uint8_t dcid[QUIC_MAX_CID]
+    uint8_t plain[1500]     # the opened payload
+
+
+cdef int quic_rx_keys(QuicRx *q, int suite, const uint8_t *key, const uint8_t *iv, const uint8_t *hp,
+                      int key_phase) noexcept nogil:
+    """The receive keys of the current key phase; 0, or -1 (unknown suite)."""
+    cdef const EVP_CIPHER *aead
+    cdef const EVP_CIPHER *mask
+    if suite == SUITE_AES_128_GCM:
+        aead, mask = EVP_aes_128_gcm(), EVP_aes_128_ecb()
+    elif suite == SUITE_AES_256_GCM:
+        aead, mask = EVP_aes_256_gcm(), EVP_aes_256_ecb()
+    elif suite == SUITE_CHACHA20:
+        aead, mask = EVP_chacha20_poly1305(), EVP_chacha20()
+    else:
+        return -1
+    if q.aead == NULL:
+        q.aead = EVP_CIPHER_CTX_new()
+        q.hp = EVP_CIPHER_CTX_new()
+        if q.aead == NULL or q.hp == NULL:
+            return -1
+    if EVP_DecryptInit_ex(q.aead, aead, NULL, key, NULL) != 1:
+        return -1
+    if EVP_EncryptInit_ex(q.hp, mask, NULL, hp, NULL) != 1:      # the mask is always an encryption
+        return -1
+    EVP_CIPHER_CTX_set_padding(q.hp, 0)
+    q.chacha = 1 if suite == SUITE_CHACHA20 else 0
+    memcpy(q.iv, iv, 12)
+    q.key_phase = <uint8_t>(key_phase & 1)
+    return 0
+
+
+cdef void quic_rx_free(QuicRx *q) noexcept nogil:
+    if q.aead != NULL:
+        EVP_CIPHER_CTX_free(q.aead)
+    if q.hp != NULL:
+        EVP_CIPHER_CTX_free(q.hp)
+    q.aead = q.hp = NULL
+
+
+cdef inline int varint(const uint8_t *p, int n, int *at, uint64_t *v) noexcept nogil:
+    """A QUIC variable-length integer (RFC 9000 16) at p[*at]; -1 past n."""
+    cdef int size, k
+    if at[0] >= n:
+        return -1
+    size = 1 << (p[at[0]] >> 6)
+    if at[0] + size > n:
+        return -1
+    v[0] = p[at[0]] & 0x3f
+    for k in range(1, size):
+        v[0] = (v[0] << 8) | p[at[0] + k]
+    at[0] += size
+    return 0
+
+
+cdef int parse_ack_only(const uint8_t *p, int n, QuicAck *ack) noexcept nogil:
+    """Is the payload only ACK, PADDING and PING frames? Fills `ack` from
+    the (last) ACK frame. QOPEN_ACK_ONLY, QOPEN_OTHER, or QOPEN_FORGED for
+    a frame that does not parse (a peer whose tag verified but whose frames
+    are malformed: the library will close the connection for it)."""
+    cdef int at = 0, k
+    cdef uint64_t t, largest, delay, count, first, gap, length, ecn, lo
+    ack.n_ranges = 0
+    while at < n:
+        t = p[at]
+        if t == 0x00 or t == 0x01:          # PADDING, PING
+            at += 1
+            continue
+        if t != 0x02 and t != 0x03:
+            return QOPEN_OTHER
+        at += 1
+        if varint(p, n, &at, &largest) or varint(p, n, &at, &delay) or varint(p, n, &at, &count) \
+                or varint(p, n, &at, &first) or first > largest:
+            return QOPEN_FORGED
+        ack.largest, ack.delay = largest, delay
+        lo = largest - first
+        ack.lo[0], ack.hi[0] = lo, largest
+        ack.n_ranges = 1
+        for k in range(<int>count if count < 0x7fffffff else 0x7fffffff):
+            if varint(p, n, &at, &gap) or varint(p, n, &at, &length) or gap + 2 > lo or length > lo - gap - 2:
+                return QOPEN_FORGED
+            # the next range ends gap + 2 below this one's smallest (RFC 9000 19.3.1)
+            largest = lo - gap - 2
+            lo = largest - length
+            if ack.n_ranges < QUIC_MAX_RANGES:
+                ack.lo[ack.n_ranges], ack.hi[ack.n_ranges] = lo, largest
+                ack.n_ranges += 1
+        if t == 0x03:
+            for k in range(3):
+                if varint(p, n, &at, &ecn):
+                    return QOPEN_FORGED
+    return QOPEN_ACK_ONLY if ack.n_ranges else QOPEN_OTHER
+
+
+cdef int quic_open(QuicRx *q, const uint8_t *pkt, int n, uint64_t expected, QuicAck *ack) noexcept nogil:
+    """Open one datagram from a listener's address: header protection off,
+    packet number decoded against `expected` (the next one the connection
+    expects), payload authenticated and decrypted, frames read. Returns a
+    QOPEN_ code; only QOPEN_ACK_ONLY fills `ack`."""
+    cdef int pn_off = 1 + q.dcid_len
+    cdef int pn_len, k, outl = 0, body, plain_len
+    cdef uint8_t mask[QUIC_SAMPLE]
+    cdef uint8_t hdr[1 + QUIC_MAX_CID + 4]
+    cdef uint8_t nonce[12]
+    cdef uint64_t truncated = 0, win, hwin, candidate
+    if q.aead == NULL or n < 1 or (pkt[0] & 0xc0) != 0x40:
+        return QOPEN_NOT_OURS
+    if n < pn_off + 4 + QUIC_SAMPLE or memcmp(pkt + 1, q.dcid, q.dcid_len) != 0:
+        return QOPEN_NOT_OURS
+    if q.chacha:
+        if EVP_EncryptInit_ex(q.hp, NULL, NULL, NULL, pkt + pn_off + 4) != 1:
+            return QOPEN_FORGED
+        memset(mask, 0, 5)
+        if EVP_EncryptUpdate(q.hp, mask, &outl, mask, 5) != 1:
+            return QOPEN_FORGED
+    elif EVP_EncryptUpdate(q.hp, mask, &outl, pkt + pn_off + 4, QUIC_SAMPLE) != 1:
+        return QOPEN_FORGED
+    hdr[0] = pkt[0] ^ (mask[0] & 0x1f)
+    if ((hdr[0] >> 2) & 1) != q.key_phase or (hdr[0] & 0x18) != 0:
+        return QOPEN_NOT_OURS           # a key update (or reserved bits set): the library decides
+    pn_len = (hdr[0] & 3) + 1
+    memcpy(hdr + 1, pkt + 1, q.dcid_len)
+    for k in range(pn_len):
+        hdr[pn_off + k] = pkt[pn_off + k] ^ mask[1 + k]
+        truncated = (truncated << 8) | hdr[pn_off + k]
+    # RFC 9000 A.3: the number closest to `expected` with these low bits
+    win = (<uint64_t>1) << (8 * pn_len)
+    hwin = win >> 1
+    candidate = (expected & ~(win - 1)) | truncated
+    if candidate + hwin <= expected and candidate < ((<uint64_t>1) << 62) - win:
+        candidate += win
+    elif candidate > expected + hwin and candidate >= win:
+        candidate -= win
+    body = pn_off + pn_len
+    plain_len = n - body - QUIC_TAG
+    if plain_len < 1 or plain_len > 1500:
+        return QOPEN_FORGED
+    memcpy(nonce, q.iv, 12)
+    for k in range(8):
+        nonce[11 - k] ^= <uint8_t>((candidate >> (8 * k)) & 0xff)
+    if EVP_DecryptInit_ex(q.aead, NULL, NULL, NULL, nonce) != 1:
+        return QOPEN_FORGED
+    if EVP_DecryptUpdate(q.aead, NULL, &outl, hdr, body) != 1:
+        return QOPEN_FORGED
+    if EVP_DecryptUpdate(q.aead, q.plain, &outl, pkt + body, plain_len) != 1:
+        return QOPEN_FORGED
+    if EVP_CIPHER_CTX_ctrl(q.aead, EVP_CTRL_AEAD_SET_TAG, QUIC_TAG, <void *>(pkt + n - QUIC_TAG)) != 1:
+        return QOPEN_FORGED
+    if EVP_DecryptFinal_ex(q.aead, q.plain + outl, &outl) != 1:
+        return QOPEN_FORGED
+    ack.pn = candidate
+    return parse_ack_only(q.plain, plain_len, ack)
+
+
+cdef class QuicOpener:
+    """A connection's receiving side for its listener's ACK-only packets,
+    as the core will hold it per QUIC listener; from Python, for tests, the
+    fuzzer and the bench. suite, key, iv, hp: the 1-RTT keys the peer sends
+    with; dcid_len: the length of our connection ids."""
+
+    cdef QuicRx rx
+    cdef QuicAck ack
+
+    def __cinit__(self):
+        memset(&self.rx, 0, sizeof(QuicRx))
+
+    def __init__(self, int suite, bytes key, bytes iv, bytes hp, bytes dcid, int key_phase=0):
+        if len(dcid) > QUIC_MAX_CID or len(iv) != 12 or len(key) not in (16, 32) or len(hp) != len(key):
+            raise ValueError("a connection id is at most 20 bytes, keys 16 or 32, an IV 12")
+        self.rx.dcid_len = <uint8_t>len(dcid)
+        memcpy(self.rx.dcid, <const char *>dcid, len(dcid))
+        if quic_rx_keys(&self.rx, suite, <const uint8_t *><const char *>key, <const uint8_t *><const char *>iv,
+                        <const uint8_t *><const char *>hp, key_phase) != 0:
+            raise ValueError(f"cipher suite {suite:#x} is not one QUIC uses")
+
+    def open(self, const uint8_t[:] packet, uint64_t expected):
+        """("ack", packet number, largest acked, ack delay, [(lo, hi), ...])
+        for an ACK-only packet; ("other", None, ...) when opened but for the
+        QUIC library; ("not_ours", ...) or ("forged", ...) otherwise."""
+        cdef int n = <int>packet.shape[0]
+        cdef int rc
+        with nogil:
+            rc = quic_open(&self.rx, &packet[0] if n > 0 else <const uint8_t *>NULL, n, expected, &self.ack)
+        what = ("ack", "other", "not_ours", "forged")[rc]
+        if rc != QOPEN_ACK_ONLY:
+            return what, None, None, None, []
+        return (what, self.ack.pn, self.ack.largest, self.ack.delay,
+                [(self.ack.lo[k], self.ack.hi[k]) for k in range(self.ack.n_ranges)])
+
+    def __dealloc__(self):
+        quic_rx_free(&self.rx)
