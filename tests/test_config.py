@@ -34,7 +34,7 @@ def test_good_config_and_secret_from_environment() -> None:
     (GOOD.replace('auth = "jwt"', 'auth = "jwt"\nring_depth = 12'), "power of two"),
     (GOOD + GOOD.split("[[room]]")[1].join(["[[room]]", ""]), "defined twice"),
     ('[node]\nauth = "open"', "no [[room]]"),
-    (GOOD.replace('name = "a"', 'name = "a"\nmax_speakers = 4'), "'max_speakers' is for rooms of speakers"),
+    (GOOD.replace('name = "a"', 'name = "a"\nmax_speakers = 65'), "max_speakers: expected an integer from 0 to 64"),
     (GOOD + '[[room]]\nname = "s"\nsources = ["127.0.0.1"]\n', "'sources' is for rooms with an 'ingest' port"),
     (GOOD + '[[room]]\nname = "s"\nmax_speakers = 0\n', "max_speakers: expected an integer from 1 to 64"),
     (GOOD.replace('auth = "jwt"', 'auth = "jwt"\nsecret_env = "SHORT"'), "at least 32 bytes"),
@@ -134,8 +134,10 @@ def test_rooms_take_over_by_rule() -> None:
 
 
 def test_a_room_without_ingest_or_upstream_is_a_stage() -> None:
-    cfg = load(GOOD + '[[room]]\nname = "s"\n[[room]]\nname = "t"\nmax_speakers = 3\n',
-               environ={"RELAY_SECRET": "x" * 32})
+    cfg = load(GOOD + '[[room]]\nname = "s"\n[[room]]\nname = "t"\nmax_speakers = 3\n'
+               + GOOD.split("[[room]]")[1].join(["[[room]]", ""]).replace('"a"', '"u"').replace("5100", "5101")
+               + "max_speakers = 2\n", environ={"RELAY_SECRET": "x" * 32})
+    # an ingest room takes speakers only if it says so; its publishers then go on the stage
     assert [(r.name, r.stage, r.max_speakers) for r in cfg.rooms] == [("a", False, 0), ("s", True, 16),
-                                                                       ("t", True, 3)]
+                                                                       ("t", True, 3), ("u", True, 2)]
     assert cfg.speaker_slots == 64

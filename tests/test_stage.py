@@ -239,3 +239,42 @@ def test_an_edge_carries_the_origins_mix(tmp_path) -> None:
     finally:
         stop(edge)
         stop(origin.proc)
+
+
+def test_a_rooms_static_publisher_goes_on_its_stage_beside_the_speakers(tmp_path) -> None:
+    """An ingest room with max_speakers: ffmpeg (an OBS-like host) publishes
+    to the ingest port as before, speakers join beside it; alone it is passed
+    through, with a speaker it is mixed, and the speaker hears the host."""
+    need("ffmpeg")
+    from relay.client.publish import ffmpeg_command
+    relay = start_relay(tmp_path, auth="jwt", extra_room="max_speakers = 4\n")
+    try:
+        host = subprocess.Popen(ffmpeg_command("sine=frequency=330:sample_rate=48000", relay.ingest, lavfi=True,
+                                               duration=9), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        room = tmp_path / "room.ogg"
+        lis = listener(relay, 7.5, room, room=relay.room)
+        time.sleep(1.5)
+        alone = next(r for r in json.loads(relay.get("/rooms")[1])["rooms"] if r["name"] == relay.room)["stage"]
+        heard_by_ann = tmp_path / "ann.ogg"
+        ann = speaker(relay, "ann", 4.0, heard_by_ann, room=relay.room)
+        time.sleep(2.0)
+        both = next(r for r in json.loads(relay.get("/rooms")[1])["rooms"] if r["name"] == relay.room)["stage"]
+        lis_out, ann_out = finish(lis, ann)
+        host.wait(timeout=30)
+        assert lis.returncode == 0 and ann.returncode == 0, (lis_out, ann_out)
+        assert alone["mode"] == "pass" and [s["name"] for s in alone["speakers"]][0].startswith("publisher"), alone
+        assert both["mode"] == "mix" and len(both["speakers"]) == 2, both
+        x = pcm_of(room)
+        # both in the mix (ffmpeg's sine is at 1/8 of full scale, the
+        # speaker's at 0.3), and the host without a hole once its jitter
+        # was measured (ffmpeg's -re pacing jitters more than the stage's
+        # 3 ms margin: the stage holds it a frame or two longer)
+        mixed = shares(x[int(2.5 * 48000):int(4.5 * 48000)], (330.0, 440.0))
+        assert mixed[330.0] > 0.15 and mixed[440.0] == 1.0, mixed
+        host_env = envelope(x[int(3.0 * 48000):int(5.0 * 48000)], 330.0)
+        assert host_env.min() > 0.5 * np.median(host_env), (host_env.min(), np.median(host_env))
+        ann_hears = shares(pcm_of(heard_by_ann)[48000:], (330.0, 440.0))
+        assert ann_hears[330.0] == 1.0 and ann_hears[440.0] < 0.03, ann_hears
+        assert "lost 0" in lis_out, lis_out
+    finally:
+        stop(relay.proc)

@@ -112,6 +112,7 @@ class Voice:
         self.heard_ns = 0                        # when its last packet arrived
         self.spoke_ns = 0                        # when its level last said it was speaking
         self.late = self.concealed = self.recovered = 0
+        self.extra = 0                           # frames it is held beyond the margin, for its jitter
 
     def extend(self, ts: int) -> int:
         """The 32-bit RTP timestamp `ts`, unwrapped."""

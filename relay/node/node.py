@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import time
+from functools import partial
 from ipaddress import ip_address
 from typing import Any, Callable, Iterator
 
@@ -135,6 +136,9 @@ class Node:
         if r.stage:
             self.stages.open(r, index)
             self.rooms[r.name] = state
+            if r.ingest is not None:   # its publishers go on the stage beside the speakers
+                self.udp.to_stage[r.name] = partial(self.stages.on_ingest, r.name)
+                self._publish_rules(state, r)
             return state
         # a room from upstream is fed only by this node's own subscription
         self.core.room_open(index, r.any_source or bool(r.upstream))
@@ -212,6 +216,7 @@ class Node:
             if up is not None:
                 up.stop()
             self.stages.close(name)
+            self.udp.to_stage.pop(name, None)
             self.udp.unbind_ingest(name)
             state = self.rooms.pop(name)
             self.core.room_close(state.index)

@@ -41,6 +41,8 @@ log = logging.getLogger("relay.stage")
 
 LIVE_NS = 1_000_000_000      # a speaker who sent audio this recently is live
 ACTIVE_NS = 300_000_000      # and one loud enough this recently is speaking
+MAX_EXTRA_FRAMES = 5         # a jittery speaker is held up to this many frames longer (100 ms)
+GONE_NS = 5_000_000_000      # a static publisher (no session to end) silent this long leaves the stage
 MARGIN_NS = 3_000_000        # a packet is due this long before the tick that first needs it
 FRAME_NS = 20_000_000
 PAYLOAD_TYPE = 111
@@ -74,6 +76,16 @@ def rtp_payload(packet: bytes) -> tuple[int, int, bytes, int | None] | None:
     if off >= end:
         return None
     return seq, ts, packet[off:end], level
+
+
+def _has_bye(packet: bytes) -> bool:
+    """Does a compound RTCP packet carry a BYE (RFC 3550 6.6)?"""
+    at = 0
+    while at + 4 <= len(packet) and packet[at] >> 6 == 2:
+        if packet[at + 1] == 203:
+            return True
+        at += 4 * (struct.unpack_from("!H", packet, at + 2)[0] + 1)
+    return False
 
 
 def _level_ext(packet: bytes, at: int, end: int) -> int | None:
@@ -171,6 +183,22 @@ class Stage:
         except SrtpError as e:
             self.drops["replay" if "replay" in str(e) else "auth"] += 1
             return []
+        return self._on_rtp(key, voice, plain, now_ns)
+
+    def on_ingest(self, key: Hashable, packet: bytes, now_ns: int) -> list[Output]:
+        """A datagram from one of the room's static publishers (its ingest
+        port; the source was checked, SRTP opened): a voice of its own,
+        made on its first packet and gone after its BYE or a silence."""
+        if len(packet) >= 2 and 72 <= packet[1] & 0x7F <= 76:
+            # RTCP: a BYE takes the publisher off the stage at once
+            return self.remove(key, now_ns) if _has_bye(packet) and key in self.voices else []
+        voice = self.voices.get(key)
+        if voice is None:
+            where = f"{key[1]}:{key[2]}" if isinstance(key, tuple) and len(key) == 3 else str(key)
+            voice = self.voices[key] = Voice(key, f"ingest-{where}", f"publisher {where}")
+        return self._on_rtp(key, voice, packet, now_ns)
+
+    def _on_rtp(self, key: Hashable, voice: Voice, plain: bytes, now_ns: int) -> list[Output]:
         parsed = rtp_payload(plain)
         if parsed is None:
             self.drops["malformed"] += 1
@@ -194,6 +222,13 @@ class Stage:
         position = voice.extend(ts) + voice.offset
         if not voice.put(position, payload):
             self.drops["late"] += 1
+            if voice.extra < MAX_EXTRA_FRAMES:
+                # its path jitters more than the margin: hold it a frame
+                # longer from now on (one concealed frame now, none after)
+                voice.extra += 1
+                voice.offset += FRAME
+                voice.packets = {p + FRAME: pkt for p, pkt in voice.packets.items()}
+                voice.put(position + FRAME, payload)
         if self.mode == "idle" or (self.mode == "pass" and key != self.solo):
             out = self._choose_mode(now_ns)
         else:
@@ -213,7 +248,7 @@ class Stage:
         When its clock or its path has moved it more than three frames from
         there, it is placed afresh; a solo speaker instead takes the
         timeline with it, so what it passes through stays continuous."""
-        target = self._slot(now_ns) + FRAME
+        target = self._slot(now_ns) + FRAME * (1 + voice.extra)
         if voice.offset is None:
             voice.offset = target - ext
             return
@@ -246,7 +281,10 @@ class Stage:
     def tick(self, now_ns: int) -> list[Output]:
         """Timeline frame next_t is due: choose the mode, and mix it if two
         or more speakers are live."""
-        out = self._choose_mode(now_ns)
+        out: list[Output] = []
+        for key in [k for k, v in self.voices.items() if k not in self.srtp and now_ns - v.heard_ns > GONE_NS]:
+            out += self.remove(key, now_ns)     # a static publisher silent this long has gone
+        out += self._choose_mode(now_ns)
         if self.mode == "mix":
             live = [v for v in self.voices.values() if now_ns - v.heard_ns < LIVE_NS]
             room, minus = self.mixer.frame(live, list(self.minus), self.next_t, now_ns)

@@ -54,6 +54,7 @@ class Stages:
         self.worker = StageWorker(self._from_worker)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.refused_rtp = 0                           # RTP on the listener port from no speaker
+        self.refused_ingest = 0                        # on a stage's ingest port from no allowed source
         self._told = 0.0
         self._was_told: set[str] = set()             # stage rooms last told of someone on stage
 
@@ -135,6 +136,17 @@ class Stages:
         self.worker.call(self.worker.stages[m.room].on_packet, key, data, time.monotonic_ns())
         return True
 
+    def on_ingest(self, room: str, addr: tuple, data: bytes | None) -> None:
+        """A datagram on the room's ingest port, from an allowed publisher
+        (opened if the room uses SRTP), or None from one that is not."""
+        stage = self.worker.stages.get(room)
+        if stage is None:
+            return
+        if data is None:
+            self.refused_ingest += 1
+            return
+        self.worker.call(stage.on_ingest, ("ingest", *addr[:2]), data, time.monotonic_ns())
+
     # --------------------------------------------------------------- output
 
     def _from_worker(self, out: list[Output]) -> None:
@@ -214,7 +226,7 @@ class Stages:
     def drops(self) -> Counter[str]:
         """Speaker audio dropped, by reason, over every stage."""
         total: Counter[str] = Counter({reason: 0 for reason in STAGE_DROPS})
-        total["foreign"] += self.refused_rtp
+        total["foreign"] += self.refused_rtp + self.refused_ingest
         for stage in list(self.worker.stages.values()):
             total.update(stage.drops)
         return total

@@ -1,8 +1,8 @@
 """The UDP adapter: the node's own non-blocking sockets on the event loop.
 
 Each room's ingest socket is drained by core.ingest() (recvmmsg in C), or,
-for a room whose publishers use SRTP, read here, opened (srtp.py) and fed
-to the core one packet at a time. The listener socket carries control
+for a room whose publishers use SRTP or go on a stage, read here, opened
+(srtp.py) and fed to the core or the stage one packet at a time. The listener socket carries control
 messages, RTCP and speakers' SRTP in, and replies, resends and (from the
 core, with sendmmsg) audio out. This module only moves bytes:
 what to answer is the session policy's, what to send is the core's. With an
@@ -60,6 +60,9 @@ class UdpPorts:
         self.ingest: dict[str, tuple[socket.socket, int]] = {}    # room -> (socket, room index)
         self.srtp: dict[str, SrtpIngest] = {}                      # rooms whose publishers use SRTP
         self._allowed: dict[str, Callable[[tuple], bool]] = {}
+        # rooms whose publishers go on a stage: their datagrams (None for a
+        # source that may not publish) go there instead of to the core
+        self.to_stage: dict[str, Callable[[tuple, bytes | None], None]] = {}
         self.busy_ns = 0          # loop time spent in the inline fan-out
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writing = False
@@ -123,8 +126,8 @@ class UdpPorts:
         assert self._loop is not None
         sock, index = self.ingest[room]
         self._loop.remove_reader(sock.fileno())
-        if room in self.srtp:
-            self._loop.add_reader(sock.fileno(), self._on_srtp_ingest, room, sock, index)
+        if room in self.srtp or room in self.to_stage:
+            self._loop.add_reader(sock.fileno(), self._on_python_ingest, room, sock, index)
         else:
             self._loop.add_reader(sock.fileno(), self._on_ingest, sock.fileno(), index)
 
@@ -135,9 +138,12 @@ class UdpPorts:
             self._wait_writable()
         self.busy_ns += time.perf_counter_ns() - t0
 
-    def _on_srtp_ingest(self, room: str, sock: socket.socket, index: int) -> None:
+    def _on_python_ingest(self, room: str, sock: socket.socket, index: int) -> None:
+        """A room's ingest read here rather than by the core: opened with
+        SRTP if the room has a key, then fed to the core, or to the room's
+        stage if it has one."""
         t0 = time.perf_counter_ns()
-        srtp, allowed = self.srtp.get(room), self._allowed.get(room)
+        srtp, allowed, stage = self.srtp.get(room), self._allowed.get(room), self.to_stage.get(room)
         fed = False
         for _ in range(SRTP_BATCH):
             try:
@@ -146,14 +152,21 @@ class UdpPorts:
                 break
             except OSError:
                 continue
-            if srtp is None or allowed is None:
+            if allowed is None:
                 break
             if not allowed(addr):
-                # the core counts it as foreign, without a key ever being tried
-                self.core.feed(index, data, to_sockaddr(addr))
+                # counted as foreign (by the core, or the stage), without a key ever being tried
+                if stage is not None:
+                    stage(addr, None)
+                else:
+                    self.core.feed(index, data, to_sockaddr(addr))
                 continue
-            plain = srtp.open(data)
-            if plain is not None:
+            plain = srtp.open(data) if srtp is not None else data
+            if plain is None:
+                continue
+            if stage is not None:
+                stage(addr, plain)
+            else:
                 self.core.feed(index, plain, to_sockaddr(addr))
                 fed = True
         if fed and not self.core.threaded and self.core.flush(self.out_fd):

@@ -58,13 +58,15 @@ class RoomConfig:
     # this node joins the first that answers as a relay listener
     upstream: list[tuple[str, int]] = field(default_factory=list)
     # speakers the room's stage holds at once: a room with neither ingest
-    # nor upstream takes its audio from speakers who join with a publish token
+    # nor upstream takes its audio from speakers who join with a publish
+    # token; a room with an ingest port takes them too if this is set, and
+    # its publishers go on the stage beside them
     max_speakers: int = 0
 
     @property
     def stage(self) -> bool:
-        """Does the room take its audio from speakers (relay/node/stage.py)?"""
-        return self.ingest is None and not self.upstream
+        """Does the room's audio go through a stage (relay/node/stage.py)?"""
+        return not self.upstream and (self.ingest is None or self.max_speakers > 0)
 
 
 @dataclass
@@ -241,9 +243,7 @@ def _room(i: int, raw: Any, open_auth: bool, environ: Mapping[str, str]) -> Room
         return _upstream_room(where, name, raw)
     if "ingest" not in raw:
         return _stage_room(where, name, raw)
-    if "max_speakers" in raw:
-        raise ConfigError(f"{where}: 'max_speakers' is for rooms of speakers; this one takes its audio from "
-                          "'ingest' (drop one of the two)")
+    speakers = _int(f"{where}: max_speakers", raw.get("max_speakers", 0), 0, MAX_SPEAKERS)
     ingest = _addr(f"{where}: ingest", raw["ingest"])
     sources_raw = raw.get("sources")
     if not isinstance(sources_raw, list) or not sources_raw:
@@ -266,7 +266,7 @@ def _room(i: int, raw: Any, open_auth: bool, environ: Mapping[str, str]) -> Room
     takeover: float | None = SRTP_TAKEOVER_S if srtp_key else None
     if "takeover_after" in raw:
         takeover = _float(f"{where}: takeover_after", raw["takeover_after"], 0, 86400)
-    return RoomConfig(name, ingest, sources, any_source, limit, srtp_key, takeover)
+    return RoomConfig(name, ingest, sources, any_source, limit, srtp_key, takeover, max_speakers=speakers)
 
 
 def _stage_room(where: str, name: str, raw: dict[str, Any]) -> RoomConfig:
