@@ -6,8 +6,10 @@
 Reports, into bench/results/speakers.json:
   cpu        the stage's CPU per second of audio with 1, 2, 4, 8 and 16
              speakers talking at once (SRTP opened, jitter buffers, decode,
-             mix, limiter, one encode for the room and one per speaker for
-             its mix-minus), and so how many such rooms one core mixes. A
+             mix, limiter, one encode for the room and one per talking
+             speaker for its mix-minus), and with 16 on stage of whom 2
+             talk (the silent ones are sent the room's packet), and so how
+             many such rooms one core mixes. A
              Stage driven on a simulated clock in this process, timed with
              the thread's own CPU clock: the machine's other load does not
              count. One speaker is the pass-through: no decode, no encode.
@@ -52,11 +54,14 @@ def _srtp(key: bytes) -> SrtpSession:
                               srtp_profile=Policy.SRTP_PROFILE_AES128_CM_SHA1_80))
 
 
-def stage_cpu(speakers: int, seconds: float) -> dict:
-    """CPU seconds per second of audio of one stage with `speakers` talking."""
+def stage_cpu(speakers: int, seconds: float, on_stage: int = 0) -> dict:
+    """CPU seconds per second of audio of one stage with `speakers` talking
+    (and `on_stage` - `speakers` more on the stage, silent)."""
     import os
     stage = Stage("bench", 0, os.urandom)
     keys, streams = [], []
+    for k in range(speakers, max(on_stage, speakers)):
+        stage.add(k, f"s{k}", f"Speaker {k}", os.urandom(30), 1 + k)
     for k in range(speakers):
         key = os.urandom(30)
         stage.add(k, f"s{k}", f"Speaker {k}", key, 1 + k)
@@ -78,7 +83,9 @@ def stage_cpu(speakers: int, seconds: float) -> dict:
             out += len(stage.tick(now))
     cpu = (time.thread_time_ns() - t0) / 1e9
     per_s = cpu / (frames / 50)
-    return {"speakers": speakers, "mode": stage.mode, "cpu_per_audio_second": round(per_s, 5),
+    return {"speakers": speakers, "on_stage": max(on_stage, speakers), "mode": stage.mode,
+            "encodes_per_frame": round(stage.mixer.encodes / max(1, stage.frames_mixed), 2),
+            "cpu_per_audio_second": round(per_s, 5),
             "rooms_per_core": round(1 / per_s, 1) if per_s else None, "packets_out": out,
             "frames_mixed": stage.frames_mixed, "clipped": stage.mixer.clipped}
 
@@ -155,7 +162,7 @@ def main() -> None:
     ap.add_argument("--out", help="the JSON file (default bench/results/speakers.json)")
     args = ap.parse_args()
     cpu_s, lat_s = (2.0, 2.0) if args.smoke else (20.0, 8.0)
-    cpu = [stage_cpu(n, cpu_s) for n in (1, 2, 4, 8, 16)]
+    cpu = [stage_cpu(n, cpu_s) for n in (1, 2, 4, 8, 16)] + [stage_cpu(2, cpu_s, on_stage=16)]
     lat = [asyncio.run(latency(n, lat_s)) for n in (1, 2, 4)]
     base = lat[0]["p50_ms"]
     for row in lat[1:]:
@@ -165,9 +172,10 @@ def main() -> None:
     path = Path(args.out) if args.out else RESULTS / "speakers.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
-    print("speakers  mode  CPU per audio second  rooms per core")
+    print("talking  on stage  mode  encodes/frame  CPU per audio second  rooms per core")
     for r in cpu:
-        print(f"{r['speakers']:8d}  {r['mode']:4s}  {r['cpu_per_audio_second']:20.4f}  {r['rooms_per_core']:14}")
+        print(f"{r['speakers']:7d}  {r['on_stage']:8d}  {r['mode']:4s}  {r['encodes_per_frame']:13}  "
+              f"{r['cpu_per_audio_second']:20.4f}  {r['rooms_per_core']:14}")
     print("speakers  mode  mouth-to-ear p50/p99 ms  added by the mix p50/p99 ms")
     for r in lat:
         added = f"{r.get('added_p50_ms', 0):.1f} / {r.get('added_p99_ms', 0):.1f}" if "added_p50_ms" in r else "-"

@@ -59,8 +59,10 @@ def test_speakers_bench_smoke(tmp_path) -> None:
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     result = json.loads(out.read_text())
     # one speaker passes through, more are mixed, and the mix never clips
-    assert [(r["speakers"], r["mode"]) for r in result["cpu"]] == [(1, "pass"), (2, "mix"), (4, "mix"),
-                                                                   (8, "mix"), (16, "mix")]
+    assert [(r["speakers"], r["on_stage"], r["mode"]) for r in result["cpu"]] == [
+        (1, 1, "pass"), (2, 2, "mix"), (4, 4, "mix"), (8, 8, "mix"), (16, 16, "mix"), (2, 16, "mix")]
+    # the room's encode and one per talking speaker, whoever else is on stage
+    assert [round(r["encodes_per_frame"]) for r in result["cpu"][1:]] == [3, 5, 9, 17, 3]
     assert all(r["clipped"] == 0 and r["rooms_per_core"] > 0 for r in result["cpu"])
     # every frame the first speaker sent is found in the listener's stream
     for r in result["latency"]:

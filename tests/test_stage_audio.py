@@ -210,3 +210,26 @@ def test_a_lost_packet_is_concealed_and_a_silent_voice_fades_to_nothing() -> Non
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_only_speakers_with_a_voice_in_the_mix_cost_an_encode() -> None:
+    """Sixteen on stage, two talking: the room's encode and two mix-minus
+    ones per frame; the other fourteen are sent the room's packet."""
+    from relay.node.mixer import Mixer
+    voices = []
+    for k, hz in enumerate((440.0, 660.0)):
+        v = Voice(k, f"s{k}", f"S{k}")
+        for i, p in enumerate(encode_tone(hz, 0.5)):
+            v.put(i * FRAME, p)
+        voices.append(v)
+    mixer = Mixer()
+    listeners = list(range(16))
+    for n in range(1, 20):
+        room, minus = mixer.frame(voices, listeners, n * FRAME, 0)
+        assert all(minus[k] is room for k in range(2, 16)) and minus[0] is not room and minus[1] is not room
+    assert mixer.encodes == 19 * 3
+    # one that starts talking gets an encoder of its own, fed the room's last
+    # frames first; one that stops goes back to the room's packet
+    assert set(mixer.minus) == {0, 1}
+    mixer.frame(voices[:1], listeners, 20 * FRAME, 0)
+    assert set(mixer.minus) == {0}

@@ -24,6 +24,7 @@ ctypes calls, which release the GIL while libopus works.
 from __future__ import annotations
 
 import math
+from collections import deque
 
 import numpy as np
 import opuslib
@@ -184,7 +185,13 @@ class Voice:
 
 
 class Mixer:
-    """One stage's encoders: the room's mix, and a mix-minus per speaker."""
+    """One stage's encoders: the room's mix, and a mix-minus per speaker.
+
+    A speaker who is not sending, or sends digital silence, adds nothing to
+    the mix, so what it should hear is the room's packet itself: only talking speakers cost an encode
+    of their own. When one starts talking its encoder is made and first run
+    over the last frames of the room's mix, which is what its decoder has
+    been fed, so its own stream continues the room's without a click."""
 
     def __init__(self, bitrate: int = MIX_BITRATE) -> None:
         self.bitrate = bitrate
@@ -192,6 +199,8 @@ class Mixer:
         self.room_limiter = Limiter()
         self.lookahead = int(self.room.lookahead)
         self.minus: dict[object, tuple[opuslib.Encoder, Limiter]] = {}
+        self._recent: deque[bytes] = deque(maxlen=PRIME_FRAMES)   # the room encoder's last inputs
+        self.encodes = 0            # encodes of mixed frames (the room's, and talking speakers')
 
     def frame(self, voices: list[Voice], listeners: list[object], start: int,
               now_ns: int) -> tuple[bytes, dict[object, bytes]]:
@@ -209,12 +218,25 @@ class Mixer:
         total = np.zeros(FRAME * CHANNELS, dtype=np.int32)
         for pcm in parts.values():
             total = total + pcm
-        room = self.room.encode(self.room_limiter.apply(total), FRAME)
+        pcm_room = self.room_limiter.apply(total)
+        room = self.room.encode(pcm_room, FRAME)
+        self.encodes += 1
         minus = {}
         for key in listeners:
-            enc, lim = self.minus.get(key) or self.minus.setdefault(key, (new_encoder(self.bitrate), Limiter()))
             own = parts.get(key)
-            minus[key] = enc.encode(lim.apply(total - own if own is not None else total), FRAME)
+            if own is None or not own.any():   # nothing of its own in the mix: it hears the room
+                self.minus.pop(key, None)
+                minus[key] = room
+                continue
+            if key not in self.minus:
+                enc = new_encoder(self.bitrate)
+                for heard in self._recent:
+                    enc.encode(heard, FRAME)
+                self.minus[key] = (enc, Limiter())
+            enc, lim = self.minus[key]
+            minus[key] = enc.encode(lim.apply(total - own), FRAME)
+            self.encodes += 1
+        self._recent.append(pcm_room)
         return room, minus
 
     def prime(self, voices: list[Voice], listeners: list[object], start: int, now_ns: int) -> None:
@@ -223,8 +245,11 @@ class Mixer:
         were fed a speaker's own encoder until now; an encoder that has seen
         the same audio predicts the next frame's energies and pitch as those
         decoders expect, so the mix continues without a click."""
+        self._recent.clear()
+        counted = self.encodes
         for k in range(PRIME_FRAMES, 0, -1):
             self.frame(voices, listeners, start - k * FRAME, now_ns)
+        self.encodes = counted      # `encodes` counts the frames mixed, not the priming
 
     def forget(self, key: object) -> None:
         """A speaker left: its mix-minus encoder goes."""

@@ -235,7 +235,18 @@ class Stage:
             out = []
         if self.mode == "pass" and key == self.solo:
             out += self._pass(key, position, payload)
+            self._follow(position, now_ns)
         return out
+
+    def _follow(self, position: int, now_ns: int) -> None:
+        """While one speaker is passed through, nothing is mixed, so the
+        ticks can move for free: keep them late enough that its packet for
+        a frame arrives MARGIN_NS before the tick that would first need it
+        in a mix. Its path's jitter is then absorbed before a mix begins,
+        not by concealing a frame of it when one does."""
+        due = self.tick_ns + (position - FRAME - self.next_t) // FRAME * FRAME_NS
+        if now_ns + MARGIN_NS > due:
+            self.tick_ns += now_ns + MARGIN_NS - due
 
     def _slot(self, now_ns: int) -> int:
         """The frame of the first tick at least MARGIN_NS from now."""
@@ -378,15 +389,21 @@ class StageWorker:
             if active:
                 wait = max(0.0, (min(st.tick_ns for st in active) - time.monotonic_ns()) / 1e9)
             try:
-                item = self._queue.get(timeout=wait)
+                items = [self._queue.get(timeout=wait)]
             except queue.Empty:
-                item = ()
-            if item is None:
-                return
+                items = []
             t0 = time.thread_time_ns()
+            # everything that arrived goes into the jitter buffers before a
+            # tick mixes: a packet waiting behind another is not late
+            while True:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            if None in items:
+                return
             out: list[Output] = []
-            if item:
-                fn, args = item
+            for fn, args in items:
                 try:
                     out += fn(*args) or []
                 except Exception:   # one bad packet or join must not stop every stage
