@@ -1,10 +1,11 @@
 """A room's stage: the speakers who publish into it, and what the room hears.
 
-A stage room has no ingest port. Speakers join it like listeners, with a
-publish token (sessions.py), and send SRTP with the key their ACCEPT gave
-them from the address they joined from. Each speaker also listens, in a
-room of its own in the core (its *mix-minus room*), to the stage without
-its own voice.
+Speakers join a stage room like listeners, with a publish token
+(sessions.py), and send SRTP with the key their ACCEPT gave them from the
+address they joined from. Each speaker also listens, in a room of its own
+in the core (its *mix-minus room*), to the stage without its own voice. A
+room with an ingest port and max_speakers also puts its static publishers
+on the stage, a voice per source address.
 
 What the room hears depends on who is live (sent audio in the last second):
 - nobody: nothing;
