@@ -16,8 +16,7 @@ Data path (DESIGN.md), one included file per step:
                         NACK resends from the ring
     core/shards.pxi     shard locks, wake-ups and the sender threads' loop
     core/stats.pxi      counters, read at scrape time
-    core/quic.pxi       QUIC packet protection for audio datagrams (#15:
-                        sealed in C; not yet on the egress path)
+    core/quic.pxi       QUIC packet protection (#15; not on the data path yet)
 
 This file is the shell: the Core's lifecycle (every allocation happens when
 a Core is built and is freed with it) and its Python API. State lives in one
@@ -453,19 +452,12 @@ cdef class Core:
         room message such as who is speaking, never audio. Best effort:
         returns (sent, refused), refused being those a full socket or a
         failing address did not take."""
-        cdef CoreState *c = &self.st
-        cdef int k, sent = 0
         cdef uint64_t refused = 0
-        cdef Py_ssize_t n = data.shape[0]
-        if room < 0 or room >= c.rooms or not c.rm[room].active:
+        if room < 0 or room >= self.st.rooms or not self.st.rm[room].active:
             raise ValueError(f"room {room} is not open")
-        if n < 1 or n > RX_BUF:
+        if data.shape[0] < 1 or data.shape[0] > RX_BUF:
             raise ValueError(f"a room message is 1 to {RX_BUF} bytes")
-        for k in range(c.shards):
-            lock_shard_gil(c, k)
-            sent += broadcast_shard(c, k, room, fd, &data[0], <size_t>n, &refused)
-            unlock_shard(c, k)
-        return sent, int(refused)
+        return broadcast_room(&self.st, room, fd, &data[0], <size_t>data.shape[0], &refused), int(refused)
 
     # --------------------------------------------------------------- counters
 

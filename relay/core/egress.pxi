@@ -185,3 +185,14 @@ cdef int broadcast_shard(CoreState *c, int k, int room, int fd, const uint8_t *d
                 refused[0] += 1     # this address alone failed
                 done += 1
     return sent
+
+
+cdef int broadcast_room(CoreState *c, int room, int fd, const uint8_t *data, size_t n,
+                        uint64_t *refused) noexcept:
+    """broadcast_shard over every shard, each under its lock (see Core.room_send)."""
+    cdef int k, sent = 0
+    for k in range(c.shards):
+        lock_shard_gil(c, k)
+        sent += broadcast_shard(c, k, room, fd, data, n, refused)
+        unlock_shard(c, k)
+    return sent
