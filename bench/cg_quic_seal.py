@@ -9,9 +9,9 @@ packet against what the QUIC library spends per datagram
 The difference over 2,000 is the cost of one 172-byte RTP packet framed as
 a DATAGRAM, sealed (AEAD) and header-protected (`seal`), or of one ACK-only
 packet opened and its ACK frame read (`open`), each including the Python
-call that asks for it. Measured on the development VM: sealing 6,902
-instructions with AES-128-GCM, 10,781 with ChaCha20-Poly1305; opening an
-ACK 6,073 (AES-128-GCM); against aioquic's 354,880 per datagram, its ACK
+call that asks for it. Measured on the development VM: sealing 6,837
+instructions with AES-128-GCM, 10,765 with ChaCha20-Poly1305; opening an
+ACK 6,313 (AES-128-GCM); against aioquic's 354,880 per datagram, its ACK
 handling included (bench/quic_libs.py), and the node's 506,556 per QUIC
 datagram (bench/cg_quic.py).
 """

@@ -11,6 +11,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _smoke(script: str, tmp_path: Path) -> dict:
+    """Run bench/SCRIPT --smoke; the JSON it wrote."""
+    out = tmp_path / "result.json"
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
 def test_bench_smoke_runs_every_implementation() -> None:
     p = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--name", "smoke-test"],
                        capture_output=True, text=True, timeout=600)
@@ -28,11 +37,8 @@ def test_bench_smoke_runs_every_implementation() -> None:
 
 
 def test_quic_bench_smoke(tmp_path) -> None:
-    out = tmp_path / "quic.json"
-    p = subprocess.run([sys.executable, str(ROOT / "bench" / "quic.py"), "--smoke", "--out", str(out)],
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    medians = json.loads(out.read_text())["medians"]["10"]
+    result = _smoke("quic.py", tmp_path)
+    medians = result["medians"]["10"]
     for transport in ("udp", "quic"):
         # 10 listeners at 50 packets/s each, over the measured window
         assert medians[transport]["delivered_per_s"] > 0.8 * 10 * 50, (transport, medians)
@@ -40,11 +46,7 @@ def test_quic_bench_smoke(tmp_path) -> None:
 
 
 def test_cluster_bench_smoke(tmp_path) -> None:
-    out = tmp_path / "cluster.json"
-    p = subprocess.run([sys.executable, str(ROOT / "bench" / "cluster.py"), "--smoke", "--out", str(out)],
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = _smoke("cluster.py", tmp_path)
     assert all(row["origin_sessions"] == 2 for row in result["origin_cost"])   # two mids, whatever the crowd
     storm = result["storm"]
     assert storm["accepted"] == storm["joins"] and storm["past_limit"] == 0 and storm["redirects"] > 0, storm
@@ -53,11 +55,7 @@ def test_cluster_bench_smoke(tmp_path) -> None:
 
 
 def test_speakers_bench_smoke(tmp_path) -> None:
-    out = tmp_path / "speakers.json"
-    p = subprocess.run([sys.executable, str(ROOT / "bench" / "speakers.py"), "--smoke", "--out", str(out)],
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = _smoke("speakers.py", tmp_path)
     # one speaker passes through, more are mixed, and the mix never clips
     assert [(r["speakers"], r["on_stage"], r["mode"]) for r in result["cpu"]] == [
         (1, 1, "pass"), (2, 2, "mix"), (4, 4, "mix"), (8, 8, "mix"), (16, 16, "mix"), (2, 16, "mix")]

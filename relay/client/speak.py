@@ -24,18 +24,17 @@ from pylibsrtp import Policy, Session as SrtpSession
 
 from relay.client.listen import JoinRefused, ListenClient, ListenStats
 from relay.client.publish import FRAME, PAYLOAD_TYPE, RATE, RtpPacketizer, tone_frames
-from relay.wire.protocol import Accept, Reason
+from relay.wire.protocol import SILENT_LEVEL, Accept, Reason, rfc6464_level
 
 LEVEL_EXT_ID = 1          # the node reads the audio level from this extension id
 
 
 def audio_level(pcm: bytes) -> int:
     """RFC 6464 level of 16-bit PCM: -dBov of its RMS, 0 to 127 (silence)."""
-    samples = array.array("h", pcm)
+    samples = array.array("h", pcm)[::8]      # every 8th sample is plenty for a level
     if not samples:
-        return 127
-    rms = math.sqrt(sum(s * s for s in samples[::8]) / len(samples[::8]))
-    return 127 if rms < 1 else min(127, max(0, round(-20 * math.log10(rms / 32768))))
+        return SILENT_LEVEL
+    return rfc6464_level(math.sqrt(sum(s * s for s in samples) / len(samples)))
 
 
 def with_level(packet: bytes, level: int, voice: bool = True) -> bytes:

@@ -27,6 +27,11 @@ cdef extern from "openssl/evp.h" nogil:
     int EVP_CIPHER_CTX_ctrl(EVP_CIPHER_CTX *ctx, int type, int arg, void *ptr)
     int EVP_CIPHER_CTX_set_padding(EVP_CIPHER_CTX *ctx, int pad)
     int EVP_CTRL_AEAD_GET_TAG
+    int EVP_DecryptInit_ex(EVP_CIPHER_CTX *ctx, const EVP_CIPHER *cipher, void *impl,
+                           const unsigned char *key, const unsigned char *iv)
+    int EVP_DecryptUpdate(EVP_CIPHER_CTX *ctx, unsigned char *out, int *outl, const unsigned char *inp, int inl)
+    int EVP_DecryptFinal_ex(EVP_CIPHER_CTX *ctx, unsigned char *out, int *outl)
+    int EVP_CTRL_AEAD_SET_TAG
 
 
 cdef enum:
@@ -45,24 +50,30 @@ cdef enum:
     SUITE_CHACHA20 = 0x1303
 
 
-ctypedef struct QuicTx:
+ctypedef struct QuicKeys:
+    # one direction of one connection, current key phase
     EVP_CIPHER_CTX *aead      # key set; the nonce per packet
     EVP_CIPHER_CTX *hp        # header protection: AES-ECB, or ChaCha20 with the sample as its IV
     int chacha
     uint8_t iv[12]
     uint8_t key_phase
-    uint8_t dcid_len
+    uint8_t dcid_len          # sending: the peer's connection id; receiving: ours
     uint8_t dcid[QUIC_MAX_CID]
+
+
+ctypedef struct QuicTx:
+    QuicKeys k
     uint8_t prefix_len
     uint8_t prefix[QUIC_MAX_PREFIX]
 
 
-cdef int quic_tx_keys(QuicTx *q, int suite, const uint8_t *key, const uint8_t *iv, const uint8_t *hp,
-                      int key_phase) noexcept nogil:
+cdef int quic_keys_set(QuicKeys *q, int suite, const uint8_t *key, const uint8_t *iv, const uint8_t *hp,
+                       int key_phase, bint sending) noexcept nogil:
     """Set (or replace, at a key update) the keys of the current key
     phase. 0 on success, -1 if libcrypto refused (an unknown suite)."""
     cdef const EVP_CIPHER *aead
     cdef const EVP_CIPHER *mask
+    cdef int ok
     if suite == SUITE_AES_128_GCM:
         aead, mask = EVP_aes_128_gcm(), EVP_aes_128_ecb()
     elif suite == SUITE_AES_256_GCM:
@@ -76,10 +87,13 @@ cdef int quic_tx_keys(QuicTx *q, int suite, const uint8_t *key, const uint8_t *i
         q.hp = EVP_CIPHER_CTX_new()
         if q.aead == NULL or q.hp == NULL:
             return -1
-    # a 12-byte IV is every one of these AEADs' default
-    if EVP_EncryptInit_ex(q.aead, aead, NULL, key, NULL) != 1:
-        return -1
-    if EVP_EncryptInit_ex(q.hp, mask, NULL, hp, NULL) != 1:
+    # a 12-byte IV is every one of these AEADs' default; the header
+    # protection mask is an encryption either way
+    if sending:
+        ok = EVP_EncryptInit_ex(q.aead, aead, NULL, key, NULL)
+    else:
+        ok = EVP_DecryptInit_ex(q.aead, aead, NULL, key, NULL)
+    if ok != 1 or EVP_EncryptInit_ex(q.hp, mask, NULL, hp, NULL) != 1:
         return -1
     EVP_CIPHER_CTX_set_padding(q.hp, 0)
     q.chacha = 1 if suite == SUITE_CHACHA20 else 0
@@ -88,7 +102,7 @@ cdef int quic_tx_keys(QuicTx *q, int suite, const uint8_t *key, const uint8_t *i
     return 0
 
 
-cdef void quic_tx_free(QuicTx *q) noexcept nogil:
+cdef void quic_keys_free(QuicKeys *q) noexcept nogil:
     if q.aead != NULL:
         EVP_CIPHER_CTX_free(q.aead)
     if q.hp != NULL:
@@ -96,12 +110,33 @@ cdef void quic_tx_free(QuicTx *q) noexcept nogil:
     q.aead = q.hp = NULL
 
 
-cdef int quic_seal(QuicTx *q, const uint8_t *data, int n, uint64_t pn, uint8_t *out, int cap) noexcept nogil:
+cdef int quic_mask(QuicKeys *q, const uint8_t *sample, uint8_t *mask) noexcept nogil:
+    """Header protection's 5-byte mask from a 16-byte ciphertext sample
+    (RFC 9001 5.4); 0, or -1 if libcrypto failed."""
+    cdef int outl = 0
+    if q.chacha:
+        memset(mask, 0, 5)
+        if EVP_EncryptInit_ex(q.hp, NULL, NULL, NULL, sample) != 1:
+            return -1
+        return 0 if EVP_EncryptUpdate(q.hp, mask, &outl, mask, 5) == 1 else -1
+    return 0 if EVP_EncryptUpdate(q.hp, mask, &outl, sample, QUIC_SAMPLE) == 1 else -1
+
+
+cdef inline void quic_nonce(QuicKeys *q, uint64_t pn, uint8_t *nonce) noexcept nogil:
+    """The AEAD nonce of packet `pn`: the IV with the number XORed in."""
+    cdef int k
+    memcpy(nonce, q.iv, 12)
+    for k in range(8):
+        nonce[11 - k] ^= <uint8_t>((pn >> (8 * k)) & 0xff)
+
+
+cdef int quic_seal(QuicTx *t, const uint8_t *data, int n, uint64_t pn, uint8_t *out, int cap) noexcept nogil:
     """Write into `out` the protected 1-RTT packet number `pn` carrying one
     DATAGRAM frame of `data` (after the connection's prefix). Returns its
     length, or -1 if it does not fit `cap` or libcrypto failed."""
+    cdef QuicKeys *q = &t.k
     cdef int hdr = 1 + q.dcid_len + QUIC_PN_LEN
-    cdef int plain = 1 + q.prefix_len + n
+    cdef int plain = 1 + t.prefix_len + n
     cdef int total = hdr + plain + QUIC_TAG
     cdef int outl = 0, k
     cdef uint8_t nonce[12]
@@ -116,11 +151,9 @@ cdef int quic_seal(QuicTx *q, const uint8_t *data, int n, uint64_t pn, uint8_t *
     # the frame, then sealed in place
     body = out + hdr
     body[0] = QUIC_DATAGRAM
-    memcpy(body + 1, q.prefix, q.prefix_len)
-    memcpy(body + 1 + q.prefix_len, data, <size_t>n)
-    memcpy(nonce, q.iv, 12)
-    for k in range(8):
-        nonce[11 - k] ^= <uint8_t>((pn >> (8 * k)) & 0xff)
+    memcpy(body + 1, t.prefix, t.prefix_len)
+    memcpy(body + 1 + t.prefix_len, data, <size_t>n)
+    quic_nonce(q, pn, nonce)
     if EVP_EncryptInit_ex(q.aead, NULL, NULL, NULL, nonce) != 1:
         return -1
     if EVP_EncryptUpdate(q.aead, NULL, &outl, out, hdr) != 1:           # the header is the AAD
@@ -131,15 +164,8 @@ cdef int quic_seal(QuicTx *q, const uint8_t *data, int n, uint64_t pn, uint8_t *
         return -1
     if EVP_CIPHER_CTX_ctrl(q.aead, EVP_CTRL_AEAD_GET_TAG, QUIC_TAG, body + plain) != 1:
         return -1
-    # header protection: a mask from the ciphertext 4 bytes past the packet
-    # number's start, over the low 4 bits of the first byte and the number
-    if q.chacha:
-        if EVP_EncryptInit_ex(q.hp, NULL, NULL, NULL, out + hdr) != 1:
-            return -1
-        memset(mask, 0, 5)
-        if EVP_EncryptUpdate(q.hp, mask, &outl, mask, 5) != 1:
-            return -1
-    elif EVP_EncryptUpdate(q.hp, mask, &outl, out + hdr, QUIC_SAMPLE) != 1:
+    # header protection: the sample starts 4 bytes past the packet number's start
+    if quic_mask(q, out + hdr, mask) != 0:
         return -1
     out[0] ^= mask[0] & 0x1f        # a short header protects its low five bits
     for k in range(QUIC_PN_LEN):
@@ -165,8 +191,8 @@ cdef class QuicSealer:
     def __init__(self, int suite, bytes key, bytes iv, bytes hp, bytes dcid, bytes prefix=b"", int key_phase=0):
         if len(dcid) > QUIC_MAX_CID or len(prefix) > QUIC_MAX_PREFIX or len(iv) != 12:
             raise ValueError("a connection id is at most 20 bytes, a prefix 9, an IV 12")
-        self.tx.dcid_len = <uint8_t>len(dcid)
-        memcpy(self.tx.dcid, <const char *>dcid, len(dcid))
+        self.tx.k.dcid_len = <uint8_t>len(dcid)
+        memcpy(self.tx.k.dcid, <const char *>dcid, len(dcid))
         self.tx.prefix_len = <uint8_t>len(prefix)
         memcpy(self.tx.prefix, <const char *>prefix, len(prefix))
         self.update(suite, key, iv, hp, key_phase)
@@ -175,8 +201,8 @@ cdef class QuicSealer:
         """New keys: a key update (RFC 9001 6), or the first ones."""
         if len(key) not in (16, 32) or len(hp) != len(key) or len(iv) != 12:
             raise ValueError("keys of 16 or 32 bytes and a 12-byte IV")
-        if quic_tx_keys(&self.tx, suite, <const uint8_t *><const char *>key, <const uint8_t *><const char *>iv,
-                        <const uint8_t *><const char *>hp, key_phase) != 0:
+        if quic_keys_set(&self.tx.k, suite, <const uint8_t *><const char *>key, <const uint8_t *><const char *>iv,
+                         <const uint8_t *><const char *>hp, key_phase, True) != 0:
             raise ValueError(f"cipher suite {suite:#x} is not one QUIC uses")
 
     def seal(self, const uint8_t[:] data, uint64_t pn):
@@ -190,18 +216,10 @@ cdef class QuicSealer:
         return bytes(self.buf[:out])
 
     def __dealloc__(self):
-        quic_tx_free(&self.tx)
+        quic_keys_free(&self.tx.k)
 
 
 # --- the other way: a listener's ACK-only packets, opened in C
-
-cdef extern from "openssl/evp.h" nogil:
-    int EVP_DecryptInit_ex(EVP_CIPHER_CTX *ctx, const EVP_CIPHER *cipher, void *impl,
-                           const unsigned char *key, const unsigned char *iv)
-    int EVP_DecryptUpdate(EVP_CIPHER_CTX *ctx, unsigned char *out, int *outl, const unsigned char *inp, int inl)
-    int EVP_DecryptFinal_ex(EVP_CIPHER_CTX *ctx, unsigned char *out, int *outl)
-    int EVP_CTRL_AEAD_SET_TAG
-
 
 # what became of a packet offered to quic_open (the library gets all but ACK_ONLY)
 cdef enum:
@@ -222,51 +240,8 @@ ctypedef struct QuicAck:
 
 
 ctypedef struct QuicRx:
-    EVP_CIPHER_CTX *aead
-    EVP_CIPHER_CTX *hp
-    int chacha
-    uint8_t iv[12]
-    uint8_t key_phase
-    uint8_t dcid_len
-    uint8_t dcid[QUIC_MAX_CID]
+    QuicKeys k
     uint8_t plain[1500]     # the opened payload
-
-
-cdef int quic_rx_keys(QuicRx *q, int suite, const uint8_t *key, const uint8_t *iv, const uint8_t *hp,
-                      int key_phase) noexcept nogil:
-    """The receive keys of the current key phase; 0, or -1 (unknown suite)."""
-    cdef const EVP_CIPHER *aead
-    cdef const EVP_CIPHER *mask
-    if suite == SUITE_AES_128_GCM:
-        aead, mask = EVP_aes_128_gcm(), EVP_aes_128_ecb()
-    elif suite == SUITE_AES_256_GCM:
-        aead, mask = EVP_aes_256_gcm(), EVP_aes_256_ecb()
-    elif suite == SUITE_CHACHA20:
-        aead, mask = EVP_chacha20_poly1305(), EVP_chacha20()
-    else:
-        return -1
-    if q.aead == NULL:
-        q.aead = EVP_CIPHER_CTX_new()
-        q.hp = EVP_CIPHER_CTX_new()
-        if q.aead == NULL or q.hp == NULL:
-            return -1
-    if EVP_DecryptInit_ex(q.aead, aead, NULL, key, NULL) != 1:
-        return -1
-    if EVP_EncryptInit_ex(q.hp, mask, NULL, hp, NULL) != 1:      # the mask is always an encryption
-        return -1
-    EVP_CIPHER_CTX_set_padding(q.hp, 0)
-    q.chacha = 1 if suite == SUITE_CHACHA20 else 0
-    memcpy(q.iv, iv, 12)
-    q.key_phase = <uint8_t>(key_phase & 1)
-    return 0
-
-
-cdef void quic_rx_free(QuicRx *q) noexcept nogil:
-    if q.aead != NULL:
-        EVP_CIPHER_CTX_free(q.aead)
-    if q.hp != NULL:
-        EVP_CIPHER_CTX_free(q.hp)
-    q.aead = q.hp = NULL
 
 
 cdef inline int varint(const uint8_t *p, int n, int *at, uint64_t *v) noexcept nogil:
@@ -323,11 +298,12 @@ cdef int parse_ack_only(const uint8_t *p, int n, QuicAck *ack) noexcept nogil:
     return QOPEN_ACK_ONLY if ack.n_ranges else QOPEN_OTHER
 
 
-cdef int quic_open(QuicRx *q, const uint8_t *pkt, int n, uint64_t expected, QuicAck *ack) noexcept nogil:
+cdef int quic_open(QuicRx *r, const uint8_t *pkt, int n, uint64_t expected, QuicAck *ack) noexcept nogil:
     """Open one datagram from a listener's address: header protection off,
     packet number decoded against `expected` (the next one the connection
     expects), payload authenticated and decrypted, frames read. Returns a
     QOPEN_ code; only QOPEN_ACK_ONLY fills `ack`."""
+    cdef QuicKeys *q = &r.k
     cdef int pn_off = 1 + q.dcid_len
     cdef int pn_len, k, outl = 0, body, plain_len
     cdef uint8_t mask[QUIC_SAMPLE]
@@ -338,13 +314,7 @@ cdef int quic_open(QuicRx *q, const uint8_t *pkt, int n, uint64_t expected, Quic
         return QOPEN_NOT_OURS
     if n < pn_off + 4 + QUIC_SAMPLE or memcmp(pkt + 1, q.dcid, q.dcid_len) != 0:
         return QOPEN_NOT_OURS
-    if q.chacha:
-        if EVP_EncryptInit_ex(q.hp, NULL, NULL, NULL, pkt + pn_off + 4) != 1:
-            return QOPEN_FORGED
-        memset(mask, 0, 5)
-        if EVP_EncryptUpdate(q.hp, mask, &outl, mask, 5) != 1:
-            return QOPEN_FORGED
-    elif EVP_EncryptUpdate(q.hp, mask, &outl, pkt + pn_off + 4, QUIC_SAMPLE) != 1:
+    if quic_mask(q, pkt + pn_off + 4, mask) != 0:
         return QOPEN_FORGED
     hdr[0] = pkt[0] ^ (mask[0] & 0x1f)
     if ((hdr[0] >> 2) & 1) != q.key_phase or (hdr[0] & 0x18) != 0:
@@ -366,21 +336,19 @@ cdef int quic_open(QuicRx *q, const uint8_t *pkt, int n, uint64_t expected, Quic
     plain_len = n - body - QUIC_TAG
     if plain_len < 1 or plain_len > 1500:
         return QOPEN_FORGED
-    memcpy(nonce, q.iv, 12)
-    for k in range(8):
-        nonce[11 - k] ^= <uint8_t>((candidate >> (8 * k)) & 0xff)
+    quic_nonce(q, candidate, nonce)
     if EVP_DecryptInit_ex(q.aead, NULL, NULL, NULL, nonce) != 1:
         return QOPEN_FORGED
     if EVP_DecryptUpdate(q.aead, NULL, &outl, hdr, body) != 1:
         return QOPEN_FORGED
-    if EVP_DecryptUpdate(q.aead, q.plain, &outl, pkt + body, plain_len) != 1:
+    if EVP_DecryptUpdate(q.aead, r.plain, &outl, pkt + body, plain_len) != 1:
         return QOPEN_FORGED
     if EVP_CIPHER_CTX_ctrl(q.aead, EVP_CTRL_AEAD_SET_TAG, QUIC_TAG, <void *>(pkt + n - QUIC_TAG)) != 1:
         return QOPEN_FORGED
-    if EVP_DecryptFinal_ex(q.aead, q.plain + outl, &outl) != 1:
+    if EVP_DecryptFinal_ex(q.aead, r.plain + outl, &outl) != 1:
         return QOPEN_FORGED
     ack.pn = candidate
-    return parse_ack_only(q.plain, plain_len, ack)
+    return parse_ack_only(r.plain, plain_len, ack)
 
 
 cdef class QuicOpener:
@@ -398,10 +366,10 @@ cdef class QuicOpener:
     def __init__(self, int suite, bytes key, bytes iv, bytes hp, bytes dcid, int key_phase=0):
         if len(dcid) > QUIC_MAX_CID or len(iv) != 12 or len(key) not in (16, 32) or len(hp) != len(key):
             raise ValueError("a connection id is at most 20 bytes, keys 16 or 32, an IV 12")
-        self.rx.dcid_len = <uint8_t>len(dcid)
-        memcpy(self.rx.dcid, <const char *>dcid, len(dcid))
-        if quic_rx_keys(&self.rx, suite, <const uint8_t *><const char *>key, <const uint8_t *><const char *>iv,
-                        <const uint8_t *><const char *>hp, key_phase) != 0:
+        self.rx.k.dcid_len = <uint8_t>len(dcid)
+        memcpy(self.rx.k.dcid, <const char *>dcid, len(dcid))
+        if quic_keys_set(&self.rx.k, suite, <const uint8_t *><const char *>key, <const uint8_t *><const char *>iv,
+                         <const uint8_t *><const char *>hp, key_phase, False) != 0:
             raise ValueError(f"cipher suite {suite:#x} is not one QUIC uses")
 
     def open(self, const uint8_t[:] packet, uint64_t expected):
@@ -419,4 +387,4 @@ cdef class QuicOpener:
                 [(self.ack.lo[k], self.ack.hi[k]) for k in range(self.ack.n_ranges)])
 
     def __dealloc__(self):
-        quic_rx_free(&self.rx)
+        quic_keys_free(&self.rx.k)

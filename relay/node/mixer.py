@@ -29,6 +29,8 @@ from collections import deque
 import numpy as np
 import opuslib
 
+from relay.wire.protocol import SILENT_LEVEL, rfc6464_level
+
 RATE = 48000
 CHANNELS = 2
 FRAME = 960              # samples per channel in a 20 ms frame
@@ -36,7 +38,7 @@ MAX_DECODE = 5760        # the longest Opus packet: 120 ms
 HISTORY_FRAMES = 8       # packets a voice keeps behind its playout point
 PRIME_FRAMES = 4         # frames encoded (and dropped) before a mix's first, so it continues what was heard
 CONCEAL_FRAMES = 5       # frames of concealment before a missing voice is silence
-SILENT = 127             # RFC 6464: the level of digital silence (-127 dBov)
+SILENT = SILENT_LEVEL
 LIMIT = 0.89 * 32767     # the limiter's ceiling (-1 dBFS)
 RELEASE_PER_FRAME = 0.02  # the limiter's gain recovers this much per 20 ms frame
 MIX_BITRATE = 64000
@@ -48,10 +50,7 @@ def level_of(pcm: np.ndarray) -> int:
     scale) to 127 (silence)."""
     if not len(pcm):
         return SILENT
-    rms = math.sqrt(float(np.mean(np.square(pcm, dtype=np.float64))))
-    if rms < 1.0:
-        return SILENT
-    return min(SILENT, max(0, round(-20 * math.log10(rms / 32768))))
+    return rfc6464_level(math.sqrt(float(np.mean(np.square(pcm, dtype=np.float64)))))
 
 
 def new_encoder(bitrate: int = MIX_BITRATE) -> opuslib.Encoder:

@@ -46,7 +46,7 @@ from relay.node.load import QuicLoad
 from relay.node.quic_server import QuicServer
 from relay.node.sessions import Session, Sessions
 from relay.wire.protocol import (ALPN_QUIC, MAX_DATAGRAM_FRAME, MAX_QUIC_AUDIO, WEBTRANSPORT_PATH, Accept, FrameReader,
-                                 Join, Leave, ProtocolError, Reject, frame)
+                                 Join, Leave, ProtocolError, Reject, Speakers, frame)
 
 log = logging.getLogger("relay.quic")
 
@@ -459,10 +459,10 @@ class QuicEndpoint:
             self.core.listener_hold(s.slot, False)
             conn.held = False
 
-    def tell_room(self, room: str, message: bytes) -> None:
-        """An encoded control message (who is speaking) to every QUIC and
-        WebTransport listener of `room`, on its join stream."""
-        framed = len(message).to_bytes(2, "big") + message
+    def tell_room(self, room: str, message: Speakers) -> None:
+        """Who is speaking, to every QUIC and WebTransport listener of
+        `room`, on its join stream."""
+        framed = frame(message)
         for conn in self._connections():
             if conn.session is not None and conn.session.room == room:
                 conn.send_framed(framed)

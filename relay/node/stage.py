@@ -211,7 +211,8 @@ class Stage:
             self.tick_ns = now_ns + MARGIN_NS
             if self.room.emitted is not None and self.room.emitted >= self.next_t:
                 self._shift(self.room.emitted + FRAME - self.next_t)
-        self._place(voice, voice.extend(ts), now_ns)
+        ext = voice.extend(ts)
+        self._place(voice, ext, now_ns)
         voice.heard_ns = now_ns
         if level is not None:
             voice.level = level
@@ -220,7 +221,7 @@ class Stage:
         elif self.mode != "mix" and len(payload) > 10:   # no level sent: a non-DTX packet is speech
             voice.spoke_ns = now_ns
         assert voice.offset is not None
-        position = voice.extend(ts) + voice.offset
+        position = ext + voice.offset
         if not voice.put(position, payload):
             self.drops["late"] += 1
             if voice.extra < MAX_EXTRA_FRAMES:
@@ -378,6 +379,13 @@ class StageWorker:
             self._queue.put(None)
             self._thread.join(timeout=2)
             self._thread = None
+
+    def drop(self, name: str) -> None:
+        """Forget a stage (its room went away), on the worker thread."""
+        self.call(self._drop, name)
+
+    def _drop(self, name: str) -> None:
+        self.stages.pop(name, None)
 
     def call(self, fn: Callable[..., list[Output] | None], *args: object) -> None:
         """Run fn(*args) on the worker thread; what it returns is delivered."""

@@ -69,7 +69,7 @@ class Stages:
     def close(self, name: str) -> None:
         """A stage room goes away (its sessions were ended first)."""
         self.limits.pop(name, None)
-        self.worker.call(lambda: [] if self.worker.stages.pop(name, None) else [])
+        self.worker.drop(name)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start the worker thread; finished packets come back to `loop`."""
@@ -126,15 +126,14 @@ class Stages:
         self.emit("speaker_left", f"room {m.room!r}: speaker {m.name!r} ({m.speaker_id}) left the stage",
              room=m.room, speaker=m.speaker_id)
 
-    def on_rtp(self, data: bytes, key: Hashable) -> bool:
+    def on_rtp(self, data: bytes, key: Hashable) -> None:
         """RTP on the listener port from `key`'s address: a speaker's audio
-        goes to its stage; anything else is refused (False, counted)."""
+        goes to its stage; anything else is refused and counted."""
         m = self.members.get(key)
         if m is None:
             self.refused_rtp += 1
-            return False
+            return
         self.worker.call(self.worker.stages[m.room].on_packet, key, data, time.monotonic_ns())
-        return True
 
     def on_ingest(self, room: str, addr: tuple, data: bytes | None) -> None:
         """A datagram on the room's ingest port, from an allowed publisher
@@ -165,7 +164,7 @@ class Stages:
         if fed:
             self.sent()
 
-    def tell_speakers(self, fd: int, now: float, quic_send: Callable[[str, bytes], None] | None,
+    def tell_speakers(self, fd: int, now: float, quic_send: Callable[[str, Speakers], None] | None,
                       relayed: dict[str, tuple[int, Speakers]] | None = None) -> int:
         """Every SPEAKERS_EVERY_S, tell each stage room and each speaker who
         is on the stage and who is speaking: one small datagram each, sent
@@ -175,7 +174,7 @@ class Stages:
         if now - self._told < SPEAKERS_EVERY_S:
             return 0
         self._told = now
-        sent = 0
+        told: list[tuple[str, list[int], Speakers]] = []    # (room, core rooms, message)
         for name, stage in list(self.worker.stages.items()):
             # an empty stage is told once, so listeners stop showing the last speaker
             if not stage.snapshot and name not in self._was_told:
@@ -183,18 +182,15 @@ class Stages:
             self._was_told.discard(name)
             if stage.snapshot:
                 self._was_told.add(name)
-            msg = encode(Speakers(stage.snapshot))
-            sent += self.core.room_send(stage.index, fd, msg)[0]
-            for m in self.members.values():
-                if m.room == name:
-                    sent += self.core.room_send(m.minus_index, fd, msg)[0]
+            minus = [m.minus_index for m in self.members.values() if m.room == name]
+            told.append((name, [stage.index, *minus], Speakers(stage.snapshot)))
+        told += [(name, [index], speakers) for name, (index, speakers) in (relayed or {}).items()]
+        sent = 0
+        for name, rooms, speakers in told:
+            data = encode(speakers)
+            sent += sum(self.core.room_send(index, fd, data)[0] for index in rooms)
             if quic_send is not None:
-                quic_send(name, msg)
-        for name, (index, speakers) in (relayed or {}).items():
-            msg = encode(speakers)
-            sent += self.core.room_send(index, fd, msg)[0]
-            if quic_send is not None:
-                quic_send(name, msg)
+                quic_send(name, speakers)
         return sent
 
     # ----------------------------------------------------------- what shows

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -121,6 +122,17 @@ class Keepalive:
 @dataclass(frozen=True)
 class Leave:
     session_id: bytes
+
+
+SILENT_LEVEL = 127       # RFC 6464: digital silence, -127 dBov
+
+
+def rfc6464_level(rms: float) -> int:
+    """RFC 6464's level of 16-bit audio with this RMS: -dBov, 0 (full
+    scale) to 127 (silence)."""
+    if rms < 1.0:
+        return SILENT_LEVEL
+    return min(SILENT_LEVEL, max(0, round(-20 * math.log10(rms / 32768))))
 
 
 @dataclass(frozen=True)
