@@ -1,6 +1,7 @@
 """Type stub for the compiled fan-out core (relay/_core.pyx and the
 per-packet code it includes from relay/core/)."""
 from enum import IntEnum
+from typing import Any
 
 class Ingest(IntEnum):
     INGEST_OK = 0
@@ -61,7 +62,7 @@ class Core:
 
 
 class QuicSealer:
-    """A QUIC connection's audio-datagram sealing in C (#15, not yet on the egress path)."""
+    """One connection's audio-datagram sealing in C, from Python (tests, the bench)."""
     def __init__(self, suite: int, key: bytes, iv: bytes, hp: bytes, dcid: bytes, prefix: bytes = b"",
                  key_phase: int = 0) -> None: ...
     def update(self, suite: int, key: bytes, iv: bytes, hp: bytes, key_phase: int) -> None: ...
@@ -69,7 +70,33 @@ class QuicSealer:
 
 
 class QuicOpener:
-    """A QUIC connection's opening of its listener's ACK-only packets in C (#15, not yet on the ingress path)."""
+    """One connection's opening of its listener's ACK-only packets in C, from Python (tests, the fuzzer)."""
     def __init__(self, suite: int, key: bytes, iv: bytes, hp: bytes, dcid: bytes, key_phase: int = 0) -> None: ...
     def open(self, packet: bytes, expected: int) -> tuple[str, int | None, int | None, int | None,
                                                           list[tuple[int, int]]]: ...
+
+
+class QuicVerdict(IntEnum):
+    """What the QUIC path made of one datagram from a listener."""
+    QUIC_HANDLED = 0        # ACK-only: read in the core
+    QUIC_LIBRARY_TOO = 1    # opened, its ACK read, but it has frames for the library
+    QUIC_LIBRARY = 2        # not opened in the core: the library's
+    QUIC_DROPPED = 3        # forged, malformed or replayed
+
+
+class QuicPath:
+    """The QUIC path of a Core: listeners whose audio the sender threads
+    seal and send on the QUIC socket, and whose ACKs the core reads."""
+    def __init__(self, core: Core) -> None: ...
+    def socket(self, fd: int) -> None: ...
+    def attach(self, slot: int, kind: int, sockaddr: bytes, peer_cid: bytes, our_cid: bytes, prefix: bytes,
+               ack_delay_exponent: int, max_ack_delay_s: float) -> None: ...
+    def keys(self, slot: int, suite: int, send_key: bytes, send_iv: bytes, send_hp: bytes, send_phase: int,
+             recv_key: bytes, recv_iv: bytes, recv_hp: bytes, recv_phase: int) -> None: ...
+    def pause(self, slot: int) -> int: ...
+    def resume(self, slot: int, pn: int) -> None: ...
+    def received(self, slot: int, data: bytes) -> int: ...
+    def expected(self, slot: int) -> int: ...
+    def path(self, slot: int, sockaddr: bytes, peer_cid: bytes) -> None: ...
+    def state(self, slot: int) -> dict[str, Any]: ...
+    def quiet(self, slot: int) -> tuple[float, float | None]: ...

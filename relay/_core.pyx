@@ -16,7 +16,9 @@ Data path (DESIGN.md), one included file per step:
                         NACK resends from the ring
     core/shards.pxi     shard locks, wake-ups and the sender threads' loop
     core/stats.pxi      counters, read at scrape time
-    core/quic.pxi       QUIC packet protection (#15; not on the data path yet)
+    core/quic.pxi       QUIC packet protection: seal audio, open ACKs
+    core/quic_path.pxi  QUIC listeners: egress in the sender threads' batches,
+                        their ACKs, RTT and congestion window (quic_api.pxi)
 
 This file is the shell: the Core's lifecycle (every allocation happens when
 a Core is built and is freed with it) and its Python API. State lives in one
@@ -42,6 +44,7 @@ from relay.core.state cimport (
     ADDR_MAX, MAX_SOURCES, LAT_BUCKETS, BATCH_BUCKETS, PEND_MAX, MAX_SHARDS, TX_BATCH,
     HIST_FACTOR, RX_BATCH, RX_BUF, MAX_RING, RX_ADDR, RX_ROUNDS, HDR, OPUS_CLOCK,
 )
+from relay.core.quic_state cimport *     # libcrypto, and the QUIC path's structs
 from relay.core.syscalls cimport (
     sockaddr, iovec, msghdr, mmsghdr, sendmmsg, recvmmsg, sendto, MSG_DONTWAIT, MSG_TRUNC,
     AF_INET, AF_INET6, pthread_mutex_init, pthread_mutex_destroy, pthread_mutex_lock,
@@ -73,6 +76,7 @@ include "core/egress.pxi"
 include "core/shards.pxi"
 include "core/stats.pxi"
 include "core/quic.pxi"
+include "core/quic_path.pxi"
 
 
 cdef class Core:
@@ -95,6 +99,7 @@ cdef class Core:
         cdef CoreState *c = &self.st
         memset(c, 0, sizeof(CoreState))
         c.pull_fd = -1
+        c.quic_fd = -1
         if capacity < 1 or rooms < 1:
             raise ValueError("capacity and rooms must be at least 1")
         if depth < 2 or depth > 4096 or (depth & (depth - 1)) != 0:
@@ -264,9 +269,12 @@ cdef class Core:
         cdef Listener *l = self._listener(slot)
         cdef int k = l.shard
         cdef Room *r = &self.st.rm[l.room]
+        cdef QuicConn *q
         lock_shard_gil(&self.st, k)
+        q = quic_detach(&self.st, slot)
         listener_release(&self.st, slot)
         unlock_shard(&self.st, k)
+        quic_conn_free(q)
         r.n_listeners -= 1
         self.st.listeners -= 1
 
@@ -439,7 +447,7 @@ cdef class Core:
         sent, -1 if the socket refused it."""
         cdef Listener *l = self._listener(slot)
         cdef int rc
-        if l.pull:
+        if l.pull or l.quic:
             return 0
         lock_shard_gil(&self.st, l.shard)
         rc = resend_seq(&self.st, fd, slot, <uint16_t>seq)
@@ -498,3 +506,5 @@ cdef class Core:
         counts, total = stats_histogram(&self.st, 1)
         return [float(1 << b) for b in range(BATCH_BUCKETS)], counts, float(total)
 
+
+include "core/quic_api.pxi"

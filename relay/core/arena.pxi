@@ -60,6 +60,8 @@ cdef int arena_build(CoreState *c) except -1:
     c.rx_iov = <iovec *>_alloc(RX_BATCH, sizeof(iovec))
     c.rx_buf = <uint8_t *>_alloc(RX_BATCH, RX_BUF)
     c.rx_addr = <uint8_t *>_alloc(RX_BATCH, RX_ADDR)
+    c.qc = <QuicConn **>_alloc(<size_t>c.capacity, sizeof(QuicConn *))
+    c.qplain = <uint8_t *>_alloc(1, QUIC_RX_MAX)
     for k in range(c.shards):
         c.sh[k].efd = -1
     per = (c.capacity + c.shards - 1) // c.shards
@@ -73,10 +75,16 @@ cdef int arena_build(CoreState *c) except -1:
         s.tx_iov = <iovec *>_alloc(TX_BATCH, sizeof(iovec))
         s.tx_owner = <int32_t *>_alloc(TX_BATCH, sizeof(int32_t))
         s.hist_seen = <uint32_t *>_alloc(<size_t>c.rooms, sizeof(uint32_t))
+        s.qtx = <mmsghdr *>_alloc(TX_BATCH, sizeof(mmsghdr))
+        s.qtx_iov = <iovec *>_alloc(TX_BATCH, sizeof(iovec))
+        s.qtx_owner = <int32_t *>_alloc(TX_BATCH, sizeof(int32_t))
+        s.qtx_pn = <uint64_t *>_alloc(TX_BATCH, sizeof(uint64_t))
+        s.qbuf = <uint8_t *>_alloc(TX_BATCH, QUIC_MTU)
         s.efd = eventfd(0, EFD_CLOEXEC)
         if s.efd < 0:
             raise OSError(errno, "eventfd failed")
         pthread_mutex_init(&s.lock, NULL)
+        pthread_mutex_init(&s.qlock, NULL)
         # hand out low slots first so a small crowd stays in few pages
         for i in range(s.hi - s.lo):
             s.free_list[i] = s.hi - 1 - i
@@ -84,6 +92,9 @@ cdef int arena_build(CoreState *c) except -1:
         for i in range(TX_BATCH):
             s.tx[i].msg_hdr.msg_iov = &s.tx_iov[i]
             s.tx[i].msg_hdr.msg_iovlen = 1
+            s.qtx[i].msg_hdr.msg_iov = &s.qtx_iov[i]
+            s.qtx[i].msg_hdr.msg_iovlen = 1
+            s.qtx_iov[i].iov_base = s.qbuf + <size_t>i * QUIC_MTU
     c.pull_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
     if c.pull_fd < 0:
         raise OSError(errno, "eventfd failed")
@@ -109,9 +120,15 @@ cdef void arena_release(CoreState *c) noexcept:
             _free(c.sh[k].tx_iov)
             _free(c.sh[k].tx_owner)
             _free(c.sh[k].hist_seen)
+            _free(c.sh[k].qtx)
+            _free(c.sh[k].qtx_iov)
+            _free(c.sh[k].qtx_owner)
+            _free(c.sh[k].qtx_pn)
+            _free(c.sh[k].qbuf)
             if c.sh[k].efd >= 0:
                 close(c.sh[k].efd)
                 pthread_mutex_destroy(&c.sh[k].lock)
+                pthread_mutex_destroy(&c.sh[k].qlock)
     if c.pull_fd >= 0:
         close(c.pull_fd)
     _free(c.ls)
@@ -127,5 +144,11 @@ cdef void arena_release(CoreState *c) noexcept:
     _free(c.rx_iov)
     _free(c.rx_buf)
     _free(c.rx_addr)
+    if c.qc != NULL:
+        for k in range(c.capacity):
+            quic_conn_free(c.qc[k])
+    _free(c.qc)
+    _free(c.qplain)
     memset(c, 0, sizeof(CoreState))
     c.pull_fd = -1
+    c.quic_fd = -1

@@ -22,17 +22,24 @@ cdef int flush_shard(CoreState *c, int k, int fd) noexcept nogil:
     cdef uint16_t len
     cdef Listener *l
     cdef int32_t qpos
+    cdef int m
+    cdef int64_t now
     while s.q_len > 0:
-        n = 0
+        n = m = 0
         qi = 0
         qpos = s.q_head
+        now = monotonic_ns()
         while qi < s.q_len and n < TX_BATCH:
             i = s.queue[qpos]
             qpos += 1
             if qpos == qcap:
                 qpos = 0
             l = &c.ls[i]
-            if l.active and not l.pull:
+            if l.active and l.quic:
+                m = quic_take(c, s, i, m, now)
+                if l.sent != l.head and not l.qshut:
+                    break       # the QUIC batch is full
+            elif l.active and not l.pull:
                 sent = l.sent
                 while sent != l.head and n < TX_BATCH:
                     s.tx_iov[n].iov_base = ring_packet(c, i, sent, &len)
@@ -45,6 +52,9 @@ cdef int flush_shard(CoreState *c, int k, int fd) noexcept nogil:
                 if sent != l.head:
                     break
             qi += 1
+        if m:
+            # first: a full QUIC socket never leaves its batch waiting for the UDP one
+            quic_send_batch(c, s, m)
         done = 0
         while done < n:
             rc = sendmmsg(fd, s.tx + done, <unsigned int>(n - done), MSG_DONTWAIT)
@@ -87,7 +97,7 @@ cdef inline void pop_sent(CoreState *c, Shard *s) noexcept nogil:
     cdef Listener *l
     while s.q_len > 0:
         l = &c.ls[s.queue[s.q_head]]
-        if l.active and not l.pull and l.sent != l.head:
+        if l.active and not l.pull and l.sent != l.head and not l.qshut:
             return
         l.queued = 0
         s.q_head += 1
@@ -145,8 +155,8 @@ cdef int resend_seq(CoreState *c, int fd, int32_t slot, uint16_t seq) noexcept n
 cdef int broadcast_shard(CoreState *c, int k, int room, int fd, const uint8_t *data, size_t n,
                          uint64_t *refused) noexcept nogil:
     """Send one datagram (a periodic room message, not audio) to every
-    listener of `room` in shard k that sendmmsg serves: not pull listeners,
-    not held ones. The shard's batch arrays are scratch between flushes, so
+    listener of `room` in shard k that sendmmsg serves as UDP: not pull or
+    QUIC listeners, not held ones. The shard's batch arrays are scratch between flushes, so
     the caller holds the shard's lock. Best effort, like the message: a full
     socket ends the round and what was not sent is counted in `refused`.
     Returns how many the kernel took."""
@@ -159,7 +169,7 @@ cdef int broadcast_shard(CoreState *c, int k, int room, int fd, const uint8_t *d
         while i >= 0 and m < TX_BATCH:
             l = &c.ls[i]
             i = l.next
-            if l.pull or not l.active:
+            if l.pull or l.quic or not l.active:
                 continue
             s.tx_iov[m].iov_base = <void *>data
             s.tx_iov[m].iov_len = n
@@ -177,7 +187,7 @@ cdef int broadcast_shard(CoreState *c, int k, int room, int fd, const uint8_t *d
             elif errno == EAGAIN or errno == ENOBUFS:
                 refused[0] += <uint64_t>(m - done)
                 while i >= 0:       # and the rest of the room, unsent
-                    if not c.ls[i].pull:
+                    if not c.ls[i].pull and not c.ls[i].quic:
                         refused[0] += 1
                     i = c.ls[i].next
                 return sent

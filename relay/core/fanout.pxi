@@ -29,12 +29,18 @@ cdef inline void write_slot(CoreState *c, Shard *s, int32_t i, const uint8_t *sr
     ring with its own SSRC, sequence and timestamp, and queue it for egress."""
     cdef Listener *l = &c.ls[i]
     cdef uint8_t *dst = ring_push(c, s, i, n)
-    cdef int32_t end
     memcpy(dst, src, n)
     relay_put_header(dst, <uint16_t>(seq + l.seq_off), ts + l.ts_off, l.ssrc)
     if l.pull:
         s.pull_ready = 1
-    elif not l.queued:
+    else:
+        enqueue(s, l, i)
+
+
+cdef inline void enqueue(Shard *s, Listener *l, int32_t i) noexcept nogil:
+    """Put listener i on its shard's egress queue, unless it is there."""
+    cdef int32_t end
+    if not l.queued:
         l.queued = 1
         end = s.q_head + s.q_len
         if end >= s.hi - s.lo:

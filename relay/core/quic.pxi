@@ -7,65 +7,6 @@
 # Cipher contexts are made once per key phase and reused for every packet:
 # only the nonce changes. Included by relay/_core.pyx.
 
-cdef extern from "openssl/evp.h" nogil:
-    ctypedef struct EVP_CIPHER_CTX:
-        pass
-    ctypedef struct EVP_CIPHER:
-        pass
-    EVP_CIPHER_CTX *EVP_CIPHER_CTX_new()
-    void EVP_CIPHER_CTX_free(EVP_CIPHER_CTX *ctx)
-    const EVP_CIPHER *EVP_aes_128_gcm()
-    const EVP_CIPHER *EVP_aes_256_gcm()
-    const EVP_CIPHER *EVP_chacha20_poly1305()
-    const EVP_CIPHER *EVP_aes_128_ecb()
-    const EVP_CIPHER *EVP_aes_256_ecb()
-    const EVP_CIPHER *EVP_chacha20()
-    int EVP_EncryptInit_ex(EVP_CIPHER_CTX *ctx, const EVP_CIPHER *cipher, void *impl,
-                           const unsigned char *key, const unsigned char *iv)
-    int EVP_EncryptUpdate(EVP_CIPHER_CTX *ctx, unsigned char *out, int *outl, const unsigned char *inp, int inl)
-    int EVP_EncryptFinal_ex(EVP_CIPHER_CTX *ctx, unsigned char *out, int *outl)
-    int EVP_CIPHER_CTX_ctrl(EVP_CIPHER_CTX *ctx, int type, int arg, void *ptr)
-    int EVP_CIPHER_CTX_set_padding(EVP_CIPHER_CTX *ctx, int pad)
-    int EVP_CTRL_AEAD_GET_TAG
-    int EVP_DecryptInit_ex(EVP_CIPHER_CTX *ctx, const EVP_CIPHER *cipher, void *impl,
-                           const unsigned char *key, const unsigned char *iv)
-    int EVP_DecryptUpdate(EVP_CIPHER_CTX *ctx, unsigned char *out, int *outl, const unsigned char *inp, int inl)
-    int EVP_DecryptFinal_ex(EVP_CIPHER_CTX *ctx, unsigned char *out, int *outl)
-    int EVP_CTRL_AEAD_SET_TAG
-
-
-cdef enum:
-    QUIC_TAG = 16           # every QUIC AEAD's tag
-    QUIC_SAMPLE = 16        # header protection samples 16 bytes of ciphertext
-    QUIC_PN_LEN = 4         # packet numbers always go out in 4 bytes: no ambiguity after any gap
-    QUIC_MAX_CID = 20
-    QUIC_MAX_PREFIX = 9     # the DATAGRAM frame type, and WebTransport's quarter stream id (a varint)
-    QUIC_DATAGRAM = 0x30    # a DATAGRAM frame without a length: it runs to the packet's end
-
-
-# the cipher suites of TLS 1.3 that QUIC uses, by their TLS code points
-cdef enum:
-    SUITE_AES_128_GCM = 0x1301
-    SUITE_AES_256_GCM = 0x1302
-    SUITE_CHACHA20 = 0x1303
-
-
-ctypedef struct QuicKeys:
-    # one direction of one connection, current key phase
-    EVP_CIPHER_CTX *aead      # key set; the nonce per packet
-    EVP_CIPHER_CTX *hp        # header protection: AES-ECB, or ChaCha20 with the sample as its IV
-    int chacha
-    uint8_t iv[12]
-    uint8_t key_phase
-    uint8_t dcid_len          # sending: the peer's connection id; receiving: ours
-    uint8_t dcid[QUIC_MAX_CID]
-
-
-ctypedef struct QuicTx:
-    QuicKeys k
-    uint8_t prefix_len
-    uint8_t prefix[QUIC_MAX_PREFIX]
-
 
 cdef int quic_keys_set(QuicKeys *q, int suite, const uint8_t *key, const uint8_t *iv, const uint8_t *hp,
                        int key_phase, bint sending) noexcept nogil:
@@ -234,6 +175,7 @@ ctypedef struct QuicAck:
     uint64_t pn             # the packet's own number
     uint64_t largest        # largest acknowledged
     uint64_t delay          # ACK delay, in the peer's units (ack_delay_exponent)
+    int eliciting           # a PING came with it: the library must answer it
     int n_ranges            # [lo, hi] pairs, highest first
     uint64_t lo[QUIC_MAX_RANGES]
     uint64_t hi[QUIC_MAX_RANGES]
@@ -241,7 +183,7 @@ ctypedef struct QuicAck:
 
 ctypedef struct QuicRx:
     QuicKeys k
-    uint8_t plain[1500]     # the opened payload
+    uint8_t plain[QUIC_RX_MAX]     # the opened payload
 
 
 cdef inline int varint(const uint8_t *p, int n, int *at, uint64_t *v) noexcept nogil:
@@ -267,9 +209,12 @@ cdef int parse_ack_only(const uint8_t *p, int n, QuicAck *ack) noexcept nogil:
     cdef int at = 0, k
     cdef uint64_t t, largest, delay, count, first, gap, length, ecn, lo
     ack.n_ranges = 0
+    ack.eliciting = 0
     while at < n:
         t = p[at]
         if t == 0x00 or t == 0x01:          # PADDING, PING
+            if t == 0x01:
+                ack.eliciting = 1
             at += 1
             continue
         if t != 0x02 and t != 0x03:
@@ -298,12 +243,13 @@ cdef int parse_ack_only(const uint8_t *p, int n, QuicAck *ack) noexcept nogil:
     return QOPEN_ACK_ONLY if ack.n_ranges else QOPEN_OTHER
 
 
-cdef int quic_open(QuicRx *r, const uint8_t *pkt, int n, uint64_t expected, QuicAck *ack) noexcept nogil:
+cdef int quic_open(QuicKeys *q, uint8_t *plain, const uint8_t *pkt, int n, uint64_t expected,
+                   QuicAck *ack) noexcept nogil:
     """Open one datagram from a listener's address: header protection off,
     packet number decoded against `expected` (the next one the connection
-    expects), payload authenticated and decrypted, frames read. Returns a
-    QOPEN_ code; only QOPEN_ACK_ONLY fills `ack`."""
-    cdef QuicKeys *q = &r.k
+    expects), payload authenticated and decrypted into `plain` (QUIC_RX_MAX
+    bytes at least), frames read. Returns a QOPEN_ code; ack.pn is set for
+    every packet that authenticated, the rest of `ack` for QOPEN_ACK_ONLY."""
     cdef int pn_off = 1 + q.dcid_len
     cdef int pn_len, k, outl = 0, body, plain_len
     cdef uint8_t mask[QUIC_SAMPLE]
@@ -334,21 +280,23 @@ cdef int quic_open(QuicRx *r, const uint8_t *pkt, int n, uint64_t expected, Quic
         candidate -= win
     body = pn_off + pn_len
     plain_len = n - body - QUIC_TAG
-    if plain_len < 1 or plain_len > 1500:
+    if plain_len > QUIC_RX_MAX:
+        return QOPEN_NOT_OURS           # no ACK is this large: the library's
+    if plain_len < 1:
         return QOPEN_FORGED
     quic_nonce(q, candidate, nonce)
     if EVP_DecryptInit_ex(q.aead, NULL, NULL, NULL, nonce) != 1:
         return QOPEN_FORGED
     if EVP_DecryptUpdate(q.aead, NULL, &outl, hdr, body) != 1:
         return QOPEN_FORGED
-    if EVP_DecryptUpdate(q.aead, r.plain, &outl, pkt + body, plain_len) != 1:
+    if EVP_DecryptUpdate(q.aead, plain, &outl, pkt + body, plain_len) != 1:
         return QOPEN_FORGED
     if EVP_CIPHER_CTX_ctrl(q.aead, EVP_CTRL_AEAD_SET_TAG, QUIC_TAG, <void *>(pkt + n - QUIC_TAG)) != 1:
         return QOPEN_FORGED
-    if EVP_DecryptFinal_ex(q.aead, r.plain + outl, &outl) != 1:
+    if EVP_DecryptFinal_ex(q.aead, plain + outl, &outl) != 1:
         return QOPEN_FORGED
     ack.pn = candidate
-    return parse_ack_only(r.plain, plain_len, ack)
+    return parse_ack_only(plain, plain_len, ack)
 
 
 cdef class QuicOpener:
@@ -379,7 +327,7 @@ cdef class QuicOpener:
         cdef int n = <int>packet.shape[0]
         cdef int rc
         with nogil:
-            rc = quic_open(&self.rx, &packet[0] if n > 0 else <const uint8_t *>NULL, n, expected, &self.ack)
+            rc = quic_open(&self.rx.k, self.rx.plain, &packet[0] if n > 0 else <const uint8_t *>NULL, n, expected, &self.ack)
         what = ("ack", "other", "not_ours", "forged")[rc]
         if rc != QOPEN_ACK_ONLY:
             return what, None, None, None, []

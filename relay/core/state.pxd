@@ -5,6 +5,7 @@
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
 from relay.core.syscalls cimport mmsghdr, iovec, pthread_mutex_t
+from relay.core.quic_state cimport QuicConn
 
 
 cdef enum:
@@ -37,7 +38,8 @@ ctypedef struct Listener:
     uint32_t ssrc
     uint16_t seq_off      # listener seq = room seq + seq_off
     uint8_t held          # out of its room's list: the fan-out skips it (a stalled pull listener)
-    uint8_t _pad
+    uint8_t quic          # sent by the QUIC path (core/quic_path.pxi): 1 QUIC, 2 WebTransport
+    uint8_t qshut         # QUIC: its window is shut; off the egress queue until its next packet
     uint32_t ts_off       # listener ts  = room ts  + ts_off
     uint32_t head         # packets written into the ring, ever
     uint32_t sent         # packets handed to the kernel (or pulled), ever
@@ -121,6 +123,27 @@ ctypedef struct Shard:
     # or in inline mode the event-loop thread. Other threads take it with
     # the GIL released (see shards.pxi).
     pthread_mutex_t lock
+    # QUIC listeners' packets go out on the QUIC socket in a batch of their
+    # own, sealed into qbuf. qlock guards the shard's QuicConns: the sender
+    # thread seals under it (inside the shard lock), the event loop reads
+    # ACKs under it alone, so an ACK never waits for a sendmmsg
+    mmsghdr *qtx
+    iovec *qtx_iov
+    int32_t *qtx_owner
+    uint64_t *qtx_pn
+    uint8_t *qbuf
+    pthread_mutex_t qlock
+    uint64_t q_out[2]       # datagrams sent, QUIC and WebTransport
+    uint64_t q_bytes[2]     # of RTP, as for UDP listeners
+    uint64_t q_acks         # ACK-only packets read in the core
+    uint64_t q_acked
+    uint64_t q_lost
+    uint64_t q_shut
+    uint64_t q_forged
+    uint64_t q_replayed
+    uint64_t q_blocked      # sealed, but the QUIC socket was full
+    uint64_t q_too_large[2]
+    uint32_t q_too_large_len  # the last one's RTP size, for the operator's log line
     int efd                 # a sender thread waits on it
     int stop                # atomic: asks the sender thread to return
     int running             # atomic: a sender thread is inside run_shard()
@@ -164,6 +187,9 @@ ctypedef struct CoreState:
     # (run_shard), 0 when the caller's thread does it inline (ingest/flush)
     int threaded
     int pull_fd             # readable when a pull (QUIC) listener has new packets
+    int quic_fd             # the QUIC port's socket, for the QUIC path's sendmmsg; -1 without one
+    QuicConn **qc           # capacity: a QUIC path listener's connection, else NULL
+    uint8_t *qplain         # an opened packet's payload (event-loop thread only)
     uint32_t mask           # depth - 1
     uint32_t hist_depth
     uint32_t hist_mask

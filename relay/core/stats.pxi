@@ -11,6 +11,13 @@ cdef dict stats_counters(CoreState *c):
     cdef uint64_t pin = 0, bin_ = 0, fo = 0, ma = 0, ov = 0, la = 0, rs = 0, tr = 0, bye = 0
     cdef uint64_t po = 0, bo = 0, calls = 0, msgs = 0, wb = 0, dov = 0, dse = 0, lag = 0
     cdef int64_t queued = 0
+    cdef uint64_t qo[2]
+    cdef uint64_t qb[2]
+    cdef uint64_t qacks = 0, qacked = 0, qlost = 0, qshut = 0, qforged = 0, qrep = 0, qblk = 0
+    cdef uint64_t qbig[2]
+    cdef uint32_t big_len = 0
+    cdef int j
+    qo[0] = qo[1] = qb[0] = qb[1] = qbig[0] = qbig[1] = 0
     for k in range(c.rooms):
         pin += c.rm[k].packets_in
         bin_ += c.rm[k].bytes_in
@@ -33,6 +40,20 @@ cdef dict stats_counters(CoreState *c):
         dse += s.drop_send_error
         lag += s.drop_lag
         queued += s.q_len
+        pthread_mutex_lock(&s.qlock)
+        for j in range(2):
+            qo[j] += s.q_out[j]
+            qb[j] += s.q_bytes[j]
+            qbig[j] += s.q_too_large[j]
+        big_len = max(big_len, s.q_too_large_len)
+        qacks += s.q_acks
+        qacked += s.q_acked
+        qlost += s.q_lost
+        qshut += s.q_shut
+        qforged += s.q_forged
+        qrep += s.q_replayed
+        qblk += s.q_blocked
+        pthread_mutex_unlock(&s.qlock)
         unlock_shard(c, k)
     return {
         "rx_datagrams": c.c_rx_datagrams, "packets_in": pin, "bytes_in": bin_,
@@ -42,6 +63,12 @@ cdef dict stats_counters(CoreState *c):
         "rtcp_ignored": c.c_rtcp_ignored, "drop_no_room": c.c_no_room, "drop_foreign": fo,
         "drop_malformed": ma, "drop_oversized": ov, "drop_late": la, "drop_overflow": dov,
         "drop_send_error": dse, "drop_shard_lag": lag, "listeners": c.listeners, "queued": queued,
+        # the QUIC path's (core/quic_path.pxi)
+        "quic_datagrams": qo[0], "webtransport_datagrams": qo[1],
+        "quic_bytes": qb[0], "webtransport_bytes": qb[1], "quic_acks": qacks, "quic_acked": qacked,
+        "quic_lost": qlost, "quic_window_shut": qshut, "quic_forged": qforged, "quic_replayed": qrep,
+        "quic_blocked": qblk, "quic_too_large": qbig[0], "webtransport_too_large": qbig[1],
+        "quic_too_large_len": big_len,
     }
 
 

@@ -167,17 +167,31 @@ class NodeCollector(Collector):
 
     def _quic(self) -> Iterator[Metric]:
         q = self.quic() or QuicCounters()
+        c = self.core.counters()
         yield CounterMetricFamily("relay_quic_connections", "QUIC handshakes completed.", q.connections)
-        for name, values, doc in (
-            ("relay_quic_datagrams_sent", q.datagrams_sent, "Listener packets sent as QUIC datagrams."),
-            ("relay_quic_bytes_sent", q.bytes_sent, "RTP bytes sent as QUIC datagrams (before QUIC framing)."),
-            ("relay_quic_too_large", q.too_large,
-             "Audio packets not sent to a QUIC listener: larger than one QUIC datagram carries (1,152 bytes)."),
+        # the QUIC library's sends (before a listener is on the core's QUIC path) plus the core's
+        for name, values, core_key, doc in (
+            ("relay_quic_datagrams_sent", q.datagrams_sent, "datagrams", "Listener packets sent as QUIC datagrams."),
+            ("relay_quic_bytes_sent", q.bytes_sent, "bytes", "RTP bytes sent as QUIC datagrams (before QUIC framing)."),
+            ("relay_quic_too_large", q.too_large, "too_large",
+             "Audio packets not sent to a QUIC listener: larger than one QUIC datagram carries."),
         ):
             family = CounterMetricFamily(name, doc, labels=["transport"])
             for t in PULLED:
-                family.add_metric([t], values[t])
+                family.add_metric([t], values[t] + c[f"{t}_{core_key}"])
             yield family
+        yield CounterMetricFamily("relay_quic_acks", "QUIC listeners' ACK-only packets read in the core.",
+                                  c["quic_acks"])
+        yield CounterMetricFamily("relay_quic_lost", "Audio datagrams the core's QUIC path found lost "
+                                  "(RFC 9002: not acknowledged in time).", c["quic_lost"])
+        yield CounterMetricFamily("relay_quic_window_shut", "Times a QUIC listener's audio waited for its "
+                                  "congestion window (its ring then drops its own oldest).", c["quic_window_shut"])
+        dropped = CounterMetricFamily("relay_quic_dropped", "Datagrams from QUIC listeners dropped by the core "
+                                      "(forged: failed authentication; replayed), and audio datagrams a full "
+                                      "QUIC socket refused (blocked).", labels=["reason"])
+        for reason in ("forged", "replayed", "blocked"):
+            dropped.add_metric([reason], c[f"quic_{reason}"])
+        yield dropped
         yield CounterMetricFamily("relay_quic_stream_errors",
                                   "QUIC control streams closed for a malformed message.", q.stream_errors)
         yield CounterMetricFamily("relay_quic_connections_refused",

@@ -33,19 +33,21 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from aioquic.asyncio import QuicConnectionProtocol
+from aioquic.buffer import encode_uint_var
 from aioquic.h3.connection import H3_ALPN, H3Connection
 from aioquic.h3.events import DatagramReceived, H3Event, HeadersReceived, WebTransportStreamDataReceived
-from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import (ConnectionTerminated, HandshakeCompleted, QuicEvent,
                                  StreamDataReceived, StreamReset)
 
-from relay._core import Core
+from relay._core import Core, QuicPath
 from relay.node import certs
 from relay.node.admission import source_key
 from relay.node.load import QuicLoad
+from relay.node.quic_certs import QuicCertificates
+from relay.node.quic_path import Link, first_hp
 from relay.node.quic_server import QuicServer
 from relay.node.sessions import Session, Sessions
-from relay.wire.protocol import (ALPN_QUIC, MAX_DATAGRAM_FRAME, MAX_QUIC_AUDIO, WEBTRANSPORT_PATH, Accept, FrameReader,
+from relay.wire.protocol import (ALPN_QUIC, MAX_QUIC_AUDIO, WEBTRANSPORT_PATH, Accept, FrameReader,
                                  Join, Leave, ProtocolError, Reject, Speakers, frame)
 
 log = logging.getLogger("relay.quic")
@@ -98,6 +100,8 @@ class ListenerConnection(QuicConnectionProtocol):
         self.transport_name = "quic"
         self.last_ping = time.monotonic()          # last PING or audio sent
         self.unanswered_since: float | None = None   # first send since the peer last spoke
+        self.hp: tuple[bytes, bytes] | None = None   # the first 1-RTT header-protection keys
+        self.link: Link | None = None                 # its audio on the core's QUIC path
 
     # ---------------------------------------------------------------- events
 
@@ -112,6 +116,7 @@ class ListenerConnection(QuicConnectionProtocol):
     def quic_event_received(self, event: QuicEvent) -> None:
         if isinstance(event, HandshakeCompleted):
             self.endpoint.counters.connections += 1
+            self.hp = first_hp(self._quic)
             if event.alpn_protocol in H3_ALPN:
                 self.h3 = H3Connection(self._quic, enable_webtransport=True)
                 self.transport_name = "webtransport"
@@ -183,6 +188,12 @@ class ListenerConnection(QuicConnectionProtocol):
             self._quic.send_stream_data(self.join_stream, data)
             self.transmit()
 
+    def transmit(self) -> None:
+        if self.link is None:
+            super().transmit()
+        else:
+            self.link.around_send(super().transmit)
+
     def can_take(self, now: float) -> int:
         """How many more datagrams this connection should be given now: 0
         while aioquic holds IN_FLIGHT unsent (the congestion window is shut)
@@ -208,7 +219,7 @@ class ListenerConnection(QuicConnectionProtocol):
         self.transmit()
 
 
-class QuicEndpoint:
+class QuicEndpoint(QuicCertificates):
     """The node's QUIC/WebTransport listener port. It sees the core (to pull
     audio from rings) and the session table (the shared join policy and
     the one place sessions live), nothing else of the node."""
@@ -222,57 +233,16 @@ class QuicEndpoint:
         self.creds = certs.load(cfg.quic_cert, cfg.quic_key) if cfg.quic_cert else self._self_signed()
         self.counters = QuicCounters()
         self._too_large_logged = -TOO_LARGE_LOG_EVERY_S
+        self._core_too_large = 0     # the core's count when last looked at
         self.server: QuicServer | None = None
         # connections that have not joined yet: when they opened, and from where
         self.pending: dict[ListenerConnection, tuple[float, str]] = {}
         self._pending_by_source: Counter = Counter()
         # every QUIC packet is parsed, built and sealed on the loop thread
         self.load = QuicLoad()
-
-    def _self_signed(self) -> certs.Credentials:
-        return certs.self_signed(["localhost", "127.0.0.1", "::1", self.addr[0]])
-
-    def _use(self, creds: certs.Credentials) -> None:
-        """New connections get `creds`; connections already open keep
-        theirs (their keys do not depend on the certificate any more)."""
-        self.creds = creds
-        if self.server is not None:
-            self.server._configuration = self.configuration()
-
-    def reload_certificate(self, cert_path: str, key_path: str) -> str:
-        """SIGHUP: take the configured files again if their contents changed.
-        Returns a line for the reload log ("" if nothing changed); a file
-        that no longer loads keeps the certificate in use."""
-        if not cert_path:
-            return ""
-        now = certs.fingerprint(cert_path, key_path)
-        if now == self.files:
-            return ""
-        try:
-            creds = certs.load(cert_path, key_path)
-        except certs.CertificateError as e:
-            return f"quic_cert: {e}; kept the certificate in use"
-        self.files = now
-        self._use(creds)
-        return f"quic_cert: reloaded {cert_path} (valid until {creds.not_after:%Y-%m-%d})"
-
-    def renew_if_due(self, now: Any = None) -> bool:
-        """Replace a self-signed certificate before it expires. /quic.json
-        gives the new hash at once; open sessions are not touched."""
-        if not self.creds.due(now):
-            return False
-        self._use(self._self_signed())
-        log.info("QUIC: renewed the self-signed certificate, sha-256 %s", self.creds.sha256.hex())
-        return True
-
-    def configuration(self) -> QuicConfiguration:
-        conf = QuicConfiguration(is_client=False, alpn_protocols=[ALPN_QUIC, *H3_ALPN],
-                                 max_datagram_frame_size=MAX_DATAGRAM_FRAME,
-                                 idle_timeout=self.sessions.cfg.session_timeout)
-        conf.certificate = self.creds.chain[0]
-        conf.certificate_chain = self.creds.chain[1:]
-        conf.private_key = self.creds.key
-        return conf
+        # joined listeners' audio and ACKs in the core (quic_path.py), unless turned off
+        self.path = QuicPath(core) if sessions.cfg.quic_fast_path else None
+        sessions.before_remove = self._unlink
 
     async def start(self) -> None:
         """Bind the UDP port; raises OSError if it is taken."""
@@ -291,6 +261,11 @@ class QuicEndpoint:
                             create_protocol=partial(ListenerConnection, endpoint=self), retry=True),
             local_addr=self.addr)
         self.server = server
+        if self.path is not None and server._transport is not None:
+            sock = server._transport.get_extra_info("socket")
+            # the sender threads' batches land here at once, like on the UDP port
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+            self.path.socket(sock.fileno())
         asyncio.get_running_loop().add_reader(self.core.pull_fd, self._on_pull_ready)
         log.info("QUIC/WebTransport listeners on %s:%d (certificate %s, sha-256 %s)",
                  self.addr[0], self.port, "self-signed" if self.creds.self_signed else "configured",
@@ -350,6 +325,9 @@ class QuicEndpoint:
             return joined
         conn.session = joined
         self._not_pending(conn)
+        prefix = encode_uint_var(conn.wt_session // 4) if conn.wt_session is not None else b""
+        if self.path is not None and Link.possible(conn._quic, conn.hp, prefix):
+            conn.link = Link(self.path, joined.slot, conn._quic, conn.hp, conn.transport_name, prefix)  # type: ignore[arg-type]
         self._pump(conn)
         return self.sessions.accept_message(joined)
 
@@ -363,6 +341,15 @@ class QuicEndpoint:
         if conn.session is not None:
             self.sessions.end(conn, why)
             conn.session = None
+
+    def _unlink(self, session: Session) -> None:
+        """A session is ending, however: its connection's audio leaves the
+        core's QUIC path before its slot does, and the library's packet
+        numbers go on from the core's."""
+        conn = session.key
+        if isinstance(conn, ListenerConnection) and conn.link is not None:
+            conn.link.detach()
+            conn.link = None
 
     def describe(self) -> dict[str, Any]:
         """Where and how to connect, for the web page and `relay listen
@@ -393,7 +380,7 @@ class QuicEndpoint:
     def _pump(self, conn: ListenerConnection) -> None:
         now = time.monotonic()
         room = conn.can_take(now)
-        if room <= 0 or conn.session is None:
+        if room <= 0 or conn.session is None or conn.link is not None:
             return  # this path is behind: its ring drops its own oldest audio
         packets = self.core.pull(conn.session.slot, room)
         if not packets:
@@ -417,6 +404,9 @@ class QuicEndpoint:
 
     def _too_large(self, kind: str, size: int, now: float) -> None:
         self.counters.too_large[kind] += 1
+        self._warn_too_large(size, now)
+
+    def _warn_too_large(self, size: int, now: float) -> None:
         if now - self._too_large_logged >= TOO_LARGE_LOG_EVERY_S:
             self._too_large_logged = now
             log.warning("QUIC listeners cannot be sent %d-byte audio packets (a QUIC datagram carries at "
@@ -431,8 +421,19 @@ class QuicEndpoint:
         has really gone."""
         interval = self.sessions.cfg.keepalive_interval
         self.renew_if_due()
+        if self.path is not None:
+            c = self.core.counters()
+            big = c["quic_too_large"] + c["webtransport_too_large"]
+            if big > self._core_too_large:
+                self._core_too_large = big
+                self._warn_too_large(c["quic_too_large_len"], now)
         for conn in self._connections():
             self._watch(conn, now)
+            if conn.link is not None:
+                conn.link.follow_path()
+                sent = conn.link.quiet()[1]
+                if sent is not None:
+                    conn.last_ping = max(conn.last_ping, now - sent)
             if conn.session is not None and now - conn.last_ping >= interval:
                 conn.keepalive_ping(now)
         late = [c for c, (opened, _) in self.pending.items() if now - opened > JOIN_DEADLINE_S]
@@ -448,6 +449,8 @@ class QuicEndpoint:
         if s is None:
             return
         quiet = now - conn.unanswered_since if conn.unanswered_since is not None else 0.0
+        if conn.link is not None:
+            quiet = max(quiet, conn.link.quiet()[0])
         if quiet > STALL_S + GONE_S:
             self.counters.gone += 1
             self.leave(conn, "timeout")
@@ -484,6 +487,8 @@ class QuicEndpoint:
             pass
         for conn in self._connections():
             self.leave(conn)
+        if self.path is not None:
+            self.path.socket(-1)
         if self.server is not None:
             self.server.close()
             self.server = None

@@ -109,6 +109,8 @@ class Sessions:
         self.cookies = CookieJar(self.rng.randbytes(32))
         self.table: dict[Hashable, Session] = {}
         self.counters = SessionCounters()
+        # told of a QUIC session about to leave the core (relay.node.quic): before its slot goes
+        self.before_remove: Callable[[Session], None] | None = None
         self.draining = False
         self.limiter = JoinLimiter(cfg.join_rate, cfg.join_rate_per_source)
         self.load = 0.0           # the relay's fan-out duty cycle at the last measurement
@@ -331,6 +333,8 @@ class Sessions:
                       int(self.cfg.session_timeout * 1000), s.srtp_key)
 
     def _remove(self, s: Session) -> None:
+        if self.before_remove is not None and s.transport in PULLED:
+            self.before_remove(s)
         self.core.listener_remove(s.slot)
         if s.role == "publish" and self.stages is not None:
             self.stages.leave(s.key)

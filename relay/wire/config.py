@@ -108,6 +108,7 @@ class NodeConfig:
     quic_cert: str = ""                  # PEM certificate chain; "" = a fresh self-signed one
     quic_key: str = ""                   # PEM private key for quic_cert
     quic_redirect: str = ""              # the QUIC endpoint sent to listeners turned away
+    quic_fast_path: bool = True          # joined listeners' audio and ACKs in the core (docs/quic-fast-path.md)
     rooms: list[RoomConfig] = field(default_factory=list)
 
 
@@ -118,7 +119,7 @@ _NODE_KEYS = {"listen", "admin", "auth", "secret_env", "max_listeners", "ring_de
               "max_machine_load", "max_sessions_per_token",
               "quic_max_pending", "quic_max_pending_per_source", "log_interval", "drain_grace", "drain_rate",
               "upstream_linger", "directory", "node_id", "tier", "advertise",
-              "quic", "quic_cert", "quic_key", "quic_redirect"}
+              "quic", "quic_cert", "quic_key", "quic_redirect", "quic_fast_path"}
 _ROOM_KEYS = {"name", "ingest", "sources", "max_listeners", "srtp_key_env", "takeover_after", "upstream",
               "max_speakers"}
 DEFAULT_SPEAKERS = 16    # a stage room's max_speakers unless it says
@@ -296,6 +297,10 @@ def _quic(cfg: NodeConfig, node: dict[str, Any]) -> None:
     cfg.quic_redirect = str(node.get("quic_redirect", ""))
     if len(cfg.quic_redirect.encode()) > MAX_REDIRECT:
         raise ConfigError(f"[node] quic_redirect: at most {MAX_REDIRECT} bytes")
+    fast = node.get("quic_fast_path", True)
+    if not isinstance(fast, bool):
+        raise ConfigError(f"[node] quic_fast_path: true or false, not {fast!r}")
+    cfg.quic_fast_path = fast
 
 
 def load(text: str | None = None, path: str | None = None,
