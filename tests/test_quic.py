@@ -7,14 +7,18 @@ counted; a configured certificate is checked against a CA file; QUIC
 admission keeps the loop thread under max_load."""
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import signal
 import subprocess
 import time
+from typing import Any
 
 import pytest
+from aioquic import tls
 
+from relay.client.quic import QuicListenClient
 from relay.testing.loadgen import free_port
 from relay.client.publish import ffmpeg_command
 from tests.conftest import RunningRelay, need, start_relay, stop
@@ -85,6 +89,10 @@ def test_quic_listener_hears_the_ffmpeg_tone(tmp_path, workers: int) -> None:
         assert abs(hz - TONE_HZ) < 3, f"heard {hz:.1f} Hz over QUIC, sent {TONE_HZ} Hz"
         metrics = relay.get("/metrics")[1]
         assert metric(metrics, 'relay_quic_datagrams_sent_total{transport="quic"}') >= int(m.group(1))
+        # on the core's QUIC path: its ACKs read in the core, none forged, none lost
+        assert metric(metrics, "relay_quic_acks_total") >= 50
+        assert metric(metrics, 'relay_quic_dropped_total{reason="forged"}') == 0
+        assert metric(metrics, "relay_quic_lost_total") == 0
         assert metric(metrics, "relay_leaves_total") == 1   # the client said LEAVE
         assert metric(metrics, f'relay_listeners{{room="{relay.room}",transport="quic"}}') == 0
         # a forged token is refused with its reason; so is a certificate that is not the pinned one
@@ -353,4 +361,43 @@ def test_quiet_room_keeps_quic_sessions(tmp_path) -> None:
             publisher.wait()
         if listener.poll() is None:
             listener.kill()
+        assert stop(relay.proc) == 0
+
+
+def test_a_key_update_mid_stream_keeps_the_audio(tmp_path) -> None:
+    """The listener updates its 1-RTT keys mid-stream (RFC 9001 6). The
+    node's QUIC library follows; the core gets the new keys before the
+    library sends again, and the audio goes on in the new phase. (aioquic's
+    client drops its old keys at once, where RFC 9001 6.5 says to keep them
+    a while, so an audio packet already in flight at that instant may be
+    lost; tests/test_quic_path.py checks the exact sequence in-process.)"""
+    relay, server, cert = quic_relay(tmp_path)
+    publisher = publish(relay, 12)
+
+    async def run() -> tuple[int, Any, int]:
+        client = QuicListenClient(server, relay.room, cert_sha256=cert)
+        task = asyncio.create_task(client.listen(7.0))
+        await asyncio.sleep(3.0)
+        conn = client._conn
+        assert conn is not None
+        before = client.stats.received
+        conn._quic.request_key_update()
+        conn._quic.send_ping(1)
+        conn.transmit()
+        stats = await task
+        phase = conn._quic._cryptos[tls.Epoch.ONE_RTT].recv.key_phase
+        await client.aclose()
+        return before, stats, phase
+
+    try:
+        before, stats, phase = asyncio.run(run())
+        assert before >= 50 and phase == 1
+        assert stats.received - before >= 150, stats     # 4 s more of audio, in the new phase
+        assert stats.lost <= 1, stats
+        metrics = relay.get("/metrics")[1]
+        assert metric(metrics, 'relay_quic_dropped_total{reason="forged"}') == 0
+        assert metric(metrics, "relay_quic_acks_total") >= 100
+    finally:
+        publisher.kill()
+        publisher.wait()
         assert stop(relay.proc) == 0
