@@ -71,18 +71,26 @@ cdef inline void quic_nonce(QuicKeys *q, uint64_t pn, uint8_t *nonce) noexcept n
         nonce[11 - k] ^= <uint8_t>((pn >> (8 * k)) & 0xff)
 
 
-cdef int quic_seal(QuicTx *t, const uint8_t *data, int n, uint64_t pn, uint8_t *out, int cap) noexcept nogil:
+cdef int quic_seal(QuicTx *t, const uint8_t *data, int n, uint64_t pn, uint8_t *out, int cap,
+                   bint frames=False) noexcept nogil:
     """Write into `out` the protected 1-RTT packet number `pn` carrying one
-    DATAGRAM frame of `data` (after the connection's prefix). Returns its
-    length, or -1 if it does not fit `cap` or libcrypto failed."""
+    DATAGRAM frame of `data` (after the connection's prefix); with
+    `frames`, `data` is the whole payload, frames already encoded (the
+    bench's listeners send their ACKs so). Returns its length, or -1 if it
+    does not fit `cap` or libcrypto failed."""
     cdef QuicKeys *q = &t.k
     cdef int hdr = 1 + q.dcid_len + QUIC_PN_LEN
-    cdef int plain = 1 + t.prefix_len + n
+    cdef int head = 1 + <int>t.prefix_len
+    cdef int plain = head + n
     cdef int total = hdr + plain + QUIC_TAG
     cdef int outl = 0, k
     cdef uint8_t nonce[12]
     cdef uint8_t mask[QUIC_SAMPLE]
     cdef uint8_t *body
+    if frames:
+        head = 0
+        plain = n
+        total = hdr + plain + QUIC_TAG
     if q.aead == NULL or total > cap or n < 0:
         return -1
     # the header: short form, fixed bit, key phase, a 4-byte packet number
@@ -91,9 +99,10 @@ cdef int quic_seal(QuicTx *t, const uint8_t *data, int n, uint64_t pn, uint8_t *
     put32(out + 1 + q.dcid_len, <uint32_t>pn)   # its low 32 bits
     # the frame, then sealed in place
     body = out + hdr
-    body[0] = QUIC_DATAGRAM
-    memcpy(body + 1, t.prefix, t.prefix_len)
-    memcpy(body + 1 + t.prefix_len, data, <size_t>n)
+    if not frames:
+        body[0] = QUIC_DATAGRAM
+        memcpy(body + 1, t.prefix, t.prefix_len)
+    memcpy(body + head, data, <size_t>n)
     quic_nonce(q, pn, nonce)
     if EVP_EncryptInit_ex(q.aead, NULL, NULL, NULL, nonce) != 1:
         return -1
@@ -146,12 +155,13 @@ cdef class QuicSealer:
                          <const uint8_t *><const char *>hp, key_phase, True) != 0:
             raise ValueError(f"cipher suite {suite:#x} is not one QUIC uses")
 
-    def seal(self, const uint8_t[:] data, uint64_t pn):
-        """The protected packet number `pn` carrying `data` as one DATAGRAM."""
+    def seal(self, const uint8_t[:] data, uint64_t pn, bint frames=False):
+        """The protected packet number `pn` carrying `data` as one DATAGRAM
+        (with `frames`: `data` is the payload's frames, already encoded)."""
         cdef int n = <int>data.shape[0]
         cdef int out
         with nogil:
-            out = quic_seal(&self.tx, &data[0] if n > 0 else <const uint8_t *>NULL, n, pn, self.buf, 1500)
+            out = quic_seal(&self.tx, &data[0] if n > 0 else <const uint8_t *>NULL, n, pn, self.buf, 1500, frames)
         if out < 0:
             raise ValueError("the packet does not fit 1,500 bytes")
         return bytes(self.buf[:out])
@@ -176,6 +186,7 @@ ctypedef struct QuicAck:
     uint64_t largest        # largest acknowledged
     uint64_t delay          # ACK delay, in the peer's units (ack_delay_exponent)
     int eliciting           # a PING came with it: the library must answer it
+    int plain_len           # the opened payload's length
     int n_ranges            # [lo, hi] pairs, highest first
     uint64_t lo[QUIC_MAX_RANGES]
     uint64_t hi[QUIC_MAX_RANGES]
@@ -296,6 +307,7 @@ cdef int quic_open(QuicKeys *q, uint8_t *plain, const uint8_t *pkt, int n, uint6
     if EVP_DecryptFinal_ex(q.aead, plain + outl, &outl) != 1:
         return QOPEN_FORGED
     ack.pn = candidate
+    ack.plain_len = plain_len
     return parse_ack_only(plain, plain_len, ack)
 
 
@@ -333,6 +345,18 @@ cdef class QuicOpener:
             return what, None, None, None, []
         return (what, self.ack.pn, self.ack.largest, self.ack.delay,
                 [(self.ack.lo[k], self.ack.hi[k]) for k in range(self.ack.n_ranges)])
+
+    def payload(self, const uint8_t[:] packet, uint64_t expected):
+        """(packet number, decrypted payload) of any 1-RTT packet with our
+        connection id and key phase, or None: the bench's listeners read
+        their audio so."""
+        cdef int n = <int>packet.shape[0]
+        cdef int rc
+        with nogil:
+            rc = quic_open(&self.rx.k, self.rx.plain, &packet[0] if n > 0 else <const uint8_t *>NULL, n, expected, &self.ack)
+        if rc != QOPEN_ACK_ONLY and rc != QOPEN_OTHER:
+            return None
+        return self.ack.pn, bytes(self.rx.plain[:self.ack.plain_len])
 
     def __dealloc__(self):
         quic_keys_free(&self.rx.k)
