@@ -7,8 +7,9 @@ node on each transport, in one run on this machine.
 Live, over loopback: one `relay serve --workers 1` with its QUIC port, a
 `relay publish` tone at 50 packets/s, and in turn N UDP listeners (the C
 crowd of relay.testing.loadgen, in this process) and N QUIC listeners
-(bench/peers/quic_light_crowd.py, in other processes: aioquic joins, then
-each reads and ACKs in C, so thousands fit beside the node on two cores).
+(bench/peers/quic_light_crowd.py, in other processes at nice 19: aioquic
+joins, then each reads and ACKs in C, so thousands fit beside the node on
+two cores; their loss counts the crowd's own starvation too).
 The QUIC listeners are served by the core's QUIC path (#15); at the first
 count, also by the QUIC library alone (`quic_fast_path = false`), as before. For each: the
 relay's CPU-seconds (/proc/PID/stat) over a fixed window and the packets it
@@ -118,15 +119,18 @@ def udp_run(node: Node, n: int, seconds: float) -> dict:
         crowd.close()
 
 
-def quic_crowd(node: Node, n: int, life: float, per_process: int = 200,
-               nice: bool = False) -> list[subprocess.Popen]:
+JOIN_RATE = 200     # QUIC joins per second in a live run: each costs the node a handshake
+
+
+def quic_crowd(node: Node, n: int, life: float, per_process: int = 200, nice: bool = False,
+               stagger: float = 0.01) -> list[subprocess.Popen]:
     """n QUIC listeners in processes of per_process, each staggering its
-    joins 10 ms apart, leaving after `life` seconds. `nice`: at nice 19, so
-    the node's load measure sees the crowd's CPU as yielding to it, as if
-    the listeners were elsewhere."""
+    joins `stagger` seconds apart, leaving after `life` seconds. `nice`: at
+    nice 19, so the node's load measure sees the crowd's CPU as yielding to
+    it, as if the listeners were elsewhere."""
     prefix = ["nice", "-n", "19"] if nice else []
     return [subprocess.Popen([*prefix, PY, str(HERE / "peers" / "quic_light_crowd.py"), f"127.0.0.1:{node.quic}",
-                              node.cert, "b", str(min(per_process, n - k)), str(life)],
+                              node.cert, "b", str(min(per_process, n - k)), str(life), str(stagger)],
                              stdout=subprocess.PIPE, text=True)
             for k in range(0, n, per_process)]
 
@@ -142,9 +146,13 @@ def crowd_totals(procs: list[subprocess.Popen], timeout: float) -> dict:
 
 
 def quic_run(node: Node, n: int, seconds: float, per_process: int = 200, label: str = "quic") -> dict:
-    join_s = per_process * 0.01 + 5
+    processes = (n + per_process - 1) // per_process
+    stagger = processes / JOIN_RATE
+    join_s = min(per_process, n) * stagger + 5
     life = join_s + seconds + 15   # the crowd outlives the window, however the joins went
-    procs = quic_crowd(node, n, life, per_process)
+    # at nice 19, as if the listeners were elsewhere: on two cores the crowd
+    # costs more than the node, and would otherwise take its CPU
+    procs = quic_crowd(node, n, life, per_process, nice=True, stagger=stagger)
     try:
         joined = node.wait_listeners("quic", n, join_s + 10)
         time.sleep(1.0)
@@ -172,7 +180,7 @@ def quic_storm(existing: int, storm: int, max_load: float, seconds: float) -> di
         crowd.run(1.0)
         full = 'relay_rejections_total{reason="node_full"}'
         before, full0 = crowd.crowd.totals(), node.metric(full)
-        procs = quic_crowd(node, storm, seconds, nice=True)
+        procs = quic_crowd(node, storm, seconds, per_process=100, nice=True)
         crowd.run(seconds / 2)
         admitted = node.metric('relay_listeners{room="b",transport="quic"}')
         duty = node.metric("relay_loop_duty_ratio")

@@ -19,6 +19,7 @@ Data path (DESIGN.md), one included file per step:
     core/quic.pxi       QUIC packet protection: seal audio, open ACKs
     core/quic_path.pxi  QUIC listeners: egress in the sender threads' batches,
                         their ACKs, RTT and congestion window (quic_api.pxi)
+    core/quic_ingress.pxi  the QUIC port --recvmmsg--> ACKs ended in the core
 
 This file is the shell: the Core's lifecycle (every allocation happens when
 a Core is built and is freed with it) and its Python API. State lives in one
@@ -77,6 +78,7 @@ include "core/shards.pxi"
 include "core/stats.pxi"
 include "core/quic.pxi"
 include "core/quic_path.pxi"
+include "core/quic_ingress.pxi"
 
 
 cdef class Core:

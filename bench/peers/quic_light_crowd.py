@@ -7,7 +7,9 @@ browser's QUIC stack in C or C++ would, instead of through aioquic's
 Python. It counts what it receives and loses, says LEAVE through aioquic
 after the given seconds, and prints one JSON line of totals.
 
-    python bench/peers/quic_light_crowd.py HOST:PORT CERT_SHA256 ROOM N SECONDS
+    python bench/peers/quic_light_crowd.py HOST:PORT CERT_SHA256 ROOM N SECONDS [STAGGER]
+
+STAGGER: seconds between this process's joins (default 0.01).
 """
 from __future__ import annotations
 
@@ -116,11 +118,11 @@ class Light:
         await self.client.aclose()
 
 
-async def main(server: str, cert: str, room: str, n: int, seconds: float) -> dict:
+async def main(server: str, cert: str, room: str, n: int, seconds: float, stagger: float) -> dict:
     lights: list[Light | None] = [None] * n
 
     async def one(i: int) -> None:
-        await asyncio.sleep(i * 0.01)   # a steady trickle, not a storm
+        await asyncio.sleep(i * stagger)   # a steady trickle, not a storm
         client = QuicListenClient(server, room, cert_sha256=cert)
         try:
             await client.join()
@@ -128,7 +130,7 @@ async def main(server: str, cert: str, room: str, n: int, seconds: float) -> dic
             await client.aclose()
             return
         lights[i] = Light(client)
-        await asyncio.sleep(max(0.0, seconds - i * 0.01))
+        await asyncio.sleep(max(0.0, seconds - i * stagger))
         await lights[i].leave()   # type: ignore[union-attr]
 
     t0 = time.monotonic()
@@ -142,4 +144,5 @@ async def main(server: str, cert: str, room: str, n: int, seconds: float) -> dic
 if __name__ == "__main__":
     import uvloop
     server, cert, room, n, seconds = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
-    print(json.dumps(uvloop.run(main(server, cert, room, n, seconds))), flush=True)
+    stagger = float(sys.argv[6]) if len(sys.argv) > 6 else 0.01
+    print(json.dumps(uvloop.run(main(server, cert, room, n, seconds, stagger))), flush=True)

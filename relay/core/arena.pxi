@@ -62,6 +62,13 @@ cdef int arena_build(CoreState *c) except -1:
     c.rx_addr = <uint8_t *>_alloc(RX_BATCH, RX_ADDR)
     c.qc = <QuicConn **>_alloc(<size_t>c.capacity, sizeof(QuicConn *))
     c.qplain = <uint8_t *>_alloc(1, QUIC_RX_MAX)
+    c.qcid_mask = 1
+    while c.qcid_mask < <uint32_t>c.capacity * 2:
+        c.qcid_mask <<= 1
+    c.qcid_key = <uint64_t *>_alloc(c.qcid_mask, sizeof(uint64_t))
+    c.qcid_val = <int32_t *>_alloc(c.qcid_mask, sizeof(int32_t))
+    memset(c.qcid_val, 0xff, c.qcid_mask * sizeof(int32_t))
+    c.qcid_mask -= 1
     for k in range(c.shards):
         c.sh[k].efd = -1
     per = (c.capacity + c.shards - 1) // c.shards
@@ -149,6 +156,8 @@ cdef void arena_release(CoreState *c) noexcept:
             quic_conn_free(c.qc[k])
     _free(c.qc)
     _free(c.qplain)
+    _free(c.qcid_key)
+    _free(c.qcid_val)
     memset(c, 0, sizeof(CoreState))
     c.pull_fd = -1
     c.quic_fd = -1

@@ -60,6 +60,8 @@ cdef class QuicPath:
         q.max_ack_delay_ns = <int64_t>(max_ack_delay_s * 1e9)
         lock_shard_gil(c, l.shard)
         pthread_mutex_lock(&s.qlock)
+        if len(our_cid) == QUIC_CID_LEN:
+            cid_put(c, cid_key(<const uint8_t *><const char *>our_cid), slot)
         c.qc[slot] = q
         l.pull = 0
         l.quic = <uint8_t>kind
@@ -114,13 +116,6 @@ cdef class QuicPath:
         q.pn_end = (<uint64_t>1) << 62
         pthread_mutex_unlock(&s.qlock)
 
-    def received(self, int slot, bytes data):
-        """One datagram from the listener's address: a QuicVerdict. The
-        hot path of every ACK, so it takes bytes and checks only the slot."""
-        if slot < 0 or slot >= self.st.capacity or self.st.qc[slot] == NULL:
-            return QUIC_LIBRARY
-        return quic_receive(self.st, slot, <const uint8_t *><const char *>data, <int>len(data), monotonic_ns())
-
     def expected(self, int slot):
         """The packet number the core expects next from the listener: the
         library's expected number must not fall behind it."""
@@ -174,3 +169,50 @@ cdef class QuicPath:
         since, last = q.unanswered_ns, q.last_tx_ns
         pthread_mutex_unlock(&s.qlock)
         return (now - since) / 1e9 if since else 0.0, (now - last) / 1e9 if last else None
+
+    def waiting(self, int slot, bint waiting):
+        """Whether the library has packets of its own in flight: while it
+        has, the listener's ACKs reach it too (ingest() hands them up)."""
+        self._quic(slot).library_waiting = 1 if waiting else 0
+
+    def heard(self, int slot):
+        """Seconds since the core last opened a packet from the listener
+        (None if never): the library's idle timer follows it."""
+        cdef QuicConn *q = self._quic(slot)
+        cdef Shard *s = &self.st.sh[self.st.ls[slot].shard]
+        cdef int64_t last
+        pthread_mutex_lock(&s.qlock)
+        last = q.last_rx_ns
+        pthread_mutex_unlock(&s.qlock)
+        return (monotonic_ns() - last) / 1e9 if last else None
+
+    def ingest(self, int fd):
+        """Read the QUIC port until it is empty (or RX_ROUNDS batches): the
+        QUIC path listeners' ACKs are ended here; returns the datagrams for
+        the library, as (data, address) pairs."""
+        cdef CoreState *c = self.st
+        cdef int rounds, got, j, n
+        cdef int64_t now
+        cdef msghdr *m
+        cdef uint8_t *buf
+        out = []
+        for rounds in range(RX_ROUNDS):
+            for j in range(RX_BATCH):
+                c.rx[j].msg_hdr.msg_name = c.rx_addr + j * RX_ADDR
+                c.rx[j].msg_hdr.msg_namelen = RX_ADDR
+                c.rx[j].msg_hdr.msg_flags = 0
+            with nogil:
+                got = recvmmsg(fd, c.rx, RX_BATCH, MSG_DONTWAIT, NULL)
+            if got <= 0:
+                break
+            now = monotonic_ns()
+            for j in range(got):
+                m = &c.rx[j].msg_hdr
+                n = <int>c.rx[j].msg_len
+                buf = c.rx_buf + j * RX_BUF
+                if m.msg_flags & MSG_TRUNC or quic_consume(c, buf, n, c.rx_addr + j * RX_ADDR, now):
+                    continue    # (a truncated one is larger than any QUIC datagram: dropped)
+                out.append((buf[:n], sockaddr_tuple(c.rx_addr + j * RX_ADDR)))
+            if got < RX_BATCH:
+                break
+        return out

@@ -16,8 +16,8 @@ cdef enum:
     QUIC_PKT_THRESHOLD = 3      # RFC 9002 6.1.1
     QUIC_MAX_BACKOFF = 6        # probe timeouts double at most this many times
 
-# what Core.quic_received tells the caller about one packet
-cpdef enum QuicVerdict:
+# what became of one datagram from a QUIC path listener (quic_receive)
+cdef enum QuicVerdict:
     QUIC_HANDLED = 0            # ACK-only: read here, nothing for the library
     QUIC_LIBRARY_TOO = 1        # opened and its ACK read, but it carries frames (or a PING) for the library
     QUIC_LIBRARY = 2            # not opened here (another key phase, a long header...): the library's
@@ -49,6 +49,8 @@ cdef QuicConn *quic_detach(CoreState *c, int32_t slot) noexcept nogil:
     cdef QuicConn *q = c.qc[slot]
     cdef Shard *s = &c.sh[c.ls[slot].shard]
     if q != NULL:
+        if q.rx.dcid_len == QUIC_CID_LEN and cid_get(c, cid_key(q.rx.dcid)) == slot:
+            cid_drop(c, cid_key(q.rx.dcid))
         pthread_mutex_lock(&s.qlock)
         c.qc[slot] = NULL
         c.ls[slot].quic = 0
@@ -336,6 +338,7 @@ cdef int quic_receive(CoreState *c, int32_t slot, const uint8_t *pkt, int n, int
         pthread_mutex_unlock(&s.qlock)
         return QUIC_DROPPED
     q.unanswered_ns = 0
+    q.last_rx_ns = now
     if rc == QOPEN_ACK_ONLY:
         quic_on_ack(s, q, &ack, now)
         q.acks += 1

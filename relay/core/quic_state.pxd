@@ -106,6 +106,8 @@ ctypedef struct QuicConn:
     int64_t latest_rtt
     int64_t unanswered_ns   # the first send since the peer was last heard; 0 once heard
     int64_t last_tx_ns      # the last send
+    int64_t last_rx_ns      # the last packet opened: the library's idle timer follows it
+    uint8_t library_waiting # the library has packets of its own in flight: it sees the ACKs too
     uint32_t s_head         # sent records: a ring in packet-number order
     uint32_t s_len
     QuicSent sent[QUIC_WINDOW]

@@ -190,6 +190,9 @@ ctypedef struct CoreState:
     int quic_fd             # the QUIC port's socket, for the QUIC path's sendmmsg; -1 without one
     QuicConn **qc           # capacity: a QUIC path listener's connection, else NULL
     uint8_t *qplain         # an opened packet's payload (event-loop thread only)
+    uint64_t *qcid_key      # our connection id -> QUIC path slot (core/quic_ingress.pxi;
+    int32_t *qcid_val       # event-loop thread only): -1 is empty
+    uint32_t qcid_mask
     uint32_t mask           # depth - 1
     uint32_t hist_depth
     uint32_t hist_mask

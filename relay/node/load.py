@@ -54,23 +54,31 @@ class LoadMeter:
 
 
 # loop-thread share one QUIC listener costs before any has been measured:
-# bench/quic.py measured 0.0044 of a core per listener at 50 packets/s
+# bench/quic.py measured 0.0044 of a core per listener at 50 packets/s when
+# aioquic sent every datagram and read every ACK; on the core's QUIC path
+# the loop only reads the ACKs the core ends, about 0.0001 (a profile of a
+# node with 1,000 such listeners), guessed here with room to spare
 SESSION_COST_GUESS = 0.005
+PATH_SESSION_COST_GUESS = 0.0005
 
 
 class QuicLoad:
-    """QUIC's own admission rule. Every QUIC packet is built and sealed in
-    Python on the loop thread, which also reads every room's ingest and
-    answers every UDP join, so QUIC must not fill it: a full loop would
-    starve listeners on every transport. The QUIC adapter adds the time it
-    spends on joined sessions to `busy_ns`."""
+    """QUIC's own admission rule. Handshakes, control streams and (on the
+    QUIC path) the reads of the listeners' ACKs run on the loop thread, which
+    also reads every room's ingest and answers every UDP join, so QUIC must
+    not fill it: a full loop would starve listeners on every transport. The
+    QUIC adapter adds the time it spends on joined sessions (add_busy)."""
 
-    def __init__(self) -> None:
+    def __init__(self, guess: float = SESSION_COST_GUESS) -> None:
+        self.guess = guess           # a session's cost until one is measured
         self.busy_ns = 0
         self.load = 0.0              # the loop thread's busy fraction at the last measurement
         self.load_sessions = 0       # QUIC sessions then
         self.cost_per_session = 0.0
         self._busy_seen = 0
+
+    def add_busy(self, ns: int) -> None:
+        self.busy_ns += ns
 
     def note(self, loop_duty: float, interval_ns: int, sessions: int) -> None:
         """The loop thread's busy fraction (0..1 of a core) over the last
@@ -88,5 +96,5 @@ class QuicLoad:
         if max_load <= 0:
             return False
         added = sessions + 1 - self.load_sessions
-        cost = self.cost_per_session or SESSION_COST_GUESS
+        cost = self.cost_per_session or self.guess
         return self.load + cost * max(1, added) > max_load

@@ -11,13 +11,15 @@ One UDP port, two ALPNs:
   bidirectional WebTransport stream; audio arrives as HTTP datagrams
   (RFC 9297) of that session.
 
-The audio comes from the core's pull listeners: the fan-out writes each
-QUIC listener's ring like any other, and signals `core.pull_fd`; here the
-loop tops each connection up to a few datagrams in flight. A listener whose
-path cannot keep up stops being topped up, so its own ring overflows and
-drops its oldest packets (counted as drops{reason="overflow"}); nobody else
-waits for it. QUIC's handshake proves the client's address, so no cookie is
-needed; the session ends when the connection closes or goes idle.
+Once joined, a listener's audio and ACKs are the core's (relay.node.
+quic_path, docs/quic-fast-path.md): the sender threads seal and send its
+ring, the core reads its ACKs and keeps its congestion window, and a
+listener whose window is shut loses only its own oldest audio. Without the
+QUIC path (quic_fast_path = false, or a connection the core cannot carry)
+the fan-out signals `core.pull_fd` and the loop tops each connection up
+through aioquic, a few datagrams in flight. QUIC's handshake proves the
+client's address, so no cookie is needed; the session ends when the
+connection closes or goes idle.
 """
 from __future__ import annotations
 
@@ -42,10 +44,10 @@ from aioquic.quic.events import (ConnectionTerminated, HandshakeCompleted, QuicE
 from relay._core import Core, QuicPath
 from relay.node import certs
 from relay.node.admission import source_key
-from relay.node.load import QuicLoad
+from relay.node.load import PATH_SESSION_COST_GUESS, SESSION_COST_GUESS, QuicLoad
 from relay.node.quic_certs import QuicCertificates
 from relay.node.quic_path import Link, first_hp
-from relay.node.quic_server import QuicServer
+from relay.node.quic_server import CoreReadTransport, QuicServer
 from relay.node.sessions import Session, Sessions
 from relay.wire.protocol import (ALPN_QUIC, MAX_QUIC_AUDIO, WEBTRANSPORT_PATH, Accept, FrameReader,
                                  Join, Leave, ProtocolError, Reject, Speakers, frame)
@@ -188,6 +190,11 @@ class ListenerConnection(QuicConnectionProtocol):
             self._quic.send_stream_data(self.join_stream, data)
             self.transmit()
 
+    def _handle_timer(self) -> None:
+        if self.link is not None:
+            self.link.refresh_idle(self._loop.time())   # ACKs the core ended count as heard
+        super()._handle_timer()
+
     def transmit(self) -> None:
         if self.link is None:
             super().transmit()
@@ -238,10 +245,10 @@ class QuicEndpoint(QuicCertificates):
         # connections that have not joined yet: when they opened, and from where
         self.pending: dict[ListenerConnection, tuple[float, str]] = {}
         self._pending_by_source: Counter = Counter()
-        # every QUIC packet is parsed, built and sealed on the loop thread
-        self.load = QuicLoad()
         # joined listeners' audio and ACKs in the core (quic_path.py), unless turned off
         self.path = QuicPath(core) if sessions.cfg.quic_fast_path else None
+        # what QUIC costs the loop thread: handshakes, control streams, ACKs
+        self.load = QuicLoad(PATH_SESSION_COST_GUESS if self.path is not None else SESSION_COST_GUESS)
         sessions.before_remove = self._unlink
 
     async def start(self) -> None:
@@ -256,16 +263,14 @@ class QuicEndpoint(QuicCertificates):
         # Retry (RFC 9000 8.1.2): a client proves its address with a token
         # before the node spends a key exchange and a signature on it, so a
         # flood of spoofed Initials costs one stateless reply each
-        _, server = await asyncio.get_running_loop().create_datagram_endpoint(
-            lambda: QuicServer(self, configuration=self.configuration(),
-                            create_protocol=partial(ListenerConnection, endpoint=self), retry=True),
-            local_addr=self.addr)
-        self.server = server
-        if self.path is not None and server._transport is not None:
-            sock = server._transport.get_extra_info("socket")
-            # the sender threads' batches land here at once, like on the UDP port
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-            self.path.socket(sock.fileno())
+        def server() -> QuicServer:
+            return QuicServer(self, configuration=self.configuration(),
+                              create_protocol=partial(ListenerConnection, endpoint=self), retry=True)
+        if self.path is None:
+            _, self.server = await asyncio.get_running_loop().create_datagram_endpoint(server, local_addr=self.addr)
+        else:       # the core reads and writes the port itself (the QUIC path)
+            self.server = server()
+            CoreReadTransport.bind(self.addr, self.server, self.path, self.load.add_busy)
         asyncio.get_running_loop().add_reader(self.core.pull_fd, self._on_pull_ready)
         log.info("QUIC/WebTransport listeners on %s:%d (certificate %s, sha-256 %s)",
                  self.addr[0], self.port, "self-signed" if self.creds.self_signed else "configured",

@@ -11,11 +11,11 @@ keeps the rest of the connection. A Link keeps the two owners coherent:
 - keys: the core gets the current key phase's keys when it takes the
   connection, and again whenever the library's secrets change (a key
   update), always before the library sends again.
-- receiving: a short-header packet from the listener's address goes to the
-  core first. An ACK-only packet ends there, and the library's idle timer
-  moves on as if it had seen it. Everything else reaches the library with
-  its expected packet number moved past what the core opened; so do ACKs
-  while the library waits for ACKs of its own packets (a PING, a control
+- receiving: the core reads the QUIC port (QuicPath.ingest) and ends a
+  listener's ACK-only packets there; the library's idle timer follows the
+  last packet the core opened. Everything else reaches the library with its
+  expected packet number moved past what the core opened; so do ACKs while
+  the library waits for ACKs of its own packets (a PING, a control
   message).
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from aioquic import tls
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.crypto import CryptoContext, derive_key_iv_hp
 
-from relay._core import QuicPath, QuicVerdict
+from relay._core import QuicPath
 from relay.wire.addr import to_sockaddr
 from relay.wire.protocol import MAX_QUIC_AUDIO
 
@@ -103,28 +103,26 @@ class Link:
         self.sync_keys()
         transmit()
         self.path.resume(self.slot, quic._packet_number)
+        self.path.waiting(self.slot, bool(self.space.ack_eliciting_in_flight))
 
     def detach(self) -> None:
         """The session ends: the core sends no more, and the library's next
         packet number follows the core's last."""
         self.quic._packet_number = max(self.quic._packet_number, self.path.pause(self.slot))
 
-    def received(self, data: bytes, addr: Any, now: float) -> bool:
-        """A short-header datagram for this connection: True if the core
-        has dealt with it, False if the library must have it too."""
-        if addr != self.addr:
-            return False            # a new path: the library validates it
-        verdict = self.path.received(self.slot, data)
-        handled = verdict == QuicVerdict.QUIC_DROPPED or (
-            verdict == QuicVerdict.QUIC_HANDLED and not self.space.ack_eliciting_in_flight)
-        if handled:
-            if verdict == QuicVerdict.QUIC_HANDLED:
-                self.quic._close_at = now + self.idle    # the library's idle timer, as it would
-        else:
-            expected = self.path.expected(self.slot)
-            if expected > self.space.expected_packet_number:
-                self.space.expected_packet_number = expected
-        return handled
+    def to_library(self) -> None:
+        """A packet of this connection goes to the library: its expected
+        packet number must not be behind what the core has opened."""
+        expected = self.path.expected(self.slot)
+        if expected > self.space.expected_packet_number:
+            self.space.expected_packet_number = expected
+
+    def refresh_idle(self, now: float) -> None:
+        """Before the library's timer decides the peer is idle: the packets
+        the core ended count as heard."""
+        heard = self.path.heard(self.slot)
+        if heard is not None and self.quic._close_at is not None:
+            self.quic._close_at = max(self.quic._close_at, now - heard + self.idle)
 
     def follow_path(self) -> None:
         """After a migration or a new connection id, send where the library does."""

@@ -4,20 +4,24 @@ decides whether a source may open another connection and is told of each
 one that opens."""
 from __future__ import annotations
 
+import asyncio
+import socket
 import time
-from typing import Any
+from typing import Any, Callable
 
 from aioquic.asyncio import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer as _AioquicServer
 from aioquic.buffer import Buffer
 from aioquic.quic.packet import QuicPacketType, pull_quic_header
 
+from relay._core import QuicPath
+
 
 class QuicServer(_AioquicServer):
     """aioquic's server, with three changes for a node that many strangers
-    connect to. A listener's short-header packets go to its connection's
-    link to the core's QUIC path first (relay.node.quic_path), which ends
-    most of them (ACKs) before any Python parsing. Forgetting a closed connection touches only that
+    connect to. The core reads the port and ends the QUIC path listeners'
+    ACKs (relay.node.quic_path); what it hands up for such a connection
+    first has the library's expected packet number moved on. Forgetting a closed connection touches only that
     connection's ids (aioquic walks every id of every connection, so
     closing N connections cost O(N²): 1,500 at once stalled the loop for
     13 s). And a new connection is not created at all while too many that
@@ -31,16 +35,11 @@ class QuicServer(_AioquicServer):
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         assert isinstance(data, bytes)
         if data and not data[0] & 0x80:
-            # a short header: most often a listener's ACK, for the core's QUIC path
+            # a short header the core has already seen (QuicPath.ingest) and left to the library
             conn = self._protocols.get(data[1:1 + self._configuration.connection_id_length])
             link = getattr(conn, "link", None)
             if link is not None:
-                t0 = time.perf_counter_ns()
-                conn.unanswered_since = None  # type: ignore[union-attr]
-                handled = link.received(data, addr, conn._loop.time())  # type: ignore[union-attr]
-                self.endpoint.load.busy_ns += time.perf_counter_ns() - t0
-                if handled:
-                    return
+                link.to_library()
         try:
             header = pull_quic_header(Buffer(data=data), host_cid_length=self._configuration.connection_id_length)
         except ValueError:
@@ -65,3 +64,69 @@ class QuicServer(_AioquicServer):
         for cid in cids:
             if self._protocols.get(cid) is protocol:
                 del self._protocols[cid]
+
+
+class CoreReadTransport(asyncio.DatagramTransport):
+    """The QUIC port's socket as aioquic's server sees it, when the core
+    reads it: the event loop calls `readable` when datagrams wait, the core
+    takes them with recvmmsg and ends the QUIC path's ACKs, and the rest go
+    to the server. Sending is a plain non-blocking sendto: a full socket
+    drops the datagram, which QUIC recovers like any loss."""
+
+    def __init__(self, sock: socket.socket, server: QuicServer, path: QuicPath,
+                 busy: Callable[[int], None]) -> None:
+        super().__init__()
+        self.sock, self.server, self.path, self.busy = sock, server, path, busy
+        self.loop = asyncio.get_running_loop()
+        self._closing = False
+        server.connection_made(self)
+        self.loop.add_reader(sock.fileno(), self.readable)
+
+    @classmethod
+    def bind(cls, addr: tuple[str, int], server: QuicServer, path: QuicPath,
+             busy: Callable[[int], None]) -> "CoreReadTransport":
+        """Bind the port (OSError if it is taken), serve it, and give the
+        core its socket to send on."""
+        sock = socket.socket(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+            sock.bind(addr)
+        except OSError:
+            sock.close()
+            raise
+        transport = cls(sock, server, path, busy)
+        path.socket(sock.fileno())
+        return transport
+
+    def readable(self) -> None:
+        t0 = time.perf_counter_ns()
+        up = self.path.ingest(self.sock.fileno())
+        self.busy(time.perf_counter_ns() - t0)     # the listeners' ACKs: the sessions' steady cost
+        for data, addr in up:
+            self.server.datagram_received(data, addr)
+
+    def sendto(self, data: Any, addr: Any = None) -> None:
+        try:
+            self.sock.sendto(data, addr)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            pass    # an unreachable peer: its connection times out
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "sockname":
+            return self.sock.getsockname()
+        if name == "socket":
+            return self.sock
+        return default
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        if not self._closing:
+            self._closing = True
+            self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
