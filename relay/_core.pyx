@@ -17,9 +17,8 @@ Data path (DESIGN.md), one included file per step:
     core/shards.pxi     shard locks, wake-ups and the sender threads' loop
     core/stats.pxi      counters, read at scrape time
     core/quic.pxi       QUIC packet protection: seal audio, open ACKs
-    core/quic_path.pxi  QUIC listeners: egress in the sender threads' batches,
-                        their ACKs, RTT and congestion window (quic_api.pxi)
-    core/quic_ingress.pxi  the QUIC port --recvmmsg--> ACKs ended in the core
+    core/quic_path.pxi  QUIC listeners sent in the sender threads' batches; ACKs, RTT, window
+    core/quic_ingress.pxi  QUIC port --recvmmsg--> ACKs ended here (API: quic_api.pxi)
 
 This file is the shell: the Core's lifecycle (every allocation happens when
 a Core is built and is freed with it) and its Python API. State lives in one
@@ -53,17 +52,6 @@ from relay.core.syscalls cimport (
     pollfd, poll, POLLIN, POLLOUT, read, write, close,
     relay_load_acquire, relay_store_release, relay_flag_get, relay_flag_set,
 )
-
-
-# what became of one ingest datagram (also returned by feed())
-cpdef enum Ingest:
-    INGEST_OK = 0
-    INGEST_NO_ROOM = 1
-    INGEST_FOREIGN = 2
-    INGEST_MALFORMED = 3
-    INGEST_OVERSIZED = 4
-    INGEST_LATE = 5
-    INGEST_RTCP = 6
 
 
 include "core/arena.pxi"

@@ -2,6 +2,16 @@
 # checked and renumbered (rtp.pxi), then fanned out inline or handed to the
 # sender threads. Included by relay/_core.pyx; runs without the GIL.
 
+# what became of one ingest datagram (also returned by feed())
+cpdef enum Ingest:
+    INGEST_OK = 0
+    INGEST_NO_ROOM = 1
+    INGEST_FOREIGN = 2
+    INGEST_MALFORMED = 3
+    INGEST_OVERSIZED = 4
+    INGEST_LATE = 5
+    INGEST_RTCP = 6
+
 
 cdef int ingest_batch(CoreState *c, int in_fd, int room, int out_fd, int budget) noexcept nogil:
     """Read `in_fd` until it is empty, RX_ROUNDS batches have been read, or

@@ -339,7 +339,8 @@ cdef class QuicOpener:
         cdef int n = <int>packet.shape[0]
         cdef int rc
         with nogil:
-            rc = quic_open(&self.rx.k, self.rx.plain, &packet[0] if n > 0 else <const uint8_t *>NULL, n, expected, &self.ack)
+            rc = quic_open(&self.rx.k, self.rx.plain, &packet[0] if n > 0 else <const uint8_t *>NULL, n,
+                           expected, &self.ack)
         what = ("ack", "other", "not_ours", "forged")[rc]
         if rc != QOPEN_ACK_ONLY:
             return what, None, None, None, []
@@ -353,7 +354,8 @@ cdef class QuicOpener:
         cdef int n = <int>packet.shape[0]
         cdef int rc
         with nogil:
-            rc = quic_open(&self.rx.k, self.rx.plain, &packet[0] if n > 0 else <const uint8_t *>NULL, n, expected, &self.ack)
+            rc = quic_open(&self.rx.k, self.rx.plain, &packet[0] if n > 0 else <const uint8_t *>NULL, n,
+                           expected, &self.ack)
         if rc != QOPEN_ACK_ONLY and rc != QOPEN_OTHER:
             return None
         return self.ack.pn, bytes(self.rx.plain[:self.ack.plain_len])

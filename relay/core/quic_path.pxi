@@ -97,7 +97,8 @@ cdef void quic_timeout(Shard *s, QuicConn *q, int64_t now) noexcept nogil:
     audio packet is the probe; a listener that has stalled gets ever fewer."""
     cdef uint32_t j
     cdef QuicSent *e
-    if q.s_len == 0 or now - q.sent[q.s_head].at_ns < (3 * quic_pto_ns(q)) << min(<int>q.pto_count, <int>QUIC_MAX_BACKOFF):
+    cdef int64_t limit = (3 * quic_pto_ns(q)) << min(<int>q.pto_count, <int>QUIC_MAX_BACKOFF)
+    if q.s_len == 0 or now - q.sent[q.s_head].at_ns < limit:
         return
     for j in range(q.s_len):
         e = quic_sent_at(q, j)

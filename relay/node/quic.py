@@ -227,9 +227,10 @@ class ListenerConnection(QuicConnectionProtocol):
 
 
 class QuicEndpoint(QuicCertificates):
-    """The node's QUIC/WebTransport listener port. It sees the core (to pull
-    audio from rings) and the session table (the shared join policy and
-    the one place sessions live), nothing else of the node."""
+    """The node's QUIC/WebTransport listener port. It sees the core (its
+    QUIC path, and rings to pull from without it) and the session table
+    (the shared join policy and the one place sessions live), nothing else
+    of the node."""
 
     def __init__(self, core: Core, sessions: Sessions) -> None:
         self.core, self.sessions = core, sessions
