@@ -30,6 +30,7 @@ Response = tuple[str, str, bytes]    # status line, content type, body
 
 MAX_HEAD = 16 * 1024      # request line and headers
 HEAD_DEADLINE_S = 5.0
+LINGER_S = 1.0             # an oversized head's sender is read and ignored this long after the 431
 MAX_CONNECTIONS = 256
 
 
@@ -71,7 +72,7 @@ class _Request(asyncio.Protocol):
             return
         if end < 0 or end > MAX_HEAD:
             self.answer("431 Request Header Fields Too Large", "text/plain",
-                        f"request head over {MAX_HEAD} bytes\n".encode())
+                        f"request head over {MAX_HEAD} bytes\n".encode(), linger=True)
             return
         parts = bytes(self.head[:self.head.find(b"\r\n")]).decode("latin-1").split()
         path = parts[1] if len(parts) >= 2 else ""
@@ -83,7 +84,12 @@ class _Request(asyncio.Protocol):
         cors = path.partition("?")[0] == "/join"
         self.answer(*self.server.route(parts[0] if parts else "", path, local), cors=cors)
 
-    def answer(self, status: str, ctype: str, body: bytes, cors: bool = False) -> None:
+    def answer(self, status: str, ctype: str, body: bytes, cors: bool = False, linger: bool = False) -> None:
+        """Write the response and close. With `linger` (a client still
+        sending), only the writing side closes at once and what it still
+        sends is read and dropped for up to LINGER_S: closing with unread
+        data would reset the connection, and the client could lose the
+        answer before reading it."""
         self.head = None
         self.server.answered(self)
         assert self.transport is not None
@@ -91,7 +97,13 @@ class _Request(asyncio.Protocol):
         self.transport.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
                              f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n{allow}"
                              "Connection: close\r\n\r\n".encode() + body)
-        self.transport.close()   # after what was written has gone
+        if linger and self.transport.can_write_eof():
+            self.transport.write_eof()
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer = asyncio.get_running_loop().call_later(LINGER_S, self.transport.close)
+        else:
+            self.transport.close()   # after what was written has gone
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:
