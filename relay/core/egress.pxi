@@ -1,8 +1,10 @@
 # Egress: the queued ring packets of one shard handed to the kernel with
 # sendmmsg, up to TX_BATCH per call, resubmitting after a message that fails
 # on its own and stopping (to wait for POLLOUT) when the socket is full;
-# NACK resends straight from a listener's ring. Included by relay/_core.pyx;
-# runs without the GIL, with the shard's lock held.
+# QUIC listeners' packets sealed into a batch of their own for the QUIC
+# socket in the same pass (quic_path.pxi); NACK resends straight from a
+# listener's ring. Included by relay/_core.pyx; runs without the GIL, with
+# the shard's lock held.
 
 # Upper bounds of the fan-out latency buckets, in nanoseconds (last is +Inf).
 cdef int64_t LAT_BOUNDS_NS[LAT_BUCKETS]
