@@ -68,10 +68,11 @@ class Wire(asyncio.DatagramTransport):
 class Listener:
     """One aioquic client on its own socket, and the node's connection for it."""
 
-    def __init__(self, endpoint: QuicEndpoint, wire: Wire, node_addr: tuple[str, int]) -> None:
+    def __init__(self, endpoint: QuicEndpoint, wire: Wire, node: "NodeSide") -> None:
         clock = asyncio.get_running_loop().time
+        self.node = node
         self.sock = udp("127.0.0.2")
-        self.addr, self.node_addr = self.sock.getsockname(), node_addr
+        self.addr, self.node_addr = self.sock.getsockname(), node.sock.getsockname()
         cconf = QuicConfiguration(is_client=True, alpn_protocols=[ALPN_QUIC],
                                   max_datagram_frame_size=MAX_DATAGRAM_FRAME, verify_mode=ssl.CERT_NONE)
         self.client = QuicConnection(configuration=cconf)
@@ -93,7 +94,7 @@ class Listener:
     def from_node(self) -> None:
         clock = asyncio.get_running_loop().time
         # (before the QUIC path, the handshake's packets arrive through the node's socket too)
-        node_side.drain(self)
+        self.node.drain(self)
         while True:
             try:
                 data = self.sock.recv(2048)
@@ -131,11 +132,7 @@ class NodeSide:
             conn.datagram_received(data, addr)
 
 
-node_side: NodeSide
-
-
 async def main(listeners: int, count: int, library: bool) -> None:
-    global node_side
     rtp = RtpPacketizer(ssrc=1)
     payloads = encode_tone(440.0, 0.5)
     packets = [rtp.packet(payloads[k % len(payloads)]) for k in range(count)]
@@ -150,7 +147,7 @@ async def main(listeners: int, count: int, library: bool) -> None:
         endpoint.path.socket(sock.fileno())
     node_side = NodeSide(endpoint, sock)
     wire = Wire(sock)
-    crowd = [Listener(endpoint, wire, sock.getsockname()) for _ in range(listeners)]
+    crowd = [Listener(endpoint, wire, node_side) for _ in range(listeners)]
     for lis in crowd:
         lis.conn.transport_name = "quic"
         answer = endpoint.join(lis.conn, Join("r", ""))

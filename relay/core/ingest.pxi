@@ -13,6 +13,15 @@ cpdef enum Ingest:
     INGEST_RTCP = 6
 
 
+cdef inline void rx_ready(CoreState *c, int batch) noexcept nogil:
+    """Point the ingest batch's first `batch` messages at their buffers again."""
+    cdef int j
+    for j in range(batch):
+        c.rx[j].msg_hdr.msg_name = c.rx_addr + j * RX_ADDR
+        c.rx[j].msg_hdr.msg_namelen = RX_ADDR
+        c.rx[j].msg_hdr.msg_flags = 0
+
+
 cdef int ingest_batch(CoreState *c, int in_fd, int room, int out_fd, int budget) noexcept nogil:
     """Read `in_fd` until it is empty, RX_ROUNDS batches have been read, or
     about `budget` listener-packets of work were done. Returns datagrams read."""
@@ -32,10 +41,7 @@ cdef int ingest_batch(CoreState *c, int in_fd, int room, int out_fd, int budget)
     for rounds in range(RX_ROUNDS):
         if work >= <uint64_t>budget:
             break
-        for j in range(batch):
-            c.rx[j].msg_hdr.msg_name = c.rx_addr + j * RX_ADDR
-            c.rx[j].msg_hdr.msg_namelen = RX_ADDR
-            c.rx[j].msg_hdr.msg_flags = 0
+        rx_ready(c, batch)
         got = recvmmsg(in_fd, c.rx, <unsigned int>batch, MSG_DONTWAIT, NULL)
         if got <= 0:
             break

@@ -30,7 +30,7 @@ cdef class QuicPath:
         unlock_all(self.st)
 
     def attach(self, int slot, int kind, bytes sockaddr, bytes peer_cid, bytes our_cid, bytes prefix,
-                    int ack_delay_exponent, double max_ack_delay_s):
+               int ack_delay_exponent, double max_ack_delay_s):
         """Move a pull listener onto the QUIC path: from now on the sender
         threads seal and send its audio. kind: 1 QUIC, 2 WebTransport;
         sockaddr: the peer's validated address; peer_cid: the connection id
@@ -71,7 +71,7 @@ cdef class QuicPath:
         unlock_shard(c, l.shard)
 
     def keys(self, int slot, int suite, bytes send_key, bytes send_iv, bytes send_hp, int send_phase,
-                  bytes recv_key, bytes recv_iv, bytes recv_hp, int recv_phase):
+             bytes recv_key, bytes recv_iv, bytes recv_hp, int recv_phase):
         """The 1-RTT keys of the current key phase, both ways (RFC 9001
         5.1): at attach, and again whenever the library's phase changes."""
         cdef QuicConn *q = self._quic(slot)
@@ -197,10 +197,7 @@ cdef class QuicPath:
         cdef uint8_t *buf
         out = []
         for rounds in range(RX_ROUNDS):
-            for j in range(RX_BATCH):
-                c.rx[j].msg_hdr.msg_name = c.rx_addr + j * RX_ADDR
-                c.rx[j].msg_hdr.msg_namelen = RX_ADDR
-                c.rx[j].msg_hdr.msg_flags = 0
+            rx_ready(c, RX_BATCH)
             with nogil:
                 got = recvmmsg(fd, c.rx, RX_BATCH, MSG_DONTWAIT, NULL)
             if got <= 0:

@@ -19,9 +19,9 @@ cdef enum:
 # what became of one datagram from a QUIC path listener (quic_receive)
 cdef enum QuicVerdict:
     QUIC_HANDLED = 0            # ACK-only: read here, nothing for the library
-    QUIC_LIBRARY_TOO = 1        # opened and its ACK read, but it carries frames (or a PING) for the library
-    QUIC_LIBRARY = 2            # not opened here (another key phase, a long header...): the library's
-    QUIC_DROPPED = 3            # forged, malformed or replayed: counted and dropped
+    QUIC_LIBRARY = 1            # the library's: not opened here (another key phase, a long header...),
+                                # or opened and its ACK read but carrying frames (or a PING) for it
+    QUIC_DROPPED = 2            # forged, malformed or replayed: counted and dropped
 
 cdef int64_t QUIC_INITIAL_RTT_NS = 333000000    # RFC 9002 6.2.2
 cdef int64_t QUIC_GRANULARITY_NS = 1000000
@@ -56,6 +56,12 @@ cdef QuicConn *quic_detach(CoreState *c, int32_t slot) noexcept nogil:
         c.ls[slot].quic = 0
         pthread_mutex_unlock(&s.qlock)
     return q
+
+
+cdef inline int quic_overhead(QuicTx *t) noexcept nogil:
+    """Bytes a sealed audio datagram adds to its RTP packet: the short
+    header, the DATAGRAM frame's type and prefix, the AEAD tag."""
+    return 1 + t.k.dcid_len + QUIC_PN_LEN + 1 + t.prefix_len + QUIC_TAG
 
 
 cdef inline int64_t quic_pto_ns(QuicConn *q) noexcept nogil:
@@ -130,7 +136,7 @@ cdef int quic_take(CoreState *c, Shard *s, int32_t i, int m, int64_t now) noexce
         return m
     pthread_mutex_lock(&s.qlock)
     quic_timeout(s, q, now)
-    over = 1 + q.tx.k.dcid_len + QUIC_PN_LEN + 1 + q.tx.prefix_len + QUIC_TAG
+    over = quic_overhead(&q.tx)
     while l.sent != l.head and m < TX_BATCH:
         p = ring_packet(c, i, l.sent, &n)
         size = n + over
@@ -204,7 +210,7 @@ cdef void quic_send_batch(CoreState *c, Shard *s, int m) noexcept nogil:
             for j in range(done, done + rc):
                 l = &c.ls[s.qtx_owner[j]]
                 q = c.qc[s.qtx_owner[j]]
-                rtp = s.qtx_iov[j].iov_len - (2 + q.tx.k.dcid_len + QUIC_PN_LEN + q.tx.prefix_len + QUIC_TAG)
+                rtp = s.qtx_iov[j].iov_len - <size_t>quic_overhead(&q.tx)
                 l.packets_out += 1
                 l.bytes_out += rtp
                 s.q_out[l.quic - 1] += 1
@@ -345,4 +351,4 @@ cdef int quic_receive(CoreState *c, int32_t slot, const uint8_t *pkt, int n, int
         q.acks += 1
         s.q_acks += 1
     pthread_mutex_unlock(&s.qlock)
-    return QUIC_HANDLED if rc == QOPEN_ACK_ONLY and not ack.eliciting else QUIC_LIBRARY_TOO
+    return QUIC_HANDLED if rc == QOPEN_ACK_ONLY and not ack.eliciting else QUIC_LIBRARY
