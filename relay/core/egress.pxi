@@ -30,7 +30,7 @@ cdef int flush_shard(CoreState *c, int k, int fd) noexcept nogil:
         n = m = 0
         qi = 0
         qpos = s.q_head
-        now = 0         # read at the first QUIC listener: UDP-only rounds need no clock
+        now = monotonic_ns()
         while qi < s.q_len and n < TX_BATCH:
             i = s.queue[qpos]
             qpos += 1
@@ -38,8 +38,6 @@ cdef int flush_shard(CoreState *c, int k, int fd) noexcept nogil:
                 qpos = 0
             l = &c.ls[i]
             if l.active and l.quic:
-                if now == 0:
-                    now = monotonic_ns()
                 m = quic_take(c, s, i, m, now)
                 if l.sent != l.head and not l.qshut:
                     break       # the QUIC batch is full
