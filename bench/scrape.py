@@ -19,8 +19,8 @@ from prometheus_client import generate_latest
 
 from relay.wire.addr import to_sockaddr
 from relay.wire.config import load
-from relay.node.metrics import registry_for
-from relay.node.node import Node
+from relay.ops.metrics import registry_for
+from relay.node import Node
 
 
 def main() -> None:

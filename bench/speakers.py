@@ -39,8 +39,8 @@ from pylibsrtp import Policy, Session as SrtpSession  # noqa: E402
 
 from relay.client.publish import FRAME, RtpPacketizer, encode_tone  # noqa: E402
 from relay.client.speak import SpeakerClient, with_level  # noqa: E402
-from relay.node.node import Node  # noqa: E402
-from relay.node.stage import FRAME_NS, Stage  # noqa: E402
+from relay.node import Node  # noqa: E402
+from relay.stage.stage import FRAME_NS, Stage  # noqa: E402
 from relay.testing.loadgen import free_port  # noqa: E402
 from relay.wire.addr import to_sockaddr  # noqa: E402
 from relay.wire.config import load  # noqa: E402

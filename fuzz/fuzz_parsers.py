@@ -31,9 +31,9 @@ with atheris.instrument_imports(enable_loader_override=False):
     from relay._core import Core, Ingest, QuicOpener, QuicPath
     from relay.wire.addr import to_sockaddr
     from relay.wire.config import load
-    from relay.node.sessions import RoomState, Sessions
-    from relay.node.srtp import SrtpIngest
-    from relay.node.stage import FRAME_NS, Stage, rtp_payload
+    from relay.listeners.sessions import RoomState, Sessions
+    from relay.ingest.srtp import SrtpIngest
+    from relay.stage.stage import FRAME_NS, Stage, rtp_payload
 from aioquic.quic.crypto import CryptoContext, derive_key_iv_hp  # noqa: E402  (the peer's side, not under test)
 from aioquic.buffer import Buffer  # noqa: E402
 from aioquic.tls import CipherSuite  # noqa: E402

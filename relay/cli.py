@@ -84,8 +84,8 @@ def _workers(text: str) -> int | str:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from relay.node.certs import CertificateError
-    from relay.node.node import Node
+    from relay.listeners.quic.tls import CertificateError
+    from relay.node import Node
 
     try:
         cfg = load(path=args.config, overrides=_serve_overrides(args))
@@ -327,7 +327,7 @@ def cmd_token(args: argparse.Namespace) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> None:
-    from relay.node.check import report
+    from relay.ops.check import report
 
     try:
         cfg = load(path=args.config)
@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     if args.log_format == "json":
-        from relay.node.events import JsonFormatter
+        from relay.ops.events import JsonFormatter
         for handler in logging.getLogger().handlers:
             handler.setFormatter(JsonFormatter())
     # aioquic logs every handshake at INFO: noise on a node with many listeners

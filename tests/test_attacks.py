@@ -220,7 +220,7 @@ def test_forgetting_a_closed_quic_connection_touches_only_its_own_ids() -> None:
     from aioquic.asyncio.server import QuicServer
     from aioquic.quic.configuration import QuicConfiguration
 
-    from relay.node.quic_server import QuicServer as RelayQuicServer
+    from relay.listeners.quic.server import QuicServer as RelayQuicServer
 
     class NoWalk(dict):
         def items(self):  # what aioquic's own _connection_terminated does, per closed connection
@@ -255,7 +255,7 @@ def test_forgetting_a_closed_quic_connection_touches_only_its_own_ids() -> None:
 def test_one_source_holds_a_bounded_number_of_unjoined_quic_connections() -> None:
     from types import SimpleNamespace
 
-    from relay.node.quic import QuicEndpoint
+    from relay.listeners.quic.endpoint import QuicEndpoint
 
     endpoint = QuicEndpoint.__new__(QuicEndpoint)
     endpoint.sessions = SimpleNamespace(cfg=SimpleNamespace(quic_max_pending=100, quic_max_pending_per_source=3))

@@ -12,7 +12,7 @@ import time
 
 from cryptography.hazmat.primitives import serialization
 
-from relay.node import certs
+from relay.listeners.quic import tls as certs
 from relay.testing.loadgen import free_port
 from tests.conftest import stop
 from tests.test_quic import publish, start_relay
@@ -66,8 +66,8 @@ def test_sighup_takes_new_certificate_files_and_keeps_listeners(tmp_path) -> Non
 
 def test_a_self_signed_certificate_is_renewed_before_it_expires() -> None:
     from relay._core import Core
-    from relay.node.quic import QuicEndpoint
-    from relay.node.sessions import RoomState, Sessions
+    from relay.listeners.quic.endpoint import QuicEndpoint
+    from relay.listeners.sessions import RoomState, Sessions
     from relay.wire.config import NodeConfig
     from relay.wire.tokens import Auth
 

@@ -115,7 +115,7 @@ def test_listeners_are_spread_over_shards_and_stay() -> None:
 def test_stopped_sender_is_restarted_and_its_listeners_keep_listening(tmp_path) -> None:
     from relay.wire.config import load
     from relay.testing.loadgen import LoopbackCrowd
-    from relay.node.node import Node
+    from relay.node import Node
     from tests.conftest import free_port
 
     ingest = free_port()

@@ -12,8 +12,8 @@ from relay.wire.config import load
 from relay.wire.protocol import (MIN_JOIN, Accept, Challenge, CookieJar, Join, Keepalive, Leave,
                             ProtocolError, Reason, Reject, Speaker, Speakers, build_nack, decode, encode,
                             parse_rtcp)
-from relay.node.admission import JoinLimiter, source_key
-from relay.node.sessions import RoomState, Sessions
+from relay.listeners.admission import JoinLimiter, source_key
+from relay.listeners.sessions import RoomState, Sessions
 from relay.wire.tokens import Auth, TokenError, mint
 
 SECRET = "s3cret-for-tests-0123456789abcdef"
@@ -264,7 +264,7 @@ def _stage_sessions(max_speakers: int = 2, slots: int = 2) -> Sessions:
     """Sessions over a core with a stage room ("stage", room 0), a room fed
     by ingest ("demo", room 1), and `slots` mix-minus rooms."""
     import os
-    from relay.node.stages import Stages
+    from relay.stage.stages import Stages
     from relay.wire.config import RoomConfig
     cfg = load()
     core = Core(100, rooms=2 + slots)

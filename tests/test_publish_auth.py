@@ -19,7 +19,7 @@ import urllib.request
 from pylibsrtp import Policy, Session
 
 from relay.client.publish import encode_tone
-from relay.node.admin import AdminServer, AdminViews
+from relay.ops.admin import AdminServer, AdminViews
 from relay.testing.loadgen import LoopbackCrowd, scrape
 from tests.conftest import need, start_relay, stop
 from tests.rtp import rtp

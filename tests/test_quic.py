@@ -290,7 +290,7 @@ def test_configured_certificate_is_verified_by_ca(tmp_path) -> None:
     client checks it against a CA file instead (here the certificate itself)."""
     from cryptography.hazmat.primitives import serialization
 
-    from relay.node import certs
+    from relay.listeners.quic import tls as certs
 
     creds = certs.self_signed(["127.0.0.1"])
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
@@ -323,7 +323,7 @@ def test_configured_certificate_is_verified_by_ca(tmp_path) -> None:
 def test_quic_admission_keeps_the_loop_below_max_load() -> None:
     """QUIC sessions cost the event-loop thread; joins stop before it fills:
     measured load plus each session admitted since the measurement."""
-    from relay.node.load import SESSION_COST_GUESS, QuicLoad
+    from relay.listeners.load import SESSION_COST_GUESS, QuicLoad
 
     q = QuicLoad()
     assert not q.full(0, 0.8)                       # idle: admit

@@ -20,9 +20,9 @@ from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import ConnectionTerminated, DatagramFrameReceived, PingAcknowledged
 
 from relay._core import Core, QuicPath
-from relay.node.certs import self_signed
-from relay.node.quic_path import Link, first_hp
-from relay.node.senders import SenderThreads
+from relay.listeners.quic.tls import self_signed
+from relay.listeners.quic.path import Link, first_hp
+from relay.listeners.senders import SenderThreads
 from relay.wire.addr import to_sockaddr
 
 SERVER = ("127.0.0.1", 4433)    # what the client believes; the core's real socket is elsewhere

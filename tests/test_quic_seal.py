@@ -17,7 +17,7 @@ from aioquic.quic.events import ConnectionTerminated, DatagramFrameReceived
 from aioquic.tls import CipherSuite
 
 from relay._core import QuicOpener, QuicSealer
-from relay.node.certs import self_signed
+from relay.listeners.quic.tls import self_signed
 
 SERVER, CLIENT = ("127.0.0.1", 4433), ("127.0.0.2", 5000)
 SUITES = [CipherSuite.AES_128_GCM_SHA256, CipherSuite.AES_256_GCM_SHA384, CipherSuite.CHACHA20_POLY1305_SHA256]

@@ -112,7 +112,7 @@ def test_reload_onto_a_taken_ingest_port_keeps_the_room_on_its_old_port(tmp_path
 
 def test_a_reload_plans_new_publishing_rules_for_a_kept_room() -> None:
     import base64
-    from relay.node.reload import plan_reload
+    from relay.ops.reload import plan_reload
     from relay.wire.config import load
     base = '[node]\nauth = "open"\n[[room]]\nname = "a"\ningest = "127.0.0.1:5100"\nsources = ["127.0.0.1"]\n'
     env = {"K": base64.b64encode(bytes(30)).decode()}

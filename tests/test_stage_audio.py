@@ -16,9 +16,9 @@ import pytest
 from relay.client.listen import ListenClient
 from relay.client.publish import encode_tone, tone_frames
 from relay.client.speak import SpeakerClient, with_level
-from relay.node.mixer import CHANNELS, FRAME, LIMIT, Limiter, Voice, level_of
-from relay.node.node import Node
-from relay.node.stage import rtp_payload
+from relay.stage.mixer import CHANNELS, FRAME, LIMIT, Limiter, Voice, level_of
+from relay.node import Node
+from relay.stage.stage import rtp_payload
 from relay.testing.loadgen import free_port
 from relay.wire.config import load
 
@@ -215,7 +215,7 @@ if __name__ == "__main__":
 def test_only_speakers_with_a_voice_in_the_mix_cost_an_encode() -> None:
     """Sixteen on stage, two talking: the room's encode and two mix-minus
     ones per frame; the other fourteen are sent the room's packet."""
-    from relay.node.mixer import Mixer
+    from relay.stage.mixer import Mixer
     voices = []
     for k, hz in enumerate((440.0, 660.0)):
         v = Voice(k, f"s{k}", f"S{k}")

@@ -65,7 +65,7 @@ class RoomConfig:
 
     @property
     def stage(self) -> bool:
-        """Does the room's audio go through a stage (relay/node/stage.py)?"""
+        """Does the room's audio go through a stage (relay/stage/stage.py)?"""
         return not self.upstream and (self.ingest is None or self.max_speakers > 0)
 
 
@@ -88,7 +88,7 @@ class NodeConfig:
     max_sessions_per_token: int = 16     # sessions one token may hold at once; 0 = no limit
     log_interval: float = 10.0           # seconds between summary log lines (joins, refusals, drops)
     upstream_linger: float = 10.0        # an upstream room is left this long after its last listener
-    # the cluster directory (relay/node/directory.py): a redis:// or
+    # the cluster directory (relay/cluster/directory.py): a redis:// or
     # rediss:// URL, this node's id and tier, and the address other nodes
     # and listeners reach it at
     directory: str = ""

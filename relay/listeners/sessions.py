@@ -18,8 +18,8 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Hashable, NamedTuple
 
 from relay._core import Core
-from relay.node.admission import JoinLimiter
-from relay.node.stages import Stages
+from relay.listeners.admission import JoinLimiter
+from relay.stage.stages import Stages
 from relay.wire.addr import to_sockaddr
 from relay.wire.config import NodeConfig
 from relay.wire.protocol import (MIN_JOIN, SRTP_KEY_LEN, Accept, Challenge, CookieJar, Join, Keepalive, Leave,
@@ -109,7 +109,7 @@ class Sessions:
         self.cookies = CookieJar(self.rng.randbytes(32))
         self.table: dict[Hashable, Session] = {}
         self.counters = SessionCounters()
-        # told of a QUIC session about to leave the core (relay.node.quic): before its slot goes
+        # told of a QUIC session about to leave the core (relay.listeners.quic.endpoint): before its slot goes
         self.before_remove: Callable[[Session], None] | None = None
         self.draining = False
         self.limiter = JoinLimiter(cfg.join_rate, cfg.join_rate_per_source)

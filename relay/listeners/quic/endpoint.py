@@ -11,8 +11,8 @@ One UDP port, two ALPNs:
   bidirectional WebTransport stream; audio arrives as HTTP datagrams
   (RFC 9297) of that session.
 
-Once joined, a listener's audio and ACKs are the core's (relay.node.
-quic_path, docs/quic-fast-path.md): the sender threads seal and send its
+Once joined, a listener's audio and ACKs are the core's (path.py beside
+this module, docs/quic-fast-path.md): the sender threads seal and send its
 ring, the core reads its ACKs and keeps its congestion window, and a
 listener whose window is shut loses only its own oldest audio. Without the
 QUIC path (quic_fast_path = false, or a connection the core cannot carry)
@@ -42,13 +42,13 @@ from aioquic.quic.events import (ConnectionTerminated, HandshakeCompleted, QuicE
                                  StreamDataReceived, StreamReset)
 
 from relay._core import Core, QuicPath
-from relay.node import certs
-from relay.node.admission import source_key
-from relay.node.load import PATH_SESSION_COST_GUESS, SESSION_COST_GUESS, QuicLoad
-from relay.node.quic_certs import QuicCertificates
-from relay.node.quic_path import Link, first_hp
-from relay.node.quic_server import CoreReadTransport, QuicServer
-from relay.node.sessions import Session, Sessions
+from relay.listeners.quic import tls as certs
+from relay.listeners.admission import source_key
+from relay.listeners.load import PATH_SESSION_COST_GUESS, SESSION_COST_GUESS, QuicLoad
+from relay.listeners.quic.certificates import QuicCertificates
+from relay.listeners.quic.path import Link, first_hp
+from relay.listeners.quic.server import CoreReadTransport, QuicServer
+from relay.listeners.sessions import Session, Sessions
 from relay.wire.protocol import (ALPN_QUIC, MAX_QUIC_AUDIO, WEBTRANSPORT_PATH, Accept, FrameReader,
                                  Join, Leave, ProtocolError, Reject, Speakers, frame)
 

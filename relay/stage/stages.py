@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Callable, Hashable
 
 from relay._core import Core
-from relay.node.stage import STAGE_DROPS, Output, Stage, StageWorker
+from relay.stage.stage import STAGE_DROPS, Output, Stage, StageWorker
 from relay.wire.addr import to_sockaddr
 from relay.wire.config import RoomConfig
 from relay.wire.protocol import Reason, Speakers, encode

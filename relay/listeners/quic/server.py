@@ -1,5 +1,5 @@
 """The QUIC port's server side: aioquic's server, changed where a node that
-many strangers connect to needs it. The endpoint it serves (relay.node.quic)
+many strangers connect to needs it. The endpoint it serves (relay.listeners.quic.endpoint)
 decides whether a source may open another connection and is told of each
 one that opens."""
 from __future__ import annotations
@@ -20,7 +20,7 @@ from relay._core import QuicPath
 class QuicServer(_AioquicServer):
     """aioquic's server, with three changes for a node that many strangers
     connect to. The core reads the port and ends the QUIC path listeners'
-    ACKs (relay.node.quic_path); what it hands up for such a connection
+    ACKs (relay.listeners.quic.path); what it hands up for such a connection
     first has the library's expected packet number moved on. Forgetting a closed connection touches only that
     connection's ids (aioquic walks every id of every connection, so
     closing N connections cost O(N²): 1,500 at once stalled the loop for

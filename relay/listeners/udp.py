@@ -18,8 +18,8 @@ from collections import Counter
 from typing import Callable, Iterable
 
 from relay._core import Core
-from relay.node.sessions import Resend, Send, Sessions
-from relay.node.srtp import SrtpIngest
+from relay.listeners.sessions import Resend, Send, Sessions
+from relay.ingest.srtp import SrtpIngest
 from relay.wire.addr import to_sockaddr
 from relay.wire.protocol import MAGIC, MAX_CONTROL
 

@@ -20,8 +20,8 @@ from collections import Counter
 from typing import Any
 
 from relay._core import Core
-from relay.node.metrics import CORE_DROPS
-from relay.node.sessions import PULLED, UDP, Sessions
+from relay.ops.metrics import CORE_DROPS
+from relay.listeners.sessions import PULLED, UDP, Sessions
 from relay.wire.config import MAX_RING_BYTES
 
 log = logging.getLogger("relay.events")

@@ -9,7 +9,7 @@ import resource
 import shutil
 from dataclasses import dataclass
 
-from relay.node.udp import SOCKET_BUFFER
+from relay.listeners.udp import SOCKET_BUFFER
 from relay.wire.config import NodeConfig, arena_bytes
 
 

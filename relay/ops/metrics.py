@@ -24,13 +24,13 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from relay import __version__
 from relay._core import Core
-from relay.node.load import LoadMeter
-from relay.node.quic import QuicCounters
-from relay.node.senders import SenderThreads
-from relay.node.sessions import PULLED, UDP, RoomState, Sessions
-from relay.node.srtp import SRTP_DROPS
-from relay.node.stage import STAGE_DROPS
-from relay.node.stages import Stages
+from relay.listeners.load import LoadMeter
+from relay.listeners.quic.endpoint import QuicCounters
+from relay.listeners.senders import SenderThreads
+from relay.listeners.sessions import PULLED, UDP, RoomState, Sessions
+from relay.ingest.srtp import SRTP_DROPS
+from relay.stage.stage import STAGE_DROPS
+from relay.stage.stages import Stages
 from relay.wire.protocol import Reason
 
 # the core counts drops for these reasons (relay_drops_total{reason})

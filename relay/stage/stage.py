@@ -35,7 +35,7 @@ from typing import Callable, Hashable
 
 from pylibsrtp import Error as SrtpError, Policy, Session as SrtpSession
 
-from relay.node.mixer import FRAME, SILENT, SPEAKING, Mixer, Voice
+from relay.stage.mixer import FRAME, SILENT, SPEAKING, Mixer, Voice
 from relay.wire.protocol import Speaker
 
 log = logging.getLogger("relay.stage")

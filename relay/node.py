@@ -26,18 +26,18 @@ from prometheus_client import generate_latest
 
 from relay import __version__
 from relay._core import Core
-from relay.node.admin import AdminServer, AdminViews
-from relay.node.directory import Directory
-from relay.node.events import EventLog, emit
-from relay.node.load import LoadMeter
-from relay.node.metrics import Cluster, NodeCollector, registry_for
-from relay.node.quic import QuicEndpoint
-from relay.node.reload import plan_reload
-from relay.node.senders import SenderThreads
-from relay.node.sessions import PULLED, UDP, RoomState, Sessions, Tell
-from relay.node.stages import Stages
-from relay.node.udp import UdpPorts
-from relay.node.upstream import Upstream, relay_token
+from relay.ops.admin import AdminServer, AdminViews
+from relay.cluster.directory import Directory
+from relay.ops.events import EventLog, emit
+from relay.listeners.load import LoadMeter
+from relay.ops.metrics import Cluster, NodeCollector, registry_for
+from relay.listeners.quic.endpoint import QuicEndpoint
+from relay.ops.reload import plan_reload
+from relay.listeners.senders import SenderThreads
+from relay.listeners.sessions import PULLED, UDP, RoomState, Sessions, Tell
+from relay.stage.stages import Stages
+from relay.listeners.udp import UdpPorts
+from relay.cluster.upstream import Upstream, relay_token
 from relay.wire.addr import to_sockaddr
 from relay.wire.config import NodeConfig, RoomConfig
 from relay.wire.tokens import Auth

@@ -24,7 +24,7 @@ from typing import Any, Callable, cast
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from relay.node import web
+from relay.listeners import web
 
 Response = tuple[str, str, bytes]    # status line, content type, body
 

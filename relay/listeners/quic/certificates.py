@@ -1,4 +1,4 @@
-"""The QUIC port's certificate, for relay.node.quic's endpoint: the
+"""The QUIC port's certificate, for relay.listeners.quic.endpoint's endpoint: the
 configured files or a self-signed one, taken again on SIGHUP when the files
 changed, renewed before a self-signed one expires, and the aioquic server
 configuration that carries it. New connections get the new certificate;
@@ -11,9 +11,9 @@ from typing import Any
 from aioquic.h3.connection import H3_ALPN
 from aioquic.quic.configuration import QuicConfiguration
 
-from relay.node import certs
-from relay.node.quic_server import QuicServer
-from relay.node.sessions import Sessions
+from relay.listeners.quic import tls as certs
+from relay.listeners.quic.server import QuicServer
+from relay.listeners.sessions import Sessions
 from relay.wire.protocol import ALPN_QUIC, MAX_DATAGRAM_FRAME
 
 log = logging.getLogger("relay.quic")
