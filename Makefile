@@ -24,7 +24,7 @@ lint: setup
 
 # the core's behaviour tests only, for a quick loop while editing
 test-fast: setup
-	$(PY) -m pytest -q tests/test_core_rings.py tests/test_core_model.py tests/test_core_safety.py tests/test_protocol.py
+	$(PY) -m pytest -q tests/core/test_core_rings.py tests/core/test_core_model.py tests/core/test_core_safety.py tests/wire/test_protocol.py
 
 # the relay against the C limit and its peers: JSON, bench/RESULTS.md, plots
 bench:

@@ -23,4 +23,4 @@ while IFS= read -r line; do
     [ -e "/proc/sys/${key//./\/}" ] || { echo "deploy: 90-relay.conf: no sysctl $key here"; exit 1; }
 done < deploy/sysctl/90-relay.conf
 echo "deploy: deploy/sysctl/90-relay.conf: every key exists"
-.venv/bin/python -m pytest -q -p no:cacheprovider tests/test_deploy_files.py
+.venv/bin/python -m pytest -q -p no:cacheprovider tests/ops/test_deploy_files.py

@@ -27,8 +27,8 @@ find "$tree/relay" \( -name '*.so' -o -name '*.c' \) -delete
 ( cd "$tree" && RELAY_DEBUG=1 RELAY_SANITIZE="$mode" ../../.venv/bin/python setup.py -q build_ext --inplace 2>&1 \
     | grep -E '(error|warning):' || true )
 cd "$tree"
-core_tests=(tests/test_core_rings.py tests/test_core_model.py tests/test_core_egress.py tests/test_core_shards.py
-            tests/test_core_safety.py tests/test_quic_seal.py tests/test_quic_path.py)
+core_tests=(tests/core/test_core_rings.py tests/core/test_core_model.py tests/core/test_core_egress.py tests/core/test_core_shards.py
+            tests/core/test_core_safety.py tests/core/test_quic_seal.py tests/core/test_quic_path.py)
 if [ "$mode" = address ]; then
     RELAY_SANITIZED=1 LD_PRELOAD="$runtime" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
         UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 PYTHONMALLOC=malloc \

@@ -12,6 +12,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from relay.testing.loadgen import free_port
@@ -20,6 +21,8 @@ SECRET = "test-secret-0123456789abcdef0123456789"
 
 
 @dataclass
+
+
 class RunningRelay:
     proc: subprocess.Popen
     listen: tuple[str, int]
@@ -95,6 +98,8 @@ def stop(proc: subprocess.Popen, timeout: float = 10) -> int:
 
 
 @pytest.fixture
+
+
 def relay(tmp_path):
     r = start_relay(tmp_path)
     yield r
@@ -106,3 +111,16 @@ def need(tool: str) -> str:
     if path is None:
         pytest.fail(f"{tool} is not installed; run `make test`, which installs it")
     return path
+
+
+TONE_HZ = 660.0
+
+
+def dominant_hz(path) -> float:
+    pcm = subprocess.run([need("ffmpeg"), "-v", "error", "-i", str(path), "-f", "s16le", "-ac", "1",
+                          "-ar", "48000", "-"], capture_output=True, check=True).stdout
+    x = np.frombuffer(pcm, dtype="<i2").astype(float)
+    assert len(x) > 48000, f"only {len(x) / 48000:.2f} s of audio decoded"
+    x = x[len(x) // 4:]  # skip the start-up
+    spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    return float(np.fft.rfftfreq(len(x), 1 / 48000)[spectrum.argmax()])

@@ -12,7 +12,7 @@ import time
 from relay.testing.loadgen import LoopbackCrowd, free_port, scrape
 from relay.wire.protocol import RTCP_RTPFB, build_receiver_report
 from tests.conftest import start_relay, stop
-from tests.test_nack import _join
+from tests.listeners.conftest import udp_join
 
 
 def _huge_nack(media_ssrc: int, size: int = 2048) -> bytes:
@@ -54,7 +54,7 @@ def test_a_nack_flood_from_one_listener_costs_the_others_nothing(tmp_path) -> No
             time.sleep(0.02)
 
     try:
-        acc = _join(attacker, relay.room)
+        acc = udp_join(attacker, relay.room)
         assert crowd.join().accepted == 20
         crowd.run(1.0)
         before = crowd.crowd.totals()
@@ -91,7 +91,7 @@ def test_a_forged_receiver_report_does_not_keep_a_departed_listener(tmp_path) ->
     victim.settimeout(5)
     pub = _publisher(relay, 8)
     try:
-        _join(victim, relay.room)
+        udp_join(victim, relay.room)
         victim.recv(4096)   # audio flows
         # the listener is gone (no KEEPALIVE any more); someone who can send
         # from its address keeps sending 8-byte receiver reports
@@ -181,7 +181,7 @@ def test_quic_connections_that_never_join_are_capped_and_closed(tmp_path) -> Non
     import asyncio
     import logging
 
-    from tests.test_quic import metric
+    from tests.listeners.conftest import metric
 
     logging.getLogger("quic").setLevel(logging.CRITICAL)
     port = free_port()

@@ -23,7 +23,7 @@ from relay.ops.admin import AdminServer, AdminViews
 from relay.testing.loadgen import LoopbackCrowd, scrape
 from tests.conftest import need, start_relay, stop
 from tests.rtp import rtp
-from tests.test_end_to_end import TONE_HZ, dominant_hz
+from tests.conftest import TONE_HZ, dominant_hz
 
 OPUS = encode_tone(440, 4.0)   # 200 real 20 ms Opus frames
 

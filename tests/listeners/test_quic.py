@@ -20,58 +20,14 @@ from aioquic import tls
 
 from relay.client.quic import QuicListenClient
 from relay.testing.loadgen import free_port
-from relay.client.publish import ffmpeg_command
-from tests.conftest import RunningRelay, need, start_relay, stop
-from tests.test_end_to_end import TONE_HZ, dominant_hz
-
-QUIC_NODE = """quic = "127.0.0.1:{port}"
-keepalive_interval = 1.0
-session_timeout = 4.0
-"""
-
-
-def quic_relay(tmp_path, auth: str = "open", workers: int = 2, extra: str = "",
-               extra_room: str = "") -> tuple[RunningRelay, str, str]:
-    """A relay with its QUIC port; returns it, the QUIC address and the
-    certificate hash the node publishes at /quic.json."""
-    relay = start_relay(tmp_path, auth=auth, extra_room=extra_room,
-                        extra_node=QUIC_NODE.format(port=free_port()) + f"workers = {workers}\n{extra}")
-    status, body = relay.get("/quic.json")
-    assert status == 200, body
-    info = json.loads(body)
-    assert re.fullmatch(r"[0-9a-f]{64}", info["cert_sha256"])
-    assert info["webtransport"] == f"https://{info['quic']}/relay"
-    return relay, info["quic"], info["cert_sha256"]
-
-
-def listen_quic(relay: RunningRelay, server: str, cert: str, *extra: str) -> list[str]:
-    return relay.relay_cmd("listen", "--quic", "--server", server, "--cert-hash", cert,
-                           "--room", relay.room, *extra)
-
-
-def publish(relay: RunningRelay, seconds: float) -> subprocess.Popen:
-    need("ffmpeg")
-    return subprocess.Popen(ffmpeg_command(f"sine=frequency={TONE_HZ}:sample_rate=48000", relay.ingest,
-                                           lavfi=True, duration=seconds),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def metric(text: str, name: str) -> float:
-    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-    assert m, f"{name} not exported"
-    return float(m.group(1))
-
-
-def wait_metric(relay: RunningRelay, name: str, ok, timeout: float = 10.0) -> float:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = metric(relay.get("/metrics")[1], name)
-        if ok(value) or time.monotonic() > deadline:
-            return value
-        time.sleep(0.1)
+from tests.conftest import start_relay, stop
+from tests.conftest import TONE_HZ, dominant_hz
+from tests.listeners.conftest import listen_quic, metric, publish, quic_relay, wait_metric
 
 
 @pytest.mark.parametrize("workers", [1, 2])
+
+
 def test_quic_listener_hears_the_ffmpeg_tone(tmp_path, workers: int) -> None:
     relay, server, cert = quic_relay(tmp_path, auth="jwt", workers=workers)
     publisher = publish(relay, 10)
@@ -370,7 +326,7 @@ def test_a_key_update_mid_stream_keeps_the_audio(tmp_path) -> None:
     library sends again, and the audio goes on in the new phase. (aioquic's
     client drops its old keys at once, where RFC 9001 6.5 says to keep them
     a while, so an audio packet already in flight at that instant may be
-    lost; tests/test_quic_path.py checks the exact sequence in-process.)"""
+    lost; tests/core/test_quic_path.py checks the exact sequence in-process.)"""
     relay, server, cert = quic_relay(tmp_path)
     publisher = publish(relay, 12)
 

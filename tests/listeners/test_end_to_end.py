@@ -8,26 +8,16 @@ import re
 import subprocess
 import time
 
-import numpy as np
 import pytest
 
 from relay.client.publish import ffmpeg_command
 from tests.conftest import need, start_relay, stop
-
-TONE_HZ = 660.0
-
-
-def dominant_hz(path) -> float:
-    pcm = subprocess.run([need("ffmpeg"), "-v", "error", "-i", str(path), "-f", "s16le", "-ac", "1",
-                          "-ar", "48000", "-"], capture_output=True, check=True).stdout
-    x = np.frombuffer(pcm, dtype="<i2").astype(float)
-    assert len(x) > 48000, f"only {len(x) / 48000:.2f} s of audio decoded"
-    x = x[len(x) // 4:]  # skip the start-up
-    spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
-    return float(np.fft.rfftfreq(len(x), 1 / 48000)[spectrum.argmax()])
+from tests.conftest import TONE_HZ, dominant_hz
 
 
 @pytest.mark.parametrize("workers", [1, 2])
+
+
 def test_listeners_get_tone_from_ffmpeg(tmp_path, workers: int) -> None:
     relay = start_relay(tmp_path, auth="jwt", extra_node=f"workers = {workers}")
     need("ffmpeg")
@@ -139,6 +129,8 @@ def test_publish_a_file_and_listen_live_through_an_sdp(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("bitrate, frame_ms, packet_bytes", [("256k", 20, 652), ("510k", 60, 3837)])
+
+
 def test_high_bitrate_publishers_are_heard(tmp_path, bitrate: str, frame_ms: int, packet_bytes: int) -> None:
     """ffmpeg at constant bitrates far above the old 187 kbit/s limit: 256
     kbit/s in 20 ms frames, and Opus's maximum, 510 kbit/s, in 60 ms frames

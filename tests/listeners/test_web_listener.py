@@ -16,8 +16,8 @@ import pytest
 
 from tests import browser
 from tests.conftest import stop
-from tests.test_end_to_end import TONE_HZ
-from tests.test_quic import metric, publish, quic_relay
+from tests.conftest import TONE_HZ
+from tests.listeners.conftest import metric, publish, quic_relay
 
 SCREENSHOT = Path(__file__).resolve().parent.parent / "build" / "screenshots" / "web-listener.png"
 
@@ -181,8 +181,8 @@ def _cluster_page(tmp_path, **edges: dict):
     if not browser.available():
         pytest.fail("chromium is not installed; run `make test`, which installs it")
     from relay.client.publish import ffmpeg_command
-    from tests.test_cascade import Node
-    from tests.test_directory import RedisServer
+    from tests.cluster.conftest import Node
+    from tests.cluster.conftest import RedisServer
     redis = RedisServer()
     origin = Node(tmp_path, "origin")
     nodes = {name: Node(tmp_path, name, upstream=[origin], directory=redis.url, quic=True, **kw)
@@ -215,11 +215,11 @@ def _playing(page: browser.Browser, frames: int) -> dict:
 def test_the_page_moves_to_another_edge_when_its_edge_dies(tmp_path) -> None:
     """A page playing from edge 1, told `via` edge 2's /join, keeps playing
     from edge 2 after edge 1 is killed."""
-    from tests.test_cascade import _token
+    from tests.cluster.conftest import listen_token
     with _cluster_page(tmp_path, edge1={}, edge2={}) as (edges, page):
         e1, e2 = edges["edge1"], edges["edge2"]
         time.sleep(1.2)   # the edges have read each other's records
-        page.goto(_page(e1, _token(), via=e2))
+        page.goto(_page(e1, listen_token(), via=e2))
         st = _playing(page, 50)
         assert st["state"] == "playing" and st["moves"] == 0, st
         before = st["framesDecoded"]
@@ -237,8 +237,8 @@ def test_a_page_refused_by_a_full_node_goes_where_its_join_says(tmp_path) -> Non
     """A full edge in a cluster: the page asks the node's own /join and plays
     from the edge it names, pinning that edge's certificate."""
     from relay.testing.loadgen import LoopbackCrowd
-    from tests.test_cascade import _token
-    token = _token()
+    from tests.cluster.conftest import listen_token
+    token = listen_token()
     with _cluster_page(tmp_path, full={"max_listeners": 1}, spare={}) as (edges, page):
         crowd = LoopbackCrowd(1, edges["full"].listen, "live", token=token)
         try:
@@ -256,11 +256,11 @@ def test_a_page_refused_by_a_full_node_goes_where_its_join_says(tmp_path) -> Non
 def test_a_page_on_a_draining_edge_moves_to_another(tmp_path) -> None:
     """SIGTERM on the page's edge: told `draining`, the page asks /join
     (here its ?via=) and plays on from the other edge."""
-    from tests.test_cascade import _token
+    from tests.cluster.conftest import listen_token
     with _cluster_page(tmp_path, edge1={}, edge2={}) as (edges, page):
         e1, e2 = edges["edge1"], edges["edge2"]
         time.sleep(1.2)
-        page.goto(_page(e1, _token(), via=e2))
+        page.goto(_page(e1, listen_token(), via=e2))
         st = _playing(page, 50)
         assert st["state"] == "playing", st
         before = st["framesDecoded"]
@@ -276,7 +276,7 @@ def test_the_page_shows_who_is_speaking(tmp_path) -> None:
     level bars on the page, from the node's periodic SPEAKERS message."""
     if not browser.available():
         pytest.fail("chromium is not installed; run `make test`, which installs it")
-    from tests.test_stage import STAGE, speaker, token
+    from tests.stage.conftest import STAGE, speaker, token
     relay, _server, _cert = quic_relay(tmp_path, auth="jwt", extra_room=STAGE)
     speakers = [speaker(relay, name, 20.0) for name in ("ann", "bo")]
     page = browser.Browser()

@@ -7,22 +7,10 @@ import struct
 import time
 
 from relay.testing.loadgen import scrape
-from relay.wire.protocol import Accept, Challenge, Join, build_nack, decode, encode
+from relay.wire.protocol import build_nack
 from tests.conftest import start_relay, stop
 from tests.rtp import rtp
-
-
-def _join(sock: socket.socket, room: str) -> Accept:
-    sock.send(encode(Join(room, "")))
-    challenge = decode(sock.recv(2048))
-    assert isinstance(challenge, Challenge)
-    sock.send(encode(Join(room, "", challenge.cookie)))
-    while True:
-        msg = sock.recv(2048)
-        if msg[0] == 0x0B:
-            acc = decode(msg)
-            assert isinstance(acc, Accept)
-            return acc
+from tests.listeners.conftest import udp_join
 
 
 def test_nack_is_answered_from_the_ring_and_rate_limited(tmp_path) -> None:
@@ -33,7 +21,7 @@ def test_nack_is_answered_from_the_ring_and_rate_limited(tmp_path) -> None:
     lst.connect(relay.listen)
     lst.settimeout(2)
     try:
-        acc = _join(lst, relay.room)
+        acc = udp_join(lst, relay.room)
         for k in range(60):
             pub.sendto(rtp(k, 960 * k, 0xFEED, struct.pack("!H", k) * 20), relay.ingest)
             time.sleep(0.002)

@@ -154,15 +154,15 @@ def test_the_cluster_row_and_alerts_from_real_prometheus(tmp_path) -> None:
     and alert signals have data, and the edge losing its only upstream
     while it has listeners starts RelayEdgeWithoutUpstream."""
     import signal as signals
-    from tests.test_cascade import Node, _token
-    from tests.test_directory import RedisServer
+    from tests.cluster.conftest import Node, listen_token
+    from tests.cluster.conftest import RedisServer
     redis = RedisServer()
     origin = Node(tmp_path, "origin", directory=redis.url)
     edge = Node(tmp_path, "edge", upstream=[origin], directory=redis.url)
     pub = subprocess.Popen([sys.executable, "-m", "relay", "publish", "--to",
                             f"{origin.ingest[0]}:{origin.ingest[1]}", "--duration", "60"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    crowd = LoopbackCrowd(5, edge.listen, "live", token=_token())
+    crowd = LoopbackCrowd(5, edge.listen, "live", token=listen_token())
     prom, p = _start_prometheus(tmp_path, [origin.admin, edge.admin])
     try:
         assert crowd.join().accepted == 5

@@ -18,40 +18,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import redis
 
 from relay.client.listen import ListenClient
 from relay.testing.loadgen import LoopbackCrowd, free_port, scrape, wait_ready
 from tests.conftest import SECRET, need, stop
 from tests.rtp import rtp
+from tests.cluster.conftest import RedisServer, listen_token
 
 ENV = dict(os.environ, PYTHONUNBUFFERED="1")
-
-
-class RedisServer:
-    def __init__(self, port: int | None = None) -> None:
-        self.port = port or free_port(socket.SOCK_STREAM)
-        self.proc = subprocess.Popen([need("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
-                                      "--save", "", "--appendonly", "no"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_timeout=1)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
-        self.client = client
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
 
 
 class Node:
@@ -206,6 +180,8 @@ def test_with_redis_down_nodes_serve_on_and_register_again(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("url", ["http://x", "redis"])
+
+
 def test_a_directory_that_is_not_a_redis_url_is_named(url: str) -> None:
     from relay.wire.config import ConfigError, load
     with pytest.raises(ConfigError, match="directory: expected a redis:// or rediss:// URL"):
@@ -217,8 +193,8 @@ def test_when_its_edge_dies_a_listener_rejoins_through_the_directory(tmp_path) -
     """origin <- ffmpeg; two edges take the room from it. A `relay listen`
     on edge 1 that knows edge 2's /join: edge 1 is killed, and within a few
     seconds the listener hears the room from edge 2, its output one stream."""
-    from tests.test_cascade import Node as CascadeNode
-    from tests.test_end_to_end import TONE_HZ, dominant_hz
+    from tests.cluster.conftest import Node as CascadeNode
+    from tests.conftest import TONE_HZ, dominant_hz
     from relay.client.publish import ffmpeg_command
     r = RedisServer()
     origin = CascadeNode(tmp_path, "origin")
@@ -232,7 +208,7 @@ def test_when_its_edge_dies_a_listener_rejoins_through_the_directory(tmp_path) -
         need("ffmpeg")
         listener = subprocess.Popen(
             [sys.executable, "-m", "relay", "listen", "--server", f"{e1.listen[0]}:{e1.listen[1]}",
-             "--via", f"http://{e2.admin[0]}:{e2.admin[1]}/join", "--room", "live", "--token", _token(),
+             "--via", f"http://{e2.admin[0]}:{e2.admin[1]}/join", "--room", "live", "--token", listen_token(),
              "--out", str(out), "--duration", "9"],
             env=dict(ENV, RELAY_SECRET=SECRET), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         time.sleep(3.5)
@@ -254,6 +230,3 @@ def test_when_its_edge_dies_a_listener_rejoins_through_the_directory(tmp_path) -
         r.stop()
 
 
-def _token() -> str:
-    return subprocess.run([sys.executable, "-m", "relay", "token", "--room", "live"],
-                          env=dict(ENV, RELAY_SECRET=SECRET), capture_output=True, text=True, check=True).stdout.strip()

@@ -15,7 +15,8 @@ from cryptography.hazmat.primitives import serialization
 from relay.listeners.quic import tls as certs
 from relay.testing.loadgen import free_port
 from tests.conftest import stop
-from tests.test_quic import publish, start_relay
+from tests.conftest import start_relay
+from tests.listeners.conftest import publish
 
 
 def _write(creds: certs.Credentials, cert, key) -> None:

@@ -5,60 +5,19 @@ takes the room from the next node in its list, and its listeners' stream
 stays one continuous sequence with a gap under a second."""
 from __future__ import annotations
 
-import os
 import re
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
-from pathlib import Path
 
 from relay.client.publish import encode_tone, ffmpeg_command
-from relay.testing.loadgen import LoopbackCrowd, free_port, scrape, wait_ready
-from tests.conftest import SECRET, need, stop
+from relay.testing.loadgen import LoopbackCrowd, scrape
+from tests.conftest import need, stop
 from tests.rtp import rtp
-from tests.test_end_to_end import TONE_HZ, dominant_hz
-
-ENV = dict(os.environ, RELAY_SECRET=SECRET, PYTHONUNBUFFERED="1")
-
-
-class Node:
-    """A `relay serve` with one room "live": from an ingest port, or from
-    the upstream nodes given."""
-
-    def __init__(self, tmp: Path, name: str, upstream: list["Node"] | None = None, workers: int = 1,
-                 env: dict | None = None, directory: str = "", quic: bool = False,
-                 max_listeners: int = 100_000) -> None:
-        self.listen = ("127.0.0.1", free_port())
-        self.admin = ("127.0.0.1", free_port(socket.SOCK_STREAM))
-        self.ingest = ("127.0.0.1", free_port())
-        room = (f'upstream = [{", ".join(repr(f"{u.listen[0]}:{u.listen[1]}") for u in upstream)}]'
-                if upstream else f'ingest = "{self.ingest[0]}:{self.ingest[1]}"\nsources = ["127.0.0.1"]')
-        cfg = tmp / f"{name}.toml"
-        cfg.write_text(f'[node]\nlisten = "{self.listen[0]}:{self.listen[1]}"\n'
-                       f'admin = "{self.admin[0]}:{self.admin[1]}"\nauth = "jwt"\nworkers = {workers}\n'
-                       'max_load = 0\nmax_machine_load = 0\ndrain_grace = 0\nupstream_linger = 0.5\n'
-                       f'max_listeners = {max_listeners}\n'
-                       + (f'directory = "{directory}"\nnode_id = "{name}"\n' if directory else "")
-                       + (f'quic = "127.0.0.1:{free_port()}"\n' if quic else "") +
-                       f'[[room]]\nname = "live"\n{room}\n'.replace("'", '"'))
-        self.proc = subprocess.Popen([sys.executable, "-m", "relay", "--log-level", "warning", "serve", "-c", str(cfg)],
-                                     env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        assert wait_ready(self.admin, self.proc), f"{name} did not start"
-
-    def listeners(self) -> float:
-        return scrape(self.admin)['relay_listeners{room="live",transport="udp"}']
-
-    def get_metrics(self) -> str:
-        with urllib.request.urlopen(f"http://{self.admin[0]}:{self.admin[1]}/metrics", timeout=10) as r:
-            return r.read().decode()
-
-
-def _token() -> str:
-    return subprocess.run([sys.executable, "-m", "relay", "token", "--room", "live"], env=ENV,
-                          capture_output=True, text=True, check=True).stdout.strip()
+from tests.conftest import TONE_HZ, dominant_hz
+from tests.cluster.conftest import ENV, Node, listen_token
 
 
 def test_an_edge_takes_the_room_from_upstream_only_while_it_has_listeners(tmp_path) -> None:
@@ -73,7 +32,7 @@ def test_an_edge_takes_the_room_from_upstream_only_while_it_has_listeners(tmp_pa
         assert origin.listeners() == 0          # no listener on the edge yet: no subscription
         out = tmp_path / "edge.ogg"
         heard = subprocess.run([sys.executable, "-m", "relay", "listen", "--server",
-                                f"{edge.listen[0]}:{edge.listen[1]}", "--room", "live", "--token", _token(),
+                                f"{edge.listen[0]}:{edge.listen[1]}", "--room", "live", "--token", listen_token(),
                                 "--out", str(out), "--duration", "4"],
                                env=ENV, capture_output=True, text=True, timeout=60)
         assert heard.returncode == 0, heard.stderr
@@ -99,7 +58,7 @@ def test_an_edge_whose_upstream_dies_moves_to_the_next_within_a_second(tmp_path)
     origin = Node(tmp_path, "origin")
     mid = [Node(tmp_path, f"mid{i}", upstream=[origin]) for i in range(2)]
     edge = Node(tmp_path, "edge", upstream=mid)
-    crowd = LoopbackCrowd(5, edge.listen, "live", token=_token())
+    crowd = LoopbackCrowd(5, edge.listen, "live", token=listen_token())
     frames = encode_tone(440, 1.0)
     pub = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:

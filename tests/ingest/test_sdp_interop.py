@@ -14,7 +14,7 @@ import time
 import pytest
 
 from tests.conftest import need, start_relay, stop
-from tests.test_end_to_end import TONE_HZ, dominant_hz
+from tests.conftest import TONE_HZ, dominant_hz
 
 
 def _publisher(kind: str, ingest: tuple[str, int]) -> list[str]:

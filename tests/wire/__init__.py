@@ -1,0 +1,1 @@
+"""The wire's tests: the control protocol and the config file."""
