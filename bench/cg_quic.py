@@ -34,7 +34,8 @@ from aioquic.quic.events import DatagramFrameReceived  # noqa: E402
 
 from relay._core import Core  # noqa: E402
 from relay.client.publish import RtpPacketizer, encode_tone  # noqa: E402
-from relay.listeners.quic.endpoint import ListenerConnection, QuicEndpoint  # noqa: E402
+from relay.listeners.quic.connection import ListenerConnection  # noqa: E402
+from relay.listeners.quic.endpoint import QuicEndpoint  # noqa: E402
 from relay.listeners.sessions import RoomState, Sessions  # noqa: E402
 from relay.wire.config import NodeConfig  # noqa: E402
 from relay.wire.protocol import ALPN_QUIC, MAX_DATAGRAM_FRAME, Join, Reject  # noqa: E402

@@ -246,6 +246,7 @@ def _payload(pkt: bytes) -> bytes:
 
 def cmd_publish(args: argparse.Namespace) -> None:
     from relay.client.publish import publish_tone, publish_with_ffmpeg
+    from relay.client.signals import until_stopped
 
     if args.token is not None or args.server:
         raise SystemExit(_speak(args))
@@ -263,18 +264,17 @@ def cmd_publish(args: argparse.Namespace) -> None:
         except FileNotFoundError as e:
             _die(str(e))
     print(f"publishing a {args.tone:g} Hz tone to {to[0]}:{to[1]} as RTP/Opus", file=sys.stderr)
-    try:
-        sent = _run(publish_tone(to, args.tone, args.duration, bitrate=args.bitrate,
-                                 frame_ms=args.frame_ms))
-    except KeyboardInterrupt:
-        return
-    print(f"sent {sent} packets", file=sys.stderr)
+    sent, stopped = _run(until_stopped(publish_tone(to, args.tone, args.duration, bitrate=args.bitrate,
+                                                    frame_ms=args.frame_ms)))
+    if not stopped:
+        print(f"sent {sent} packets", file=sys.stderr)
 
 
 def _speak(args: argparse.Namespace) -> int:
     """`relay publish --server --token`: a speaker on a room's stage."""
     from relay.client.listen import JoinRefused
     from relay.client.ogg import OggOpusWriter
+    from relay.client.signals import until_stopped
     from relay.client.speak import speak_tone
 
     if args.file:
@@ -293,21 +293,21 @@ def _speak(args: argparse.Namespace) -> int:
     print(f"speaking a {args.tone:g} Hz tone on room {args.room!r}'s stage at {server[0]}:{server[1]}",
           file=sys.stderr)
     try:
-        stats = _run(speak_tone(f"{server[0]}:{server[1]}", args.room, args.token or "", args.tone,
-                                args.duration, sink=(lambda pkt: ogg.write(_payload(pkt))) if ogg else None,
-                                bitrate=args.bitrate))
+        stats, stopped = _run(until_stopped(speak_tone(
+            f"{server[0]}:{server[1]}", args.room, args.token or "", args.tone, args.duration,
+            sink=(lambda pkt: ogg.write(_payload(pkt))) if ogg else None, bitrate=args.bitrate)))
     except JoinRefused as e:
         print(f"relay: {e}", file=sys.stderr)
         return 3
     except (TimeoutError, ConnectionError) as e:
         print(f"relay: {e}", file=sys.stderr)
         return 4
-    except KeyboardInterrupt:
-        return 0
     finally:
         if ogg is not None and out_file is not None:
             ogg.close()
             out_file.close()
+    if stopped or stats is None:
+        return 0
     print(f"heard {stats.received} packets of the stage without this speaker", file=sys.stderr)
     return 0
 

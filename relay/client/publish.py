@@ -19,6 +19,8 @@ import time
 
 import opuslib
 
+from relay.client.signals import passed_on
+
 FRAME = 960          # 20 ms at 48 kHz
 RATE = 48000
 PAYLOAD_TYPE = 111
@@ -128,6 +130,10 @@ def ffmpeg_command(source: str, to: tuple[str, int], bitrate: str = "64k",
 
 def publish_with_ffmpeg(source: str, to: tuple[str, int], duration: float | None = None,
                         lavfi: bool = False) -> int:
-    """Run ffmpeg to publish; returns its exit code."""
-    return subprocess.call(ffmpeg_command(source, to, lavfi=lavfi, duration=duration),
-                           stdout=subprocess.DEVNULL)
+    """Run ffmpeg to publish; returns its exit code, or 0 when a stop signal
+    (SIGINT, SIGTERM, SIGHUP) ended it and it finished cleanly."""
+    with subprocess.Popen(ffmpeg_command(source, to, lavfi=lavfi, duration=duration),
+                          stdout=subprocess.DEVNULL) as ffmpeg, passed_on(ffmpeg) as stopped:
+        code = ffmpeg.wait()
+    # ffmpeg exits 255 after a signal even when it ended cleanly (BYE sent)
+    return 0 if stopped and code == 255 else code

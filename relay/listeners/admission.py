@@ -1,11 +1,18 @@
 """Admission limits: token buckets for the join rate of the whole node and
-of each source address. Over a limit the answer is an explicit REJECT, so a
-crowd arriving at once is turned away cleanly instead of starving the
-listeners already served."""
+of each source address, and the gate that stops joins before the node runs
+out of CPU. Over a limit the answer is an explicit REJECT, so a crowd
+arriving at once is turned away cleanly instead of starving the listeners
+already served."""
 from __future__ import annotations
 
 import ipaddress
+import logging
 from collections import OrderedDict
+from typing import Callable
+
+log = logging.getLogger("relay.sessions")
+
+LOAD_LOG_EVERY_S = 10.0   # at most one log line per this long about refusals for load
 
 
 class TokenBucket:
@@ -72,3 +79,49 @@ class JoinLimiter:
     def allow_node(self, now: float) -> bool:
         """Spend one of the node's joins (for a join that can succeed)."""
         return self.node.take(now)
+
+
+class LoadGate:
+    """Joins stop before the node runs out of CPU, not after: the relay's
+    own fan-out duty cycle, projected to one more listener, against
+    max_load; the machine's CPU against max_machine_load; and a transport's
+    own limit (the QUIC loop thread)."""
+
+    def __init__(self) -> None:
+        self.load = 0.0           # the relay's fan-out duty cycle at the last measurement
+        self.machine = 0.0        # the machine's CPU busy fraction then
+        self.load_listeners = 0   # listeners at that measurement
+        self._logged = -LOAD_LOG_EVERY_S
+        self._refused = 0         # refusals since the last log line
+
+    def note(self, duty: float, machine: float, listeners: int) -> None:
+        """A new measurement: duty cycle (0..1 of a core) with this many
+        listeners, and the machine's CPU busy fraction (0..1)."""
+        self.load, self.machine, self.load_listeners = duty, machine, listeners
+
+    def refuses(self, now: float, listeners: int, max_load: float, max_machine_load: float,
+                transport_full: Callable[[], bool] | None = None) -> bool:
+        """Whether a join now would take the node past a load limit; logs
+        the reason, at most once per LOAD_LOG_EVERY_S."""
+        # The relay's cost grows with its listeners, so one more costs about
+        # load / load_listeners; below 5 % the measure is mostly noise (or
+        # the publisher is quiet) and only max_listeners applies. The
+        # machine's CPU is not projected: other processes do not grow with
+        # our listeners. It is a cap of its own, with headroom.
+        projected = self.load * (listeners + 1) / self.load_listeners if self.load_listeners else 0.0
+        why = ""
+        if max_load > 0 and self.load >= 0.05 and projected > max_load:
+            why = f"relay duty {self.load:.3f} with {self.load_listeners} listeners projects to " \
+                  f"{projected:.3f} > max_load {max_load}"
+        elif max_machine_load > 0 and self.machine > max_machine_load:
+            why = f"machine CPU {self.machine:.3f} busy > max_machine_load {max_machine_load}"
+        elif transport_full is not None and transport_full():
+            why = "the event-loop thread would pass max_load with one more QUIC session"
+        if not why:
+            return False
+        self._refused += 1
+        if now - self._logged >= LOAD_LOG_EVERY_S:
+            # a storm refuses thousands a second: one line per interval, with the count
+            log.warning("refusing joins for load: %s (%d refused since the last line)", why, self._refused)
+            self._logged, self._refused = now, 0
+        return True

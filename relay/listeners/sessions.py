@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Hashable, NamedTuple
 
 from relay._core import Core
-from relay.listeners.admission import JoinLimiter
+from relay.listeners.admission import JoinLimiter, LoadGate
 from relay.stage.stages import Stages
 from relay.wire.addr import to_sockaddr
 from relay.wire.config import NodeConfig
@@ -32,7 +32,6 @@ UDP = "udp"
 # RTCP a listener may send us: an RR and a NACK of a few dozen FCIs fit
 # many times over; anything longer is not from a well-behaved listener
 MAX_RTCP = 512
-LOAD_LOG_EVERY_S = 10.0   # at most one log line per this long about refusals for load
 PULLED = ("quic", "webtransport")   # transports that pull from their rings
 
 
@@ -113,11 +112,7 @@ class Sessions:
         self.before_remove: Callable[[Session], None] | None = None
         self.draining = False
         self.limiter = JoinLimiter(cfg.join_rate, cfg.join_rate_per_source)
-        self.load = 0.0           # the relay's fan-out duty cycle at the last measurement
-        self.machine = 0.0        # the machine's CPU busy fraction then
-        self.load_listeners = 0   # listeners at that measurement
-        self._load_logged = -LOAD_LOG_EVERY_S
-        self._load_refused = 0    # refusals for load since the last log line
+        self.gate = LoadGate()
         self._by_room: Counter = Counter()    # (room, transport) -> sessions
         self._pulled: set[Hashable] = set()   # keys of sessions whose transport pulls
         self._by_token: Counter = Counter()   # token -> sessions it holds
@@ -299,32 +294,13 @@ class Sessions:
     def note_load(self, duty: float, machine: float, listeners: int) -> None:
         """The relay's measured fan-out duty cycle (0..1 of a core) with this
         many listeners, and the machine's CPU busy fraction (0..1)."""
-        self.load, self.machine, self.load_listeners = duty, machine, listeners
+        self.gate.note(duty, machine, listeners)
 
     def _over_load(self, now: float, transport_full: Callable[[], bool] | None = None) -> bool:
-        cfg = self.cfg
-        # The relay's cost grows with its listeners, so one more costs about
-        # load / load_listeners; below 5 % the measure is mostly noise (or
-        # the publisher is quiet) and only max_listeners applies. The
-        # machine's CPU is not projected: other processes do not grow with
-        # our listeners. It is a cap of its own, with headroom.
-        projected = self.load * (self.core.listeners + 1) / self.load_listeners if self.load_listeners else 0.0
-        why = ""
-        if cfg.max_load > 0 and self.load >= 0.05 and projected > cfg.max_load:
-            why = f"relay duty {self.load:.3f} with {self.load_listeners} listeners projects to " \
-                  f"{projected:.3f} > max_load {cfg.max_load}"
-        elif cfg.max_machine_load > 0 and self.machine > cfg.max_machine_load:
-            why = f"machine CPU {self.machine:.3f} busy > max_machine_load {cfg.max_machine_load}"
-        elif transport_full is not None and transport_full():
-            why = "the event-loop thread would pass max_load with one more QUIC session"
-        if not why:
+        if not self.gate.refuses(now, self.core.listeners, self.cfg.max_load, self.cfg.max_machine_load,
+                                 transport_full):
             return False
         self.counters.rejections_load += 1
-        self._load_refused += 1
-        if now - self._load_logged >= LOAD_LOG_EVERY_S:
-            # a storm refuses thousands a second: one line per interval, with the count
-            log.warning("refusing joins for load: %s (%d refused since the last line)", why, self._load_refused)
-            self._load_logged, self._load_refused = now, 0
         return True
 
     def accept_message(self, s: Session) -> Accept:

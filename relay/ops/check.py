@@ -9,7 +9,7 @@ import resource
 import shutil
 from dataclasses import dataclass
 
-from relay.listeners.udp import SOCKET_BUFFER
+from relay.wire.sockets import SOCKET_BUFFER
 from relay.wire.config import NodeConfig, arena_bytes
 
 

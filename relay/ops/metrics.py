@@ -25,7 +25,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from relay import __version__
 from relay._core import Core
 from relay.listeners.load import LoadMeter
-from relay.listeners.quic.endpoint import QuicCounters
+from relay.listeners.quic.connection import QuicCounters
 from relay.listeners.senders import SenderThreads
 from relay.listeners.sessions import PULLED, UDP, RoomState, Sessions
 from relay.ingest.srtp import SRTP_DROPS

@@ -25,10 +25,7 @@ packets and joins; it hands the loop finished RTP packets for the core.
 from __future__ import annotations
 
 import logging
-import queue
 import struct
-import threading
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Hashable
@@ -36,6 +33,7 @@ from typing import Callable, Hashable
 from pylibsrtp import Error as SrtpError, Policy, Session as SrtpSession
 
 from relay.stage.mixer import FRAME, SILENT, SPEAKING, Mixer, Voice
+from relay.stage.rtp import has_bye, rtp_payload
 from relay.wire.protocol import Speaker
 
 log = logging.getLogger("relay.stage")
@@ -47,62 +45,9 @@ GONE_NS = 5_000_000_000      # a static publisher (no session to end) silent thi
 MARGIN_NS = 3_000_000        # a packet is due this long before the tick that first needs it
 FRAME_NS = 20_000_000
 PAYLOAD_TYPE = 111
-LEVEL_EXT_ID = 1             # RFC 6464 audio level: the one-byte extension id speakers use
-MAX_CATCH_UP = 10            # ticks run at once after the worker was held up; older ones are skipped
 # a speaker's audio the stage drops, by reason (relay_stage_drops_total)
 STAGE_DROPS = ("foreign", "auth", "replay", "malformed", "late")
 Output = tuple[int, bytes, Hashable]  # (core room, RTP packet, the speaker whose mix-minus room it is, or None)
-
-
-def rtp_payload(packet: bytes) -> tuple[int, int, bytes, int | None] | None:
-    """(sequence number, timestamp, payload, RFC 6464 level or None) of
-    an RTP packet, or None if it is not one we can use."""
-    if len(packet) < 12 or packet[0] >> 6 != 2:
-        return None
-    b0 = packet[0]
-    seq, ts = struct.unpack_from("!HI", packet, 2)
-    off = 12 + 4 * (b0 & 0x0F)
-    level = None
-    end = len(packet)
-    if b0 & 0x10:
-        if off + 4 > end:
-            return None
-        profile, words = struct.unpack_from("!HH", packet, off)
-        ext_end = off + 4 + 4 * words
-        if profile == 0xBEDE:
-            level = _level_ext(packet, off + 4, min(ext_end, end))
-        off = ext_end
-    if b0 & 0x20:
-        end -= packet[-1]
-    if off >= end:
-        return None
-    return seq, ts, packet[off:end], level
-
-
-def _has_bye(packet: bytes) -> bool:
-    """Does a compound RTCP packet carry a BYE (RFC 3550 6.6)?"""
-    at = 0
-    while at + 4 <= len(packet) and packet[at] >> 6 == 2:
-        if packet[at + 1] == 203:
-            return True
-        at += 4 * (struct.unpack_from("!H", packet, at + 2)[0] + 1)
-    return False
-
-
-def _level_ext(packet: bytes, at: int, end: int) -> int | None:
-    """The audio level in one-byte header extensions (RFC 8285), if any."""
-    while at < end:
-        b = packet[at]
-        if b == 0:
-            at += 1
-            continue
-        ext_id, size = b >> 4, (b & 0x0F) + 1
-        if ext_id == 15:
-            return None
-        if ext_id == LEVEL_EXT_ID and at + 1 < end:
-            return packet[at + 1] & 0x7F
-        at += 1 + size
-    return None
 
 
 @dataclass
@@ -192,7 +137,7 @@ class Stage:
         made on its first packet and gone after its BYE or a silence."""
         if len(packet) >= 2 and 72 <= packet[1] & 0x7F <= 76:
             # RTCP: a BYE takes the publisher off the stage at once
-            return self.remove(key, now_ns) if _has_bye(packet) and key in self.voices else []
+            return self.remove(key, now_ns) if has_bye(packet) and key in self.voices else []
         voice = self.voices.get(key)
         if voice is None:
             where = f"{key[1]}:{key[2]}" if isinstance(key, tuple) and len(key) == 3 else str(key)
@@ -352,94 +297,3 @@ class Stage:
             Speaker(v.id, v.name, v.level if now_ns - v.heard_ns < LIVE_NS else SILENT,
                     now_ns - v.spoke_ns < ACTIVE_NS)
             for v in sorted(self.voices.values(), key=lambda v: (v.level, v.id)))
-
-
-class StageWorker:
-    """The thread that runs every stage of a node: packets and joins come in
-    on a queue from the event loop, ticks every 20 ms per active stage, and
-    finished RTP goes back to the loop through `deliver` (called on this
-    thread; it must hand over to the loop, e.g. with call_soon_threadsafe)."""
-
-    def __init__(self, deliver: Callable[[list[Output]], None]) -> None:
-        self.deliver = deliver
-        self.stages: dict[str, Stage] = {}
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self.skipped_ticks = 0
-        self.busy_ns = 0        # this thread's CPU time on packets and ticks
-
-    def start(self) -> None:
-        """Run the worker thread."""
-        self._thread = threading.Thread(target=self._run, name="relay-stage", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop the worker thread (what is queued is dropped)."""
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join(timeout=2)
-            self._thread = None
-
-    def drop(self, name: str) -> None:
-        """Forget a stage (its room went away), on the worker thread."""
-        self.call(self._drop, name)
-
-    def _drop(self, name: str) -> None:
-        self.stages.pop(name, None)
-
-    def call(self, fn: Callable[..., list[Output] | None], *args: object) -> None:
-        """Run fn(*args) on the worker thread; what it returns is delivered."""
-        self._queue.put((fn, args))
-
-    def _run(self) -> None:
-        while True:
-            active = [st for st in self.stages.values() if st.voices]
-            wait = None
-            if active:
-                wait = max(0.0, (min(st.tick_ns for st in active) - time.monotonic_ns()) / 1e9)
-            try:
-                items = [self._queue.get(timeout=wait)]
-            except queue.Empty:
-                items = []
-            t0 = time.thread_time_ns()
-            # everything that arrived goes into the jitter buffers before a
-            # tick mixes: a packet waiting behind another is not late
-            while True:
-                try:
-                    items.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            if None in items:
-                return
-            out: list[Output] = []
-            for fn, args in items:
-                try:
-                    out += fn(*args) or []
-                except Exception:   # one bad packet or join must not stop every stage
-                    log.exception("stage worker: %s failed", getattr(fn, "__name__", fn))
-            out += self._ticks()
-            self.busy_ns += time.thread_time_ns() - t0
-            if out:
-                self.deliver(out)
-
-    def _ticks(self) -> list[Output]:
-        out: list[Output] = []
-        now = time.monotonic_ns()
-        for st in self.stages.values():
-            if not st.voices:
-                continue
-            behind = (now - st.tick_ns) // FRAME_NS
-            if behind >= MAX_CATCH_UP:   # held up for long: skip ahead rather than mix a backlog
-                st.next_t += int(behind) * FRAME
-                st.tick_ns += int(behind) * FRAME_NS
-                self.skipped_ticks += int(behind)
-            while st.tick_ns <= now:
-                t0 = time.thread_time_ns()
-                try:
-                    out += st.tick(now)
-                except Exception:
-                    log.exception("stage %r: tick failed", st.name)
-                    st.tick_ns += FRAME_NS
-                    st.next_t += FRAME
-                st.busy_ns += time.thread_time_ns() - t0
-        return out

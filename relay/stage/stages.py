@@ -1,6 +1,6 @@
 """The event loop's side of the node's stages: who is on which stage, the
 core rooms their mix-minus streams go to, and the hand-over to and from
-the StageWorker thread (stage.py), which does the audio.
+the StageWorker thread (worker.py), which does the audio.
 
 Each speaker takes one of the node's `speaker_slots` core rooms for the
 stage without its own voice; its session listens there like any listener
@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import Callable, Hashable
 
 from relay._core import Core
-from relay.stage.stage import STAGE_DROPS, Output, Stage, StageWorker
+from relay.stage.stage import STAGE_DROPS, Output, Stage
+from relay.stage.worker import StageWorker
 from relay.wire.addr import to_sockaddr
 from relay.wire.config import RoomConfig
 from relay.wire.protocol import Reason, Speakers, encode

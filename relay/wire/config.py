@@ -68,6 +68,15 @@ class RoomConfig:
         """Does the room's audio go through a stage (relay/stage/stage.py)?"""
         return not self.upstream and (self.ingest is None or self.max_speakers > 0)
 
+    @property
+    def origin(self) -> str:
+        """Where the room's audio comes from, in words (the start-up line)."""
+        if self.stage:
+            return f"up to {self.max_speakers} speakers"
+        if self.ingest is None:
+            return "upstream " + ", ".join(f"{h}:{p}" for h, p in self.upstream)
+        return f"{self.ingest[0]}:{self.ingest[1]}"
+
 
 @dataclass
 class NodeConfig:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from relay.listeners.udp import SOCKET_BUFFER
+from relay.wire.sockets import SOCKET_BUFFER
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 

@@ -1,0 +1,46 @@
+"""Where joiners go: this node's directory record, the redirect for a
+listener it turns away, and the answer to GET /join."""
+from __future__ import annotations
+
+from typing import Any
+
+from relay.cluster.directory import Directory
+from relay.wire.config import NodeConfig
+
+
+def node_record(cfg: NodeConfig, quic_port: int | None, quic_info: dict[str, Any] | None, rooms: list[str],
+                listeners: int, load: float, draining: bool) -> dict[str, Any]:
+    """This node's directory record: how to reach it, what it can take and
+    which rooms it carries now (`rooms`)."""
+    quic = webtransport = cert = ""
+    if quic_port is not None and quic_info is not None and cfg.advertise:
+        quic = f"{cfg.advertise.rpartition(':')[0]}:{quic_port}"
+        webtransport = f"https://{quic}{quic_info['path']}"
+        cert = quic_info["cert_sha256"] or ""
+    return {"udp": cfg.advertise, "quic": quic, "webtransport": webtransport, "cert": cert,
+            "tier": cfg.tier, "capacity": cfg.max_listeners, "listeners": listeners,
+            "load": round(load, 4), "draining": draining, "rooms": rooms}
+
+
+def redirect(directory: Directory, cfg: NodeConfig, room: str, udp: bool) -> str:
+    """A live node of this tier with room for a listener this node turns
+    away: its UDP or its QUIC address; "" if there is none."""
+    peer = directory.pick(room, tier=cfg.tier, exclude=cfg.advertise)
+    if peer is None:
+        return ""
+    return peer.udp if udp else peer.quic
+
+
+def where_to_join(room: str, cfg: NodeConfig, me: dict[str, Any] | None,
+                  directory: Directory | None) -> dict[str, Any]:
+    """GET /join: this node (`me`, its record, if it would take a listener
+    now), else the directory's pick; empty addresses if nobody can."""
+    if me is not None and cfg.advertise:
+        return {"room": room, "node": cfg.node_id, "udp": me["udp"], "quic": me["quic"],
+                "webtransport": me["webtransport"], "cert_sha256": me["cert"]}
+    if directory is not None:
+        peer = directory.pick(room, tier=cfg.tier, exclude=cfg.advertise)
+        if peer is not None:
+            return {"room": room, "node": peer.id, "udp": peer.udp, "quic": peer.quic,
+                    "webtransport": peer.webtransport, "cert_sha256": peer.cert}
+    return {"room": room, "node": "", "udp": "", "quic": "", "webtransport": "", "cert_sha256": ""}

@@ -1,0 +1,198 @@
+"""One listener's QUIC connection: plain QUIC ("relay-listen/1") or HTTP/3
+with WebTransport ("h3"), its join stream, and what it may be sent.
+
+The connection only reads and frames: joining, leaving and the audio it is
+given are its endpoint's (endpoint.py).
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from aioquic.asyncio import QuicConnectionProtocol
+from aioquic.h3.connection import H3_ALPN, H3Connection
+from aioquic.h3.events import DatagramReceived, H3Event, HeadersReceived, WebTransportStreamDataReceived
+from aioquic.quic.events import (ConnectionTerminated, HandshakeCompleted, QuicEvent,
+                                 StreamDataReceived, StreamReset)
+
+from relay.listeners.load import QuicLoad
+from relay.listeners.quic.path import Link, first_hp
+from relay.listeners.sessions import Session
+from relay.wire.protocol import WEBTRANSPORT_PATH, Accept, FrameReader, Join, Leave, ProtocolError, Reject, frame
+
+# datagrams queued inside a connection before we stop pulling from its ring:
+# enough to fill a congestion window's worth between two fan-outs, little
+# enough that a stalled path loses old audio in the ring, not in aioquic
+IN_FLIGHT = 8
+# a healthy peer acknowledges within an RTT plus its ack delay (25 ms by
+# default); a peer we have sent to for this long without hearing a packet
+# back has stalled, and gets no more until it answers
+STALL_S = 1.0
+
+
+@dataclass
+class QuicCounters:
+    """What the QUIC port counts, read by the metrics collector."""
+    connections: int = 0
+    datagrams_sent: Counter = field(default_factory=Counter)    # by transport
+    bytes_sent: Counter = field(default_factory=Counter)
+    too_large: Counter = field(default_factory=Counter)         # audio packets over MAX_QUIC_AUDIO, by transport
+    stream_errors: int = 0        # join streams that did not parse
+    refused_requests: int = 0     # HTTP/3 requests that were not a WebTransport CONNECT
+    refused_connections: int = 0  # new connections over the cap of ones that have not joined
+    join_deadline: int = 0        # connections closed for not joining in time
+    gone: int = 0                 # joined listeners that stopped answering, ended
+
+
+class Endpoint(Protocol):
+    """What a connection asks of its endpoint (endpoint.py)."""
+    counters: QuicCounters
+    load: QuicLoad
+
+    def join(self, conn: "ListenerConnection", msg: Join) -> Accept | Reject: ...
+
+    def leave(self, conn: "ListenerConnection", why: str = "") -> None: ...
+
+    def not_pending(self, conn: "ListenerConnection") -> None: ...
+
+
+class ListenerConnection(QuicConnectionProtocol):
+    """One QUIC connection: at most one listener session at a time."""
+
+    def __init__(self, *args: Any, endpoint: Endpoint, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.endpoint = endpoint
+        self.h3: H3Connection | None = None
+        self.wt_session: int | None = None       # the WebTransport CONNECT stream
+        self.join_stream: int | None = None
+        self.readers: dict[int, FrameReader] = {}
+        self.session: Session | None = None         # the listener session, once joined
+        self.held = False                           # out of the fan-out while the peer is silent
+        self.transport_name = "quic"
+        self.last_ping = time.monotonic()          # last PING or audio sent
+        self.unanswered_since: float | None = None   # first send since the peer last spoke
+        self.hp: tuple[bytes, bytes] | None = None   # the first 1-RTT header-protection keys
+        self.link: Link | None = None                 # its audio on the core's QUIC path
+
+    # ---------------------------------------------------------------- events
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        t0 = time.perf_counter_ns()
+        self.unanswered_since = None
+        super().datagram_received(data, addr)
+        if self.session is not None:
+            # a session's steady cost (ACKs); handshakes are load, not per-session cost
+            self.endpoint.load.busy_ns += time.perf_counter_ns() - t0
+
+    def quic_event_received(self, event: QuicEvent) -> None:
+        if isinstance(event, HandshakeCompleted):
+            self.endpoint.counters.connections += 1
+            self.hp = first_hp(self._quic)
+            if event.alpn_protocol in H3_ALPN:
+                self.h3 = H3Connection(self._quic, enable_webtransport=True)
+                self.transport_name = "webtransport"
+        elif isinstance(event, ConnectionTerminated):
+            self.endpoint.not_pending(self)
+            # aioquic's own phrase for a peer that stopped answering
+            self.endpoint.leave(self, "timeout" if event.reason_phrase == "Idle timeout" else "left")
+            return
+        if (isinstance(event, (StreamDataReceived, StreamReset)) and event.stream_id == self.wt_session
+                and (isinstance(event, StreamReset) or event.end_stream)):
+            # the page closed its WebTransport session (a closed tab): the
+            # browser may keep the connection itself for a while
+            self.endpoint.leave(self, "left")
+            self._close("webtransport session closed")
+            return
+        if self.h3 is not None:
+            for h3_event in self.h3.handle_event(event):
+                self._h3_event(h3_event)
+        elif isinstance(event, StreamDataReceived):
+            self._stream_data(event.stream_id, event.data)
+
+    def _h3_event(self, event: H3Event) -> None:
+        assert self.h3 is not None
+        if isinstance(event, HeadersReceived):
+            headers = dict(event.headers)
+            path = urlsplit(headers.get(b":path", b"").decode("latin-1")).path
+            if (headers.get(b":method") == b"CONNECT" and headers.get(b":protocol") == b"webtransport"
+                    and path == WEBTRANSPORT_PATH and self.wt_session is None):
+                self.wt_session = event.stream_id
+                self.h3.send_headers(event.stream_id, [(b":status", b"200"),
+                                                       (b"sec-webtransport-http3-draft", b"draft02")])
+            else:
+                self.endpoint.counters.refused_requests += 1
+                self.h3.send_headers(event.stream_id, [(b":status", b"404")], end_stream=True)
+            self.transmit()
+        elif isinstance(event, WebTransportStreamDataReceived):
+            if event.session_id == self.wt_session:
+                self._stream_data(event.stream_id, event.data)
+        elif isinstance(event, DatagramReceived):
+            pass  # listeners have nothing to send us on datagrams
+
+    def _stream_data(self, stream_id: int, data: bytes) -> None:
+        reader = self.readers.setdefault(stream_id, FrameReader())
+        try:
+            messages = reader.feed(data)
+        except ProtocolError as e:
+            self.endpoint.counters.stream_errors += 1
+            self._close(f"bad control stream: {e}")
+            return
+        for msg in messages:
+            if isinstance(msg, Join):
+                self.join_stream = stream_id
+                self.send(self.endpoint.join(self, msg))
+            elif isinstance(msg, Leave):
+                self.endpoint.leave(self, "left")
+                self._close("leave")
+            else:
+                self.endpoint.counters.stream_errors += 1
+
+    # ------------------------------------------------------------------ I/O
+
+    def send(self, msg: Accept | Reject) -> None:
+        """A control message on the join stream."""
+        self.send_framed(frame(msg))
+
+    def send_framed(self, data: bytes) -> None:
+        """A framed control message, already encoded, on the join stream."""
+        if self.join_stream is not None:
+            self._quic.send_stream_data(self.join_stream, data)
+            self.transmit()
+
+    def _handle_timer(self) -> None:
+        if self.link is not None:
+            self.link.refresh_idle(self._loop.time())   # ACKs the core ended count as heard
+        super()._handle_timer()
+
+    def transmit(self) -> None:
+        if self.link is None:
+            super().transmit()
+        else:
+            self.link.around_send(super().transmit)
+
+    def can_take(self, now: float) -> int:
+        """How many more datagrams this connection should be given now: 0
+        while aioquic holds IN_FLIGHT unsent (the congestion window is shut)
+        or while the peer has stopped answering."""
+        if self.unanswered_since is not None and now - self.unanswered_since > STALL_S:
+            return 0
+        return max(0, IN_FLIGHT - len(self._quic._datagrams_pending))
+
+    def send_datagram(self, data: bytes) -> None:
+        if self.h3 is not None and self.wt_session is not None:
+            self.h3.send_datagram(self.wt_session, data)
+        else:
+            self._quic.send_datagram_frame(data)
+
+    def keepalive_ping(self, now: float) -> None:
+        """Keep an idle session alive while the listener still answers."""
+        self.last_ping = now
+        self._quic.send_ping(0)
+        self.transmit()
+
+    def _close(self, reason: str) -> None:
+        self._quic.close(error_code=0, reason_phrase=reason)
+        self.transmit()
