@@ -170,6 +170,7 @@ def _listen_sinks(args: argparse.Namespace) -> tuple[list[Callable[[bytes], None
 
 def cmd_listen(args: argparse.Namespace) -> None:
     from relay.client.listen import JoinRefused, ListenClient, Unreachable
+    from relay.client.signals import until_stopped
 
     sinks, close_sinks = _listen_sinks(args)
     if args.via and args.quic:
@@ -210,7 +211,7 @@ def cmd_listen(args: argparse.Namespace) -> None:
         # aioquic logs a refused certificate itself; we say it once, with the fix
         logging.getLogger("quic").setLevel(logging.CRITICAL)
         try:
-            stats = await client.listen(args.duration)
+            _, stopped = await until_stopped(client.listen(args.duration))
         except refused as e:
             print(f"relay: {e}", file=sys.stderr)
             return 3
@@ -219,8 +220,11 @@ def cmd_listen(args: argparse.Namespace) -> None:
             return 4
         finally:
             await client.aclose()
+        stats = client.stats
         print(f"received {stats.received} packets ({stats.bytes} bytes), delivered "
               f"{stats.delivered}, lost {stats.lost}, NACKs {stats.nacks_sent}", file=sys.stderr)
+        if stopped:
+            return 0
         if stats.received == 0:
             # joined, yet silence: say it rather than end as if all were well
             print(f"relay: heard no audio from room {args.room!r}: nobody is publishing, or the node drops "
@@ -231,7 +235,7 @@ def cmd_listen(args: argparse.Namespace) -> None:
     try:
         code = _run(main())
     except KeyboardInterrupt:
-        code = 0
+        code = 0    # Ctrl-C before until_stopped took the signals over, or a second one
     finally:
         close_sinks()
     raise SystemExit(code)
@@ -264,8 +268,11 @@ def cmd_publish(args: argparse.Namespace) -> None:
         except FileNotFoundError as e:
             _die(str(e))
     print(f"publishing a {args.tone:g} Hz tone to {to[0]}:{to[1]} as RTP/Opus", file=sys.stderr)
-    sent, stopped = _run(until_stopped(publish_tone(to, args.tone, args.duration, bitrate=args.bitrate,
-                                                    frame_ms=args.frame_ms)))
+    try:
+        sent, stopped = _run(until_stopped(publish_tone(to, args.tone, args.duration, bitrate=args.bitrate,
+                                                        frame_ms=args.frame_ms)))
+    except KeyboardInterrupt:
+        return    # Ctrl-C before until_stopped took the signals over, or a second one
     if not stopped:
         print(f"sent {sent} packets", file=sys.stderr)
 
@@ -302,6 +309,8 @@ def _speak(args: argparse.Namespace) -> int:
     except (TimeoutError, ConnectionError) as e:
         print(f"relay: {e}", file=sys.stderr)
         return 4
+    except KeyboardInterrupt:
+        return 0    # Ctrl-C before until_stopped took the signals over, or a second one
     finally:
         if ogg is not None and out_file is not None:
             ogg.close()

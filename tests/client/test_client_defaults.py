@@ -1,0 +1,134 @@
+"""The clients' defaults must not lock a room or turn listeners away: a
+publisher stopped by SIGTERM or SIGHUP (a service manager, a closed
+terminal, `kill`) says BYE as it does on Ctrl-C, so the next publisher
+takes the room at once; a listener or speaker stopped that way says LEAVE,
+freeing its place; a bare `relay listen` refused because the node is full
+waits and asks again for a while instead of giving up at once."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from relay.testing.loadgen import scrape
+from tests.conftest import RunningRelay, need, start_relay, stop
+
+PACKETS_IN = 'relay_room_packets_in_total{room="live"}'
+
+
+def wait_for(relay: RunningRelay, ok, timeout: float = 20.0) -> dict[str, float]:
+    """The node's metrics once `ok(metrics)` holds, or when `timeout` runs out
+    (the caller's assertion then says what was wrong)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = scrape(relay.admin)
+        if ok(m) or time.monotonic() > deadline:
+            return m
+        time.sleep(0.1)
+
+
+def publisher(relay: RunningRelay, *args: str) -> subprocess.Popen:
+    """`relay publish` to the room's ingest port, in its own process group so
+    that whatever it starts (ffmpeg) can be cleaned up with it."""
+    return subprocess.Popen(relay.relay_cmd("publish", "--to", f"{relay.ingest[0]}:{relay.ingest[1]}", *args),
+                            env=relay.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def end(proc: subprocess.Popen) -> str:
+    """Kill what is left of `proc`'s process group; its output."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # the group has already gone
+    out, _ = proc.communicate(timeout=10)
+    return out or ""
+
+
+def _the_next_publisher_takes_the_room(relay: RunningRelay, first: subprocess.Popen, sig: int) -> None:
+    second = None
+    try:
+        m = wait_for(relay, lambda m: m.get(PACKETS_IN, 0) >= 50)
+        assert m.get(PACKETS_IN, 0) >= 50, "the first publisher was not heard"
+        first.send_signal(sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            first.wait(20)
+        code, out = first.returncode, end(first)
+        m = wait_for(relay, lambda m: m["relay_publisher_byes_total"] >= 1, timeout=5)
+        assert m["relay_publisher_byes_total"] == 1, f"no BYE after {signal.Signals(sig).name}: {out}"
+        assert code == 0 and "Traceback" not in out, (code, out)
+        before = m[PACKETS_IN]
+        # a new stream (another SSRC) from the same allowed address
+        second = publisher(relay, "--tone", "660")
+        m = wait_for(relay, lambda m: m[PACKETS_IN] >= before + 50)
+        assert m[PACKETS_IN] >= before + 50, "the next publisher was not let into the room"
+        assert m["relay_takeovers_refused_total"] == 0, m
+        assert m["relay_source_restarts_total"] == 1, m
+    finally:
+        end(first)
+        if second is not None:
+            end(second)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_tone_publisher_stopped_by_a_signal_releases_the_room(tmp_path, sig: int) -> None:
+    relay = start_relay(tmp_path)
+    try:
+        _the_next_publisher_takes_the_room(relay, publisher(relay, "--tone", "440"), sig)
+    finally:
+        assert stop(relay.proc) == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_file_publisher_stopped_by_a_signal_releases_the_room(tmp_path, sig: int) -> None:
+    talk = tmp_path / "talk.wav"
+    subprocess.run([need("ffmpeg"), "-v", "error", "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000",
+                    "-t", "30", str(talk)], check=True, timeout=30)
+    relay = start_relay(tmp_path)
+    try:
+        _the_next_publisher_takes_the_room(relay, publisher(relay, "--file", str(talk)), sig)
+    finally:
+        assert stop(relay.proc) == 0
+
+
+def _says_leave_when_stopped(relay: RunningRelay, proc: subprocess.Popen, sig: int) -> None:
+    try:
+        m = wait_for(relay, lambda m: m["relay_joins_total"] >= 1)
+        assert m["relay_joins_total"] == 1, end(proc)
+        assert m["relay_leaves_total"] == 0, m
+        time.sleep(0.5)    # past the join: the client is receiving now
+        proc.send_signal(sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(20)
+        code, out = proc.returncode, end(proc)
+        m = wait_for(relay, lambda m: m["relay_leaves_total"] >= 1, timeout=5)
+        assert m["relay_leaves_total"] == 1, f"no LEAVE after {signal.Signals(sig).name}: {out}"
+        assert code == 0 and "Traceback" not in out, (code, out)
+    finally:
+        end(proc)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_listener_stopped_by_a_signal_gives_its_place_back(tmp_path, sig: int) -> None:
+    relay = start_relay(tmp_path)
+    try:
+        proc = subprocess.Popen(relay.relay_cmd("listen", "--server", f"{relay.listen[0]}:{relay.listen[1]}",
+                                                "--room", relay.room),
+                                env=relay.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        _says_leave_when_stopped(relay, proc, sig)
+    finally:
+        assert stop(relay.proc) == 0
+
+
+def test_a_speaker_stopped_by_a_signal_leaves_the_stage(tmp_path) -> None:
+    from tests.stage.conftest import STAGE, speaker
+    relay = start_relay(tmp_path, auth="jwt", extra_room=STAGE)
+    try:
+        _says_leave_when_stopped(relay, speaker(relay, "ann", 60.0), signal.SIGTERM)
+    finally:
+        assert stop(relay.proc) == 0
