@@ -169,7 +169,7 @@ def _listen_sinks(args: argparse.Namespace) -> tuple[list[Callable[[bytes], None
 
 
 def cmd_listen(args: argparse.Namespace) -> None:
-    from relay.client.listen import JoinRefused, ListenClient, Unreachable
+    from relay.client.listen import FULL_PATIENCE_S, JoinRefused, ListenClient, Unreachable
     from relay.client.signals import until_stopped
 
     sinks, close_sinks = _listen_sinks(args)
@@ -208,6 +208,7 @@ def cmd_listen(args: argparse.Namespace) -> None:
                                        for u in args.via])
             refused = (JoinRefused,)
         client.on_event = lambda text: print(f"relay: {text}", file=sys.stderr, flush=True)
+        client.full_patience = FULL_PATIENCE_S
         # aioquic logs a refused certificate itself; we say it once, with the fix
         logging.getLogger("quic").setLevel(logging.CRITICAL)
         try:
@@ -375,8 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("listen", help="join a room and receive its audio",
-                       epilog="exit status: 0 audio heard, 2 a usage mistake, 3 join refused, "
-                              "4 no answer from the node, 5 joined but heard no audio")
+                       epilog="a node that is full and names no other is asked again, waiting longer each "
+                              "time, for up to 30 s. exit status: 0 audio heard (or stopped by a signal), "
+                              "2 a usage mistake, 3 join refused, 4 no answer from the node, "
+                              "5 joined but heard no audio")
     s.add_argument("--server", help="relay listener address (default 127.0.0.1:7000, "
                                     "or 127.0.0.1:7443 with --quic)")
     s.add_argument("--quic", action="store_true", help="join over QUIC (audio as QUIC datagrams)")

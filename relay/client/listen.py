@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import os
+import random
 import socket
 import struct
 import time
@@ -35,6 +36,13 @@ KEEPALIVE_MS = (100, 600_000)
 # with `via`, a node that sends nothing at all (no audio, no keepalive echo)
 # for this long is taken for gone, and the client asks where to go
 FOLLOW_DEAD_S = 2.0
+# a full node that names nowhere else may have a place again soon (a
+# listener leaves, a session times out): `relay listen` asks again for this
+# long, waiting from the first to the longest pause, doubling, with jitter so
+# that a crowd turned away together does not come back together
+FULL_PATIENCE_S = 30.0
+FULL_BACKOFF_S = (0.5, 5.0)
+WAITED_FOR = (Reason.NODE_FULL, Reason.ROOM_FULL, Reason.RATE_LIMITED)
 
 
 class JoinRefused(Exception):
@@ -106,6 +114,9 @@ class ListenClient:
         self.last_heard = time.monotonic()   # when the node last sent us anything
         self.speaker = False                 # join the room's stage (SpeakerClient)
         self.speakers: Speakers | None = None  # who is on the stage, as the node last said
+        # seconds listen() keeps asking a full node; 0 for a node pulling a
+        # room upstream, which has its own way of moving on
+        self.full_patience = 0.0
 
     def _event(self, text: str) -> None:
         self.stats.events.append(text)
@@ -147,6 +158,26 @@ class ListenClient:
                     continue
                 raise
         raise JoinRefused(Reason.NODE_FULL, "")
+
+    async def join_when_room(self, until: float | None = None) -> Accept:
+        """join(), asking again with backoff while the node is full (or
+        limits joins) and names nowhere else to go, for `full_patience`
+        seconds and not past `until` (a time.monotonic()); each wait is an
+        event. Then the refusal is raised as join() raises it."""
+        give_up = time.monotonic() + self.full_patience
+        if until is not None:
+            give_up = min(give_up, until)
+        backoff = FULL_BACKOFF_S[0]
+        while True:
+            try:
+                return await self.join()
+            except JoinRefused as e:
+                pause = backoff * random.uniform(0.8, 1.2)
+                if e.reason not in WAITED_FOR or e.redirect or time.monotonic() + pause > give_up:
+                    raise
+                self._event(f"{e.reason.name.lower().replace('_', ' ')}, retrying in {pause:.1f} s")
+                await asyncio.sleep(pause)
+                backoff = min(2 * backoff, FULL_BACKOFF_S[1])
 
     # the parts of joining and leaving every transport's client shares
 
@@ -315,7 +346,7 @@ class ListenClient:
         if not self.server[0]:
             await self._relocate("no node given")
         else:
-            await self.join()
+            await self.join_when_room(deadline)
         if self.via and dead_after is None:
             dead_after = FOLLOW_DEAD_S
         while True:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import time
 
 import pytest
 
-from relay.testing.loadgen import scrape
+from relay.testing.loadgen import LoopbackCrowd, scrape
 from tests.conftest import RunningRelay, need, start_relay, stop
 
 PACKETS_IN = 'relay_room_packets_in_total{room="live"}'
@@ -131,4 +132,63 @@ def test_a_speaker_stopped_by_a_signal_leaves_the_stage(tmp_path) -> None:
     try:
         _says_leave_when_stopped(relay, speaker(relay, "ann", 60.0), signal.SIGTERM)
     finally:
+        assert stop(relay.proc) == 0
+
+
+def _lines_until(proc: subprocess.Popen, needle: str, timeout: float = 30.0) -> list[str]:
+    """`proc`'s output lines up to the first one holding `needle` (all of
+    them, if it ends first or `timeout` passes)."""
+    import selectors
+    lines: list[str] = []
+    assert proc.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not sel.select(max(0.0, deadline - time.monotonic())):
+            break
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line.rstrip("\n"))
+        if needle in line:
+            break
+    sel.close()
+    return lines
+
+
+@pytest.mark.parametrize("quic", [False, True])
+def test_a_listener_turned_away_by_a_full_node_waits_for_a_place(tmp_path, quic: bool) -> None:
+    """The node admits one listener and names no other node: a second `relay
+    listen` says it waits, asks again, and gets in once the first has gone."""
+    if quic:
+        from tests.listeners.conftest import quic_relay
+        relay, server, cert = quic_relay(tmp_path, extra="max_listeners = 1\n")
+        how = ["--quic", "--server", server, "--cert-hash", cert]
+    else:
+        relay = start_relay(tmp_path, extra_node="max_listeners = 1")
+        how = ["--server", f"{relay.listen[0]}:{relay.listen[1]}"]
+    first = LoopbackCrowd(1, relay.listen, relay.room)
+    tone = publisher(relay, "--tone", "440", "--duration", "40")
+    second = None
+    try:
+        assert first.join().accepted == 1
+        second = subprocess.Popen(relay.relay_cmd("listen", *how, "--room", relay.room, "--duration", "8"),
+                                  env=relay.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = _lines_until(second, "retrying in")
+        assert lines and re.fullmatch(r"relay: node full, retrying in \d+\.\d s", lines[-1]), lines
+        first.leave()
+        out, _ = second.communicate(timeout=60)
+        assert second.returncode == 0, "\n".join(lines) + out
+        assert "Traceback" not in out, out
+        heard = re.search(r"received (\d+) packets", out)
+        assert heard and int(heard.group(1)) > 0, out
+        m = scrape(relay.admin)
+        assert m["relay_joins_total"] == 2, m
+    finally:
+        first.close()
+        end(tone)
+        if second is not None and second.poll() is None:
+            second.kill()
+            second.wait()
         assert stop(relay.proc) == 0
