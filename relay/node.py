@@ -72,7 +72,7 @@ class Node:
                              self._sent, os.urandom, emit)
         self.sessions.stages = self.stages
         self.quic: QuicEndpoint | None = QuicEndpoint(self.core, self.sessions) if cfg.quic else None
-        self.events = EventLog(self.core, self.sessions, cfg.log_interval)
+        self.events = EventLog(self.core, self.sessions, cfg.log_interval, self._room_config)
         self.started = time.monotonic()
         self.collector = NodeCollector(self.core, self.sessions, self.load, self.senders,
                                        lambda: self.quic.counters if self.quic else None, self.started,
@@ -164,6 +164,9 @@ class Node:
             self.directory.start()
         log.info("relay %s listening on %s, rooms: %s, auth: %s", __version__, self.listen_addr[:2],
                  ", ".join(f"{r.name}<-{r.origin}" for r in self.cfg.rooms), self.cfg.auth)
+
+    def _room_config(self, name: str) -> RoomConfig | None:
+        return next((r for r in self.cfg.rooms if r.name == name), None)
 
     # ---------------------------------------------------------------- reload
 
@@ -366,6 +369,7 @@ class Node:
         await stop.wait()
         stop.clear()
         await self.drain_gracefully(stop)
+        self.events.flush({name: self.core.room_stats(r.index) for name, r in self.rooms.items()})
         # let the kernel take the last datagrams before the socket goes
         await asyncio.sleep(0.1)
         if self.directory is not None:

@@ -37,7 +37,8 @@ def apply_rules(core: Core, index: int, r: RoomConfig) -> None:
     authenticate, and a new stream may take over after a short silence: it
     holds the key. Without one, the live stream is its SSRC and its address,
     and another may take over only after a BYE from it, the operator's
-    release, or takeover_after seconds of silence if the operator chose that."""
+    release, or takeover_after seconds of silence (2 s unless the room says
+    otherwise; "never" keeps the room until a BYE or a release)."""
     takeover = -1.0 if r.takeover_after is None else r.takeover_after
     core.room_rules(index, takeover, pin_source=not r.srtp_key)
 

@@ -36,6 +36,20 @@ sources = ["127.0.0.1"]
 """
 
 
+# how long an SRTP room's stream must be silent before another authenticated
+# one may take over (sooner, two key holders would fight packet by packet)
+SRTP_TAKEOVER_S = 0.15
+# A plain-RTP room's live stream may be replaced by another stream from an
+# allowed source once it has been silent this long. No live publisher is:
+# ffmpeg, GStreamer and OBS send a packet every 20 ms, and Opus DTX still
+# sends one at least every 400 ms, so 2 s is five DTX intervals (four lost
+# comfort-noise packets in a row, or a network stall of that length, do
+# not open the room). A crashed or killed publisher, which sends no BYE,
+# frees its room after this silence instead of locking it until an
+# operator releases it. `takeover_after = "never"` keeps the strict lock.
+PLAIN_TAKEOVER_S = 2.0
+
+
 class ConfigError(Exception):
     """A configuration mistake, as one readable line."""
 
@@ -53,7 +67,7 @@ class RoomConfig:
     srtp_key: bytes = b""
     # seconds of silence after which another stream may take the room
     # (None: never; a BYE from the live stream or the operator releases it)
-    takeover_after: float | None = None
+    takeover_after: float | None = PLAIN_TAKEOVER_S
     # nodes to take the room from, in order of preference (a cascade):
     # this node joins the first that answers as a relay listener
     upstream: list[tuple[str, int]] = field(default_factory=list)
@@ -134,9 +148,6 @@ _ROOM_KEYS = {"name", "ingest", "sources", "max_listeners", "srtp_key_env", "tak
 DEFAULT_SPEAKERS = 16    # a stage room's max_speakers unless it says
 MAX_SPEAKERS = 64
 SRTP_KEY_BYTES = 30      # AES_CM_128_HMAC_SHA1_80: a 16-byte master key and a 14-byte salt
-# how long an SRTP room's stream must be silent before another authenticated
-# one may take over (sooner, two key holders would fight packet by packet)
-SRTP_TAKEOVER_S = 0.15
 
 
 def _addr(where: str, value: Any) -> tuple[str, int]:
@@ -273,9 +284,11 @@ def _room(i: int, raw: Any, open_auth: bool, environ: Mapping[str, str]) -> Room
         sources.append((host, port))
     limit = _int(f"{where}: max_listeners", raw.get("max_listeners", 0), 0, 10**7)
     srtp_key = _srtp_key(where, raw, environ)
-    takeover: float | None = SRTP_TAKEOVER_S if srtp_key else None
-    if "takeover_after" in raw:
-        takeover = _float(f"{where}: takeover_after", raw["takeover_after"], 0, 86400)
+    takeover: float | None = SRTP_TAKEOVER_S if srtp_key else PLAIN_TAKEOVER_S
+    if raw.get("takeover_after") == "never":
+        takeover = None
+    elif "takeover_after" in raw:
+        takeover = _float(f"{where}: takeover_after (seconds, or \"never\")", raw["takeover_after"], 0, 86400)
     return RoomConfig(name, ingest, sources, any_source, limit, srtp_key, takeover, max_speakers=speakers)
 
 

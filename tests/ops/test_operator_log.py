@@ -85,8 +85,9 @@ def test_a_join_storm_adds_a_few_lines_not_one_per_join(tmp_path) -> None:
 
 def test_packets_too_large_for_the_rings_are_explained_once(tmp_path) -> None:
     """A publisher whose packets are larger than [node] ring_bytes is heard
-    by nobody; the log says so with the size and the fix, once a minute, not
-    once a packet."""
+    by nobody; the log says so with the size and the fix, once per log
+    interval in which it happened (0.5 s here) with that interval's count,
+    never once a packet."""
     proc, ports = _start(tmp_path, "ring_bytes = 1300\n")
     pub = __import__("socket").socket(__import__("socket").AF_INET, __import__("socket").SOCK_DGRAM)
     try:
@@ -98,8 +99,8 @@ def test_packets_too_large_for_the_rings_are_explained_once(tmp_path) -> None:
         pub.close()
     records = _events(proc)
     oversized = [r for r in records if r.get("event") == "oversized"]
-    assert len(oversized) == 1, [r["msg"] for r in records]
+    assert 1 <= len(oversized) <= 5, [r["msg"] for r in records]
+    assert sum(r["dropped"] for r in oversized) == 50
     line = oversized[0]
     assert line["room"] == "hall" and line["size"] == 1400 and line["ring_bytes"] == 1300
-    assert 1 <= line["dropped"] <= 50
     assert "raise [node] ring_bytes (now 1300, at most 16384)" in line["msg"]

@@ -128,9 +128,15 @@ def test_rooms_take_over_by_rule() -> None:
     cfg = load(text, environ={"RELAY_SECRET": "x" * 32, "ROOM_KEY": key})
     assert cfg.rooms[0].srtp_key == bytes(range(30)) and cfg.rooms[0].takeover_after == 0.15
     plain = load(GOOD, environ={"RELAY_SECRET": "x" * 32})
-    assert plain.rooms[0].srtp_key == b"" and plain.rooms[0].takeover_after is None
-    chosen = load(GOOD.replace('name = "a"', 'name = "a"\ntakeover_after = 2'), environ={"RELAY_SECRET": "x" * 32})
-    assert chosen.rooms[0].takeover_after == 2.0
+    # a plain room frees itself after a silence no live publisher makes
+    assert plain.rooms[0].srtp_key == b"" and plain.rooms[0].takeover_after == 2.0
+    chosen = load(GOOD.replace('name = "a"', 'name = "a"\ntakeover_after = 5'), environ={"RELAY_SECRET": "x" * 32})
+    assert chosen.rooms[0].takeover_after == 5.0
+    env = {"RELAY_SECRET": "x" * 32}
+    strict = load(GOOD.replace('name = "a"', 'name = "a"\ntakeover_after = "never"'), environ=env)
+    assert strict.rooms[0].takeover_after is None
+    with pytest.raises(ConfigError, match='takeover_after .seconds, or "never".: expected a number'):
+        load(GOOD.replace('name = "a"', 'name = "a"\ntakeover_after = "soon"'), environ={"RELAY_SECRET": "x" * 32})
 
 
 def test_a_room_without_ingest_or_upstream_is_a_stage() -> None:
