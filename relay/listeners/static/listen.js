@@ -21,7 +21,7 @@ const st = window.relayListener = {
   state: "starting", room: params.get("room") || "demo", error: "",
   packets: 0, bytes: 0, lost: 0, framesDecoded: 0, decodeErrors: 0,
   bitrateKbps: 0, levelDb: -Infinity, pitchHz: 0, audio: "off", ssrc: 0, retries: 0,
-  moves: 0, node: "",
+  moves: 0, node: "", transport: "",
   speakers: [],   // who is on the room's stage: {id, name, level (-dBov), speaking}
 };
 const via = params.get("via");
@@ -30,12 +30,34 @@ let lastDatagram = 0;
 const $ = (id) => document.getElementById(id);
 $("room").textContent = st.room;
 
+// what a state shows beside its name when it carries no error of its own
+const HINTS = { "click-to-play": "the browser plays sound only after a click on this page" };
+
 function setState(state, error) {
   st.state = state;
-  if (error) st.error = String(error);
+  // an error belongs to the state it came with: a page that connects or
+  // plays again has none left (not "playing: node_full, retrying in 0.8 s")
+  st.error = error ? String(error) : "";
   const el = $("state");
-  el.textContent = state + (st.error ? ": " + st.error : "");
+  const detail = st.error || HINTS[state] || "";
+  el.textContent = state.replace(/-/g, " ") + (detail ? ": " + detail : "");
   el.className = state === "playing" ? "playing" : (state === "error" || state === "rejected") ? "error" : "";
+}
+
+// decoded audio is on its way out only while the AudioContext runs; a
+// browser's autoplay policy keeps it suspended until the user clicks
+function audible() {
+  return ctx !== null && ctx.state === "running";
+}
+
+// joined and decoding: playing, or waiting for the click that lets it play
+function setPlaying() {
+  setState(audible() ? "playing" : "click-to-play");
+}
+
+function setTransport(text) {
+  st.transport = text;
+  $("transport").textContent = text;
 }
 
 function hexBytes(hex) {
@@ -141,7 +163,11 @@ function setupAudio() {
     return;
   }
   // a browser that blocks autoplay leaves the context suspended until a click
-  const show = () => { st.audio = ctx.state; $("play").hidden = ctx.state === "running"; };
+  const show = () => {
+    st.audio = ctx.state;
+    $("play").hidden = ctx.state === "running";
+    if (["playing", "click-to-play"].includes(st.state)) setPlaying();
+  };
   ctx.onstatechange = show;
   show();
   $("play").onclick = () => ctx.resume();
@@ -220,7 +246,7 @@ function onDatagram(d, decoder) {
   decoder.decode(new EncodedAudioChunk({
     type: "key", timestamp: Math.round(tsRel * 1e6 / 48000), data: d.subarray(off, end),
   }));
-  if (st.state === "joined" && st.framesDecoded > 0) setState("playing");
+  if (st.state === "joined" && st.framesDecoded > 0) setPlaying();
 }
 
 // ------------------------------------------------------------------- main
@@ -269,17 +295,23 @@ async function moveOn() {
 
 setInterval(() => {
   // a node that died shows as silence, or as the connection closing under us
-  if (via && ["joined", "playing", "closed"].includes(st.state) && performance.now() - lastDatagram > FOLLOW_MS) {
+  if (via && ["joined", "playing", "click-to-play", "closed"].includes(st.state) && performance.now() - lastDatagram > FOLLOW_MS) {
     setState("lost", "nothing from the node for " + FOLLOW_MS / 1000 + " s");
     moveOn().catch((e) => setState("error", e.message || e));
   }
 }, 500);
 
 async function listen(target) {
-  if (!("WebTransport" in window) || !("AudioDecoder" in window)) {
-    setState("error", "this browser lacks WebTransport or WebCodecs");
+  if (!("WebTransport" in window)) {
+    setTransport("none: this browser lacks WebTransport");
+    setState("error", "this browser lacks WebTransport");
     return;
   }
+  if (!("AudioDecoder" in window)) {
+    setState("error", "this browser lacks WebCodecs (its AudioDecoder)");
+    return;
+  }
+  setTransport("WebTransport (HTTP/3)");
   const gen = ++generation;
   setupAudio();
   let node;
@@ -322,7 +354,12 @@ async function listen(target) {
       await new Promise((r) => setTimeout(r, wait * 1000));
       return listen(target);
     }
-    setState("rejected", answer.reason + (answer.redirect ? ", go to " + answer.redirect : ""));
+    if (answer.reason === "bad_token" && !params.get("token")) {
+      // as the CLI says it: the node's word would blame a token never given
+      setState("rejected", "this room needs a token (add &token=… to the address)");
+    } else {
+      setState("rejected", answer.reason + (answer.redirect ? ", go to " + answer.redirect : ""));
+    }
     return;
   }
   st.retries = 0;
