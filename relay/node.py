@@ -268,8 +268,10 @@ class Node:
         """Update the load measures and tell admission: joins stop before the
         node runs out of CPU, not after."""
         busy = self.core.busy_ns() if self.core.threaded else [self.udp.busy_ns + self.ingest.busy_ns]
-        if self.load.measure(busy):
-            self.sessions.note_load(self.load.duty, self.load.machine_busy, self.core.listeners)
+        _, counts, seconds = self.core.latency_histogram()
+        if self.load.measure(busy, (sum(counts), seconds), self.core.counters()["drop_shard_lag"]):
+            self.sessions.note_load(self.load.duty, self.load.machine_busy, self.core.listeners,
+                                    self.load.relay_share, self.load.behind)
             if self.quic is not None:
                 self.quic.note_load(self.load.loop_duty, self.load.interval_ns)
 

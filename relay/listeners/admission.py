@@ -85,19 +85,44 @@ class LoadGate:
     """Joins stop before the node runs out of CPU, not after: the relay's
     own fan-out duty cycle, projected to one more listener, against
     max_load; the machine's CPU against max_machine_load; and a transport's
-    own limit (the QUIC loop thread)."""
+    own limit (the QUIC loop thread).
 
-    def __init__(self) -> None:
+    The machine cap guards the relay's share of a machine it shares with
+    other software (a backup, a neighbour VM stealing time). Refusing
+    listeners helps no one when the others are what keeps the CPUs busy,
+    so it refuses only when the relay's own work is at least half of what
+    keeps the machine busy, or when a shortfall shows (its senders falling
+    behind the packet rate), and never while the node has fewer than
+    `floor` listeners."""
+
+    def __init__(self, floor: int = 100) -> None:
+        self.floor = floor
         self.load = 0.0           # the relay's fan-out duty cycle at the last measurement
         self.machine = 0.0        # the machine's CPU busy fraction then
         self.load_listeners = 0   # listeners at that measurement
+        self.relay_share = 0.0    # the relay process's CPU, as a fraction of the whole machine
+        self.behind = False       # the senders fell behind in that interval
         self._logged = -LOAD_LOG_EVERY_S
         self._refused = 0         # refusals since the last log line
 
-    def note(self, duty: float, machine: float, listeners: int) -> None:
+    def note(self, duty: float, machine: float, listeners: int, relay_share: float = 0.0,
+             behind: bool = False) -> None:
         """A new measurement: duty cycle (0..1 of a core) with this many
-        listeners, and the machine's CPU busy fraction (0..1)."""
+        listeners, the machine's CPU busy fraction and the relay's own share
+        of the machine (0..1), and whether the senders fell behind."""
         self.load, self.machine, self.load_listeners = duty, machine, listeners
+        self.relay_share, self.behind = relay_share, behind
+
+    def _machine_full(self, listeners: int, max_machine_load: float) -> str:
+        if max_machine_load <= 0 or self.machine <= max_machine_load or listeners < self.floor:
+            return ""
+        if self.behind:
+            return (f"machine CPU {self.machine:.3f} busy > max_machine_load {max_machine_load} "
+                    "and the sender threads fell behind the packet rate")
+        if self.relay_share >= self.machine / 2:
+            return (f"machine CPU {self.machine:.3f} busy > max_machine_load {max_machine_load}, "
+                    f"{self.relay_share:.3f} of it the relay's own")
+        return ""
 
     def refuses(self, now: float, listeners: int, max_load: float, max_machine_load: float,
                 transport_full: Callable[[], bool] | None = None) -> bool:
@@ -113,8 +138,8 @@ class LoadGate:
         if max_load > 0 and self.load >= 0.05 and projected > max_load:
             why = f"relay duty {self.load:.3f} with {self.load_listeners} listeners projects to " \
                   f"{projected:.3f} > max_load {max_load}"
-        elif max_machine_load > 0 and self.machine > max_machine_load:
-            why = f"machine CPU {self.machine:.3f} busy > max_machine_load {max_machine_load}"
+        elif (machine := self._machine_full(listeners, max_machine_load)):
+            why = machine
         elif transport_full is not None and transport_full():
             why = "the event-loop thread would pass max_load with one more QUIC session"
         if not why:

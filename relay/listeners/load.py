@@ -1,10 +1,17 @@
 """How busy the node is, measured: the fan-out's duty cycle (busiest sender
 thread, or the loop's inline fan-out), the event-loop thread's CPU share,
-the machine's CPU and the loop's lag. Admission reads these so that joins
-stop before the node runs out of CPU, not after."""
+the machine's CPU and the relay's own share of it, whether the senders
+fell behind, and the loop's lag. Admission reads these so that joins stop
+before the node runs out of CPU, not after."""
 from __future__ import annotations
 
+import os
 import time
+
+# the senders have fallen behind when a packet takes longer than one 20 ms
+# frame, on average over an interval, from ingest to its last listener:
+# at that pace the next frame is due before this one is out
+BEHIND_S = 0.020
 
 
 def machine_cpu() -> tuple[int, int] | None:
@@ -26,6 +33,8 @@ class LoadMeter:
     def __init__(self) -> None:
         self.duty = 0.0           # busiest sender, 0..1 of a core
         self.machine_busy = 0.0   # all CPUs, 0..1
+        self.relay_share = 0.0    # this process's CPU time, as a fraction of all CPUs
+        self.behind = False       # the fan-out fell behind the packet rate in the last interval
         self.loop_duty = 0.0      # the event-loop thread, 0..1 of a core
         self.loop_lag = 0.0       # seconds the loop woke late at the last probe
         self.interval_ns = 0      # length of the last measurement
@@ -33,14 +42,19 @@ class LoadMeter:
         self._at = time.monotonic_ns()
         self._cpu_seen: tuple[int, int] | None = None
         self._loop_cpu_seen = time.thread_time_ns()
+        self._process_cpu_seen = time.process_time_ns()
+        self._latency_seen = (0, 0.0, 0)
 
-    def measure(self, busy_ns: list[int]) -> bool:
+    def measure(self, busy_ns: list[int], latency: tuple[int, float] = (0, 0.0), lagged: int = 0) -> bool:
         """Take a new reading of the senders' cumulative busy nanoseconds (one
-        per sender). Must be called on the event-loop thread, whose CPU time
-        is the loop's. Returns False for the first reading (no rate yet)."""
+        per sender), and of the fan-out latency's cumulative (count, sum in
+        seconds) and of packets a sender thread skipped for lag. Must be
+        called on the event-loop thread, whose CPU time is the loop's.
+        Returns False for the first reading (no rate yet)."""
         now = time.monotonic_ns()
         cpu = machine_cpu()
         loop_cpu = time.thread_time_ns()
+        process_cpu = time.process_time_ns()
         measured = bool(self._busy_seen) and now > self._at
         if measured:
             self.interval_ns = now - self._at
@@ -49,7 +63,12 @@ class LoadMeter:
             if cpu and self._cpu_seen and cpu[1] > self._cpu_seen[1]:
                 self.machine_busy = 1 - (cpu[0] - self._cpu_seen[0]) / (cpu[1] - self._cpu_seen[1])
             self.loop_duty = (loop_cpu - self._loop_cpu_seen) / self.interval_ns
+            self.relay_share = (process_cpu - self._process_cpu_seen) / self.interval_ns / (os.cpu_count() or 1)
+            count, total, lag = self._latency_seen
+            packets = latency[0] - count
+            self.behind = lagged > lag or (packets > 0 and (latency[1] - total) / packets > BEHIND_S)
         self._busy_seen, self._at, self._cpu_seen, self._loop_cpu_seen = busy_ns, now, cpu, loop_cpu
+        self._process_cpu_seen, self._latency_seen = process_cpu, (latency[0], latency[1], lagged)
         return measured
 
 

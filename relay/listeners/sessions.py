@@ -112,7 +112,7 @@ class Sessions:
         self.before_remove: Callable[[Session], None] | None = None
         self.draining = False
         self.limiter = JoinLimiter(cfg.join_rate, cfg.join_rate_per_source)
-        self.gate = LoadGate()
+        self.gate = LoadGate(cfg.load_floor)
         self._by_room: Counter = Counter()    # (room, transport) -> sessions
         self._pulled: set[Hashable] = set()   # keys of sessions whose transport pulls
         self._by_token: Counter = Counter()   # token -> sessions it holds
@@ -291,10 +291,12 @@ class Sessions:
         self.counters.rejections[reason.name.lower()] += 1
         return Reject(reason, redirect)
 
-    def note_load(self, duty: float, machine: float, listeners: int) -> None:
+    def note_load(self, duty: float, machine: float, listeners: int, relay_share: float = 0.0,
+                  behind: bool = False) -> None:
         """The relay's measured fan-out duty cycle (0..1 of a core) with this
-        many listeners, and the machine's CPU busy fraction (0..1)."""
-        self.gate.note(duty, machine, listeners)
+        many listeners, the machine's CPU busy fraction and the relay's own
+        share of it (0..1), and whether its senders fell behind."""
+        self.gate.note(duty, machine, listeners, relay_share, behind)
 
     def _over_load(self, now: float, transport_full: Callable[[], bool] | None = None) -> bool:
         if not self.gate.refuses(now, self.core.listeners, self.cfg.max_load, self.cfg.max_machine_load,
@@ -406,6 +408,7 @@ class Sessions:
         """New limits and token settings, for joins from now on."""
         self.cfg, self.auth = cfg, auth
         self.limiter = JoinLimiter(cfg.join_rate, cfg.join_rate_per_source)
+        self.gate.floor = cfg.load_floor
 
     def drain(self, limit: int | None = None) -> list[Tell]:
         """Stop admitting; end every session (or the `limit` oldest), each

@@ -127,6 +127,9 @@ class NodeConfig:
     workers: int = 1                     # sender threads; "auto" = one per core
     max_load: float = 0.8                # admit while the relay's projected duty stays below this; 0 = off
     max_machine_load: float = 0.95       # and while the whole machine is less busy than this; 0 = off
+    # (the machine cap refuses only when the relay's own work fills the
+    # machine or its senders fall behind, and never below load_floor)
+    load_floor: int = 100                # listeners admitted whatever the machine's load
     quic: tuple[str, int] | None = None  # QUIC + WebTransport listener endpoint (UDP); None = off
     quic_cert: str = ""                  # PEM certificate chain; "" = a fresh self-signed one
     quic_key: str = ""                   # PEM private key for quic_cert
@@ -139,7 +142,7 @@ _NODE_KEYS = {"listen", "admin", "auth", "secret_env", "max_listeners", "ring_de
               "ring_bytes", "burst_packets", "keepalive_interval", "session_timeout", "redirect",
               "room_label_limit", "join_rate", "join_rate_per_source", "max_rooms", "speaker_slots", "workers",
               "max_load",
-              "max_machine_load", "max_sessions_per_token",
+              "max_machine_load", "load_floor", "max_sessions_per_token",
               "quic_max_pending", "quic_max_pending_per_source", "log_interval", "drain_grace", "drain_rate",
               "upstream_linger", "directory", "node_id", "tier", "advertise",
               "quic", "quic_cert", "quic_key", "quic_redirect", "quic_fast_path"}
@@ -409,6 +412,7 @@ def from_dict(raw: dict[str, Any], label: str = "config", environ: Mapping[str, 
     cfg.quic_max_pending_per_source = _int("[node] quic_max_pending_per_source",
                                            node.get("quic_max_pending_per_source", cfg.quic_max_pending_per_source),
                                            1, 10**6)
+    cfg.load_floor = _int("[node] load_floor", node.get("load_floor", cfg.load_floor), 0, 10**7)
     cfg.max_sessions_per_token = _int("[node] max_sessions_per_token",
                                       node.get("max_sessions_per_token", cfg.max_sessions_per_token), 0, 10**7)
     for key, what in (("max_load", "a core"), ("max_machine_load", "the machine's CPUs")):
