@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from relay.testing.loadgen import LoopbackCrowd, free_port, scrape, wait_ready
 from relay.wire.config import PLAIN_TAKEOVER_S
 from tests.conftest import need
@@ -43,13 +45,31 @@ def _plain_ffmpeg(to: tuple[str, int], seconds: float, hz: int) -> subprocess.Po
 
 
 def _records(proc: subprocess.Popen) -> list[dict]:
+    """Stop the node; every line it logged, as the JSON objects they are."""
     proc.send_signal(signal.SIGTERM)
-    err = proc.communicate(timeout=15)[1]
+    try:
+        err = proc.communicate(timeout=15)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     return [json.loads(line) for line in err.splitlines() if line.strip()]
 
 
-def test_a_killed_publisher_does_not_lock_its_room(tmp_path) -> None:
+@pytest.fixture
+def nodes():
+    """Nodes a test started, stopped even when it fails half-way."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_killed_publisher_does_not_lock_its_room(tmp_path, nodes) -> None:
     proc, ports = _serve(tmp_path)
+    nodes.append(proc)
     crowd = LoopbackCrowd(2, ports["listen"], "live")
     first = second = None
     probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -92,8 +112,9 @@ def test_a_killed_publisher_does_not_lock_its_room(tmp_path) -> None:
     assert [r.get("event") for r in records].count("publisher_started") == 2   # the second one took the room
 
 
-def test_a_strict_room_stays_with_its_publisher_until_bye_or_release(tmp_path) -> None:
+def test_a_strict_room_stays_with_its_publisher_until_bye_or_release(tmp_path, nodes) -> None:
     proc, ports = _serve(tmp_path, 'takeover_after = "never"\n')
+    nodes.append(proc)
     pub, other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM), socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         for k in range(10):
@@ -113,8 +134,9 @@ def test_a_strict_room_stays_with_its_publisher_until_bye_or_release(tmp_path) -
     assert any("without a BYE" in s and "release" in s for s in stopped), stopped
 
 
-def test_a_bye_frees_the_room_and_the_log_says_so(tmp_path) -> None:
+def test_a_bye_frees_the_room_and_the_log_says_so(tmp_path, nodes) -> None:
     proc, ports = _serve(tmp_path)
+    nodes.append(proc)
     pub = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         for k in range(10):
