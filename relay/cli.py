@@ -19,8 +19,27 @@ from relay.wire.addr import parse_hostport
 from relay.wire.config import ConfigError, load
 
 
+# `relay --log-format json serve`: its own lines (the start-up line, an
+# error) in the log's format, so that every line a node prints parses alike
+_json_lines = False
+
+
+def _say(msg: str, level: int = logging.INFO, file: Any = None, **fields: Any) -> None:
+    """One line: plain text, or with --log-format json a JSON object as the
+    log's (`fields` go into the object)."""
+    if _json_lines:
+        from relay.ops.events import JsonFormatter
+        record = logging.makeLogRecord({"name": "relay", "levelno": level, "levelname": logging.getLevelName(level),
+                                         "msg": msg, "fields": fields})
+        msg = JsonFormatter().format(record)
+    print(msg, file=file or sys.stdout, flush=True)
+
+
 def _die(msg: str, code: int = 2) -> None:
-    print(f"relay: error: {msg}", file=sys.stderr)
+    if _json_lines:
+        _say(msg, logging.ERROR, sys.stderr)
+    else:
+        print(f"relay: error: {msg}", file=sys.stderr)
     raise SystemExit(code)
 
 
@@ -87,6 +106,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from relay.listeners.quic.tls import CertificateError
     from relay.node import Node
 
+    global _json_lines
+    _json_lines = args.log_format == "json"
+
     try:
         cfg = load(path=args.config, overrides=_serve_overrides(args))
     except ConfigError as e:
@@ -106,10 +128,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
             await node.start()
         except OSError as e:
             _die(f"cannot bind: {e.strerror or e}", 1)
-        print(f"relay {__version__}: serving {len(cfg.rooms)} room(s) on "
-              f"{cfg.listen[0]}:{cfg.listen[1]}"
-              + (f", admin on http://{cfg.admin[0]}:{cfg.admin[1]}" if cfg.admin else ""),
-              flush=True)
+        listen = f"{cfg.listen[0]}:{cfg.listen[1]}"
+        admin = f"http://{cfg.admin[0]}:{cfg.admin[1]}" if cfg.admin else ""
+        _say(f"relay {__version__}: serving {len(cfg.rooms)} room(s) on {listen}"
+             + (f", admin on {admin}" if admin else ""),
+             event="serving", version=__version__, rooms=len(cfg.rooms), listen=listen, admin=admin)
         await node.run_until_signalled(
             lambda: load(path=args.config, overrides=_serve_overrides(args)))
 
@@ -359,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"relay {__version__}")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default="text", choices=["text", "json"],
-                   help="log lines as plain text (default) or one JSON object each")
+                   help="log lines, and serve's own start-up and error lines, as plain text (default) "
+                        "or one JSON object each")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run a relay node")

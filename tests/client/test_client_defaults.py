@@ -7,15 +7,19 @@ waits and asks again for a while instead of giving up at once."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
+import socket
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from relay.testing.loadgen import LoopbackCrowd, scrape
+from relay.testing.loadgen import LoopbackCrowd, free_port, scrape, wait_ready
 from tests.conftest import RunningRelay, need, start_relay, stop
 
 PACKETS_IN = 'relay_room_packets_in_total{room="live"}'
@@ -192,3 +196,47 @@ def test_a_listener_turned_away_by_a_full_node_waits_for_a_place(tmp_path, quic:
             second.kill()
             second.wait()
         assert stop(relay.proc) == 0
+
+
+def _relay_serve_json(cfg: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "relay", "--log-format", "json", "serve", "-c", str(cfg)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+def _json_lines(text: str) -> list[dict]:
+    lines = [line for line in text.splitlines() if line.strip()]
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pytest.fail(f"not a JSON line with --log-format json: {line!r}")
+    return out
+
+
+def test_log_format_json_puts_every_line_of_serve_in_json(tmp_path) -> None:
+    admin = ("127.0.0.1", free_port(socket.SOCK_STREAM))
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text(f'[node]\nlisten = "127.0.0.1:{free_port()}"\nadmin = "{admin[0]}:{admin[1]}"\n'
+                   'auth = "open"\nmax_load = 0\nmax_machine_load = 0\ndrain_grace = 0\n'
+                   f'[[room]]\nname = "hall"\ningest = "127.0.0.1:{free_port()}"\nsources = ["127.0.0.1"]\n')
+    proc = _relay_serve_json(cfg)
+    try:
+        assert wait_ready(admin, proc, timeout=20)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    started = _json_lines(out)
+    assert len(started) == 1 and "serving 1 room(s)" in started[0]["msg"], out
+    assert started[0]["level"] == "info" and started[0]["logger"] == "relay"
+    assert _json_lines(err), "the node logged nothing (auth is open: it warns)"
+
+    # a mistake in the config: one line, in JSON too
+    cfg.write_text('[node]\nlisten = "127.0.0.1:99999"\n')
+    proc = _relay_serve_json(cfg)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 2 and not out.strip(), (out, err)
+    said = _json_lines(err)
+    assert len(said) == 1 and said[0]["level"] == "error" and "99999" in said[0]["msg"], err
