@@ -57,18 +57,27 @@ def _start(cmd: list[str], env: dict[str, str], procs: list[subprocess.Popen], *
     return p
 
 
-def _progress(crowd: LoopbackCrowd, received_before: int):
-    """A live line, once a second: listeners hearing audio, rate, loss."""
+def _progress(crowd: LoopbackCrowd, received_before: int, one: socket.socket):
+    """A live line, once a second: listeners hearing audio, rate, loss. The
+    listeners are the crowd and the one `relay listen`, as in the table;
+    `one` receives what that listener forwards, which says it hears."""
     last = [received_before, time.monotonic()]
+    one_heard = [False]
 
     def line(elapsed: float) -> None:
         t = crowd.crowd.totals()
+        while True:
+            try:
+                one.recv(2048)
+            except BlockingIOError:
+                break
+            one_heard[0] = True
         now = time.monotonic()
         rate = (t["received"] - last[0]) / (now - last[1])
         last[:] = [t["received"], now]
         loss = 100 * t["lost"] / t["expected"] if t["expected"] else 0.0
-        sys.stdout.write(f"\r  {elapsed:4.0f}s  listeners hearing audio {t['heard']:>6}/"
-                         f"{crowd.crowd.size}  delivered {rate:>10,.0f} pkt/s  loss {loss:5.2f}%")
+        sys.stdout.write(f"\r  {elapsed:4.0f}s  listeners hearing audio {t['heard'] + one_heard[0]:>6}/"
+                         f"{crowd.crowd.size + 1}  delivered {rate:>10,.0f} pkt/s  loss {loss:5.2f}%")
         sys.stdout.flush()
     return line
 
@@ -113,6 +122,7 @@ def run_demo(listeners: int = 2000, seconds: float = 10.0, out: str = "demo-list
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     procs: list[subprocess.Popen] = []
     crowd = None
+    forwarded: socket.socket | None = None
     with tempfile.TemporaryDirectory(prefix="relay-demo-") as tmp:
         path, cfg = demo_config(tmp)
         room, admin = cfg.rooms[0], cfg.admin
@@ -136,7 +146,11 @@ def run_demo(listeners: int = 2000, seconds: float = 10.0, out: str = "demo-list
                     "--frame-ms", str(frame_ms), "--bitrate", "64000" if frame_ms <= 20 else "32000"],
                    env, procs, stderr=subprocess.DEVNULL)
             time.sleep(0.5)
+            forwarded = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            forwarded.bind(("127.0.0.1", 0))
+            forwarded.setblocking(False)
             one = _start(["listen", "--room", room.name, "--server", server, "--out", out,
+                          "--forward", f"127.0.0.1:{forwarded.getsockname()[1]}",
                           "--duration", str(seconds)], env, procs, stderr=subprocess.PIPE)
             crowd = LoopbackCrowd(max(0, listeners - 1), cfg.listen, room.name)
             joined = crowd.join()
@@ -146,7 +160,7 @@ def run_demo(listeners: int = 2000, seconds: float = 10.0, out: str = "demo-list
             before = scrape(admin)
             received_before = crowd.crowd.totals()["received"]
             t_start = time.monotonic()
-            crowd.run(seconds, on_second=_progress(crowd, received_before))
+            crowd.run(seconds, on_second=_progress(crowd, received_before, forwarded))
             elapsed = time.monotonic() - t_start
             after = scrape(admin)
             print()
@@ -160,6 +174,8 @@ def run_demo(listeners: int = 2000, seconds: float = 10.0, out: str = "demo-list
         finally:
             if crowd is not None:
                 crowd.close()
+            if forwarded is not None:
+                forwarded.close()
             _stop(procs)
 
 
