@@ -446,7 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--secret-env", default="RELAY_SECRET", help="variable holding the secret")
     s.set_defaults(func=cmd_token)
 
-    s = sub.add_parser("check", help="what on this machine limits a node, and what to change")
+    s = sub.add_parser("check", help="what on this machine limits a node, and what to change",
+                       epilog="exit status: 0 when nothing needs changing, 1 when something should change "
+                              "(a line starting 'change' says what), 2 a mistake in the config")
     s.add_argument("--config", "-c", help="the node's TOML config (default: the embedded demo config)")
     s.set_defaults(func=cmd_check)
 

@@ -41,7 +41,7 @@ def findings(cfg: NodeConfig) -> list[Finding]:
     need = 256 + cfg.quic_max_pending + len(cfg.rooms) + 64
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     out.append(Finding("open files", soft >= need,
-                       f"limit {soft} (hard {hard}), the node may hold about {need}"
+                       f"limit {soft} (hard {hard}), the node may hold about {need} files open at once"
                        + ("" if soft >= need else f": raise it (LimitNOFILE= in the systemd unit, ulimit -n {need})")))
     for name in ("net.core.wmem_max", "net.core.rmem_max"):
         value = _sysctl(name)
