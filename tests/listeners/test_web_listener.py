@@ -19,7 +19,7 @@ from tests.conftest import stop
 from tests.conftest import TONE_HZ
 from tests.listeners.conftest import metric, publish, quic_relay
 
-SCREENSHOT = Path(__file__).resolve().parent.parent / "build" / "screenshots" / "web-listener.png"
+SCREENSHOT = Path(__file__).resolve().parents[2] / "build" / "screenshots" / "web-listener.png"
 
 
 def wait_state(page: browser.Browser, ok, timeout: float) -> dict:

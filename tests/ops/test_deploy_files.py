@@ -13,7 +13,7 @@ import yaml
 
 from relay.wire.sockets import SOCKET_BUFFER
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
 
 def test_grafana_provisioning_matches_the_dashboard() -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from relay.testing.loadgen import LoopbackCrowd
 from tests.conftest import free_port, need, start_relay, stop
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy/grafana/relay.json"
 PROM_CONFIG = ROOT / "deploy/prometheus/prometheus.yml"
 ALERTS = ROOT / "deploy/prometheus/alerts.yml"
