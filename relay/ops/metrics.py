@@ -130,7 +130,8 @@ class NodeCollector(Collector):
             rej.add_metric([reason.name.lower()], sc.rejections.get(reason.name.lower(), 0))
         yield rej
         yield _histogram("relay_fanout_latency_seconds",
-                         "Ingest receive to the last send of that packet.", core.latency_histogram())
+                         "Ingest receive to a sender thread's last send of that packet: one observation "
+                         "per packet per sender thread.", core.latency_histogram())
         yield _histogram("relay_sendmmsg_batch_size", "Messages per successful sendmmsg call.",
                          core.batch_histogram())
         yield GaugeMetricFamily("relay_loop_lag_seconds", "Event-loop lag at the last probe.",
