@@ -119,28 +119,35 @@ class LoopbackCrowd:
         """Handshake every member (JOIN, cookie, JOIN, ACCEPT), `chunk` at a
         time so the node's control socket is not flooded by our own test.
         With `retry_limited`, a REJECT rate_limited is asked again on the
-        next attempt instead of counted as final."""
+        next attempt instead of counted as final. `attempts` bounds the
+        rounds in which some joiner got no answer at all; a round in which
+        the node answered every one (it is pacing the crowd with
+        rate_limited) does not count, so a busy node's pace is waited out
+        until `timeout`, not given up on."""
         t0 = time.monotonic()
         res = JoinResult()
         pending = [i for i in range(len(self.socks)) if i not in self.sessions]
         deadline = t0 + timeout
-        for _ in range(attempts):
-            if not pending or time.monotonic() > deadline:
-                break
+        unanswered_rounds = 0
+        while pending and unanswered_rounds < attempts and time.monotonic() <= deadline:
             waiting: set[int] = set()
+            limited: set[int] = set()
             for start in range(0, len(pending), chunk):
                 for i in pending[start:start + chunk]:
                     self._send(i, encode(Join(self.room, self.token)))
                     waiting.add(i)
-                self._pump(waiting, res, time.monotonic() + 0.05, retry_limited)
-            self._pump(waiting, res, min(deadline, time.monotonic() + 2.0), retry_limited)
+                self._pump(waiting, res, time.monotonic() + 0.05, retry_limited, limited)
+            self._pump(waiting, res, min(deadline, time.monotonic() + 2.0), retry_limited, limited)
             pending = sorted(waiting)
+            if waiting - limited:
+                unanswered_rounds += 1
         res.unanswered = len(pending)
         res.accepted = len(self.sessions)
         res.seconds = time.monotonic() - t0
         return res
 
-    def _pump(self, waiting: set[int], res: JoinResult, until: float, retry_limited: bool = True) -> None:
+    def _pump(self, waiting: set[int], res: JoinResult, until: float, retry_limited: bool = True,
+              limited: set[int] | None = None) -> None:
         while waiting and time.monotonic() < until:
             self.crowd.poll(10)
             for i, data in self.crowd.take_control():
@@ -161,6 +168,8 @@ class LoopbackCrowd:
                         self._send(i, encode(Join(self.room, self.token)))
                         continue
                     if msg.reason == Reason.RATE_LIMITED and retry_limited:
+                        if limited is not None:
+                            limited.add(i)
                         continue  # stays waiting: the next attempt asks again
                     key = msg.reason.name.lower()
                     res.rejected[key] = res.rejected.get(key, 0) + 1

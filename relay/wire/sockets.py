@@ -10,6 +10,9 @@ from typing import Iterator
 # the listener socket's kernel buffers: a burst of joins or a sender
 # thread's batch must fit (deploy/sysctl raises the kernel's cap to match)
 SOCKET_BUFFER = 8 << 20
+# Linux's options that pass net.core.[rw]mem_max (CAP_NET_ADMIN)
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 
 class BindError(OSError):
@@ -24,15 +27,28 @@ def udp_socket(host: str, port: int, sndbuf: int = 0, rcvbuf: int = 0) -> socket
     try:
         if family == socket.AF_INET6 and host == "::":
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        for opt, size in ((socket.SO_SNDBUF, sndbuf), (socket.SO_RCVBUF, rcvbuf)):
+        for force, opt, size in ((SO_SNDBUFFORCE, socket.SO_SNDBUF, sndbuf),
+                                 (SO_RCVBUFFORCE, socket.SO_RCVBUF, rcvbuf)):
             if size:
-                sock.setsockopt(socket.SOL_SOCKET, opt, size)
+                _set_buffer(sock, force, opt, size)
         sock.bind((host, port))
     except OSError:
         sock.close()
         raise
     sock.setblocking(False)
     return sock
+
+
+def _set_buffer(sock: socket.socket, force: int, opt: int, size: int) -> None:
+    """Ask for `size` bytes of kernel buffer. The plain option is capped at
+    net.core.[rw]mem_max (208 KiB on a stock kernel: a join storm's burst
+    overflows it while the loop is busy, and the joiners go unanswered), so
+    a node with CAP_NET_ADMIN takes the size it asked for; others get the
+    cap, which `relay check` tells the operator to raise."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, force, size)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, opt, size)
 
 
 @contextlib.contextmanager

@@ -2,10 +2,12 @@
 packet, and every newcomer gets an ACCEPT or an explicit REJECT."""
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 
 from relay.testing.loadgen import LoopbackCrowd, scrape
+from relay.wire.sockets import SOCKET_BUFFER
 from tests.conftest import start_relay, stop
 
 EXISTING = 300
@@ -48,4 +50,21 @@ def test_join_storm_keeps_existing_listeners_whole(tmp_path) -> None:
         pub.wait()
         existing.close()
         storm.close()
+        assert stop(relay.proc) == 0
+
+
+def test_the_listener_socket_gets_the_buffer_it_asks_for(tmp_path) -> None:
+    """A storm's burst of JOINs waits in the listener socket's kernel buffer
+    while the loop is busy; capped at net.core.rmem_max (208 KiB on a stock
+    kernel) it overflowed and joiners went unanswered. A node with
+    CAP_NET_ADMIN (these tests run as root) takes the full size."""
+    relay = start_relay(tmp_path)
+    try:
+        out = subprocess.run(["ss", "-uamnH", "sport", "=", f":{relay.listen[1]}"], capture_output=True,
+                             text=True, check=True).stdout
+        rb = int(re.search(r"\brb(\d+)", out).group(1))
+        tb = int(re.search(r"\btb(\d+)", out).group(1))
+        # the kernel doubles what it is asked for (its bookkeeping share)
+        assert rb >= 2 * SOCKET_BUFFER and tb >= 2 * SOCKET_BUFFER, out
+    finally:
         assert stop(relay.proc) == 0
