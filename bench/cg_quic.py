@@ -5,7 +5,7 @@ core sealing every packet and sending it with sendmmsg on a real loopback
 socket (inline mode: Core.flush), and the core reading the listeners' ACKs
 from that socket (QuicPath.ingest), handing up what is the library's. With
 `--library`, the QUIC path is off and the endpoint's own pump builds and
-seals every datagram through aioquic, as before #15. The listeners are
+seals every datagram through aioquic, as before the core's QUIC path. The listeners are
 aioquic client connections on their own loopback sockets.
 
 Only the node's work is counted: it runs inside a ctypes callback, and

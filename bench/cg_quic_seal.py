@@ -1,5 +1,5 @@
 """Callgrind workload: the core sealing QUIC audio datagrams and opening
-a listener's ACKs of them (#15's first step), to count instructions per
+a listener's ACKs of them (the first step of the core's QUIC path), to count instructions per
 packet against what the QUIC library spends per datagram
 (bench/quic_libs.py, bench/cg_quic.py).
 

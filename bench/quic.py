@@ -10,7 +10,7 @@ crowd of relay.testing.loadgen, in this process) and N QUIC listeners
 (bench/peers/quic_light_crowd.py, in other processes at nice 19: aioquic
 joins, then each reads and ACKs in C, so thousands fit beside the node on
 two cores; their loss counts the crowd's own starvation too).
-The QUIC listeners are served by the core's QUIC path (#15); at the first
+The QUIC listeners are served by the core's QUIC path (docs/quic-fast-path.md); at the first
 count, also by the QUIC library alone (`quic_fast_path = false`), as before. For each: the
 relay's CPU-seconds (/proc/PID/stat) over a fixed window and the packets it
 counted out, so "per core-second" is delivered packets per CPU-second of

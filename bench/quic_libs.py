@@ -3,7 +3,7 @@ Rust state machine behind an aioquic-shaped API), on the same workload:
 L server connections, each handshaken in memory with a client of the same
 library, then P rounds of one 172-byte DATAGRAM frame per connection, the
 packets built and sealed (`datagrams_to_send`), and the clients' ACKs read
-back. For #15's choice of library: it measures the library alone, not the
+back. For choosing the library behind the core's QUIC path: it measures the library alone, not the
 node's code around it.
 
 Only the server side is counted: it runs inside a ctypes callback, and

@@ -1,4 +1,4 @@
-"""Rooms of several speakers, measured (#14).
+"""Rooms of several speakers on a stage (docs/speakers.md), measured.
 
     .venv/bin/python bench/speakers.py            # about a minute
     .venv/bin/python bench/speakers.py --smoke    # seconds

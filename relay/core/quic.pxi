@@ -3,7 +3,8 @@
 # DATAGRAM frame (RFC 9221), sealed with the connection's AEAD and then its
 # header protection, through OpenSSL's libcrypto. The QUIC library keeps
 # the handshake, the key schedule and everything else; it hands over the
-# keys of the current key phase and a block of packet numbers (#15).
+# keys of the current key phase and a block of packet numbers
+# (docs/quic-fast-path.md).
 # Cipher contexts are made once per key phase and reused for every packet:
 # only the nonce changes. Included by relay/_core.pyx.
 

@@ -1,4 +1,4 @@
-"""A tree of nodes (#13, the cascade): an edge takes a room from an upstream
+"""A tree of nodes (the cascade): an edge takes a room from an upstream
 node as one `relay`-role listener and serves its own listeners from it;
 it subscribes only while it has listeners; when its upstream dies it
 takes the room from the next node in its list, and its listeners' stream

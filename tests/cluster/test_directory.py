@@ -1,4 +1,4 @@
-"""The cluster directory on a real Redis (#13): nodes heartbeat their
+"""The cluster directory on a real Redis: nodes heartbeat their
 records with a short TTL; a node that is full sends joiners to a live node
 with room (a storm at one node ends up spread, none admitting past its
 limit); GET /join answers where to connect; with Redis down every node

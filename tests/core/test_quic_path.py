@@ -1,4 +1,4 @@
-"""#15: the core's QUIC path, in one process. A threaded Core's sender
+"""The core's QUIC path, in one process. A threaded Core's sender
 threads seal listeners' audio and send it on a real QUIC socket on
 loopback; aioquic's own client connection opens what arrives, and its ACKs
 come back through the node's Link, which keeps packet numbers and keys

@@ -1,9 +1,9 @@
-"""#15, first step: the core seals QUIC 1-RTT packets carrying audio
-DATAGRAMs in C (libcrypto), and a real QUIC stack (aioquic's client) opens
-them: every cipher suite, a key update, WebTransport's prefix, packet
-numbers reserved from the library's own counter so both sides' packets
-stay one coherent sequence, and the peer's ACKs of our packets harmless to
-the library. Not yet on the node's egress path."""
+"""The first step of the core's QUIC path: the core seals QUIC 1-RTT
+packets carrying audio DATAGRAMs in C (libcrypto), and a real QUIC stack
+(aioquic's client) opens them: every cipher suite, a key update,
+WebTransport's prefix, packet numbers reserved from the library's own
+counter so both sides' packets stay one coherent sequence, and the peer's
+ACKs of our packets harmless to the library. Not yet on the node's egress path."""
 from __future__ import annotations
 
 import ssl

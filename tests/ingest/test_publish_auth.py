@@ -1,4 +1,4 @@
-"""Nobody publishes who was not admitted (#16): against a live node, a
+"""Nobody publishes who was not admitted: against a live node, a
 plain-RTP room's live stream cannot be taken by another stream from an
 allowed address, not even during a pause, until the publisher says BYE or
 the operator releases the room; an SRTP room takes only packets that

@@ -1,4 +1,4 @@
-"""Rooms with several speakers (#14), with real clients: speakers are `relay
+"""Rooms with several speakers (a stage), with real clients: speakers are `relay
 publish --server --token` processes, listeners `relay listen`, the node a
 `relay serve` process; what they heard is decoded by ffmpeg and checked
 by its spectrum."""
