@@ -154,12 +154,11 @@ cdef class Core:
         room_reset(&self.st, room, any_source)
         unlock_all(&self.st)
 
-    def room_rules(self, int room, double takeover_s=0.15, bint pin_source=False):
-        """Who may replace the room's live stream. A new stream (a new SSRC
-        or, with `pin_source`, a new source address) may, after an RTCP BYE
-        from the live one, after room_release(), or after `takeover_s`
-        seconds of the live one's silence (negative: never)."""
-        room_set_rules(self._room(room), takeover_s, pin_source)
+    def room_rules(self, int room, double takeover_s=0.15, bint pin_source=False, bint merge=False):
+        """Who may replace the room's live stream: a new SSRC (or, with `pin_source`, address)
+        may after an RTCP BYE from the live one, room_release(), or `takeover_s` seconds of its
+        silence (negative: never). `merge`: copies from several parents, each taken once."""
+        room_set_rules(self._room(room), takeover_s, pin_source, merge)
 
     def room_release(self, int room):
         """Let the next stream take the room at once (the operator's word,

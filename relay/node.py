@@ -123,7 +123,8 @@ class Node:
         self.core.room_open(index, r.any_source or bool(r.upstream))
         if r.upstream:
             self.upstreams[r.name] = Upstream(r.name, index, r.upstream, self.core,
-                                              lambda: relay_token(self.cfg.secret, r.name), self._sent)
+                                              lambda: relay_token(self.cfg.secret, r.name, self.cfg.node_id),
+                                              self._sent, pair=self.cfg.upstream_pair)
         self.rooms[r.name] = state
         self._allow_sources(state, r)
         return state

@@ -5,15 +5,24 @@ and feeds what it hears into its own room, whose listeners, edges below
 it included, then get it from this node's rings. Trees of any depth are
 built from this one step.
 
+Where the room's list names two or more nodes, the node subscribes to two
+of them at once (`[node] upstream_pair`, on by default). Every parent
+sends the room in the origin's numbering under one SSRC, so the two
+streams are copies: the core takes each sequence number once, from
+whichever copy brings it first, and a copy that fills a hole in the other
+fills it in the room (core/rtp.pxi, `merge`). A parent that dies then
+costs nothing: the other copy was already carrying every packet.
+
 A subscription exists only while the room has listeners here: the first
 one starts it, and it ends `upstream_linger` seconds after the last one
-left, so a million listeners cost the origin one stream per edge and room.
+left, so a million listeners cost the origin one stream (two with the
+pair) per edge and room.
 
 An upstream that sends nothing at all (not an audio packet, not a
-keepalive echo) for DEAD_AFTER_S is taken for dead, and the next node in
-the room's list is joined. The room's numbering is spliced across the
-switch by the core, as across a publisher restart, so listeners here see
-one continuous stream with a gap of about DEAD_AFTER_S.
+keepalive echo) for DEAD_AFTER_S is taken for dead, and that link joins
+the next node in the room's list that the other link is not using. Its
+first packets there are the recent ones the new parent bursts on a join,
+which fill what the switch missed.
 """
 from __future__ import annotations
 
@@ -39,31 +48,56 @@ JOIN_ATTEMPTS, JOIN_TIMEOUT_S = 2, 0.25
 RETRY_S = 1.0
 
 
+class Link:
+    """One subscription of a room to one parent at a time."""
+
+    def __init__(self) -> None:
+        self.node: tuple[str, int] | None = None      # the parent we hear from now
+        self.last: tuple[str, int] | None = None      # the parent this link heard from before
+        self.client: ListenClient | None = None
+        self.switches = 0                             # moves to another parent than the last
+
+
 class Upstream:
-    """One room's subscription to the nodes above it."""
+    """One room's subscription to the nodes above it: one link, or two to
+    different parents whose copies the core merges."""
 
     def __init__(self, room: str, index: int, nodes: list[tuple[str, int]], core: Core,
-                 token: Callable[[], str], sent: Callable[[], None]) -> None:
+                 token: Callable[[], str], sent: Callable[[], None], pair: bool = True) -> None:
         self.room, self.index, self.nodes, self.core = room, index, nodes, core
         self.token = token        # a fresh relay token for each join
         self.sent = sent          # after feeding: an inline core sends now
-        self.current: tuple[str, int] | None = None   # the node we hear from now
+        self.pair = pair
+        self.links: list[Link] = [Link(), Link()]
         self.joins = 0            # upstream joins that succeeded
-        self.client: ListenClient | None = None       # the session upstream, while there is one
-        self._task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
         self._unwanted_since: float | None = None
 
     @property
+    def current(self) -> tuple[str, int] | None:
+        """A parent we hear the room from now (None: none)."""
+        return next((link.node for link in self.links if link.node is not None), None)
+
+    @property
+    def parents(self) -> list[tuple[str, int]]:
+        """Every parent we hear the room from now."""
+        return [link.node for link in self.links if link.node is not None]
+
+    @property
     def speakers(self) -> Speakers | None:
-        """Who is on the room's stage, as the upstream node last said (a
+        """Who is on the room's stage, as an upstream node last said (a
         stage room's SPEAKERS reach every node below it this way)."""
-        return self.client.speakers if self.client is not None and self.current is not None else None
+        for link in self.links:
+            if link.client is not None and link.node is not None and link.client.speakers is not None:
+                return link.client.speakers
+        return None
 
     @property
     def switches(self) -> int:
-        """Joins after the first: moves to another upstream (a dead or
-        draining one, or a new subscription after the room was left)."""
-        return max(0, self.joins - 1)
+        """Moves of a link to another parent than the one it heard before
+        (a dead or draining parent); a new subscription to the same parent
+        after the room was left is not a move."""
+        return sum(link.switches for link in self.links)
 
     def want(self, listeners: int, now: float, linger: float) -> None:
         """Called on every housekeeping tick with the room's listeners here:
@@ -71,29 +105,37 @@ class Upstream:
         `linger` seconds."""
         if listeners > 0:
             self._unwanted_since = None
-            if self._task is None:
-                self._task = asyncio.get_running_loop().create_task(self._run())
-        elif self._task is not None:
+            if not self._tasks:
+                loop = asyncio.get_running_loop()
+                links = 2 if self.pair and len(self.nodes) >= 2 else 1
+                self._tasks = [loop.create_task(self._run(self.links[k], k)) for k in range(links)]
+        elif self._tasks:
             if self._unwanted_since is None:
                 self._unwanted_since = now
             elif now - self._unwanted_since >= linger:
                 self.stop()
 
     def stop(self) -> None:
-        """Leave the upstream (the LEAVE is sent as the task ends)."""
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
+        """Leave the upstreams (the LEAVEs are sent as the tasks end)."""
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = []
         self._unwanted_since = None
-        self.current = None
+        for link in self.links:
+            link.node = None
 
-    async def _run(self) -> None:
+    async def _run(self, link: Link, first: int) -> None:
+        """Keep `link` on a parent: the list in order from its own first
+        choice, never the node the other link is on."""
         while True:
-            for node in self.nodes:
-                await self._hear(node)
+            nodes = self.nodes[first:] + self.nodes[:first] if first < len(self.nodes) else list(self.nodes)
+            for node in nodes:
+                if any(other is not link and other.node == node for other in self.links):
+                    continue
+                await self._hear(link, node)
             await asyncio.sleep(RETRY_S)
 
-    async def _hear(self, node: tuple[str, int]) -> None:
+    async def _hear(self, link: Link, node: tuple[str, int]) -> None:
         """Join `node` and feed the room from it until it dies or refuses."""
         source = to_sockaddr(node)
         where = f"{node[0]}:{node[1]}"
@@ -102,14 +144,13 @@ class Upstream:
             self.core.feed(self.index, pkt, source)
             self.sent()
 
-        client = self.client = ListenClient(where, self.room, self.token(), sink=feed)
+        client = link.client = ListenClient(where, self.room, self.token(), sink=feed)
         try:
             await client.join(attempts=JOIN_ATTEMPTS, timeout=JOIN_TIMEOUT_S)
-            # the new upstream's stream replaces the old at once: the core
-            # splices its numbering onto the room's
-            self.core.room_release(self.index)
             self.joins += 1
-            self.current = node
+            if link.last is not None and link.last != node:
+                link.switches += 1
+            link.node = link.last = node
             log.warning("room %r: taking it from %s", self.room, where,
                         extra={"fields": {"event": "upstream", "room": self.room, "node": where}})
             await client.receive(dead_after=DEAD_AFTER_S)
@@ -117,15 +158,15 @@ class Upstream:
             log.warning("room %r: upstream %s: %s", self.room, where, e,
                         extra={"fields": {"event": "upstream_lost", "room": self.room, "node": where}})
         finally:
-            self.current = self.client = None
+            link.node = link.client = None
             with contextlib.suppress(OSError):
                 client.close()
 
 
-def relay_token(secret: str, room: str) -> str:
+def relay_token(secret: str, room: str, node_id: str = "") -> str:
     """The token a node presents upstream: role `relay`, an hour long (a
-    fresh one is minted for every join). Without a secret (auth = "open")
-    it presents none."""
-    return mint(secret, room, role="relay", ttl_s=3600) if secret else ""
+    fresh one is minted for every join), its subject the node's id. Without
+    a secret (auth = "open") it presents none."""
+    return mint(secret, room, role="relay", ttl_s=3600, speaker=node_id) if secret else ""
 
 

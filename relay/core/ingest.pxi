@@ -11,6 +11,7 @@ cpdef enum Ingest:
     INGEST_OVERSIZED = 4
     INGEST_LATE = 5
     INGEST_RTCP = 6
+    INGEST_DUPLICATE = 7
 
 
 cdef inline void rx_ready(CoreState *c, int batch) noexcept nogil:

@@ -20,10 +20,11 @@ cdef void room_reset(CoreState *c, int room, bint any_source) noexcept nogil:
     r.takeover_ns = TAKEOVER_NS
 
 
-cdef void room_set_rules(Room *r, double takeover_s, bint pin_source) noexcept nogil:
+cdef void room_set_rules(Room *r, double takeover_s, bint pin_source, bint merge) noexcept nogil:
     """See Core.room_rules."""
     r.takeover_ns = <int64_t>(takeover_s * 1e9) if takeover_s >= 0 else -1
     r.pin_source = 1 if pin_source else 0
+    r.merge = 1 if merge else 0
 
 
 cdef void room_add_source(Room *r, const uint8_t *a, bint any_port) noexcept nogil:

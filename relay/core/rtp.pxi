@@ -111,6 +111,10 @@ cdef int accept_packet(CoreState *c, int room, const uint8_t *pkt, Py_ssize_t n,
     cdef int16_t delta
     cdef uint8_t *h
     cdef uint32_t i
+    cdef bint fill = False
+    cdef int shift = 0
+    cdef uint16_t out_seq
+    cdef uint32_t out_ts
     if room < 0 or room >= c.rooms or not c.rm[room].active:
         c.c_no_room += 1
         return INGEST_NO_ROOM
@@ -161,6 +165,7 @@ cdef int accept_packet(CoreState *c, int room, const uint8_t *pkt, Py_ssize_t n,
         r.have_stream = 1
         r.seq_off = 0
         r.ts_off = 0
+        r.seen = 1
         source_of(&r.live, src)
     else:
         delta = <int16_t>(seq - r.in_seq)
@@ -175,18 +180,33 @@ cdef int accept_packet(CoreState *c, int room, const uint8_t *pkt, Py_ssize_t n,
             restart(r, seq, ts, now)
             source_of(&r.live, src)
             r.released = 0
+        elif r.merge and -64 < delta <= 0:
+            # a copy from the other parent, or a hole it fills
+            if (r.seen >> <int>(-delta)) & 1:
+                r.duplicates += 1
+                return INGEST_DUPLICATE
+            r.seen |= (<uint64_t>1) << <int>(-delta)
+            r.gap_fills += 1
+            fill = True
         elif delta > 3000 or delta < -100:
             # same SSRC, numbering jumped: a restarted sender
             restart(r, seq, ts, now)
         elif delta <= 0:
             r.drop_late += 1
             return INGEST_LATE
-        elif delta > 1:
-            r.seq_gaps += <uint64_t>(delta - 1)
-    r.in_ssrc = ssrc
-    r.in_seq = seq
-    r.out_seq = <uint16_t>(seq + r.seq_off)
-    r.out_ts = ts + r.ts_off
+        else:
+            shift = delta
+            if delta > 1:
+                r.seq_gaps += <uint64_t>(delta - 1)
+    out_seq = <uint16_t>(seq + r.seq_off)
+    out_ts = ts + r.ts_off
+    if not fill:
+        if shift:
+            r.seen = (r.seen << shift) | 1 if shift < 64 else 1
+        r.in_ssrc = ssrc
+        r.in_seq = seq
+        r.out_seq = out_seq
+        r.out_ts = out_ts
     r.last_rx_ns = now
     r.packets_in += 1
     r.bytes_in += <uint64_t>n
@@ -195,8 +215,8 @@ cdef int accept_packet(CoreState *c, int room, const uint8_t *pkt, Py_ssize_t n,
     h = c.hist + <size_t>i * <size_t>c.ring_bytes
     h[0] = 0x80
     h[1] = pkt[1]
-    put16(h + 2, r.out_seq)
-    put32(h + 4, r.out_ts)
+    put16(h + 2, out_seq)
+    put32(h + 4, out_ts)
     put32(h + 8, 0)
     memcpy(h + HDR, pkt + off, <size_t>plen)
     c.hist_len[i] = <uint16_t>(HDR + plen)
@@ -211,6 +231,14 @@ cdef void restart(Room *r, uint16_t seq, uint32_t ts, int64_t now) noexcept nogi
     one 20 ms frame, at most what 31 bits of the 48 kHz clock hold)."""
     cdef int64_t quiet = now - r.last_rx_ns
     cdef int64_t gap
+    r.source_restarts += 1
+    r.seen = 1
+    if r.merge:
+        # a merged room forwards its parents' numbering as it is: the
+        # origin's, the same from every parent
+        r.seq_off = 0
+        r.ts_off = 0
+        return
     if quiet >= GAP_CAP_NS:
         gap = 0x7fffffff
     else:
@@ -219,4 +247,3 @@ cdef void restart(Room *r, uint16_t seq, uint32_t ts, int64_t now) noexcept nogi
             gap = 960
     r.seq_off = <uint16_t>(r.out_seq + 1 - seq)
     r.ts_off = r.out_ts + <uint32_t>gap - ts
-    r.source_restarts += 1

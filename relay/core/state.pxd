@@ -71,6 +71,11 @@ ctypedef struct Room:
     int64_t takeover_ns   # silence after which a new stream may take the room; < 0: never
     uint8_t pin_source    # the live stream is its SSRC and its source address
     uint8_t released      # the live stream said BYE, or the operator released it
+    # copies of one stream from several parents (a cascade with two
+    # upstreams): the parents' numbering is kept, each sequence number is
+    # taken once, the first copy to arrive wins (rtp.pxi)
+    uint8_t merge
+    uint64_t seen         # merge: bit d set = in_seq - d was taken
     Source live           # the live stream's source address (pinned rooms)
     int32_t first[MAX_SHARDS]   # head of each shard's listener list, -1 if empty
     int32_t n_listeners
@@ -98,6 +103,8 @@ ctypedef struct Room:
     uint64_t takeovers_refused  # packets of a new stream refused while the live one holds the room
     uint64_t byes               # RTCP BYEs from the live stream, which release the room
     uint64_t seq_gaps     # sequence numbers the publisher skipped: loss on the way in
+    uint64_t gap_fills    # merge: skipped numbers a second copy filled in later
+    uint64_t duplicates   # merge: copies of packets already taken
 
 
 ctypedef struct Shard:

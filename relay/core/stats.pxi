@@ -11,6 +11,7 @@ cdef dict stats_counters(CoreState *c):
     cdef uint64_t pin = 0, bin_ = 0, fo = 0, ma = 0, ov = 0, la = 0, rs = 0, tr = 0, bye = 0
     cdef uint64_t po = 0, bo = 0, calls = 0, msgs = 0, wb = 0, dov = 0, dse = 0, lag = 0
     cdef int64_t queued = 0
+    cdef uint64_t dup = 0, fill = 0
     cdef uint64_t qo[2]
     cdef uint64_t qb[2]
     cdef uint64_t qacks = 0, qacked = 0, qlost = 0, qshut = 0, qforged = 0, qrep = 0, qblk = 0
@@ -28,6 +29,8 @@ cdef dict stats_counters(CoreState *c):
         rs += c.rm[k].source_restarts
         tr += c.rm[k].takeovers_refused
         bye += c.rm[k].byes
+        dup += c.rm[k].duplicates
+        fill += c.rm[k].gap_fills
     for k in range(c.shards):
         s = &c.sh[k]
         lock_shard_gil(c, k)
@@ -59,7 +62,7 @@ cdef dict stats_counters(CoreState *c):
         "rx_datagrams": c.c_rx_datagrams, "packets_in": pin, "bytes_in": bin_,
         "packets_out": po, "bytes_out": bo, "sendmmsg_calls": calls, "sendmmsg_messages": msgs,
         "would_block": wb, "resends": c.c_resends, "source_restarts": rs,
-        "takeovers_refused": tr, "publisher_byes": bye,
+        "takeovers_refused": tr, "publisher_byes": bye, "merge_duplicates": dup, "merge_gap_fills": fill,
         "rtcp_ignored": c.c_rtcp_ignored, "drop_no_room": c.c_no_room, "drop_foreign": fo,
         "drop_malformed": ma, "drop_oversized": ov, "drop_late": la, "drop_overflow": dov,
         "drop_send_error": dse, "drop_shard_lag": lag, "listeners": c.listeners, "queued": queued,
@@ -107,7 +110,8 @@ cdef dict stats_room(Room *r):
         "bytes_in": r.bytes_in, "drop_foreign": r.drop_foreign, "drop_malformed": r.drop_malformed,
         "drop_oversized": r.drop_oversized, "oversized_len": r.oversized_len, "drop_late": r.drop_late, "source_restarts": r.source_restarts,
         "takeovers_refused": r.takeovers_refused, "byes": r.byes, "released": bool(r.released),
-        "seq_gaps": r.seq_gaps, "have_stream": bool(r.have_stream), "last_rx_ns": r.last_rx_ns,
+        "seq_gaps": r.seq_gaps, "gap_fills": r.gap_fills, "duplicates": r.duplicates,
+        "have_stream": bool(r.have_stream), "last_rx_ns": r.last_rx_ns,
     }
 
 

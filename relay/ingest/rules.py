@@ -12,7 +12,7 @@ from typing import Callable
 
 from relay._core import Core
 from relay.wire.addr import to_sockaddr
-from relay.wire.config import RoomConfig
+from relay.wire.config import SRTP_TAKEOVER_S, RoomConfig
 
 
 def allow_sources(core: Core, index: int, r: RoomConfig) -> None:
@@ -39,6 +39,12 @@ def apply_rules(core: Core, index: int, r: RoomConfig) -> None:
     and another may take over only after a BYE from it, the operator's
     release, or takeover_after seconds of silence (2 s unless the room says
     otherwise; "never" keeps the room until a BYE or a release)."""
+    if r.upstream:
+        # copies of one stream from up to two parents, merged; a parent
+        # whose stream is another (another SSRC) is followed only after the
+        # live one falls silent, never mixed with it
+        core.room_rules(index, SRTP_TAKEOVER_S, pin_source=False, merge=True)
+        return
     takeover = -1.0 if r.takeover_after is None else r.takeover_after
     core.room_rules(index, takeover, pin_source=not r.srtp_key)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import random
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Callable, Hashable, NamedTuple
@@ -33,6 +34,11 @@ UDP = "udp"
 # many times over; anything longer is not from a well-behaved listener
 MAX_RTCP = 512
 PULLED = ("quic", "webtransport")   # transports that pull from their rings
+
+
+def relay_ssrc(room: str) -> int:
+    """The SSRC every node sends a room under to the nodes below it."""
+    return zlib.crc32(b"relay:" + room.encode())
 
 
 class Send(NamedTuple):
@@ -228,7 +234,10 @@ class Sessions:
         # session it already holds does not count twice)
         current = self.table.get(key)
         held = self.cfg.max_sessions_per_token
-        if held and token and self._by_token[token] >= held and (current is None or current.token != token):
+        # a parent feeds as many nodes below it as ask: their relay tokens
+        # are not a listener's to share
+        if (held and token and role != "relay" and self._by_token[token] >= held
+                and (current is None or current.token != token)):
             return self._refuse(Reason.TOKEN_IN_USE)
         if key in self.table:
             self._remove(self.table[key])  # switching rooms
@@ -243,9 +252,15 @@ class Sessions:
             if room.max_listeners and self.core.room_listeners(room.index) >= room.max_listeners:
                 return self._refuse(Reason.ROOM_FULL, redirect())
         pull = transport != UDP
-        ssrc = self.rng.getrandbits(32)
-        slot = self.core.listener_add(room.index, sockaddr, ssrc, self.rng.getrandbits(16),
-                                      self.rng.getrandbits(32), pull=pull, burst=self.cfg.burst_packets)
+        if role == "relay":
+            # a node below gets the room as it is numbered here, which is the
+            # origin's, under one SSRC every node uses for the room: two
+            # parents then send it identical copies to merge
+            ssrc, seq_off, ts_off = relay_ssrc(room_name), 0, 0
+        else:
+            ssrc, seq_off, ts_off = self.rng.getrandbits(32), self.rng.getrandbits(16), self.rng.getrandbits(32)
+        slot = self.core.listener_add(room.index, sockaddr, ssrc, seq_off, ts_off, pull=pull,
+                                      burst=self.cfg.burst_packets)
         if slot < 0:
             return self._refuse(Reason.NODE_FULL, redirect())
         return self._add(Session(key, transport, room_name, slot, ssrc, self.rng.randbytes(8), now,

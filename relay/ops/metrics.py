@@ -99,6 +99,10 @@ class NodeCollector(Collector):
             ("relay_publisher_byes", "publisher_byes", "RTCP BYEs from a live publisher stream, "
              "each releasing its room to the next stream."),
             ("relay_rtcp_ignored", "rtcp_ignored", "RTCP datagrams on ingest ports (only BYEs are read)."),
+            ("relay_upstream_duplicates", "merge_duplicates", "Packets of an upstream room that the other "
+             "parent had already brought (taken once, from the first copy)."),
+            ("relay_upstream_gap_fills", "merge_gap_fills", "Packets one parent's copy was missing that the "
+             "other parent's brought."),
         ):
             yield CounterMetricFamily(name, doc, c[key])
         drops = CounterMetricFamily("relay_drops", "Packets dropped, by reason.", labels=["reason"])

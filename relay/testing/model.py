@@ -2,7 +2,7 @@
 
 It implements the same contract as `relay._core.Core` (rooms locked to
 sources, RTP validation, room numbering that stays continuous across a new
-sender, per-listener rings of variable-length packets in a byte budget with
+sender, copies from two parents merged by sequence number, per-listener rings of variable-length packets in a byte budget with
 their own SSRC/sequence/timestamp, drop-oldest overflow, a burst of recent
 packets on join) with lists and dicts, so the
 property tests can compare the compiled core to it byte for byte.
@@ -60,6 +60,10 @@ class ModelRoom:
     pin_source: bool = False
     released: bool = False
     live: tuple[int, bytes, int] = (0, b"", 0)   # the live stream's source
+    merge: bool = False
+    taken: set[int] = field(default_factory=set)   # merge: sequence numbers taken, within 64 of in_seq
+    duplicates: int = 0
+    gap_fills: int = 0
 
 
 class ModelCore:
@@ -77,10 +81,12 @@ class ModelCore:
     def room_open(self, room: int, any_source: bool = False) -> None:
         self.rooms[room] = ModelRoom(any_source=any_source)
 
-    def room_rules(self, room: int, takeover_s: float = 0.15, pin_source: bool = False) -> None:
+    def room_rules(self, room: int, takeover_s: float = 0.15, pin_source: bool = False,
+                   merge: bool = False) -> None:
         r = self.rooms[room]
         r.takeover_ns = int(takeover_s * 1e9) if takeover_s >= 0 else -1
         r.pin_source = pin_source
+        r.merge = merge
 
     def room_release(self, room: int) -> None:
         self.rooms[room].released = True
@@ -165,9 +171,11 @@ class ModelCore:
         if len(payload) + HDR > self.ring_bytes:
             return self._drop(r, Ingest.INGEST_OVERSIZED)
         seq, ts, ssrc = struct.unpack_from("!HII", pkt, 2)
+        fill = False
         if not r.have_stream:
             r.have_stream = True
             r.live = _source_key(source)
+            r.taken = {seq}
         else:
             delta = (seq - r.in_seq) & 0xFFFF
             delta = delta - 0x10000 if delta >= 0x8000 else delta
@@ -177,15 +185,24 @@ class ModelCore:
                     return self._drop(r, Ingest.INGEST_FOREIGN)
                 self._restart(r, seq, ts, now_ns)
                 r.live, r.released = _source_key(source), False
+            elif r.merge and -64 < delta <= 0:
+                if seq in r.taken:
+                    r.duplicates += 1
+                    return Ingest.INGEST_DUPLICATE
+                r.taken.add(seq)
+                r.gap_fills += 1
+                fill = True
             elif delta > 3000 or delta < -100:
                 self._restart(r, seq, ts, now_ns)
             elif delta <= 0:
                 return self._drop(r, Ingest.INGEST_LATE)
-        r.in_ssrc, r.in_seq = ssrc, seq
-        r.out_seq = (seq + r.seq_off) & 0xFFFF
-        r.out_ts = (ts + r.ts_off) & 0xFFFFFFFF
+        out_seq, out_ts = (seq + r.seq_off) & 0xFFFF, (ts + r.ts_off) & 0xFFFFFFFF
+        if not fill:
+            r.in_ssrc, r.in_seq = ssrc, seq
+            r.out_seq, r.out_ts = out_seq, out_ts
+            r.taken = {s for s in r.taken | {seq} if (seq - s) & 0xFFFF < 64}
         r.last_rx_ns = now_ns
-        room_pkt = bytes([0x80, pkt[1]]) + struct.pack("!HII", r.out_seq, r.out_ts, 0) + payload
+        room_pkt = bytes([0x80, pkt[1]]) + struct.pack("!HII", out_seq, out_ts, 0) + payload
         r.history = (r.history + [room_pkt])[-self.depth:]
         for lst in self.listeners.values():
             if lst.room == room:
@@ -212,6 +229,10 @@ class ModelCore:
 
     @staticmethod
     def _restart(r: ModelRoom, seq: int, ts: int, now_ns: int) -> None:
+        r.taken = {seq}
+        if r.merge:
+            r.seq_off = r.ts_off = 0
+            return
         gap = (now_ns - r.last_rx_ns) * 48000 // 1_000_000_000
         gap = min(max(gap, 960), 0x7FFFFFFF)
         r.seq_off = (r.out_seq + 1 - seq) & 0xFFFF

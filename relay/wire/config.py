@@ -111,6 +111,7 @@ class NodeConfig:
     max_sessions_per_token: int = 16     # sessions one token may hold at once; 0 = no limit
     log_interval: float = 10.0           # seconds between summary log lines (joins, refusals, drops)
     upstream_linger: float = 10.0        # an upstream room is left this long after its last listener
+    upstream_pair: bool = True           # take an upstream room from two parents at once, merged
     # the cluster directory (relay/cluster/directory.py): a redis:// or
     # rediss:// URL, this node's id and tier, and the address other nodes
     # and listeners reach it at
@@ -144,7 +145,7 @@ _NODE_KEYS = {"listen", "admin", "auth", "secret_env", "max_listeners", "ring_de
               "max_load",
               "max_machine_load", "load_floor", "max_sessions_per_token",
               "quic_max_pending", "quic_max_pending_per_source", "log_interval", "drain_grace", "drain_rate",
-              "upstream_linger", "directory", "node_id", "tier", "advertise",
+              "upstream_linger", "upstream_pair", "directory", "node_id", "tier", "advertise",
               "quic", "quic_cert", "quic_key", "quic_redirect", "quic_fast_path"}
 _ROOM_KEYS = {"name", "ingest", "sources", "max_listeners", "srtp_key_env", "takeover_after", "upstream",
               "max_speakers"}
@@ -407,6 +408,10 @@ def from_dict(raw: dict[str, Any], label: str = "config", environ: Mapping[str, 
     cfg.log_interval = _seconds("[node] log_interval", node.get("log_interval", cfg.log_interval), 0.1, 3600)
     cfg.upstream_linger = _seconds("[node] upstream_linger", node.get("upstream_linger", cfg.upstream_linger),
                                    0.1, 3600)
+    pair = node.get("upstream_pair", True)
+    if not isinstance(pair, bool):
+        raise ConfigError(f"[node] upstream_pair: true or false, not {pair!r}")
+    cfg.upstream_pair = pair
     cfg.quic_max_pending = _int("[node] quic_max_pending", node.get("quic_max_pending", cfg.quic_max_pending),
                                 1, 10**6)
     cfg.quic_max_pending_per_source = _int("[node] quic_max_pending_per_source",

@@ -2,6 +2,7 @@
 shares the secret can mint them. Open mode admits anyone, for local demos."""
 from __future__ import annotations
 
+import secrets
 import time
 
 import jwt
@@ -24,13 +25,17 @@ class TokenError(Exception):
 def mint(secret: str, room: str, role: str = "listen", ttl_s: float = 3600.0,
          now: float | None = None, speaker: str = "", name: str = "") -> str:
     """A signed token for `room` and `role`, valid for `ttl_s` seconds. A
-    speaker's (role publish) may carry its id (`sub`) and display name."""
+    speaker's (role publish) may carry its id (`sub`) and display name; a
+    node's (role relay) carries the node's id as `sub`."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
     if len(secret.encode()) < 32:
         raise ValueError("the secret must be at least 32 bytes (HS256)")
     issued = int(time.time() if now is None else now)
-    claims: dict[str, object] = {"room": room, "role": role, "iat": issued, "exp": issued + int(ttl_s)}
+    # jti: tokens minted in the same second differ (a session limit per
+    # token must count one holder's sessions, not everyone minted then)
+    claims: dict[str, object] = {"room": room, "role": role, "iat": issued, "exp": issued + int(ttl_s),
+                                 "jti": secrets.token_urlsafe(12)}
     if speaker:
         claims["sub"] = speaker
     if name:

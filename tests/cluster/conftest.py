@@ -24,7 +24,7 @@ class Node:
 
     def __init__(self, tmp: Path, name: str, upstream: list["Node"] | None = None, workers: int = 1,
                  env: dict | None = None, directory: str = "", quic: bool = False,
-                 max_listeners: int = 100_000) -> None:
+                 max_listeners: int = 100_000, extra_node: str = "") -> None:
         self.listen = ("127.0.0.1", free_port())
         self.admin = ("127.0.0.1", free_port(socket.SOCK_STREAM))
         self.ingest = ("127.0.0.1", free_port())
@@ -34,7 +34,7 @@ class Node:
         cfg.write_text(f'[node]\nlisten = "{self.listen[0]}:{self.listen[1]}"\n'
                        f'admin = "{self.admin[0]}:{self.admin[1]}"\nauth = "jwt"\nworkers = {workers}\n'
                        'max_load = 0\nmax_machine_load = 0\ndrain_grace = 0\nupstream_linger = 0.5\n'
-                       f'max_listeners = {max_listeners}\n'
+                       f'max_listeners = {max_listeners}\n{extra_node}'
                        + (f'directory = "{directory}"\nnode_id = "{name}"\n' if directory else "")
                        + (f'quic = "127.0.0.1:{free_port()}"\n' if quic else "") +
                        f'[[room]]\nname = "live"\n{room}\n'.replace("'", '"'))

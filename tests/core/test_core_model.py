@@ -16,7 +16,7 @@ DEPTH = 8
 # small enough that the byte budget, not only the depth, decides how many
 # packets a ring holds, and that packets wrap to the start
 RING = 300
-ROOMS = 3
+ROOMS = 4
 
 payloads = st.binary(min_size=0, max_size=RING + 16)
 valid_packet = st.builds(
@@ -48,11 +48,18 @@ release = st.tuples(st.just("release"), st.integers(0, ROOMS - 1))
 join = st.tuples(st.just("join"), st.integers(0, ROOMS - 1), st.booleans(), st.integers(0, DEPTH + 2))
 leave = st.tuples(st.just("leave"), st.integers(0, 1000))
 flush = st.tuples(st.just("flush"))
-ops = st.lists(st.one_of(feed, stream, stream, join, join, leave, flush, bye, release), max_size=60)
+# the same stream from two parents, each copy missing some packets and
+# running a little ahead of or behind the other
+copies = st.tuples(st.just("copies"), st.integers(0, ROOMS - 1), st.integers(1, 2 * DEPTH + 3),
+                   st.lists(st.booleans(), min_size=8, max_size=8), st.lists(st.booleans(), min_size=8, max_size=8),
+                   st.integers(-3, 3))
+ops = st.lists(st.one_of(feed, stream, stream, copies, join, join, leave, flush, bye, release), max_size=60)
 # room 0: the default rule (a new SSRC after 150 ms of silence); room 1: a
-# plain-RTP room as the node opens it (pinned to the live source, no
-# takeover without a BYE or the operator); room 2: open to any source
-RULES = [dict(), dict(takeover_s=-1, pin_source=True), dict(takeover_s=0.05, pin_source=True)]
+# plain-RTP room that keeps its stream until a BYE or the operator (pinned
+# to the live source); room 2: open to any source; room 3: an upstream room
+# merging copies from two parents
+RULES = [dict(), dict(takeover_s=-1, pin_source=True), dict(takeover_s=0.05, pin_source=True),
+         dict(takeover_s=0.15, merge=True)]
 
 
 def _receiver() -> tuple[socket.socket, bytes]:
@@ -107,6 +114,17 @@ def test_core_matches_model(ops) -> None:
                     pkt = rtp(seqs[room], seqs[room] * 960, 0x1111,
                               bytes([seqs[room] & 0xFF]) * (1 + (size * (k + 1)) % 140))
                     assert core.feed(room, pkt, SRC_A, now) == model.feed(room, pkt, SRC_A, now)
+            elif op[0] == "copies":
+                _, room, count, miss_a, miss_b, lag = op
+                first = seqs[room] + 1
+                seqs[room] += count
+                order = [(k, SRC_A) for k in range(count) if not miss_a[k % 8]]
+                order += [(k + lag, SRC_B) for k in range(count) if not miss_b[(k + 3) % 8]]
+                for key, src in sorted(order, key=lambda e: e[0]):
+                    k = key if src is SRC_A else key - lag
+                    now += 1_000_000
+                    pkt = rtp(first + k, (first + k) * 960, 0x1111, bytes([k & 0xFF]) * 20)
+                    assert core.feed(room, pkt, src, now) == model.feed(room, pkt, src, now)
             elif op[0] == "bye":
                 _, room, ssrc, compound, src = op
                 pkt = struct.pack("!BBHI", 0x81, 203, 1, ssrc)
@@ -143,6 +161,8 @@ def test_core_matches_model(ops) -> None:
             assert stats["drop_oversized"] == drops.get("INGEST_OVERSIZED", 0)
             assert stats["drop_late"] == drops.get("INGEST_LATE", 0)
             assert stats["released"] == model.rooms[room].released
+            assert stats["duplicates"] == model.rooms[room].duplicates
+            assert stats["gap_fills"] == model.rooms[room].gap_fills
     finally:
         rx.close()
         tx.close()
