@@ -219,8 +219,12 @@ def test_a_busy_machine_is_not_projected_onto_the_relays_listeners() -> None:
     s.note_load(0.0012, 0.60, 1)
     assert all(isinstance(_join(s, ("127.0.0.1", 2 + i)), Accept) for i in range(5))
     assert s.counters.rejections_load == 0
-    # a machine with no headroom left refuses, without projecting
-    s.note_load(0.0012, 0.97, 6)
+    # a machine with no headroom left, filled by others: still admits
+    s.gate.floor = 5
+    s.note_load(0.0012, 0.97, 6, relay_share=0.05)
+    assert isinstance(_join(s, ("127.0.0.1", 49)), Accept)
+    # filled by the relay itself, past the floor: refuses, without projecting
+    s.note_load(0.0012, 0.97, 7, relay_share=0.6)
     assert _join(s, ("127.0.0.1", 50)) == Reject(Reason.NODE_FULL, "127.0.0.2:7000")
     assert s.counters.rejections_load == 1
     s.cfg.max_machine_load = 0   # off
