@@ -169,8 +169,10 @@ class QuicListenClient(ListenClient):
         """Join, then receive until `duration` seconds pass (forever if None).
         A node that drains with a redirect is followed there. (`dead_after`
         is the UDP client's; QUIC's idle timeout ends a dead connection.)"""
+        # waiting for a place on a full node counts against `duration`; the
+        # listening itself then gets all of it, as before
+        await self.join_when_room(None if duration is None else time.monotonic() + duration)
         deadline = None if duration is None else time.monotonic() + duration
-        await self.join_when_room(deadline)
         while deadline is None or time.monotonic() < deadline:
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
