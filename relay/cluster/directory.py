@@ -6,12 +6,18 @@ others' into a local table, and join routing reads only that table.
 Layout (every key under `relay:`):
 
     relay:node:ID    hash: udp, quic, webtransport, cert, tier, capacity,
-                     listeners, load, draining, rooms (JSON list); EXPIREs 3 s after the
-                     last heartbeat, so a dead node vanishes by itself
-    relay:nodes      sorted set of node ids, scored by when their record
-                     expires: the index to read the hashes through (a
-                     member whose score has passed is dead, and is
-                     trimmed by whoever sees it)
+                     listeners, load, draining, rooms (JSON list); expires
+                     TTL_MS after the last heartbeat (Redis's own clock, so
+                     the nodes' clocks need not agree), so a dead node
+                     vanishes by itself
+    relay:nodes      sorted set of node ids, scored by wall-clock time a
+                     minute past their last heartbeat: only the index to
+                     read the hashes through, trimmed by whoever sees an
+                     old member
+
+A node whose hash has expired is dead: every read replaces the table, so
+it leaves each peer's routing at the next heartbeat, within TTL_MS +
+HEARTBEAT_S (one second) of its last heartbeat.
 
 Redis being down or unreachable costs nothing but freshness: the node
 keeps serving and admitting by its own limits, routes with the table it
@@ -34,9 +40,12 @@ from redis.exceptions import RedisError
 
 log = logging.getLogger("relay.directory")
 
-HEARTBEAT_S = 1.0
-TTL_S = 3                 # a record outlives three missed heartbeats
-STALE_S = 10.0            # a peer not read again for this long is forgotten
+HEARTBEAT_S = 0.25
+# a record outlives two missed heartbeats (a loop stalled for half a
+# second), and a dead node leaves its peers' routing within a second
+TTL_MS = 750
+INDEX_S = 60              # the index's score: long past any record's expiry
+STALE_S = 10.0            # with Redis unreachable, a peer not read again for this long is forgotten
 PREFIX = "relay:"
 
 
@@ -131,8 +140,8 @@ class Directory:
         wall = time.time()
         async with self._client.pipeline(transaction=True) as p:
             p.hset(key, mapping=record)
-            p.expire(key, TTL_S)
-            p.zadd(PREFIX + "nodes", {self.node_id: wall + TTL_S})
+            p.pexpire(key, TTL_MS)
+            p.zadd(PREFIX + "nodes", {self.node_id: wall + INDEX_S})
             p.zremrangebyscore(PREFIX + "nodes", "-inf", wall)
             p.zrangebyscore(PREFIX + "nodes", wall, "+inf")
             *_, ids = await p.execute()
@@ -142,10 +151,13 @@ class Directory:
                 p.hgetall(PREFIX + "node:" + i)
             records = await p.execute()
         now = time.monotonic()
+        # a member whose record has expired is dead: it is not carried over
+        peers = {}
         for i, fields in zip(others, records, strict=True):
             peer = _peer(i, fields, now) if fields else None
             if peer is not None:
-                self.peers[i] = peer
+                peers[i] = peer
+        self.peers = peers
 
     def _forget_stale(self, now: float) -> None:
         for i in [i for i, p in self.peers.items() if now - p.seen > STALE_S]:
