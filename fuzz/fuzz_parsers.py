@@ -33,7 +33,7 @@ with atheris.instrument_imports(enable_loader_override=False):
     from relay.wire.config import load
     from relay.listeners.sessions import RoomState, Sessions
     from relay.ingest.srtp import SrtpIngest
-    from relay.stage.rtp import rtp_payload
+    from relay.wire.rtp import rtp_payload
     from relay.stage.stage import FRAME_NS, Stage
 from aioquic.quic.crypto import CryptoContext, derive_key_iv_hp  # noqa: E402  (the peer's side, not under test)
 from aioquic.buffer import Buffer  # noqa: E402

@@ -272,6 +272,9 @@ def _payload(pkt: bytes) -> bytes:
 
 # ----------------------------------------------------------------- publish
 
+DEFAULT_INGEST = "127.0.0.1:5004"
+
+
 def cmd_publish(args: argparse.Namespace) -> None:
     from relay.client.publish import publish_tone, publish_with_ffmpeg
     from relay.client.signals import until_stopped
@@ -281,9 +284,10 @@ def cmd_publish(args: argparse.Namespace) -> None:
     if args.out:
         _die("--out records what a speaker hears: give --server (and --token) to join a stage")
     try:
-        to = parse_hostport(args.to)
+        dests = [parse_hostport(d) for d in (args.to or [DEFAULT_INGEST])]
     except ValueError as e:
         _die(f"--to: {e}")
+    to = dests if len(dests) > 1 else dests[0]
     if args.file:
         if not os.path.exists(args.file):
             _die(f"--file {args.file}: no such file")
@@ -291,7 +295,8 @@ def cmd_publish(args: argparse.Namespace) -> None:
             raise SystemExit(publish_with_ffmpeg(args.file, to, args.duration))
         except FileNotFoundError as e:
             _die(str(e))
-    print(f"publishing a {args.tone:g} Hz tone to {to[0]}:{to[1]} as RTP/Opus", file=sys.stderr)
+    print(f"publishing a {args.tone:g} Hz tone to {' and '.join(f'{h}:{p}' for h, p in dests)} as RTP/Opus",
+          file=sys.stderr)
     try:
         sent, stopped = _run(until_stopped(publish_tone(to, args.tone, args.duration, bitrate=args.bitrate,
                                                         frame_ms=args.frame_ms)))
@@ -424,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("publish", help="send RTP/Opus to a room's ingest port, or speak on its stage",
                        epilog="with --server or --token: join the room's stage as a speaker (exit status 3 "
                               "join refused, 4 no answer from the node)")
-    s.add_argument("--to", default="127.0.0.1:5004", help="the room's ingest address")
+    s.add_argument("--to", action="append", help=f"the room's ingest address (default {DEFAULT_INGEST}); "
+                   "twice for an origin pair: one stream to both")
     s.add_argument("--server", help="a speaker: the node's listener address (default 127.0.0.1:7000 with --token)")
     s.add_argument("--room", default="demo", help="a speaker: the stage room (default demo)")
     s.add_argument("--token", help="a speaker: a publish token for the room (empty for an open node)")

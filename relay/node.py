@@ -27,6 +27,7 @@ from relay import __version__
 from relay._core import Core
 from relay.cluster import routing
 from relay.cluster.directory import Directory
+from relay.cluster.pair import Aligner
 from relay.cluster.upstream import Upstream, relay_token
 from relay.ingest import rules
 from relay.ingest.ports import IngestPorts
@@ -34,7 +35,7 @@ from relay.listeners.drain import drain_gracefully
 from relay.listeners.load import LoadMeter
 from relay.listeners.quic.endpoint import QuicEndpoint
 from relay.listeners.senders import SenderThreads
-from relay.listeners.sessions import UDP, RoomState, Sessions, Tell
+from relay.listeners.sessions import UDP, RoomState, Sessions, Tell, relay_ssrc
 from relay.listeners.udp import ListenerPort
 from relay.ops.admin import AdminServer, AdminViews
 from relay.ops.events import EventLog, emit
@@ -119,12 +120,18 @@ class Node:
                 self.ingest.to_stage[r.name] = partial(self.stages.on_ingest, r.name)
                 self._publish_rules(state, r)
             return state
-        # a room from upstream is fed only by this node's own subscription
-        self.core.room_open(index, r.any_source or bool(r.upstream))
+        # a room from upstream is fed only by this node's own subscription;
+        # an origin pair's publishers are checked before the core (ports.py)
+        self.core.room_open(index, r.any_source or bool(r.upstream) or r.pair is not None)
+        token = partial(relay_token, self.cfg.secret, r.name, self.cfg.node_id)
         if r.upstream:
-            self.upstreams[r.name] = Upstream(r.name, index, r.upstream, self.core,
-                                              lambda: relay_token(self.cfg.secret, r.name, self.cfg.node_id),
-                                              self._sent, pair=self.cfg.upstream_pair)
+            self.upstreams[r.name] = Upstream(r.name, index, r.upstream, self.core, token, self._sent,
+                                              pair=self.cfg.upstream_pair)
+        elif r.pair is not None:
+            aligner = Aligner(relay_ssrc(r.name), r.pair_lead)
+            self.ingest.rewrite[r.name] = lambda pkt: aligner.translate(pkt, time.monotonic())
+            self.upstreams[r.name] = Upstream(r.name, index, [r.pair], self.core, token, self._sent, pair=False,
+                                              tap=lambda pkt: aligner.partner_packet(pkt, time.monotonic()))
         self.rooms[r.name] = state
         self._allow_sources(state, r)
         return state
@@ -187,6 +194,7 @@ class Node:
                 up.stop()
             self.stages.close(name)
             self.ingest.to_stage.pop(name, None)
+            self.ingest.rewrite.pop(name, None)
             self.ingest.unbind(name)
             state = self.rooms.pop(name)
             self.core.room_close(state.index)
@@ -258,7 +266,10 @@ class Node:
             now = time.monotonic()
             stats = {name: self.core.room_stats(r.index) for name, r in self.rooms.items()}
             for name, up in self.upstreams.items():
-                up.want(stats[name]["listeners"], now, self.cfg.upstream_linger)
+                # an origin pair hears its partner always: either may be left alone
+                r = self._room_config(name)
+                paired = r is not None and r.pair is not None
+                up.want(1 if paired else stats[name]["listeners"], now, self.cfg.upstream_linger)
             self.events.tick(now, stats)
             self.rates.measure(now, stats)
             relayed = {name: (up.index, said) for name, up in self.upstreams.items()

@@ -69,16 +69,19 @@ class RtpPacketizer:
         return struct.pack("!BBHI", 0x80, 201, 1, self.ssrc) + struct.pack("!BBHI", 0x81, 203, 1, self.ssrc)
 
 
-async def publish_tone(to: tuple[str, int], freq: float = 440.0, duration: float | None = None,
+async def publish_tone(to: Address | list[Address], freq: float = 440.0, duration: float | None = None,
                        bitrate: int = 64000, progress=None, frame_ms: int = 20) -> int:
-    """Send a tone as RTP/Opus in real time, one `frame_ms` frame per packet.
-    Returns packets sent."""
+    """Send a tone as RTP/Opus in real time, one `frame_ms` frame per packet,
+    the same packets to every address in `to` (an origin pair takes one
+    stream at both origins). Returns packets sent."""
     if frame_ms not in (10, 20, 40, 60):
         raise ValueError("frame_ms must be 10, 20, 40 or 60")
     frame = RATE * frame_ms // 1000
-    family = socket.AF_INET6 if ":" in to[0] else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    sock.connect(to)
+    socks = []
+    for dest in to if isinstance(to, list) else [to]:
+        sock = socket.socket(socket.AF_INET6 if ":" in dest[0] else socket.AF_INET, socket.SOCK_DGRAM)
+        sock.connect(dest)
+        socks.append(sock)
     enc = opuslib.Encoder(RATE, 2, opuslib.APPLICATION_AUDIO)
     enc.bitrate = bitrate
     frames = tone_frames(freq, frame=frame)
@@ -87,10 +90,12 @@ async def publish_tone(to: tuple[str, int], freq: float = 440.0, duration: float
     sent = 0
     try:
         while duration is None or sent * frame / RATE < duration:
-            try:
-                sock.send(rtp.packet(enc.encode(next(frames), frame), frame))
-            except ConnectionRefusedError:
-                pass  # nobody on the ingest port yet; keep real time anyway
+            packet = rtp.packet(enc.encode(next(frames), frame), frame)
+            for sock in socks:
+                try:
+                    sock.send(packet)
+                except ConnectionRefusedError:
+                    pass  # nobody on that ingest port yet; keep real time anyway
             sent += 1
             if progress is not None and sent % 50 == 0:
                 progress(sent)
@@ -99,16 +104,23 @@ async def publish_tone(to: tuple[str, int], freq: float = 440.0, duration: float
             if delay > 0:
                 await asyncio.sleep(delay)
     finally:
-        with contextlib.suppress(OSError):
-            sock.send(rtp.bye())
-        sock.close()
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                sock.send(rtp.bye())
+            sock.close()
     return sent
 
 
-def ffmpeg_command(source: str, to: tuple[str, int], bitrate: str = "64k",
+Address = tuple[str, int]
+
+
+def ffmpeg_command(source: str, to: Address | list[Address], bitrate: str = "64k",
                    lavfi: bool = False, duration: float | None = None) -> list[str]:
     """The ffmpeg command that publishes `source` (a file, or a lavfi graph
-    such as 'sine=frequency=440') to a room as RTP/Opus in real time."""
+    such as 'sine=frequency=440') to a room as RTP/Opus in real time. To
+    several ingest addresses (an origin pair), one encode goes to each
+    through ffmpeg's tee muxer."""
+    dests = to if isinstance(to, list) else [to]
     ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is None:
         raise FileNotFoundError("ffmpeg is not installed (Debian: apt-get install ffmpeg)")
@@ -118,17 +130,20 @@ def ffmpeg_command(source: str, to: tuple[str, int], bitrate: str = "64k",
     cmd += ["-i", source]
     if duration is not None:
         cmd += ["-t", str(duration)]
-    host = f"[{to[0]}]" if ":" in to[0] else to[0]
+    cmd += ["-vn", "-ac", "2", "-ar", "48000", "-c:a", "libopus", "-b:a", bitrate,
+            "-frame_duration", "20", "-application", "audio"]
     # send_bye: a BYE at the end releases the room for the next publisher;
     # rtcpport: to the ingest port itself (it comes from the RTP port + 1)
-    cmd += ["-vn", "-ac", "2", "-ar", "48000", "-c:a", "libopus", "-b:a", bitrate,
-            "-frame_duration", "20", "-application", "audio",
-            "-f", "rtp", "-payload_type", str(PAYLOAD_TYPE), "-rtpflags", "send_bye",
-            f"rtp://{host}:{to[1]}?pkt_size=1200&rtcpport={to[1]}"]
-    return cmd
+    urls = [f"rtp://{f'[{h}]' if ':' in h else h}:{port}?pkt_size=1200&rtcpport={port}" for h, port in dests]
+    if len(urls) == 1:
+        return cmd + ["-f", "rtp", "-payload_type", str(PAYLOAD_TYPE), "-rtpflags", "send_bye", urls[0]]
+    # the tee's outputs each pick their own SSRC and bases; the payloads are
+    # the same bytes, which is what an origin pair matches on
+    tee = "|".join(f"[f=rtp:payload_type={PAYLOAD_TYPE}:rtpflags=send_bye]{u}" for u in urls)
+    return cmd + ["-map", "0:a", "-f", "tee", tee]
 
 
-def publish_with_ffmpeg(source: str, to: tuple[str, int], duration: float | None = None,
+def publish_with_ffmpeg(source: str, to: Address | list[Address], duration: float | None = None,
                         lavfi: bool = False) -> int:
     """Run ffmpeg to publish; returns its exit code, or 0 when a stop signal
     (SIGINT, SIGTERM, SIGHUP) ended it and it finished cleanly."""

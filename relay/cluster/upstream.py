@@ -63,11 +63,13 @@ class Upstream:
     different parents whose copies the core merges."""
 
     def __init__(self, room: str, index: int, nodes: list[tuple[str, int]], core: Core,
-                 token: Callable[[], str], sent: Callable[[], None], pair: bool = True) -> None:
+                 token: Callable[[], str], sent: Callable[[], None], pair: bool = True,
+                 tap: Callable[[bytes], None] | None = None) -> None:
         self.room, self.index, self.nodes, self.core = room, index, nodes, core
         self.token = token        # a fresh relay token for each join
         self.sent = sent          # after feeding: an inline core sends now
         self.pair = pair
+        self.tap = tap            # sees every packet heard, before the core (an origin pair's matching)
         self.links: list[Link] = [Link(), Link()]
         self.joins = 0            # upstream joins that succeeded
         self._tasks: list[asyncio.Task] = []
@@ -141,6 +143,8 @@ class Upstream:
         where = f"{node[0]}:{node[1]}"
 
         def feed(pkt: bytes) -> None:
+            if self.tap is not None:
+                self.tap(pkt)
             self.core.feed(self.index, pkt, source)
             self.sent()
 

@@ -189,7 +189,13 @@ cdef int accept_packet(CoreState *c, int room, const uint8_t *pkt, Py_ssize_t n,
             r.gap_fills += 1
             fill = True
         elif delta > 3000 or delta < -100:
-            # same SSRC, numbering jumped: a restarted sender
+            # same SSRC, numbering jumped: a restarted sender; in a merged
+            # room only once the numbering it follows has gone quiet, so
+            # two parents that disagree are never mixed
+            if r.merge and now - r.last_rx_ns < r.takeover_ns:
+                r.drop_foreign += 1
+                r.takeovers_refused += 1
+                return INGEST_FOREIGN
             restart(r, seq, ts, now)
         elif delta <= 0:
             r.drop_late += 1

@@ -1,8 +1,9 @@
 """The rooms' ingest sockets on the event loop: publishers' RTP in.
 
 A plain-RTP room's socket is drained by core.ingest() (recvmmsg in C). A
-room whose publishers use SRTP, or go on a stage, is read here, opened
-(srtp.py) and fed to the core or to the stage one packet at a time. This
+room whose publishers use SRTP, or go on a stage, or whose packets are
+renumbered for an origin pair, is read here, opened (srtp.py) and fed to
+the core or to the stage one packet at a time. This
 module only moves bytes: who may publish is the core's source table and
 rules.py's, what to send is the core's.
 """
@@ -38,6 +39,9 @@ class IngestPorts:
         # rooms whose publishers go on a stage: their datagrams (None for a
         # source that may not publish) go there instead of to the core
         self.to_stage: dict[str, Callable[[tuple, bytes | None], None]] = {}
+        # rooms whose packets are rewritten before the core takes them (an
+        # origin pair's numbering: relay/cluster/pair.py); None holds one back
+        self.rewrite: dict[str, Callable[[bytes], bytes | None]] = {}
         self.busy_ns = 0          # loop time spent in the inline fan-out
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -89,7 +93,7 @@ class IngestPorts:
         assert self._loop is not None
         sock, index = self.sockets[room]
         self._loop.remove_reader(sock.fileno())
-        if room in self.srtp or room in self.to_stage:
+        if room in self.srtp or room in self.to_stage or room in self.rewrite:
             self._loop.add_reader(sock.fileno(), self._on_python_ingest, room, sock, index)
         else:
             self._loop.add_reader(sock.fileno(), self._on_ingest, sock.fileno(), index)
@@ -107,6 +111,7 @@ class IngestPorts:
         stage if it has one."""
         t0 = time.perf_counter_ns()
         srtp, allowed, stage = self.srtp.get(room), self._allowed.get(room), self.to_stage.get(room)
+        rewrite = self.rewrite.get(room)
         fed = False
         for _ in range(SRTP_BATCH):
             try:
@@ -125,6 +130,8 @@ class IngestPorts:
                     self.core.feed(index, data, to_sockaddr(addr))
                 continue
             plain = srtp.open(data) if srtp is not None else data
+            if plain is not None and rewrite is not None:
+                plain = rewrite(plain)
             if plain is None:
                 continue
             if stage is not None:

@@ -33,7 +33,7 @@ from typing import Callable, Hashable
 from pylibsrtp import Error as SrtpError, Policy, Session as SrtpSession
 
 from relay.stage.mixer import FRAME, SILENT, SPEAKING, Mixer, Voice
-from relay.stage.rtp import has_bye, rtp_payload
+from relay.wire.rtp import has_bye, rtp_payload
 from relay.wire.protocol import Speaker
 
 log = logging.getLogger("relay.stage")

@@ -2,8 +2,9 @@
 
 It implements the same contract as `relay._core.Core` (rooms locked to
 sources, RTP validation, room numbering that stays continuous across a new
-sender, copies from two parents merged by sequence number, per-listener rings of variable-length packets in a byte budget with
-their own SSRC/sequence/timestamp, drop-oldest overflow, a burst of recent
+sender, copies from two parents merged by sequence number, per-listener
+rings of variable-length packets in a byte budget with their own
+SSRC/sequence/timestamp, drop-oldest overflow, a burst of recent
 packets on join) with lists and dicts, so the
 property tests can compare the compiled core to it byte for byte.
 """
@@ -193,6 +194,8 @@ class ModelCore:
                 r.gap_fills += 1
                 fill = True
             elif delta > 3000 or delta < -100:
+                if r.merge and now_ns - r.last_rx_ns < r.takeover_ns:
+                    return self._drop(r, Ingest.INGEST_FOREIGN)
                 self._restart(r, seq, ts, now_ns)
             elif delta <= 0:
                 return self._drop(r, Ingest.INGEST_LATE)

@@ -76,6 +76,11 @@ class RoomConfig:
     # token; a room with an ingest port takes them too if this is set, and
     # its publishers go on the stage beside them
     max_speakers: int = 0
+    # an origin pair: the other origin of this room (both take the
+    # publisher's stream and agree on one numbering: relay/cluster/pair.py),
+    # and whether this one numbers a stream both see start at once
+    pair: tuple[str, int] | None = None
+    pair_lead: bool = False
 
     @property
     def stage(self) -> bool:
@@ -148,6 +153,7 @@ _NODE_KEYS = {"listen", "admin", "auth", "secret_env", "max_listeners", "ring_de
               "upstream_linger", "upstream_pair", "directory", "node_id", "tier", "advertise",
               "quic", "quic_cert", "quic_key", "quic_redirect", "quic_fast_path"}
 _ROOM_KEYS = {"name", "ingest", "sources", "max_listeners", "srtp_key_env", "takeover_after", "upstream",
+              "pair", "pair_lead",
               "max_speakers"}
 DEFAULT_SPEAKERS = 16    # a stage room's max_speakers unless it says
 MAX_SPEAKERS = 64
@@ -293,7 +299,15 @@ def _room(i: int, raw: Any, open_auth: bool, environ: Mapping[str, str]) -> Room
         takeover = None
     elif "takeover_after" in raw:
         takeover = _float(f"{where}: takeover_after (seconds, or \"never\")", raw["takeover_after"], 0, 86400)
-    return RoomConfig(name, ingest, sources, any_source, limit, srtp_key, takeover, max_speakers=speakers)
+    pair, lead = None, raw.get("pair_lead", False)
+    if "pair" in raw:
+        if speakers or srtp_key:
+            raise ConfigError(f"{where}: 'pair' is for plain-RTP rooms without a stage")
+        pair = _addr(f"{where}: pair", raw["pair"])
+    if not isinstance(lead, bool) or (lead and pair is None):
+        raise ConfigError(f"{where}: pair_lead is true or false, on one origin of a 'pair'")
+    return RoomConfig(name, ingest, sources, any_source, limit, srtp_key, takeover, max_speakers=speakers,
+                      pair=pair, pair_lead=lead)
 
 
 def _stage_room(where: str, name: str, raw: dict[str, Any]) -> RoomConfig:

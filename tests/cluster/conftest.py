@@ -24,8 +24,9 @@ class Node:
 
     def __init__(self, tmp: Path, name: str, upstream: list["Node"] | None = None, workers: int = 1,
                  env: dict | None = None, directory: str = "", quic: bool = False,
-                 max_listeners: int = 100_000, extra_node: str = "") -> None:
-        self.listen = ("127.0.0.1", free_port())
+                 max_listeners: int = 100_000, extra_node: str = "", extra_room: str = "",
+                 listen_port: int = 0) -> None:
+        self.listen = ("127.0.0.1", listen_port or free_port())
         self.admin = ("127.0.0.1", free_port(socket.SOCK_STREAM))
         self.ingest = ("127.0.0.1", free_port())
         room = (f'upstream = [{", ".join(repr(f"{u.listen[0]}:{u.listen[1]}") for u in upstream)}]'
@@ -37,7 +38,7 @@ class Node:
                        f'max_listeners = {max_listeners}\n{extra_node}'
                        + (f'directory = "{directory}"\nnode_id = "{name}"\n' if directory else "")
                        + (f'quic = "127.0.0.1:{free_port()}"\n' if quic else "") +
-                       f'[[room]]\nname = "live"\n{room}\n'.replace("'", '"'))
+                       f'[[room]]\nname = "live"\n{room}\n'.replace("'", '"') + extra_room)
         self.proc = subprocess.Popen([sys.executable, "-m", "relay", "--log-level", "warning", "serve", "-c", str(cfg)],
                                      env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert wait_ready(self.admin, self.proc), f"{name} did not start"

@@ -18,7 +18,7 @@ from relay.client.publish import encode_tone, tone_frames
 from relay.client.speak import SpeakerClient, with_level
 from relay.stage.mixer import CHANNELS, FRAME, LIMIT, Limiter, Voice, level_of
 from relay.node import Node
-from relay.stage.rtp import rtp_payload
+from relay.wire.rtp import rtp_payload
 from relay.testing.loadgen import free_port
 from relay.wire.config import load
 

@@ -1,5 +1,6 @@
-"""What the stage reads of a speaker's RTP: sequence, timestamp, payload,
-its RFC 6464 audio level, and whether an RTCP compound carries a BYE."""
+"""What the node reads of an RTP packet outside the core: sequence,
+timestamp, payload, its RFC 6464 audio level (a stage's speakers), and
+whether an RTCP compound carries a BYE."""
 from __future__ import annotations
 
 import struct
