@@ -2,12 +2,12 @@
 # established is sent like a UDP listener. The sender thread seals its ring
 # packets as 1-RTT packets carrying one DATAGRAM each (core/quic.pxi) into
 # the shard's QUIC batch and sends them with sendmmsg on the QUIC socket, in
-# the same wake-up as the UDP listeners. The listener's ACK-only packets
-# come back here from the event loop (Core.quic_received): opened,
-# replay-checked, and read into the connection's RTT and NewReno congestion
-# window (RFC 9002). A listener whose window is shut gets nothing more: its
-# ring overflows and only it loses audio. docs/quic-fast-path.md says which
-# side owns which part of the connection. Included by relay/_core.pyx.
+# the same wake-up as the UDP listeners. The listener's ACKs come back here
+# from the event loop (QuicPath.ingest): opened, replay-checked, and read
+# into the connection's RTT and NewReno congestion window (RFC 9002). A
+# listener whose window is shut gets nothing more: its ring overflows and
+# only it loses audio. docs/quic-fast-path.md says which side owns which
+# part of the connection. Included by relay/_core.pyx.
 
 cdef enum:
     QUIC_INIT_CWND = 12000      # RFC 9002 7.2: ten 1,200-byte datagrams
@@ -346,8 +346,11 @@ cdef int quic_receive(CoreState *c, int32_t slot, const uint8_t *pkt, int n, int
         return QUIC_DROPPED
     q.unanswered_ns = 0
     q.last_rx_ns = now
-    if rc == QOPEN_ACK_ONLY:
+    if rc == QOPEN_ACK_ONLY or ack.n_ranges:
+        # (an ACK beside frames for the library is read here too: once the
+        # library acknowledges that packet, the peer reports it no more)
         quic_on_ack(s, q, &ack, now)
+    if rc == QOPEN_ACK_ONLY:
         q.acks += 1
         s.q_acks += 1
     pthread_mutex_unlock(&s.qlock)
