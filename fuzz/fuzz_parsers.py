@@ -272,7 +272,7 @@ def quic(data: bytes) -> None:
     assert len(up) <= 1 and (not up or what != "ack" or up[0][1] == QUIC_LISTENER.getsockname())
     st = QUIC_PATH.state(QUIC_SLOT)
     assert 2400 <= st["cwnd"] <= 76800 and 0 <= st["in_flight"] <= 64 * 1200, st
-    assert st["acked"] + st["lost"] <= st["next_pn"], st
+    assert st["acked"] + st["lost"] + st["late"] + st["lost_pending"] <= st["next_pn"], st
     while True:                                # what the core sent the listener
         try:
             QUIC_LISTENER.recv(2048)
