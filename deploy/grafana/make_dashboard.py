@@ -26,6 +26,7 @@ PANELS: list[tuple[str, str, list[tuple[str, str]], int]] = [
      [("{{transport}}", f"sum by (transport) (rate(relay_quic_datagrams_sent_total{{{N}}}[{R}]))"),
       ("ACKs read in the core", f"sum (rate(relay_quic_acks_total{{{N}}}[{R}]))"),
       ("lost", f"sum (rate(relay_quic_lost_total{{{N}}}[{R}]))"),
+      ("acknowledged late (not lost)", f"sum (rate(relay_quic_late_acked_total{{{N}}}[{R}]))"),
       ("window shut", f"sum (rate(relay_quic_window_shut_total{{{N}}}[{R}]))")], 12),
     ("Joins and rejections /s", "reqps",
      [("joins {{instance}}", f"sum by (instance) (rate(relay_joins_total{{{N}}}[{R}]))"),

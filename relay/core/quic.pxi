@@ -171,7 +171,7 @@ cdef class QuicSealer:
         quic_keys_free(&self.tx.k)
 
 
-# --- the other way: a listener's ACK-only packets, opened in C
+# --- the other way: a listener's ACKs, opened in C
 
 # what became of a packet offered to quic_open (the library gets all but ACK_ONLY)
 cdef enum:
@@ -213,12 +213,82 @@ cdef inline int varint(const uint8_t *p, int n, int *at, uint64_t *v) noexcept n
     return 0
 
 
+cdef inline int ack_malformed(QuicAck *ack, int other) noexcept nogil:
+    """An ACK frame that does not parse: the packet is forged if it held
+    only ACKs so far; beside other frames it is the library's (which will
+    close the connection), and no ACK of it is read here."""
+    ack.n_ranges = 0
+    return QOPEN_OTHER if other else QOPEN_FORGED
+
+
+cdef inline int skip_varints(const uint8_t *p, int n, int *at, int k) noexcept nogil:
+    cdef uint64_t v
+    while k > 0:
+        if varint(p, n, at, &v):
+            return -1
+        k -= 1
+    return 0
+
+
+cdef int skip_frame(const uint8_t *p, int n, int *at, uint64_t t) noexcept nogil:
+    """Step over one frame of type t (its type byte read) that is neither
+    ACK, PADDING nor PING (RFC 9000 19, RFC 9221): 0, or -1 for a type the
+    core does not know (an extension's) or a frame that does not parse."""
+    cdef uint64_t v, length
+    cdef int fields = 0
+    if t == 0x30 or (0x08 <= t <= 0x0f and not t & 0x02):
+        # DATAGRAM or STREAM without a length: to the packet's end
+        if t != 0x30 and (varint(p, n, at, &v) or (t & 0x04 and varint(p, n, at, &v))):
+            return -1
+        at[0] = n
+        return 0
+    if 0x08 <= t <= 0x0f:                   # STREAM: id, [offset], then a length and data
+        fields = 2 if t & 0x04 else 1
+    elif t == 0x06:                         # CRYPTO: offset, then a length and data
+        fields = 1
+    elif t == 0x1c:                         # CONNECTION_CLOSE: error, frame type, reason
+        fields = 2
+    elif t == 0x1d:                         # (the application's): error, reason
+        fields = 1
+    elif t == 0x07 or t == 0x31:            # NEW_TOKEN, DATAGRAM with a length
+        fields = 0
+    elif t == 0x1e:                         # HANDSHAKE_DONE
+        return 0
+    elif t == 0x1a or t == 0x1b:            # PATH_CHALLENGE, PATH_RESPONSE: 8 bytes
+        if at[0] + 8 > n:
+            return -1
+        at[0] += 8
+        return 0
+    elif t == 0x18:                         # NEW_CONNECTION_ID: sequence, retire, cid, reset token
+        if varint(p, n, at, &v) or varint(p, n, at, &v) or at[0] >= n or at[0] + 1 + p[at[0]] + 16 > n:
+            return -1
+        at[0] += 1 + p[at[0]] + 16
+        return 0
+    elif t == 0x04:                         # RESET_STREAM
+        return skip_varints(p, n, at, 3)
+    elif t == 0x05 or t == 0x11 or t == 0x15:   # STOP_SENDING, MAX_STREAM_DATA, STREAM_DATA_BLOCKED
+        return skip_varints(p, n, at, 2)
+    elif 0x10 <= t <= 0x19:                 # MAX_DATA, MAX_STREAMS, (STREAM)S_BLOCKED, DATA_BLOCKED, RETIRE_CONNECTION_ID
+        return skip_varints(p, n, at, 1)
+    else:
+        return -1
+    # `fields` varints, then a length and that many bytes
+    if skip_varints(p, n, at, fields) or varint(p, n, at, &length) or length > <uint64_t>(n - at[0]):
+        return -1
+    at[0] += <int>length
+    return 0
+
+
 cdef int parse_ack_only(const uint8_t *p, int n, QuicAck *ack) noexcept nogil:
     """Is the payload only ACK, PADDING and PING frames? Fills `ack` from
     the (last) ACK frame. QOPEN_ACK_ONLY, QOPEN_OTHER, or QOPEN_FORGED for
-    a frame that does not parse (a peer whose tag verified but whose frames
-    are malformed: the library will close the connection for it)."""
-    cdef int at = 0, k
+    an ACK frame that does not parse (a peer whose tag verified but whose
+    frames are malformed: the library will close the connection for it).
+    The other frames the core knows are stepped over, so that an ACK beside
+    them is read too: for QOPEN_OTHER, ack.n_ranges > 0 when it was (an ACK
+    in a packet for the library, which the peer will not report again once
+    the library has acknowledged that packet, RFC 9000 13.2.4)."""
+    cdef int at = 0, k, other = 0
     cdef uint64_t t, largest, delay, count, first, gap, length, ecn, lo
     ack.n_ranges = 0
     ack.eliciting = 0
@@ -229,19 +299,22 @@ cdef int parse_ack_only(const uint8_t *p, int n, QuicAck *ack) noexcept nogil:
                 ack.eliciting = 1
             at += 1
             continue
-        if t != 0x02 and t != 0x03:
-            return QOPEN_OTHER
         at += 1
+        if t != 0x02 and t != 0x03:
+            other = 1
+            if skip_frame(p, n, &at, t):
+                break                       # the library's to read; an ACK before it stands
+            continue
         if varint(p, n, &at, &largest) or varint(p, n, &at, &delay) or varint(p, n, &at, &count) \
                 or varint(p, n, &at, &first) or first > largest:
-            return QOPEN_FORGED
+            return ack_malformed(ack, other)
         ack.largest, ack.delay = largest, delay
         lo = largest - first
         ack.lo[0], ack.hi[0] = lo, largest
         ack.n_ranges = 1
         for k in range(<int>count if count < 0x7fffffff else 0x7fffffff):
             if varint(p, n, &at, &gap) or varint(p, n, &at, &length) or gap + 2 > lo or length > lo - gap - 2:
-                return QOPEN_FORGED
+                return ack_malformed(ack, other)
             # the next range ends gap + 2 below this one's smallest (RFC 9000 19.3.1)
             largest = lo - gap - 2
             lo = largest - length
@@ -251,7 +324,9 @@ cdef int parse_ack_only(const uint8_t *p, int n, QuicAck *ack) noexcept nogil:
         if t == 0x03:
             for k in range(3):
                 if varint(p, n, &at, &ecn):
-                    return QOPEN_FORGED
+                    return ack_malformed(ack, other)
+    if other:
+        return QOPEN_OTHER
     return QOPEN_ACK_ONLY if ack.n_ranges else QOPEN_OTHER
 
 
@@ -261,7 +336,8 @@ cdef int quic_open(QuicKeys *q, uint8_t *plain, const uint8_t *pkt, int n, uint6
     packet number decoded against `expected` (the next one the connection
     expects), payload authenticated and decrypted into `plain` (QUIC_RX_MAX
     bytes at least), frames read. Returns a QOPEN_ code; ack.pn is set for
-    every packet that authenticated, the rest of `ack` for QOPEN_ACK_ONLY."""
+    every packet that authenticated, the rest of `ack` for QOPEN_ACK_ONLY,
+    and for QOPEN_OTHER when ack.n_ranges > 0 (an ACK beside other frames)."""
     cdef int pn_off = 1 + q.dcid_len
     cdef int pn_len, k, outl = 0, body, plain_len
     cdef uint8_t mask[QUIC_SAMPLE]
@@ -335,15 +411,19 @@ cdef class QuicOpener:
 
     def open(self, const uint8_t[:] packet, uint64_t expected):
         """("ack", packet number, largest acked, ack delay, [(lo, hi), ...])
-        for an ACK-only packet; ("other", None, ...) when opened but for the
-        QUIC library; ("not_ours", ...) or ("forged", ...) otherwise."""
+        for an ACK-only packet; ("other", packet number, ...) when opened but
+        for the QUIC library, with the ACK read beside its other frames (or
+        None, None, []); ("not_ours", None, ...) or ("forged", None, ...)
+        otherwise."""
         cdef int n = <int>packet.shape[0]
         cdef int rc
         with nogil:
             rc = quic_open(&self.rx.k, self.rx.plain, &packet[0] if n > 0 else <const uint8_t *>NULL, n,
                            expected, &self.ack)
         what = ("ack", "other", "not_ours", "forged")[rc]
-        if rc != QOPEN_ACK_ONLY:
+        if rc == QOPEN_OTHER and self.ack.n_ranges == 0:
+            return what, self.ack.pn, None, None, []
+        if rc != QOPEN_ACK_ONLY and rc != QOPEN_OTHER:
             return what, None, None, None, []
         return (what, self.ack.pn, self.ack.largest, self.ack.delay,
                 [(self.ack.lo[k], self.ack.hi[k]) for k in range(self.ack.n_ranges)])

@@ -144,15 +144,21 @@ cdef class QuicPath:
         unlock_shard(self.st, l.shard)
 
     def state(self, int slot):
-        """The connection's audio path: window, flight, RTT and counters."""
+        """The connection's audio path: window, flight, RTT and counters
+        (lost: declared lost and final; late: acknowledged after being
+        declared lost; lost_pending: declared lost, not yet final)."""
         cdef QuicConn *q = self._quic(slot)
         cdef Shard *s = &self.st.sh[self.st.ls[slot].shard]
         cdef int64_t now = monotonic_ns()
+        cdef uint32_t j, pending = 0
         pthread_mutex_lock(&s.qlock)
+        for j in range(q.s_len):
+            pending += quic_sent_at(q, j).live == QS_LOST
         out = {"cwnd": q.cwnd, "in_flight": q.in_flight, "srtt_s": q.srtt / 1e9, "min_rtt_s": q.min_rtt / 1e9,
                "next_pn": q.pn_next, "largest_acked": q.largest_acked if q.any_acked else None,
                "quiet_s": (now - q.unanswered_ns) / 1e9 if q.unanswered_ns else 0.0,
-               "acks": q.acks, "acked": q.acked, "lost": q.lost, "window_shut": q.window_shut,
+               "acks": q.acks, "acked": q.acked, "lost": q.lost, "late": q.late, "lost_pending": pending,
+               "window_shut": q.window_shut,
                "forged": q.forged, "replayed": q.replayed,
                "send_phase": q.tx.k.key_phase, "recv_phase": q.rx.key_phase}
         pthread_mutex_unlock(&s.qlock)

@@ -2,12 +2,14 @@
 # established is sent like a UDP listener. The sender thread seals its ring
 # packets as 1-RTT packets carrying one DATAGRAM each (core/quic.pxi) into
 # the shard's QUIC batch and sends them with sendmmsg on the QUIC socket, in
-# the same wake-up as the UDP listeners. The listener's ACK-only packets
-# come back here from the event loop (Core.quic_received): opened,
-# replay-checked, and read into the connection's RTT and NewReno congestion
-# window (RFC 9002). A listener whose window is shut gets nothing more: its
-# ring overflows and only it loses audio. docs/quic-fast-path.md says which
-# side owns which part of the connection. Included by relay/_core.pyx.
+# the same wake-up as the UDP listeners. The listener's ACKs come back here
+# from the event loop (QuicPath.ingest): opened, replay-checked, and read
+# into the connection's RTT and NewReno congestion window (RFC 9002). A
+# listener whose window is shut gets nothing more: its ring overflows and
+# only it loses audio. A packet declared lost is counted lost only once
+# final; an ACK of it before then counts it late. docs/quic-fast-path.md
+# says which side owns which part of the connection. Included by
+# relay/_core.pyx.
 
 cdef enum:
     QUIC_INIT_CWND = 12000      # RFC 9002 7.2: ten 1,200-byte datagrams
@@ -45,13 +47,18 @@ cdef void quic_conn_free(QuicConn *q) noexcept:
 
 cdef QuicConn *quic_detach(CoreState *c, int32_t slot) noexcept nogil:
     """Take slot's connection off the QUIC path (the listener leaves);
-    returns it for quic_conn_free. Called with the shard's lock held."""
+    returns it for quic_conn_free. What it has declared lost and not seen
+    acknowledged is lost. Called with the shard's lock held."""
     cdef QuicConn *q = c.qc[slot]
     cdef Shard *s = &c.sh[c.ls[slot].shard]
+    cdef uint32_t j
     if q != NULL:
         if q.rx.dcid_len == QUIC_CID_LEN and cid_get(c, cid_key(q.rx.dcid)) == slot:
             cid_drop(c, cid_key(q.rx.dcid))
         pthread_mutex_lock(&s.qlock)
+        for j in range(q.s_len):
+            if quic_sent_at(q, j).live == QS_LOST:
+                quic_lost_final(s, q, quic_sent_at(q, j))
         c.qc[slot] = NULL
         c.ls[slot].quic = 0
         pthread_mutex_unlock(&s.qlock)
@@ -75,21 +82,58 @@ cdef inline QuicSent *quic_sent_at(QuicConn *q, uint32_t j) noexcept nogil:
     return &q.sent[(q.s_head + j) % QUIC_WINDOW]
 
 
-cdef void quic_trim(QuicConn *q) noexcept nogil:
-    """Forget the oldest records that are no longer in flight."""
-    while q.s_len > 0 and not q.sent[q.s_head].live:
+cdef inline int64_t quic_final_ns(QuicConn *q) noexcept nogil:
+    """How long after its send a packet declared lost may still be
+    acknowledged late: three probe timeouts, after which quic_timeout gives
+    up on everything in flight. Then its loss is final."""
+    return 3 * quic_pto_ns(q)
+
+
+cdef inline void quic_lost_final(Shard *s, QuicConn *q, QuicSent *e) noexcept nogil:
+    """A packet declared lost was not acknowledged in time: it is lost."""
+    e.live = QS_DONE
+    q.lost += 1
+    s.q_lost += 1
+
+
+cdef void quic_trim(Shard *s, QuicConn *q, int64_t now) noexcept nogil:
+    """Forget the oldest records that are done: acknowledged, or declared
+    lost and older than quic_final_ns (counted lost as they go). A record
+    in flight, or declared lost more recently, stops it."""
+    cdef QuicSent *e
+    cdef int64_t final_ns = -1
+    while q.s_len > 0:
+        e = &q.sent[q.s_head]
+        if e.live == QS_LOST:
+            if final_ns < 0:
+                final_ns = quic_final_ns(q)
+            if now - e.at_ns < final_ns:
+                break
+            quic_lost_final(s, q, e)
+        elif e.live != QS_DONE:
+            break
         q.s_head = (q.s_head + 1) % QUIC_WINDOW
         q.s_len -= 1
 
 
+cdef bint quic_make_room(Shard *s, QuicConn *q, int64_t now) noexcept nogil:
+    """The sent records are full. A record declared lost at their head
+    leaves them, its loss final (a late ACK could not be told from none
+    any more); one in flight keeps its place. True if there is room now."""
+    if q.sent[q.s_head].live == QS_LOST:
+        quic_lost_final(s, q, &q.sent[q.s_head])
+        quic_trim(s, q, now)
+    return q.s_len < QUIC_WINDOW
+
+
 cdef void quic_lose(Shard *s, QuicConn *q, QuicSent *e) noexcept nogil:
-    """One packet lost: out of flight, and the window halved once per
-    round of packets (NewReno: losses of packets sent before the last
-    reduction do not reduce it again)."""
-    e.live = 0
+    """One packet declared lost: out of flight at once, and the window
+    halved once per round of packets (NewReno: losses of packets sent
+    before the last reduction do not reduce it again). It is counted lost
+    only once final (quic_trim, quic_make_room): an ACK before then counts
+    it late."""
+    e.live = QS_LOST
     q.in_flight -= e.size
-    q.lost += 1
-    s.q_lost += 1
     if e.pn >= q.recovery_pn:
         q.recovery_pn = q.pn_next
         q.ssthresh = <uint32_t>max(q.cwnd // 2, <uint32_t>QUIC_MIN_CWND)
@@ -98,25 +142,37 @@ cdef void quic_lose(Shard *s, QuicConn *q, QuicSent *e) noexcept nogil:
 
 cdef void quic_timeout(Shard *s, QuicConn *q, int64_t now) noexcept nogil:
     """Nothing acknowledged for three probe timeouts (doubled for every
-    timeout since the last ACK): all in flight is lost and the window is
-    at its minimum, as after persistent congestion (RFC 9002 7.6). The next
-    audio packet is the probe; a listener that has stalled gets ever fewer."""
+    timeout since the last ACK): all in flight is declared lost and the
+    window is at its minimum, as after persistent congestion (RFC 9002
+    7.6). The next audio packet is the probe; a listener that has stalled
+    gets ever fewer."""
     cdef uint32_t j
     cdef QuicSent *e
-    cdef int64_t limit = (3 * quic_pto_ns(q)) << min(<int>q.pto_count, <int>QUIC_MAX_BACKOFF)
-    if q.s_len == 0 or now - q.sent[q.s_head].at_ns < limit:
+    cdef int64_t limit
+    if q.s_len == 0:
+        return
+    e = &q.sent[q.s_head]
+    if e.live != QS_FLIGHT:
+        # records declared lost at the head: final ones go; the oldest in flight decides
+        quic_trim(s, q, now)
+        for j in range(q.s_len):
+            e = quic_sent_at(q, j)
+            if e.live == QS_FLIGHT:
+                break
+        else:
+            return
+    limit = (3 * quic_pto_ns(q)) << min(<int>q.pto_count, <int>QUIC_MAX_BACKOFF)
+    if now - e.at_ns < limit:
         return
     for j in range(q.s_len):
         e = quic_sent_at(q, j)
-        if e.live:
-            e.live = 0
+        if e.live == QS_FLIGHT:
+            e.live = QS_LOST
             q.in_flight -= e.size
-            q.lost += 1
-            s.q_lost += 1
-    q.s_len = 0
     q.cwnd = QUIC_MIN_CWND
     q.recovery_pn = q.pn_next
     q.pto_count += 1
+    quic_trim(s, q, now)    # the oldest are final at once: older than three probe timeouts
 
 
 cdef int quic_take(CoreState *c, Shard *s, int32_t i, int m, int64_t now) noexcept nogil:
@@ -146,7 +202,8 @@ cdef int quic_take(CoreState *c, Shard *s, int32_t i, int m, int64_t now) noexce
             s.q_too_large[l.quic - 1] += 1
             s.q_too_large_len = n
             continue
-        if q.pn_next >= q.pn_end or q.s_len >= QUIC_WINDOW or q.in_flight + <uint32_t>size > q.cwnd:
+        if q.pn_next >= q.pn_end or (q.s_len >= QUIC_WINDOW and not quic_make_room(s, q, now)) \
+                or q.in_flight + <uint32_t>size > q.cwnd:
             l.qshut = 1
             q.window_shut += 1
             s.q_shut += 1
@@ -158,7 +215,7 @@ cdef int quic_take(CoreState *c, Shard *s, int32_t i, int m, int64_t now) noexce
             s.drop_send_error += 1
             continue
         e = quic_sent_at(q, q.s_len)
-        e.pn, e.at_ns, e.size, e.live = q.pn_next, now, <uint16_t>size, 1
+        e.pn, e.at_ns, e.size, e.live = q.pn_next, now, <uint16_t>size, <uint8_t>QS_FLIGHT
         q.s_len += 1
         q.in_flight += <uint32_t>size
         if q.unanswered_ns == 0:
@@ -175,9 +232,10 @@ cdef int quic_take(CoreState *c, Shard *s, int32_t i, int m, int64_t now) noexce
     return m
 
 
-cdef void quic_unsend(CoreState *c, Shard *s, int j) noexcept nogil:
-    """Batch entry j was sealed but never left: out of flight (its packet
-    number stays used). Called with qlock held."""
+cdef void quic_unsend(CoreState *c, Shard *s, int j, int64_t now) noexcept nogil:
+    """Batch entry j was sealed but never left: out of flight, and neither
+    acknowledged nor lost (its packet number stays used). Called with qlock
+    held."""
     cdef QuicConn *q = c.qc[s.qtx_owner[j]]
     cdef uint32_t k
     cdef QuicSent *e
@@ -186,11 +244,11 @@ cdef void quic_unsend(CoreState *c, Shard *s, int j) noexcept nogil:
     for k in range(q.s_len):
         e = quic_sent_at(q, q.s_len - 1 - k)
         if e.pn == s.qtx_pn[j]:
-            if e.live:
-                e.live = 0
+            if e.live == QS_FLIGHT:
                 q.in_flight -= e.size
+            e.live = QS_DONE
             break
-    quic_trim(q)
+    quic_trim(s, q, now)
 
 
 cdef void quic_send_batch(CoreState *c, Shard *s, int m) noexcept nogil:
@@ -199,6 +257,7 @@ cdef void quic_send_batch(CoreState *c, Shard *s, int m) noexcept nogil:
     (to the listener it is loss on the path). A message that fails on its
     own is skipped."""
     cdef int done = 0, rc, err, j, waited = 0
+    cdef int64_t now
     cdef size_t rtp
     cdef Listener *l
     cdef QuicConn *q
@@ -226,13 +285,14 @@ cdef void quic_send_batch(CoreState *c, Shard *s, int m) noexcept nogil:
             poll(&pf, 1, QUIC_BLOCKED_WAIT_MS)
             continue
         pthread_mutex_lock(&s.qlock)
+        now = monotonic_ns()
         if err == EAGAIN or err == ENOBUFS:
             for j in range(done, m):
-                quic_unsend(c, s, j)
+                quic_unsend(c, s, j, now)
             s.q_blocked += <uint64_t>(m - done)
             pthread_mutex_unlock(&s.qlock)
             return
-        quic_unsend(c, s, done)
+        quic_unsend(c, s, done, now)
         pthread_mutex_unlock(&s.qlock)
         c.ls[s.qtx_owner[done]].drop_send_error += 1
         s.drop_send_error += 1
@@ -267,9 +327,11 @@ cdef inline bint quic_in_ranges(QuicAck *ack, uint64_t pn) noexcept nogil:
 
 cdef void quic_on_ack(Shard *s, QuicConn *q, QuicAck *ack, int64_t now) noexcept nogil:
     """Our packets an ACK acknowledges leave flight and grow the window; the
-    newest gives an RTT sample; older ones it passes over are lost by the
-    packet or the time threshold (RFC 9002 6.1). Packets the library sent
-    are its own business: they are not in our records."""
+    newest gives an RTT sample; older ones it passes over are declared lost
+    by the packet or the time threshold (RFC 9002 6.1). One it acknowledges
+    after it was declared lost is late, not lost (its window reduction
+    stands: the path did reorder or delay it). Packets the library sent are
+    its own business: they are not in our records."""
     cdef uint32_t j
     cdef QuicSent *e
     cdef int64_t loss_delay
@@ -278,9 +340,14 @@ cdef void quic_on_ack(Shard *s, QuicConn *q, QuicAck *ack, int64_t now) noexcept
         e = quic_sent_at(q, j)
         if e.pn > ack.largest:
             break
-        if not e.live or not quic_in_ranges(ack, e.pn):
+        if e.live == QS_DONE or not quic_in_ranges(ack, e.pn):
             continue
-        e.live = 0
+        if e.live == QS_LOST:
+            e.live = QS_DONE
+            q.late += 1
+            s.q_late += 1
+            continue
+        e.live = QS_DONE
         q.in_flight -= e.size
         q.acked += 1
         s.q_acked += 1
@@ -300,9 +367,10 @@ cdef void quic_on_ack(Shard *s, QuicConn *q, QuicAck *ack, int64_t now) noexcept
             e = quic_sent_at(q, j)
             if e.pn >= q.largest_acked:
                 break
-            if e.live and (q.largest_acked - e.pn >= QUIC_PKT_THRESHOLD or now - e.at_ns >= loss_delay):
+            if e.live == QS_FLIGHT and (q.largest_acked - e.pn >= QUIC_PKT_THRESHOLD
+                                        or now - e.at_ns >= loss_delay):
                 quic_lose(s, q, e)
-    quic_trim(q)
+    quic_trim(s, q, now)
 
 
 cdef bint quic_replayed(QuicConn *q, uint64_t pn) noexcept nogil:
@@ -346,8 +414,11 @@ cdef int quic_receive(CoreState *c, int32_t slot, const uint8_t *pkt, int n, int
         return QUIC_DROPPED
     q.unanswered_ns = 0
     q.last_rx_ns = now
-    if rc == QOPEN_ACK_ONLY:
+    if rc == QOPEN_ACK_ONLY or ack.n_ranges:
+        # (an ACK beside frames for the library is read here too: once the
+        # library acknowledges that packet, the peer reports it no more)
         quic_on_ack(s, q, &ack, now)
+    if rc == QOPEN_ACK_ONLY:
         q.acks += 1
         s.q_acks += 1
     pthread_mutex_unlock(&s.qlock)

@@ -73,11 +73,19 @@ cdef enum:
     QUIC_RX_MAX = 1500      # the largest payload the core opens; larger packets go to the library
 
 
+cdef enum:
+    QS_DONE = 0             # a sent record acknowledged, or its loss final: forgotten once at the head
+    QS_FLIGHT = 1           # in flight: neither acknowledged nor declared lost
+    QS_LOST = 2             # declared lost (out of flight, the window answered), not yet final:
+                            # an ACK of it now is late; unacknowledged until it must leave
+                            # the records or grows old (quic_final_ns), it is counted lost
+
+
 ctypedef struct QuicSent:
     uint64_t pn
     int64_t at_ns
     uint16_t size
-    uint8_t live            # in flight: neither acknowledged nor declared lost
+    uint8_t live            # QS_DONE, QS_FLIGHT or QS_LOST
 
 
 ctypedef struct QuicConn:
@@ -114,7 +122,8 @@ ctypedef struct QuicConn:
     # counters
     uint64_t acks           # ACK-only packets handled here
     uint64_t acked          # our packets they acknowledged
-    uint64_t lost
+    uint64_t lost           # declared lost and never acknowledged: final
+    uint64_t late           # acknowledged after they were declared lost
     uint64_t window_shut    # times a send waited for the window
     uint64_t forged         # failed authentication (or malformed frames)
     uint64_t replayed

@@ -144,7 +144,8 @@ ctypedef struct Shard:
     uint64_t q_bytes[2]     # of RTP, as for UDP listeners
     uint64_t q_acks         # ACK-only packets read in the core
     uint64_t q_acked
-    uint64_t q_lost
+    uint64_t q_lost         # final losses (QuicConn.lost)
+    uint64_t q_late         # acknowledged after being declared lost
     uint64_t q_shut
     uint64_t q_forged
     uint64_t q_replayed

@@ -14,7 +14,7 @@ cdef dict stats_counters(CoreState *c):
     cdef uint64_t dup = 0, fill = 0
     cdef uint64_t qo[2]
     cdef uint64_t qb[2]
-    cdef uint64_t qacks = 0, qacked = 0, qlost = 0, qshut = 0, qforged = 0, qrep = 0, qblk = 0
+    cdef uint64_t qacks = 0, qacked = 0, qlost = 0, qlate = 0, qshut = 0, qforged = 0, qrep = 0, qblk = 0
     cdef uint64_t qbig[2]
     cdef uint32_t big_len = 0
     cdef int j
@@ -52,6 +52,7 @@ cdef dict stats_counters(CoreState *c):
         qacks += s.q_acks
         qacked += s.q_acked
         qlost += s.q_lost
+        qlate += s.q_late
         qshut += s.q_shut
         qforged += s.q_forged
         qrep += s.q_replayed
@@ -69,7 +70,8 @@ cdef dict stats_counters(CoreState *c):
         # the QUIC path's (core/quic_path.pxi)
         "quic_datagrams": qo[0], "webtransport_datagrams": qo[1],
         "quic_bytes": qb[0], "webtransport_bytes": qb[1], "quic_acks": qacks, "quic_acked": qacked,
-        "quic_lost": qlost, "quic_window_shut": qshut, "quic_forged": qforged, "quic_replayed": qrep,
+        "quic_lost": qlost, "quic_late_acked": qlate, "quic_window_shut": qshut, "quic_forged": qforged,
+        "quic_replayed": qrep,
         "quic_blocked": qblk, "quic_too_large": qbig[0], "webtransport_too_large": qbig[1],
         "quic_too_large_len": big_len,
     }

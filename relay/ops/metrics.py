@@ -187,8 +187,10 @@ class NodeCollector(Collector):
             yield family
         yield CounterMetricFamily("relay_quic_acks", "QUIC listeners' ACK-only packets read in the core.",
                                   c["quic_acks"])
-        yield CounterMetricFamily("relay_quic_lost", "Audio datagrams the core's QUIC path found lost "
-                                  "(RFC 9002: not acknowledged in time).", c["quic_lost"])
+        yield CounterMetricFamily("relay_quic_lost", "Audio datagrams the core's QUIC path declared lost "
+                                  "(RFC 9002) and never saw acknowledged.", c["quic_lost"])
+        yield CounterMetricFamily("relay_quic_late_acked", "Audio datagrams the core's QUIC path declared lost "
+                                  "(RFC 9002) that were acknowledged after all.", c["quic_late_acked"])
         yield CounterMetricFamily("relay_quic_window_shut", "Times a QUIC listener's audio waited for its "
                                   "congestion window (its ring then drops its own oldest).", c["quic_window_shut"])
         dropped = CounterMetricFamily("relay_quic_dropped", "Datagrams from QUIC listeners dropped by the core "

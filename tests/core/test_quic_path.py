@@ -5,7 +5,10 @@ come back through the node's Link, which keeps packet numbers and keys
 coherent with the server side's aioquic connection. The library's own
 packets interleave with the core's, a key update happens mid-stream,
 forged and replayed ACKs are dropped and counted, and a listener that
-stops answering loses only its own audio. Runs under ASan and TSan too."""
+stops answering loses only its own audio. An ACK beside frames for the
+library is read too; a packet acknowledged after the core declared it
+lost counts as late, and one never acknowledged as lost once final. Runs
+under ASan and TSan too."""
 from __future__ import annotations
 
 import socket
@@ -61,10 +64,11 @@ class Listener:
             if isinstance(e, DatagramFrameReceived):
                 (self.library if e.data.startswith(b"library") else self.audio).append(e.data)
 
-    def library_sends(self) -> None:
-        """What the server's aioquic has to send, through the Link's pause."""
+    def library_sends(self, later: float = 0.0) -> None:
+        """What the server's aioquic has to send (`later` seconds on: past
+        its ACK delay), through the Link's pause."""
         def transmit() -> None:
-            self.to_client([d for d, _ in self.server.datagrams_to_send(now=self.now())])
+            self.to_client([d for d, _ in self.server.datagrams_to_send(now=self.now() + later)])
         assert self.link is not None
         self.link.around_send(transmit)
 
@@ -76,6 +80,18 @@ class Listener:
                 self.to_client([self.sock.recv(2048)])
             except BlockingIOError:
                 time.sleep(0.002)
+
+    def datagrams(self, want: int, timeout: float = 5.0) -> list[bytes]:
+        """The core's next `want` datagrams as they arrive, not yet given to
+        the client (a test decides which reach it, and when)."""
+        got: list[bytes] = []
+        deadline = time.monotonic() + timeout
+        while len(got) < want and time.monotonic() < deadline:
+            try:
+                got.append(self.sock.recv(2048))
+            except BlockingIOError:
+                time.sleep(0.002)
+        return got
 
     def ack(self, node: "Node") -> int:
         """The client's ACKs (past its ACK delay) sent to the node's QUIC
@@ -287,3 +303,87 @@ def test_a_listener_that_stops_acking_loses_only_its_own_audio(node: Node) -> No
     assert node.core.listener_stats(silent.link.slot)["drop_overflow"] > 0   # type: ignore[union-attr]
     assert node.core.listener_stats(healthy.link.slot)["drop_overflow"] == 0   # type: ignore[union-attr]
     assert s["quiet_s"] > 0 and node.path.quiet(silent.link.slot)[0] > 0   # type: ignore[union-attr]
+
+
+def test_an_ack_beside_frames_for_the_library_is_read_too(node: Node) -> None:
+    """Chromium sends some of its ACKs in a packet with another frame (a
+    MAX_DATA): that packet is the library's, which acknowledges it, and
+    from then on the listener's ACK-only packets no longer report what it
+    acknowledged (RFC 9000 13.2.4). The core reads that ACK too, so none of
+    those packets is taken for lost."""
+    lis = node.listener()
+    slot = lis.link.slot   # type: ignore[union-attr]
+    node.publish(5)
+    lis.receive(5)
+    lis.ack(node)
+    node.publish(5)
+    lis.receive(10)
+    # the listener's ACK of those five goes out beside a DATAGRAM of its own
+    lis.client.send_datagram_frame(b"from the listener")
+    assert lis.ack(node) == 1       # not ACK-only: handed up to the library
+    lis.library_sends(later=0.03)   # the library acknowledges that packet
+    node.publish(5)
+    lis.receive(15)
+    assert lis.ack(node) == 0       # ACK-only, and reporting only the newest five
+    st = node.path.state(slot)
+    assert st["lost"] == 0 and st["acked"] == 15 and st.get("lost_pending") == 0, st
+    assert node.core.counters()["quic_lost"] == 0
+
+
+def _declare_the_fourth_lost(node: Node, lis: Listener) -> list[bytes]:
+    """Ten packets, the fourth held back on the way; the listener's ACK of
+    the other nine has the core declare it lost (the packet threshold).
+    Returns the ten datagrams."""
+    slot = lis.link.slot   # type: ignore[union-attr]
+    node.publish(5)
+    lis.receive(5)
+    lis.ack(node)                   # an RTT sample
+    cwnd = node.path.state(slot)["cwnd"]
+    node.publish(10)
+    held = lis.datagrams(10)
+    assert len(held) == 10
+    lis.to_client(held[:3] + held[4:])
+    assert lis.ack(node) == 0
+    st = node.path.state(slot)
+    # declared lost at once, for congestion control: out of flight, the window halved ...
+    assert st["acked"] == 14 and st["in_flight"] == 0 and st["cwnd"] < cwnd, st
+    # ... but not counted lost yet: an ACK may still come
+    assert st["lost"] == 0 and st.get("lost_pending") == 1, st
+    return held
+
+
+def test_a_packet_acknowledged_after_it_was_declared_lost_is_late_not_lost(node: Node) -> None:
+    lis = node.listener()
+    slot = lis.link.slot   # type: ignore[union-attr]
+    held = _declare_the_fourth_lost(node, lis)
+    lis.to_client([held[3]])        # it arrives after all
+    assert len(lis.audio) == 15
+    assert lis.ack(node) == 0
+    st = node.path.state(slot)
+    assert st["lost"] == 0 and st["late"] == 1 and st["lost_pending"] == 0 and st["acked"] == 14, st
+    c = node.core.counters()
+    assert c["quic_lost"] == 0 and c["quic_late_acked"] == 1, c
+    # the stream goes on, and the late packet is never counted again
+    for round_ in range(8):
+        node.publish(10)
+        lis.receive(15 + 10 * (round_ + 1))
+        lis.ack(node)
+    st = node.path.state(slot)
+    assert len(lis.audio) == 95 and st["lost"] == 0 and st["late"] == 1 and st["acked"] == 94, st
+
+
+def test_a_packet_never_acknowledged_is_counted_lost_once_final(node: Node) -> None:
+    lis = node.listener()
+    slot = lis.link.slot   # type: ignore[union-attr]
+    _declare_the_fourth_lost(node, lis)
+    # the stream goes on without it: more packets than the sent records hold
+    # (a record declared lost makes room when it must), so its loss becomes
+    # final, by age or to make room, and it never blocks the window
+    for round_ in range(8):
+        node.publish(10)
+        lis.receive(14 + 10 * (round_ + 1))
+        lis.ack(node)
+    st = node.path.state(slot)
+    assert st["lost"] == 1 and st["late"] == 0 and st["lost_pending"] == 0, st
+    assert len(lis.audio) == 94 and st["acked"] == 94 and st["window_shut"] == 0, st
+    assert node.core.counters()["quic_lost"] == 1

@@ -14,6 +14,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.crypto import derive_key_iv_hp
 from aioquic.quic.events import ConnectionTerminated, DatagramFrameReceived
+from aioquic.buffer import Buffer
 from aioquic.tls import CipherSuite
 
 from relay._core import QuicOpener, QuicSealer
@@ -174,6 +175,59 @@ def test_the_core_opens_the_listeners_acks_of_its_packets(suite: CipherSuite) ->
     client.send_datagram_frame(b"from the listener")
     more = [opener.open(d, _expected(server))[0] for d, _ in client.datagrams_to_send(now=1.2)]
     assert "other" in more, more
+    # the listener's next ACK, past its ACK delay, goes out beside its next
+    # DATAGRAM: the library's packet, and the ACK in it read too
+    _received(client, [sealer.seal(b"audio", pn) for pn in _reserve(server, 2)])
+    client.send_datagram_frame(b"from the listener")
+    beside = [opener.open(d, _expected(server)) for d, _ in client.datagrams_to_send(now=1.4)]
+    assert [o[0] for o in beside] == ["other"] and beside[0][2] == server._packet_number - 1, beside
+
+
+def _varints(*values: int) -> bytes:
+    buf = Buffer(capacity=256)
+    for v in values:
+        buf.push_uint_var(v)
+    return buf.data
+
+
+def test_an_ack_is_read_beside_the_frames_the_library_reads() -> None:
+    """Any frame of RFC 9000 or a DATAGRAM before or after the ACK is
+    stepped over; the packet is still the library's ("other")."""
+    keys = (0x1301, bytes(range(16)), bytes(range(12)), bytes(range(16, 32)), b"\x01" * 8)
+    sealer, opener = QuicSealer(*keys), QuicOpener(*keys)
+    ack = b"\x02" + _varints(100, 3, 1, 4, 1, 2)        # acknowledges 96-100 and 91-93
+    ranges = [(96, 100), (91, 93)]
+    frames = [
+        b"\x10" + _varints(1 << 20),                    # MAX_DATA
+        b"\x0e" + _varints(4, 1000, 3) + b"abc",         # STREAM with offset and length
+        b"\x06" + _varints(0, 2) + b"hi",                # CRYPTO
+        b"\x18" + _varints(3, 1) + b"\x08" + bytes(8) + bytes(16),   # NEW_CONNECTION_ID
+        b"\x1a" + bytes(8),                              # PATH_CHALLENGE
+        b"\x1d" + _varints(0, 3) + b"bye",               # CONNECTION_CLOSE
+        b"\x11" + _varints(4, 5000),                     # MAX_STREAM_DATA
+        b"\x19" + _varints(2) + b"\x1e",                  # RETIRE_CONNECTION_ID, HANDSHAKE_DONE
+        b"\x31" + _varints(5) + b"voice",                # DATAGRAM with a length
+        b"\x01\x00\x00",                                 # PING, PADDING
+    ]
+    pn = 7
+    for k in range(len(frames) + 1):
+        for tail in (b"", b"\x30 a DATAGRAM to the end", b"\x08" + _varints(0) + b"STREAM to the end"):
+            pn += 1
+            payload = b"".join(frames[:k]) + ack + b"".join(frames[k:]) + tail
+            assert opener.open(sealer.seal(payload, pn, frames=True), pn) == ("other", pn, 100, 3, ranges)
+    # only ACKs, PADDING and PING: the core's alone, as before
+    assert opener.open(sealer.seal(ack + b"\x01\x00", 50, frames=True), 50) == ("ack", 50, 100, 3, ranges)
+    # an ACK before a frame the core cannot step over (an extension's) is read;
+    # one after it is not, and neither is a malformed one beside other frames
+    unknown = b"\x40\xaf" + _varints(1, 2, 3)         # ACK_FREQUENCY
+    assert opener.open(sealer.seal(ack + unknown, 51, frames=True), 51) == ("other", 51, 100, 3, ranges)
+    assert opener.open(sealer.seal(unknown + ack, 52, frames=True), 52) == ("other", 52, None, None, [])
+    broken = b"\x02" + _varints(5, 0, 1, 2, 9, 9)      # its second range runs below packet 0
+    assert opener.open(sealer.seal(frames[0] + broken, 53, frames=True), 53) == ("other", 53, None, None, [])
+    assert opener.open(sealer.seal(broken + frames[0], 54, frames=True), 54)[0] == "forged"
+    # a frame cut short after the ACK: the ACK stands, the packet is the library's
+    assert opener.open(sealer.seal(ack + b"\x0a" + _varints(4, 50) + b"abc", 55, frames=True), 55) \
+        == ("other", 55, 100, 3, ranges)
 
 
 def test_the_ack_reader_takes_any_bytes() -> None:
