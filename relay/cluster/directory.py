@@ -6,14 +6,21 @@ others' into a local table, and join routing reads only that table.
 Layout (every key under `relay:`):
 
     relay:node:ID    hash: udp, quic, webtransport, cert, tier, capacity,
-                     listeners, load, draining, rooms (JSON list); expires
-                     TTL_MS after the last heartbeat (Redis's own clock, so
-                     the nodes' clocks need not agree), so a dead node
-                     vanishes by itself
+                     listeners, load, draining, rooms (JSON list), and sig
+                     (the record's tag, records.py); expires TTL_MS after
+                     the last heartbeat (Redis's own clock, so the nodes'
+                     clocks need not agree), so a dead node vanishes by
+                     itself
     relay:nodes      sorted set of node ids, scored by wall-clock time a
                      minute past their last heartbeat: only the index to
                      read the hashes through, trimmed by whoever sees an
                      old member
+
+A record is believed only if every field is one a node would write and,
+with a cluster secret, its tag verifies (records.py): anything else in
+Redis is ignored, counted in `Directory.rejected` and named once in the
+log, so whoever can write to Redis cannot send joiners to an address of
+their own, nor stop a node's heartbeat or its picks with a malformed one.
 
 A node whose hash has expired is dead: every read replaces the table, so
 it leaves each peer's routing at the next heartbeat, within TTL_MS +
@@ -28,15 +35,18 @@ through.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import time
-from dataclasses import dataclass
+from collections import Counter
 from typing import Any, Callable
 
 import redis.asyncio as redis
 from redis.exceptions import RedisError
+
+from relay.cluster.records import FIELDS, MAX_NODE_ID, TAG, Invalid, Peer, Record, Unsigned, check, encode, tag
+
+__all__ = ["Directory", "Peer"]
 
 log = logging.getLogger("relay.directory")
 
@@ -47,37 +57,8 @@ TTL_MS = 750
 INDEX_S = 60              # the index's score: long past any record's expiry
 STALE_S = 10.0            # with Redis unreachable, a peer not read again for this long is forgotten
 PREFIX = "relay:"
-
-
-@dataclass
-class Peer:
-    """Another node, as its last heartbeat described it."""
-    id: str
-    udp: str
-    quic: str
-    tier: str
-    capacity: int
-    listeners: int
-    load: float
-    draining: bool
-    rooms: list[str]
-    seen: float           # monotonic time we last read it
-    webtransport: str = ""   # the page's URL for it ("" without QUIC)
-    cert: str = ""           # its self-signed certificate's SHA-256, for a page to pin
-
-    @property
-    def spare(self) -> int:
-        return max(0, self.capacity - self.listeners)
-
-
-def _peer(node_id: str, fields: dict[str, str], now: float) -> Peer | None:
-    try:
-        return Peer(node_id, fields["udp"], fields.get("quic", ""), fields.get("tier", "edge"),
-                    int(fields["capacity"]), int(fields["listeners"]), float(fields["load"]),
-                    fields.get("draining") == "1", list(json.loads(fields.get("rooms", "[]"))), now,
-                    fields.get("webtransport", ""), fields.get("cert", ""))
-    except (KeyError, ValueError, TypeError):
-        return None   # a record written by something else, or half written: not a peer
+MAX_NODES = 1024          # ids read from the index at most: a flood of fake ones cannot stall a heartbeat
+MAX_WARNED = 256          # refused node ids named in the log, at most
 
 
 class Directory:
@@ -90,6 +71,12 @@ class Directory:
         self._rng = random.Random()
         self.reachable = False
         self.failures = 0         # heartbeats that did not get through
+        # records read and refused, by reason: "invalid" (a field no node
+        # would write) or "signature" (no tag, or one this cluster's key did
+        # not make); counted at every read, so a forged record adds four a second
+        self.rejected: Counter[str] = Counter()
+        self._warned: set[str] = set()
+        self._checked_own = False
         self._client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5,
                                             decode_responses=True)
         self._task: asyncio.Task | None = None
@@ -133,31 +120,71 @@ class Directory:
 
     async def beat(self) -> None:
         """Write our record and read everyone's, in two round trips."""
-        record: dict[Any, Any] = {
-            k: json.dumps(v) if isinstance(v, list) else str(int(v) if isinstance(v, bool) else v)
-            for k, v in self.describe().items()}
-        key = PREFIX + "node:" + self.node_id
+        mine = self.describe()
+        key = mine.key if isinstance(mine, Record) else None
+        record: dict[Any, Any] = encode(mine)
+        if key is not None:
+            record[TAG] = tag(key, self.node_id, record)
+        self._check_own(record, key)
+        name = PREFIX + "node:" + self.node_id
         wall = time.time()
         async with self._client.pipeline(transaction=True) as p:
-            p.hset(key, mapping=record)
-            p.pexpire(key, TTL_MS)
+            p.delete(name)            # the hash holds this record's fields and nothing else
+            p.hset(name, mapping=record)
+            p.pexpire(name, TTL_MS)
             p.zadd(PREFIX + "nodes", {self.node_id: wall + INDEX_S})
             p.zremrangebyscore(PREFIX + "nodes", "-inf", wall)
-            p.zrangebyscore(PREFIX + "nodes", wall, "+inf")
+            p.zrangebyscore(PREFIX + "nodes", wall, "+inf", start=0, num=MAX_NODES)
             *_, ids = await p.execute()
-        others = [i for i in ids if i != self.node_id]
+        others = []
+        for i in ids:
+            if i == self.node_id:
+                continue
+            if len(i.encode()) > MAX_NODE_ID:     # no node has such an id: not worth a read
+                self._refuse(i, "invalid", "node id: too long")
+            else:
+                others.append(i)
+        names = (*FIELDS, TAG)
         async with self._client.pipeline(transaction=False) as p:
             for i in others:
-                p.hgetall(PREFIX + "node:" + i)
+                p.hmget(PREFIX + "node:" + i, names)
             records = await p.execute()
         now = time.monotonic()
         # a member whose record has expired is dead: it is not carried over
         peers = {}
-        for i, fields in zip(others, records, strict=True):
-            peer = _peer(i, fields, now) if fields else None
-            if peer is not None:
-                peers[i] = peer
+        for i, values in zip(others, records, strict=True):
+            if all(v is None for v in values):
+                continue
+            try:
+                peers[i] = check(i, dict(zip(names, values, strict=True)), key, now)
+            except Invalid as e:
+                self._refuse(i, "invalid", str(e))
+            except Unsigned as e:
+                self._refuse(i, "signature", str(e))
         self.peers = peers
+
+    def _refuse(self, node_id: str, reason: str, why: str) -> None:
+        """Count a record that is not believed; name it in the log once."""
+        self.rejected[reason] += 1
+        if node_id not in self._warned and len(self._warned) < MAX_WARNED:
+            self._warned.add(node_id)
+            log.warning("directory: ignoring the record of node %r: %s", node_id[:MAX_NODE_ID], why)
+
+    def _check_own(self, record: dict[str, str], key: bytes | None) -> None:
+        """Say once, at the first heartbeat, what peers will make of our
+        own record: unsigned without a secret, ignored if a field is wrong
+        (an advertised name no peer accepts, say)."""
+        if self._checked_own:
+            return
+        self._checked_own = True
+        if key is None:
+            log.warning("directory %s: no cluster secret (auth = \"open\"): this node's record goes "
+                        "unsigned and peers' records are believed without a signature; anyone who can "
+                        "write to Redis can send joiners anywhere", self.url)
+        try:
+            check(self.node_id, record, key, 0.0)
+        except (Invalid, Unsigned) as e:
+            log.error("directory: peers will ignore this node's record: %s", e)
 
     def _forget_stale(self, now: float) -> None:
         for i in [i for i, p in self.peers.items() if now - p.seen > STALE_S]:

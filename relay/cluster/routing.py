@@ -5,21 +5,23 @@ from __future__ import annotations
 from typing import Any
 
 from relay.cluster.directory import Directory
+from relay.cluster.records import Record, record_key
 from relay.wire.config import NodeConfig
 
 
 def node_record(cfg: NodeConfig, quic_port: int | None, quic_info: dict[str, Any] | None, rooms: list[str],
-                listeners: int, load: float, draining: bool) -> dict[str, Any]:
+                listeners: int, load: float, draining: bool) -> Record:
     """This node's directory record: how to reach it, what it can take and
-    which rooms it carries now (`rooms`)."""
+    which rooms it carries now (`rooms`), with the key derived from the
+    cluster secret that its heartbeat signs it with (none in open auth)."""
     quic = webtransport = cert = ""
     if quic_port is not None and quic_info is not None and cfg.advertise:
         quic = f"{cfg.advertise.rpartition(':')[0]}:{quic_port}"
         webtransport = f"https://{quic}{quic_info['path']}"
         cert = quic_info["cert_sha256"] or ""
-    return {"udp": cfg.advertise, "quic": quic, "webtransport": webtransport, "cert": cert,
-            "tier": cfg.tier, "capacity": cfg.max_listeners, "listeners": listeners,
-            "load": round(load, 4), "draining": draining, "rooms": rooms}
+    return Record({"udp": cfg.advertise, "quic": quic, "webtransport": webtransport, "cert": cert,
+                   "tier": cfg.tier, "capacity": cfg.max_listeners, "listeners": listeners,
+                   "load": round(load, 4), "draining": draining, "rooms": rooms}, record_key(cfg.secret))
 
 
 def redirect(directory: Directory, cfg: NodeConfig, room: str, udp: bool) -> str:

@@ -210,6 +210,22 @@ def test_with_redis_down_nodes_serve_on_and_register_again(tmp_path) -> None:
     assert "registered as a" in log
 
 
+def test_an_open_node_says_once_that_its_records_are_unsigned(tmp_path) -> None:
+    """Without a cluster secret there is no key to sign with: the node
+    writes its record without a tag and says so once at start."""
+    r = RedisServer()
+    a = Node(tmp_path, "a", r.url)
+    try:
+        assert _registered(r, ["a"])
+        assert b"sig" not in r.client.hkeys("relay:node:a")
+        time.sleep(0.6)                               # a few heartbeats
+    finally:
+        assert stop(a.proc) == 0
+        r.stop()
+    log = a.proc.stdout.read()
+    assert log.count("unsigned") == 1, log
+
+
 @pytest.mark.parametrize("url", ["http://x", "redis"])
 
 
