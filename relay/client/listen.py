@@ -113,6 +113,7 @@ class ListenClient:
         self._warned_unproven = False
         self.last_heard = time.monotonic()   # when the node last sent us anything
         self.speaker = False                 # join the room's stage (SpeakerClient)
+        self.relay = False                   # a node taking the room for those below it
         self.speakers: Speakers | None = None  # who is on the stage, as the node last said
         # seconds listen() keeps asking a full node; 0 for a node pulling a
         # room upstream, which has its own way of moving on
@@ -250,7 +251,7 @@ class ListenClient:
     async def _handshake(self, attempts: int, timeout: float) -> Accept:
         cookie = b""
         for _ in range(attempts):
-            self._send(encode(Join(self.room, self.token, cookie, self.speaker)))
+            self._send(encode(Join(self.room, self.token, cookie, self.speaker, self.relay)))
             try:
                 while True:
                     msg = await self._await_control(timeout)
@@ -258,7 +259,7 @@ class ListenClient:
                         if cookie == msg.cookie:
                             continue
                         cookie = msg.cookie
-                        self._send(encode(Join(self.room, self.token, cookie, self.speaker)))
+                        self._send(encode(Join(self.room, self.token, cookie, self.speaker, self.relay)))
                     elif isinstance(msg, Accept):
                         return self._joined(msg)
                     elif isinstance(msg, Reject):

@@ -149,6 +149,7 @@ class Upstream:
             self.sent()
 
         client = link.client = ListenClient(where, self.room, self.token(), sink=feed)
+        client.relay = True
         try:
             await client.join(attempts=JOIN_ATTEMPTS, timeout=JOIN_TIMEOUT_S)
             self.joins += 1

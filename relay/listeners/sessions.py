@@ -192,14 +192,16 @@ class Sessions:
         if existing is not None and existing.room == msg.room and (existing.role == "publish") == msg.speaker:
             existing.last_seen = now  # a retransmitted JOIN: the ACCEPT was lost
             return self._reply(self.accept_message(existing), data)
-        joined = self.join(addr, UDP, msg.room, msg.token, addr[0], now, sockaddr=raw, speaker=msg.speaker)
+        joined = self.join(addr, UDP, msg.room, msg.token, addr[0], now, sockaddr=raw, speaker=msg.speaker,
+                           relay=msg.relay)
         if isinstance(joined, Reject):
             return self._reply(replace(joined, proof=cookie_proof(msg.cookie)), data)
         return self._reply(self.accept_message(joined), data)
 
     def join(self, key: Hashable, transport: str, room_name: str, token: str, source_ip: str,
              now: float, *, sockaddr: bytes = b"",
-             transport_full: Callable[[], bool] | None = None, speaker: bool = False) -> Session | Reject:
+             transport_full: Callable[[], bool] | None = None, speaker: bool = False,
+             relay: bool = False) -> Session | Reject:
         """The join policy every transport shares, once the joiner's address
         is proven: draining, room, rate limits, token, node and room limits,
         then a slot in the core and a row in the table under `key`. Returns
@@ -223,7 +225,9 @@ class Sessions:
             self.counters.rate_limited["source"] += 1
             return self._refuse(Reason.RATE_LIMITED)
         try:
-            claims = self.auth.claims(token, room_name, ("publish",) if speaker else ("listen", "relay"))
+            # open mode admits the first role: a node below says it is one
+            roles = ("publish",) if speaker else ("relay", "listen") if relay else ("listen", "relay")
+            claims = self.auth.claims(token, room_name, roles)
         except TokenError as e:
             return self._refuse(e.reason)
         role = str(claims["role"])

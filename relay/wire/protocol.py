@@ -76,6 +76,7 @@ class ProtocolError(ValueError):
 
 # JOIN's flags (the header's fourth byte)
 JOIN_SPEAKER = 0x01      # join the stage: publish (role `publish`) and hear the mix-minus
+JOIN_RELAY = 0x02        # a node below taking the room (role `relay`)
 SRTP_KEY_LEN = 30        # a speaker's SRTP master key and salt, in its ACCEPT
 MAX_SPEAKER_TEXT = 32    # a speaker's id and display name, in bytes, in SPEAKERS
 
@@ -86,6 +87,9 @@ class Join:
     token: str
     cookie: bytes = b""
     speaker: bool = False
+    # another node taking the room (a cascade): in open mode this flag is
+    # its only credential; a token's role decides otherwise
+    relay: bool = False
 
 
 @dataclass(frozen=True)
@@ -177,7 +181,8 @@ def encode(msg: Message) -> bytes:
         room, token = msg.room.encode(), msg.token.encode()
         if len(room) > MAX_ROOM or len(token) > MAX_TOKEN or len(msg.cookie) > 255:
             raise ValueError("room, token or cookie too long")
-        out = (_head(MsgType.JOIN, JOIN_SPEAKER if msg.speaker else 0) + bytes([len(room)]) + room
+        flags = (JOIN_SPEAKER if msg.speaker else 0) | (JOIN_RELAY if msg.relay else 0)
+        out = (_head(MsgType.JOIN, flags) + bytes([len(room)]) + room
                + struct.pack("!H", len(token)) + token + bytes([len(msg.cookie)]) + msg.cookie)
         return out + bytes(max(0, MIN_JOIN - len(out)))
     if isinstance(msg, Challenge):
@@ -247,7 +252,7 @@ def decode(data: bytes) -> Message:
             raise ProtocolError("token too long")
         token = r.text(n)
         cookie = r.take(r.u8())
-        return Join(room, token, cookie, bool(flags & JOIN_SPEAKER))
+        return Join(room, token, cookie, bool(flags & JOIN_SPEAKER), bool(flags & JOIN_RELAY))
     if kind == MsgType.CHALLENGE:
         return Challenge(r.take(r.u8()))
     if kind == MsgType.ACCEPT:

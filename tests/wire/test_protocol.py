@@ -24,7 +24,8 @@ ADDR = ("127.0.0.1", 40000)
     Join("demo", "tok", b""), Join("dé", "t" * 300, bytes(20)), Challenge(bytes(20)),
     Accept(b"12345678", 0xDEADBEEF, 5000, 15000), Reject(Reason.NODE_FULL, "10.0.0.2:7000"),
     Keepalive(b"abcdefgh"), Leave(b"abcdefgh"),
-    Join("stage", "tok", bytes(20), speaker=True), Accept(b"12345678", 7, 5000, 15000, bytes(range(30))),
+    Join("stage", "tok", bytes(20), speaker=True), Join("live", "", bytes(20), relay=True),
+    Accept(b"12345678", 7, 5000, 15000, bytes(range(30))),
     Speakers(()), Speakers((Speaker("ann-1", "Ann Ö", 13, True), Speaker("b", "", 127, False))),
 ])
 def test_messages_round_trip(msg) -> None:
@@ -307,3 +308,17 @@ def test_speakers_need_a_publish_token_a_stage_and_a_free_place() -> None:
     # and a listener's JOIN to the stage room is an ordinary listener
     assert isinstance(_join(s, ("127.0.0.1", 6), "stage", mint(SECRET, "stage")), Accept)
     assert s.core.room_listeners(0) == 1
+
+
+def test_a_node_below_gets_the_room_in_the_origins_numbering() -> None:
+    """A relay-role session (in open mode, the JOIN's relay flag) is sent the
+    room with no offsets under the room's relay SSRC, so two parents send a
+    child identical copies; a listener gets its own SSRC and offsets."""
+    from relay.listeners.sessions import relay_ssrc
+    s = _sessions()
+    node = s.join(("127.0.0.1", 1), "udp", "demo", "", "127.0.0.1", time.time(),
+                  sockaddr=to_sockaddr(("127.0.0.1", 1)), relay=True)
+    listener = s.join(("127.0.0.1", 2), "udp", "demo", "", "127.0.0.1", time.time(),
+                      sockaddr=to_sockaddr(("127.0.0.1", 2)))
+    assert node.role == "relay" and node.ssrc == relay_ssrc("demo")
+    assert listener.role == "listen" and listener.ssrc != relay_ssrc("demo")
