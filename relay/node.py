@@ -92,6 +92,9 @@ class Node:
         if cfg.directory:
             self.directory = Directory(cfg.directory, cfg.node_id, self._describe)
             self.sessions.route = self._route
+        self._alternates: dict[str, str] = {}                  # room -> where its listeners go if we die
+        self._alternates_at = 0.0
+        self.sessions.alternate = lambda room: self._alternates.get(room, self.cfg.redirect)
         self.rates = RoomRates()
         for r in cfg.rooms:
             self._open_room(r)
@@ -272,6 +275,7 @@ class Node:
                 up.want(1 if paired else stats[name]["listeners"], now, self.cfg.upstream_linger)
             self.events.tick(now, stats)
             self.rates.measure(now, stats)
+            self._choose_alternates(now)
             relayed = {name: (up.index, said) for name, up in self.upstreams.items()
                        if (said := up.speakers) is not None}
             self.stages.tell_speakers(self.udp.out_fd, now, self.quic.tell_room if self.quic else None, relayed)
@@ -311,6 +315,16 @@ class Node:
         return Cluster(d is not None, d is not None and d.reachable, len(d.peers) if d else 0,
                        d.failures if d else 0,
                        {name: (up.current is not None, up.switches) for name, up in self.upstreams.items()})
+
+    def _choose_alternates(self, now: float) -> None:
+        """Once a second: the live node each room's new listeners are told
+        to move to if this one dies (the directory's pick, else [node]
+        redirect)."""
+        if self.directory is None or now - self._alternates_at < 1.0:
+            return
+        self._alternates_at = now
+        for name in self.rooms:
+            self._alternates[name] = routing.redirect(self.directory, self.cfg, name, udp=True) or self.cfg.redirect
 
     def _route(self, room: str, transport: str) -> str:
         """A live node with room for a listener this node turns away."""

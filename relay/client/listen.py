@@ -33,9 +33,12 @@ REORDER_PACKETS = 4   # hold this many packets for late resends before giving up
 # what a node may tell a listener, clamped: a keepalive interval of 0 would
 # make a client send keepalives as fast as it can
 KEEPALIVE_MS = (100, 600_000)
-# with `via`, a node that sends nothing at all (no audio, no keepalive echo)
-# for this long is taken for gone, and the client asks where to go
-FOLLOW_DEAD_S = 2.0
+# with somewhere to move to (the ACCEPT's alternate, or `via`), audio that
+# stops for this long is answered with a keepalive; a node that does not
+# echo it within as long again is dead, and the listener moves: under half
+# a second from its last packet. A node that echoes is alive and its room
+# quiet, and is not asked again until audio has come and gone again.
+PROBE_S = 0.25
 # a full node that names nowhere else may have a place again soon (a
 # listener leaves, a session times out): `relay listen` asks again for this
 # long, waiting from the first to the longest pause, doubling, with jitter so
@@ -118,6 +121,8 @@ class ListenClient:
         # seconds listen() keeps asking a full node; 0 for a node pulling a
         # room upstream, which has its own way of moving on
         self.full_patience = 0.0
+        self.last_audio = time.monotonic()   # when the node last sent us audio
+        self._resume: int | None = None      # the origin sequence number to resume after, on a move
 
     def _event(self, text: str) -> None:
         self.stats.events.append(text)
@@ -223,12 +228,15 @@ class ListenClient:
             self._event(f"the node asked for keepalives every {msg.keepalive_ms} ms; using "
                         f"{min(max(msg.keepalive_ms, lo), hi)} ms")
             msg = replace(msg, keepalive_ms=min(max(msg.keepalive_ms, lo), hi))
-        if self._session is not None and self._session.session_id != msg.session_id:
-            # a new session (a move, a rejoin): its numbering is its own
+        if (self._session is not None and self._session.session_id != msg.session_id
+                and (self._session.origin is None or msg.origin is None)):
+            # a new session (a move, a rejoin) without the origin's numbering
+            # to count on: its numbering is its own
             self._flush_held()
             self._next = self._high = None
             self._nacked.clear()
         self._session = msg
+        self._resume = None
         self.stats.ssrc = msg.ssrc
         self.stats.joined_at = time.monotonic()
         return msg
@@ -251,7 +259,7 @@ class ListenClient:
     async def _handshake(self, attempts: int, timeout: float) -> Accept:
         cookie = b""
         for _ in range(attempts):
-            self._send(encode(Join(self.room, self.token, cookie, self.speaker, self.relay)))
+            self._send(encode(Join(self.room, self.token, cookie, self.speaker, self.relay, self._resume)))
             try:
                 while True:
                     msg = await self._await_control(timeout)
@@ -259,7 +267,8 @@ class ListenClient:
                         if cookie == msg.cookie:
                             continue
                         cookie = msg.cookie
-                        self._send(encode(Join(self.room, self.token, cookie, self.speaker, self.relay)))
+                        self._send(encode(Join(self.room, self.token, cookie, self.speaker, self.relay,
+                                               self._resume)))
                     elif isinstance(msg, Accept):
                         return self._joined(msg)
                     elif isinstance(msg, Reject):
@@ -288,6 +297,12 @@ class ListenClient:
         seq, _ts, ssrc = struct.unpack_from("!HII", data, 2)
         if ssrc != self._session.ssrc:
             return
+        self.last_audio = self.last_heard
+        # counted in the origin's numbering where the node tells it, so a
+        # move to another node neither hides a gap nor opens a false one
+        origin = self._session.origin
+        if origin is not None:
+            seq = (seq - origin[0]) & 0xFFFF
         self.stats.received += 1
         self.stats.bytes += len(data)
         if self.stats.first_packet_at is None:
@@ -305,7 +320,9 @@ class ListenClient:
                 if missing:
                     self._nacked.update(missing)
                     self.stats.nacks_sent += 1
-                    self._send(build_nack(self._sender_ssrc, self._session.ssrc, missing))
+                    shift = origin[0] if origin is not None else 0
+                    self._send(build_nack(self._sender_ssrc, self._session.ssrc,
+                                          [(s + shift) & 0xFFFF for s in missing]))
             self._high = ext
         self._deliver()
 
@@ -339,7 +356,9 @@ class ListenClient:
 
     async def listen(self, duration: float | None = None, dead_after: float | None = None) -> ListenStats:
         """Join, then receive until `duration` seconds pass (forever if None).
-        Rejoins when the node forgets the session. With `dead_after`, sends
+        Rejoins when the node forgets the session. A listener with somewhere
+        to go (the ACCEPT's alternate, or `via`) moves there, resuming after
+        the last packet it has, when its node dies. With `dead_after`, sends
         keepalives often enough to hear the node's echo and raises
         Unreachable once nothing at all came from it for that long (a node
         taking a room from another must notice a dead upstream at once)."""
@@ -348,16 +367,42 @@ class ListenClient:
             await self._relocate("no node given")
         else:
             await self.join_when_room(deadline)
-        if self.via and dead_after is None:
-            dead_after = FOLLOW_DEAD_S
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 return await self.receive(left, dead_after)
             except Unreachable as e:
-                if not self.via:
+                if dead_after is not None or not await self._move_on(str(e)):
                     raise
-                await self._relocate(str(e))
+
+    def _movable(self) -> bool:
+        """Is there anywhere to go if this node dies?"""
+        return bool(self.via) or (self._session is not None and bool(self._session.alternate))
+
+    async def _move_on(self, why: str) -> bool:
+        """Our node died: join its alternate (or ask `via`), asking for what
+        the room still holds after our last packet. False if nowhere took us."""
+        if self._high is not None and self._session is not None and self._session.origin is not None:
+            self._resume = self._high & 0xFFFF
+        alternate = self._session.alternate if self._session is not None else ""
+        here = f"{self.server[0]}:{self.server[1]}"
+        if alternate and alternate != here:
+            try:
+                self.server = parse_hostport(alternate)
+                self._via = f"the alternate {here} named"
+                self._event(f"{why}: moving to {alternate}")
+                self.stats.rejoins += 1
+                await self.join(attempts=3, timeout=0.3)
+                return True
+            except (ValueError, JoinRefused, TimeoutError, Unreachable) as e:
+                self._event(f"{alternate}: {e}")
+        if self.via:
+            try:
+                await self._relocate(why)
+                return True
+            except (JoinRefused, TimeoutError, Unreachable) as e:
+                self._event(str(e))
+        return False
 
     async def _relocate(self, why: str) -> None:
         """Ask the `via` URLs where to listen, and join there."""
@@ -367,7 +412,7 @@ class ListenClient:
             except (OSError, ValueError) as e:
                 self._event(f"{url}: {e}")
                 continue
-            if where:
+            if where and where != f"{self.server[0]}:{self.server[1]}":
                 self._event(f"{why}: {url} says {where}")
                 self.server = parse_hostport(where)
                 self._via = f"sent there by {url}"
@@ -377,22 +422,41 @@ class ListenClient:
         raise Unreachable(f"{why}, and no node to move to ({', '.join(self.via)})")
 
     async def receive(self, duration: float | None = None, dead_after: float | None = None) -> ListenStats:
-        """listen(), once joined."""
+        """listen(), once joined. Keepalives go out on their own schedule:
+        no message, forged or not, can put them off."""
         assert self._session is not None
-        self.last_heard = time.monotonic()
-        deadline = None if duration is None else time.monotonic() + duration
+        now = time.monotonic()
+        self.last_heard = self.last_audio = now
+        deadline = None if duration is None else now + duration
+        interval = self._session.keepalive_ms / 1000
+        if dead_after is not None:
+            interval = min(interval, dead_after / 3)
+        next_keepalive = now + interval
+        probe_at: float | None = None    # a keepalive sent to ask a silent node whether it lives
+        probed = -1.0                    # the last audio before that probe
         while deadline is None or time.monotonic() < deadline:
-            wait = self._session.keepalive_ms / 1000
-            if dead_after is not None:
-                wait = min(wait, dead_after / 3)
-            if deadline is not None:
-                wait = min(wait, max(0.0, deadline - time.monotonic()))
-            try:
-                msg = await self._await_control(wait)
-            except asyncio.TimeoutError:
-                if dead_after is not None and time.monotonic() - self.last_heard > dead_after:
-                    raise Unreachable(f"nothing from {self._where()} for {dead_after:g} s") from None
+            now = time.monotonic()
+            if dead_after is not None and now - self.last_heard > dead_after:
+                raise Unreachable(f"nothing from {self._where()} for {dead_after:g} s")
+            wait = next_keepalive - now
+            if dead_after is None and self._movable():
+                if probe_at is not None and self.last_heard > probe_at:
+                    probe_at = None                       # it answered: a quiet room
+                if probe_at is None and now - self.last_audio > PROBE_S and self.last_audio != probed:
+                    self._send(encode(Keepalive(self._session.session_id)))
+                    probe_at, probed = now, self.last_audio
+                elif probe_at is not None and now - probe_at > PROBE_S:
+                    raise Unreachable(f"{self._where()} stopped answering")
+                wait = min(wait, PROBE_S / 5)
+            if now >= next_keepalive:
                 self._send(encode(Keepalive(self._session.session_id)))
+                next_keepalive = now + interval
+                continue
+            if deadline is not None:
+                wait = min(wait, max(0.0, deadline - now))
+            try:
+                msg = await self._await_control(max(0.0, wait))
+            except asyncio.TimeoutError:
                 continue
             if isinstance(msg, Reject) and self._proven(msg, self._session.session_id):
                 if msg.reason == Reason.UNKNOWN_SESSION:

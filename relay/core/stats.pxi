@@ -113,7 +113,7 @@ cdef dict stats_room(Room *r):
         "drop_oversized": r.drop_oversized, "oversized_len": r.oversized_len, "drop_late": r.drop_late, "source_restarts": r.source_restarts,
         "takeovers_refused": r.takeovers_refused, "byes": r.byes, "released": bool(r.released),
         "seq_gaps": r.seq_gaps, "gap_fills": r.gap_fills, "duplicates": r.duplicates,
-        "have_stream": bool(r.have_stream), "last_rx_ns": r.last_rx_ns,
+        "have_stream": bool(r.have_stream), "last_rx_ns": r.last_rx_ns, "out_seq": r.out_seq,
     }
 
 

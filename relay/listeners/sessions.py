@@ -75,6 +75,8 @@ class Session:
     # speaker on the room's stage, listening to its mix-minus
     role: str = "listen"
     srtp_key: bytes = b""  # a speaker's: what its RTP must authenticate with
+    # what the session adds to the origin's (seq, ts); None for a speaker
+    origin: tuple[int, int] | None = None
 
 
 @dataclass
@@ -126,6 +128,9 @@ class Sessions:
         # address, or "" for the configured redirect (the cluster directory
         # sets it; it reads a local table, never the network)
         self.route: Callable[[str, str], str] | None = None
+        # where a listener of a room should move if this node dies (told in
+        # its ACCEPT): the node keeps it fresh, without asking per join
+        self.alternate: Callable[[str], str] = lambda room: self.cfg.redirect
         self.stages: Stages | None = None     # the node's stages, for speakers
 
     # ---------------------------------------------------------------- control
@@ -170,6 +175,8 @@ class Sessions:
             if isinstance(msg, Reject) and msg.proof:
                 # an unpadded KEEPALIVE: the refusal without its proof
                 return self._reply(Reject(msg.reason), request)
+            if isinstance(msg, Accept) and msg.alternate:
+                return self._reply(replace(msg, alternate=""), request)
             self.counters.replies_suppressed += 1
             return None
         return out
@@ -193,7 +200,7 @@ class Sessions:
             existing.last_seen = now  # a retransmitted JOIN: the ACCEPT was lost
             return self._reply(self.accept_message(existing), data)
         joined = self.join(addr, UDP, msg.room, msg.token, addr[0], now, sockaddr=raw, speaker=msg.speaker,
-                           relay=msg.relay)
+                           relay=msg.relay, resume=msg.resume)
         if isinstance(joined, Reject):
             return self._reply(replace(joined, proof=cookie_proof(msg.cookie)), data)
         return self._reply(self.accept_message(joined), data)
@@ -201,7 +208,7 @@ class Sessions:
     def join(self, key: Hashable, transport: str, room_name: str, token: str, source_ip: str,
              now: float, *, sockaddr: bytes = b"",
              transport_full: Callable[[], bool] | None = None, speaker: bool = False,
-             relay: bool = False) -> Session | Reject:
+             relay: bool = False, resume: int | None = None) -> Session | Reject:
         """The join policy every transport shares, once the joiner's address
         is proven: draining, room, rate limits, token, node and room limits,
         then a slot in the core and a row in the table under `key`. Returns
@@ -264,11 +271,22 @@ class Sessions:
         else:
             ssrc, seq_off, ts_off = self.rng.getrandbits(32), self.rng.getrandbits(16), self.rng.getrandbits(32)
         slot = self.core.listener_add(room.index, sockaddr, ssrc, seq_off, ts_off, pull=pull,
-                                      burst=self.cfg.burst_packets)
+                                      burst=self._burst(room, resume))
         if slot < 0:
             return self._refuse(Reason.NODE_FULL, redirect())
         return self._add(Session(key, transport, room_name, slot, ssrc, self.rng.randbytes(8), now,
-                                 self.NACK_BURST, now, token, role))
+                                 self.NACK_BURST, now, token, role, origin=(seq_off, ts_off)))
+
+    def _burst(self, room: RoomState, resume: int | None) -> int:
+        """Recent packets a new session starts with: the configured burst,
+        or for a listener moving from a dead node, everything after the
+        last packet it has (in the origin's numbering, which is the room's
+        here) that the room's history still holds. A forged resume point
+        asks for at most the history any listener of the room may hear."""
+        if resume is None:
+            return self.cfg.burst_packets
+        behind = (self.core.room_stats(room.index)["out_seq"] - resume) & 0xFFFF
+        return behind if 0 < behind < self.cfg.ring_depth else self.cfg.burst_packets
 
     def _join_stage(self, key: Hashable, transport: str, room: str, token: str, now: float, sockaddr: bytes,
                     claims: dict, redirect: Callable[[], str]) -> Session | Reject:
@@ -327,7 +345,8 @@ class Sessions:
     def accept_message(self, s: Session) -> Accept:
         """The ACCEPT that tells a listener its session."""
         return Accept(s.session_id, s.ssrc, int(self.cfg.keepalive_interval * 1000),
-                      int(self.cfg.session_timeout * 1000), s.srtp_key)
+                      int(self.cfg.session_timeout * 1000), s.srtp_key, s.origin,
+                      self.alternate(s.room) if s.origin is not None else "")
 
     def _remove(self, s: Session) -> None:
         if self.before_remove is not None and s.transport in PULLED:

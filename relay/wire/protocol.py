@@ -77,6 +77,8 @@ class ProtocolError(ValueError):
 # JOIN's flags (the header's fourth byte)
 JOIN_SPEAKER = 0x01      # join the stage: publish (role `publish`) and hear the mix-minus
 JOIN_RELAY = 0x02        # a node below taking the room (role `relay`)
+JOIN_RESUME = 0x04       # a listener moving from a node that died: the last origin sequence number it has
+ACCEPT_ORIGIN = 0x02     # the ACCEPT says the session's offsets from the origin's numbering, and an alternate
 SRTP_KEY_LEN = 30        # a speaker's SRTP master key and salt, in its ACCEPT
 MAX_SPEAKER_TEXT = 32    # a speaker's id and display name, in bytes, in SPEAKERS
 
@@ -90,6 +92,9 @@ class Join:
     # another node taking the room (a cascade): in open mode this flag is
     # its only credential; a token's role decides otherwise
     relay: bool = False
+    # a listener moving from a node that died: the origin's sequence number
+    # of the last packet it has; the node sends what it still has after it
+    resume: int | None = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,11 @@ class Accept:
     timeout_ms: int
     # a speaker's: the SRTP key (AES_CM_128_HMAC_SHA1_80) its RTP must carry
     srtp_key: bytes = b""
+    # what this session adds to the origin's sequence number and timestamp
+    # (so a listener counts loss in the origin's numbering across moves),
+    # and the node to move to if this one dies ("" for none)
+    origin: tuple[int, int] | None = None
+    alternate: str = ""
 
 
 @dataclass(frozen=True)
@@ -181,17 +191,24 @@ def encode(msg: Message) -> bytes:
         room, token = msg.room.encode(), msg.token.encode()
         if len(room) > MAX_ROOM or len(token) > MAX_TOKEN or len(msg.cookie) > 255:
             raise ValueError("room, token or cookie too long")
-        flags = (JOIN_SPEAKER if msg.speaker else 0) | (JOIN_RELAY if msg.relay else 0)
+        flags = ((JOIN_SPEAKER if msg.speaker else 0) | (JOIN_RELAY if msg.relay else 0)
+                 | (JOIN_RESUME if msg.resume is not None else 0))
         out = (_head(MsgType.JOIN, flags) + bytes([len(room)]) + room
                + struct.pack("!H", len(token)) + token + bytes([len(msg.cookie)]) + msg.cookie)
+        if msg.resume is not None:
+            out += struct.pack("!H", msg.resume & 0xFFFF)
         return out + bytes(max(0, MIN_JOIN - len(out)))
     if isinstance(msg, Challenge):
         return _head(MsgType.CHALLENGE) + bytes([len(msg.cookie)]) + msg.cookie
     if isinstance(msg, Accept):
         if len(msg.srtp_key) not in (0, SRTP_KEY_LEN):
             raise ValueError(f"a speaker's SRTP key is {SRTP_KEY_LEN} bytes")
-        return (_head(MsgType.ACCEPT) + msg.session_id
-                + struct.pack("!III", msg.ssrc, msg.keepalive_ms, msg.timeout_ms) + msg.srtp_key)
+        origin = b""
+        if msg.origin is not None:
+            alternate = msg.alternate.encode()[:MAX_REDIRECT]
+            origin = struct.pack("!HIB", msg.origin[0] & 0xFFFF, msg.origin[1] & 0xFFFFFFFF, len(alternate)) + alternate
+        return (_head(MsgType.ACCEPT, ACCEPT_ORIGIN if origin else 0) + msg.session_id
+                + struct.pack("!III", msg.ssrc, msg.keepalive_ms, msg.timeout_ms) + origin + msg.srtp_key)
     if isinstance(msg, Speakers):
         out = _head(MsgType.SPEAKERS) + bytes([len(msg.speakers)])
         for sp in msg.speakers[:255]:
@@ -252,14 +269,19 @@ def decode(data: bytes) -> Message:
             raise ProtocolError("token too long")
         token = r.text(n)
         cookie = r.take(r.u8())
-        return Join(room, token, cookie, bool(flags & JOIN_SPEAKER), bool(flags & JOIN_RELAY))
+        resume = struct.unpack("!H", r.take(2))[0] if flags & JOIN_RESUME else None
+        return Join(room, token, cookie, bool(flags & JOIN_SPEAKER), bool(flags & JOIN_RELAY), resume)
     if kind == MsgType.CHALLENGE:
         return Challenge(r.take(r.u8()))
     if kind == MsgType.ACCEPT:
         sid = r.take(SESSION_ID_LEN)
         ssrc, keepalive, timeout = struct.unpack("!III", r.take(12))
+        origin, alternate = None, ""
+        if flags & ACCEPT_ORIGIN:
+            seq_off, ts_off, n = struct.unpack("!HIB", r.take(7))
+            origin, alternate = (seq_off, ts_off), r.text(n)
         key = r.take(SRTP_KEY_LEN) if len(data) - r.at >= SRTP_KEY_LEN else b""
-        return Accept(sid, ssrc, keepalive, timeout, key)
+        return Accept(sid, ssrc, keepalive, timeout, key, origin, alternate)
     if kind == MsgType.REJECT:
         code = r.u8()
         try:

@@ -168,3 +168,39 @@ def test_a_node_without_the_cluster_secret_cannot_pull_a_room(tmp_path) -> None:
         pub.close()
         assert stop(rogue.proc) == 0
         assert stop(origin.proc) == 0
+
+
+def test_a_listener_whose_edge_dies_moves_to_the_alternate_and_resumes(tmp_path) -> None:
+    """No directory and no --via: edge 1's ACCEPT names edge 2 ([node]
+    redirect) as the alternate. Edge 1 is killed mid-stream; the listener
+    notices within half a second (its probe goes unanswered), joins edge 2
+    asking for what it missed, and counts in the origin's numbering what
+    the room's history could not give back: under a second."""
+    origin = Node(tmp_path, "origin")
+    e2 = Node(tmp_path, "edge2", upstream=[origin])
+    e1 = Node(tmp_path, "edge1", upstream=[origin], extra_node=f'redirect = "{e2.listen[0]}:{e2.listen[1]}"\n')
+    frames = encode_tone(440, 1.0)
+    pub = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    listener = subprocess.Popen([sys.executable, "-m", "relay", "listen", "--server", f"{e1.listen[0]}:{e1.listen[1]}",
+                                 "--room", "live", "--token", listen_token(), "--duration", "8"],
+                                env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        start = time.monotonic()
+        for k in range(450):                      # 9 s at 50 packets a second, bounded
+            pub.sendto(rtp(k, 960 * k, 0xC0DE, frames[k % len(frames)]), origin.ingest)
+            if k == 150:
+                e1.proc.send_signal(signal.SIGKILL)
+            time.sleep(max(0.0, start + (k + 1) * 0.02 - time.monotonic()))
+        _, err = listener.communicate(timeout=30)
+        assert listener.returncode == 0, err
+        assert f"moving to {e2.listen[0]}:{e2.listen[1]}" in err, err
+        received, lost = map(int, re.search(r"received (\d+) packets .* lost (\d+)", err).groups())
+        assert 0 <= lost <= 50, err                       # under a second, and not hidden
+        assert received + lost >= 8 * 50 - 60, err
+    finally:
+        pub.close()
+        if listener.poll() is None:
+            listener.kill()
+        e1.proc.wait()
+        for node in (e2, origin):
+            assert stop(node.proc) == 0

@@ -231,15 +231,17 @@ def test_an_open_node_says_once_that_its_records_are_unsigned(tmp_path) -> None:
 
 def test_a_directory_that_is_not_a_redis_url_is_named(url: str) -> None:
     from relay.wire.config import ConfigError, load
-    with pytest.raises(ConfigError, match="directory: expected a redis:// or rediss:// URL"):
+    with pytest.raises(ConfigError, match="directory: expected a redis://, rediss:// or redis\\+sentinel:// URL"):
         load(f'[node]\nauth = "open"\ndirectory = "{url}"\n[[room]]\nname = "a"\ningest = "127.0.0.1:5100"\n'
              'sources = ["127.0.0.1"]\n')
 
 
 def test_when_its_edge_dies_a_listener_rejoins_through_the_directory(tmp_path) -> None:
     """origin <- ffmpeg; two edges take the room from it. A `relay listen`
-    on edge 1 that knows edge 2's /join: edge 1 is killed, and within a few
-    seconds the listener hears the room from edge 2, its output one stream."""
+    on edge 1 (which names edge 2 as the alternate it learned from the
+    directory; the listener also knows edge 2's /join): edge 1 is killed,
+    and within a second the listener hears the room from edge 2, its
+    output one stream, its loss counted."""
     from tests.cluster.conftest import Node as CascadeNode
     from tests.conftest import TONE_HZ, dominant_hz
     from relay.client.publish import ffmpeg_command
@@ -262,11 +264,13 @@ def test_when_its_edge_dies_a_listener_rejoins_through_the_directory(tmp_path) -
         e1.proc.kill()                                    # the edge dies under its listener
         _, err = listener.communicate(timeout=60)
         assert listener.returncode == 0, err
-        assert f"says {e2.listen[0]}:{e2.listen[1]}" in err, err
+        assert f"moving to {e2.listen[0]}:{e2.listen[1]}" in err or f"says {e2.listen[0]}:{e2.listen[1]}" in err, err
         m = re.search(r"received (\d+) packets .* delivered (\d+), lost (\d+)", err)
         received, delivered, lost = map(int, m.groups())
-        assert received >= 9 * 50 - 4 * 50, err            # a few seconds lost, no more
-        assert delivered >= received - 10 and lost <= 10, err   # one stream across the move
+        # counted in the origin's numbering across the move: what it missed
+        # is under a second of 20 ms packets, and nothing hides it
+        assert lost <= 50 and received + lost >= 9 * 50 - 30, err
+        assert delivered >= received - 10, err
         assert abs(dominant_hz(out) - TONE_HZ) < 3
     finally:
         publisher.kill()
