@@ -49,3 +49,8 @@ class SrtpIngest:
             why = str(e)
             self.drops["replay" if "replay" in why else "auth" if "authentication" in why else "malformed"] += 1
             return None
+        except ValueError:
+            # libsrtp refuses a datagram longer than it handles (over 1,500
+            # bytes): no SRTP packet of a voice is that long
+            self.drops["malformed"] += 1
+            return None

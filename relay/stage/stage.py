@@ -129,6 +129,9 @@ class Stage:
         except SrtpError as e:
             self.drops["replay" if "replay" in str(e) else "auth"] += 1
             return []
+        except ValueError:   # longer than libsrtp handles: no voice's packet is
+            self.drops["malformed"] += 1
+            return []
         return self._on_rtp(key, voice, plain, now_ns)
 
     def on_ingest(self, key: Hashable, packet: bytes, now_ns: int) -> list[Output]:

@@ -233,3 +233,14 @@ def test_srtp_replays_are_refused_and_a_key_holder_may_take_over(tmp_path) -> No
         first.close()
         second.close()
         assert stop(relay.proc) == 0
+
+
+def test_an_oversized_datagram_into_an_srtp_room_is_counted_not_raised() -> None:
+    """A datagram longer than libsrtp handles (over 1,500 bytes) from an
+    allowed source: counted as malformed, never an exception per packet
+    (each one was a traceback in the log and a stall for the room)."""
+    from relay.ingest.srtp import SrtpIngest
+    ingest = SrtpIngest(os.urandom(30))
+    for size in (1501, 4000, 16384):
+        assert ingest.open(b"\x80\x6f" + bytes(size)) is None
+    assert ingest.drops["malformed"] == 3
