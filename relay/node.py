@@ -28,7 +28,7 @@ from relay._core import Core
 from relay.cluster import routing
 from relay.cluster.directory import Directory
 from relay.cluster.pair import Aligner
-from relay.cluster.upstream import Upstream, relay_token
+from relay.cluster.upstream import GAP_BOUNDS, Upstream, relay_token
 from relay.ingest import rules
 from relay.ingest.ports import IngestPorts
 from relay.listeners.drain import drain_gracefully
@@ -312,9 +312,14 @@ class Node:
 
     def _cluster(self) -> Cluster:
         d = self.directory
+        ups = self.upstreams.values()
+        gaps = None
+        if ups:
+            gaps = (list(GAP_BOUNDS), [sum(counts) for counts in zip(*(u.gap_counts for u in ups), strict=True)],
+                    sum(u.gap_sum for u in ups))
         return Cluster(d is not None, d is not None and d.reachable, len(d.peers) if d else 0,
                        d.failures if d else 0,
-                       {name: (up.current is not None, up.switches) for name, up in self.upstreams.items()})
+                       {name: (up.current is not None, up.switches) for name, up in self.upstreams.items()}, gaps)
 
     def _choose_alternates(self, now: float) -> None:
         """Once a second: the live node each room's new listeners are told

@@ -29,9 +29,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Callable
 
-from relay._core import Core
+from relay._core import Core, Ingest
 from relay.client.listen import JoinRefused, ListenClient, Unreachable
 from relay.wire.addr import to_sockaddr
 from relay.wire.protocol import Speakers
@@ -46,6 +47,11 @@ DEAD_AFTER_S = 0.5
 JOIN_ATTEMPTS, JOIN_TIMEOUT_S = 2, 0.25
 # after every node in the list failed, wait this long before going round again
 RETRY_S = 1.0
+# a pause between two packets the room took from upstream this long or
+# longer is a gap (two 20 ms frames: one late packet is not), observed into
+# these buckets (relay_upstream_gap_seconds)
+GAP_MIN_S = 0.04
+GAP_BOUNDS = (0.04, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, float("inf"))
 
 
 class Link:
@@ -72,6 +78,9 @@ class Upstream:
         self.tap = tap            # sees every packet heard, before the core (an origin pair's matching)
         self.links: list[Link] = [Link(), Link()]
         self.joins = 0            # upstream joins that succeeded
+        self.gap_counts = [0] * len(GAP_BOUNDS)
+        self.gap_sum = 0.0
+        self._taken_at: float | None = None   # when the room last took a packet from upstream
         self._tasks: list[asyncio.Task] = []
         self._unwanted_since: float | None = None
 
@@ -101,6 +110,14 @@ class Upstream:
         after the room was left is not a move."""
         return sum(link.switches for link in self.links)
 
+    def _took(self, now: float) -> None:
+        """The room took a packet (a first copy): a pause before it is a gap."""
+        if self._taken_at is not None and now - self._taken_at >= GAP_MIN_S:
+            gap = now - self._taken_at
+            self.gap_counts[next(i for i, bound in enumerate(GAP_BOUNDS) if gap <= bound)] += 1
+            self.gap_sum += gap
+        self._taken_at = now
+
     def want(self, listeners: int, now: float, linger: float) -> None:
         """Called on every housekeeping tick with the room's listeners here:
         subscribe when there are some, leave once there were none for
@@ -125,6 +142,7 @@ class Upstream:
         self._unwanted_since = None
         for link in self.links:
             link.node = None
+        self._taken_at = None
 
     async def _run(self, link: Link, first: int) -> None:
         """Keep `link` on a parent: the list in order from its own first
@@ -145,7 +163,8 @@ class Upstream:
         def feed(pkt: bytes) -> None:
             if self.tap is not None:
                 self.tap(pkt)
-            self.core.feed(self.index, pkt, source)
+            if self.core.feed(self.index, pkt, source) == Ingest.INGEST_OK:
+                self._took(time.monotonic())
             self.sent()
 
         client = link.client = ListenClient(where, self.room, self.token(), sink=feed)

@@ -57,6 +57,7 @@ class Cluster:
     peers: int = 0
     failures: int = 0
     upstreams: dict[str, tuple[bool, int]] = field(default_factory=dict)   # room -> (connected, switches)
+    gaps: tuple[list[float], list[int], float] | None = None   # pauses in what rooms took from upstream
 
 
 class NodeCollector(Collector):
@@ -247,6 +248,9 @@ class NodeCollector(Collector):
                                     "directory.", c.peers)
             yield CounterMetricFamily("relay_directory_heartbeat_failures", "Heartbeats that did not reach "
                                       "the directory.", c.failures)
+        if c.gaps is not None:
+            yield _histogram("relay_upstream_gap_seconds", "Pauses of 40 ms or more between packets a room "
+                             "took from upstream (first copies), over every such room.", c.gaps)
         if c.upstreams:
             up = GaugeMetricFamily("relay_upstream_connected", "1 while a room taken from upstream has a "
                                    "live upstream node.", labels=["room"])

@@ -130,6 +130,9 @@ def test_an_edge_with_one_parent_shows_the_switch_as_loss(tmp_path) -> None:
         assert totals["received"] + totals["lost"] >= 5 * 230, totals   # all but the first few
         assert mid[1].listeners() == 1
         m = scrape(edge.admin)
+        # the move shows as one gap of the room's upstream, of under a second
+        assert m['relay_upstream_gap_seconds_bucket{le="1.0"}'] - m['relay_upstream_gap_seconds_bucket{le="0.25"}'] >= 1
+        assert m['relay_upstream_gap_seconds_bucket{le="+Inf"}'] == m['relay_upstream_gap_seconds_bucket{le="1.0"}']
         assert m["relay_source_restarts_total"] == 0
         assert m['relay_upstream_switches_total{room="live"}'] == 1
         assert m['relay_upstream_connected{room="live"}'] == 1
