@@ -18,6 +18,8 @@ fi
 if [ "${1:-}" = "test" ]; then
     # the cluster directory's tests run a real Redis
     command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+    # and Redis Sentinel, to fail the directory's master over under the nodes
+    command -v redis-sentinel >/dev/null 2>&1 || missing+=(redis-sentinel)
     # GStreamer's srtpenc, an SRTP publisher the tests use
     [ -n "$(find /usr/lib -name libgstsrtp.so 2>/dev/null | head -1)" ] || missing+=(gstreamer1.0-plugins-bad)
     # the web listener's test drives a real headless browser

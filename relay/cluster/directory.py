@@ -26,6 +26,12 @@ A node whose hash has expired is dead: every read replaces the table, so
 it leaves each peer's routing at the next heartbeat, within TTL_MS +
 HEARTBEAT_S (one second) of its last heartbeat.
 
+Behind Redis Sentinel (a redis+sentinel:// URL, relay/wire/config.py
+says its form) every connection asks the sentinels where the master is
+now: when the master dies and they promote a replica, the heartbeats that
+fail meanwhile are the outage below, and the first one after the
+promotion registers the node on the new master.
+
 Redis being down or unreachable costs nothing but freshness: the node
 keeps serving and admitting by its own limits, routes with the table it
 last read (entries older than STALE_S are dropped), says once that the
@@ -42,9 +48,11 @@ from collections import Counter
 from typing import Any, Callable
 
 import redis.asyncio as redis
+from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError
 
 from relay.cluster.records import FIELDS, MAX_NODE_ID, TAG, Invalid, Peer, Record, Unsigned, check, encode, tag
+from relay.wire.config import SENTINEL_SCHEME, sentinel_url, shown_url
 
 __all__ = ["Directory", "Peer"]
 
@@ -56,6 +64,9 @@ HEARTBEAT_S = 0.25
 TTL_MS = 750
 INDEX_S = 60              # the index's score: long past any record's expiry
 STALE_S = 10.0            # with Redis unreachable, a peer not read again for this long is forgotten
+# a heartbeat is never held up for long by a Redis (or a sentinel) that
+# does not answer: the next one tries again a quarter of a second later
+TIMEOUTS: dict[str, Any] = {"socket_timeout": 0.5, "socket_connect_timeout": 0.5}
 PREFIX = "relay:"
 MAX_NODES = 1024          # ids read from the index at most: a flood of fake ones cannot stall a heartbeat
 MAX_WARNED = 256          # refused node ids named in the log, at most
@@ -77,8 +88,16 @@ class Directory:
         self.rejected: Counter[str] = Counter()
         self._warned: set[str] = set()
         self._checked_own = False
-        self._client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5,
-                                            decode_responses=True)
+        self.shown = shown_url(url)      # for the log: never the password
+        self._sentinel: Sentinel | None = None
+        self._master: tuple[str, int] | None = None
+        if url.startswith(SENTINEL_SCHEME):
+            where = sentinel_url(url)
+            self._sentinel = Sentinel(list(where.sentinels), sentinel_kwargs=TIMEOUTS, **TIMEOUTS)
+            self._client = self._sentinel.master_for(where.service, db=where.db, username=where.username,
+                                                     password=where.password, decode_responses=True)
+        else:
+            self._client = redis.Redis.from_url(url, decode_responses=True, **TIMEOUTS)
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -101,22 +120,37 @@ class Directory:
             except (RedisError, OSError):
                 pass
         await self._client.aclose()
+        if self._sentinel is not None:
+            await self._sentinel.aclose()
 
     async def _run(self) -> None:
         while True:
             try:
                 await self.beat()
                 if not self.reachable:
-                    log.warning("directory %s: registered as %s", self.url, self.node_id)
+                    log.warning("directory %s: registered as %s", self.shown, self.node_id)
                 self.reachable = True
+                self._followed()
             except (RedisError, OSError) as e:
                 self.failures += 1
                 if self.reachable or self.failures == 1:
                     log.warning("directory %s unreachable (%s): serving on, routing with what was last read",
-                                self.url, e)
+                                self.shown, e)
                 self.reachable = False
             self._forget_stale(time.monotonic())
             await asyncio.sleep(HEARTBEAT_S)
+
+    def _followed(self) -> None:
+        """Behind Sentinel: say when the master the heartbeats reach has
+        moved (a failover), once per move."""
+        if self._sentinel is None:
+            return
+        master = getattr(self._client.connection_pool, "master_address", None)
+        if master is not None and master != self._master:
+            if self._master is not None:
+                log.warning("directory %s: the master moved from %s:%s to %s:%s",
+                            self.shown, *self._master, *master)
+            self._master = master
 
     async def beat(self) -> None:
         """Write our record and read everyone's, in two round trips."""
@@ -180,7 +214,7 @@ class Directory:
         if key is None:
             log.warning("directory %s: no cluster secret (auth = \"open\"): this node's record goes "
                         "unsigned and peers' records are believed without a signature; anyone who can "
-                        "write to Redis can send joiners anywhere", self.url)
+                        "write to Redis can send joiners anywhere", self.shown)
         try:
             check(self.node_id, record, key, 0.0)
         except (Invalid, Unsigned) as e:
