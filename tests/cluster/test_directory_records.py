@@ -233,3 +233,17 @@ def test_without_a_secret_records_are_taken_unsigned(redis_server: RedisServer) 
     assert set(d.peers) == {"plain"}                          # type: ignore[attr-defined]
     assert d.rejected == {"invalid": 1}                       # type: ignore[attr-defined]
     assert "sig" not in {k.decode() for k in r.client.hkeys("relay:node:me")}
+
+
+def test_a_flooded_index_costs_a_bounded_read(redis_server: RedisServer) -> None:
+    """Fake ids in the index cost a heartbeat at most 1,024 record reads,
+    however many there are."""
+    r = redis_server
+    r.client.flushall()
+    r.client.zadd("relay:nodes", {f"fake{i}": time.time() + 3600 for i in range(3000)})
+    r.client.config_resetstat()
+    d = _read(r.url, SECRET)
+    stats = r.client.info("commandstats")
+    reads = sum(stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("hmget", "hgetall"))
+    assert reads <= 1024, reads
+    assert d.peers == {}                                      # type: ignore[attr-defined]
