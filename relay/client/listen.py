@@ -28,6 +28,7 @@ from relay.wire.protocol import (Accept, Challenge, Join, Keepalive, Leave, Prot
 log = logging.getLogger("relay.client.listen")
 
 REORDER_PACKETS = 4   # hold this many packets for late resends before giving up a gap
+EARLY_PACKETS = 64    # audio kept while a join's ACCEPT is on its way
 
 
 # what a node may tell a listener, clamped: a keepalive interval of 0 would
@@ -123,6 +124,9 @@ class ListenClient:
         self.full_patience = 0.0
         self.last_audio = time.monotonic()   # when the node last sent us audio
         self._resume: int | None = None      # the origin sequence number to resume after, on a move
+        # audio that came before its session's ACCEPT (the node's sender
+        # threads can beat its event loop): kept until the ACCEPT says whose
+        self._early: list[bytes] = []
 
     def _event(self, text: str) -> None:
         self.stats.events.append(text)
@@ -237,6 +241,10 @@ class ListenClient:
             self._nacked.clear()
         self._session = msg
         self._resume = None
+        early, self._early = self._early, []
+        for data in early:          # the join's burst, if it beat the ACCEPT here
+            if struct.unpack_from("!I", data, 8)[0] == msg.ssrc:
+                self._datagram(data)
         self.stats.ssrc = msg.ssrc
         self.stats.joined_at = time.monotonic()
         return msg
@@ -292,10 +300,12 @@ class ListenClient:
                 return
             self._control.put_nowait(msg)
             return
-        if len(data) < 12 or data[0] >> 6 != 2 or self._session is None:
+        if len(data) < 12 or data[0] >> 6 != 2:
             return
         seq, _ts, ssrc = struct.unpack_from("!HII", data, 2)
-        if ssrc != self._session.ssrc:
+        if self._session is None or ssrc != self._session.ssrc:
+            if len(self._early) < EARLY_PACKETS:
+                self._early.append(data)
             return
         self.last_audio = self.last_heard
         # counted in the origin's numbering where the node tells it, so a

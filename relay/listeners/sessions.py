@@ -286,7 +286,8 @@ class Sessions:
         if resume is None:
             return self.cfg.burst_packets
         behind = (self.core.room_stats(room.index)["out_seq"] - resume) & 0xFFFF
-        return behind if 0 < behind < self.cfg.ring_depth else self.cfg.burst_packets
+        # the newest of what it missed, as much as a ring holds: older is gone
+        return min(behind, self.cfg.ring_depth - 1) if 0 < behind < 0x8000 else self.cfg.burst_packets
 
     def _join_stage(self, key: Hashable, transport: str, room: str, token: str, now: float, sockaddr: bytes,
                     claims: dict, redirect: Callable[[], str]) -> Session | Reject:

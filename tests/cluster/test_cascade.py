@@ -182,6 +182,8 @@ def test_a_listener_whose_edge_dies_moves_to_the_alternate_and_resumes(tmp_path)
     origin = Node(tmp_path, "origin")
     e2 = Node(tmp_path, "edge2", upstream=[origin])
     e1 = Node(tmp_path, "edge1", upstream=[origin], extra_node=f'redirect = "{e2.listen[0]}:{e2.listen[1]}"\n')
+    keep = LoopbackCrowd(1, e2.listen, "live", token=listen_token())   # the alternate carries the room
+    assert keep.join().accepted == 1
     frames = encode_tone(440, 1.0)
     pub = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     listener = subprocess.Popen([sys.executable, "-m", "relay", "listen", "--server", f"{e1.listen[0]}:{e1.listen[1]}",
@@ -198,10 +200,13 @@ def test_a_listener_whose_edge_dies_moves_to_the_alternate_and_resumes(tmp_path)
         assert listener.returncode == 0, err
         assert f"moving to {e2.listen[0]}:{e2.listen[1]}" in err, err
         received, lost = map(int, re.search(r"received (\d+) packets .* lost (\d+)", err).groups())
-        assert 0 <= lost <= 50, err                       # under a second, and not hidden
+        # detected in half a second, the rest of the gap sent again from the
+        # alternate's history (16 packets): what is left is counted
+        assert 0 <= lost <= 25, err
         assert received + lost >= 8 * 50 - 60, err
     finally:
         pub.close()
+        keep.close()
         if listener.poll() is None:
             listener.kill()
         e1.proc.wait()
