@@ -567,6 +567,9 @@ def _auth(cfg: NodeConfig, node: dict[str, Any], env: Mapping[str, str]) -> None
                               "HS256 wants at least 32 bytes")
 
 
+WILDCARDS = {"0.0.0.0", "::"}
+
+
 def _rooms(cfg: NodeConfig, rooms: Any, label: str, environ: Mapping[str, str]) -> None:
     if not isinstance(rooms, list):
         raise ConfigError(f"{label}: rooms are [[room]] tables")
@@ -576,13 +579,18 @@ def _rooms(cfg: NodeConfig, rooms: Any, label: str, environ: Mapping[str, str]) 
     if len(cfg.rooms) > cfg.max_rooms:
         raise ConfigError(f"{label}: {len(cfg.rooms)} rooms but [node] max_rooms = {cfg.max_rooms}")
     seen: set[str] = set()
-    ports: set[tuple[str, int]] = set()
+    taken: list[tuple[tuple[str, int], str]] = [(cfg.listen, "[node] listen")]   # UDP sockets, and whose
+    if cfg.quic is not None:
+        taken.append((cfg.quic, "[node] quic"))
     for r in cfg.rooms:
         if r.name in seen:
             raise ConfigError(f"room {r.name!r}: defined twice")
         seen.add(r.name)
         if r.ingest is None:
             continue
-        if r.ingest in ports or r.ingest == cfg.listen or r.ingest == cfg.quic:
-            raise ConfigError(f"room {r.name!r}: ingest {r.ingest[0]}:{r.ingest[1]} is already in use")
-        ports.add(r.ingest)
+        for (host, port), what in taken:
+            # one port on one address, or on a wildcard that covers both
+            if port == r.ingest[1] and (host == r.ingest[0] or WILDCARDS & {host, r.ingest[0]}):
+                raise ConfigError(f"room {r.name!r}: ingest {r.ingest[0]}:{r.ingest[1]} is the port of "
+                                  f"{what}: give the room a port of its own")
+        taken.append((r.ingest, f"room {r.name!r}'s ingest"))

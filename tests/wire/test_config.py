@@ -147,3 +147,23 @@ def test_a_room_without_ingest_or_upstream_is_a_stage() -> None:
     assert [(r.name, r.stage, r.max_speakers) for r in cfg.rooms] == [("a", False, 0), ("s", True, 16),
                                                                        ("t", True, 3), ("u", True, 2)]
     assert cfg.speaker_slots == 64
+
+
+@pytest.mark.parametrize("extra, ingest, says", [
+    ("", "127.0.0.1:7300", "room 'b': ingest 127.0.0.1:7300 is the port of [node] listen"),
+    ('quic = "127.0.0.1:7302"\n', "0.0.0.0:7302", "room 'b': ingest 0.0.0.0:7302 is the port of [node] quic"),
+    ("", "127.0.0.1:5100", "room 'b': ingest 127.0.0.1:5100 is the port of room 'a''s ingest"),
+])
+def test_an_ingest_port_that_clashes_names_what_it_clashes_with(extra: str, ingest: str, says: str) -> None:
+    text = (f'[node]\nlisten = "127.0.0.1:7300"\nauth = "open"\n{extra}'
+            '[[room]]\nname = "a"\ningest = "127.0.0.1:5100"\nsources = ["127.0.0.1"]\n'
+            f'[[room]]\nname = "b"\ningest = "{ingest}"\nsources = ["127.0.0.1"]\n')
+    with pytest.raises(ConfigError) as e:
+        load(text, environ={})
+    assert str(e.value).startswith(says) and "give the room a port of its own" in str(e.value)
+
+
+def test_rooms_on_one_port_of_different_addresses_do_not_clash() -> None:
+    text = ('[node]\nlisten = "127.0.0.1:7300"\nauth = "open"\n'
+            '[[room]]\nname = "a"\ningest = "127.0.0.2:7300"\nsources = ["127.0.0.1"]\n')
+    assert load(text, environ={}).rooms[0].ingest == ("127.0.0.2", 7300)
