@@ -67,6 +67,9 @@ STALE_S = 10.0            # with Redis unreachable, a peer not read again for th
 # a heartbeat is never held up for long by a Redis (or a sentinel) that
 # does not answer: the next one tries again a quarter of a second later
 TIMEOUTS: dict[str, Any] = {"socket_timeout": 0.5, "socket_connect_timeout": 0.5}
+# bytes in Redis that are not UTF-8 come out as U+FFFD, which no check
+# passes: they cost the record they are in, never the read of the others
+DECODE: dict[str, Any] = {"decode_responses": True, "encoding_errors": "replace"}
 PREFIX = "relay:"
 MAX_NODES = 1024          # ids read from the index at most: a flood of fake ones cannot stall a heartbeat
 MAX_WARNED = 256          # refused node ids named in the log, at most
@@ -74,7 +77,9 @@ MAX_WARNED = 256          # refused node ids named in the log, at most
 
 class Directory:
     """This node's side of the directory: its heartbeat and its view of the
-    others. `describe` returns this node's record each heartbeat."""
+    others. `describe` returns this node's record each heartbeat: a
+    records.Record, whose key signs it and checks the peers' records (a
+    plain dict is written unsigned, as without a cluster secret)."""
 
     def __init__(self, url: str, node_id: str, describe: Callable[[], dict[str, Any]]) -> None:
         self.url, self.node_id, self.describe = url, node_id, describe
@@ -88,6 +93,7 @@ class Directory:
         self.rejected: Counter[str] = Counter()
         self._warned: set[str] = set()
         self._checked_own = False
+        self._said_bug = False
         self.shown = shown_url(url)      # for the log: never the password
         self._sentinel: Sentinel | None = None
         self._master: tuple[str, int] | None = None
@@ -95,9 +101,9 @@ class Directory:
             where = sentinel_url(url)
             self._sentinel = Sentinel(list(where.sentinels), sentinel_kwargs=TIMEOUTS, **TIMEOUTS)
             self._client = self._sentinel.master_for(where.service, db=where.db, username=where.username,
-                                                     password=where.password, decode_responses=True)
+                                                     password=where.password, **DECODE)
         else:
-            self._client = redis.Redis.from_url(url, decode_responses=True, **TIMEOUTS)
+            self._client = redis.Redis.from_url(url, **TIMEOUTS, **DECODE)
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -137,6 +143,13 @@ class Directory:
                     log.warning("directory %s unreachable (%s): serving on, routing with what was last read",
                                 self.shown, e)
                 self.reachable = False
+            except Exception:
+                # a mistake of ours must not stop the heartbeat for good (the
+                # node would vanish from everyone's routing): say it once, go on
+                self.failures += 1
+                if not self._said_bug:
+                    self._said_bug = True
+                    log.exception("directory %s: a heartbeat failed", self.shown)
             self._forget_stale(time.monotonic())
             await asyncio.sleep(HEARTBEAT_S)
 

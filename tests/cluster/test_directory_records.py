@@ -111,7 +111,8 @@ def test_records_with_fields_no_node_writes_are_ignored(tmp_path) -> None:
     between them and the routing table. Before, a 400-digit capacity made
     every pick raise OverflowError (refused joiners got no redirect, /join
     dropped its connection), and a room list nested 100,000 deep raised
-    RecursionError out of the heartbeat, which then stopped for good."""
+    RecursionError out of the heartbeat, which then stopped for good (as
+    bytes that are not UTF-8 did)."""
     r = RedisServer()
     a, b, holder = _full_node_and_a_peer(tmp_path, r)
     bad = {"huge": dict(ATTACKER, capacity="9" * 400),
@@ -121,7 +122,11 @@ def test_records_with_fields_no_node_writes_are_ignored(tmp_path) -> None:
     try:
         for node_id, fields in bad.items():
             forge(r, node_id, fields, sign(SECRET, node_id, fields))
-        _routes_only_to_b(a, b, r, list(bad))
+        # bytes that are not UTF-8, in a field and in an id: before, the
+        # read raised UnicodeDecodeError and the heartbeat stopped for good
+        r.client.hset("relay:node:latin1", mapping=dict(ATTACKER, rooms=b'["caf\xe9"]', sig="0" * 64))
+        r.client.zadd("relay:nodes", {"latin1": time.time() + 3600, b"\xff\xfe": time.time() + 3600})
+        _routes_only_to_b(a, b, r, [*bad, "latin1"])
     finally:
         holder.close()
         for n in (a, b):
@@ -222,6 +227,17 @@ def test_tags_are_checked_and_refusals_counted(redis_server: RedisServer) -> Non
     # this node's own record is signed with the same key
     mine = {k.decode(): v.decode() for k, v in r.client.hgetall("relay:node:me").items()}
     assert mine.get("sig") == sign(SECRET, "me", mine) and mine["capacity"] == "10", mine
+
+
+def test_bytes_that_are_not_utf8_cost_only_their_record(redis_server: RedisServer) -> None:
+    r = redis_server
+    r.client.flushall()
+    forge(r, "good", ATTACKER, sign(SECRET, "good", ATTACKER))
+    r.client.hset("relay:node:latin1", mapping=dict(ATTACKER, udp=b"h\xe9:1", sig="0" * 64))
+    r.client.zadd("relay:nodes", {"latin1": time.time() + 3600, b"\xff": time.time() + 3600})
+    d = _read(r.url, "")
+    assert set(d.peers) == {"good"}                           # type: ignore[attr-defined]
+    assert d.rejected == {"invalid": 1}                       # type: ignore[attr-defined]
 
 
 def test_without_a_secret_records_are_taken_unsigned(redis_server: RedisServer) -> None:
