@@ -133,8 +133,10 @@ class Node:
         elif r.pair is not None:
             aligner = Aligner(relay_ssrc(r.name), r.pair_lead)
             self.ingest.rewrite[r.name] = lambda pkt: aligner.translate(pkt, time.monotonic())
+            # each origin of a pair hears the other always: either may be left alone
             self.upstreams[r.name] = Upstream(r.name, index, [r.pair], self.core, token, self._sent, pair=False,
-                                              tap=lambda pkt: aligner.partner_packet(pkt, time.monotonic()))
+                                              tap=lambda pkt: aligner.partner_packet(pkt, time.monotonic()),
+                                              always=True)
         self.rooms[r.name] = state
         self._allow_sources(state, r)
         return state
@@ -269,10 +271,7 @@ class Node:
             now = time.monotonic()
             stats = {name: self.core.room_stats(r.index) for name, r in self.rooms.items()}
             for name, up in self.upstreams.items():
-                # an origin pair hears its partner always: either may be left alone
-                r = self._room_config(name)
-                paired = r is not None and r.pair is not None
-                up.want(1 if paired else stats[name]["listeners"], now, self.cfg.upstream_linger)
+                up.want(stats[name]["listeners"], now, self.cfg.upstream_linger)
             self.events.tick(now, stats)
             self.rates.measure(now, stats)
             self._choose_alternates(now)

@@ -70,12 +70,13 @@ class Upstream:
 
     def __init__(self, room: str, index: int, nodes: list[tuple[str, int]], core: Core,
                  token: Callable[[], str], sent: Callable[[], None], pair: bool = True,
-                 tap: Callable[[bytes], None] | None = None) -> None:
+                 tap: Callable[[bytes], None] | None = None, always: bool = False) -> None:
         self.room, self.index, self.nodes, self.core = room, index, nodes, core
         self.token = token        # a fresh relay token for each join
         self.sent = sent          # after feeding: an inline core sends now
         self.pair = pair
         self.tap = tap            # sees every packet heard, before the core (an origin pair's matching)
+        self.always = always      # subscribed with no listeners here too (an origin pair's partner)
         self.links: list[Link] = [Link(), Link()]
         self.joins = 0            # upstream joins that succeeded
         self.gap_counts = [0] * len(GAP_BOUNDS)
@@ -122,7 +123,7 @@ class Upstream:
         """Called on every housekeeping tick with the room's listeners here:
         subscribe when there are some, leave once there were none for
         `linger` seconds."""
-        if listeners > 0:
+        if listeners > 0 or self.always:
             self._unwanted_since = None
             if not self._tasks:
                 loop = asyncio.get_running_loop()
