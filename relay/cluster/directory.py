@@ -195,11 +195,16 @@ class Directory:
         async with self._client.pipeline(transaction=False) as p:
             for i in others:
                 p.hmget(PREFIX + "node:" + i, names)
-            records = await p.execute()
+            # an error in one reply (a key of another type than a hash) is
+            # that record's, not a failure of the read
+            records = await p.execute(raise_on_error=False)
         now = time.monotonic()
         # a member whose record has expired is dead: it is not carried over
         peers = {}
         for i, values in zip(others, records, strict=True):
+            if isinstance(values, Exception):
+                self._refuse(i, "invalid", "not a hash")
+                continue
             if all(v is None for v in values):
                 continue
             try:

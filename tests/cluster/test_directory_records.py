@@ -240,6 +240,19 @@ def test_bytes_that_are_not_utf8_cost_only_their_record(redis_server: RedisServe
     assert d.rejected == {"invalid": 1}                       # type: ignore[attr-defined]
 
 
+def test_a_key_of_another_type_costs_only_itself(redis_server: RedisServer) -> None:
+    """A string where a record's hash should be: before, the read of every
+    record failed on it (WRONGTYPE), as if Redis were unreachable."""
+    r = redis_server
+    r.client.flushall()
+    forge(r, "good", ATTACKER, sign(SECRET, "good", ATTACKER))
+    r.client.set("relay:node:string", "x")
+    r.client.zadd("relay:nodes", {"string": time.time() + 3600})
+    d = _read(r.url, SECRET)
+    assert set(d.peers) == {"good"}                           # type: ignore[attr-defined]
+    assert d.rejected == {"invalid": 1}                       # type: ignore[attr-defined]
+
+
 def test_without_a_secret_records_are_taken_unsigned(redis_server: RedisServer) -> None:
     r = redis_server
     r.client.flushall()
