@@ -220,8 +220,9 @@ def test_an_open_node_says_once_that_its_records_are_unsigned(tmp_path) -> None:
         assert b"sig" not in r.client.hkeys("relay:node:a")
         time.sleep(0.6)                               # a few heartbeats
     finally:
-        assert stop(a.proc) == 0
+        code = stop(a.proc)
         r.stop()
+    assert code == 0
     log = a.proc.stdout.read()
     assert log.count("unsigned") == 1, log
 

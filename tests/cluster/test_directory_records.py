@@ -12,6 +12,7 @@ import hmac
 import json
 import time
 import urllib.request
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -65,16 +66,22 @@ def _registered(r: RedisServer, names: list[str], timeout: float = 10.0) -> bool
     return False
 
 
-def _full_node_and_a_peer(tmp_path: Path, r: RedisServer) -> tuple[Node, Node, LoopbackCrowd]:
-    """Node a holds one listener and takes no more, so it sends every joiner
-    to the directory's pick; node b (with QUIC, so its record carries a
-    WebTransport URL and a certificate hash) is the one real peer."""
+def _full_node_and_a_peer(tmp_path: Path, cleanup: ExitStack, codes: list[int]) -> tuple[RedisServer, Node, Node]:
+    """A Redis; node a holds one listener and takes no more, so it sends
+    every joiner to the directory's pick; node b (with QUIC, so its record
+    carries a WebTransport URL and a certificate hash) is the one real
+    peer. `cleanup` stops each (the nodes' exit codes into `codes`)."""
+    r = RedisServer()
+    cleanup.callback(r.stop)
     a = Node(tmp_path, "a", directory=r.url, max_listeners=1)
+    cleanup.callback(lambda: codes.append(stop(a.proc)))
     b = Node(tmp_path, "b", directory=r.url, quic=True)
+    cleanup.callback(lambda: codes.append(stop(b.proc)))
     holder = LoopbackCrowd(1, a.listen, "live", token=listen_token())
+    cleanup.callback(holder.close)
     assert holder.join().accepted == 1
     assert _registered(r, ["a", "b"])
-    return a, b, holder
+    return r, a, b
 
 
 def _routes_only_to_b(a: Node, b: Node, r: RedisServer, forged: list[str]) -> None:
@@ -113,13 +120,13 @@ def test_records_with_fields_no_node_writes_are_ignored(tmp_path) -> None:
     dropped its connection), and a room list nested 100,000 deep raised
     RecursionError out of the heartbeat, which then stopped for good (as
     bytes that are not UTF-8 did)."""
-    r = RedisServer()
-    a, b, holder = _full_node_and_a_peer(tmp_path, r)
     bad = {"huge": dict(ATTACKER, capacity="9" * 400),
            "nested": dict(ATTACKER, rooms="[" * 100_000),
            "portless": dict(ATTACKER, udp="10.66.66.66:99999"),
            "elsewhere": dict(ATTACKER, webtransport="https://evil.example:443/relay")}
-    try:
+    codes: list[int] = []
+    with ExitStack() as cleanup:                  # whatever started is stopped, however the test ends
+        r, a, b = _full_node_and_a_peer(tmp_path, cleanup, codes)
         for node_id, fields in bad.items():
             forge(r, node_id, fields, sign(SECRET, node_id, fields))
         # bytes that are not UTF-8, in a field and in an id: before, the
@@ -127,11 +134,7 @@ def test_records_with_fields_no_node_writes_are_ignored(tmp_path) -> None:
         r.client.hset("relay:node:latin1", mapping=dict(ATTACKER, rooms=b'["caf\xe9"]', sig="0" * 64))
         r.client.zadd("relay:nodes", {"latin1": time.time() + 3600, b"\xff\xfe": time.time() + 3600})
         _routes_only_to_b(a, b, r, [*bad, "latin1"])
-    finally:
-        holder.close()
-        for n in (a, b):
-            assert stop(n.proc) == 0
-        r.stop()
+    assert codes == [0, 0]
 
 
 def test_records_not_signed_with_the_cluster_key_are_ignored(tmp_path) -> None:
@@ -139,20 +142,16 @@ def test_records_not_signed_with_the_cluster_key_are_ignored(tmp_path) -> None:
     unsigned, with a made-up tag, and signed with another secret. Before,
     /join handed browsers the attacker's WebTransport URL and certificate
     hash, and refused UDP joiners were sent to the attacker."""
-    r = RedisServer()
-    a, b, holder = _full_node_and_a_peer(tmp_path, r)
-    try:
+    codes: list[int] = []
+    with ExitStack() as cleanup:
+        r, a, b = _full_node_and_a_peer(tmp_path, cleanup, codes)
         forge(r, "unsigned", ATTACKER, None)
         forge(r, "madeup", ATTACKER, "0" * 64)
         forge(r, "otherkey", ATTACKER, sign("another-secret-0123456789abcdef012345", "otherkey", ATTACKER))
         # a real node's tag on another id: the id is signed too
         forge(r, "copied", ATTACKER, sign(SECRET, "a", ATTACKER))
         _routes_only_to_b(a, b, r, ["unsigned", "madeup", "otherkey", "copied"])
-    finally:
-        holder.close()
-        for n in (a, b):
-            assert stop(n.proc) == 0
-        r.stop()
+    assert codes == [0, 0]
     log = a.proc.stdout.read()
     # named once each in the log, not once a heartbeat
     assert log.count("'otherkey'") == 1 and log.count("'unsigned'") == 1, log

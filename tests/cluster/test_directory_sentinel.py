@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -48,9 +49,13 @@ class Redis:
             args += ["--replicaof", "127.0.0.1", str(master.port)]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.client = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1)
-        _wait("redis-server started", self.client.ping)
-        if master is not None:
-            _wait("the replica in sync", lambda: self.client.info("replication")["master_link_status"] == "up")
+        try:
+            _wait("redis-server started", self.client.ping)
+            if master is not None:
+                _wait("the replica in sync", lambda: self.client.info("replication")["master_link_status"] == "up")
+        except BaseException:
+            self.stop()
+            raise
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -85,7 +90,11 @@ class Sentinels:
         def ready() -> bool:      # each knows the replica and the other sentinels: a failover can happen
             return all(int(m["num-other-sentinels"]) == n - 1 and int(m["num-slaves"]) == 1
                        for m in (c.sentinel_master(SERVICE) for c in self.clients))
-        _wait("the sentinels know each other and the replica", ready, timeout=20)
+        try:
+            _wait("the sentinels know each other and the replica", ready, timeout=20)
+        except BaseException:
+            self.stop()
+            raise
 
     @property
     def url(self) -> str:
@@ -111,18 +120,27 @@ class Sentinels:
 
 
 def test_nodes_follow_the_master_sentinel_promotes_and_listeners_lose_nothing(tmp_path: Path) -> None:
-    master = Redis(tmp_path)
-    replica = Redis(tmp_path, master)
-    sentinels = Sentinels(tmp_path, master)
-    a = Node(tmp_path, "a", directory=sentinels.url)
-    b = Node(tmp_path, "b", directory=sentinels.url)
-    crowd = LoopbackCrowd(1, a.listen, "live", token=listen_token())
-    pub = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
+    codes: list[int] = []
+    with ExitStack() as cleanup:                  # whatever started is stopped, however the test ends
+        master = Redis(tmp_path)
+        cleanup.callback(master.stop)
+        replica = Redis(tmp_path, master)
+        cleanup.callback(replica.stop)
+        sentinels = Sentinels(tmp_path, master)
+        cleanup.callback(sentinels.stop)
+        a = Node(tmp_path, "a", directory=sentinels.url)
+        cleanup.callback(lambda: codes.append(stop(a.proc)))
+        b = Node(tmp_path, "b", directory=sentinels.url)
+        cleanup.callback(lambda: codes.append(stop(b.proc)))
+        crowd = LoopbackCrowd(1, a.listen, "live", token=listen_token())
+        cleanup.callback(crowd.close)
+        pub = cleanup.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+        promoted = cleanup.enter_context(redis.Redis(port=replica.port, socket_timeout=0.2,
+                                                     socket_connect_timeout=0.2))
+
         _wait("both nodes registered on the master",
               lambda: master.client.exists("relay:node:a") and master.client.exists("relay:node:b"))
         assert crowd.join().accepted == 1
-        promoted = redis.Redis(port=replica.port, socket_timeout=0.2, socket_connect_timeout=0.2)
         killed_at = switched_at = registered_at = None
         start = time.monotonic()
         k = 0
@@ -159,15 +177,7 @@ def test_nodes_follow_the_master_sentinel_promotes_and_listeners_lose_nothing(tm
         for n in (a, b):
             assert n.proc.poll() is None
             assert scrape(n.admin)["relay_directory_reachable"] == 1
-        promoted.close()
-    finally:
-        crowd.close()
-        pub.close()
-        for n in (a, b):
-            assert stop(n.proc) == 0
-        sentinels.stop()
-        replica.stop()
-        master.stop()
+    assert codes == [0, 0]
     log = a.proc.stdout.read()
     assert f"master moved from 127.0.0.1:{master.port} to 127.0.0.1:{replica.port}" in log, log
     assert log.count("unreachable") <= 1, log       # the failover is said once, not once a heartbeat
