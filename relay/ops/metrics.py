@@ -58,6 +58,7 @@ class Cluster:
     failures: int = 0
     upstreams: dict[str, tuple[bool, int]] = field(default_factory=dict)   # room -> (connected, switches)
     gaps: tuple[list[float], list[int], float] | None = None   # pauses in what rooms took from upstream
+    rejected: dict[str, int] = field(default_factory=dict)     # directory records refused, by reason
 
 
 class NodeCollector(Collector):
@@ -248,6 +249,12 @@ class NodeCollector(Collector):
                                     "directory.", c.peers)
             yield CounterMetricFamily("relay_directory_heartbeat_failures", "Heartbeats that did not reach "
                                       "the directory.", c.failures)
+            refused = CounterMetricFamily("relay_directory_records_rejected", "Peers' directory records read "
+                                          "and refused: invalid (a field no node writes), signature (a tag "
+                                          "that does not verify).", labels=["reason"])
+            for why in ("invalid", "signature"):
+                refused.add_metric([why], c.rejected.get(why, 0))
+            yield refused
         if c.gaps is not None:
             yield _histogram("relay_upstream_gap_seconds", "Pauses of 40 ms or more between packets a room "
                              "took from upstream (first copies), over every such room.", c.gaps)

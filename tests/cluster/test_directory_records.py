@@ -151,6 +151,8 @@ def test_records_not_signed_with_the_cluster_key_are_ignored(tmp_path) -> None:
         # a real node's tag on another id: the id is signed too
         forge(r, "copied", ATTACKER, sign(SECRET, "a", ATTACKER))
         _routes_only_to_b(a, b, r, ["unsigned", "madeup", "otherkey", "copied"])
+        # and the operator sees the refusals
+        assert scrape(a.admin)['relay_directory_records_rejected_total{reason="signature"}'] >= 4
     assert codes == [0, 0]
     log = a.proc.stdout.read()
     # named once each in the log, not once a heartbeat
