@@ -64,7 +64,8 @@ class Node:
                        'quic_max_pending = 4096\nquic_max_pending_per_source = 4096\n'
                        f'max_machine_load = {0.95 if max_load else 0}\n'
                        f'max_listeners = {listeners + 16}\njoin_rate = 1000000\njoin_rate_per_source = 100000\n'
-                       f'[[room]]\nname = "b"\ningest = "127.0.0.1:{self.ingest}"\nsources = ["127.0.0.1"]\n')
+                       f'[[room]]\nname = "b"\ningest = "127.0.0.1:{self.ingest}"\nsources = ["127.0.0.1"]\n'
+                       'max_packet_rate = 0\nmax_bitrate = 0\n')
         self.proc = subprocess.Popen([PY, "-m", "relay", "--log-level", "error", "serve", "-c", str(cfg)],
                                      stdout=subprocess.DEVNULL)
         if not wait_ready(self.admin, self.proc, timeout=15):

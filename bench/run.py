@@ -114,7 +114,9 @@ def start_impl(kind: str, ingest: int, dests: Path, crowd: LoopbackCrowd, limit_
         cfg.write_text(f'[node]\nlisten = "127.0.0.1:{listen}"\nadmin = "127.0.0.1:{admin}"\n'
                        f'auth = "open"\nworkers = 1\ndrain_grace = 0\nmax_listeners = {listeners + 16}\n'
                        f'join_rate = 1000000\njoin_rate_per_source = 1000\n[[room]]\nname = "b"\n'
-                       f'ingest = "127.0.0.1:{ingest}"\nsources = ["127.0.0.1"]\n')
+                       f'ingest = "127.0.0.1:{ingest}"\nsources = ["127.0.0.1"]\n'
+                       # the bench drives the room past a publisher's default bound on purpose
+                       'max_packet_rate = 0\nmax_bitrate = 0\n')
         proc = subprocess.Popen([PY, "-m", "relay", "--log-level", "error", "serve", "-c", str(cfg)],
                                 stdout=subprocess.DEVNULL)
         if not wait_ready(("127.0.0.1", admin), proc, timeout=15):

@@ -36,7 +36,8 @@ def run_once(workers: int, listeners: int, rate: int, seconds: float, payloads: 
     cfg.write_text(f'[node]\nlisten = "127.0.0.1:{listen}"\nadmin = "127.0.0.1:{admin}"\n'
                    f'auth = "open"\ndrain_grace = 0\nworkers = {workers}\nmax_listeners = {listeners}\n'
                    f'join_rate = 1000000\n'
-                   f'[[room]]\nname = "b"\ningest = "127.0.0.1:{ingest}"\nsources = ["127.0.0.1"]\n')
+                   f'[[room]]\nname = "b"\ningest = "127.0.0.1:{ingest}"\nsources = ["127.0.0.1"]\n'
+                   'max_packet_rate = 0\nmax_bitrate = 0\n')   # driven past a publisher's bound on purpose
     relay = subprocess.Popen([sys.executable, "-m", "relay", "--log-level", "error", "serve", "-c", str(cfg)],
                              stdout=subprocess.DEVNULL)
     crowd = None

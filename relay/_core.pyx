@@ -154,11 +154,12 @@ cdef class Core:
         room_reset(&self.st, room, any_source)
         unlock_all(&self.st)
 
-    def room_rules(self, int room, double takeover_s=0.15, bint pin_source=False, bint merge=False):
-        """Who may replace the room's live stream: a new SSRC (or, with `pin_source`, address)
-        may after an RTCP BYE from the live one, room_release(), or `takeover_s` seconds of its
-        silence (negative: never). `merge`: copies from several parents, each taken once."""
-        room_set_rules(self._room(room), takeover_s, pin_source, merge)
+    def room_rules(self, int room, double takeover_s=0.15, bint pin_source=False, bint merge=False,
+                   double max_pps=0, double max_bps=0):
+        """Who may replace the live stream: a new SSRC (or, `pin_source`, address) after a BYE, a
+        room_release() or `takeover_s` of silence (< 0: never). `merge`: copies from several parents,
+        each taken once. `max_pps`, `max_bps`: the most it takes a second (0: no bound)."""
+        room_set_rules(self._room(room), takeover_s, pin_source, merge, max_pps, max_bps)
 
     def room_release(self, int room):
         """Let the next stream take the room at once (the operator's word,

@@ -12,6 +12,7 @@ cpdef enum Ingest:
     INGEST_LATE = 5
     INGEST_RTCP = 6
     INGEST_DUPLICATE = 7
+    INGEST_RATE = 8
 
 
 cdef inline void rx_ready(CoreState *c, int batch) noexcept nogil:

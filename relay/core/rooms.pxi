@@ -20,11 +20,16 @@ cdef void room_reset(CoreState *c, int room, bint any_source) noexcept nogil:
     r.takeover_ns = TAKEOVER_NS
 
 
-cdef void room_set_rules(Room *r, double takeover_s, bint pin_source, bint merge) noexcept nogil:
+cdef void room_set_rules(Room *r, double takeover_s, bint pin_source, bint merge,
+                         double max_pps, double max_bps) noexcept nogil:
     """See Core.room_rules."""
     r.takeover_ns = <int64_t>(takeover_s * 1e9) if takeover_s >= 0 else -1
     r.pin_source = 1 if pin_source else 0
     r.merge = 1 if merge else 0
+    r.max_pps = max_pps if max_pps > 0 else 0
+    r.max_bytes = max_bps / 8 if max_bps > 0 else 0
+    r.pkt_tokens = r.max_pps
+    r.byte_tokens = r.max_bytes
 
 
 cdef void room_add_source(Room *r, const uint8_t *a, bint any_port) noexcept nogil:

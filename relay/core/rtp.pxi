@@ -214,6 +214,10 @@ cdef int accept_packet(CoreState *c, int room, const uint8_t *pkt, Py_ssize_t n,
         r.out_seq = out_seq
         r.out_ts = out_ts
     r.last_rx_ns = now
+    if over_rate(r, n, now):
+        # its numbering moves on: listeners see the packet as lost
+        r.drop_rate += 1
+        return INGEST_RATE
     r.packets_in += 1
     r.bytes_in += <uint64_t>n
     # the room packet: a clean 12-byte header (SSRC filled per listener)
@@ -229,6 +233,24 @@ cdef int accept_packet(CoreState *c, int room, const uint8_t *pkt, Py_ssize_t n,
     c.hist_rx[i] = now
     relay_store_release(&r.hist_head, r.hist_head + 1)
     return INGEST_OK
+
+
+cdef inline bint over_rate(Room *r, Py_ssize_t n, int64_t now) noexcept nogil:
+    """Past the room's bound on packets or bytes a second? Token buckets a
+    second deep: a publisher's jitter burst passes, a flood is cut to the
+    bound (every listener would get each packet it sends)."""
+    cdef double dt
+    if r.max_pps == 0 and r.max_bytes == 0:
+        return False
+    dt = (now - r.rate_at) / 1e9 if r.rate_at else 1.0
+    r.rate_at = now
+    r.pkt_tokens = min(r.max_pps, r.pkt_tokens + dt * r.max_pps)
+    r.byte_tokens = min(r.max_bytes, r.byte_tokens + dt * r.max_bytes)
+    if (r.max_pps > 0 and r.pkt_tokens < 1) or (r.max_bytes > 0 and r.byte_tokens < n):
+        return True
+    r.pkt_tokens -= 1
+    r.byte_tokens -= n
+    return False
 
 
 cdef void restart(Room *r, uint16_t seq, uint32_t ts, int64_t now) noexcept nogil:

@@ -76,6 +76,14 @@ ctypedef struct Room:
     # taken once, the first copy to arrive wins (rtp.pxi)
     uint8_t merge
     uint64_t seen         # merge: bit d set = in_seq - d was taken
+    # the most the room takes from its publisher (0: no bound), as token
+    # buckets a second deep: packets and bytes a second (rtp.pxi)
+    double max_pps
+    double max_bytes
+    double pkt_tokens
+    double byte_tokens
+    int64_t rate_at
+    uint64_t drop_rate
     Source live           # the live stream's source address (pinned rooms)
     int32_t first[MAX_SHARDS]   # head of each shard's listener list, -1 if empty
     int32_t n_listeners

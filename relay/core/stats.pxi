@@ -11,7 +11,7 @@ cdef dict stats_counters(CoreState *c):
     cdef uint64_t pin = 0, bin_ = 0, fo = 0, ma = 0, ov = 0, la = 0, rs = 0, tr = 0, bye = 0
     cdef uint64_t po = 0, bo = 0, calls = 0, msgs = 0, wb = 0, dov = 0, dse = 0, lag = 0
     cdef int64_t queued = 0
-    cdef uint64_t dup = 0, fill = 0
+    cdef uint64_t dup = 0, fill = 0, rate = 0
     cdef uint64_t qo[2]
     cdef uint64_t qb[2]
     cdef uint64_t qacks = 0, qacked = 0, qlost = 0, qlate = 0, qshut = 0, qforged = 0, qrep = 0, qblk = 0
@@ -31,6 +31,7 @@ cdef dict stats_counters(CoreState *c):
         bye += c.rm[k].byes
         dup += c.rm[k].duplicates
         fill += c.rm[k].gap_fills
+        rate += c.rm[k].drop_rate
     for k in range(c.shards):
         s = &c.sh[k]
         lock_shard_gil(c, k)
@@ -66,7 +67,7 @@ cdef dict stats_counters(CoreState *c):
         "takeovers_refused": tr, "publisher_byes": bye, "merge_duplicates": dup, "merge_gap_fills": fill,
         "rtcp_ignored": c.c_rtcp_ignored, "drop_no_room": c.c_no_room, "drop_foreign": fo,
         "drop_malformed": ma, "drop_oversized": ov, "drop_late": la, "drop_overflow": dov,
-        "drop_send_error": dse, "drop_shard_lag": lag, "listeners": c.listeners, "queued": queued,
+        "drop_send_error": dse, "drop_shard_lag": lag, "drop_rate": rate, "listeners": c.listeners, "queued": queued,
         # the QUIC path's (core/quic_path.pxi)
         "quic_datagrams": qo[0], "webtransport_datagrams": qo[1],
         "quic_bytes": qb[0], "webtransport_bytes": qb[1], "quic_acks": qacks, "quic_acked": qacked,
@@ -110,7 +111,8 @@ cdef dict stats_room(Room *r):
     return {
         "active": bool(r.active), "listeners": r.n_listeners, "packets_in": r.packets_in,
         "bytes_in": r.bytes_in, "drop_foreign": r.drop_foreign, "drop_malformed": r.drop_malformed,
-        "drop_oversized": r.drop_oversized, "oversized_len": r.oversized_len, "drop_late": r.drop_late, "source_restarts": r.source_restarts,
+        "drop_oversized": r.drop_oversized, "oversized_len": r.oversized_len, "drop_late": r.drop_late,
+        "drop_rate": r.drop_rate, "source_restarts": r.source_restarts,
         "takeovers_refused": r.takeovers_refused, "byes": r.byes, "released": bool(r.released),
         "seq_gaps": r.seq_gaps, "gap_fills": r.gap_fills, "duplicates": r.duplicates,
         "have_stream": bool(r.have_stream), "last_rx_ns": r.last_rx_ns, "out_seq": r.out_seq,

@@ -46,7 +46,8 @@ def apply_rules(core: Core, index: int, r: RoomConfig) -> None:
         core.room_rules(index, SRTP_TAKEOVER_S, pin_source=False, merge=True)
         return
     takeover = -1.0 if r.takeover_after is None else r.takeover_after
-    core.room_rules(index, takeover, pin_source=not r.srtp_key)
+    core.room_rules(index, takeover, pin_source=not r.srtp_key, max_pps=r.max_packet_rate,
+                    max_bps=r.max_bitrate)
 
 
 def describe_rules(r: RoomConfig) -> str:

@@ -35,7 +35,7 @@ from relay.wire.protocol import Reason
 
 # the core counts drops for these reasons (relay_drops_total{reason})
 CORE_DROPS = ("foreign", "malformed", "oversized", "late", "no_room", "overflow", "send_error",
-               "shard_lag")
+               "shard_lag", "rate")
 
 
 def _histogram(name: str, doc: str, hist: tuple[list[float], list[int], float]) -> Metric:

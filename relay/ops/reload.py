@@ -65,7 +65,8 @@ def plan_reload(old: NodeConfig, new: NodeConfig, capacity: int, room_slots: int
             plan.sources.append(r)
         if was.ingest != r.ingest:
             plan.rebind.append(r)
-        if (was.srtp_key, was.takeover_after) != (r.srtp_key, r.takeover_after):
+        if (was.srtp_key, was.takeover_after, was.max_packet_rate, was.max_bitrate) != \
+                (r.srtp_key, r.takeover_after, r.max_packet_rate, r.max_bitrate):
             plan.rules.append(r)
         plan.limits.append(r)
     return plan

@@ -49,6 +49,12 @@ SRTP_TAKEOVER_S = 0.15
 # frees its room after this silence instead of locking it until an
 # operator releases it. `takeover_after = "never"` keeps the strict lock.
 PLAIN_TAKEOVER_S = 2.0
+# A publisher's input, bounded by default: Opus at its most (510 kbit/s) in
+# 10 ms frames with RTP headers fits with room for a burst; ffmpeg and OBS
+# send 50 packets a second at 64-128 kbit/s. More is a flood or a broken
+# encoder, multiplied by every listener.
+MAX_PACKET_RATE = 100.0
+MAX_BITRATE = 600_000.0
 
 
 class ConfigError(Exception):
@@ -82,6 +88,10 @@ class RoomConfig:
     # and whether this one numbers a stream both see start at once
     pair: tuple[str, int] | None = None
     pair_lead: bool = False
+    # the most a room takes from its publisher a second (0: no bound); the
+    # rest is counted and dropped, since every listener would get each one
+    max_packet_rate: float = 0.0
+    max_bitrate: float = 0.0
 
     @property
     def stage(self) -> bool:
@@ -154,7 +164,7 @@ _NODE_KEYS = {"listen", "admin", "auth", "secret_env", "max_listeners", "ring_de
               "upstream_linger", "upstream_pair", "directory", "node_id", "tier", "advertise",
               "quic", "quic_cert", "quic_key", "quic_redirect", "quic_fast_path"}
 _ROOM_KEYS = {"name", "ingest", "sources", "max_listeners", "srtp_key_env", "takeover_after", "upstream",
-              "pair", "pair_lead",
+              "pair", "pair_lead", "max_packet_rate", "max_bitrate",
               "max_speakers"}
 DEFAULT_SPEAKERS = 16    # a stage room's max_speakers unless it says
 MAX_SPEAKERS = 64
@@ -307,8 +317,12 @@ def _room(i: int, raw: Any, open_auth: bool, environ: Mapping[str, str]) -> Room
         pair = _addr(f"{where}: pair", raw["pair"])
     if not isinstance(lead, bool) or (lead and pair is None):
         raise ConfigError(f"{where}: pair_lead is true or false, on one origin of a 'pair'")
+    pps = _float(f"{where}: max_packet_rate (packets a second, 0 = no bound)",
+                 raw.get("max_packet_rate", MAX_PACKET_RATE), 0, 10_000)
+    bps = _float(f"{where}: max_bitrate (bits a second, 0 = no bound)", raw.get("max_bitrate", MAX_BITRATE),
+                 0, 100_000_000)
     return RoomConfig(name, ingest, sources, any_source, limit, srtp_key, takeover, max_speakers=speakers,
-                      pair=pair, pair_lead=lead)
+                      pair=pair, pair_lead=lead, max_packet_rate=pps, max_bitrate=bps)
 
 
 def _stage_room(where: str, name: str, raw: dict[str, Any]) -> RoomConfig:

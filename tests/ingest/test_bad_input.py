@@ -150,3 +150,31 @@ def test_ten_thousand_listeners_on_loopback_all_hear_the_stream(tmp_path, listen
         pub.wait()
         crowd.close()
         assert stop(relay.proc) == 0
+
+
+def test_a_publisher_flooding_its_room_is_bounded_and_counted(tmp_path) -> None:
+    """500 packets a second with advancing timestamps from the allowed
+    publisher: the room takes at most its max_packet_rate (100 a second by
+    default, a second's burst), counts the rest, and its listeners get no
+    more than that; the node goes on serving them."""
+    relay = start_relay(tmp_path)
+    crowd = LoopbackCrowd(3, relay.listen, relay.room)
+    pub = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        assert crowd.join().accepted == 3
+        start = time.monotonic()
+        for k in range(1000):                        # 2 s at 500 a second, bounded
+            pub.sendto(rtp(k, 96 * k, 0xF100D, bytes(120)), relay.ingest)
+            if k % 10 == 9:
+                time.sleep(max(0.0, start + (k + 1) * 0.002 - time.monotonic()))
+        crowd.crowd.poll(300)
+        m = scrape(relay.admin)
+        took = m['relay_room_packets_in_total{room="live"}']
+        elapsed = time.monotonic() - start
+        assert took <= 100 + 100 * elapsed + 5, (took, elapsed)           # the bound, and its burst
+        assert m['relay_drops_total{reason="rate"}'] == 1000 - took
+        assert crowd.crowd.totals()["received"] <= 3 * (took + 10)
+    finally:
+        pub.close()
+        crowd.close()
+        assert stop(relay.proc) == 0
