@@ -6,7 +6,7 @@ DURATION ?= 10
 
 FUZZ_SECONDS ?= 60
 
-.PHONY: setup demo test test-fast lint bench bench-full bench-quic bench-cluster bench-speakers fuzz sanitize tsan dist deploy-check annotate clean
+.PHONY: setup demo test test-fast lint bench bench-full bench-quic bench-cluster bench-chaos bench-speakers fuzz sanitize tsan dist deploy-check annotate clean
 
 setup:
 	@./scripts/bootstrap.sh
@@ -48,6 +48,11 @@ bench-speakers:
 bench-cluster:
 	@./scripts/bootstrap.sh test
 	$(PY) bench/cluster.py
+
+# parts of a live tree killed one at a time (origins, mids, an edge, the publisher, Redis): what listeners hear
+bench-chaos:
+	@./scripts/bootstrap.sh test
+	$(PY) bench/chaos.py
 
 # every parser of untrusted bytes under atheris, FUZZ_SECONDS each
 fuzz: setup
