@@ -29,7 +29,13 @@ from relay.wire.rtp import rtp_payload
 # to say which packet it is
 MIN_MATCH = 16
 # the same offset, found this many times in a row, is taken
-CONFIRM = 2
+CONFIRM = 3
+# a periodic sound (a test tone) repeats whole payloads: 440 Hz in 20 ms
+# frames every fifth packet. Of the places a payload was seen, the copy of
+# the same packet is the one that arrived at about the same time (both
+# copies left the publisher together); one that arrived more than this
+# much earlier or later is another packet with the same bytes
+MATCH_WINDOW_S = 0.05
 # the leader's packets remembered for matching: a few seconds of 20 ms audio
 RECENT = 256
 # a partner that has sent nothing for this long has no stream
@@ -49,9 +55,10 @@ class Aligner:
     def __init__(self, ssrc: int, lead: bool) -> None:
         self.ssrc, self.lead = ssrc, lead
         # the partner's packets, and the publisher's as they reached us, by
-        # payload: whichever copy of a packet comes second finds the first
-        self._recent: OrderedDict[bytes, tuple[int, int]] = OrderedDict()
-        self._mine: OrderedDict[bytes, tuple[int, int]] = OrderedDict()
+        # payload, each with where and when it was seen: whichever copy of a
+        # packet comes second finds the first
+        self._recent: OrderedDict[bytes, list[Seen]] = OrderedDict()
+        self._mine: OrderedDict[bytes, list[Seen]] = OrderedDict()
         self.offset: tuple[int, int] | None = None    # (seq, ts) to add to the publisher's
         self.own = False                               # numbering the stream itself (no leader)
         self._candidate: tuple[int, int] | None = None
@@ -71,8 +78,8 @@ class Aligner:
         seq, ts, payload, _ = parsed
         self._partner_at = now
         if len(payload) >= MIN_MATCH:
-            _remember(self._recent, payload, (seq, ts))
-            mine = self._mine.get(payload)
+            _remember(self._recent, payload, (seq, ts, now))
+            mine = _nearest(self._mine.get(payload), now)
             if mine is not None:
                 self._found(((seq - mine[0]) & 0xFFFF, (ts - mine[1]) & 0xFFFFFFFF))
 
@@ -92,8 +99,8 @@ class Aligner:
             self._in_ssrc, self.offset, self._candidate, self._seen = ssrc, None, None, 0
             self._waiting_since = now
         if len(payload) >= MIN_MATCH:
-            _remember(self._mine, payload, (seq, ts))
-            match = self._recent.get(payload)
+            _remember(self._mine, payload, (seq, ts, now))
+            match = _nearest(self._recent.get(payload), now)
             if match is not None:
                 self._found(((match[0] - seq) & 0xFFFF, (match[1] - ts) & 0xFFFFFFFF))
         if self.offset is None:
@@ -129,8 +136,24 @@ class Aligner:
         return partner_live and not self._started
 
 
-def _remember(table: OrderedDict[bytes, tuple[int, int]], payload: bytes, where: tuple[int, int]) -> None:
-    table[payload] = where
+Seen = tuple[int, int, float]     # (sequence number, timestamp, when it arrived)
+
+
+def _remember(table: OrderedDict[bytes, list[Seen]], payload: bytes, seen: Seen) -> None:
+    places = table.get(payload)
+    if places is None:
+        table[payload] = places = []
+    places.append(seen)
+    del places[:-8]                  # a periodic sound's last few repeats are all that matter
     table.move_to_end(payload)
     if len(table) > RECENT:
         table.popitem(last=False)
+
+
+def _nearest(places: list[Seen] | None, now: float) -> Seen | None:
+    """The place a payload was seen at about the same time as now, if one
+    was, and only one: else the bytes say nothing of which packet it is."""
+    if not places:
+        return None
+    near = [p for p in places if abs(now - p[2]) <= MATCH_WINDOW_S]
+    return near[0] if len(near) == 1 else None

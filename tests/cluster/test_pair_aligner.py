@@ -22,23 +22,42 @@ def _fields(packet: bytes) -> tuple[int, int, int]:
 
 def test_the_follower_takes_the_leaders_numbering_from_matching_payloads() -> None:
     a = Aligner(SSRC, lead=False)
-    payloads = [os.urandom(40) for _ in range(6)]
+    payloads = [os.urandom(40) for _ in range(8)]
     # the leader numbered them 1000.., the publisher's copy to us says 7..
     assert a.translate(rtp(7, 700, 0xAA, payloads[0]), 0.0) is None        # held: no offset yet
     a.partner_packet(rtp(1000, 50_000, SSRC, payloads[0]), 0.01)          # the partner's copy comes second
     a.partner_packet(rtp(1001, 50_960, SSRC, payloads[1]), 0.02)          # ... and first
-    out = a.translate(rtp(8, 1660, 0xAA, payloads[1]), 0.03)
-    assert out is not None and _fields(out) == (1001, 50_960, SSRC)
-    assert _fields(a.translate(rtp(9, 2620, 0xAA, payloads[2]), 0.04)) == (1002, 51_920, SSRC)
-    assert a.held == 1
+    assert a.translate(rtp(8, 1660, 0xAA, payloads[1]), 0.03) is None      # two matches: not sure yet
+    a.partner_packet(rtp(1002, 51_920, SSRC, payloads[2]), 0.04)
+    out = a.translate(rtp(9, 2620, 0xAA, payloads[2]), 0.05)
+    assert out is not None and _fields(out) == (1002, 51_920, SSRC)
+    assert _fields(a.translate(rtp(10, 3580, 0xAA, payloads[3]), 0.06)) == (1003, 52_880, SSRC)
+    assert a.held == 2
     # RTCP on the ingest port goes to the core as it came
     report = struct.pack("!BBHI", 0x80, 200, 6, 0xAA) + bytes(20)
-    assert a.translate(report, 0.05) == report
+    assert a.translate(report, 0.07) == report
     # the publisher restarts (a new SSRC, new bases): held until matched again
-    assert a.translate(rtp(500, 9, 0xBB, payloads[3]), 0.06) is None
-    a.partner_packet(rtp(1003, 52_880, SSRC, payloads[3]), 0.07)
-    a.partner_packet(rtp(1004, 53_840, SSRC, payloads[4]), 0.08)
-    assert _fields(a.translate(rtp(501, 969, 0xBB, payloads[4]), 0.09)) == (1004, 53_840, SSRC)
+    for k in range(4, 7):
+        now = 0.1 + 0.02 * k
+        assert a.translate(rtp(496 + k, 9 + 960 * (k - 4), 0xBB, payloads[k]), now) is None
+        a.partner_packet(rtp(1000 + k, 50_000 + 960 * k, SSRC, payloads[k]), now + 0.002)
+    assert _fields(a.translate(rtp(503, 2889, 0xBB, payloads[7]), 0.3)) == (1007, 50_000 + 960 * 7, SSRC)
+
+
+def test_a_periodic_sound_is_aligned_by_when_its_copies_arrive() -> None:
+    """A 440 Hz tone in 20 ms frames repeats its payloads every fifth packet:
+    the bytes alone would put the follower five packets off; the copy that
+    arrived at about the same time is the same packet."""
+    a = Aligner(SSRC, lead=False)
+    period = [os.urandom(40) for _ in range(5)]
+    out = []
+    for k in range(40):
+        now = 0.02 * k
+        a.partner_packet(rtp(1000 + k, 960 * k, SSRC, period[k % 5]), now + 0.003)   # the leader's, 3 ms later
+        got = a.translate(rtp(7 + k, 700 + 960 * k, 0xAA, period[k % 5]), now + 0.004)
+        if got is not None:
+            out.append(_fields(got)[0] - (7 + k))
+    assert out and set(out) == {993}, out          # always the true offset, 1000 - 7
 
 
 def test_an_origin_alone_numbers_the_stream_itself() -> None:
