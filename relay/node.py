@@ -322,14 +322,14 @@ class Node:
                        dict(d.rejected) if d else {})
 
     def _choose_alternates(self, now: float) -> None:
-        """Once a second: the live node each room's new listeners are told
-        to move to if this one dies (the directory's pick, else [node]
+        """Once a second: the live nodes each room's new listeners are told
+        to move to if this one dies (the directory's picks, else [node]
         redirect)."""
         if self.directory is None or now - self._alternates_at < 1.0:
             return
         self._alternates_at = now
         for name in self.rooms:
-            self._alternates[name] = routing.redirect(self.directory, self.cfg, name, udp=True) or self.cfg.redirect
+            self._alternates[name] = routing.alternates(self.directory, self.cfg, name) or self.cfg.redirect
 
     def _route(self, room: str, transport: str) -> str:
         """A live node with room for a listener this node turns away."""

@@ -394,9 +394,10 @@ class ListenClient:
         the room still holds after our last packet. False if nowhere took us."""
         if self._high is not None and self._session is not None and self._session.origin is not None:
             self._resume = self._high & 0xFFFF
-        alternate = self._session.alternate if self._session is not None else ""
+        named = self._session.alternate if self._session is not None else ""
         here = f"{self.server[0]}:{self.server[1]}"
-        if alternate and alternate != here:
+        # the ACCEPT names up to a few, in the order to try them
+        for alternate in [a for a in named.split(",") if a and a != here]:
             try:
                 self.server = parse_hostport(alternate)
                 self._via = f"the alternate {here} named"

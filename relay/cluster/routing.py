@@ -33,6 +33,21 @@ def redirect(directory: Directory, cfg: NodeConfig, room: str, udp: bool) -> str
     return peer.udp if udp else peer.quic
 
 
+def alternates(directory: Directory, cfg: NodeConfig, room: str, count: int = 2) -> str:
+    """Up to `count` different live nodes a listener of `room` may move to
+    if this node dies, in the order to try them ("a:p,b:p"; "" if none).
+    Two, because nodes die together (a rack, a zone): a listener whose one
+    alternate died with its node would have nowhere to go."""
+    picked: list[str] = []
+    for _ in range(2 * count):
+        where = redirect(directory, cfg, room, udp=True)
+        if where and where not in picked:
+            picked.append(where)
+        if len(picked) == count:
+            break
+    return ",".join(picked)
+
+
 def where_to_join(room: str, cfg: NodeConfig, me: dict[str, Any] | None,
                   directory: Directory | None) -> dict[str, Any]:
     """GET /join: this node (`me`, its record, if it would take a listener
