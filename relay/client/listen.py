@@ -29,6 +29,9 @@ log = logging.getLogger("relay.client.listen")
 
 REORDER_PACKETS = 4   # hold this many packets for late resends before giving up a gap
 EARLY_PACKETS = 64    # audio kept while a join's ACCEPT is on its way
+# a packet this far behind or ahead of the newest is a numbering that
+# started again, as the core takes it (core/rtp.pxi)
+RESTART_BEHIND, RESTART_AHEAD = 100, 3000
 
 
 # what a node may tell a listener, clamped: a keepalive interval of 0 would
@@ -318,6 +321,15 @@ class ListenClient:
         if self.stats.first_packet_at is None:
             self.stats.first_packet_at = time.monotonic()
         ext = seq if self._high is None else self._high + ((seq - self._high + 0x8000) & 0xFFFF) - 0x8000
+        if self._high is not None and not -RESTART_BEHIND < ext - self._high <= RESTART_AHEAD:
+            # the stream's numbering started again (a new publisher stream
+            # behind an origin pair, which forwards its numbering as it
+            # comes): not a gap to count, nor old packets to drop
+            self._flush_held()
+            self._next = self._high = None
+            self._nacked.clear()
+            self._event("the stream's numbering started again")
+            ext = seq
         if self._next is None:
             self._next = ext
         if ext < self._next or ext in self._held:
