@@ -81,12 +81,11 @@ ROOM = "live"
 SECRET = "chaos-bench-" + os.urandom(24).hex()
 ENV = dict(os.environ, RELAY_SECRET=SECRET, PYTHONUNBUFFERED="1")
 SERVICE = "chaos"            # the sentinels' name for the directory's master
-# The publisher's tone. Not 440 Hz: a 440 Hz tone is periodic every 5
-# frames of 20 ms, so `relay publish` repeats each Opus payload every 5th
-# packet, and an origin pair, which matches its two copies by payload, then
-# finds offsets that are multiples of 5 and takes most packets as
-# duplicates (the pair check below measures it). At 440.3 Hz a payload
-# recurs only after 500 packets, past what the pair remembers (256).
+# The publisher's tone. A 440 Hz tone is periodic every 5 frames of 20 ms,
+# so `relay publish` repeats each Opus payload every 5th packet; the pair
+# matches a payload only to the copy that arrived at about the same time,
+# and the pair check below measures that it takes both tones whole. The
+# tree is fed 440.3 Hz, whose payloads never recur within the run.
 TONE = "440.3"
 
 TICK_S = 0.01                # the listeners' sockets are read this often
@@ -1171,9 +1170,9 @@ def pair_lines(result: dict) -> list[str]:
     figures = "; ".join(f"{tone}: lead {v['lead']:g}, follow {v['follow']:g}" for tone, v in check.items())
     return [f"Pair check (an origin pair alone, `relay publish --to LEAD --to FOLLOW`, packets a second each "
             f"origin takes of the 50 sent): {figures}. A 440 Hz tone repeats its Opus payload every 5th packet "
-            f"(20 ms frames); the pair, which matches its two copies by payload, then finds wrong offsets and "
-            f"takes few or none of the packets. The tree above is fed a {TONE} Hz tone, whose payloads do not "
-            f"recur within the 256 the pair remembers.", ""]
+            f"(20 ms frames); the pair matches a payload only to the copy that arrived within 50 ms of it, so "
+            f"both tones are taken whole (before that, 440 Hz kept 0 to 21 of the 50). The tree above is fed "
+            f"a {TONE} Hz tone.", ""]
 
 
 def write_results_md(result: dict) -> None:
