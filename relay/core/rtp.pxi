@@ -246,10 +246,10 @@ cdef inline bint over_rate(Room *r, Py_ssize_t n, int64_t now) noexcept nogil:
     r.rate_at = now
     r.pkt_tokens = min(r.max_pps, r.pkt_tokens + dt * r.max_pps)
     r.byte_tokens = min(r.max_bytes, r.byte_tokens + dt * r.max_bytes)
-    if (r.max_pps > 0 and r.pkt_tokens < 1) or (r.max_bytes > 0 and r.byte_tokens < n):
+    if (r.max_pps > 0 and r.pkt_tokens < 1) or (r.max_bytes > 0 and r.byte_tokens < <double>n):
         return True
     r.pkt_tokens -= 1
-    r.byte_tokens -= n
+    r.byte_tokens -= <double>n
     return False
 
 
