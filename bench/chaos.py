@@ -192,7 +192,7 @@ def _until(ok: Callable[[], bool], timeout: float, step: float = 0.1) -> bool:
 def sentinel_supported() -> bool:
     """Does this checkout's directory take a redis+sentinel:// URL?"""
     try:
-        from relay.wire.config import SENTINEL_SCHEME  # noqa: F401
+        from relay.wire.directory_url import SENTINEL_SCHEME  # noqa: F401
     except ImportError:
         return False
     src = (HERE.parent / "relay" / "cluster" / "directory.py").read_text()

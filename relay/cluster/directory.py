@@ -52,7 +52,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError
 
 from relay.cluster.records import FIELDS, MAX_NODE_ID, TAG, Invalid, Peer, Record, Unsigned, check, encode, tag
-from relay.wire.config import SENTINEL_SCHEME, sentinel_url, shown_url
+from relay.wire.directory_url import SENTINEL_SCHEME, sentinel_url, shown_url
 
 __all__ = ["Directory", "Peer"]
 
