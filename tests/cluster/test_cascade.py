@@ -54,6 +54,16 @@ def test_an_edge_takes_the_room_from_upstream_only_while_it_has_listeners(tmp_pa
         assert stop(origin.proc) == 0
 
 
+def _stream(pub: socket.socket, origin: Node, crowd: LoopbackCrowd, frames: list[bytes], first: int,
+            count: int) -> None:
+    """Packets `first` .. `first + count` of a tone into the origin, 50 a
+    second, bounded, the crowd read between them."""
+    for k in range(first, first + count):
+        pub.sendto(rtp(k, 960 * k, 0xC0DE, frames[k % len(frames)]), origin.ingest)
+        crowd.crowd.poll(0)
+        time.sleep(0.02)
+
+
 def test_an_edge_with_two_parents_loses_nothing_when_one_dies(tmp_path) -> None:
     """The edge takes the room from both mids at once and merges the copies
     by the origin's numbering: killing a mid mid-stream costs its listeners
@@ -72,15 +82,9 @@ def test_an_edge_with_two_parents_loses_nothing_when_one_dies(tmp_path) -> None:
             assert time.monotonic() < deadline, "the edge did not subscribe to both mids"
             crowd.crowd.poll(50)
 
-        def publish(first: int, count: int) -> None:
-            for k in range(first, first + count):      # 50 packets a second, bounded
-                pub.sendto(rtp(k, 960 * k, 0xC0DE, frames[k % len(frames)]), origin.ingest)
-                crowd.crowd.poll(0)
-                time.sleep(0.02)
-
-        publish(0, 100)
+        _stream(pub, origin, crowd, frames, 0, 100)
         mid[0].proc.send_signal(signal.SIGKILL)                       # one parent dies mid-stream
-        publish(100, 150)
+        _stream(pub, origin, crowd, frames, 100, 150)
         crowd.crowd.poll(300)
         totals = crowd.crowd.totals()
         assert totals["heard"] == 5 and totals["lost"] == 0, totals
@@ -111,16 +115,10 @@ def test_an_edge_with_one_parent_shows_the_switch_as_loss(tmp_path) -> None:
     try:
         assert crowd.join().accepted == 5
 
-        def publish(first: int, count: int) -> None:
-            for k in range(first, first + count):
-                pub.sendto(rtp(k, 960 * k, 0xC0DE, frames[k % len(frames)]), origin.ingest)
-                crowd.crowd.poll(0)
-                time.sleep(0.02)
-
-        publish(0, 100)
+        _stream(pub, origin, crowd, frames, 0, 100)
         assert mid[0].listeners() == 1 and mid[1].listeners() == 0   # the first in the list carries it
         mid[0].proc.send_signal(signal.SIGKILL)
-        publish(100, 150)
+        _stream(pub, origin, crowd, frames, 100, 150)
         crowd.crowd.poll(300)
         totals = crowd.crowd.totals()
         assert totals["heard"] == 5, totals
