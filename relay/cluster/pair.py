@@ -68,7 +68,6 @@ class Aligner:
         self._waiting_since: float | None = None   # holding copies back since
         self._started = False                      # has had a stream of its own since it started
         self.held = 0          # copies held back while the offset was not known
-        self.realigned = 0     # times the offset was found anew (a publisher restart)
 
     def partner_packet(self, packet: bytes, now: float) -> None:
         """A packet of the partner's room, as the partner numbered it."""
@@ -119,8 +118,6 @@ class Aligner:
         self._seen = self._seen + 1 if offset == self._candidate else 1
         self._candidate = offset
         if self._seen >= CONFIRM:
-            if self.offset is not None:
-                self.realigned += 1
             self.offset, self.own = offset, False
 
     def _hold(self, now: float) -> bool:

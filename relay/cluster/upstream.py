@@ -91,11 +91,6 @@ class Upstream:
         return next((link.node for link in self.links if link.node is not None), None)
 
     @property
-    def parents(self) -> list[tuple[str, int]]:
-        """Every parent we hear the room from now."""
-        return [link.node for link in self.links if link.node is not None]
-
-    @property
     def speakers(self) -> Speakers | None:
         """Who is on the room's stage, as an upstream node last said (a
         stage room's SPEAKERS reach every node below it this way)."""
