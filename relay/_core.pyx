@@ -490,11 +490,11 @@ cdef class Core:
         return bounds, counts, total / 1e9
 
     def batch_histogram(self):
-        """(upper bounds, counts per bucket, sum) of messages per successful
-        sendmmsg call; bounds are powers of two up to 1024."""
+        """(upper bounds, counts per bucket, sum) of messages per sendmmsg call that sent; bounds: 2^0..2^10."""
         cdef int b
         counts, total = stats_histogram(&self.st, 1)
         return [float(1 << b) for b in range(BATCH_BUCKETS)], counts, float(total)
 
 
 include "core/quic_api.pxi"
+include "core/history.pxi"

@@ -49,10 +49,11 @@ cdef int arena_build(CoreState *c) except -1:
     c.rings = <uint8_t *>_alloc(<size_t>c.capacity, <size_t>c.ring_bytes)
     c.ring_off = <uint16_t *>_alloc(<size_t>c.capacity * <size_t>c.depth, sizeof(uint16_t))
     c.ring_len = <uint16_t *>_alloc(<size_t>c.capacity * <size_t>c.depth, sizeof(uint16_t))
-    # the room history is twice the ring depth: shards read at most
-    # depth - 1 entries behind the head, so the ingest thread would have
-    # to accept depth more packets during one entry's fan-out before it
-    # could overwrite the entry being read
+    # the room history is four ring depths: shards read at most depth - 1
+    # entries behind the head, so the ingest thread would have to accept
+    # three depths more packets during one entry's fan-out before it could
+    # overwrite the entry being read; the older entries are what a listener
+    # resuming here from a dead node missed (core/history.pxi)
     c.hist = <uint8_t *>_alloc(<size_t>c.rooms * c.hist_depth, <size_t>c.ring_bytes)
     c.hist_len = <uint16_t *>_alloc(<size_t>c.rooms * c.hist_depth, sizeof(uint16_t))
     c.hist_rx = <int64_t *>_alloc(<size_t>c.rooms * c.hist_depth, sizeof(int64_t))

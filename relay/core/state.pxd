@@ -16,7 +16,7 @@ cdef enum:
     PEND_MAX = 64       # packets whose fan-out latency is awaiting a complete flush
     MAX_SHARDS = 64
     TX_BATCH = 1024     # sendmmsg's own cap (UIO_MAXIOV)
-    HIST_FACTOR = 2     # room history entries per ring slot
+    HIST_FACTOR = 4     # room history entries per ring slot (resumes read the older half)
     RX_BATCH = 32
     RX_BUF = 16384      # larger datagrams are truncated and dropped as oversized
     MAX_RING = 16384    # largest ring_bytes: the largest Opus packet (120 ms at 510 kbit/s, 7,650 B) twice

@@ -20,6 +20,7 @@ from typing import Callable, Hashable, NamedTuple
 
 from relay._core import Core
 from relay.listeners.admission import JoinLimiter, LoadGate
+from relay.listeners.resume import missed
 from relay.stage.stages import Stages
 from relay.wire.addr import to_sockaddr
 from relay.wire.config import NodeConfig
@@ -100,6 +101,8 @@ class SessionCounters:
     rejections: Counter = field(default_factory=Counter)
     rate_limited: Counter = field(default_factory=Counter)
     rejections_load: int = 0      # of the node_full rejections, those for load
+    resumes: int = 0              # joins that moved here with a resume point
+    resumed_packets: int = 0      # packets they were sent from the room's history
 
 
 class Sessions:
@@ -132,6 +135,9 @@ class Sessions:
         # its ACCEPT): the node keeps it fresh, without asking per join
         self.alternate: Callable[[str], str] = lambda room: self.cfg.redirect
         self.stages: Stages | None = None     # the node's stages, for speakers
+        # datagrams to send before the reply on_control returns (a resuming
+        # listener's missed audio, which must reach it ahead of its ACCEPT)
+        self.outbox: list[Send] = []
 
     # ---------------------------------------------------------------- control
 
@@ -203,7 +209,19 @@ class Sessions:
                            relay=msg.relay, resume=msg.resume)
         if isinstance(joined, Reject):
             return self._reply(replace(joined, proof=cookie_proof(msg.cookie)), data)
+        if msg.resume is not None and joined.origin is not None:
+            self._resume(joined, addr, msg.resume)
         return self._reply(self.accept_message(joined), data)
+
+    def _resume(self, s: Session, addr: tuple, resume: int) -> None:
+        """Queue what a listener moving here missed after `resume`. Only
+        the room its token admitted it to, and only what the room's history
+        still holds: a forged point gets no more than any listener may hear."""
+        assert s.origin is not None
+        packets = missed(self.core, self.rooms[s.room].index, resume, s.ssrc, *s.origin)
+        self.counters.resumes += 1
+        self.counters.resumed_packets += len(packets)
+        self.outbox.extend(Send(addr, p) for p in packets)
 
     def join(self, key: Hashable, transport: str, room_name: str, token: str, source_ip: str,
              now: float, *, sockaddr: bytes = b"",
@@ -270,8 +288,10 @@ class Sessions:
             ssrc, seq_off, ts_off = relay_ssrc(room_name), 0, 0
         else:
             ssrc, seq_off, ts_off = self.rng.getrandbits(32), self.rng.getrandbits(16), self.rng.getrandbits(32)
-        slot = self.core.listener_add(room.index, sockaddr, ssrc, seq_off, ts_off, pull=pull,
-                                      burst=self._burst(room, resume))
+        # a UDP listener that resumes gets its missed audio from the room's
+        # history instead (_resume), which reaches further back than a ring
+        burst = 0 if resume is not None and not pull else self._burst(room, resume)
+        slot = self.core.listener_add(room.index, sockaddr, ssrc, seq_off, ts_off, pull=pull, burst=burst)
         if slot < 0:
             return self._refuse(Reason.NODE_FULL, redirect())
         return self._add(Session(key, transport, room_name, slot, ssrc, self.rng.randbytes(8), now,
@@ -279,10 +299,10 @@ class Sessions:
 
     def _burst(self, room: RoomState, resume: int | None) -> int:
         """Recent packets a new session starts with: the configured burst,
-        or for a listener moving from a dead node, everything after the
-        last packet it has (in the origin's numbering, which is the room's
-        here) that the room's history still holds. A forged resume point
-        asks for at most the history any listener of the room may hear."""
+        or for a QUIC listener moving from a dead node, what it missed after
+        the last packet it has (in the origin's numbering, which is the
+        room's here), as much as its ring holds. A forged resume point asks
+        for at most the history any listener of the room may hear."""
         if resume is None:
             return self.cfg.burst_packets
         behind = (self.core.room_stats(room.index)["out_seq"] - resume) & 0xFFFF

@@ -88,6 +88,9 @@ class ListenerPort:
                 continue
             if data[0] == MAGIC:
                 reply = self.sessions.on_control(data, addr, now)
+                if self.sessions.outbox:
+                    self.send(self.sessions.outbox)
+                    self.sessions.outbox.clear()
                 if reply is not None:
                     self.send([Send(addr, reply)])
             elif 128 <= data[0] <= 191 and len(data) > 1 and 192 <= data[1] <= 223:

@@ -129,6 +129,9 @@ class NodeCollector(Collector):
             ("relay_control_malformed", sc.control_malformed, "Control datagrams that did not parse."),
             ("relay_replies_suppressed", sc.replies_suppressed,
              "Replies not sent because they were larger than their request."),
+            ("relay_resumes", sc.resumes, "Listeners that moved here from a dead node with a resume point."),
+            ("relay_resumed_packets", sc.resumed_packets,
+             "Packets those listeners missed, sent to them from the room's history."),
         ):
             yield CounterMetricFamily(name, doc, value)
         rej = CounterMetricFamily("relay_rejections", "JOINs refused, by reason.", labels=["reason"])

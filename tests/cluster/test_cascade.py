@@ -176,7 +176,8 @@ def test_a_listener_whose_edge_dies_moves_to_the_alternate_and_resumes(tmp_path)
     redirect) as the alternate. Edge 1 is killed mid-stream; the listener
     notices within half a second (its probe goes unanswered), joins edge 2
     asking for what it missed, and counts in the origin's numbering what
-    the room's history could not give back: under a second."""
+    the room's history could not give back: nothing, on a machine that
+    moves it within a second."""
     origin = Node(tmp_path, "origin")
     e2 = Node(tmp_path, "edge2", upstream=[origin])
     e1 = Node(tmp_path, "edge1", upstream=[origin], extra_node=f'redirect = "{e2.listen[0]}:{e2.listen[1]}"\n')
@@ -198,9 +199,13 @@ def test_a_listener_whose_edge_dies_moves_to_the_alternate_and_resumes(tmp_path)
         assert listener.returncode == 0, err
         assert f"moving to {e2.listen[0]}:{e2.listen[1]}" in err, err
         received, lost = map(int, re.search(r"received (\d+) packets .* lost (\d+)", err).groups())
-        # detected in half a second, the rest of the gap sent again from the
-        # alternate's history (16 packets): what is left is counted
-        assert 0 <= lost <= 25, err
+        # detected in half a second, and the whole gap sent again from the
+        # alternate's history (about a second of it: more than a ring's 15
+        # packets, which left 11-26 missing). A machine slow enough to take
+        # longer than that to move leaves a few, counted
+        resumed = scrape(e2.admin)["relay_resumed_packets_total"]
+        assert resumed > 15, (resumed, err)
+        assert 0 <= lost <= 10, err
         assert received + lost >= 8 * 50 - 60, err
     finally:
         pub.close()

@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from relay._core import Core, Ingest, allocation_balance, listener_bytes
+from relay._core import Core, Ingest, allocation_balance, listener_bytes, room_history
 from relay.wire.addr import to_sockaddr
 from tests.rtp import SRC_A, SRC_FOREIGN, header, rtp
 
@@ -233,6 +233,23 @@ def test_burst_on_join_gives_recent_audio_only() -> None:
     assert [p[12] for p in core.ring(fresh)] == [2, 3, 4, 5]
     stale = core.listener_add(0, DEST, 2, 0, 0, burst=4, now_ns=5000 * MS)
     assert core.ring(stale) == []
+
+
+def test_room_history_holds_what_a_ring_cannot_for_a_resume() -> None:
+    # depth 8: a ring bursts 7 at most, the history keeps 4 depths and reads
+    # the newest 3 depths of them (the oldest may be reused by the next packet)
+    core = _core(depth=8)
+    for k in range(40):
+        core.feed(0, rtp(1000 + k, 960 * k, 1, bytes([k])), SRC_A, k * 20 * MS)
+    now = 800 * MS
+    got = room_history(core, 0, 1020, 100, now)
+    assert [p[12] for p in got] == list(range(21, 40))
+    assert all(p[8:12] == bytes(4) for p in got)                # a room packet: no SSRC yet
+    assert [p[12] for p in room_history(core, 0, 1020, 5, now)] == [35, 36, 37, 38, 39]
+    assert len(room_history(core, 0, 1000, 100, now)) == 24       # older than that is gone
+    assert room_history(core, 0, 1039, 100, now) == []            # has everything
+    assert room_history(core, 0, 1039 + 0x7000, 100, now) == []   # a point ahead of the room
+    assert room_history(core, 0, 1020, 100, 5000 * MS) == []      # stale audio is never resumed
 
 
 def test_pull_listener_drains_at_its_own_pace() -> None:
