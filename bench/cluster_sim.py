@@ -16,7 +16,7 @@ What runs is the product's own code, called as the nodes call it:
   redirects   a refused join's redirect is `Sessions.redirect_for` ->
               `relay.cluster.routing.redirect` -> `Directory.pick` on that
               edge's own directory table, as the node wires it
-  alternates  once a second per edge, `routing.redirect` as the node's
+  alternates  once a second per edge, `routing.alternates` (two) as the node's
               `_choose_alternates` calls it; a listener's ACCEPT carries
               `Sessions.accept_message(...).alternate`
   records     each heartbeat's record is `routing.node_record` ->
@@ -211,6 +211,9 @@ class Joiner:
     hop_t: float
     mover: bool
     limited: int
+    alts: list[int] = field(default_factory=list)    # a mover's alternates, in its ACCEPT's order
+    later: list[int] = field(default_factory=list)   # those not yet tried in this round
+    waited: bool = False      # one of them refused this round for a reason worth waiting out
 
 
 @dataclass
@@ -253,15 +256,16 @@ def pct(values: list[float] | np.ndarray, q: float) -> float | None:
 
 
 def accept_fits(edge: Edge) -> bool:
-    """The ACCEPT with an alternate (this simulation's address length) fits
+    """The ACCEPT with two alternates (this simulation's address length) fits
     in the padded JOIN `relay listen` sends, so the node's reply rule does
     not strip the alternate: checked through Sessions' own reply path."""
     s = Session(("203.0.113.1", 40000), UDP, ROOM, 1, 1, b"12345678", 0.0, origin=(1, 2))
-    edge.alternates[ROOM] = "10.1.0.250:7000"
+    two = "10.1.0.250:7000,10.1.0.251:7000"
+    edge.alternates[ROOM] = two
     request = encode_msg(Join(ROOM, "", b"c" * 20, False, False, None))
     reply = edge.sessions._reply(edge.sessions.accept_message(s), request)
     edge.alternates.clear()
-    return reply is not None and getattr(decode_msg(reply), "alternate", "") == "10.1.0.250:7000"
+    return reply is not None and getattr(decode_msg(reply), "alternate", "") == two
 
 
 def simulate(p: Params) -> dict[str, Any]:
@@ -346,8 +350,12 @@ def simulate(p: Params) -> dict[str, Any]:
     def decide(j: Joiner, t: float) -> None:
         e = edges[j.edge]
         if not e.alive:
-            # no CHALLENGE or ACCEPT comes back: join() times out on this node
-            # and `relay listen` ends (for a move, _move_on has nowhere else)
+            # no CHALLENGE or ACCEPT comes back: join() times out on this node;
+            # a mover tries its ACCEPT's next alternate (_move_on), else
+            # `relay listen` ends
+            if j.mover:
+                next_alternate(j, t, "alternates killed too, or redirected to a dead edge")
+                return
             if j.redirects:
                 lost(j, "redirected to a dead edge")
             elif j.mover:
@@ -366,7 +374,7 @@ def simulate(p: Params) -> dict[str, Any]:
             alt = e.sessions.accept_message(r).alternate
             e.held_ips.append(j.ip)
             e.held_alts.append(alt)
-            if alt in dead_addrs:
+            if any(a in dead_addrs for a in alt.split(",")):
                 stale["accepts_naming_a_dead_alternate"] += 1
             admitted(j, c)
             return
@@ -384,7 +392,8 @@ def simulate(p: Params) -> dict[str, Any]:
                 return
             reason = Reason.NODE_FULL        # join(): raise JoinRefused(NODE_FULL, "")
         if j.mover:
-            lost(j, "refused, no wait on a move")
+            j.waited = j.waited or reason in WAITED_FOR
+            next_alternate(j, c, f"refused: {reason.name.lower()}")
             return
         pause = j.backoff * prng.uniform(0.8, 1.2)
         if reason not in WAITED_FOR:
@@ -396,6 +405,24 @@ def simulate(p: Params) -> dict[str, Any]:
             j.retries += 1
             j.hops = 0
             push(heap, (c + pause, next(seq), RETRY, j, None))
+
+    def next_alternate(j: Joiner, t: float, why: str) -> None:
+        """_move_on: the ACCEPT's next alternate; after the last, another
+        round after a backoff if one of them was only busy (rate limited,
+        full), for FULL_PATIENCE_S; else the listener gives up."""
+        j.hops = 0
+        if j.later:
+            j.edge = j.later.pop(0)
+            hop(j, t)
+            return
+        pause = j.backoff * prng.uniform(0.8, 1.2)
+        if not j.waited or t + pause > j.give_up:
+            lost(j, why if not j.waited else f"gave up after {FULL_PATIENCE_S:g} s")
+            return
+        j.edge, j.later, j.waited = j.alts[0], j.alts[1:], False
+        j.backoff = min(2 * j.backoff, FULL_BACKOFF_S[1])
+        j.retries += 1
+        push(heap, (t + pause, next(seq), RETRY, j, None))
 
     def no_answer_at(j: Joiner, t: float) -> float:
         """When the dead edge's silence ends this join: its tries run out."""
@@ -455,7 +482,8 @@ def simulate(p: Params) -> dict[str, Any]:
             e = edges[a]
             if e.alive:
                 # Node._choose_alternates, once a second
-                e.alternates[ROOM] = routing.redirect(e.directory, e.cfg, ROOM, udp=True) or e.cfg.redirect
+                e.alternates[ROOM] = ",".join(p.udp for p in routing.alternates(e.directory, e.cfg, ROOM, e.directory._rng)) \
+                    or e.cfg.redirect
                 push(heap, (t + 1.0, next(seq), ALT, a, None))
         elif kind == KILL:
             for i in killed:
@@ -473,11 +501,13 @@ def simulate(p: Params) -> dict[str, Any]:
                 for ip, alt, when in zip(e.held_ips, e.held_alts, noticed.tolist(), strict=True):
                     movers += 1
                     in_flight += 1
-                    j = Joiner(ip, next(serial), t, -1, 0, 0.0, 0.0, 0, 0, when, True, 0)
-                    if not alt or alt == e.addr or alt not in by_addr:
+                    j = Joiner(ip, next(serial), t, -1, 0, FULL_BACKOFF_S[0], when + FULL_PATIENCE_S, 0, 0, when,
+                               True, 0)
+                    alts = [by_addr[a] for a in alt.split(",") if a and a != e.addr and a in by_addr]
+                    if not alts:
                         lost(j, "no alternate")
                         continue
-                    j.edge = by_addr[alt]
+                    j.edge, j.alts, j.later = alts[0], alts, alts[1:]
                     push(heap, (when, next(seq), MOVE, j, None))
         elif kind == MOVE:
             hop(a, t)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import signal
 import time
 from functools import partial
@@ -26,7 +27,7 @@ from prometheus_client import generate_latest
 from relay import __version__
 from relay._core import Core
 from relay.cluster import routing
-from relay.cluster.directory import Directory
+from relay.cluster.directory import Directory, Peer
 from relay.cluster.pair import Aligner
 from relay.cluster.upstream import GAP_BOUNDS, Upstream, relay_token
 from relay.ingest import rules
@@ -92,9 +93,10 @@ class Node:
         if cfg.directory:
             self.directory = Directory(cfg.directory, cfg.node_id, self._describe)
             self.sessions.route = self._route
-        self._alternates: dict[str, str] = {}                  # room -> where its listeners go if we die
+        self._alternates: dict[str, list[Peer]] = {}           # room -> where its listeners go if we die
         self._alternates_at = 0.0
-        self.sessions.alternate = lambda room: self._alternates.get(room, self.cfg.redirect)
+        self._rng = random.SystemRandom()
+        self.sessions.alternate = self._alternate
         self.rates = RoomRates()
         for r in cfg.rooms:
             self._open_room(r)
@@ -329,7 +331,11 @@ class Node:
             return
         self._alternates_at = now
         for name in self.rooms:
-            self._alternates[name] = routing.alternates(self.directory, self.cfg, name) or self.cfg.redirect
+            self._alternates[name] = routing.alternates(self.directory, self.cfg, name, self._rng)
+
+    def _alternate(self, room: str) -> str:
+        """An ACCEPT's alternates: the directory's, else [node] redirect."""
+        return ",".join(p.udp for p in self._alternates.get(room, ())) or self.cfg.redirect
 
     def _route(self, room: str, transport: str) -> str:
         """A live node with room for a listener this node turns away."""
@@ -341,7 +347,8 @@ class Node:
         if room not in self.rooms:
             return None
         takes = not self.sessions.draining and self.core.listeners < self.cfg.max_listeners
-        return routing.where_to_join(room, self.cfg, self._describe() if takes else None, self.directory)
+        return routing.where_to_join(room, self.cfg, self._describe() if takes else None, self.directory,
+                                     self._alternates.get(room, ()))
 
     def _sent(self) -> None:
         """A packet was fed to the core from Python: an inline core sends it now."""

@@ -408,30 +408,46 @@ class ListenClient:
         return bool(self.via) or (self._session is not None and bool(self._session.alternate))
 
     async def _move_on(self, why: str) -> bool:
-        """Our node died: join its alternate (or ask `via`), asking for what
-        the room still holds after our last packet. False if nowhere took us."""
+        """Our node died: join its alternates in turn (then ask `via`),
+        asking for what the room still holds after our last packet. A whole
+        node's listeners move at once, and an alternate may be busy (rate
+        limited, full): another round after a backoff, for `full_patience`
+        seconds. False if nowhere took us."""
         if self._high is not None and self._session is not None and self._session.origin is not None:
             self._resume = self._high & 0xFFFF
         named = self._session.alternate if self._session is not None else ""
         here = f"{self.server[0]}:{self.server[1]}"
         # the ACCEPT names up to a few, in the order to try them
-        for alternate in [a for a in named.split(",") if a and a != here]:
-            try:
-                self.server = parse_hostport(alternate)
-                self._via = f"the alternate {here} named"
-                self._event(f"{why}: moving to {alternate}")
-                self.stats.rejoins += 1
-                await self.join(attempts=3, timeout=0.3)
-                return True
-            except (ValueError, JoinRefused, TimeoutError, Unreachable) as e:
-                self._event(f"{alternate}: {e}")
-        if self.via:
-            try:
-                await self._relocate(why)
-                return True
-            except (JoinRefused, TimeoutError, Unreachable) as e:
-                self._event(str(e))
-        return False
+        alternates = [a for a in named.split(",") if a and a != here]
+        give_up = time.monotonic() + self.full_patience
+        backoff = FULL_BACKOFF_S[0]
+        while True:
+            busy = False
+            for alternate in alternates:
+                try:
+                    self.server = parse_hostport(alternate)
+                    self._via = f"the alternate {here} named"
+                    self._event(f"{why}: moving to {alternate}")
+                    self.stats.rejoins += 1
+                    await self.join(attempts=3, timeout=0.3)
+                    return True
+                except JoinRefused as e:
+                    busy = busy or e.reason in WAITED_FOR
+                    self._event(f"{alternate}: {e}")
+                except (ValueError, TimeoutError, Unreachable) as e:
+                    self._event(f"{alternate}: {e}")
+            if self.via:
+                try:
+                    await self._relocate(why)
+                    return True
+                except (JoinRefused, TimeoutError, Unreachable) as e:
+                    self._event(str(e))
+            pause = backoff * random.uniform(0.8, 1.2)
+            if not busy or time.monotonic() + pause > give_up:
+                return False
+            self._event(f"every alternate is busy, trying again in {pause:.1f} s")
+            await asyncio.sleep(pause)
+            backoff = min(2 * backoff, FULL_BACKOFF_S[1])
 
     async def _relocate(self, why: str) -> None:
         """Ask the `via` URLs where to listen, and join there."""

@@ -250,14 +250,19 @@ class Directory:
         thousands of joiners between two heartbeats, and they must spread
         over the cluster rather than all go to the peer that looked emptiest
         a second ago."""
-        now = time.monotonic()
-        fits = [p for p in self.peers.values()
-                if not p.draining and p.spare > 0 and now - p.seen <= STALE_S
-                and (not tier or p.tier == tier) and p.udp != exclude]
-        carrying = [p for p in fits if room in p.rooms]
-        fits = carrying or fits
+        fits = self.live(room, tier, exclude)
         if not fits:
             return None
         peer = self._rng.choices(fits, weights=[p.spare for p in fits])[0]
         peer.listeners += 1
         return peer
+
+    def live(self, room: str, tier: str = "", exclude: str = "") -> list[Peer]:
+        """The peers pick() chooses among: live, not draining, with spare
+        capacity, of `tier` if given, and only those carrying `room` if any
+        do. Nothing is counted against them."""
+        now = time.monotonic()
+        fits = [p for p in self.peers.values()
+                if not p.draining and p.spare > 0 and now - p.seen <= STALE_S
+                and (not tier or p.tier == tier) and p.udp != exclude]
+        return [p for p in fits if room in p.rooms] or fits

@@ -2,9 +2,10 @@
 listener it turns away, and the answer to GET /join."""
 from __future__ import annotations
 
-from typing import Any
+import random
+from typing import Any, Sequence
 
-from relay.cluster.directory import Directory
+from relay.cluster.directory import Directory, Peer
 from relay.cluster.records import Record, record_key
 from relay.wire.config import NodeConfig
 
@@ -33,31 +34,40 @@ def redirect(directory: Directory, cfg: NodeConfig, room: str, udp: bool) -> str
     return peer.udp if udp else peer.quic
 
 
-def alternates(directory: Directory, cfg: NodeConfig, room: str, count: int = 2) -> str:
+def alternates(directory: Directory, cfg: NodeConfig, room: str, rng: random.Random,
+               count: int = 2) -> list[Peer]:
     """Up to `count` different live nodes a listener of `room` may move to
-    if this node dies, in the order to try them ("a:p,b:p"; "" if none).
-    Two, because nodes die together (a rack, a zone): a listener whose one
-    alternate died with its node would have nowhere to go."""
-    picked: list[str] = []
-    for _ in range(2 * count):
-        where = redirect(directory, cfg, room, udp=True)
-        if where and where not in picked:
-            picked.append(where)
-        if len(picked) == count:
-            break
-    return ",".join(picked)
+    if this node dies, in the order to try them, drawn as pick() draws
+    (weighted by spare room) but not counted as joins: they are told to
+    every new listener for a second, and most never go. Two, because nodes
+    die together (a rack, a zone): a listener whose one alternate died with
+    its node would have nowhere to go."""
+    fits = directory.live(room, tier=cfg.tier, exclude=cfg.advertise)
+    picked: list[Peer] = []
+    while fits and len(picked) < count:
+        peer = rng.choices(fits, weights=[p.spare for p in fits])[0]
+        picked.append(peer)
+        fits = [p for p in fits if p is not peer]
+    return picked
 
 
 def where_to_join(room: str, cfg: NodeConfig, me: dict[str, Any] | None,
-                  directory: Directory | None) -> dict[str, Any]:
+                  directory: Directory | None, moves: Sequence[Peer] = ()) -> dict[str, Any]:
     """GET /join: this node (`me`, its record, if it would take a listener
-    now), else the directory's pick; empty addresses if nobody can."""
+    now), else the directory's pick; empty addresses if nobody can. Its
+    `alternates` say where a page should move if the node it plays from
+    dies: `moves` (this node's alternates for the room), those with
+    WebTransport."""
     if me is not None and cfg.advertise:
-        return {"room": room, "node": cfg.node_id, "udp": me["udp"], "quic": me["quic"],
-                "webtransport": me["webtransport"], "cert_sha256": me["cert"]}
-    if directory is not None:
-        peer = directory.pick(room, tier=cfg.tier, exclude=cfg.advertise)
+        where = {"room": room, "node": cfg.node_id, "udp": me["udp"], "quic": me["quic"],
+                 "webtransport": me["webtransport"], "cert_sha256": me["cert"]}
+    else:
+        peer = directory.pick(room, tier=cfg.tier, exclude=cfg.advertise) if directory is not None else None
         if peer is not None:
-            return {"room": room, "node": peer.id, "udp": peer.udp, "quic": peer.quic,
-                    "webtransport": peer.webtransport, "cert_sha256": peer.cert}
-    return {"room": room, "node": "", "udp": "", "quic": "", "webtransport": "", "cert_sha256": ""}
+            where = {"room": room, "node": peer.id, "udp": peer.udp, "quic": peer.quic,
+                     "webtransport": peer.webtransport, "cert_sha256": peer.cert}
+        else:
+            where = {"room": room, "node": "", "udp": "", "quic": "", "webtransport": "", "cert_sha256": ""}
+    where["alternates"] = [{"node": p.id, "webtransport": p.webtransport, "cert_sha256": p.cert}
+                           for p in moves if p.webtransport]
+    return where

@@ -111,7 +111,8 @@ def test_join_answers_where_to_connect(tmp_path) -> None:
     try:
         assert _registered(r, ["a", "b"])
         time.sleep(1.2)
-        no_quic = {"quic": "", "webtransport": "", "cert_sha256": ""}
+        # no QUIC here: no alternate a page could move to either
+        no_quic = {"quic": "", "webtransport": "", "cert_sha256": "", "alternates": []}
         assert a.get("/join?room=live") == (200, {"room": "live", "node": "a", "udp": a.udp, **no_quic})
         assert a.get("/join?room=nowhere")[0] == 404
 
