@@ -482,8 +482,8 @@ def simulate(p: Params) -> dict[str, Any]:
             e = edges[a]
             if e.alive:
                 # Node._choose_alternates, once a second
-                e.alternates[ROOM] = ",".join(p.udp for p in routing.alternates(e.directory, e.cfg, ROOM, e.directory._rng)) \
-                    or e.cfg.redirect
+                picked = routing.alternates(e.directory, e.cfg, ROOM, e.directory._rng)
+                e.alternates[ROOM] = ",".join(p.udp for p in picked) or e.cfg.redirect
                 push(heap, (t + 1.0, next(seq), ALT, a, None))
         elif kind == KILL:
             for i in killed:

@@ -249,8 +249,8 @@ class ListenClient:
             # a move's missed audio comes ahead of the ACCEPT, and the new
             # node's live audio may overtake it: oldest first, so none of it
             # counts as a gap given up
-            early.sort(key=lambda d: (struct.unpack_from("!H", d, 2)[0] - msg.origin[0] - (self._high or 0)
-                                      + 0x8000) & 0xFFFF)
+            base = msg.origin[0] + (self._high or 0) - 0x8000
+            early.sort(key=lambda d: (struct.unpack_from("!H", d, 2)[0] - base) & 0xFFFF)
         for data in early:          # the join's burst, if it beat the ACCEPT here
             if struct.unpack_from("!I", data, 8)[0] == msg.ssrc:
                 self._datagram(data)
