@@ -326,7 +326,8 @@ def frame(msg: Message) -> bytes:
     handshake already proved the address.)"""
     body = encode(msg)
     if isinstance(msg, Join):
-        body = body[:HEADER.size + 4 + len(msg.room.encode()) + len(msg.token.encode()) + len(msg.cookie)]
+        body = body[:HEADER.size + 4 + len(msg.room.encode()) + len(msg.token.encode()) + len(msg.cookie)
+                    + (2 if msg.resume is not None else 0)]
     return struct.pack("!H", len(body)) + body
 
 

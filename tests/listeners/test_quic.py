@@ -357,3 +357,28 @@ def test_a_key_update_mid_stream_keeps_the_audio(tmp_path) -> None:
         publisher.kill()
         publisher.wait()
         assert stop(relay.proc) == 0
+
+
+def test_a_keepalive_on_the_control_stream_is_echoed(tmp_path) -> None:
+    """A listener that hears no audio asks whether the node is there: the
+    node echoes its KEEPALIVE, as over UDP (the page moves on no echo)."""
+    from relay.wire.protocol import Keepalive, frame
+    relay, server, cert = quic_relay(tmp_path)
+
+    async def probe() -> object:
+        client = QuicListenClient(server, relay.room, cert_sha256=cert)
+        try:
+            acc = await client.join()
+            conn = client._conn
+            assert conn is not None
+            conn._quic.send_stream_data(client._stream, frame(Keepalive(acc.session_id)))
+            conn.transmit()
+            return await asyncio.wait_for(conn.control.get(), 5)
+        finally:
+            await client.aclose()
+    try:
+        echo = asyncio.run(probe())
+        assert isinstance(echo, Keepalive), echo
+        assert metric(relay.get("/metrics")[1], "relay_quic_stream_errors_total") == 0
+    finally:
+        assert stop(relay.proc) == 0

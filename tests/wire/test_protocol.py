@@ -322,3 +322,11 @@ def test_a_node_below_gets_the_room_in_the_origins_numbering() -> None:
                       sockaddr=to_sockaddr(("127.0.0.1", 2)))
     assert node.role == "relay" and node.ssrc == relay_ssrc("demo")
     assert listener.role == "listen" and listener.ssrc != relay_ssrc("demo")
+
+
+def test_a_framed_join_keeps_its_resume_point_and_a_keepalive_frames() -> None:
+    from relay.wire.protocol import FrameReader, frame
+    reader = FrameReader()
+    msgs = reader.feed(frame(Join("demo", "tok", resume=0xBEEF)) + frame(Keepalive(b"12345678")))
+    assert msgs == [Join("demo", "tok", b"", resume=0xBEEF), Keepalive(b"12345678")]
+    assert reader.feed(frame(Join("demo", "tok"))) == [Join("demo", "tok")]

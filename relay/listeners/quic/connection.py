@@ -21,7 +21,8 @@ from aioquic.quic.events import (ConnectionTerminated, HandshakeCompleted, QuicE
 from relay.listeners.load import QuicLoad
 from relay.listeners.quic.path import Link, first_hp
 from relay.listeners.sessions import Session
-from relay.wire.protocol import WEBTRANSPORT_PATH, Accept, FrameReader, Join, Leave, ProtocolError, Reject, frame
+from relay.wire.protocol import (WEBTRANSPORT_PATH, Accept, FrameReader, Join, Keepalive, Leave, ProtocolError, Reject,
+                                 frame)
 
 # datagrams queued inside a connection before we stop pulling from its ring:
 # enough to fill a congestion window's worth between two fan-outs, little
@@ -147,6 +148,11 @@ class ListenerConnection(QuicConnectionProtocol):
             elif isinstance(msg, Leave):
                 self.endpoint.leave(self, "left")
                 self._close("leave")
+            elif isinstance(msg, Keepalive) and stream_id == self.join_stream:
+                # echoed, as over UDP: a page that hears no audio asks
+                # whether the node is still there (a silent publisher) or
+                # gone (time to move)
+                self.send_framed(frame(msg))
             else:
                 self.endpoint.counters.stream_errors += 1
 

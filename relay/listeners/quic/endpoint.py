@@ -155,7 +155,7 @@ class QuicEndpoint(QuicCertificates):
         paths = conn._quic._network_paths
         peer = paths[0].addr if paths else ("", 0)
         joined = self.sessions.join(conn, conn.transport_name, msg.room, msg.token, str(peer[0]),
-                                    time.monotonic(),
+                                    time.monotonic(), resume=msg.resume,
                                     transport_full=lambda: self.load.full(len(self.sessions.pulled()),
                                                                           self.sessions.cfg.max_load))
         if isinstance(joined, Reject):

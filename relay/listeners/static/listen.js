@@ -10,11 +10,17 @@ const RETRY = ["node_full", "room_full", "rate_limited", "draining"];
 const REASONS = ["", "bad_request", "unsupported_version", "bad_token", "expired_token",
   "wrong_room", "unknown_room", "node_full", "room_full", "stale_cookie", "unknown_session",
   "draining", "wrong_role", "rate_limited", "token_in_use", "stage_full", "no_stage"];
-const MAGIC = 0x0b, VERSION = 1, JOIN = 1, ACCEPT = 3, REJECT = 4, SPEAKERS = 7;
+const MAGIC = 0x0b, VERSION = 1, JOIN = 1, ACCEPT = 3, REJECT = 4, KEEPALIVE = 5, SPEAKERS = 7;
+const JOIN_RESUME = 0x04, ACCEPT_ORIGIN = 0x02;
 const PLAYOUT_DELAY = 0.08;   // seconds of audio scheduled ahead, absorbs jitter
-// with ?via=URL (a node's /join), a node silent this long is taken for gone
-// and the page asks there where to listen instead
-const FOLLOW_MS = 2000;
+// no audio for this long: ask the node (a KEEPALIVE it echoes) whether it is
+// still there; no echo within as long again and it is taken for dead, and
+// the page moves to an alternate (docs/cluster.md, as `relay listen` does)
+const PROBE_MS = 250;
+// a node that answers our probes while the room is quiet is asked again this often
+const QUIET_PROBE_MS = 1000;
+// how long a node we move to has to take the connection before we try the next
+const MOVE_CONNECT_MS = 1500;
 
 const params = new URLSearchParams(location.search);
 const st = window.relayListener = {
@@ -22,11 +28,16 @@ const st = window.relayListener = {
   packets: 0, bytes: 0, lost: 0, framesDecoded: 0, decodeErrors: 0,
   bitrateKbps: 0, levelDb: -Infinity, pitchHz: 0, audio: "off", ssrc: 0, retries: 0,
   moves: 0, node: "", transport: "",
+  alternates: [],  // where to move if our node dies: {node, webtransport, cert_sha256}, from /join
+  moveSilenceMs: 0, // the gap in audio the last move cost, from the last packet before to the first after
   speakers: [],   // who is on the room's stage: {id, name, level (-dBov), speaking}
 };
 const via = params.get("via");
 let generation = 0;          // each connection's number: a dead one's errors are not ours
 let lastDatagram = 0;
+let gapSince = 0;            // moving: when the last packet before the move came
+let session = null;          // the live session: {writer, sessionId}, for probes
+let probeAt = 0, echoAt = 0; // when we last asked the node if it is there, and it last answered
 const $ = (id) => document.getElementById(id);
 $("room").textContent = st.room;
 
@@ -68,16 +79,27 @@ function hexBytes(hex) {
 
 // ------------------------------------------------------------ control stream
 
-function framedJoin(room, token) {
+// `resume`: moving from a dead node, the last origin sequence number we
+// have; the new node sends what it still holds after it
+function framedJoin(room, token, resume) {
   const enc = new TextEncoder(), r = enc.encode(room), t = enc.encode(token);
-  const n = 4 + 1 + r.length + 2 + t.length + 1;
+  const extra = resume === null ? 0 : 2;
+  const n = 4 + 1 + r.length + 2 + t.length + 1 + extra;
   const b = new Uint8Array(2 + n), v = new DataView(b.buffer);
   v.setUint16(0, n);
-  b.set([MAGIC, VERSION, JOIN, 0, r.length], 2);
+  b.set([MAGIC, VERSION, JOIN, resume === null ? 0 : JOIN_RESUME, r.length], 2);
   b.set(r, 7);
   v.setUint16(7 + r.length, t.length);
   b.set(t, 9 + r.length);
   b[9 + r.length + t.length] = 0;      // no cookie: QUIC already proved our address
+  if (extra) v.setUint16(10 + r.length + t.length, resume & 0xffff);
+  return b;
+}
+
+function framedKeepalive(sessionId) {
+  const b = new Uint8Array(2 + 4 + sessionId.length);
+  b.set([0, 4 + sessionId.length, MAGIC, VERSION, KEEPALIVE, 0]);
+  b.set(sessionId, 6);
   return b;
 }
 
@@ -102,7 +124,13 @@ async function* frames(readable) {
 function parseControl(m) {
   if (m.length < 4 || m[0] !== MAGIC) throw new Error("not a relay control message");
   const v = new DataView(m.buffer, m.byteOffset, m.byteLength);
-  if (m[2] === ACCEPT) return { type: "accept", ssrc: v.getUint32(12) };
+  if (m[2] === ACCEPT) {
+    // with ACCEPT_ORIGIN: the session's offsets from the origin's numbering
+    // (the same packet has the same origin number on every node)
+    const origin = (m[3] & ACCEPT_ORIGIN) && m.length >= 31 ? v.getUint16(24) : null;
+    return { type: "accept", sessionId: m.slice(4, 12), ssrc: v.getUint32(12), origin };
+  }
+  if (m[2] === KEEPALIVE) return { type: "keepalive" };
   if (m[2] === REJECT) {
     const redirect = new TextDecoder().decode(m.subarray(6, 6 + m[5]));
     return { type: "reject", reason: REASONS[m[4]] || "reason " + m[4], redirect };
@@ -220,7 +248,9 @@ function makeDecoder() {
 
 // ------------------------------------------------------------------- RTP in
 
-let highSeq = -1, firstSeq = -1, tsBase = -1;
+// highSeq and firstSeq count in the origin's numbering where the node gives
+// it, and then carry across moves: a gap a move left is counted as lost
+let highSeq = -1, firstSeq = -1, tsBase = -1, seqOff = null;
 
 function onDatagram(d, decoder) {
   if (d.length < 12 || (d[0] >> 6) !== 2) return;
@@ -230,15 +260,21 @@ function onDatagram(d, decoder) {
   let end = d.length;
   if (d[0] & 0x20) end -= d[end - 1];
   if (off >= end) return;
-  const seq = v.getUint16(2), ts = v.getUint32(4);
-  lastDatagram = performance.now();
+  const seq = (v.getUint16(2) - (seqOff || 0)) & 0xffff, ts = v.getUint32(4);
+  const now = performance.now();
+  if (gapSince) { st.moveSilenceMs = Math.round(now - gapSince); gapSince = 0; }
+  lastDatagram = now;
   st.packets++;
   st.bytes += d.length;
   window1s.push([performance.now(), d.length]);
   // extended sequence numbers; a gap is loss (the relay never reorders)
   if (highSeq < 0) { highSeq = firstSeq = seq; } else {
     const delta = ((seq - (highSeq & 0xffff) + 0x8000) & 0xffff) - 0x8000;
-    if (delta > 0) { st.lost += delta - 1; highSeq += delta; }
+    // a packet we have had (a moved-to node's burst repeats the newest we
+    // heard before the move) is not played twice
+    if (delta <= 0) return;
+    st.lost += delta - 1;
+    highSeq += delta;
   }
   if (tsBase < 0) tsBase = ts;
   const tsRel = (ts - tsBase) >>> 0;   // the chunk timestamp only labels frames; wrapping after a day is harmless
@@ -284,24 +320,64 @@ async function goWhereJoinSays(why) {
   return true;
 }
 
-// our node went silent: ask ?via= where to listen now, and go there
-async function moveOn() {
-  const where = await askJoin(via);
-  if (!where) throw new Error("no node to move to");
-  st.moves++;
-  setState("moving", "to " + where.node);
-  return listen({ url: where.webtransport, cert: where.cert_sha256, node: where.node });
+// where to move if this node dies, as the node that served this page sees
+// it now (its /join names the room's alternates): asked after each join
+async function refreshAlternates() {
+  const where = await askJoin("/join").catch(() => null);
+  if (where && where.alternates) st.alternates = where.alternates.filter((a) => a.node !== st.node);
 }
 
-setInterval(() => {
-  // a node that died shows as silence, or as the connection closing under us
-  if (via && ["joined", "playing", "click-to-play", "closed"].includes(st.state) && performance.now() - lastDatagram > FOLLOW_MS) {
-    setState("lost", "nothing from the node for " + FOLLOW_MS / 1000 + " s");
-    moveOn().catch((e) => setState("error", e.message || e));
+// our node is gone: its alternates in turn, then ?via=, asking each for
+// what it still holds after our last packet
+async function moveOn(why) {
+  gapSince = lastDatagram;
+  const tried = st.node;
+  const targets = st.alternates.filter((a) => a.node !== tried && a.webtransport)
+    .map((a) => ({ url: a.webtransport, cert: a.cert_sha256, node: a.node }));
+  if (via) {
+    const where = await askJoin(via).catch(() => null);
+    if (where && where.node !== tried) targets.push({ url: where.webtransport, cert: where.cert_sha256, node: where.node });
   }
-}, 500);
+  if (!targets.length) throw new Error(why + ", and no node to move to");
+  st.moves++;
+  for (const t of targets) {
+    setState("moving", why + ", to " + t.node);
+    try {
+      await listen(t, { connectMs: MOVE_CONNECT_MS, resume: highSeq >= 0 && seqOff !== null ? highSeq : null });
+      return;
+    } catch (e) {
+      if (st.state === "playing" || st.state === "click-to-play") return;   // it played, then ended
+    }
+  }
+  setState("error", why + ", and no alternate took us");
+}
 
-async function listen(target) {
+let moving = false;
+setInterval(() => {
+  if (moving || !["joined", "playing", "click-to-play", "closed"].includes(st.state)) return;
+  const now = performance.now();
+  const dead = (why) => {
+    moving = true;
+    setState("lost", why);
+    moveOn(why).catch((e) => setState("error", e.message || e)).finally(() => { moving = false; });
+  };
+  // the connection closed under us without a word from the node: it is gone
+  if (st.state === "closed") return dead("the connection to " + st.node + " closed");
+  if (now - lastDatagram < PROBE_MS) { probeAt = 0; return; }
+  if (probeAt && echoAt < probeAt && now - probeAt > PROBE_MS) {
+    return dead("no audio and no answer from " + st.node + " for " + Math.round(now - lastDatagram) + " ms");
+  }
+  if (session && (!probeAt || (echoAt >= probeAt && now - probeAt > QUIET_PROBE_MS))) {
+    probeAt = now;
+    session.writer.write(framedKeepalive(session.sessionId)).catch(() => {});
+  }
+}, 50);
+
+// join `target` (else this page's own node); resolves once joined, and
+// plays until the session ends. `how.resume`: the origin sequence number to resume after (a move);
+// `how.connectMs`: give up on a node that does not take the connection by
+// then, and on a refusal (a move tries the next node instead of waiting)
+async function listen(target, how = {}) {
   if (!("WebTransport" in window)) {
     setTransport("none: this browser lacks WebTransport");
     setState("error", "this browser lacks WebTransport");
@@ -328,7 +404,13 @@ async function listen(target) {
   st.node = node.node || location.host;
   setState("connecting");
   const wt = new WebTransport(node.url, opts);
-  await wt.ready;
+  if (how.connectMs) {
+    let timer;
+    const late = new Promise((_, fail) => { timer = setTimeout(() => fail(new Error("no answer from " + st.node)), how.connectMs); });
+    try { await Promise.race([wt.ready, late]); } catch (e) { wt.close(); throw e; } finally { clearTimeout(timer); }
+  } else {
+    await wt.ready;
+  }
   // a close after a refusal or an error keeps that message on screen; a
   // connection we have moved on from says nothing
   const closed = (why) => {
@@ -337,7 +419,7 @@ async function listen(target) {
   wt.closed.then(() => closed(""), (e) => closed(e.message));
   const stream = await wt.createBidirectionalStream();
   const w = stream.writable.getWriter();
-  await w.write(framedJoin(st.room, params.get("token") || ""));
+  await w.write(framedJoin(st.room, params.get("token") || "", how.resume ?? null));
   setState("joining");
   const control = frames(stream.readable);
   const first = await control.next();
@@ -345,6 +427,7 @@ async function listen(target) {
   const answer = parseControl(first.value);
   if (answer.type === "reject") {
     wt.close();
+    if (how.connectMs) throw new Error(st.node + ": " + answer.reason);
     if (RETRY.includes(answer.reason)) {
       // a node in a cluster knows one with room: ask it (or ?via=) and go there
       if (await goWhereJoinSays(answer.reason)) return;
@@ -364,29 +447,39 @@ async function listen(target) {
   }
   st.retries = 0;
   st.ssrc = answer.ssrc;
-  // a new session numbers its packets its own way
-  highSeq = firstSeq = tsBase = -1;
+  // a new session numbers its packets its own way: counted on in the
+  // origin's numbering where both sessions give it, else from scratch
+  if (answer.origin === null || seqOff === null) highSeq = firstSeq = -1;
+  seqOff = answer.origin;
+  tsBase = -1;
+  session = { writer: w, sessionId: answer.sessionId };
+  probeAt = 0;
   lastDatagram = performance.now();
   setState("joined");
+  refreshAlternates();
   const decoder = makeDecoder();
   // later control messages: the node draining or the room going away
   (async () => {
     for await (const m of control) {
       const msg = parseControl(m);
       if (msg.type === "speakers") { st.speakers = msg.speakers; renderStage(); continue; }
+      if (msg.type === "keepalive") { echoAt = performance.now(); continue; }
       if (msg.type !== "reject") continue;
       setState("ended", msg.reason + (msg.redirect ? ", go to " + msg.redirect : ""));
       // a draining node in a cluster: its /join names where to go on
       if (msg.reason === "draining" && gen === generation) await goWhereJoinSays("draining");
     }
   })().catch(() => {});
-  const reader = wt.datagrams.readable.getReader();
-  for (;;) {
-    const { value, done } = await reader.read().catch(() => ({ done: true }));
-    if (done || gen !== generation) break;
-    onDatagram(value, decoder);
-  }
-  if (gen !== generation) wt.close();
+  // played in the background: a move awaits only the join
+  (async () => {
+    const reader = wt.datagrams.readable.getReader();
+    for (;;) {
+      const { value, done } = await reader.read().catch(() => ({ done: true }));
+      if (done || gen !== generation) break;
+      onDatagram(value, decoder);
+    }
+    if (gen !== generation) wt.close();
+  })();
 }
 
 function render() {
