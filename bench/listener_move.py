@@ -11,7 +11,8 @@ SIGKILL after 3 s (a little later in each run, so the kill lands at
 different points of a 20 ms frame). Twice: with edge 2 already carrying
 the room (a listener of its own), and with edge 2 idle (it subscribes
 when the first mover arrives). Prints, per case, the packets each listener
-missed: median and worst over every listener of every run.
+missed and its longest silence: median and worst over every listener of
+every run.
 """
 from __future__ import annotations
 
@@ -39,8 +40,8 @@ from tests.rtp import rtp  # noqa: E402
 PACKETS, KILL_AT = 450, 150      # 9 s at 50 packets a second; the edge dies after 3 s
 
 
-def one_run(run: int, listeners: int, carried: bool) -> list[int]:
-    """Packets missed by each listener of one run."""
+def one_run(run: int, listeners: int, carried: bool) -> list[tuple[int, float]]:
+    """Packets missed by each listener of one run, and its longest silence."""
     tmp = Path(tempfile.mkdtemp(prefix="relay-move-"))
     origin = Node(tmp, "origin")
     e2 = Node(tmp, "edge2", upstream=[origin])
@@ -65,10 +66,10 @@ def one_run(run: int, listeners: int, carried: bool) -> list[int]:
         missed = []
         for p in procs:
             err = p.communicate(timeout=30)[1]
-            m = re.search(r"received \d+ packets .* lost (\d+)", err)
+            m = re.search(r"received \d+ packets .* lost (\d+),.* longest silence ([\d.]+) s", err)
             if m is None:
                 raise RuntimeError(f"a listener did not finish: {err[-400:]}")
-            missed.append(int(m.group(1)))
+            missed.append((int(m.group(1)), float(m.group(2))))
         return missed
     finally:
         pub.close()
@@ -92,11 +93,14 @@ def main() -> None:
     args = ap.parse_args()
     result = {}
     for carried in (True, False):
-        missed = [n for run in range(args.runs) for n in one_run(run, args.listeners, carried)]
+        rows = [r for run in range(args.runs) for r in one_run(run, args.listeners, carried)]
+        missed, silent = [r[0] for r in rows], [r[1] for r in rows]
         case = "alternate carries the room" if carried else "alternate idle"
         result[case] = {"missed": missed, "p50": statistics.median(missed), "max": max(missed),
-                        "silence_s_max": max(missed) * 0.02}
-        print(f"{case}: packets missed per listener p50 {statistics.median(missed):g}, max {max(missed)} "
+                        "silence_s": silent, "silence_s_p50": statistics.median(silent),
+                        "silence_s_max": max(silent)}
+        print(f"{case}: packets missed per listener p50 {statistics.median(missed):g}, max {max(missed)}; "
+              f"longest silence p50 {statistics.median(silent):.2f} s, max {max(silent):.2f} s "
               f"({args.runs} runs x {args.listeners} listeners)", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -246,7 +246,8 @@ def cmd_listen(args: argparse.Namespace) -> None:
             await client.aclose()
         stats = client.stats
         print(f"received {stats.received} packets ({stats.bytes} bytes), delivered "
-              f"{stats.delivered}, lost {stats.lost}, NACKs {stats.nacks_sent}", file=sys.stderr)
+              f"{stats.delivered}, lost {stats.lost}, NACKs {stats.nacks_sent}, "
+              f"longest silence {stats.longest_silence:.2f} s", file=sys.stderr)
         if stopped:
             return 0
         if stats.received == 0:

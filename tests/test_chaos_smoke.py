@@ -1,8 +1,8 @@
 """The chaos bench's short form (bench/chaos.py --smoke): a live tree with an
 origin pair, each part killed in turn, run once for the tests below. What
 holds today is asserted on packet counts: a mid's death and either origin's
-death cost the edges' listeners nothing, and every event is in the report
-with an outcome. A crashed publisher's successor heard within the takeover
+death cost the edges' listeners nothing, listeners on an edge that dies
+move and resume, and every event is in the report with an outcome. A crashed publisher's successor heard within the takeover
 window and a margin is the bench's goal but does not hold every time yet
 behind an origin pair (in some runs the edges stay silent for seconds,
 longer than the window), so that test is an expected failure until it does."""
@@ -47,6 +47,11 @@ def test_every_event_is_reported_with_an_outcome(chaos: dict) -> None:
     edge = chaos["edge"]
     assert edge["outcome"] != "failed" and edge["listeners"]["listeners"] == 5, edge
     assert edge["other_edges"]["missing"]["max"] == 0, edge
+    # its `relay listen` processes moved to an alternate and got what they
+    # missed from its history (about a second of it: a machine slower than
+    # that to notice and move leaves a few packets, counted)
+    movers = edge["movers"]
+    assert movers["listeners"] == movers["moved"] == 4 and movers["missing"]["max"] <= 5, movers
 
 
 @pytest.mark.parametrize("key", ["origin_lead", "origin_follow", "mid0", "mid1"])

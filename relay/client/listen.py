@@ -81,6 +81,9 @@ class ListenStats:
     joined_at: float | None = None
     rejoins: int = 0
     ssrc: int = 0
+    # the longest time between two audio packets, moves included (a quiet
+    # publisher's pauses too: it is what the listener heard)
+    longest_silence: float = 0.0
     events: list[str] = field(default_factory=list)
 
 
@@ -127,6 +130,7 @@ class ListenClient:
         self.full_patience = 0.0
         self.last_audio = time.monotonic()   # when the node last sent us audio
         self._resume: int | None = None      # the origin sequence number to resume after, on a move
+        self._packet_at: float | None = None  # when the last audio packet came, across moves
         # audio that came before its session's ACCEPT (the node's sender
         # threads can beat its event loop): kept until the ACCEPT says whose
         self._early: list[bytes] = []
@@ -317,6 +321,9 @@ class ListenClient:
                 self._early.append(data)
             return
         self.last_audio = self.last_heard
+        if self._packet_at is not None:
+            self.stats.longest_silence = max(self.stats.longest_silence, self.last_heard - self._packet_at)
+        self._packet_at = self.last_heard
         # counted in the origin's numbering where the node tells it, so a
         # move to another node neither hides a gap nor opens a false one
         origin = self._session.origin
