@@ -2,11 +2,9 @@
 origin pair, each part killed in turn, run once for the tests below. What
 holds today is asserted on packet counts: a mid's death and either origin's
 death cost the edges' listeners nothing, listeners on an edge that dies
-move and resume, and every event is in the report with an outcome. A
-crashed publisher's successor heard within the takeover window and a margin
-is the bench's goal but does not hold every time yet behind an origin pair
-(in some runs the edges stay silent for seconds, longer than the window),
-so that test is an expected failure until it does."""
+move and resume, a crashed publisher's successor is heard within the
+takeover window and a margin, and every event is in the report with an
+outcome."""
 from __future__ import annotations
 
 import json
