@@ -55,7 +55,7 @@ class StageWorker:
 
     def _run(self) -> None:
         while True:
-            active = [st for st in self.stages.values() if st.voices]
+            active = [st for st in self.stages.values() if ticking(st)]
             wait = None
             if active:
                 wait = max(0.0, (min(st.tick_ns for st in active) - time.monotonic_ns()) / 1e9)
@@ -88,7 +88,7 @@ class StageWorker:
         out: list[Output] = []
         now = time.monotonic_ns()
         for st in self.stages.values():
-            if not st.voices:
+            if not ticking(st):
                 continue
             behind = (now - st.tick_ns) // FRAME_NS
             if behind >= MAX_CATCH_UP:   # held up for long: skip ahead rather than mix a backlog
@@ -105,3 +105,9 @@ class StageWorker:
                     st.next_t += FRAME
                 st.busy_ns += time.thread_time_ns() - t0
         return out
+
+
+def ticking(st: Stage) -> bool:
+    """A stage ticks once it has voices and its first packet has set its
+    clock: before that, tick_ns is 0 and every frame since boot would look due."""
+    return bool(st.voices) and st.tick_ns > 0

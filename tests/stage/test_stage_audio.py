@@ -233,3 +233,24 @@ def test_only_speakers_with_a_voice_in_the_mix_cost_an_encode() -> None:
     assert set(mixer.minus) == {0, 1}
     mixer.frame(voices[:1], listeners, 20 * FRAME, 0)
     assert set(mixer.minus) == {0}
+
+
+def test_a_speaker_who_has_not_spoken_yet_moves_no_clock() -> None:
+    """On stage but silent: the stage has no clock yet (its first packet sets
+    it), so its worker neither counts the machine's uptime as skipped ticks
+    nor moves the timeline (it counted 1,058,769 after one 2 s speaker)."""
+    async def run() -> tuple[int, int]:
+        port = free_port()
+        node = Node(load(node_config(port)))
+        await node.start()
+        try:
+            quiet = SpeakerClient(f"127.0.0.1:{port}", "stage")
+            await quiet.join()
+            await asyncio.sleep(0.3)
+            st = node.stages.worker.stages["stage"]
+            quiet.close()
+            return node.stages.worker.skipped_ticks, st.next_t
+        finally:
+            node.close()
+    skipped, next_t = asyncio.run(run())
+    assert skipped == 0 and next_t == 0, (skipped, next_t)
