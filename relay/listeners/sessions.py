@@ -101,6 +101,7 @@ class SessionCounters:
     rejections: Counter = field(default_factory=Counter)
     rate_limited: Counter = field(default_factory=Counter)
     rejections_load: int = 0      # of the node_full rejections, those for load
+    replaced: int = 0             # speakers' sessions ended by the same speaker joining again
     resumes: int = 0              # joins that moved here with a resume point
     resumed_packets: int = 0      # packets they were sent from the room's history
 
@@ -256,6 +257,14 @@ class Sessions:
         except TokenError as e:
             return self._refuse(e.reason)
         role = str(claims["role"])
+        if speaker and claims.get("sub") and self.stages is not None:
+            # one speaker (one `sub`) holds one seat: a speaker that rejoins
+            # (its process killed and relaunched, another device) replaces
+            # its old session at once, rather than wait for it to time out
+            old = self.stages.holder(room_name, str(claims["sub"]))
+            if old is not None and old != key and old in self.table:
+                self.end(old, "replaced")
+                self.counters.replaced += 1
         if not self.limiter.allow_node(now):
             self.counters.rate_limited["node"] += 1
             return self._refuse(Reason.RATE_LIMITED, redirect())
@@ -385,7 +394,8 @@ class Sessions:
 
     def end(self, key: Hashable, why: str) -> Session | None:
         """End the session under `key`, if there is one; `why` is "left"
-        (LEAVE, or a closed connection) or "timeout", for the counters."""
+        (LEAVE, or a closed connection), "timeout" or "replaced" (its
+        speaker joined again), for the counters."""
         s = self.table.get(key)
         if s is None:
             return None

@@ -113,6 +113,10 @@ class Stages:
              f"({on_stage + 1} of {self.limits[room]})", room=room, speaker=speaker_id)
         return index
 
+    def holder(self, room: str, speaker_id: str) -> Hashable | None:
+        """The session that holds `speaker_id`'s seat on `room`'s stage, if any."""
+        return next((m.key for m in self.members.values() if m.room == room and m.speaker_id == speaker_id), None)
+
     def leave(self, key: Hashable) -> None:
         """A speaker's session ended (left, timed out, the room went)."""
         m = self.members.pop(key, None)

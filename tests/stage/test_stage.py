@@ -187,6 +187,28 @@ def test_a_killed_speaker_times_out_and_the_mix_goes_on(tmp_path) -> None:
         stop(relay.proc)
 
 
+def test_a_killed_speaker_relaunched_takes_its_seat_back_at_once(tmp_path) -> None:
+    """A full stage (max_speakers = 1): Ann's process is killed, no LEAVE,
+    and relaunched at once. Her new session replaces the stale one (the
+    same `sub` holds one seat), instead of being refused stage_full until
+    the dead session times out (10-13 s), and she is listed once."""
+    relay = start_relay(tmp_path, auth="jwt", extra_room=STAGE + "max_speakers = 1\n")
+    try:
+        first = speaker(relay, "ann", 30.0)
+        time.sleep(1.5)
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=10)
+        again = speaker(relay, "ann", 2.0)
+        time.sleep(1.0)
+        on_stage = next(r for r in json.loads(relay.get("/rooms")[1])["rooms"] if r["name"] == "stage")["stage"]
+        out = finish(again)[0]
+        assert again.returncode == 0 and "stage_full" not in out, out
+        assert [s["name"] for s in on_stage["speakers"]] == ["Ann"], on_stage
+        assert 'relay_speakers_replaced_total 1.0' in relay.get("/metrics")[1]
+    finally:
+        stop(relay.proc)
+
+
 def test_an_edge_carries_the_origins_mix(tmp_path) -> None:
     """In a cascade the mix is made once, where the speakers are; an edge's
     listeners get the mixed stream through the edge's upstream session."""
