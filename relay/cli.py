@@ -312,10 +312,14 @@ def _speak(args: argparse.Namespace) -> int:
     from relay.client.listen import JoinRefused
     from relay.client.ogg import OggOpusWriter
     from relay.client.signals import until_stopped
-    from relay.client.speak import speak_tone
+    from relay.client.speak import file_frames, speak_tone
 
+    frames = None
     if args.file:
-        _die("--file publishes to an ingest port (--to); a speaker sends a --tone")
+        if not os.path.exists(args.file):
+            _die(f"--file {args.file}: no such file")
+        frames = file_frames(args.file)
+    token = args.token if args.token is not None else os.environ.get("RELAY_TOKEN", "")
     try:
         server = parse_hostport(args.server or "127.0.0.1:7000")
     except ValueError as e:
@@ -327,18 +331,24 @@ def _speak(args: argparse.Namespace) -> int:
         except OSError as e:
             _die(f"--out {args.out}: {e.strerror}")
     ogg = OggOpusWriter(out_file) if out_file is not None else None
-    print(f"speaking a {args.tone:g} Hz tone on room {args.room!r}'s stage at {server[0]}:{server[1]}",
-          file=sys.stderr)
+    what = f"{args.file}" if args.file else f"a {args.tone:g} Hz tone"
+
+    def joined() -> None:
+        print(f"speaking {what} on the stage of room {args.room!r} at {server[0]}:{server[1]}", file=sys.stderr)
     try:
         stats, stopped = _run(until_stopped(speak_tone(
-            f"{server[0]}:{server[1]}", args.room, args.token or "", args.tone, args.duration,
-            sink=(lambda pkt: ogg.write(_payload(pkt))) if ogg else None, bitrate=args.bitrate)))
+            f"{server[0]}:{server[1]}", args.room, token, args.tone, args.duration,
+            sink=(lambda pkt: ogg.write(_payload(pkt))) if ogg else None, bitrate=args.bitrate,
+            frames=frames, joined=joined)))
     except JoinRefused as e:
         print(f"relay: {e}", file=sys.stderr)
         return 3
     except (TimeoutError, ConnectionError) as e:
         print(f"relay: {e}", file=sys.stderr)
         return 4
+    except FileNotFoundError as e:
+        print(f"relay: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 0    # Ctrl-C before until_stopped took the signals over, or a second one
     finally:
@@ -434,9 +444,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "twice for an origin pair: one stream to both")
     s.add_argument("--server", help="a speaker: the node's listener address (default 127.0.0.1:7000 with --token)")
     s.add_argument("--room", default="demo", help="a speaker: the stage room (default demo)")
-    s.add_argument("--token", help="a speaker: a publish token for the room (empty for an open node)")
+    s.add_argument("--token", help="a speaker: a publish token for the room (default: $RELAY_TOKEN; empty for "
+                   "an open node)")
     s.add_argument("--out", help="a speaker: write what it hears (the stage without itself) to this Ogg file")
-    s.add_argument("--file", help="publish this file through ffmpeg")
+    s.add_argument("--file", help="publish this file through ffmpeg (a speaker: speak it, then silence)")
     s.add_argument("--tone", type=float, default=440.0, help="tone frequency in Hz (default 440)")
     s.add_argument("--duration", type=_positive(float), help="seconds (default: forever)")
     s.add_argument("--frame-ms", type=int, default=20, choices=[10, 20, 40, 60],

@@ -124,3 +124,36 @@ def dominant_hz(path) -> float:
     x = x[len(x) // 4:]  # skip the start-up
     spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
     return float(np.fft.rfftfreq(len(x), 1 / 48000)[spectrum.argmax()])
+
+
+def speechlike_wav(path: Path, seconds: float = 3.0, rate: int = 48000) -> np.ndarray:
+    """A voice-like test signal, written as a 16-bit mono WAV at `path` and
+    returned: a fundamental gliding between 110 and 240 Hz with its first
+    eight harmonics, cut into syllables by a 4 Hz envelope. Unlike a tone it
+    never repeats, so a correlation with what a listener heard finds one lag."""
+    import wave
+    t = np.arange(int(seconds * rate)) / rate
+    f0 = 175 + 65 * np.sin(2 * np.pi * 0.7 * t) * np.sin(2 * np.pi * 0.23 * t + 1)
+    phase = 2 * np.pi * np.cumsum(f0) / rate
+    x = sum(np.sin(k * phase) / k for k in range(1, 9))
+    x = x * np.clip(np.sin(2 * np.pi * 4 * t) + 0.3, 0, None)
+    pcm = (x / np.abs(x).max() * 0.5 * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
+    return pcm.astype(float)
+
+
+def best_correlation(source: np.ndarray, heard: np.ndarray, max_lag: int = 48000) -> float:
+    """The normalized correlation of `heard` with `source` at the lag that
+    fits best (up to `max_lag` samples late): 1.0 is the same waveform."""
+    n = min(len(source), len(heard) - max_lag)
+    if n <= 0:
+        return 0.0
+    a = source[:n] - source[:n].mean()
+    spectrum = np.fft.irfft(np.fft.rfft(heard, 2 * len(heard)) * np.conj(np.fft.rfft(a, 2 * len(heard))))
+    lag = int(np.argmax(spectrum[:max_lag]))
+    b = heard[lag:lag + n] - heard[lag:lag + n].mean()
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-9))

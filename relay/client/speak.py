@@ -15,7 +15,9 @@ from __future__ import annotations
 import array
 import asyncio
 import math
+import shutil
 import struct
+import subprocess
 import time
 from typing import Callable, Iterator
 
@@ -86,16 +88,47 @@ class SpeakerClient(ListenClient):
         return n
 
 
+def file_frames(path: str) -> Iterator[bytes]:
+    """20 ms frames (48 kHz stereo 16-bit PCM) of any file ffmpeg reads,
+    decoded as they are needed; silence after its end. Raises
+    FileNotFoundError without ffmpeg."""
+    ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg is None:
+        raise FileNotFoundError("ffmpeg is not installed: it decodes --file (apt install ffmpeg)")
+    size = FRAME * 2 * 2
+    proc = subprocess.Popen([ffmpeg, "-v", "error", "-nostdin", "-i", path, "-f", "s16le", "-ac", "2",
+                             "-ar", str(RATE), "-"], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    try:
+        while True:
+            pcm = proc.stdout.read(size)
+            if len(pcm) < size:
+                break
+            yield pcm
+        if pcm:
+            yield pcm + bytes(size - len(pcm))
+        while True:
+            yield bytes(size)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 async def speak_tone(server: str, room: str, token: str, freq: float, duration: float | None,
                      sink: Callable[[bytes], None] | None = None, bitrate: int = 64000,
-                     client: SpeakerClient | None = None) -> ListenStats:
-    """Join `room`'s stage, speak a tone for `duration` seconds while hearing
-    the others, then leave. Returns what was heard (the mix-minus)."""
+                     client: SpeakerClient | None = None, frames: Iterator[bytes] | None = None,
+                     joined: Callable[[], None] | None = None) -> ListenStats:
+    """Join `room`'s stage, speak a tone (or `frames`, 20 ms of 48 kHz stereo
+    PCM each) for `duration` seconds while hearing the others, then leave.
+    `joined` is called once the node has taken us. Returns what was heard
+    (the mix-minus)."""
     client = client or SpeakerClient(server, room, token, sink)
     await client.join()
+    if joined is not None:
+        joined()
     hearing = asyncio.create_task(client.receive())
     try:
-        await client.speak(tone_frames(freq), duration, bitrate)
+        await client.speak(frames if frames is not None else tone_frames(freq), duration, bitrate)
     finally:
         hearing.cancel()
         await asyncio.gather(hearing, return_exceptions=True)
@@ -103,4 +136,4 @@ async def speak_tone(server: str, room: str, token: str, freq: float, duration: 
     return client.stats
 
 
-__all__ = ["SpeakerClient", "speak_tone", "audio_level", "with_level", "PAYLOAD_TYPE"]
+__all__ = ["SpeakerClient", "speak_tone", "file_frames", "audio_level", "with_level", "PAYLOAD_TYPE"]

@@ -209,6 +209,39 @@ def test_a_killed_speaker_relaunched_takes_its_seat_back_at_once(tmp_path) -> No
         stop(relay.proc)
 
 
+def test_a_cli_speaker_speaks_a_file_with_the_token_from_its_environment(tmp_path) -> None:
+    """`relay publish --server --file talk.wav`, the token in RELAY_TOKEN:
+    the listener hears the file's voice (correlation with the source), and
+    the speaker says it is speaking only once the node has taken it."""
+    from tests.conftest import best_correlation, speechlike_wav
+    need("ffmpeg")
+    relay = start_relay(tmp_path, auth="jwt", extra_room=STAGE)
+    try:
+        source = speechlike_wav(tmp_path / "talk.wav", 3.0)
+        room = tmp_path / "room.ogg"
+        lis = listener(relay, 5.0, room)
+        time.sleep(0.3)
+        env = dict(ENV, RELAY_TOKEN=token("stage", speaker="ann", name="Ann"))
+        talk = subprocess.Popen([sys.executable, "-m", "relay", "publish", "--server",
+                                 f"{relay.listen[0]}:{relay.listen[1]}", "--room", "stage", "--file",
+                                 str(tmp_path / "talk.wav"), "--duration", "3.5"],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        talk_out, lis_out = finish(talk, lis)
+        assert talk.returncode == 0, talk_out
+        assert "speaking " + str(tmp_path / "talk.wav") + " on the stage of room 'stage'" in talk_out, talk_out
+        corr = best_correlation(source, pcm_of(room))
+        assert corr >= 0.9, (corr, lis_out)
+        # a refused speaker says why, and never that it is speaking
+        env = dict(ENV, RELAY_TOKEN=token("stage", "listen"))
+        refused = subprocess.run([sys.executable, "-m", "relay", "publish", "--server",
+                                  f"{relay.listen[0]}:{relay.listen[1]}", "--room", "stage", "--duration", "1"],
+                                 env=env, capture_output=True, text=True, timeout=30)
+        assert refused.returncode == 3 and "wrong_role" in refused.stderr, refused.stderr
+        assert "speaking" not in refused.stderr, refused.stderr
+    finally:
+        stop(relay.proc)
+
+
 def test_an_edge_carries_the_origins_mix(tmp_path) -> None:
     """In a cascade the mix is made once, where the speakers are; an edge's
     listeners get the mixed stream through the edge's upstream session."""
