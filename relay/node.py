@@ -30,6 +30,7 @@ from relay.cluster import routing
 from relay.cluster.directory import Directory, Peer
 from relay.cluster.pair import Aligner
 from relay.cluster.upstream import GAP_BOUNDS, Upstream, relay_token
+from relay.ops.tasks import supervised
 from relay.ingest import rules
 from relay.ingest.ports import IngestPorts
 from relay.listeners.drain import drain_gracefully
@@ -174,7 +175,7 @@ class Node:
         self.ingest.start(loop)
         self.stages.start(loop)
         self.senders.start(self.udp.out_fd)
-        self._tasks = [asyncio.create_task(self._housekeeping())]
+        self._tasks = [asyncio.create_task(supervised("housekeeping", self._housekeeping))]
         if self.directory is not None:
             self.directory.start()
         log.info("relay %s listening on %s, rooms: %s, auth: %s", __version__, self.listen_addr[:2],

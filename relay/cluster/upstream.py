@@ -79,6 +79,7 @@ class Upstream:
         self.always = always      # subscribed with no listeners here too (an origin pair's partner)
         self.links: list[Link] = [Link(), Link()]
         self.joins = 0            # upstream joins that succeeded
+        self.failures = 0         # links ended by an unexpected error (logged with its traceback)
         self.gap_counts = [0] * len(GAP_BOUNDS)
         self.gap_sum = 0.0
         self._taken_at: float | None = None   # when the room last took a packet from upstream
@@ -177,6 +178,11 @@ class Upstream:
         except (JoinRefused, TimeoutError, Unreachable, OSError) as e:
             log.warning("room %r: upstream %s: %s", self.room, where, e,
                         extra={"fields": {"event": "upstream_lost", "room": self.room, "node": where}})
+        except Exception:
+            # a mistake of ours must not end this link for good (the room
+            # would stay cut off): say it, and the link tries again
+            self.failures += 1
+            log.exception("room %r: upstream %s: the link failed; trying again", self.room, where)
         finally:
             link.node = link.client = None
             with contextlib.suppress(OSError):

@@ -28,6 +28,7 @@ from relay.listeners.load import LoadMeter
 from relay.listeners.quic.connection import QuicCounters
 from relay.listeners.senders import SenderThreads
 from relay.listeners.sessions import PULLED, UDP, RoomState, Sessions
+from relay.ops.tasks import restarts as task_restarts
 from relay.ingest.srtp import SRTP_DROPS
 from relay.stage.stage import STAGE_DROPS
 from relay.stage.stages import Stages
@@ -136,6 +137,11 @@ class NodeCollector(Collector):
              "Packets those listeners missed, sent to them from the room's history."),
         ):
             yield CounterMetricFamily(name, doc, value)
+        tasks = CounterMetricFamily("relay_task_restarts", "Background tasks that failed (logged with their "
+                                    "traceback) and were started again, by task.", labels=["task"])
+        for name in ("housekeeping", *sorted(set(task_restarts) - {"housekeeping"})):
+            tasks.add_metric([name], task_restarts[name])
+        yield tasks
         rej = CounterMetricFamily("relay_rejections", "JOINs refused, by reason.", labels=["reason"])
         for reason in Reason:
             rej.add_metric([reason.name.lower()], sc.rejections.get(reason.name.lower(), 0))

@@ -81,6 +81,7 @@ JOIN_RESUME = 0x04       # a listener moving from a node that died: the last ori
 ACCEPT_ORIGIN = 0x02     # the ACCEPT says the session's offsets from the origin's numbering, and an alternate
 SRTP_KEY_LEN = 30        # a speaker's SRTP master key and salt, in its ACCEPT
 MAX_SPEAKER_TEXT = 32    # a speaker's id and display name, in bytes, in SPEAKERS
+MAX_SPEAKERS_BYTES = 1200  # a SPEAKERS message fits one datagram on any path
 
 
 @dataclass(frozen=True)
@@ -210,12 +211,20 @@ def encode(msg: Message) -> bytes:
         return (_head(MsgType.ACCEPT, ACCEPT_ORIGIN if origin else 0) + msg.session_id
                 + struct.pack("!III", msg.ssrc, msg.keepalive_ms, msg.timeout_ms) + origin + msg.srtp_key)
     if isinstance(msg, Speakers):
-        out = _head(MsgType.SPEAKERS) + bytes([len(msg.speakers)])
+        # as many as fit one datagram (and a one-byte count), loudest first
+        # as the stage lists them: a stage at its bound, or past it, is
+        # told about its loudest, never refused with an error
+        entries = []
+        size = HEADER.size + 1
         for sp in msg.speakers[:255]:
             sid, name = _short(sp.id), _short(sp.name)
-            out += bytes([min(max(sp.level, 0), 127) | (0x80 if sp.active else 0), len(sid)]) + sid
-            out += bytes([len(name)]) + name
-        return out
+            entry = (bytes([min(max(sp.level, 0), 127) | (0x80 if sp.active else 0), len(sid)]) + sid
+                     + bytes([len(name)]) + name)
+            if size + len(entry) > MAX_SPEAKERS_BYTES:
+                break
+            entries.append(entry)
+            size += len(entry)
+        return _head(MsgType.SPEAKERS) + bytes([len(entries)]) + b"".join(entries)
     if isinstance(msg, Reject):
         redirect = msg.redirect.encode()[:MAX_REDIRECT]
         if len(msg.proof) not in (0, PROOF_LEN):

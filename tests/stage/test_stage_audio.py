@@ -254,3 +254,4 @@ def test_a_speaker_who_has_not_spoken_yet_moves_no_clock() -> None:
             node.close()
     skipped, next_t = asyncio.run(run())
     assert skipped == 0 and next_t == 0, (skipped, next_t)
+

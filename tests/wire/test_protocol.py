@@ -330,3 +330,16 @@ def test_a_framed_join_keeps_its_resume_point_and_a_keepalive_frames() -> None:
     msgs = reader.feed(frame(Join("demo", "tok", resume=0xBEEF)) + frame(Keepalive(b"12345678")))
     assert msgs == [Join("demo", "tok", b"", resume=0xBEEF), Keepalive(b"12345678")]
     assert reader.feed(frame(Join("demo", "tok"))) == [Join("demo", "tok")]
+
+
+def test_speakers_past_every_bound_encode_to_one_datagram() -> None:
+    """300 voices with 32-byte ids and names (256 raised ValueError, which
+    ended the node's housekeeping): the loudest that fit one datagram."""
+    from relay.wire.protocol import MAX_SPEAKERS_BYTES, Speaker, Speakers
+    many = Speakers(tuple(Speaker(f"{k:032d}", "n" * 40, k % 128, k % 2 == 0) for k in range(300)))
+    data = encode(many)
+    assert len(data) <= MAX_SPEAKERS_BYTES
+    told = decode(data)
+    assert isinstance(told, Speakers) and 0 < len(told.speakers) < 300
+    kept = many.speakers[:len(told.speakers)]
+    assert told.speakers == tuple(Speaker(s.id, "n" * 32, s.level, s.active) for s in kept)
