@@ -46,7 +46,13 @@ MARGIN_NS = 3_000_000        # a packet is due this long before the tick that fi
 FRAME_NS = 20_000_000
 PAYLOAD_TYPE = 111
 # a speaker's audio the stage drops, by reason (relay_stage_drops_total)
-STAGE_DROPS = ("foreign", "auth", "replay", "malformed", "late")
+STAGE_DROPS = ("foreign", "auth", "replay", "malformed", "late", "full", "rate")
+# what one voice may send: a 10 ms Opus stream is 100 packets a second, and
+# Opus tops out at 510 kbit/s. A voice past either is clipped to it, counted
+# ("rate"): a lone speaker is passed through to every listener, and a flood
+# from one would be multiplied by all of them
+VOICE_MAX_PPS = 100.0
+VOICE_MAX_BPS = 600_000.0
 Output = tuple[int, bytes, Hashable]  # (core room, RTP packet, the speaker whose mix-minus room it is, or None)
 
 
@@ -88,6 +94,9 @@ class Stage:
     switches: int = 0
     busy_ns: int = 0             # worker time spent on this stage
     snapshot: tuple = ()         # (Speaker, ...) for the loop thread to read
+    limit: int = 0               # voices at most, speakers and static publishers together (0: no bound)
+    ingest_voices: int = 0       # of the voices, static publishers (the loop thread reads it)
+    buckets: dict[Hashable, "Bucket"] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.room = self._output(self.index)
@@ -108,6 +117,9 @@ class Stage:
 
     def remove(self, key: Hashable, now_ns: int) -> list[Output]:
         """A speaker left: the room goes on without it at once."""
+        if key in self.voices and key not in self.srtp:
+            self.ingest_voices -= 1
+        self.buckets.pop(key, None)
         self.voices.pop(key, None)
         self.srtp.pop(key, None)
         self.minus.pop(key, None)
@@ -143,8 +155,14 @@ class Stage:
             return self.remove(key, now_ns) if has_bye(packet) and key in self.voices else []
         voice = self.voices.get(key)
         if voice is None:
+            if self.limit and len(self.voices) >= self.limit:
+                # the stage is full: a static publisher counts as a speaker,
+                # and every new source port would otherwise be a new voice
+                self.drops["full"] += 1
+                return []
             where = f"{key[1]}:{key[2]}" if isinstance(key, tuple) and len(key) == 3 else str(key)
             voice = self.voices[key] = Voice(key, f"ingest-{where}", f"publisher {where}")
+            self.ingest_voices += 1
         return self._on_rtp(key, voice, packet, now_ns)
 
     def _on_rtp(self, key: Hashable, voice: Voice, plain: bytes, now_ns: int) -> list[Output]:
@@ -153,6 +171,12 @@ class Stage:
             self.drops["malformed"] += 1
             return []
         _seq, ts, payload, level = parsed
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            bucket = self.buckets[key] = Bucket(now_ns)
+        if not bucket.take(len(plain), now_ns):
+            self.drops["rate"] += 1
+            return []
         if self.mode == "idle":
             # the first live voice sets the clock, and the timeline resumes
             # past anything already sent
@@ -300,3 +324,24 @@ class Stage:
             Speaker(v.id, v.name, v.level if now_ns - v.heard_ns < LIVE_NS else SILENT,
                     now_ns - v.spoke_ns < ACTIVE_NS)
             for v in sorted(self.voices.values(), key=lambda v: (v.level, v.id)))
+
+
+@dataclass
+class Bucket:
+    """Token buckets a second deep for one voice's packets and bytes: a
+    jitter burst passes, a flood is cut to VOICE_MAX_PPS and VOICE_MAX_BPS."""
+    at_ns: int
+    packets: float = VOICE_MAX_PPS
+    bits: float = VOICE_MAX_BPS
+
+    def take(self, size: int, now_ns: int) -> bool:
+        """Whether a packet of `size` bytes may pass now."""
+        dt = max(0, now_ns - self.at_ns) / 1e9
+        self.at_ns = now_ns
+        self.packets = min(VOICE_MAX_PPS, self.packets + dt * VOICE_MAX_PPS)
+        self.bits = min(VOICE_MAX_BPS, self.bits + dt * VOICE_MAX_BPS)
+        if self.packets < 1 or self.bits < 8 * size:
+            return False
+        self.packets -= 1
+        self.bits -= 8 * size
+        return True

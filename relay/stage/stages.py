@@ -65,7 +65,7 @@ class Stages:
         """A stage room was opened (room `index` of the core)."""
         self.core.room_open(index, True)   # only the stage feeds it: no ingest socket exists
         self.limits[r.name] = r.max_speakers
-        self.worker.stages[r.name] = Stage(r.name, index, self.rng_bytes)
+        self.worker.stages[r.name] = Stage(r.name, index, self.rng_bytes, limit=r.max_speakers)
 
     def close(self, name: str) -> None:
         """A stage room goes away (its sessions were ended first)."""
@@ -88,6 +88,9 @@ class Stages:
     def set_limit(self, room: str, max_speakers: int) -> None:
         """A reload changed the room's max_speakers (for joins from now on)."""
         self.limits[room] = max_speakers
+        stage = self.worker.stages.get(room)
+        if stage is not None:
+            stage.limit = max_speakers
 
     # ------------------------------------------------------------ membership
 
@@ -96,7 +99,8 @@ class Stages:
         mix-minus stream, or why not."""
         if room not in self.limits:
             return Reason.NO_STAGE
-        on_stage = sum(1 for m in self.members.values() if m.room == room)
+        # static publishers on the stage (voices of its ingest port) take seats too
+        on_stage = sum(1 for m in self.members.values() if m.room == room) + self.worker.stages[room].ingest_voices
         if on_stage >= self.limits[room]:
             return Reason.STAGE_FULL
         if not self._free:
