@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -21,7 +22,7 @@ from typing import Callable, Hashable, NamedTuple
 from relay._core import Core
 from relay.listeners.admission import JoinLimiter, LoadGate
 from relay.listeners.resume import missed
-from relay.stage.stages import Stages
+from relay.stage.stages import Stages, seat_of
 from relay.wire.addr import to_sockaddr
 from relay.wire.config import NodeConfig
 from relay.wire.protocol import (MIN_JOIN, SRTP_KEY_LEN, Accept, Challenge, CookieJar, Join, Keepalive, Leave,
@@ -78,6 +79,7 @@ class Session:
     srtp_key: bytes = b""  # a speaker's: what its RTP must authenticate with
     # what the session adds to the origin's (seq, ts); None for a speaker
     origin: tuple[int, int] | None = None
+    expires_at: float = 0.0  # a speaker's token expiry (Unix time): it leaves the stage then
 
 
 @dataclass
@@ -257,11 +259,12 @@ class Sessions:
         except TokenError as e:
             return self._refuse(e.reason)
         role = str(claims["role"])
-        if speaker and claims.get("sub") and self.stages is not None:
-            # one speaker (one `sub`) holds one seat: a speaker that rejoins
-            # (its process killed and relaunched, another device) replaces
-            # its old session at once, rather than wait for it to time out
-            old = self.stages.holder(room_name, str(claims["sub"]))
+        if speaker and self.stages is not None and (seat := seat_of(claims)):
+            # one speaker (one `sub`, or one token without) holds one seat: a
+            # speaker that rejoins (its process killed and relaunched, another
+            # device) replaces its old session at once, rather than wait for
+            # it to time out
+            old = self.stages.holder(room_name, seat)
             if old is not None and old != key and old in self.table:
                 self.end(old, "replaced")
                 self.counters.replaced += 1
@@ -335,7 +338,7 @@ class Sessions:
             self.stages.leave(key)
             return self._refuse(Reason.NODE_FULL, redirect())
         return self._add(Session(key, transport, room, slot, ssrc, self.rng.randbytes(8), now, self.NACK_BURST,
-                                 now, token, "publish", key_bytes))
+                                 now, token, "publish", key_bytes, expires_at=float(claims.get("exp") or 0)))
 
     def _add(self, s: Session) -> Session:
         self.counters.joins += 1
@@ -448,15 +451,22 @@ class Sessions:
 
     # ------------------------------------------------------------- lifecycle
 
-    def expire(self, now: float) -> int:
+    def expire(self, now: float, wall: float | None = None) -> int:
         """End UDP sessions silent for longer than the timeout (consent
-        lapsed: we stop sending). QUIC's own idle timeout ends QUIC ones.
-        Returns how many ended."""
+        lapsed: we stop sending); QUIC's own idle timeout ends QUIC ones.
+        And speakers whose token has expired (`wall`: Unix time, default
+        now): a token's expiry takes its speaker off the stage, it does not
+        only stop the next join. Returns how many ended."""
         cutoff = now - self.cfg.session_timeout
+        wall = time.time() if wall is None else wall
         stale = [s for s in self.table.values() if s.transport == UDP and s.last_seen < cutoff]
+        lapsed = [s for s in self.table.values() if s.expires_at and s.expires_at <= wall and s not in stale]
         for s in stale:
             self.end(s.key, "timeout")
-        return len(stale)
+        for s in lapsed:
+            self.end(s.key, "expired")
+            self.counters.rejections["expired_token"] += 1
+        return len(stale) + len(lapsed)
 
     def pulled(self) -> list[Hashable]:
         """Keys (connections) of the sessions their transport pulls audio for."""

@@ -107,7 +107,7 @@ class Stages:
             return Reason.NODE_FULL
         index = self._free.pop()
         self.core.room_open(index, True)
-        speaker_id = str(claims.get("sub") or f"speaker-{self.rng_bytes(3).hex()}")
+        speaker_id = seat_of(claims) or f"speaker-{self.rng_bytes(3).hex()}"
         name = str(claims.get("name") or speaker_id)
         self.members[key] = Member(room, key, speaker_id, name, index)
         self._owner[index] = key
@@ -235,3 +235,12 @@ class Stages:
         for stage in list(self.worker.stages.values()):
             total.update(stage.drops)
         return total
+
+
+def seat_of(claims: dict) -> str:
+    """Who a speaker's token says it is, for one seat per speaker: its `sub`,
+    else its token's own id (one token, one seat); "" for no token (open
+    mode), where every join is a speaker of its own."""
+    if claims.get("sub"):
+        return str(claims["sub"])
+    return f"speaker-{str(claims['jti'])[:8]}" if claims.get("jti") else ""

@@ -310,6 +310,20 @@ def test_speakers_need_a_publish_token_a_stage_and_a_free_place() -> None:
     assert s.core.room_listeners(0) == 1
 
 
+def test_one_token_holds_one_seat_and_an_expired_token_leaves_the_stage() -> None:
+    s = _stage_sessions(max_speakers=4)
+    tok = mint(SECRET, "stage", "publish", ttl_s=60)                 # no sub: the token is the speaker
+    for port in range(1, 5):
+        assert isinstance(_speak(s, tok, addr=("127.0.0.1", port)), Accept)
+    assert len(s.stages.members) == 1 and s.counters.replaced == 3   # one seat, not four
+    other = _speak(s, mint(SECRET, "stage", "publish", speaker="bo", ttl_s=3600), addr=("127.0.0.1", 9))
+    assert isinstance(other, Accept) and len(s.stages.members) == 2
+    # an hour on: the first token has expired, and its speaker leaves the stage
+    assert s.expire(time.monotonic(), wall=time.time() + 61) == 1
+    assert [m.speaker_id for m in s.stages.members.values()] == ["bo"]
+    assert s.counters.rejections["expired_token"] == 1
+
+
 def test_a_node_below_gets_the_room_in_the_origins_numbering() -> None:
     """A relay-role session (in open mode, the JOIN's relay flag) is sent the
     room with no offsets under the room's relay SSRC, so two parents send a
