@@ -277,19 +277,32 @@ class ListenClient:
         if self._held and self._next is not None:
             self._deliver(flush=True)
 
+    def _join_message(self, challenge: Challenge | None) -> Join:
+        """The JOIN to send: the first, or the one answering `challenge`."""
+        return Join(self.room, self.token, challenge.cookie if challenge else b"", self.speaker, self.relay,
+                    self._resume)
+
+    def _keepalive(self) -> Keepalive:
+        assert self._session is not None
+        return Keepalive(self._session.session_id)
+
+    def _leave(self) -> Leave:
+        assert self._session is not None
+        return Leave(self._session.session_id)
+
     async def _handshake(self, attempts: int, timeout: float) -> Accept:
         cookie = b""
+        challenge: Challenge | None = None
         for _ in range(attempts):
-            self._send(encode(Join(self.room, self.token, cookie, self.speaker, self.relay, self._resume)))
+            self._send(encode(self._join_message(challenge)))
             try:
                 while True:
                     msg = await self._await_control(timeout)
                     if isinstance(msg, Challenge):
                         if cookie == msg.cookie:
                             continue
-                        cookie = msg.cookie
-                        self._send(encode(Join(self.room, self.token, cookie, self.speaker, self.relay,
-                                               self._resume)))
+                        cookie, challenge = msg.cookie, msg
+                        self._send(encode(self._join_message(challenge)))
                     elif isinstance(msg, Accept):
                         return self._joined(msg)
                     elif isinstance(msg, Reject):
@@ -495,13 +508,13 @@ class ListenClient:
                 if probe_at is not None and self.last_heard > probe_at:
                     probe_at = None                       # it answered: a quiet room
                 if probe_at is None and now - self.last_audio > PROBE_S and self.last_audio != probed:
-                    self._send(encode(Keepalive(self._session.session_id)))
+                    self._send(encode(self._keepalive()))
                     probe_at, probed = now, self.last_audio
                 elif probe_at is not None and now - probe_at > PROBE_S:
                     raise Unreachable(f"{self._where()} stopped answering")
                 wait = min(wait, PROBE_S / 5)
             if now >= next_keepalive:
-                self._send(encode(Keepalive(self._session.session_id)))
+                self._send(encode(self._keepalive()))
                 next_keepalive = now + interval
                 continue
             if deadline is not None:
@@ -531,7 +544,7 @@ class ListenClient:
         self._flush_held()
         if self._transport is not None:
             if self._session is not None:
-                self._send(encode(Leave(self._session.session_id)))
+                self._send(encode(self._leave()))
             self._transport.close()
             self._transport = None
 

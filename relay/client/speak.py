@@ -26,7 +26,9 @@ from pylibsrtp import Policy, Session as SrtpSession
 
 from relay.client.listen import JoinRefused, ListenClient, ListenStats
 from relay.client.publish import FRAME, PAYLOAD_TYPE, RATE, RtpPacketizer, tone_frames
-from relay.wire.protocol import SILENT_LEVEL, Accept, Reason, rfc6464_level
+from relay.wire.keyx import Keys, mac, speaker_keys
+from relay.wire.protocol import (SILENT_LEVEL, Accept, Challenge, Join, Keepalive, Leave, MsgType, Reason,
+                                 rfc6464_level)
 
 LEVEL_EXT_ID = 1          # the node reads the audio level from this extension id
 
@@ -53,19 +55,50 @@ class SpeakerClient(ListenClient):
         super().__init__(server, room, token, sink)
         self.speaker = True
         self.sent = 0
+        self._keys: Keys | None = None      # the exchange's, once the node has answered it
+        self._counter = 0                   # our control messages' counter (it must grow)
 
     async def join(self, attempts: int = 5, timeout: float = 1.0) -> Accept:
-        """The JOIN handshake; a node that answers without an SRTP key took
-        us for a listener (it has no stages): refused, as `no_stage`."""
+        """The JOIN handshake, with its key exchange; a node that does not
+        put us on a stage took us for a listener (it has no stages):
+        refused, as `no_stage`."""
+        self._keys = None
         accept = await super().join(attempts, timeout)
-        if not accept.srtp_key:
+        if not accept.speaker or self._keys is None:
             raise JoinRefused(Reason.NO_STAGE)
         return accept
 
+    def _join_message(self, challenge: Challenge | None) -> Join:
+        """The first JOIN asks for the exchange; the second answers the
+        node's public key with ours and the token sealed (keyx.py): nothing
+        that would let an observer speak or end our session goes in clear."""
+        if challenge is None:
+            return Join(self.room, "", speaker=True, keyx=True)
+        if not challenge.public:
+            # a node without stages (or an old one) offers no exchange: our
+            # token still does not go in clear; its refusal follows
+            return Join(self.room, "", challenge.cookie, speaker=True, keyx=True)
+        public, self._keys = speaker_keys(challenge.cookie, challenge.public)
+        self._counter = 0
+        return Join(self.room, "", challenge.cookie, speaker=True, keyx=True, public=public,
+                    sealed=self._keys.seal(self.token))
+
+    def _signed(self, kind: int) -> tuple[bytes, int, bytes]:
+        assert self._session is not None and self._keys is not None
+        self._counter += 1
+        sid = self._session.session_id
+        return sid, self._counter, mac(self._keys.control_key, kind, sid, self._counter)
+
+    def _keepalive(self) -> Keepalive:
+        return Keepalive(*self._signed(MsgType.KEEPALIVE))
+
+    def _leave(self) -> Leave:
+        return Leave(*self._signed(MsgType.LEAVE))
+
     def _srtp(self) -> SrtpSession:
-        if self._session is None or not self._session.srtp_key:
-            raise RuntimeError("not on a stage: the node sent no SRTP key")
-        return SrtpSession(Policy(key=self._session.srtp_key, ssrc_type=Policy.SSRC_ANY_OUTBOUND,
+        if self._session is None or self._keys is None:
+            raise RuntimeError("not on a stage: no keys were agreed")
+        return SrtpSession(Policy(key=self._keys.srtp_key, ssrc_type=Policy.SSRC_ANY_OUTBOUND,
                                   srtp_profile=Policy.SRTP_PROFILE_AES128_CM_SHA1_80))
 
     async def speak(self, frames: Iterator[bytes], duration: float | None, bitrate: int = 64000) -> int:

@@ -11,6 +11,7 @@ raises on bad input.
 """
 from __future__ import annotations
 
+import hmac
 import logging
 import random
 import time
@@ -25,7 +26,8 @@ from relay.listeners.resume import missed
 from relay.stage.stages import Stages, seat_of
 from relay.wire.addr import to_sockaddr
 from relay.wire.config import NodeConfig
-from relay.wire.protocol import (MIN_JOIN, SRTP_KEY_LEN, Accept, Challenge, CookieJar, Join, Keepalive, Leave,
+from relay.wire.keyx import Keys, SealError, mac, node_keys, node_public
+from relay.wire.protocol import (MIN_JOIN, Accept, Challenge, CookieJar, Join, Keepalive, Leave, MsgType,
                                  ProtocolError, Reason, Reject, cookie_proof, decode, encode, parse_rtcp)
 from relay.wire.tokens import Auth, TokenError
 
@@ -76,7 +78,9 @@ class Session:
     # "listen"; "relay": another node taking the room (cascade); "publish": a
     # speaker on the room's stage, listening to its mix-minus
     role: str = "listen"
-    srtp_key: bytes = b""  # a speaker's: what its RTP must authenticate with
+    srtp_key: bytes = b""  # a speaker's: what its RTP must authenticate with (from its key exchange)
+    control_key: bytes = b""  # a speaker's: what its KEEPALIVEs and LEAVE must carry the MAC of
+    control_counter: int = 0  # the highest counter of those seen: a copy of one is worth nothing
     # what the session adds to the origin's (seq, ts); None for a speaker
     origin: tuple[int, int] | None = None
     expires_at: float = 0.0  # a speaker's token expiry (Unix time): it leaves the stage then
@@ -100,6 +104,7 @@ class SessionCounters:
     nack_rate_limited: int = 0
     control_malformed: int = 0
     replies_suppressed: int = 0
+    control_unsigned: int = 0     # speakers' KEEPALIVEs and LEAVEs without a valid MAC, ignored
     rejections: Counter = field(default_factory=Counter)
     rate_limited: Counter = field(default_factory=Counter)
     rejections_load: int = 0      # of the node_full rejections, those for load
@@ -120,6 +125,7 @@ class Sessions:
         self.core, self.cfg, self.rooms, self.auth = core, cfg, rooms, auth
         self.rng = rng or random.SystemRandom()
         self.cookies = CookieJar(self.rng.randbytes(32))
+        self.keyx_secret = self.rng.randbytes(32)   # the node's side of speakers' key exchanges
         self.table: dict[Hashable, Session] = {}
         self.counters = SessionCounters()
         # told of a QUIC session about to leave the core (relay.listeners.quic.endpoint): before its slot goes
@@ -162,17 +168,32 @@ class Sessions:
                 # echo the id asked about: proof to the listener that this
                 # answer saw its KEEPALIVE
                 return self._reply(replace(self._refuse(Reason.UNKNOWN_SESSION), proof=msg.session_id), data)
+            if not self._signed(s, MsgType.KEEPALIVE, msg):
+                return None
             s.last_seen = now
             self.counters.keepalives += 1
             return data  # the echo lets the client see the node is alive
         if isinstance(msg, Leave):
             s = self.table.get(addr)
-            if s is not None and s.session_id == msg.session_id:
+            if s is not None and s.session_id == msg.session_id and self._signed(s, MsgType.LEAVE, msg):
                 self.end(addr, "left")
             return None
         # CHALLENGE/ACCEPT/REJECT only flow node -> listener
         self.counters.control_malformed += 1
         return None
+
+    def _signed(self, s: Session, kind: int, msg: Keepalive | Leave) -> bool:
+        """A speaker's KEEPALIVE or LEAVE must carry the MAC of its control
+        key over a counter that grows (its session id alone is seen by
+        anyone watching); a listener's needs none. Counted when refused."""
+        if not s.control_key:
+            return True
+        if (msg.mac and msg.counter > s.control_counter
+                and hmac.compare_digest(msg.mac, mac(s.control_key, kind, s.session_id, msg.counter))):
+            s.control_counter = msg.counter
+            return True
+        self.counters.control_unsigned += 1
+        return False
 
     def _reply(self, msg: Challenge | Accept | Reject, request: bytes) -> bytes | None:
         out = encode(msg)
@@ -195,21 +216,32 @@ class Sessions:
             self.counters.control_malformed += 1
             return None
         raw = to_sockaddr(addr)
-        if not msg.cookie:
+        if not msg.cookie or not self.cookies.check(msg.cookie, raw, now):
+            if msg.cookie:
+                # forged, stale or for another address: ask again, never admit
+                self.counters.rejections["stale_cookie"] += 1
             self.counters.challenges += 1
-            return self._reply(Challenge(self.cookies.make(raw, now)), data)
-        if not self.cookies.check(msg.cookie, raw, now):
-            # forged, stale or for another address: ask again, never admit
-            self.counters.rejections["stale_cookie"] += 1
-            self.counters.challenges += 1
-            return self._reply(Challenge(self.cookies.make(raw, now)), data)
+            cookie = self.cookies.make(raw, now)
+            # a speaker's exchange: the node's public key comes with the cookie
+            public = node_public(self.keyx_secret, cookie) if msg.keyx else b""
+            return self._reply(Challenge(cookie, public), data)
         # the address is proven from here on
         existing = self.table.get(addr)
         if existing is not None and existing.room == msg.room and (existing.role == "publish") == msg.speaker:
             existing.last_seen = now  # a retransmitted JOIN: the ACCEPT was lost
             return self._reply(self.accept_message(existing), data)
-        joined = self.join(addr, UDP, msg.room, msg.token, addr[0], now, sockaddr=raw, speaker=msg.speaker,
-                           relay=msg.relay, resume=msg.resume)
+        token, keys = msg.token, None
+        if msg.speaker:
+            # a speaker's token and keys travel only through the exchange
+            try:
+                if not msg.keyx or not msg.public:
+                    raise SealError("a speaker's JOIN carries a key exchange")
+                keys = node_keys(self.keyx_secret, msg.cookie, msg.public)
+                token = keys.open(msg.sealed)
+            except SealError:
+                return self._reply(replace(self._refuse(Reason.BAD_REQUEST), proof=cookie_proof(msg.cookie)), data)
+        joined = self.join(addr, UDP, msg.room, token, addr[0], now, sockaddr=raw, speaker=msg.speaker,
+                           relay=msg.relay, resume=msg.resume, keys=keys)
         if isinstance(joined, Reject):
             return self._reply(replace(joined, proof=cookie_proof(msg.cookie)), data)
         if msg.resume is not None and joined.origin is not None:
@@ -229,7 +261,7 @@ class Sessions:
     def join(self, key: Hashable, transport: str, room_name: str, token: str, source_ip: str,
              now: float, *, sockaddr: bytes = b"",
              transport_full: Callable[[], bool] | None = None, speaker: bool = False,
-             relay: bool = False, resume: int | None = None) -> Session | Reject:
+             relay: bool = False, resume: int | None = None, keys: Keys | None = None) -> Session | Reject:
         """The join policy every transport shares, once the joiner's address
         is proven: draining, room, rate limits, token, node and room limits,
         then a slot in the core and a row in the table under `key`. Returns
@@ -283,7 +315,7 @@ class Sessions:
         if key in self.table:
             self._remove(self.table[key])  # switching rooms
         if speaker:
-            return self._join_stage(key, transport, room_name, token, now, sockaddr, claims, redirect)
+            return self._join_stage(key, transport, room_name, token, now, sockaddr, claims, redirect, keys)
         # A node below this one in the tree is admitted past the load and
         # room limits: it is one session that serves thousands, and refusing
         # it would cut a whole branch off. Only a full arena refuses it.
@@ -322,14 +354,14 @@ class Sessions:
         return min(behind, self.cfg.ring_depth - 1) if 0 < behind < 0x8000 else self.cfg.burst_packets
 
     def _join_stage(self, key: Hashable, transport: str, room: str, token: str, now: float, sockaddr: bytes,
-                    claims: dict, redirect: Callable[[], str]) -> Session | Reject:
+                    claims: dict, redirect: Callable[[], str], keys: Keys | None) -> Session | Reject:
         """A speaker: a place on the stage, then a slot in its mix-minus room.
         Like a relay it passes the node's load limits (a stage has a few
-        speakers, and refusing one silences a room); a full arena refuses."""
-        if transport != UDP or self.stages is None:
+        speakers, and refusing one silences a room); a full arena refuses.
+        Its SRTP and control keys are those of its JOIN's exchange."""
+        if transport != UDP or self.stages is None or keys is None:
             return self._refuse(Reason.NO_STAGE)
-        key_bytes = self.rng.randbytes(SRTP_KEY_LEN)
-        minus = self.stages.admit(room, key, claims, key_bytes)
+        minus = self.stages.admit(room, key, claims, keys.srtp_key)
         if isinstance(minus, Reason):
             return self._refuse(minus, redirect() if minus == Reason.NODE_FULL else "")
         ssrc = self.rng.getrandbits(32)
@@ -338,7 +370,8 @@ class Sessions:
             self.stages.leave(key)
             return self._refuse(Reason.NODE_FULL, redirect())
         return self._add(Session(key, transport, room, slot, ssrc, self.rng.randbytes(8), now, self.NACK_BURST,
-                                 now, token, "publish", key_bytes, expires_at=float(claims.get("exp") or 0)))
+                                 now, token, "publish", keys.srtp_key, expires_at=float(claims.get("exp") or 0),
+                                 control_key=keys.control_key))
 
     def _add(self, s: Session) -> Session:
         self.counters.joins += 1
@@ -378,7 +411,7 @@ class Sessions:
     def accept_message(self, s: Session) -> Accept:
         """The ACCEPT that tells a listener its session."""
         return Accept(s.session_id, s.ssrc, int(self.cfg.keepalive_interval * 1000),
-                      int(self.cfg.session_timeout * 1000), s.srtp_key, s.origin,
+                      int(self.cfg.session_timeout * 1000), s.role == "publish", s.origin,
                       self.alternate(s.room) if s.origin is not None else "")
 
     def _remove(self, s: Session) -> None:

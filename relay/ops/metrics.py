@@ -130,6 +130,8 @@ class NodeCollector(Collector):
             ("relay_control_malformed", sc.control_malformed, "Control datagrams that did not parse."),
             ("relay_replies_suppressed", sc.replies_suppressed,
              "Replies not sent because they were larger than their request."),
+            ("relay_control_unsigned", sc.control_unsigned,
+             "Speakers' KEEPALIVEs and LEAVEs ignored: no valid MAC of the session's control key."),
             ("relay_speakers_replaced", sc.replaced,
              "Speakers' sessions ended because the same speaker (token sub) joined the stage again."),
             ("relay_resumes", sc.resumes, "Listeners that moved here from a dead node with a resume point."),

@@ -16,6 +16,8 @@ import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+from relay.wire.keyx import MAC_LEN
+
 MAGIC = 0x0B
 VERSION = 1
 HEADER = struct.Struct("!BBBB")  # magic, version, type, reserved
@@ -78,8 +80,11 @@ class ProtocolError(ValueError):
 JOIN_SPEAKER = 0x01      # join the stage: publish (role `publish`) and hear the mix-minus
 JOIN_RELAY = 0x02        # a node below taking the room (role `relay`)
 JOIN_RESUME = 0x04       # a listener moving from a node that died: the last origin sequence number it has
+JOIN_SEALED = 0x08       # a speaker's key exchange (keyx.py): its public key and its token, sealed
+CHALLENGE_KEY = 0x01     # the CHALLENGE carries the node's public key for the exchange
 ACCEPT_ORIGIN = 0x02     # the ACCEPT says the session's offsets from the origin's numbering, and an alternate
-SRTP_KEY_LEN = 30        # a speaker's SRTP master key and salt, in its ACCEPT
+ACCEPT_SPEAKER = 0x04    # the ACCEPT puts the joiner on the stage, with the keys of its exchange
+CONTROL_MAC = 0x01       # a KEEPALIVE or LEAVE carries a counter and the MAC of a speaker's control key
 MAX_SPEAKER_TEXT = 32    # a speaker's id and display name, in bytes, in SPEAKERS
 MAX_SPEAKERS_BYTES = 1200  # a SPEAKERS message fits one datagram on any path
 
@@ -96,11 +101,17 @@ class Join:
     # a listener moving from a node that died: the origin's sequence number
     # of the last packet it has; the node sends what it still has after it
     resume: int | None = None
+    # a speaker's key exchange: asked for on the first JOIN (`keyx`, nothing
+    # else), then its public key and its token sealed (the token field empty)
+    keyx: bool = False
+    public: bytes = b""
+    sealed: bytes = b""
 
 
 @dataclass(frozen=True)
 class Challenge:
     cookie: bytes
+    public: bytes = b""      # the node's, for a speaker's key exchange
 
 
 @dataclass(frozen=True)
@@ -109,8 +120,8 @@ class Accept:
     ssrc: int
     keepalive_ms: int
     timeout_ms: int
-    # a speaker's: the SRTP key (AES_CM_128_HMAC_SHA1_80) its RTP must carry
-    srtp_key: bytes = b""
+    # on the stage: the session's keys are those of the JOIN's exchange
+    speaker: bool = False
     # what this session adds to the origin's sequence number and timestamp
     # (so a listener counts loss in the origin's numbering across moves),
     # and the node to move to if this one dies ("" for none)
@@ -132,11 +143,16 @@ class Reject:
 @dataclass(frozen=True)
 class Keepalive:
     session_id: bytes
+    # a speaker's: a counter that grows, and the MAC of it under its control key
+    counter: int = 0
+    mac: bytes = b""
 
 
 @dataclass(frozen=True)
 class Leave:
     session_id: bytes
+    counter: int = 0         # a speaker's, as in its KEEPALIVE
+    mac: bytes = b""
 
 
 SILENT_LEVEL = 127       # RFC 6464: digital silence, -127 dBov
@@ -189,27 +205,21 @@ def _short(text: str) -> bytes:
 def encode(msg: Message) -> bytes:
     """Serialise a message. JOINs are padded to MIN_JOIN bytes."""
     if isinstance(msg, Join):
-        room, token = msg.room.encode(), msg.token.encode()
-        if len(room) > MAX_ROOM or len(token) > MAX_TOKEN or len(msg.cookie) > 255:
-            raise ValueError("room, token or cookie too long")
-        flags = ((JOIN_SPEAKER if msg.speaker else 0) | (JOIN_RELAY if msg.relay else 0)
-                 | (JOIN_RESUME if msg.resume is not None else 0))
-        out = (_head(MsgType.JOIN, flags) + bytes([len(room)]) + room
-               + struct.pack("!H", len(token)) + token + bytes([len(msg.cookie)]) + msg.cookie)
-        if msg.resume is not None:
-            out += struct.pack("!H", msg.resume & 0xFFFF)
+        out = _join_body(msg)
         return out + bytes(max(0, MIN_JOIN - len(out)))
     if isinstance(msg, Challenge):
-        return _head(MsgType.CHALLENGE) + bytes([len(msg.cookie)]) + msg.cookie
+        if len(msg.public) not in (0, 32):
+            raise ValueError("a CHALLENGE's public key is 32 bytes")
+        return (_head(MsgType.CHALLENGE, CHALLENGE_KEY if msg.public else 0) + bytes([len(msg.cookie)])
+                + msg.cookie + msg.public)
     if isinstance(msg, Accept):
-        if len(msg.srtp_key) not in (0, SRTP_KEY_LEN):
-            raise ValueError(f"a speaker's SRTP key is {SRTP_KEY_LEN} bytes")
         origin = b""
         if msg.origin is not None:
             alternate = msg.alternate.encode()[:MAX_REDIRECT]
             origin = struct.pack("!HIB", msg.origin[0] & 0xFFFF, msg.origin[1] & 0xFFFFFFFF, len(alternate)) + alternate
-        return (_head(MsgType.ACCEPT, ACCEPT_ORIGIN if origin else 0) + msg.session_id
-                + struct.pack("!III", msg.ssrc, msg.keepalive_ms, msg.timeout_ms) + origin + msg.srtp_key)
+        flags = (ACCEPT_ORIGIN if origin else 0) | (ACCEPT_SPEAKER if msg.speaker else 0)
+        return (_head(MsgType.ACCEPT, flags) + msg.session_id
+                + struct.pack("!III", msg.ssrc, msg.keepalive_ms, msg.timeout_ms) + origin)
     if isinstance(msg, Speakers):
         # as many as fit one datagram (and a one-byte count), loudest first
         # as the stage lists them: a stage at its bound, or past it, is
@@ -233,10 +243,37 @@ def encode(msg: Message) -> bytes:
     if isinstance(msg, Keepalive):
         # padded so that the REJECT unknown_session answering it, with its
         # proof, is not larger than the KEEPALIVE (no amplification)
-        return _head(MsgType.KEEPALIVE) + msg.session_id + bytes(KEEPALIVE_PAD)
+        return (_head(MsgType.KEEPALIVE, CONTROL_MAC if msg.mac else 0) + msg.session_id + _mac(msg)
+                + bytes(KEEPALIVE_PAD))
     if isinstance(msg, Leave):
-        return _head(MsgType.LEAVE) + msg.session_id
+        return _head(MsgType.LEAVE, CONTROL_MAC if msg.mac else 0) + msg.session_id + _mac(msg)
     raise TypeError(f"not a control message: {msg!r}")
+
+
+def _join_body(msg: Join) -> bytes:
+    """A JOIN without its padding (a stream has no need of it)."""
+    room, token = msg.room.encode(), msg.token.encode()
+    if len(room) > MAX_ROOM or len(token) > MAX_TOKEN or len(msg.cookie) > 255 or len(msg.sealed) > MAX_TOKEN + 16:
+        raise ValueError("room, token or cookie too long")
+    if len(msg.public) not in (0, 32):
+        raise ValueError("a JOIN's public key is 32 bytes")
+    flags = ((JOIN_SPEAKER if msg.speaker else 0) | (JOIN_RELAY if msg.relay else 0)
+             | (JOIN_RESUME if msg.resume is not None else 0) | (JOIN_SEALED if msg.keyx else 0))
+    out = (_head(MsgType.JOIN, flags) + bytes([len(room)]) + room
+           + struct.pack("!H", len(token)) + token + bytes([len(msg.cookie)]) + msg.cookie)
+    if msg.resume is not None:
+        out += struct.pack("!H", msg.resume & 0xFFFF)
+    if msg.keyx:
+        out += bytes([len(msg.public)]) + msg.public + struct.pack("!H", len(msg.sealed)) + msg.sealed
+    return out
+
+
+def _mac(msg: Keepalive | Leave) -> bytes:
+    if not msg.mac:
+        return b""
+    if len(msg.mac) != MAC_LEN:
+        raise ValueError(f"a control MAC is {MAC_LEN} bytes")
+    return struct.pack("!I", msg.counter & 0xFFFFFFFF) + msg.mac
 
 
 class _Reader:
@@ -279,9 +316,20 @@ def decode(data: bytes) -> Message:
         token = r.text(n)
         cookie = r.take(r.u8())
         resume = struct.unpack("!H", r.take(2))[0] if flags & JOIN_RESUME else None
-        return Join(room, token, cookie, bool(flags & JOIN_SPEAKER), bool(flags & JOIN_RELAY), resume)
+        public = sealed = b""
+        if flags & JOIN_SEALED:
+            public = r.take(r.u8())
+            if len(public) not in (0, 32):
+                raise ProtocolError("a JOIN's public key is 32 bytes")
+            (n,) = struct.unpack("!H", r.take(2))
+            if n > MAX_TOKEN + 16:
+                raise ProtocolError("sealed token too long")
+            sealed = r.take(n)
+        return Join(room, token, cookie, bool(flags & JOIN_SPEAKER), bool(flags & JOIN_RELAY), resume,
+                    bool(flags & JOIN_SEALED), public, sealed)
     if kind == MsgType.CHALLENGE:
-        return Challenge(r.take(r.u8()))
+        cookie = r.take(r.u8())
+        return Challenge(cookie, r.take(32) if flags & CHALLENGE_KEY else b"")
     if kind == MsgType.ACCEPT:
         sid = r.take(SESSION_ID_LEN)
         ssrc, keepalive, timeout = struct.unpack("!III", r.take(12))
@@ -289,8 +337,7 @@ def decode(data: bytes) -> Message:
         if flags & ACCEPT_ORIGIN:
             seq_off, ts_off, n = struct.unpack("!HIB", r.take(7))
             origin, alternate = (seq_off, ts_off), r.text(n)
-        key = r.take(SRTP_KEY_LEN) if len(data) - r.at >= SRTP_KEY_LEN else b""
-        return Accept(sid, ssrc, keepalive, timeout, key, origin, alternate)
+        return Accept(sid, ssrc, keepalive, timeout, bool(flags & ACCEPT_SPEAKER), origin, alternate)
     if kind == MsgType.REJECT:
         code = r.u8()
         try:
@@ -301,9 +348,13 @@ def decode(data: bytes) -> Message:
         proof = r.take(PROOF_LEN) if len(data) - r.at >= PROOF_LEN else b""
         return Reject(reason, redirect, proof)
     if kind == MsgType.KEEPALIVE:
-        return Keepalive(r.take(SESSION_ID_LEN))
+        sid = r.take(SESSION_ID_LEN)
+        counter, mac = _read_mac(r) if flags & CONTROL_MAC else (0, b"")
+        return Keepalive(sid, counter, mac)
     if kind == MsgType.LEAVE:
-        return Leave(r.take(SESSION_ID_LEN))
+        sid = r.take(SESSION_ID_LEN)
+        counter, mac = _read_mac(r) if flags & CONTROL_MAC else (0, b"")
+        return Leave(sid, counter, mac)
     if kind == MsgType.SPEAKERS:
         speakers = []
         for _ in range(r.u8()):
@@ -312,6 +363,11 @@ def decode(data: bytes) -> Message:
             speakers.append(Speaker(speaker_id, r.text(r.u8()), level & 0x7F, bool(level & 0x80)))
         return Speakers(tuple(speakers))
     raise ProtocolError(f"unknown message type {kind}")
+
+
+def _read_mac(r: _Reader) -> tuple[int, bytes]:
+    (counter,) = struct.unpack("!I", r.take(4))
+    return counter, r.take(MAC_LEN)
 
 
 # --- the same messages on a QUIC or WebTransport stream
@@ -333,10 +389,7 @@ def frame(msg: Message) -> bytes:
     """A message on a stream: a 2-byte big-endian length, then the message.
     (A stream has no datagram boundaries; padding is for UDP only, QUIC's
     handshake already proved the address.)"""
-    body = encode(msg)
-    if isinstance(msg, Join):
-        body = body[:HEADER.size + 4 + len(msg.room.encode()) + len(msg.token.encode()) + len(msg.cookie)
-                    + (2 if msg.resume is not None else 0)]
+    body = _join_body(msg) if isinstance(msg, Join) else encode(msg)
     return struct.pack("!H", len(body)) + body
 
 

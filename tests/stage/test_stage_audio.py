@@ -152,6 +152,83 @@ def test_injected_and_spoofed_speaker_audio_is_dropped() -> None:
         node.close()
 
 
+def test_what_an_observer_sees_lets_it_neither_speak_nor_end_the_session() -> None:
+    """Everything a speaker and the node say to each other is recorded, as
+    someone watching the wire would. With it, and the speaker's own address
+    forged (a raw socket), the observer tries every 30 bytes it saw as the
+    SRTP key of a 1000 Hz tone, replays the speaker's KEEPALIVEs, and sends
+    a LEAVE with the session id it read from the ACCEPT. None of it works:
+    the listener hears only the speaker, who stays on the stage until it
+    leaves itself; and the token never crossed the wire in clear."""
+    if os.geteuid() != 0:
+        pytest.skip("forging a source address needs a raw socket (root)")
+    from pylibsrtp import Policy, Session as SrtpSession
+    from relay.wire.protocol import Accept as AcceptMsg, Keepalive, Leave, decode as decode_msg, encode as encode_msg
+    from relay.wire.tokens import mint
+    secret = "observer-test-secret-0123456789abcdef"
+    token = mint(secret, "stage", "publish", speaker="ann", name="Ann")
+    seen: list[bytes] = []
+
+    async def run() -> tuple[list[bytes], Node, bool, int]:
+        port = free_port()
+        text = node_config(port).replace('auth = "open"', 'auth = "jwt"\nsecret_env = "SECRET"\n'
+                                         'keepalive_interval = 0.3')
+        node = Node(load(text, environ={"SECRET": secret}))
+        await node.start()
+        heard: list[bytes] = []
+        lis = ListenClient(f"127.0.0.1:{port}", "stage", token=mint(secret, "stage"), sink=heard.append)
+        listening = asyncio.create_task(lis.listen(3.5))
+        ann = SpeakerClient(f"127.0.0.1:{port}", "stage", token)
+        send, datagram = ann._send, ann._datagram
+        ann._send = lambda data: (seen.append(bytes(data)), send(data))[1]  # type: ignore[method-assign]
+        ann._datagram = lambda data: (seen.append(bytes(data)), datagram(data))[1]  # type: ignore[method-assign]
+        await ann.join()
+        speaking = asyncio.create_task(ann.speak(tone_frames(440.0), 3.0))
+        hearing = asyncio.create_task(ann.receive(3.0))
+        await asyncio.sleep(1.2)                     # a keepalive or two have gone by
+        assert ann._transport is not None
+        ann_addr = ann._transport.get_extra_info("sockname")
+        control = [d for d in seen if d[:1] == b"\x0b"]
+        accept = next(m for m in map(decode_msg, control) if isinstance(m, AcceptMsg))
+        raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        tone = encode_tone(1000.0, 1.0)
+        candidates = {d[i:i + 30] for d in control for i in range(0, len(d) - 29)}
+        for n, key in enumerate(sorted(candidates)):
+            srtp = SrtpSession(Policy(key=key, ssrc_type=Policy.SSRC_ANY_OUTBOUND,
+                                      srtp_profile=Policy.SRTP_PROFILE_AES128_CM_SHA1_80))
+            pkt = with_level(struct.pack("!BBHII", 0x80, 111, 5000 + n, 960 * n, 0x1234) + tone[n % 50], 3)
+            raw.sendto(_udp_ip(ann_addr, ("127.0.0.1", port), srtp.protect(pkt)), ("127.0.0.1", 0))
+            if n % 20 == 19:
+                await asyncio.sleep(0.01)
+        for d in control:                                  # every KEEPALIVE it saw, again
+            if isinstance(decode_msg(d), Keepalive):
+                raw.sendto(_udp_ip(ann_addr, ("127.0.0.1", port), d), ("127.0.0.1", 0))
+        raw.sendto(_udp_ip(ann_addr, ("127.0.0.1", port), encode_msg(Leave(accept.session_id))), ("127.0.0.1", 0))
+        raw.close()
+        await asyncio.sleep(0.5)
+        still_on = ("127.0.0.1", ann_addr[1]) in node.sessions.table
+        unsigned = node.sessions.counters.control_unsigned
+        await speaking
+        await hearing
+        ann.close()
+        await listening
+        return heard, node, still_on, unsigned
+
+    heard, node, still_on, unsigned = asyncio.run(run())
+    try:
+        assert not any(token.encode() in d or token.encode()[-43:] in d for d in seen)
+        assert still_on and unsigned >= 3, (still_on, unsigned)     # 2+ replayed KEEPALIVEs, the LEAVE
+        drops = node.stages.drops()
+        assert drops["auth"] > 300, drops
+        x = decode(heard)[24000:]
+        spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+        bins = np.fft.rfftfreq(len(x), 1 / 48000)
+        at = {hz: spectrum[(bins > hz - 8) & (bins < hz + 8)].max() for hz in (440, 1000)}
+        assert at[1000] < 0.01 * at[440], at
+    finally:
+        node.close()
+
+
 def _udp_ip(src: tuple, dst: tuple, payload: bytes) -> bytes:
     """An IPv4 datagram from `src` to `dst` (the kernel fills in the
     header checksum; a UDP checksum of 0 means none, which IPv4 allows)."""

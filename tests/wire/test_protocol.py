@@ -25,7 +25,10 @@ ADDR = ("127.0.0.1", 40000)
     Accept(b"12345678", 0xDEADBEEF, 5000, 15000), Reject(Reason.NODE_FULL, "10.0.0.2:7000"),
     Keepalive(b"abcdefgh"), Leave(b"abcdefgh"),
     Join("stage", "tok", bytes(20), speaker=True), Join("live", "", bytes(20), relay=True),
-    Accept(b"12345678", 7, 5000, 15000, bytes(range(30))),
+    Accept(b"12345678", 7, 5000, 15000, speaker=True),
+    Join("stage", "", speaker=True, keyx=True), Challenge(bytes(20), bytes(range(32))),
+    Join("stage", "", bytes(20), speaker=True, keyx=True, public=bytes(range(32)), sealed=b"s" * 60),
+    Keepalive(b"abcdefgh", 7, bytes(16)), Leave(b"abcdefgh", 2**32 - 1, b"m" * 16),
     Speakers(()), Speakers((Speaker("ann-1", "Ann Ö", 13, True), Speaker("b", "", 127, False))),
 ])
 def test_messages_round_trip(msg) -> None:
@@ -35,7 +38,7 @@ def test_messages_round_trip(msg) -> None:
 def test_join_is_padded_so_replies_fit_under_it() -> None:
     join = encode(Join("r", ""))
     assert len(join) == MIN_JOIN
-    assert len(encode(Challenge(bytes(20)))) < MIN_JOIN
+    assert len(encode(Challenge(bytes(20), bytes(32)))) < MIN_JOIN      # a speaker's, with the node's key
     assert len(encode(Reject(Reason.DRAINING, "x" * 200))) < MIN_JOIN
 
 
@@ -281,18 +284,27 @@ def _stage_sessions(max_speakers: int = 2, slots: int = 2) -> Sessions:
     return s
 
 
+SPEAKER_KEYS: dict = {}     # address -> the keys its last _speak agreed
+
+
 def _speak(s: Sessions, token: str, room: str = "stage", addr=ADDR):
+    """A speaker's handshake, key exchange included (as SpeakerClient does it)."""
+    from relay.wire.keyx import speaker_keys
     now = time.time()
-    challenge = decode(s.on_control(encode(Join(room, token, speaker=True)), addr, now))
-    return decode(s.on_control(encode(Join(room, token, challenge.cookie, speaker=True)), addr, now))
+    challenge = decode(s.on_control(encode(Join(room, "", speaker=True, keyx=True)), addr, now))
+    assert isinstance(challenge, Challenge) and len(challenge.public) == 32
+    public, keys = speaker_keys(challenge.cookie, challenge.public)
+    SPEAKER_KEYS[addr] = keys
+    return decode(s.on_control(encode(Join(room, "", challenge.cookie, speaker=True, keyx=True, public=public,
+                                           sealed=keys.seal(token))), addr, now))
 
 
 def test_speakers_need_a_publish_token_a_stage_and_a_free_place() -> None:
     s = _stage_sessions(max_speakers=2)
     ann = _speak(s, mint(SECRET, "stage", "publish", speaker="ann", name="Ann"))
-    # a speaker's ACCEPT carries the SRTP key its audio must carry; it
-    # listens in a mix-minus room of its own
-    assert isinstance(ann, Accept) and len(ann.srtp_key) == 30
+    # a speaker's ACCEPT puts it on the stage (its keys come from the
+    # exchange, never the wire); it listens in a mix-minus room of its own
+    assert isinstance(ann, Accept) and ann.speaker
     assert s.stages.members[ADDR].name == "Ann" and s.stages.members[ADDR].minus_index in (2, 3)
     assert s.core.room_listeners(s.stages.members[ADDR].minus_index) == 1
     refused = [_speak(s, mint(SECRET, "stage", "listen"), addr=("127.0.0.1", 2)),      # a listener's token
@@ -301,8 +313,15 @@ def test_speakers_need_a_publish_token_a_stage_and_a_free_place() -> None:
     bo = _speak(s, mint(SECRET, "stage", "publish"), addr=("127.0.0.1", 4))
     cy = _speak(s, mint(SECRET, "stage", "publish"), addr=("127.0.0.1", 5))
     assert isinstance(bo, Accept) and isinstance(cy, Reject) and cy.reason == Reason.STAGE_FULL
-    # leaving frees the place and the mix-minus room
+    # a LEAVE with the session id alone (which anyone watching has seen) is
+    # ignored; leaving with the MAC of the exchange's control key frees the
+    # place and the mix-minus room
+    from relay.wire.keyx import mac
+    from relay.wire.protocol import MsgType
     s.on_control(encode(Leave(ann.session_id)), ADDR, time.time())
+    assert ADDR in s.stages.members and s.counters.control_unsigned == 1
+    signed = mac(SPEAKER_KEYS[ADDR].control_key, MsgType.LEAVE, ann.session_id, 1)
+    s.on_control(encode(Leave(ann.session_id, 1, signed)), ADDR, time.time())
     assert ADDR not in s.stages.members and len(s.stages._free) == 1
     assert isinstance(_speak(s, mint(SECRET, "stage", "publish"), addr=("127.0.0.1", 5)), Accept)
     # and a listener's JOIN to the stage room is an ordinary listener
