@@ -1,0 +1,109 @@
+"""The node's HLS side: which rooms have it, their taps drained on a timer,
+and the port. node.py opens and closes rooms here and hands it nothing but
+the core; the metrics collector reads `stats()`."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from relay.hls.room import DROPS, RoomHls, Tap
+from relay.hls.server import HlsCounters, HlsServer
+
+log = logging.getLogger("relay.hls")
+
+# the tap's ring holds [node] ring_depth packets (16: 320 ms of 20 ms
+# frames); draining four times as often as that fills keeps it far from
+# overflowing while the loop does other work
+DRAIN_S = 0.05
+
+
+@dataclass
+class HlsStats:
+    """What the collector reads: the port's counters and the rooms' own."""
+    port: HlsCounters
+    rooms: int = 0
+    parts: Counter[str] = field(default_factory=Counter)       # by rendition
+    dropped: Counter[str] = field(default_factory=Counter)     # by reason (room.DROPS)
+    mux_seconds: float = 0.0                                    # CPU time spent draining and muxing
+
+
+class HlsRooms:
+    """Rooms with LL-HLS on this node, and the HTTP port that serves them."""
+
+    def __init__(self, core, max_held: int = 10_000, max_connections: int = 20_000) -> None:
+        self.core = core
+        self.rooms: dict[str, tuple[RoomHls, Tap]] = {}
+        self.server = HlsServer(self.get, max_held, max_connections)
+        self._timer: asyncio.TimerHandle | None = None
+        self._gone = Counter[str]()       # counts of rooms closed, kept so counters never go down
+        self._mux_ns = 0
+
+    def get(self, name: str) -> RoomHls | None:
+        """The room's HLS, or None if it has none here."""
+        got = self.rooms.get(name)
+        return got[0] if got else None
+
+    def open(self, name: str, index: int) -> None:
+        """Start writing LL-HLS for the room in core slot `index`."""
+        if name in self.rooms:
+            return
+        room = RoomHls(name)
+        self.rooms[name] = (room, Tap(self.core, index, room))
+
+    def close(self, name: str) -> None:
+        """Stop a room's HLS (the room is being removed)."""
+        got = self.rooms.pop(name, None)
+        if got is None:
+            return
+        room, tap = got
+        tap.close()
+        self.server.forget(room)
+        for t in room.tracks:
+            self._gone["parts:" + t.name] += t.parts_made
+        for reason, n in room.drops.items():
+            self._gone["drop:" + reason] += n
+
+    @property
+    def taps(self) -> int:
+        """Listener slots the taps hold (the core counts them as listeners)."""
+        return len(self.rooms)
+
+    async def start(self, host: str, port: int) -> None:
+        """Bind the port and start draining the taps."""
+        await self.server.start(host, port)
+        self._timer = asyncio.get_running_loop().call_later(DRAIN_S, self._drain)
+
+    def _drain(self) -> None:
+        t0 = time.thread_time_ns()
+        for name, (_room, tap) in list(self.rooms.items()):
+            try:
+                tap.drain()
+            except Exception:     # one room's trouble must not stop the others' HLS
+                log.exception("room %r: HLS could not take its packets; closing its HLS", name)
+                self.close(name)
+        self._mux_ns += time.thread_time_ns() - t0
+        self._timer = asyncio.get_running_loop().call_later(DRAIN_S, self._drain)
+
+    def stats(self) -> HlsStats:
+        """Counters for the metrics collector, summed over rooms present and gone."""
+        s = HlsStats(self.server.counters, len(self.rooms), mux_seconds=self._mux_ns / 1e9)
+        for key, n in self._gone.items():
+            kind, _, name = key.partition(":")
+            (s.parts if kind == "parts" else s.dropped)[name] += n
+        for room, _ in self.rooms.values():
+            for t in room.tracks:
+                s.parts[t.name] += t.parts_made
+            for reason in DROPS:
+                s.dropped[reason] += room.drops[reason]
+        return s
+
+    def close_all(self) -> None:
+        """Stop the timer, the port and every room's tap."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self.server.close()
+        for name in list(self.rooms):
+            self.close(name)
