@@ -25,7 +25,9 @@ OPUS_BANDWIDTH = 96_000      # what the variant says: a typical speech Opus stre
 MAX_FILL_S = 1.0             # holes up to this are filled; past it the stream has restarted
 PULL_BATCH = 256
 
-DROPS = ("malformed", "late", "transcode")
+# what the renditions could not use, and "concealed": 20 ms frames of a hole
+# (loss upstream, or the tap's ring overflowing) filled with concealment
+DROPS = ("malformed", "late", "transcode", "concealed")
 
 
 class RoomHls:
@@ -71,6 +73,7 @@ class RoomHls:
                 step = opus.packet_samples(filler)
                 for _ in range(ahead // step):
                     self._sample(filler, step)
+                self.drops["concealed"] += ahead // step
             elif ahead > 0:
                 self.restarts += 1    # a new stream: the timeline just goes on
         self._sample(payload, samples)

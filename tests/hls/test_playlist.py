@@ -45,7 +45,8 @@ def test_parts_and_segments_keep_the_targets_the_playlist_states(rendition):
     assert control["CAN-BLOCK-RELOAD"] == "YES"
     assert float(control["PART-HOLD-BACK"]) >= 2 * part_target
     assert float(control["CAN-SKIP-UNTIL"]) >= 6 * target
-    assert lines[-1] == f'#EXT-X-PRELOAD-HINT:TYPE=PART,URI="s{track.next_position()[0]}.{track.next_position()[1]}.m4s"'
+    msn, part = track.next_position()
+    assert lines[-1] == f'#EXT-X-PRELOAD-HINT:TYPE=PART,URI="s{msn}.{part}.m4s"'
     first = int(next(x for x in lines if x.startswith("#EXT-X-MEDIA-SEQUENCE")).split(":")[1])
     assert first == track.segments[0].msn and track.segments[-1].msn - first == len(track.segments) - 1
     assert text.count("#EXT-X-PROGRAM-DATE-TIME:") == len(track.segments)

@@ -1,0 +1,115 @@
+"""The node behind a real caching proxy (nginx with proxy_cache_lock, the
+config in deploy/nginx/hls-origin.conf): a crowd of LL-HLS clients gets
+every part, and the node sees only a few requests per part."""
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from relay.testing.hls_crowd import crowd
+from relay.testing.loadgen import free_port, raise_fd_limit, scrape
+from tests.conftest import need, stop
+from tests.hls.conftest import publish, start_hls_relay
+
+ROOT = Path(__file__).resolve().parents[2]
+CLIENTS = int(os.environ.get("RELAY_HLS_CLIENTS", "1000"))
+PARTS = 10
+
+
+def start_nginx(tmp_path: Path, upstream: tuple[str, int]) -> tuple[subprocess.Popen, tuple[str, int]]:
+    listen = ("127.0.0.1", free_port(socket.SOCK_STREAM))
+    site = (ROOT / "deploy/nginx/hls-origin.conf").read_text()
+    site = site.replace("@CACHE_DIR@", str(tmp_path / "cache")).replace(
+        "@RELAY_HLS@", f"{upstream[0]}:{upstream[1]}").replace("@LISTEN@", f"{listen[0]}:{listen[1]}")
+    (tmp_path / "site.conf").write_text(site)
+    for d in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "nginx.conf").write_text(f"""
+daemon off;
+user root;
+worker_processes 1;
+worker_rlimit_nofile 8192;
+pid {tmp_path}/nginx.pid;
+error_log {tmp_path}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp_path}/body;
+    proxy_temp_path {tmp_path}/proxy;
+    fastcgi_temp_path {tmp_path}/fastcgi;
+    uwsgi_temp_path {tmp_path}/uwsgi;
+    scgi_temp_path {tmp_path}/scgi;
+    include {tmp_path}/site.conf;
+}}
+""")
+    proc = subprocess.Popen([need("nginx"), "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(listen, timeout=1).close()
+            return proc, listen
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"nginx exited: {proc.stderr.read().decode()}") from None
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("nginx did not start")
+
+
+def test_a_crowd_behind_a_caching_proxy_gets_every_part_and_the_node_few_requests(tmp_path):
+    raise_fd_limit(CLIENTS + 256)
+    r = start_hls_relay(tmp_path)
+    nginx, proxy = start_nginx(tmp_path, r.hls)
+    tone = publish(r.relay, "sine=frequency=660:sample_rate=48000")
+    try:
+        text = r.wait_parts("opus", 3)
+        msn, part = (int(x) for x in re.search(r'PRELOAD-HINT:TYPE=PART,URI="s(\d+)\.(\d+)\.m4s"', text).groups())
+        before = scrape(r.relay.admin)
+        logs = asyncio.run(crowd(*proxy, "/rooms/live/opus", (msn, part), CLIENTS, PARTS, seconds=30))
+        after = scrape(r.relay.admin)
+        complete = [log for log in logs if len(log.parts) == PARTS]
+        errors = [e for log in logs for e in log.errors][:5]
+        assert len(complete) == CLIENTS, f"{CLIENTS - len(complete)} clients missed parts; first errors: {errors}"
+        # every client got the same bytes for each part, in order with no gap
+        reference = [(uri, crc) for uri, crc, _ in complete[0].parts]
+        assert all([(uri, crc) for uri, crc, _ in log.parts] == reference for log in complete)
+        assert len({uri for uri, _ in reference}) == PARTS
+        seen = {kind: after[f'relay_hls_requests_total{{kind="{kind}"}}']
+                - before.get(f'relay_hls_requests_total{{kind="{kind}"}}', 0) for kind in ("blocking", "part")}
+        # one of each per part when the proxy collapses perfectly; a few more
+        # when its lock ages out under load, never one per client
+        print("node requests during the crowd:", seen, "clients:", len(complete))
+        assert seen["part"] <= 3 * PARTS and seen["blocking"] <= 3 * PARTS, seen
+    finally:
+        tone.terminate()
+        tone.wait(10)
+        nginx.terminate()
+        nginx.wait(10)
+        assert stop(r.relay.proc) == 0
+
+
+@pytest.mark.parametrize("path", ["/rooms/nosuch/index.m3u8"])
+def test_errors_through_the_proxy_are_not_cached(tmp_path, path):
+    r = start_hls_relay(tmp_path)
+    nginx, proxy = start_nginx(tmp_path, r.hls)
+    try:
+        import http.client
+        for _ in range(2):
+            c = http.client.HTTPConnection(*proxy, timeout=10)
+            c.request("GET", path)
+            resp = c.getresponse()
+            resp.read()
+            assert resp.status == 404 and resp.getheader("X-Cache") in ("MISS", "EXPIRED", "BYPASS")
+            c.close()
+    finally:
+        nginx.terminate()
+        nginx.wait(10)
+        assert stop(r.relay.proc) == 0
