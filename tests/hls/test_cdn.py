@@ -6,62 +6,24 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from relay.testing.hls_crowd import crowd
-from relay.testing.loadgen import free_port, raise_fd_limit, scrape
+from relay.testing.loadgen import raise_fd_limit, scrape
+from relay.testing.nginx import start_nginx as nginx_for
 from tests.conftest import need, stop
 from tests.hls.conftest import publish, start_hls_relay
 
-ROOT = Path(__file__).resolve().parents[2]
 CLIENTS = int(os.environ.get("RELAY_HLS_CLIENTS", "1000"))
 PARTS = 10
 
 
 def start_nginx(tmp_path: Path, upstream: tuple[str, int]) -> tuple[subprocess.Popen, tuple[str, int]]:
-    listen = ("127.0.0.1", free_port(socket.SOCK_STREAM))
-    site = (ROOT / "deploy/nginx/hls-origin.conf").read_text()
-    site = site.replace("@CACHE_DIR@", str(tmp_path / "cache")).replace(
-        "@RELAY_HLS@", f"{upstream[0]}:{upstream[1]}").replace("@LISTEN@", f"{listen[0]}:{listen[1]}")
-    (tmp_path / "site.conf").write_text(site)
-    for d in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (tmp_path / d).mkdir()
-    (tmp_path / "nginx.conf").write_text(f"""
-daemon off;
-user root;
-worker_processes 1;
-worker_rlimit_nofile 8192;
-pid {tmp_path}/nginx.pid;
-error_log {tmp_path}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {tmp_path}/body;
-    proxy_temp_path {tmp_path}/proxy;
-    fastcgi_temp_path {tmp_path}/fastcgi;
-    uwsgi_temp_path {tmp_path}/uwsgi;
-    scgi_temp_path {tmp_path}/scgi;
-    include {tmp_path}/site.conf;
-}}
-""")
-    proc = subprocess.Popen([need("nginx"), "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
-                            stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(listen, timeout=1).close()
-            return proc, listen
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"nginx exited: {proc.stderr.read().decode()}") from None
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("nginx did not start")
+    need("nginx")
+    return nginx_for(tmp_path, upstream)
 
 
 def test_a_crowd_behind_a_caching_proxy_gets_every_part_and_the_node_few_requests(tmp_path):
