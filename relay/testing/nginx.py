@@ -53,7 +53,8 @@ http {{
             return proc, listen
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(f"nginx exited: {proc.stderr.read().decode()}") from None
+                err = proc.stderr.read().decode() if proc.stderr is not None else ""
+                raise RuntimeError(f"nginx exited: {err}") from None
             time.sleep(0.05)
     proc.kill()
     raise RuntimeError("nginx did not start")
