@@ -88,7 +88,8 @@ class Node:
             rooms=lambda: room_list(self.core, self.rooms, self.sessions, self.stages, self.rates),
             index=lambda: index_links(list(self.rooms)), release=self._release,
             join=self._where_to_join,
-            quic=self.quic.describe if self.quic else None))
+            quic=self.quic.describe if self.quic else None,
+            hls=self.hls.describe if self.hls else None))
         self._free_rooms = list(range(cfg.max_rooms - 1, -1, -1))
         self._tasks: list[asyncio.Task] = []
         self.upstreams: dict[str, Upstream] = {}                 # rooms taken from other nodes

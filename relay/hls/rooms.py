@@ -66,6 +66,14 @@ class HlsRooms:
         for reason, n in room.drops.items():
             self._gone["drop:" + reason] += n
 
+    def describe(self) -> dict:
+        """/hls.json: where a page finds a room's LL-HLS (`base` + NAME +
+        "/index.m3u8"); `base` is null on a wildcard address, and the page
+        uses the host it came from."""
+        host, port = self.server.address
+        shown = None if host in ("0.0.0.0", "::", "") else (f"[{host}]" if ":" in host else host)
+        return {"port": port, "path": "/rooms/", "base": f"http://{shown}:{port}/rooms/" if shown else None}
+
     @property
     def taps(self) -> int:
         """Listener slots the taps hold (the core counts them as listeners)."""

@@ -79,9 +79,11 @@ class HlsServer:
         self._server = await loop.create_server(lambda: Connection(self), host, port, backlog=4096)
 
     @property
-    def port(self) -> int:
+    def address(self) -> tuple[str, int]:
+        """The (host, port) the port is bound to."""
         assert self._server is not None
-        return self._server.sockets[0].getsockname()[1]
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return host, port
 
     def close(self) -> None:
         """Stop listening and drop every connection."""
