@@ -10,6 +10,11 @@ Reports, into bench/results/hls.json and a Markdown table on stdout:
              p50 with p10-p90 spread, for
                ffmpeg   ffmpeg's HLS demuxer (whole segments; it does not
                         read parts), decoding to PCM on a pipe;
+               hls.js   the listener page in headless Chromium forced onto
+                        LL-HLS (/listen?transport=hls): hls.js's own latency
+                        estimate, the playhead's PROGRAM-DATE-TIME (the
+                        node's clock when the audio came in) against now,
+                        sampled twice a second once it plays;
                parts    a client that follows parts with blocking reloads
                         from the live edge, as LL-HLS players do, decoding
                         each part with PyAV as it comes (a player's buffer
@@ -44,6 +49,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("PYTHONPATH", str(Path(__file__).resolve().parent.parent))
 
 import av  # noqa: E402
 import numpy as np  # noqa: E402
@@ -233,6 +239,24 @@ def measure_latency_and_mux(node: Node, pub: BeepPublisher, seconds: float) -> d
             "mux_cpu": {"cpu_s_per_s": round(mux, 4), "rooms_per_core": round(1 / mux) if mux else None}}
 
 
+def measure_hlsjs(node: Node, seconds: float) -> dict:
+    from tests import browser
+    if not browser.available():
+        return {"n": 0, "skipped": "chromium is not installed"}
+    page = browser.Browser()
+    try:
+        page.goto(f"http://{node.admin[0]}:{node.admin[1]}/listen?room=live&transport=hls")
+        delays, deadline = [], time.monotonic() + seconds + 20
+        while time.monotonic() < deadline and len(delays) < seconds * 2:
+            st = json.loads(page.evaluate("JSON.stringify(window.relayListener)") or "null") or {}
+            if st.get("state") == "playing" and st.get("delaySec"):
+                delays.append(float(st["delaySec"]))
+            time.sleep(0.5)
+        return summary(delays)
+    finally:
+        page.close()
+
+
 def measure_requests(node: Node, clients: int, seconds: float) -> dict:
     text = urllib.request.urlopen(node.url("/rooms/live/opus/index.m3u8"), timeout=10).read().decode()
     start = tuple(int(x) for x in re.search(r'PRELOAD-HINT:TYPE=PART,URI="s(\d+)\.(\d+)\.m4s"', text).groups())
@@ -282,6 +306,7 @@ def main() -> None:
         pub.start()
         try:
             out = measure_latency_and_mux(node, pub, seconds)
+            out["latency"]["hls.js"] = measure_hlsjs(node, 5 if args.smoke else 20)
             out["requests"] = measure_requests(node, 50 if args.smoke else 200, 3 if args.smoke else 8)
             out["proxy"] = measure_proxy(node, Path(d), [10, 100] if args.smoke else [10, 100, 1000],
                                          5 if args.smoke else 10)
@@ -294,10 +319,11 @@ def main() -> None:
     path.write_text(json.dumps(out, indent=1))
     lat = out["latency"]
     print("| measure | figure |\n| --- | --- |")
-    for name in ("ffmpeg", "parts"):
+    for name in ("ffmpeg", "hls.js", "parts"):
         s = lat[name]
+        what = "samples of its estimate" if name == "hls.js" else "beeps"
         print(f"| glass to glass, {name} | p50 {s.get('p50_s')} s (p10 {s.get('p10_s')}, p90 {s.get('p90_s')}; "
-              f"{s['n']} beeps) |")
+              f"{s['n']} {what}) |")
     print(f"| mux + AAC CPU per room | {out['mux_cpu']['cpu_s_per_s']} core-s/s "
           f"(~{out['mux_cpu']['rooms_per_core']} rooms per core) |")
     r = out["requests"]
