@@ -75,7 +75,8 @@ class Node:
         self.sessions.stages = self.stages
         self.quic: QuicEndpoint | None = QuicEndpoint(self.core, self.sessions) if cfg.quic else None
         # LL-HLS reads each room through one pull listener of its own (relay/hls/room.py)
-        self.hls = HlsRooms(self.core, cfg.hls_max_held, cfg.hls_max_connections) if cfg.hls else None
+        self.hls = HlsRooms(self.core, cfg.hls_max_held, cfg.hls_max_connections, cfg.record_dir,
+                            cfg.record_retention) if cfg.hls else None
         self.events = EventLog(self.core, self.sessions, cfg.log_interval, self._room_config)
         self.started = time.monotonic()
         self.collector = NodeCollector(self.core, self.sessions, self.load, self.senders,
@@ -150,7 +151,7 @@ class Node:
 
     def _open_hls(self, r: RoomConfig, index: int) -> None:
         if self.hls is not None and r.hls:
-            self.hls.open(r.name, index)
+            self.hls.open(r.name, index, r.record)
 
     def _allow_sources(self, state: RoomState, r: RoomConfig) -> None:
         rules.allow_sources(self.core, state.index, r)

@@ -17,6 +17,7 @@ from typing import Callable
 from relay.hls import opus
 from relay.hls.aac import AAC_BITRATE, AAC_TRACK, AacEncoder
 from relay.hls.fmp4 import AudioTrack
+from relay.hls.replay import Recorder
 from relay.hls.track import Track
 from relay.wire.rtp import rtp_payload
 
@@ -33,8 +34,10 @@ DROPS = ("malformed", "late", "transcode", "concealed")
 class RoomHls:
     """A room's renditions, fed RTP packets in the room's numbering."""
 
-    def __init__(self, name: str, aac: bool = True, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, name: str, aac: bool = True, clock: Callable[[], float] = time.time,
+                 recorder: Recorder | None = None) -> None:
         self.name = name
+        self.recorder = recorder
         self.opus = Track("opus", OPUS_TRACK, "opus", OPUS_BANDWIDTH, 0)
         self.aac: Track | None = Track("aac", AAC_TRACK, "mp4a.40.2", AAC_BITRATE + 16_000, 0) if aac else None
         self._encoder = AacEncoder() if aac else None
@@ -43,6 +46,10 @@ class RoomHls:
         self._last: bytes = b""
         self.drops: Counter[str] = Counter()
         self.restarts = 0
+        self.last_packet = 0.0         # time.monotonic() of the last packet fed
+        if recorder is not None:
+            for t in self.tracks:
+                t.on_segment = recorder.segment
 
     @property
     def tracks(self) -> list[Track]:
@@ -75,8 +82,14 @@ class RoomHls:
                     self._sample(filler, step)
                 self.drops["concealed"] += ahead // step
             elif ahead > 0:
-                self.restarts += 1    # a new stream: the timeline just goes on
+                self.restarts += 1    # a new stream: the timeline just goes on, its dates anew
+                now = self._clock()
+                for t in self.tracks:
+                    t.reanchor(now)
+                if self.recorder is not None:
+                    self.recorder.discontinuity()
         self._sample(payload, samples)
+        self.last_packet = time.monotonic()
         self._last = payload
         self._next_ts = (ts + samples) & 0xFFFFFFFF
 

@@ -8,7 +8,9 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from relay.hls import replay
 from relay.hls.room import DROPS, RoomHls, Tap
 from relay.hls.server import HlsCounters, HlsServer
 
@@ -18,6 +20,8 @@ log = logging.getLogger("relay.hls")
 # frames); draining four times as often as that fills keeps it far from
 # overflowing while the loop does other work
 DRAIN_S = 0.05
+ROOM_END_S = 10.0        # a recorded room silent this long has ended: its replay becomes a VOD
+EXPIRE_EVERY_S = 600.0   # how often recordings past their retention are deleted
 
 
 @dataclass
@@ -33,10 +37,14 @@ class HlsStats:
 class HlsRooms:
     """Rooms with LL-HLS on this node, and the HTTP port that serves them."""
 
-    def __init__(self, core, max_held: int = 10_000, max_connections: int = 20_000) -> None:
+    def __init__(self, core, max_held: int = 10_000, max_connections: int = 20_000,
+                 record_dir: str = "", record_retention: float = 7 * 86400.0) -> None:
         self.core = core
         self.rooms: dict[str, tuple[RoomHls, Tap]] = {}
-        self.server = HlsServer(self.get, max_held, max_connections)
+        self.record_root = Path(record_dir) if record_dir else None
+        self.record_retention = record_retention
+        self._expired_at = 0.0
+        self.server = HlsServer(self.get, max_held, max_connections, self.record_root)
         self._timer: asyncio.TimerHandle | None = None
         self._gone = Counter[str]()       # counts of rooms closed, kept so counters never go down
         self._mux_ns = 0
@@ -46,11 +54,15 @@ class HlsRooms:
         got = self.rooms.get(name)
         return got[0] if got else None
 
-    def open(self, name: str, index: int) -> None:
-        """Start writing LL-HLS for the room in core slot `index`."""
+    def open(self, name: str, index: int, record: bool = False) -> None:
+        """Start writing LL-HLS for the room in core slot `index` (and
+        recording its segments for the replay if `record`)."""
         if name in self.rooms:
             return
-        room = RoomHls(name)
+        recorder = None
+        if record and self.record_root is not None:
+            recorder = replay.Recorder(self.record_root, name)
+        room = RoomHls(name, recorder=recorder)
         self.rooms[name] = (room, Tap(self.core, index, room))
 
     def close(self, name: str) -> None:
@@ -60,6 +72,8 @@ class HlsRooms:
             return
         room, tap = got
         tap.close()
+        if room.recorder is not None:
+            room.recorder.close()
         self.server.forget(room)
         for t in room.tracks:
             self._gone["parts:" + t.name] += t.parts_made
@@ -92,6 +106,14 @@ class HlsRooms:
             except Exception:     # one room's trouble must not stop the others' HLS
                 log.exception("room %r: HLS could not take its packets; closing its HLS", name)
                 self.close(name)
+        now = time.monotonic()
+        for room, _ in self.rooms.values():
+            if room.recorder is not None and not room.recorder.ended and room.last_packet \
+                    and now - room.last_packet > ROOM_END_S:
+                room.recorder.end()
+        if self.record_root is not None and now - self._expired_at > EXPIRE_EVERY_S:
+            self._expired_at = now
+            replay.expire(self.record_root, self.record_retention)
         self._mux_ns += time.thread_time_ns() - t0
         self._timer = asyncio.get_running_loop().call_later(DRAIN_S, self._drain)
 

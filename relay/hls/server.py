@@ -23,9 +23,10 @@ import logging
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
-from relay.hls import playlist
+from relay.hls import playlist, replay
 from relay.hls.http import Connection, Held, Request, Response
 from relay.hls.room import RoomHls
 from relay.hls.track import PARTS_PER_SEGMENT, Track
@@ -43,6 +44,9 @@ MAX_MSN_DIGITS = 18
 MAX_PART = 64                # a part number past this is no mistake a player makes
 AHEAD_SEGMENTS = 2           # _HLS_msn may be at most this past the last segment
 
+_REPLAY = re.compile(r"^/rooms/(?P<room>[^/]+)/(?:replay\.m3u8|(?P<r>[a-z]+)/(?:replay\.m3u8|"
+                     r"replay/(?P<session>\d{1,12})/(?P<file>init\.mp4|s\d{1,18}\.m4s)))$")
+REPLAY_LIVE = "public, max-age=1"
 _ROUTE = re.compile(r"^/rooms/(?P<room>[^/]+)/(?:index\.m3u8|(?P<r>[a-z]+)/(?P<file>index\.m3u8|init\.mp4|"
                     r"s(?P<msn>\d{1,18})(?:\.(?P<part>\d{1,2}))?\.m4s))$")
 
@@ -63,8 +67,9 @@ class HlsServer:
     """The HLS HTTP port over the rooms that have HLS on (`rooms` looks one up)."""
 
     def __init__(self, rooms: Callable[[str], RoomHls | None], max_held: int = 10_000,
-                 max_connections: int = 20_000) -> None:
+                 max_connections: int = 20_000, record_root: Path | None = None) -> None:
         self.rooms = rooms
+        self.record_root = record_root
         self.max_held, self.max_connections = max_held, max_connections
         self.counters = HlsCounters()
         self._conns: dict[Connection, None] = {}    # insertion order: the oldest first
@@ -122,6 +127,8 @@ class HlsServer:
         if req.method not in ("GET", "HEAD"):
             self.counters.requests["other"] += 1
             return Response(405, b"GET or HEAD\n", headers=[("Allow", "GET, HEAD, OPTIONS")])
+        if "/replay" in req.path:
+            return self._replay(req.path)
         m = _ROUTE.match(req.path)
         room = self.rooms(m["room"]) if m else None
         if m is None or room is None:
@@ -145,6 +152,26 @@ class HlsServer:
             return self._media(track, msn, None)
         self.counters.requests["part"] += 1
         return self._media(track, msn, int(m["part"]))
+
+    def _replay(self, path: str) -> Response:
+        """A recorded room's replay: multivariant, media playlists, files."""
+        m = _REPLAY.match(path)
+        room = self.rooms(m["room"]) if m else None
+        if m is None or room is None or room.recorder is None or self.record_root is None:
+            self.counters.requests["not_found"] += 1
+            return Response(404, b"no such replay\n")
+        self.counters.requests["replay"] += 1
+        if m["r"] is None:
+            text = playlist.multivariant(room.tracks).replace("/index.m3u8", "/replay.m3u8")
+            return Response(200, text.encode(), PLAYLIST, REPLAY_LIVE)
+        if m["file"] is not None:
+            data = replay.replay_file(self.record_root, room.name, m["r"], m["session"], m["file"])
+            return Response(200, data, MEDIA, IMMUTABLE) if data else Response(404, b"no such file\n")
+        media = replay.playlist(self.record_root, room.name, m["r"])
+        if media is None:
+            return Response(404, b"nothing recorded yet\n")
+        return Response(200, media.encode(), PLAYLIST, "public, max-age=60" if "#EXT-X-ENDLIST" in media
+                        else REPLAY_LIVE)
 
     def _playlist(self, track: Track, query: dict[str, str]) -> Response | Held:
         msn_s, part_s, skip_s = query.get("_HLS_msn"), query.get("_HLS_part"), query.get("_HLS_skip")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from relay.hls import fmp4
 
@@ -65,12 +66,19 @@ class Track:
         self._waiters: list[tuple[Position, bool, asyncio.Future[None]]] = []
         self.version = 0                             # bumped per part: playlist caches key on it
         self.parts_made = 0
+        self.on_segment: Callable[[Track, Segment], None] | None = None   # the recorder, if any
 
     # ---------------------------------------------------------------- input
 
     def start(self, first_msn: int, wall: float) -> None:
         """Number the first segment `first_msn`, its first sample heard at `wall` (Unix time)."""
         self.first_msn, self._started_wall = first_msn, wall
+
+    def reanchor(self, wall: float) -> None:
+        """The stream restarted after a pause: what comes next was heard at
+        `wall`, so its PROGRAM-DATE-TIME says so (the media timeline itself
+        runs on without a gap)."""
+        self._started_wall = wall - self._clock / self.info.sample_rate
 
     def add(self, data: bytes, duration: int) -> None:
         """Append one sample (`duration` in the track's timescale)."""
@@ -113,6 +121,8 @@ class Track:
     def _finish(self, seg: Segment) -> None:
         seg.done = True
         seg.data = b"".join(p.data for p in seg.parts)
+        if self.on_segment is not None:
+            self.on_segment(self, seg)
 
     def _trim(self) -> None:
         # a delta update skips what is older than 6 s, and the window keeps

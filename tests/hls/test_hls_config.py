@@ -22,6 +22,9 @@ def test_hls_is_off_unless_the_node_names_a_port_and_then_on_for_every_room_that
     ('hls = "127.0.0.1:8088"\nhls_max_held = 0', "", "[node] hls_max_held"),
     ('hls = "127.0.0.1:8088"\nhls_max_connections = "many"', "", "[node] hls_max_connections"),
     ('hls = "127.0.0.1:8088"', 'hls = "yes"\n', "room 'a': hls: true or false"),
+    ('hls = "127.0.0.1:8088"', 'record = true\n', "room 'a': record = true needs [node] record_dir"),
+    ('record_dir = "/tmp/x"', 'record = true\n', "room 'a': record = true records its LL-HLS: set [node] hls"),
+    ('hls = "127.0.0.1:8088"\nrecord_dir = "/tmp/x"\nrecord_retention = 1', "", "[node] record_retention"),
 ])
 def test_mistakes_name_the_key(node, room, needle):
     with pytest.raises(ConfigError) as e:
