@@ -24,6 +24,8 @@ if [ "${1:-}" = "test" ]; then
     [ -n "$(find /usr/lib -name libgstsrtp.so 2>/dev/null | head -1)" ] || missing+=(gstreamer1.0-plugins-bad)
     # the web listener's test drives a real headless browser
     command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+    # the listener page is tested in Firefox ESR too (WebDriver BiDi: tests/firefox.py)
+    command -v firefox-esr >/dev/null 2>&1 || missing+=(firefox-esr)
     # LL-HLS is tested behind a real caching proxy, as a CDN would pull it
     command -v nginx >/dev/null 2>&1 || missing+=(nginx)
     # make deploy-check verifies the systemd unit with systemd-analyze
