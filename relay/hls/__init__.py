@@ -10,8 +10,10 @@ so the core's fan-out cost per listener does not change. What it holds:
     playlist.py  media and multivariant playlists, delta updates
     aac.py       the AAC-LC rendition: Opus decoded and encoded once (PyAV)
     room.py      a room's tap and its two renditions
+    replay.py    recorded rooms: segments on disk, the VOD playlist
     http.py      the HTTP/1.1 connection: keep-alive, HEAD, bounded heads
     server.py    the port: routes, blocking reloads, limits, counters
+    rooms.py     what node.py wires: the rooms with HLS, their taps, the port
 
 May import relay.wire and relay._core.
 """
