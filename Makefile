@@ -6,7 +6,7 @@ DURATION ?= 10
 
 FUZZ_SECONDS ?= 60
 
-.PHONY: setup demo test test-fast lint bench bench-full bench-quic bench-cluster bench-chaos bench-sim bench-speakers fuzz sanitize tsan dist deploy-check annotate clean
+.PHONY: setup demo test test-fast lint bench bench-full bench-quic bench-hls bench-cluster bench-chaos bench-sim bench-speakers fuzz sanitize tsan dist deploy-check annotate clean
 
 setup:
 	@./scripts/bootstrap.sh
@@ -39,6 +39,11 @@ bench-full:
 bench-quic:
 	@./scripts/bootstrap.sh bench
 	$(PY) bench/quic.py
+
+# LL-HLS: glass-to-glass latency, mux CPU per room, requests per core-second, origin load behind nginx
+bench-hls:
+	@./scripts/bootstrap.sh test
+	$(PY) bench/hls.py
 
 # a tree of nodes with a Redis directory: origin cost, a join storm, failover, a Redis outage
 bench-speakers:

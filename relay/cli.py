@@ -81,6 +81,8 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["redirect"] = args.redirect
     if args.quic is not None:
         out["quic"] = args.quic
+    if args.hls is not None:
+        out["hls"] = args.hls
     if args.workers is not None:
         out["workers"] = args.workers if args.workers == "auto" else _workers(args.workers)
     if args.room:
@@ -409,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--open", action="store_true", help="admit listeners without a token")
     s.add_argument("--max-listeners", type=_positive(int), help="listeners this node admits")
     s.add_argument("--quic", help="QUIC and WebTransport listener address, host:port")
+    s.add_argument("--hls", help="LL-HLS HTTP port for a CDN to pull, host:port")
     s.add_argument("--redirect", help="host:port sent to listeners turned away when full")
     s.add_argument("--workers", help="sender threads, a number or 'auto' (one per core, the default)")
     s.add_argument("--room", action="append", help="NAME=HOST:PORT (replaces the config's rooms)")

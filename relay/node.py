@@ -30,6 +30,7 @@ from relay.cluster import routing
 from relay.cluster.directory import Directory, Peer
 from relay.cluster.pair import Aligner
 from relay.cluster.upstream import GAP_BOUNDS, Upstream, relay_token
+from relay.hls.rooms import HlsRooms
 from relay.ops.tasks import supervised
 from relay.ingest import rules
 from relay.ingest.ports import IngestPorts
@@ -75,18 +76,23 @@ class Node:
                              self._sent, os.urandom, emit)
         self.sessions.stages = self.stages
         self.quic: QuicEndpoint | None = QuicEndpoint(self.core, self.sessions) if cfg.quic else None
+        # LL-HLS reads each room through one pull listener of its own (relay/hls/room.py)
+        self.hls = HlsRooms(self.core, cfg.hls_max_held, cfg.hls_max_connections, cfg.record_dir,
+                            cfg.record_retention) if cfg.hls else None
         self.events = EventLog(self.core, self.sessions, cfg.log_interval, self._room_config)
         self.started = time.monotonic()
         self.collector = NodeCollector(self.core, self.sessions, self.load, self.senders,
                                        lambda: self.quic.counters if self.quic else None, self.started,
-                                       self.ingest.srtp_drops, self._cluster, self.stages)
+                                       self.ingest.srtp_drops, self._cluster, self.stages,
+                                       hls=self.hls.stats if self.hls else None)
         self.admin = AdminServer(AdminViews(
             metrics=lambda: generate_latest(registry_for(self.collector)),
             not_ready=self._not_ready,
             rooms=lambda: room_list(self.core, self.rooms, self.sessions, self.stages, self.rates),
             index=lambda: index_links(list(self.rooms)), release=self._release,
             join=self._where_to_join,
-            quic=self.quic.describe if self.quic else None))
+            quic=self.quic.describe if self.quic else None,
+            hls=self.hls.describe if self.hls else None))
         self._free_rooms = list(range(cfg.max_rooms - 1, -1, -1))
         self._tasks: list[asyncio.Task] = []
         self.upstreams: dict[str, Upstream] = {}                 # rooms taken from other nodes
@@ -125,6 +131,7 @@ class Node:
             if r.ingest is not None:   # its publishers go on the stage beside the speakers
                 self.ingest.to_stage[r.name] = partial(self.stages.on_ingest, r.name)
                 self._publish_rules(state, r)
+            self._open_hls(r, index)
             return state
         # a room from upstream is fed only by this node's own subscription;
         # an origin pair's publishers are checked before the core (ports.py)
@@ -142,7 +149,12 @@ class Node:
                                               always=True)
         self.rooms[r.name] = state
         self._allow_sources(state, r)
+        self._open_hls(r, index)
         return state
+
+    def _open_hls(self, r: RoomConfig, index: int) -> None:
+        if self.hls is not None and r.hls:
+            self.hls.open(r.name, index, r.record)
 
     def _allow_sources(self, state: RoomState, r: RoomConfig) -> None:
         rules.allow_sources(self.core, state.index, r)
@@ -168,6 +180,9 @@ class Node:
             if self.quic is not None:
                 with binding("[node] quic", self.quic.addr, "--quic"):
                     await self.quic.start()
+            if self.hls is not None and self.cfg.hls is not None:
+                with binding("[node] hls", self.cfg.hls, "--hls"):
+                    await self.hls.start(*self.cfg.hls)
         except OSError:
             self.close()
             raise
@@ -204,6 +219,8 @@ class Node:
             self.ingest.to_stage.pop(name, None)
             self.ingest.rewrite.pop(name, None)
             self.ingest.unbind(name)
+            if self.hls is not None:
+                self.hls.close(name)
             state = self.rooms.pop(name)
             self.core.room_close(state.index)
             self._free_rooms.append(state.index)
@@ -274,7 +291,10 @@ class Node:
             now = time.monotonic()
             stats = {name: self.core.room_stats(r.index) for name, r in self.rooms.items()}
             for name, up in self.upstreams.items():
-                up.want(stats[name]["listeners"], now, self.cfg.upstream_linger)
+                # an HLS tap alone does not keep an edge subscribed: HLS is
+                # for the node's own listeners' rooms, not a reason to carry one
+                tap = 1 if self.hls is not None and self.hls.get(name) is not None else 0
+                up.want(stats[name]["listeners"] - tap, now, self.cfg.upstream_linger)
             self.events.tick(now, stats)
             self.rates.measure(now, stats)
             self._choose_alternates(now)
@@ -393,6 +413,8 @@ class Node:
         self.senders.stop()
         self.stages.stop()
         self.admin.close()
+        if self.hls is not None:
+            self.hls.close_all()
         if self.quic is not None:
             self.quic.close()
         self.ingest.close()

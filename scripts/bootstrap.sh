@@ -24,6 +24,10 @@ if [ "${1:-}" = "test" ]; then
     [ -n "$(find /usr/lib -name libgstsrtp.so 2>/dev/null | head -1)" ] || missing+=(gstreamer1.0-plugins-bad)
     # the web listener's test drives a real headless browser
     command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+    # the listener page is tested in Firefox ESR too (WebDriver BiDi: tests/firefox.py)
+    command -v firefox-esr >/dev/null 2>&1 || missing+=(firefox-esr)
+    # LL-HLS is tested behind a real caching proxy, as a CDN would pull it
+    command -v nginx >/dev/null 2>&1 || missing+=(nginx)
     # make deploy-check verifies the systemd unit with systemd-analyze
     command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 fi
@@ -54,6 +58,22 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     .venv/bin/pip install -q -e '.[test]' 2>&1 | { grep -E '^(ERROR|error)' || true; }
     .venv/bin/python -c 'import relay._core'
     echo "$want" > "$stamp"
+fi
+# the listener page's LL-HLS player for browsers without native HLS: hls.js
+# at a pinned version and hash, from npm, served by the node itself (never
+# from a third-party host at run time)
+HLSJS_VERSION=1.7.4
+HLSJS_SHA256=cfc70cc9e9fc63d071919e087670abc760c8fd1bc889b88588026e4d22193bbe
+hlsjs=relay/listeners/static/hls.min.js
+if ! echo "$HLSJS_SHA256  $hlsjs" | sha256sum -c --quiet - >/dev/null 2>&1; then
+    command -v npm >/dev/null 2>&1 || { SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"; \
+        $SUDO apt-get update -qq; DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends npm >/dev/null; }
+    tmp="$(mktemp -d)"
+    (cd "$tmp" && npm pack -q "hls.js@$HLSJS_VERSION" >/dev/null)
+    tar xzf "$tmp/hls.js-$HLSJS_VERSION.tgz" -C "$tmp" package/dist/hls.min.js
+    echo "$HLSJS_SHA256  $tmp/package/dist/hls.min.js" | sha256sum -c --quiet -
+    cp "$tmp/package/dist/hls.min.js" "$hlsjs"
+    rm -rf "$tmp"
 fi
 # rebuild the compiled modules when their sources changed
 .venv/bin/python setup.py -q build_ext --inplace 2>&1 | grep -v -e '^$' -e 'BetaConfiguration' -e 'warnings.warn' || true

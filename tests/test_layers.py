@@ -19,13 +19,15 @@ ALLOWED: dict[str, set[str]] = {
     "ingest": {"wire", "core"},
     "stage": {"wire", "core"},
     "listeners": {"wire", "core", "ingest", "stage"},
+    "hls": {"wire", "core"},
     "cluster": {"wire", "core", "client"},
-    "ops": {"wire", "core", "ingest", "stage", "listeners", "cluster"},
-    "node": {"wire", "core", "ingest", "stage", "listeners", "cluster", "ops"},
-    "cli": {"wire", "core", "client", "testing", "ingest", "stage", "listeners", "cluster", "ops", "node"},
+    "ops": {"wire", "core", "ingest", "stage", "listeners", "cluster", "hls"},
+    "node": {"wire", "core", "ingest", "stage", "listeners", "cluster", "hls", "ops"},
+    "cli": {"wire", "core", "client", "testing", "ingest", "stage", "listeners", "cluster", "hls", "ops",
+            "node"},
     "main": {"cli"},
 }
-ROLES = ("ingest", "stage", "listeners", "cluster", "ops")
+ROLES = ("ingest", "stage", "listeners", "cluster", "hls", "ops")
 
 
 def part_of(module: str) -> str:

@@ -1,6 +1,10 @@
 """The listener web page, served by the admin port: static files shipped in
-relay/static, read once. The page itself (listen.js) does the listening:
-WebTransport to the node's QUIC port, WebCodecs to decode, Web Audio to play."""
+relay/listeners/static, read once. The page itself (listen.js) does the
+listening: WebTransport to the node's QUIC port, WebCodecs to decode, Web
+Audio to play; where WebTransport is missing or fails, the node's LL-HLS
+(relay/hls) in an audio element, natively (Safari) or through hls.js,
+which scripts/bootstrap.sh fetches at a pinned version (HLSJS_VERSION) and
+the node serves itself, so the page never loads code from a third party."""
 from __future__ import annotations
 
 from functools import cache
@@ -11,11 +15,16 @@ STATIC = Path(__file__).with_name("static")
 PAGES = {
     "/listen": ("listen.html", "text/html; charset=utf-8"),
     "/listen.js": ("listen.js", "text/javascript; charset=utf-8"),
+    "/hls.min.js": ("hls.min.js", "text/javascript; charset=utf-8"),
 }
 
 
 @cache
-def page(path: str) -> tuple[str, bytes]:
-    """(content type, body) of one of PAGES."""
+def page(path: str) -> tuple[str, bytes] | None:
+    """(content type, body) of one of PAGES, or None if its file is not
+    installed (hls.min.js before scripts/bootstrap.sh has run)."""
     name, ctype = PAGES[path]
-    return ctype, (STATIC / name).read_bytes()
+    try:
+        return ctype, (STATIC / name).read_bytes()
+    except FileNotFoundError:
+        return None

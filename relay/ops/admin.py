@@ -44,6 +44,7 @@ class AdminViews:
     index: Callable[[], list[tuple[str, str]]] = lambda: []   # (link, what it is) for /
     release: Callable[[str], bool] = lambda room: False      # POST /rooms/NAME/release; False: no such room
     join: Callable[[str], dict[str, Any] | None] = lambda room: None   # GET /join?room=NAME; None: no such room
+    hls: Callable[[], dict[str, Any]] | None = None   # /hls.json: where the page finds LL-HLS; None: HLS off
 
 
 class _Request(asyncio.Protocol):
@@ -166,7 +167,14 @@ class AdminServer:
             return "200 OK", "text/html; charset=utf-8", (
                 f"<!doctype html><meta charset=utf-8><title>relay</title><h1>relay</h1><ul>{items}</ul>").encode()
         if path in web.PAGES:
-            return "200 OK", *web.page(path)
+            got = web.page(path)
+            if got is None:
+                return "404 Not Found", "text/plain", f"{path} is not installed here (scripts/bootstrap.sh)\n".encode()
+            return "200 OK", *got
+        if path == "/hls.json":
+            if self.views.hls is None:
+                return "404 Not Found", "application/json", b'{"error": "LL-HLS is off on this node"}'
+            return "200 OK", "application/json", json.dumps(self.views.hls()).encode()
         if path == "/quic.json":
             if self.views.quic is None:
                 return "404 Not Found", "application/json", b'{"error": "QUIC is off on this node"}'

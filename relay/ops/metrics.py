@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from relay import __version__
 from relay._core import Core
+from relay.hls.rooms import HlsStats
 from relay.listeners.load import LoadMeter
 from relay.listeners.quic.connection import QuicCounters
 from relay.listeners.senders import SenderThreads
@@ -70,9 +71,10 @@ class NodeCollector(Collector):
     def __init__(self, core: Core, sessions: Sessions, load: LoadMeter, senders: SenderThreads,
                  quic: Callable[[], QuicCounters | None], started: float,
                  srtp_drops: Callable[[], Counter[str]] = Counter,
-                 cluster: Callable[[], Cluster] = lambda: Cluster(), stages: Stages | None = None) -> None:
+                 cluster: Callable[[], Cluster] = lambda: Cluster(), stages: Stages | None = None,
+                 hls: Callable[[], HlsStats] | None = None) -> None:
         self.core, self.sessions, self.load, self.senders = core, sessions, load, senders
-        self.stages = stages
+        self.stages, self.hls = stages, hls
         self.quic, self.started, self.srtp_drops, self.cluster = quic, started, srtp_drops, cluster
 
     def collect(self) -> Iterator[Metric]:
@@ -175,6 +177,8 @@ class NodeCollector(Collector):
         yield from self._quic()
         yield from self._stages()
         yield from self._cluster()
+        if self.hls is not None:
+            yield from _hls(self.hls())
         yield GaugeMetricFamily("relay_draining", "1 while the node is draining.",
                                 1 if self.sessions.draining else 0)
         yield GaugeMetricFamily("relay_process_resident_memory_bytes", "Resident memory.", _rss())
@@ -327,6 +331,40 @@ class NodeCollector(Collector):
         yield listeners
         yield packets_in
         yield silence
+
+
+def _hls(s: HlsStats) -> Iterator[Metric]:
+    """The LL-HLS port and its rooms (relay/hls): labels are fixed sets."""
+    p = s.port
+    yield GaugeMetricFamily("relay_hls_rooms", "Rooms writing LL-HLS on this node.", s.rooms)
+    req = CounterMetricFamily("relay_hls_requests", "HLS requests by kind of URL.", labels=["kind"])
+    for kind, n in sorted(p.requests.items()):
+        req.add_metric([kind], n)
+    yield req
+    resp = CounterMetricFamily("relay_hls_responses", "HLS responses by status code.", labels=["code"])
+    for code, n in sorted(p.responses.items()):
+        resp.add_metric([str(code)], n)
+    yield resp
+    yield GaugeMetricFamily("relay_hls_held_requests", "Blocking requests held now, waiting for a part.", p.held)
+    yield CounterMetricFamily("relay_hls_held_refused", "Requests answered 503 because [node] hls_max_held "
+                              "requests were already held.", p.held_refused)
+    yield GaugeMetricFamily("relay_hls_connections", "Open connections on the HLS port.", p.connections)
+    yield CounterMetricFamily("relay_hls_connections_evicted", "Connections closed to make room at "
+                              "[node] hls_max_connections.", p.connections_evicted)
+    yield CounterMetricFamily("relay_hls_head_timeouts", "Connections closed for not sending a request "
+                              "head in time (slow clients).", p.timeouts)
+    parts = CounterMetricFamily("relay_hls_parts", "Partial segments written, by rendition.",
+                                labels=["rendition"])
+    for name, n in sorted(s.parts.items()):
+        parts.add_metric([name], n)
+    yield parts
+    drops = CounterMetricFamily("relay_hls_dropped", "Packets the HLS renditions could not use, by reason.",
+                                labels=["reason"])
+    for reason, n in sorted(s.dropped.items()):
+        drops.add_metric([reason], n)
+    yield drops
+    yield CounterMetricFamily("relay_hls_mux_cpu_seconds", "Event-loop CPU time spent reading the rooms' "
+                              "taps, muxing and transcoding.", s.mux_seconds)
 
 
 def _cython_version() -> str:

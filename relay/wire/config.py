@@ -92,6 +92,8 @@ class RoomConfig:
     # rest is counted and dropped, since every listener would get each one
     max_packet_rate: float = 0.0
     max_bitrate: float = 0.0
+    hls: bool = True                 # LL-HLS for this room when the node has [node] hls
+    record: bool = False             # keep its segments for a replay ([node] record_dir)
 
     @property
     def stage(self) -> bool:
@@ -152,6 +154,12 @@ class NodeConfig:
     quic_key: str = ""                   # PEM private key for quic_cert
     quic_redirect: str = ""              # the QUIC endpoint sent to listeners turned away
     quic_fast_path: bool = True          # joined listeners' audio and ACKs in the core (docs/quic-fast-path.md)
+    # LL-HLS (relay/hls): the HTTP port a CDN pulls from; None = off
+    hls: tuple[str, int] | None = None
+    hls_max_held: int = 10_000           # blocking requests held at once; past it: 503
+    hls_max_connections: int = 20_000    # open connections; past it the oldest idle one goes
+    record_dir: str = ""                 # where recorded rooms' segments go (relay/hls/replay.py)
+    record_retention: float = 7 * 86400.0   # seconds a recording is kept after its last segment
     rooms: list[RoomConfig] = field(default_factory=list)
 
 
@@ -162,10 +170,11 @@ _NODE_KEYS = {"listen", "admin", "auth", "secret_env", "max_listeners", "ring_de
               "max_machine_load", "load_floor", "max_sessions_per_token",
               "quic_max_pending", "quic_max_pending_per_source", "log_interval", "drain_grace", "drain_rate",
               "upstream_linger", "upstream_pair", "directory", "node_id", "tier", "advertise",
-              "quic", "quic_cert", "quic_key", "quic_redirect", "quic_fast_path"}
+              "quic", "quic_cert", "quic_key", "quic_redirect", "quic_fast_path",
+              "hls", "hls_max_held", "hls_max_connections", "record_dir", "record_retention"}
 _ROOM_KEYS = {"name", "ingest", "sources", "max_listeners", "srtp_key_env", "takeover_after", "upstream",
               "pair", "pair_lead", "max_packet_rate", "max_bitrate",
-              "max_speakers"}
+              "max_speakers", "hls", "record"}
 DEFAULT_SPEAKERS = 16    # a stage room's max_speakers unless it says
 MAX_SPEAKERS = 64
 SRTP_KEY_BYTES = 30      # AES_CM_128_HMAC_SHA1_80: a 16-byte master key and a 14-byte salt
@@ -464,9 +473,41 @@ def from_dict(raw: dict[str, Any], label: str = "config", environ: Mapping[str, 
     if len(cfg.redirect.encode()) > MAX_REDIRECT:
         raise ConfigError(f"[node] redirect: at most {MAX_REDIRECT} bytes")
     _quic(cfg, node)
+    _hls(cfg, node)
     _directory(cfg, node)
     _rooms(cfg, raw.get("room", []), label, env)
     return cfg
+
+
+def _hls(cfg: NodeConfig, node: dict[str, Any]) -> None:
+    """[node] hls, hls_max_held, hls_max_connections: the LL-HLS port (TCP)."""
+    hls = node.get("hls", "")
+    cfg.hls = None if hls == "" else _addr("[node] hls", hls)
+    if cfg.hls is not None and cfg.admin is not None and cfg.hls[1] == cfg.admin[1] \
+            and (cfg.hls[0] == cfg.admin[0] or WILDCARDS & {cfg.hls[0], cfg.admin[0]}):
+        raise ConfigError(f"[node] hls: {cfg.hls[0]}:{cfg.hls[1]} is the admin port; give HLS a port of its own")
+    cfg.hls_max_held = _int("[node] hls_max_held", node.get("hls_max_held", cfg.hls_max_held), 1, 10**7)
+    cfg.hls_max_connections = _int("[node] hls_max_connections",
+                                   node.get("hls_max_connections", cfg.hls_max_connections), 16, 10**7)
+    cfg.record_dir = node.get("record_dir", "")
+    if not isinstance(cfg.record_dir, str):
+        raise ConfigError(f"[node] record_dir: a directory path, not {cfg.record_dir!r}")
+    cfg.record_retention = _seconds("[node] record_retention",
+                                    node.get("record_retention", cfg.record_retention), 60, 10 * 365 * 86400)
+
+
+def _room_hls(cfg: NodeConfig, r: RoomConfig, raw: Any) -> None:
+    """A room's `hls = true/false` (default true: every room of a node with
+    [node] hls) and `record = true/false` (default false)."""
+    for key, default in (("hls", True), ("record", False)):
+        value = raw.get(key, default) if isinstance(raw, dict) else default
+        if not isinstance(value, bool):
+            raise ConfigError(f"room {r.name!r}: {key}: true or false, not {value!r}")
+        setattr(r, key, value)
+    if r.record and (cfg.hls is None or not r.hls):
+        raise ConfigError(f"room {r.name!r}: record = true records its LL-HLS: set [node] hls (and keep hls = true)")
+    if r.record and not cfg.record_dir:
+        raise ConfigError(f"room {r.name!r}: record = true needs [node] record_dir, where the replay is kept")
 
 
 TIERS = ("origin", "mid", "edge")
@@ -524,6 +565,8 @@ def _rooms(cfg: NodeConfig, rooms: Any, label: str, environ: Mapping[str, str]) 
     if not isinstance(rooms, list):
         raise ConfigError(f"{label}: rooms are [[room]] tables")
     cfg.rooms = [_room(i, r, cfg.auth == "open", environ) for i, r in enumerate(rooms)]
+    for r, raw in zip(cfg.rooms, rooms, strict=True):
+        _room_hls(cfg, r, raw)
     if not cfg.rooms:
         raise ConfigError(f"{label}: no [[room]] configured")
     if len(cfg.rooms) > cfg.max_rooms:

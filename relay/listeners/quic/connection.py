@@ -6,6 +6,7 @@ given are its endpoint's (endpoint.py).
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,6 +29,44 @@ from relay.wire.protocol import (WEBTRANSPORT_PATH, Accept, FrameReader, Join, K
 # enough to fill a congestion window's worth between two fan-outs, little
 # enough that a stalled path loses old audio in the ring, not in aioquic
 IN_FLIGHT = 8
+log = logging.getLogger("relay.quic")
+
+# SETTINGS_WT_MAX_SESSIONS (draft-ietf-webtrans-http3): Safari will not open
+# a WebTransport session on a connection whose SETTINGS lack it. Both ids
+# are sent: the registered one and the draft's, which older builds read.
+SETTINGS_WT_MAX_SESSIONS = (0x14E9CD29, 0xC671706A)
+WT_SESSIONS = 1                 # one listener session per connection
+# the extended CONNECT's :protocol: "webtransport" (draft-02, Chromium and
+# Firefox) and "webtransport-h3" (later drafts, Safari)
+WEBTRANSPORT_PROTOCOLS = (b"webtransport", b"webtransport-h3")
+REFUSED_LOG_EVERY_S = 10.0      # a refused request is logged at most this often (all are counted)
+_refused_logged = [0.0]
+
+
+class RelayH3(H3Connection):
+    """aioquic's HTTP/3 with the SETTINGS every browser's WebTransport wants."""
+
+    def _get_local_settings(self) -> dict[int, int]:
+        settings = super()._get_local_settings()
+        for setting in SETTINGS_WT_MAX_SESSIONS:
+            settings[setting] = WT_SESSIONS
+        return settings
+
+
+def refusal(headers: dict[bytes, bytes], path: str, has_session: bool) -> str:
+    """Why an HTTP/3 request is not a WebTransport session we take ("" if it is one)."""
+    method, protocol = headers.get(b":method", b""), headers.get(b":protocol")
+    if method != b"CONNECT" or protocol is None:
+        return f"{method.decode('latin-1') or 'no method'} is not an extended CONNECT"
+    if protocol not in WEBTRANSPORT_PROTOCOLS:
+        return f":protocol {protocol.decode('latin-1')!r} is not webtransport or webtransport-h3"
+    if path != WEBTRANSPORT_PATH:
+        return f"path {path!r} is not {WEBTRANSPORT_PATH}"
+    if has_session:
+        return "this connection already has its WebTransport session"
+    return ""
+
+
 # a healthy peer acknowledges within an RTT plus its ack delay (25 ms by
 # default); a peer we have sent to for this long without hearing a packet
 # back has stalled, and gets no more until it answers
@@ -93,7 +132,7 @@ class ListenerConnection(QuicConnectionProtocol):
             self.endpoint.counters.connections += 1
             self.hp = first_hp(self._quic)
             if event.alpn_protocol in H3_ALPN:
-                self.h3 = H3Connection(self._quic, enable_webtransport=True)
+                self.h3 = RelayH3(self._quic, enable_webtransport=True)
                 self.transport_name = "webtransport"
         elif isinstance(event, ConnectionTerminated):
             self.endpoint.not_pending(self)
@@ -118,13 +157,14 @@ class ListenerConnection(QuicConnectionProtocol):
         if isinstance(event, HeadersReceived):
             headers = dict(event.headers)
             path = urlsplit(headers.get(b":path", b"").decode("latin-1")).path
-            if (headers.get(b":method") == b"CONNECT" and headers.get(b":protocol") == b"webtransport"
-                    and path == WEBTRANSPORT_PATH and self.wt_session is None):
+            why = refusal(headers, path, self.wt_session is not None)
+            if not why:
                 self.wt_session = event.stream_id
                 self.h3.send_headers(event.stream_id, [(b":status", b"200"),
                                                        (b"sec-webtransport-http3-draft", b"draft02")])
             else:
                 self.endpoint.counters.refused_requests += 1
+                self._log_refused(why)
                 self.h3.send_headers(event.stream_id, [(b":status", b"404")], end_stream=True)
             self.transmit()
         elif isinstance(event, WebTransportStreamDataReceived):
@@ -132,6 +172,15 @@ class ListenerConnection(QuicConnectionProtocol):
                 self._stream_data(event.stream_id, event.data)
         elif isinstance(event, DatagramReceived):
             pass  # listeners have nothing to send us on datagrams
+
+    def _log_refused(self, why: str) -> None:
+        now = time.monotonic()
+        if now - _refused_logged[0] < REFUSED_LOG_EVERY_S:
+            return
+        _refused_logged[0] = now
+        peer = self._quic._network_paths[0].addr if self._quic._network_paths else ("?", 0)
+        log.warning("refused an HTTP/3 request from %s: %s (answered 404; relay_quic_requests_refused_total "
+                    "counts them all)", peer[0], why)
 
     def _stream_data(self, stream_id: int, data: bytes) -> None:
         reader = self.readers.setdefault(stream_id, FrameReader())

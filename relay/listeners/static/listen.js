@@ -1,6 +1,10 @@
 // The relay's browser listener: WebTransport to the node's QUIC port, a
 // framed JOIN on a bidirectional stream (docs/protocol.md), RTP/Opus as
 // datagrams, decoded by WebCodecs' AudioDecoder and played through Web Audio.
+// Where WebTransport or WebCodecs is missing, or WebTransport cannot connect
+// (UDP blocked), the node's LL-HLS (docs/hls.md) plays in an audio element:
+// natively where the browser has HLS (Safari), else through hls.js, which
+// the node serves itself (/hls.min.js, pinned by scripts/bootstrap.sh).
 // Everything the page shows is also in window.relayListener, for tests and
 // for anyone debugging from the console.
 "use strict";
@@ -27,7 +31,7 @@ const st = window.relayListener = {
   state: "starting", room: params.get("room") || "demo", error: "",
   packets: 0, bytes: 0, lost: 0, framesDecoded: 0, decodeErrors: 0,
   bitrateKbps: 0, levelDb: -Infinity, pitchHz: 0, audio: "off", ssrc: 0, retries: 0,
-  moves: 0, node: "", transport: "",
+  moves: 0, node: "", transport: "", delaySec: NaN,
   alternates: [],  // where to move if our node dies: {node, webtransport, cert_sha256}, from /join
   moveSilenceMs: 0, // the gap in audio the last move cost, from the last packet before to the first after
   speakers: [],   // who is on the room's stage: {id, name, level (-dBov), speaking}
@@ -235,6 +239,8 @@ function onFrame(data) {
   if (playAt < now) playAt = now + PLAYOUT_DELAY;   // start, or recover from an underrun
   src.start(playAt);
   playAt += buf.duration;
+  // what is scheduled ahead and the output's own: the delay this page adds to the network's
+  st.delaySec = playAt - now + (ctx.outputLatency || 0);
 }
 
 function makeDecoder() {
@@ -373,11 +379,91 @@ setInterval(() => {
   }
 }, 50);
 
+// ------------------------------------------------------------- LL-HLS
+
+// the room's LL-HLS base URL on this page's node ("…/rooms/NAME/"), or null if it offers none
+async function hlsUrl() {
+  const answer = await fetch("/hls.json").catch(() => null);
+  if (!answer || !answer.ok) return null;
+  const info = await answer.json();
+  const base = info.base || location.protocol + "//" + location.hostname + ":" + info.port + info.path;
+  return base + encodeURIComponent(st.room) + "/";
+}
+
+function loadScript(src) {
+  return new Promise((resolve, reject) => {
+    const el = document.createElement("script");
+    el.src = src;
+    el.onload = resolve;
+    el.onerror = () => reject(new Error(src + " did not load"));
+    document.head.append(el);
+  });
+}
+
+// one rendition, never the multivariant: players that switch variants may
+// not switch codecs (Chromium's native HLS refuses to), so the page picks
+// Opus where Media Source plays it in MP4, else AAC
+async function listenHls(base) {
+  const audio = document.createElement("audio");
+  // the HLS port is another origin: with its CORS, Web Audio may read the level
+  audio.crossOrigin = "anonymous";
+  document.body.append(audio);
+  let hls = null;
+  const native = audio.canPlayType("application/vnd.apple.mpegurl") !== "";
+  // Safari's own player where it has one (iOS has no Media Source to give hls.js)
+  if (native && (/Apple/.test(navigator.vendor) || !("MediaSource" in window))) {
+    setTransport("LL-HLS (native)");
+    audio.src = base + "aac/index.m3u8";
+  } else {
+    if (!window.Hls) await loadScript("/hls.min.js");
+    if (!window.Hls || !window.Hls.isSupported()) throw new Error("this browser plays neither WebTransport nor HLS");
+    const opus = MediaSource.isTypeSupported('audio/mp4; codecs="opus"');
+    setTransport("LL-HLS (hls.js " + window.Hls.version + ", " + (opus ? "Opus" : "AAC") + ")");
+    hls = new window.Hls({ lowLatencyMode: true });
+    hls.on(window.Hls.Events.ERROR, (_, d) => { if (d.fatal) setState("error", "hls.js: " + d.details); });
+    hls.loadSource(base + (opus ? "opus" : "aac") + "/index.m3u8");
+    hls.attachMedia(audio);
+  }
+  st.node = location.host;
+  setupAudio();
+  const analyser = ctx ? ctx.createAnalyser() : null;
+  if (analyser) {
+    ctx.createMediaElementSource(audio).connect(analyser);
+    analyser.connect(ctx.destination);
+  }
+  const samples = new Float32Array(2048);
+  setState("connecting");
+  let lastTime = 0;
+  setInterval(() => {
+    // what the element has played stands for frames decoded (20 ms each)
+    if (audio.currentTime > lastTime) {
+      st.framesDecoded = Math.floor(audio.currentTime * 50);
+      lastTime = audio.currentTime;
+      if (["connecting", "joined"].includes(st.state)) setPlaying();
+    }
+    if (analyser) {
+      analyser.getFloatTimeDomainData(samples);
+      let sum = 0;
+      for (const x of samples) sum += x * x;
+      st.levelDb = 10 * Math.log10(sum / samples.length + 1e-12);
+    }
+    // the delay: hls.js's own estimate, or the stream's clock (PROGRAM-DATE-TIME) against ours
+    const start = audio.getStartDate ? audio.getStartDate().getTime() : NaN;
+    st.delaySec = hls ? hls.latency : (isFinite(start) ? (Date.now() - start) / 1000 - audio.currentTime : NaN);
+  }, 250);
+  $("play").onclick = () => { if (ctx) ctx.resume(); audio.play(); };
+  audio.play().catch(() => setState("click-to-play"));
+}
+
 // join `target` (else this page's own node); resolves once joined, and
 // plays until the session ends. `how.resume`: the origin sequence number to resume after (a move);
 // `how.connectMs`: give up on a node that does not take the connection by
 // then, and on a refusal (a move tries the next node instead of waiting)
 async function listen(target, how = {}) {
+  if (!target && (!("WebTransport" in window) || !("AudioDecoder" in window))) {
+    const url = await hlsUrl();
+    if (url) return listenHls(url);
+  }
   if (!("WebTransport" in window)) {
     setTransport("none: this browser lacks WebTransport");
     setState("error", "this browser lacks WebTransport");
@@ -495,9 +581,22 @@ function render() {
   $("level").textContent = isFinite(st.levelDb) ? st.levelDb.toFixed(1) + " dBFS" : "–";
   $("meter").style.width = Math.max(0, Math.min(100, 100 + 2 * st.levelDb)) + "%";
   $("audio").textContent = st.audio;
+  $("delay").textContent = isFinite(st.delaySec) ? st.delaySec.toFixed(2) + " s" : "–";
 }
 setInterval(render, 250);
 
 // once the node has ended the session (draining, room removed), the
 // connection closing after it is expected, not an error
-listen().catch((e) => { if (st.state !== "ended" && st.moves === 0) setState("error", e.message || e); });
+// WebTransport that cannot connect (UDP blocked, a refused handshake) falls
+// back to the node's LL-HLS when it has it
+const firstTry = params.get("transport") === "hls" ? hlsUrl().then((url) => {
+  if (!url) throw new Error("this node offers no LL-HLS");
+  return listenHls(url);
+}) : listen();
+firstTry.catch(async (e) => {
+  if (st.state === "ended" || st.moves !== 0) return;
+  const url = ["starting", "connecting"].includes(st.state) && st.transport.startsWith("WebTransport")
+    ? await hlsUrl() : null;
+  if (url) return listenHls(url).catch((e2) => setState("error", e2.message || e2));
+  setState("error", e.message || e);
+});

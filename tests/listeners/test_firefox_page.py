@@ -1,0 +1,57 @@
+"""The listener page in Debian's Firefox ESR: it plays the room over
+WebTransport (frames decoded, the tone's level), and over LL-HLS through
+hls.js when asked to (/listen?transport=hls). Headless Firefox on a machine
+without a sound device keeps its AudioContext suspended, so the page says
+"click to play" while it decodes (tests/firefox.py)."""
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+
+from relay.testing.loadgen import free_port
+from tests import firefox
+from tests.conftest import stop
+from tests.listeners.conftest import publish, quic_relay
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    if not firefox.available():
+        pytest.fail("firefox-esr is not installed; run `make test`, which installs it")
+    relay, _server, _cert = quic_relay(tmp_path_factory.mktemp("firefox"),
+                                       extra=f'hls = "127.0.0.1:{free_port(socket.SOCK_STREAM)}"\n')
+    tone = publish(relay, 60)
+    yield relay
+    tone.kill()
+    tone.wait()
+    assert stop(relay.proc) == 0
+
+
+def wait(page: firefox.Firefox, ok, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        st = json.loads(page.evaluate("JSON.stringify(window.relayListener || null)") or "null")
+        if (st and ok(st)) or time.monotonic() > deadline:
+            return st
+        time.sleep(0.25)
+
+
+@pytest.mark.parametrize("query,transport", [("", "WebTransport (HTTP/3)"), ("&transport=hls", "LL-HLS (hls.js 1.")])
+def test_firefox_esr_plays_the_page(node, query, transport):
+    page = firefox.Firefox()
+    try:
+        page.goto(node.url(f"/listen?room={node.room}{query}"))
+        st = wait(page, lambda s: s["framesDecoded"] > 100, timeout=40)
+        assert st["framesDecoded"] > 100, st
+        assert st["transport"].startswith(transport), st
+        assert st["state"] in ("playing", "click-to-play") and st["error"] == "", st
+        if not query:
+            assert st["levelDb"] is not None and st["levelDb"] > -40, st     # the tone, decoded
+            assert st["lost"] == 0, st
+        else:
+            assert st["delaySec"] is not None and 0 < st["delaySec"] < 10, st
+    finally:
+        page.close()
