@@ -83,7 +83,8 @@ class _Request(asyncio.Protocol):
         # /join is asked by pages served from other nodes (a listener moving
         # on): it says only where to connect, so any origin may read it
         cors = path.partition("?")[0] == "/join"
-        self.answer(*self.server.route(parts[0] if parts else "", path, local), cors=cors)
+        self.answer(*self.server.route(parts[0] if parts else "", path, local,
+                                       from_page=_from_a_page(bytes(self.head[:end]))), cors=cors)
 
     def answer(self, status: str, ctype: str, body: bytes, cors: bool = False, linger: bool = False) -> None:
         """Write the response and close. With `linger` (a client still
@@ -110,6 +111,19 @@ class _Request(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
         self.server.answered(self)
+
+
+def _from_a_page(head: bytes) -> bool:
+    """Did a web page make this request? Browsers say so with an Origin
+    header on every POST, or with Sec-Fetch-Site; curl and scripts send
+    neither. A page (any site open in a browser on the node's machine)
+    must not change the node's state through the operator's port."""
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"origin" or (name == b"sec-fetch-site" and value.strip().lower() != b"none"):
+            return True
+    return False
 
 
 def _is_loopback(host: str) -> bool:
@@ -148,13 +162,18 @@ class AdminServer:
     def answered(self, request: _Request) -> None:
         self._reading.pop(request, None)
 
-    def route(self, method: str, target: str, local: bool = False) -> Response:
+    def route(self, method: str, target: str, local: bool = False, from_page: bool = False) -> Response:
         """The response to one request (`target`: path and query); `local`:
-        it came over loopback."""
+        it came over loopback; `from_page`: a browser page made it (it
+        carries an Origin)."""
         path, _, query = target.partition("?")
         if method == "POST" and path.startswith("/rooms/") and path.endswith("/release"):
             if not local:
                 return "403 Forbidden", "text/plain", b"releasing a room is only taken from this machine\n"
+            if from_page:
+                return ("403 Forbidden", "text/plain",
+                        b"releasing a room is not taken from a web page (the request carries an Origin): "
+                        b"use curl or relay's own tools on this machine\n")
             room = urllib.parse.unquote(path[len("/rooms/"):-len("/release")])
             if not self.views.release(room):
                 return "404 Not Found", "text/plain", f"no room {room!r}\n".encode()

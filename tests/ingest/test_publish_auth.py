@@ -127,6 +127,26 @@ def test_the_release_endpoint_is_only_taken_over_loopback() -> None:
     assert server.route("POST", "/metrics", local=True)[0].startswith("405")
 
 
+def test_a_web_page_on_the_nodes_machine_cannot_release_a_room(tmp_path) -> None:
+    """A cross-site POST, as any page open in a browser on the node's host
+    can send (Origin: http://evil.example), is refused; the same POST from
+    curl on that machine (no Origin) is taken."""
+    import http.client
+    relay = start_relay(tmp_path)
+    try:
+        def post(headers: dict) -> int:
+            conn = http.client.HTTPConnection(*relay.admin, timeout=5)
+            conn.request("POST", f"/rooms/{relay.room}/release", headers=headers)
+            status = conn.getresponse().status
+            conn.close()
+            return status
+        assert post({"Origin": "http://evil.example"}) == 403
+        assert post({"Sec-Fetch-Site": "cross-site"}) == 403
+        assert post({}) == 200
+    finally:
+        assert stop(relay.proc) == 0
+
+
 KEY = os.urandom(30)
 KEY_B64 = base64.b64encode(KEY).decode()
 
