@@ -10,7 +10,7 @@ import threading
 import time
 
 from relay.testing.loadgen import LoopbackCrowd, free_port, scrape
-from relay.wire.protocol import RTCP_RTPFB, build_receiver_report
+from relay.wire.rtcp import RTCP_RTPFB, build_receiver_report
 from tests.conftest import start_relay, stop
 from tests.listeners.conftest import udp_join
 

@@ -23,7 +23,8 @@ from typing import Callable
 
 from relay.wire.addr import parse_hostport
 from relay.wire.protocol import (Accept, Challenge, Join, Keepalive, Leave, ProtocolError, Reason,
-                                 Reject, Speakers, build_nack, cookie_proof, decode, encode, is_control)
+                                 Reject, Speakers, cookie_proof, decode, encode, is_control)
+from relay.wire.rtcp import build_nack
 
 log = logging.getLogger("relay.client.listen")
 

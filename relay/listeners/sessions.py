@@ -28,7 +28,8 @@ from relay.wire.addr import to_sockaddr
 from relay.wire.config import NodeConfig
 from relay.wire.keyx import Keys, SealError, mac, node_keys, node_public
 from relay.wire.protocol import (MIN_JOIN, Accept, Challenge, CookieJar, Join, Keepalive, Leave, MsgType,
-                                 ProtocolError, Reason, Reject, cookie_proof, decode, encode, parse_rtcp)
+                                 ProtocolError, Reason, Reject, cookie_proof, decode, encode)
+from relay.wire.rtcp import parse_rtcp
 from relay.wire.tokens import Auth, TokenError
 
 log = logging.getLogger("relay.sessions")

@@ -7,7 +7,7 @@ import struct
 import time
 
 from relay.testing.loadgen import scrape
-from relay.wire.protocol import build_nack
+from relay.wire.rtcp import build_nack
 from tests.conftest import start_relay, stop
 from tests.rtp import rtp
 from tests.listeners.conftest import udp_join

@@ -10,8 +10,8 @@ from relay._core import Core
 from relay.wire.addr import to_sockaddr
 from relay.wire.config import load
 from relay.wire.protocol import (MIN_JOIN, Accept, Challenge, CookieJar, Join, Keepalive, Leave,
-                            ProtocolError, Reason, Reject, Speaker, Speakers, build_nack, decode, encode,
-                            parse_rtcp)
+                            ProtocolError, Reason, Reject, Speaker, Speakers, decode, encode)
+from relay.wire.rtcp import build_nack, parse_rtcp
 from relay.listeners.admission import JoinLimiter, source_key
 from relay.listeners.sessions import RoomState, Sessions
 from relay.wire.tokens import Auth, TokenError, mint
