@@ -41,6 +41,7 @@ log = logging.getLogger("relay.stage")
 LIVE_NS = 1_000_000_000      # a speaker who sent audio this recently is live
 ACTIVE_NS = 300_000_000      # and one loud enough this recently is speaking
 MAX_EXTRA_FRAMES = 5         # a jittery speaker is held up to this many frames longer (100 ms)
+RECOVER_NS = 5_000_000_000   # and goes back a frame after its packets have all been that much early this long
 GONE_NS = 5_000_000_000      # a static publisher (no session to end) silent this long leaves the stage
 MARGIN_NS = 3_000_000        # a packet is due this long before the tick that first needs it
 FRAME_NS = 20_000_000
@@ -97,6 +98,8 @@ class Stage:
     limit: int = 0               # voices at most, speakers and static publishers together (0: no bound)
     ingest_voices: int = 0       # of the voices, static publishers (the loop thread reads it)
     buckets: dict[Hashable, "Bucket"] = field(default_factory=dict)
+    drifted_back: int = 0        # frames voices were moved back earlier after their paths recovered
+    _early_since: dict[Hashable, int] = field(default_factory=dict)   # voice -> early on every packet since
 
     def __post_init__(self) -> None:
         self.room = self._output(self.index)
@@ -120,6 +123,7 @@ class Stage:
         if key in self.voices and key not in self.srtp:
             self.ingest_voices -= 1
         self.buckets.pop(key, None)
+        self._early_since.pop(key, None)
         self.voices.pop(key, None)
         self.srtp.pop(key, None)
         self.minus.pop(key, None)
@@ -196,6 +200,7 @@ class Stage:
         position = ext + voice.offset
         if not voice.put(position, payload):
             self.drops["late"] += 1
+            self._early_since.pop(key, None)
             if voice.extra < MAX_EXTRA_FRAMES:
                 # its path jitters more than the margin: hold it a frame
                 # longer from now on (one concealed frame now, none after)
@@ -203,6 +208,8 @@ class Stage:
                 voice.offset += FRAME
                 voice.packets = {p + FRAME: pkt for p, pkt in voice.packets.items()}
                 voice.put(position + FRAME, payload)
+        elif voice.extra and self.mode == "mix":
+            self._drift_back(key, voice, position, now_ns)
         if self.mode == "idle" or (self.mode == "pass" and key != self.solo):
             out = self._choose_mode(now_ns)
         else:
@@ -211,6 +218,27 @@ class Stage:
             out += self._pass(key, position, payload)
             self._follow(position, now_ns)
         return out
+
+    def _drift_back(self, key: Hashable, voice: Voice, position: int, now_ns: int) -> None:
+        """A voice held frames longer after late packets goes back one frame
+        once its path has recovered: every packet for RECOVER_NS arrived a
+        frame and the margin earlier than it had to. The frame is dropped
+        while the voice is quiet, where the restarted decoder is not heard,
+        so its speech does not stay up to 100 ms behind the others for good."""
+        due = self.tick_ns + (position - FRAME - self.next_t) // FRAME * FRAME_NS
+        if due - now_ns < FRAME_NS + MARGIN_NS:
+            self._early_since.pop(key, None)
+            return
+        since = self._early_since.setdefault(key, now_ns)
+        if now_ns - since < RECOVER_NS or voice.level < SPEAKING:
+            return
+        assert voice.offset is not None       # placed: it has sent a packet
+        voice.extra -= 1
+        voice.offset -= FRAME
+        voice.packets = {p - FRAME: pkt for p, pkt in voice.packets.items()}
+        voice.rewind()
+        self.drifted_back += 1
+        self._early_since[key] = now_ns
 
     def _follow(self, position: int, now_ns: int) -> None:
         """While one speaker is passed through, nothing is mixed, so the
