@@ -83,6 +83,8 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["quic"] = args.quic
     if args.hls is not None:
         out["hls"] = args.hls
+    if args.public is not None:
+        out["public"] = args.public
     if args.workers is not None:
         out["workers"] = args.workers if args.workers == "auto" else _workers(args.workers)
     if args.room:
@@ -230,7 +232,7 @@ def cmd_listen(args: argparse.Namespace) -> None:
         else:
             client = ListenClient(f"{server[0]}:{server[1]}" if server else "", args.room, token, sink=sink,
                                   via=[f"{u}{'&' if '?' in u else '?'}room={urllib.parse.quote(args.room)}"
-                                       for u in args.via])
+                                       f"&token={urllib.parse.quote(token)}" for u in args.via])
             refused = (JoinRefused,)
         client.on_event = lambda text: print(f"relay: {text}", file=sys.stderr, flush=True)
         client.full_patience = FULL_PATIENCE_S
@@ -412,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-listeners", type=_positive(int), help="listeners this node admits")
     s.add_argument("--quic", help="QUIC and WebTransport listener address, host:port")
     s.add_argument("--hls", help="LL-HLS HTTP port for a CDN to pull, host:port")
+    s.add_argument("--public", help="listeners' HTTP (/join, the page) on its own address, host:port; the admin "
+                   "port then keeps only the operator's paths")
     s.add_argument("--redirect", help="host:port sent to listeners turned away when full")
     s.add_argument("--workers", help="sender threads, a number or 'auto' (one per core, the default)")
     s.add_argument("--room", action="append", help="NAME=HOST:PORT (replaces the config's rooms)")

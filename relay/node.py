@@ -48,7 +48,7 @@ from relay.ops.rooms import RoomRates, index_links, room_list
 from relay.stage.stages import Stages
 from relay.wire.config import NodeConfig, RoomConfig
 from relay.wire.sockets import BindError, binding
-from relay.wire.tokens import Auth
+from relay.wire.tokens import Auth, TokenError
 
 log = logging.getLogger("relay.server")
 
@@ -85,14 +85,17 @@ class Node:
                                        lambda: self.quic.counters if self.quic else None, self.started,
                                        self.ingest.srtp_drops, self._cluster, self.stages,
                                        hls=self.hls.stats if self.hls else None)
-        self.admin = AdminServer(AdminViews(
+        views = AdminViews(
             metrics=lambda: generate_latest(registry_for(self.collector)),
             not_ready=self._not_ready,
             rooms=lambda: room_list(self.core, self.rooms, self.sessions, self.stages, self.rates),
             index=lambda: index_links(list(self.rooms)), release=self._release,
-            join=self._where_to_join,
+            join=self._where_to_join, admits=self._admits,
             quic=self.quic.describe if self.quic else None,
-            hls=self.hls.describe if self.hls else None))
+            hls=self.hls.describe if self.hls else None)
+        # with [node] public, listeners' paths on that port and the operator's on admin
+        self.admin = AdminServer(views, "operator" if cfg.public else "all")
+        self.public = AdminServer(views, "public") if cfg.public else None
         self._free_rooms = list(range(cfg.max_rooms - 1, -1, -1))
         self._tasks: list[asyncio.Task] = []
         self.upstreams: dict[str, Upstream] = {}                 # rooms taken from other nodes
@@ -177,6 +180,9 @@ class Node:
             if self.cfg.admin:
                 with binding("[node] admin", self.cfg.admin, "--admin"):
                     await self.admin.start(*self.cfg.admin)
+            if self.public is not None and self.cfg.public is not None:
+                with binding("[node] public", self.cfg.public, "--public"):
+                    await self.public.start(*self.cfg.public)
             if self.quic is not None:
                 with binding("[node] quic", self.quic.addr, "--quic"):
                     await self.quic.start()
@@ -363,6 +369,18 @@ class Node:
         assert self.directory is not None
         return routing.redirect(self.directory, self.cfg, room, udp=transport == UDP)
 
+    def _admits(self, room: str, token: str) -> str:
+        """GET /join's check: "" if `token` admits a listener of `room`."""
+        if self.cfg.auth == "open":
+            return ""
+        if not token:
+            return "this node answers /join only with a listen token for the room (add token=...)"
+        try:
+            self.sessions.auth.claims(token, room, ("listen", "relay"))
+        except TokenError as e:
+            return f"the token does not admit a listener of room {room!r}: {e.reason.name.lower()}"
+        return ""
+
     def _where_to_join(self, room: str) -> dict[str, Any] | None:
         """GET /join: where a new listener of `room` should connect."""
         if room not in self.rooms:
@@ -413,6 +431,8 @@ class Node:
         self.senders.stop()
         self.stages.stop()
         self.admin.close()
+        if self.public is not None:
+            self.public.close()
         if self.hls is not None:
             self.hls.close_all()
         if self.quic is not None:

@@ -44,6 +44,8 @@ class AdminViews:
     index: Callable[[], list[tuple[str, str]]] = lambda: []   # (link, what it is) for /
     release: Callable[[str], bool] = lambda room: False      # POST /rooms/NAME/release; False: no such room
     join: Callable[[str], dict[str, Any] | None] = lambda room: None   # GET /join?room=NAME; None: no such room
+    # GET /join's token check: "" if `token` admits a listener of `room`, else why not
+    admits: Callable[[str, str], str] = lambda room, token: ""
     hls: Callable[[], dict[str, Any]] | None = None   # /hls.json: where the page finds LL-HLS; None: HLS off
 
 
@@ -133,11 +135,20 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-class AdminServer:
-    """A small HTTP/1.1 server: one GET per connection."""
+# what a listener's browser or client asks for; the rest (rooms, metrics,
+# health, release) is the operator's
+PUBLIC_PATHS = {"/join", "/quic.json", "/hls.json", *web.PAGES}
 
-    def __init__(self, views: AdminViews) -> None:
+
+class AdminServer:
+    """A small HTTP/1.1 server: one GET per connection. `surface`: "all"
+    (one port for operators and listeners, the default), or "operator" or
+    "public" for a node that keeps the two on ports of their own ([node]
+    public): each then answers 404 for the other's paths."""
+
+    def __init__(self, views: AdminViews, surface: str = "all") -> None:
         self.views = views
+        self.surface = surface
         self.server: asyncio.AbstractServer | None = None
         # connections still sending their request head, oldest first
         self._reading: dict[_Request, None] = {}
@@ -167,6 +178,9 @@ class AdminServer:
         it came over loopback; `from_page`: a browser page made it (it
         carries an Origin)."""
         path, _, query = target.partition("?")
+        if self.surface != "all" and (path in PUBLIC_PATHS) != (self.surface == "public"):
+            return ("404 Not Found", "text/plain",
+                    f"not on this port: it is the node's {self.surface} port\n".encode())
         if method == "POST" and path.startswith("/rooms/") and path.endswith("/release"):
             if not local:
                 return "403 Forbidden", "text/plain", b"releasing a room is only taken from this machine\n"
@@ -208,7 +222,13 @@ class AdminServer:
                 return "503 Service Unavailable", "text/plain", f"{why}\n".encode()
             return "200 OK", "text/plain", b"ready\n"
         if path == "/join":
-            room = urllib.parse.parse_qs(query).get("room", [""])[0]
+            asked = urllib.parse.parse_qs(query)
+            room = asked.get("room", [""])[0]
+            # the token first, for every room name: a joiner without one
+            # learns neither where to go nor which rooms exist
+            why = self.views.admits(room, asked.get("token", [""])[0])
+            if why:
+                return "401 Unauthorized", "application/json", json.dumps({"error": why}).encode()
             where = self.views.join(room)
             if where is None:
                 return "404 Not Found", "application/json", json.dumps({"error": f"no room {room!r}"}).encode()

@@ -114,6 +114,9 @@ class RoomConfig:
 class NodeConfig:
     listen: tuple[str, int] = ("127.0.0.1", 7000)
     admin: tuple[str, int] | None = ("127.0.0.1", 7080)
+    # listeners' HTTP (/join, the page, /quic.json, /hls.json) on a port of
+    # its own; the admin port then keeps only the operator's paths
+    public: tuple[str, int] | None = None
     auth: str = "jwt"
     secret: str = ""
     max_listeners: int = 100_000
@@ -163,7 +166,7 @@ class NodeConfig:
     rooms: list[RoomConfig] = field(default_factory=list)
 
 
-_NODE_KEYS = {"listen", "admin", "auth", "secret_env", "max_listeners", "ring_depth",
+_NODE_KEYS = {"listen", "admin", "public", "auth", "secret_env", "max_listeners", "ring_depth",
               "ring_bytes", "burst_packets", "keepalive_interval", "session_timeout", "redirect",
               "room_label_limit", "join_rate", "join_rate_per_source", "max_rooms", "speaker_slots", "workers",
               "max_load",
@@ -415,6 +418,12 @@ def from_dict(raw: dict[str, Any], label: str = "config", environ: Mapping[str, 
         cfg.listen = _addr("[node] listen", node["listen"])
     if "admin" in node:
         cfg.admin = None if node["admin"] == "" else _addr("[node] admin", node["admin"])
+    if node.get("public", "") != "":
+        cfg.public = _addr("[node] public", node["public"])
+        if cfg.admin is not None and cfg.public[1] == cfg.admin[1] \
+                and (cfg.public[0] == cfg.admin[0] or WILDCARDS & {cfg.public[0], cfg.admin[0]}):
+            raise ConfigError(f"[node] public: {cfg.public[0]}:{cfg.public[1]} is the admin port; give the "
+                              "listeners' HTTP a port of its own (or leave public out to serve both on admin)")
     _auth(cfg, node, env)
     cfg.max_listeners = _int("[node] max_listeners", node.get("max_listeners", cfg.max_listeners), 1, 10**7)
     cfg.ring_depth = _int("[node] ring_depth", node.get("ring_depth", cfg.ring_depth), 2, 4096)

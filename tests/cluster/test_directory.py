@@ -113,13 +113,14 @@ def test_join_answers_where_to_connect(tmp_path) -> None:
         time.sleep(1.2)
         # no QUIC here: no alternate a page could move to either
         no_quic = {"quic": "", "webtransport": "", "cert_sha256": "", "alternates": []}
-        assert a.get("/join?room=live") == (200, {"room": "live", "node": "a", "udp": a.udp, **no_quic})
+        tok = f"&token={listen_token()}"
+        assert a.get("/join?room=live" + tok) == (200, {"room": "live", "node": "a", "udp": a.udp, **no_quic})
         assert a.get("/join?room=nowhere")[0] == 404
 
         async def fill_a_and_ask() -> None:
             clients = await _join_many(a.udp, 2)               # a is full now
             await asyncio.sleep(1.2)                           # its record says so
-            assert a.get("/join?room=live") == (200, {"room": "live", "node": "b", "udp": b.udp, **no_quic})
+            assert a.get("/join?room=live" + tok) == (200, {"room": "live", "node": "b", "udp": b.udp, **no_quic})
             for c in clients:
                 c.close()
         asyncio.run(fill_a_and_ask())

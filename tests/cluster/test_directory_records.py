@@ -50,9 +50,15 @@ def forge(r: RedisServer, node_id: str, fields: dict[str, str], tag: str | None)
     r.client.zadd("relay:nodes", {node_id: time.time() + 3600})
 
 
+TOKEN: list[str] = []
+
+
 def get_join(node: Node) -> dict:
     """GET /join; a dropped connection or an error status fails the test."""
-    with urllib.request.urlopen(f"http://{node.admin[0]}:{node.admin[1]}/join?room=live", timeout=10) as resp:
+    if not TOKEN:
+        TOKEN.append(listen_token())     # minted once: a subprocess per request would outlast the holder
+    with urllib.request.urlopen(f"http://{node.admin[0]}:{node.admin[1]}/join?room=live&token={TOKEN[0]}",
+                                timeout=10) as resp:
         assert resp.status == 200
         return json.loads(resp.read())
 

@@ -73,3 +73,32 @@ def test_quic_json_never_reflects_the_host_header(tmp_path) -> None:
     finally:
         assert stop(relay.proc) == 0
     assert "Traceback" not in relay.proc.stdout.read()
+
+
+def test_listeners_http_on_a_port_of_its_own_and_join_wants_a_token(tmp_path) -> None:
+    """[node] public: /join and the page there, /rooms and /metrics only on
+    the admin port (each 404 on the other). /join answers only a joiner
+    with a listen token for the room, and refuses the same way whether the
+    room exists or not (it listed rooms to anyone)."""
+    from tests.conftest import SECRET
+    from relay.wire.tokens import mint
+    public = ("127.0.0.1", free_port(socket.SOCK_STREAM))
+    relay = start_relay(tmp_path, auth="jwt", extra_node=f'public = "{public[0]}:{public[1]}"')
+
+    def get(addr: tuple, path: str) -> tuple[int, bytes]:
+        head, _, body = _request(addr, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()).partition(b"\r\n\r\n")
+        return int(head.split()[1]), body
+    try:
+        assert get(public, "/listen")[0] == 200 and get(public, "/listen.js")[0] == 200
+        assert get(public, "/rooms")[0] == 404 and get(public, "/metrics")[0] == 404
+        assert get(relay.admin, "/rooms")[0] == 200 and get(relay.admin, "/metrics")[0] == 200
+        assert get(relay.admin, "/join?room=" + relay.room)[0] == 404
+        refused = [get(public, f"/join?room={room}{tok}") for room, tok in
+                   ((relay.room, ""), ("nosuchroom", ""), (relay.room, f"&token={mint(SECRET, 'other')}"),
+                    (relay.room, "&token=garbage"))]
+        assert [status for status, _ in refused] == [401] * 4, refused
+        assert all(b"token" in body for _, body in refused)
+        status, body = get(public, f"/join?room={relay.room}&token={mint(SECRET, relay.room)}")
+        assert status == 200 and json.loads(body)["room"] == relay.room
+    finally:
+        assert stop(relay.proc) == 0

@@ -309,7 +309,9 @@ async function ownNode() {
 
 // a node's /join: where a listener of this room should go (null if nowhere)
 async function askJoin(url) {
-  const answer = await fetch(url + (url.includes("?") ? "&" : "?") + "room=" + encodeURIComponent(st.room));
+  // a node with tokens answers only a joiner that holds one for the room
+  const answer = await fetch(url + (url.includes("?") ? "&" : "?") + "room=" + encodeURIComponent(st.room)
+    + "&token=" + encodeURIComponent(params.get("token") || ""));
   const where = await answer.json();
   return answer.ok && where.webtransport ? where : null;
 }
