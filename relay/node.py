@@ -252,6 +252,7 @@ class Node:
             self.rooms[r.name].max_listeners = r.max_listeners
             if r.stage:
                 self.stages.set_limit(r.name, r.max_speakers)
+        self._reload_hls(new, notes)
         self.sessions.reconfigure(new, Auth(new.auth, new.secret))
         self.cfg = new
         if self.quic is not None:
@@ -259,6 +260,23 @@ class Node:
             if note:
                 notes.append(note)
         return notes
+
+    def _reload_hls(self, new: NodeConfig, notes: list[str]) -> None:
+        """A room's `hls` or `record` changed: start or stop its HLS. The
+        port itself ([node] hls) takes a restart to move."""
+        if self.hls is None:
+            return
+        for r in new.rooms:
+            state = self.rooms.get(r.name)
+            room = self.hls.get(r.name)
+            if state is None or (room is not None) == r.hls and (room is None or
+                                                                  (room.recorder is not None) == r.record):
+                continue
+            self.hls.close(r.name)
+            if r.hls:
+                self.hls.open(r.name, state.index, r.record)
+            notes.append(f"room {r.name!r}: LL-HLS {'on' if r.hls else 'off'}"
+                         + (", recorded" if r.hls and r.record else ""))
 
     def _bind_ingest(self, r: RoomConfig, notes: list[str]) -> bool:
         if r.ingest is None:

@@ -28,7 +28,7 @@ echo "dist: $wheel (compiled modules, no C or Cython sources)"
 .venv/bin/pyinstaller --onefile --name relay --noconfirm --log-level ERROR \
     --distpath build/dist --workpath build/pyinstaller --specpath build/pyinstaller --paths "$root" \
     --add-data "$root/relay/listeners/static:relay/listeners/static" \
-    --collect-submodules relay --collect-submodules uvloop --collect-submodules aioquic \
+    --collect-submodules relay --collect-submodules uvloop --collect-submodules aioquic --collect-submodules av \
     deploy/dist/relay_main.py 2>&1 | { grep -v -e SyntaxWarning -e 'is not 0' || true; }
 echo "dist: build/dist/relay ($(du -h build/dist/relay | cut -f1))"
 
