@@ -46,15 +46,16 @@ def rss_bytes(pid: int) -> int:
 
 def udp_drops(inodes: Iterable[int]) -> int:
     """Datagrams the kernel dropped at these UDP sockets' receive queues so
-    far (the last column of /proc/net/udp, per socket inode)."""
+    far (the last column of /proc/net/udp and udp6, per socket inode)."""
     want = set(inodes)
     total = 0
-    with open("/proc/net/udp") as f:
-        next(f)
-        for line in f:
-            cols = line.split()
-            if int(cols[9]) in want:
-                total += int(cols[-1])
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        with open(table) as f:
+            next(f)
+            for line in f:
+                cols = line.split()
+                if int(cols[9]) in want:
+                    total += int(cols[-1])
     return total
 
 
@@ -141,3 +142,53 @@ def stop_on_signals() -> None:
 def exit_code(e: Interrupted) -> int:
     """The shell's code for a process ended by this signal."""
     return 128 + e.signum
+
+
+def group_pids(pgid: int) -> list[int]:
+    """The processes of a process group now."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[2]) == pgid:
+                        pids.append(int(d))
+            except (OSError, ValueError, IndexError):
+                pass    # gone meanwhile
+    return pids
+
+
+def group_cpu_seconds(pgids: Iterable[int]) -> float:
+    """User + system CPU time so far of every process now in these groups
+    (a process that has exited meanwhile is not counted: read it while the
+    group lives)."""
+    total = 0.0
+    for g in pgids:
+        for pid in group_pids(g):
+            with contextlib.suppress(OSError):
+                total += cpu_seconds(pid)
+    return total
+
+
+def group_socket_inodes(pgids: Iterable[int]) -> set[int]:
+    """The inodes of the sockets the processes of these groups hold open."""
+    inodes: set[int] = set()
+    for g in pgids:
+        for pid in group_pids(g):
+            with contextlib.suppress(OSError):
+                for fd in os.listdir(f"/proc/{pid}/fd"):
+                    with contextlib.suppress(OSError):
+                        link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                        if link.startswith("socket:["):
+                            inodes.add(int(link[8:-1]))
+    return inodes
+
+
+def pin_group(pgids: Iterable[int], cores: set[int]) -> None:
+    """Move every thread of every process now in these groups to `cores`."""
+    for g in pgids:
+        for pid in group_pids(g):
+            with contextlib.suppress(OSError):
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    with contextlib.suppress(OSError):
+                        os.sched_setaffinity(int(tid), cores)

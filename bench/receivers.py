@@ -23,12 +23,12 @@ MAX_DROP_RATIO = 0.001
 MAX_CPU_SHARE = 0.9
 
 
-def build(name: str) -> str:
+def build(name: str, libs: tuple[str, ...] = ()) -> str:
     """Compile bench/NAME.c into bench/build/NAME (once per source change)."""
     BUILD.mkdir(exist_ok=True)
     src, out = HERE / f"{name}.c", BUILD / name
     if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
-        subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-o", str(out), str(src)], check=True)
+        subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-o", str(out), str(src), *libs], check=True)
     return str(out)
 
 
