@@ -44,6 +44,7 @@ import argparse
 import json
 import os
 import platform
+import select
 import shutil
 import socket
 import subprocess
@@ -126,9 +127,12 @@ def start_impl(kind: str, ingest: int, dests: Path, crowd: LoopbackCrowd, limit_
     elif kind == "gst":
         proc = spawn(["/usr/bin/python3", str(HERE / "peers" / "gst_relay.py"), str(ingest), str(dests)],
                      cores=on, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        if not proc.stdout.readline():   # "ready" once every client is added
+        # "ready" once every client is added; a peer that hangs is a timeout, not a hung bench
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        if not ready or not proc.stdout.readline():
             terminate(proc)
-            raise RuntimeError("gst_relay.py exited before it was ready")
+            raise RuntimeError("gst_relay.py timed out (not ready after 60 s)" if not ready
+                               else "gst_relay.py exited before it was ready")
     else:
         listen, admin = free_port(), free_port(socket.SOCK_STREAM)
         cfg = Path(tempfile.mkdtemp()) / "relay.toml"
@@ -301,7 +305,14 @@ def run_points(result: dict, counts: list[int], impls: list[str], repeats: int, 
     for L in counts:
         # unconnected: a connected socket refuses datagrams from the peers
         # (the kernel would answer them with ICMP, which costs the sender)
-        crowd = LoopbackCrowd(L, ("127.0.0.1", 9), "b", rcvbuf=4096, connected=False)
+        try:
+            crowd = LoopbackCrowd(L, ("127.0.0.1", 9), "b", rcvbuf=4096, connected=False)
+        except OSError as e:
+            # recorded for every implementation at this count; the next count goes on
+            result["runs"] += [{"impl": impl, "listeners": L, "error": f"the listeners' sockets: {e}"}
+                               for impl in impls]
+            result["medians"][str(L)] = medians(result, impls, L)
+            continue
         dests = Path(tempfile.mkdtemp()) / "dests.txt"
         dests.write_text("".join(f"{s.getsockname()[0]} {s.getsockname()[1]}\n" for s in crowd.socks))
         try:
@@ -406,7 +417,8 @@ def main() -> int:
     result["plots"] = plots(result, out_dir) if not (args.smoke or code) else []
     (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = markdown(result)
-    if not (args.smoke or code):
+    if not (args.smoke or code or args.name):
+        # a run under a name of its own (a test, a trial) leaves RESULTS.md alone
         write_sections(md, OWNED, top=True)
     print(md)
     return code
