@@ -7,6 +7,7 @@ import statistics
 
 TRANSPORTS = ("udp", "quic", "quic-library")
 OWNED = ("## QUIC listeners beside UDP",)
+MAX_LOSS = 0.001    # a point whose listeners lost this share or more gets no ratio
 
 
 def medians(runs: list[dict], n: int) -> dict:
@@ -35,7 +36,9 @@ def medians(runs: list[dict], n: int) -> dict:
                      crowd_cpu_cores=max(x["crowd_cpu_cores"] for x in rs),
                      crowd_socket_drops=max(x["crowd_socket_drops"] for x in rs),
                      joined=min(x["joined_at_window"] for x in rs),
-                     crowd_timed_out=sum(x["crowd_timed_out"] for x in rs))
+                     crowd_timed_out=sum(x["crowd_timed_out"] for x in rs),
+                     # the relay's own counts in the run that lost most
+                     relay_counted=max(rs, key=lambda x: x["loss_ratio"]).get("relay_counted", {}))
         med[t] = m
     return med
 
@@ -45,6 +48,8 @@ def _row(n: str, t: str, x: dict, udp: dict | None) -> str:
         return f"| {n} | {t} | **failed**: {'; '.join(x['errors'])} | | | | | | | |"
     if not x["crowd_kept_up"]:
         ratio = "n/a (crowd behind)"
+    elif t != "udp" and x["worst_loss_ratio"] >= MAX_LOSS:
+        ratio = "n/a (loss)"
     elif udp and udp.get("crowd_kept_up"):
         ratio = f"{x['per_core_s'] / udp['per_core_s']:.3f}x"
     else:
@@ -60,6 +65,12 @@ def _row(n: str, t: str, x: dict, udp: dict | None) -> str:
             crowd += f"; **{x['crowd_timed_out']} crowd process(es) timed out**"
         loss = f"{100 * x['loss_ratio']:.3f} % ({100 * x['worst_loss_ratio']:.3f} %)"
     bound = "/".join(x["bound_by"]) + ("" if x["crowd_kept_up"] else "; **crowd did not keep up**")
+    seen = x.get("relay_counted") or {}
+    if t != "udp" and x["worst_loss_ratio"] > 0 and seen:
+        overflow = seen.get('relay_drops_total{reason="overflow"}', 0)
+        bound += (f" (worst run, the relay's counts: windows shut {seen['relay_quic_window_shut_total']:,.0f}, "
+                  f"ring overflow {overflow:,.0f}, "
+                  f"datagrams dropped at its sockets {seen.get('relay_socket_drops', 0):,.0f})")
     failed = f" ({len(x['errors'])} run(s) failed)" if x["errors"] else ""
     return (f"| {n} | {t} | {x['delivered_per_s']:,.0f} | {x['cpu_cores']:.2f} | "
             f"{x['per_core_s']:,.0f} ({x['worst_per_core_s']:,.0f}){failed} | {x['listeners_per_core']:,.0f} | "
@@ -81,7 +92,9 @@ def markdown(q: dict, rate: int) -> str:
              "dropped at its sockets (worst run). Client-side loss: holes in the audio's sequence numbers "
              "from the moment the C side took the socket. A point whose crowd did not keep up (a join "
              "missing, its core over 90 % busy, drops at its sockets, or loss of 0.1 % or more while the "
-             "relay had room) gets no ratio.", "",
+             "relay had room) gets no ratio, nor does one whose listeners lost 0.1 % or more, whichever side "
+             "caused it; where the relay lost audio, its own counts (windows shut for want of ACKs, ring "
+             "overflow, datagrams dropped at its sockets) are given.", "",
              "| listeners | transport | sent/s | relay CPU cores | per core-second, median (worst) "
              "| listeners per core | bound by | crowd: CPU cores, drops | client-side loss, median (worst) "
              "| vs UDP |", "|---|---|---|---|---|---|---|---|---|---|"]
