@@ -83,7 +83,10 @@ def markdown(result: dict) -> str:
              "*Bound by*: `sender` = a full core or less delivered than offered, `offered` = the sender had "
              "room (the rate the publisher offered set the pace). Receivers' CPU and drops: the worst run. "
              "A point where the receivers dropped over 0.1 % or used over 90 % of their core is marked and "
-             "gets no ratio.", ""]
+             "gets no ratio. A sender that is saturated falls behind (the relay's fan-out latency below grows) "
+             "and may then send each listener more than one packet in a row; limit.c sends each packet to "
+             "every listener before the next, so where the relay passes it, limit.c bounds a fan-out that "
+             "keeps up, not one that queues (our reading; not measured apart).", ""]
     lines += throughput_table(result)
     lines += ["", "## Relay figures", "", "| listeners | fan-out p50 | p99 | RSS per listener |", "|---|---|---|---|"]
     for L, v in sorted(result["medians"].items(), key=lambda x: int(x[0])):
