@@ -37,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from procs import cpu_seconds, terminate  # noqa: E402
+from procs import Interrupted, cpu_seconds, exit_code, spawn, stop_on_signals, terminate  # noqa: E402
 from relay.testing.loadgen import LoopbackCrowd, free_port, scrape, wait_ready  # noqa: E402
 
 PY = sys.executable
@@ -47,9 +47,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 class Redis:
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port(socket.SOCK_STREAM)
-        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                                      "--save", "", "--appendonly", "no"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = spawn(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                           "--save", "", "--appendonly", "no"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with socket.socket() as s:
@@ -78,8 +78,8 @@ class Node:
                        'max_load = 0\nmax_machine_load = 0\ndrain_grace = 0\n'
                        f'directory = "{redis_url}"\nnode_id = "{name}"\ntier = "{tier}"\n'
                        f'[[room]]\nname = "live"\n{room}\n')
-        self.proc = subprocess.Popen([PY, "-m", "relay", "--log-level", "error", "serve", "-c", str(cfg)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = spawn([PY, "-m", "relay", "--log-level", "error", "serve", "-c", str(cfg)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if not wait_ready(self.admin, self.proc, timeout=20):
             raise RuntimeError(f"{name} did not start")
 
@@ -100,9 +100,9 @@ class Tree:
         self.mids = [Node(tmp, f"mid{i}", url, "mid", [self.origin]) for i in range(2)]
         self.edges = [Node(tmp, f"edge{i}", url, "edge", [self.mids[i % 2], self.mids[1 - i % 2]],
                            max_listeners=edge_limit) for i in range(edges)]
-        self.publisher = subprocess.Popen([PY, "-m", "relay", "publish", "--to",
-                                           f"{self.origin.ingest[0]}:{self.origin.ingest[1]}", "--duration", "600"],
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.publisher = spawn([PY, "-m", "relay", "publish", "--to",
+                                f"{self.origin.ingest[0]}:{self.origin.ingest[1]}", "--duration", "600"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.5)   # every node has heartbeated and read the others
 
     @property
@@ -283,4 +283,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # peers in process groups of their own, stopped on SIGINT/SIGTERM too
+    stop_on_signals()
+    try:
+        main()
+    except Interrupted as e:
+        sys.exit(exit_code(e))

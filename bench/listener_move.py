@@ -31,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from procs import Interrupted, exit_code, spawn, stop_on_signals  # noqa: E402
 from relay.client.publish import encode_tone  # noqa: E402
 from relay.testing.loadgen import LoopbackCrowd  # noqa: E402
 from tests.cluster.conftest import ENV, Node, listen_token  # noqa: E402
@@ -52,10 +53,10 @@ def one_run(run: int, listeners: int, carried: bool) -> list[tuple[int, float]]:
     try:
         if keep is not None:
             keep.join()
-        procs = [subprocess.Popen([sys.executable, "-m", "relay", "listen", "--server",
-                                   f"{e1.listen[0]}:{e1.listen[1]}", "--room", "live", "--token", listen_token(),
-                                   "--duration", "8"], env=ENV, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True) for _ in range(listeners)]
+        procs = [spawn([sys.executable, "-m", "relay", "listen", "--server",
+                        f"{e1.listen[0]}:{e1.listen[1]}", "--room", "live", "--token", listen_token(),
+                        "--duration", "8"], env=ENV, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, text=True) for _ in range(listeners)]
         frames = encode_tone(440, 1.0)
         start = time.monotonic()
         for k in range(PACKETS):
@@ -107,4 +108,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # peers in process groups of their own, stopped on SIGINT/SIGTERM too
+    stop_on_signals()
+    try:
+        main()
+    except Interrupted as e:
+        sys.exit(exit_code(e))

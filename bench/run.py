@@ -12,15 +12,31 @@ and sending to the same listener sockets (distinct 127.x.y.z addresses):
   python  bench/peers/python_relay.py: asyncio/uvloop, transport.sendto per listener
   gst     GStreamer udpsrc ! multiudpsink (C)
 Runs are interleaved (limit, relay, python, gst, limit, ...) and medians
-quoted, because the machine is shared and noisy. Delivery is counted by the
-kernel (UDP OutDatagrams, less the publisher's), CPU by /proc/PID/stat;
-"per core" means delivered datagrams per CPU-second the implementation used.
-Listener sockets never read after joining: the kernel still does the whole
-delivery (in the sender's context on loopback) and drops at the full socket,
-which keeps the load generator off the cores being measured.
+quoted with the worst run beside them, because the machine is shared and
+noisy. Delivery is counted by the kernel (UDP OutDatagrams, less the
+publisher's), CPU by /proc/PID/stat of the sender alone; "per core" means
+delivered datagrams per CPU-second the sender used.
 
-Writes bench/results/<name>.json, bench/RESULTS.md and PNG plots. Reports;
-never fails on a timing.
+The sender is what is measured, so the crowd is kept off its core: the
+sender is pinned to the first core this bench may use (sched_setaffinity,
+its threads inherit it), and the bench (publisher, handshakes) and the
+receivers, bench/recv.c (recvmmsg in batches every 20 ms, never woken by a
+datagram), to the others. Each point reports the receivers' CPU and the
+datagrams the kernel dropped at their sockets; a point where they did not
+keep up (drops over 0.1 % of what was sent, or their core over 90 % busy)
+is marked and gets no ratio. Each point also says what bounded it: the
+sender (a full core) or the offered rate (the sender had room). On
+loopback the kernel's delivery into a receiver's socket runs in the
+sender's context, so it is in the sender's CPU, for every implementation
+alike.
+
+A point that fails (a peer that does not start, a join that times out) is
+recorded with its error in the JSON and the table, and the bench goes on.
+Every process it starts has its own process group and is stopped on exit,
+on SIGINT and on SIGTERM.
+
+Writes bench/results/<name>.json, its sections of bench/RESULTS.md (the
+other benches' kept) and PNG plots. Reports; never fails on a timing.
 """
 from __future__ import annotations
 
@@ -28,10 +44,9 @@ import argparse
 import json
 import os
 import platform
+import select
 import shutil
-import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,7 +60,11 @@ sys.path.insert(0, str(ROOT))
 from relay.testing.loadgen import (LoopbackCrowd, free_port, histogram_quantile, raise_fd_limit,  # noqa: E402
                            scrape, wait_ready)
 from relay.client.publish import RtpPacketizer, encode_tone  # noqa: E402
-from procs import cpu_seconds, rss_bytes, terminate  # noqa: E402
+from procs import (Interrupted, cpu_seconds, exit_code, rss_bytes, spawn, split_cores,  # noqa: E402
+                   stop_on_signals, terminate)
+from receivers import Receivers, build  # noqa: E402
+from results_md import write_sections  # noqa: E402
+from run_report import OWNED, markdown, medians, plots  # noqa: E402
 
 PY = sys.executable
 
@@ -54,12 +73,6 @@ def udp_out() -> int:
     with open("/proc/net/snmp") as f:
         rows = [line.split() for line in f if line.startswith("Udp:")]
     return int(rows[1][rows[0].index("OutDatagrams")])
-
-
-def build_limit() -> str:
-    out = Path(tempfile.gettempdir()) / "relay-bench-limit"
-    subprocess.run(["gcc", "-O2", "-Wall", "-o", str(out), str(HERE / "limit.c")], check=True)
-    return str(out)
 
 
 def machine() -> str:
@@ -95,19 +108,31 @@ class Publisher:
             time.sleep(min(0.002, max(0.0, end - time.monotonic())))
 
 
+# the sender's cores and everyone else's (set in main)
+SENDER_CORES: set[int] = set()
+CROWD_CORES: set[int] = set()
+
+
 def start_impl(kind: str, ingest: int, dests: Path, crowd: LoopbackCrowd, limit_bin: str,
                listeners: int) -> tuple[subprocess.Popen, dict]:
+    """Start one sender on the sender's core; for the relay, join the crowd to it."""
     extra: dict = {}
+    on = SENDER_CORES
     if kind == "limit":
-        proc = subprocess.Popen([limit_bin, str(ingest), str(dests)], stdout=subprocess.DEVNULL)
+        proc = spawn([limit_bin, str(ingest), str(dests)], cores=on, stdout=subprocess.DEVNULL)
         time.sleep(0.3)
     elif kind == "python":
-        proc = subprocess.Popen([PY, str(HERE / "peers" / "python_relay.py"), str(ingest), str(dests)])
+        proc = spawn([PY, str(HERE / "peers" / "python_relay.py"), str(ingest), str(dests)], cores=on)
         time.sleep(1.0)
     elif kind == "gst":
-        proc = subprocess.Popen(["/usr/bin/python3", str(HERE / "peers" / "gst_relay.py"), str(ingest),
-                                 str(dests)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        proc.stdout.readline()  # "ready" once every client is added
+        proc = spawn(["/usr/bin/python3", str(HERE / "peers" / "gst_relay.py"), str(ingest), str(dests)],
+                     cores=on, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        # "ready" once every client is added; a peer that hangs is a timeout, not a hung bench
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        if not ready or not proc.stdout.readline():
+            terminate(proc)
+            raise RuntimeError("gst_relay.py timed out (not ready after 60 s)" if not ready
+                               else "gst_relay.py exited before it was ready")
     else:
         listen, admin = free_port(), free_port(socket.SOCK_STREAM)
         cfg = Path(tempfile.mkdtemp()) / "relay.toml"
@@ -117,15 +142,32 @@ def start_impl(kind: str, ingest: int, dests: Path, crowd: LoopbackCrowd, limit_
                        f'ingest = "127.0.0.1:{ingest}"\nsources = ["127.0.0.1"]\n'
                        # the bench drives the room past a publisher's default bound on purpose
                        'max_packet_rate = 0\nmax_bitrate = 0\n')
-        proc = subprocess.Popen([PY, "-m", "relay", "--log-level", "error", "serve", "-c", str(cfg)],
-                                stdout=subprocess.DEVNULL)
-        if not wait_ready(("127.0.0.1", admin), proc, timeout=15):
-            raise RuntimeError("relay did not start")
-        extra["rss_before_join"] = rss_bytes(proc.pid)
-        crowd.retarget(("127.0.0.1", listen), "b")
-        joined = crowd.join(timeout=60)
+        proc = spawn([PY, "-m", "relay", "--log-level", "error", "serve", "-c", str(cfg)], cores=on,
+                     stdout=subprocess.DEVNULL)
+        try:
+            if not wait_ready(("127.0.0.1", admin), proc, timeout=15):
+                raise RuntimeError("relay did not start within 15 s")
+            extra["rss_before_join"] = rss_bytes(proc.pid)
+            crowd.retarget(("127.0.0.1", listen), "b")
+            joined = crowd.join(timeout=60)
+            if joined.accepted < listeners:
+                raise RuntimeError(f"{joined.accepted} of {listeners} listeners joined "
+                                   f"({joined.unanswered} unanswered, rejected {joined.rejected})")
+        except BaseException:
+            terminate(proc)
+            raise
         extra.update(admin=("127.0.0.1", admin), joined=joined.accepted)
     return proc, extra
+
+
+def bound_by(res: dict) -> str:
+    """What set the pace of a run: the receivers (then no ratio), the sender
+    (a full core), or the offered rate (the sender had room)."""
+    if not res["receivers_kept_up"]:
+        return "receivers"
+    if res["cpu_cores"] >= 0.9 or res["delivered_per_s"] < 0.97 * res["offered_per_s"]:
+        return "sender"
+    return "offered"
 
 
 def throughput_run(kind: str, listeners: int, crowd: LoopbackCrowd, dests: Path, limit_bin: str,
@@ -133,10 +175,14 @@ def throughput_run(kind: str, listeners: int, crowd: LoopbackCrowd, dests: Path,
     ingest = free_port()
     rate = max(50, min(500, 150_000 // listeners))
     proc, extra = start_impl(kind, ingest, dests, crowd, limit_bin, listeners)
+    receivers = None
     try:
+        # after the relay's handshakes, which the receivers would otherwise read
+        receivers = Receivers(crowd.socks, CROWD_CORES)
         pub = Publisher(ingest, rate, payloads)
         pub.run_for(min(1.0, seconds / 2))  # warm up: rings touched, caches warm
         before = scrape(extra["admin"]) if kind == "relay" else None
+        receivers.mark()
         out0, cpu0, sent0, t0 = udp_out(), cpu_seconds(proc.pid), pub.sent, time.monotonic()
         pub.run_for(seconds)
         out1, cpu1, sent1, t1 = udp_out(), cpu_seconds(proc.pid), pub.sent, time.monotonic()
@@ -145,7 +191,10 @@ def throughput_run(kind: str, listeners: int, crowd: LoopbackCrowd, dests: Path,
                "delivered_per_s": delivered / (t1 - t0),
                "offered_per_s": (sent1 - sent0) * listeners / (t1 - t0),
                "cpu_cores": (cpu1 - cpu0) / (t1 - t0),
-               "delivered_per_core_s": delivered / max(1e-9, cpu1 - cpu0)}
+               "delivered_per_core_s": delivered / max(1e-9, cpu1 - cpu0),
+               "sender_cores": sorted(SENDER_CORES), "receiver_cores": sorted(CROWD_CORES)}
+        res.update(receivers.since_mark(t1 - t0, delivered))
+        res["bound_by"] = bound_by(res)
         if kind == "relay":
             after = scrape(extra["admin"])
             counted = after["relay_packets_out_total"] - before["relay_packets_out_total"]
@@ -158,6 +207,8 @@ def throughput_run(kind: str, listeners: int, crowd: LoopbackCrowd, dests: Path,
             res["joined"] = extra["joined"]
         return res
     finally:
+        if receivers is not None:
+            receivers.close()
         terminate(proc)
 
 
@@ -174,8 +225,11 @@ def callgrind(kind: str, listeners: int, packets: int, limit_bin: str, dests: Pa
         else:
             cmd = [PY, str(HERE / "cg_workload.py"), kind, str(listeners), str(p)]
             env = dict(os.environ, PYTHONHASHSEED="0")
-        r = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"] + cmd,
-                           env=env, capture_output=True, text=True, timeout=1800)
+        try:
+            r = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"] + cmd,
+                               env=env, capture_output=True, text=True, timeout=1800, process_group=0)
+        except subprocess.TimeoutExpired:
+            return None     # reported as not measured; the bench goes on
         line = [x for x in r.stderr.splitlines() if "Collected" in x]
         if not line:
             return None
@@ -191,8 +245,8 @@ def storm(existing_n: int, storm_n: int, payloads: list[bytes] | None = None) ->
                    'drain_grace = 0\n'
                    f'max_listeners = {existing_n + storm_n}\njoin_rate = 100000\n'
                    f'[[room]]\nname = "s"\ningest = "127.0.0.1:{ingest}"\nsources = ["127.0.0.1"]\n')
-    proc = subprocess.Popen([PY, "-m", "relay", "--log-level", "error", "serve", "-c", str(cfg)],
-                            stdout=subprocess.DEVNULL)
+    proc = spawn([PY, "-m", "relay", "--log-level", "error", "serve", "-c", str(cfg)], cores=SENDER_CORES,
+                 stdout=subprocess.DEVNULL)
     existing = newcomers = pub = None
     try:
         time.sleep(1.5)
@@ -200,8 +254,8 @@ def storm(existing_n: int, storm_n: int, payloads: list[bytes] | None = None) ->
         newcomers = LoopbackCrowd(storm_n, ("127.0.0.1", listen), "s", first_address=existing_n)
         # a publisher of its own: this thread stalls while it answers the
         # storm's handshakes, and an in-process publisher would then burst
-        pub = subprocess.Popen([PY, "-m", "relay", "publish", "--to", f"127.0.0.1:{ingest}",
-                                "--duration", "60"], stderr=subprocess.DEVNULL)
+        pub = spawn([PY, "-m", "relay", "publish", "--to", f"127.0.0.1:{ingest}", "--duration", "60"],
+                    stderr=subprocess.DEVNULL)
         existing.join()
         timeline = []
         t_start = time.monotonic()
@@ -241,156 +295,60 @@ def storm(existing_n: int, storm_n: int, payloads: list[bytes] | None = None) ->
                 c.close()
         for p in (pub, proc):
             if p is not None:
-                p.send_signal(signal.SIGTERM)
-                p.wait(10)
+                terminate(p)
 
 
-def plots(result: dict, out_dir: Path) -> list[str]:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    made = []
-    med = result["medians"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for impl in ("limit", "relay", "gst", "python"):
-        pts = sorted((int(L), v[impl]["delivered_per_core_s"]) for L, v in med.items() if impl in v)
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
-    ax.set_xscale("log")
-    ax.set_xlabel("listeners")
-    ax.set_ylabel("delivered packets per CPU-second")
-    ax.set_title("Fan-out throughput per core (loopback)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_dir / "throughput.png", dpi=110)
-    made.append("throughput.png")
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for L, runs in sorted(result["latency_buckets"].items(), key=lambda x: int(x[0])):
-        pts = sorted((float(k), v) for k, v in runs.items() if k != "+Inf")
-        total = runs.get("+Inf") or (pts[-1][1] if pts else 0)
-        if total:
-            ax.step([p[0] * 1e3 for p in pts], [p[1] / total for p in pts], where="post", label=f"{L} listeners")
-    ax.set_xscale("log")
-    ax.set_xlabel("fan-out latency, ingest to last send (ms)")
-    ax.set_ylabel("fraction of packets")
-    ax.set_title("Fan-out latency CDF (relay, 1 core)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_dir / "latency_cdf.png", dpi=110)
-    made.append("latency_cdf.png")
-    plt.close(fig)
-
-    if result.get("storm"):
-        tl = result["storm"]["timeline"]
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        t = [p["t"] for p in tl]
-        rate = [0.0] + [(tl[i]["existing_received"] - tl[i - 1]["existing_received"]) / max(1e-3, t[i] - t[i - 1])
-                        for i in range(1, len(tl))]
-        ax.plot(t, rate, label="packets/s received by existing listeners")
-        ax2 = ax.twinx()
-        ax2.plot(t, [p["new_accepted"] for p in tl], color="tab:red", label="newcomers accepted")
-        ax.set_xlabel("seconds")
-        ax.set_ylabel("packets/s (existing listeners)")
-        ax2.set_ylabel("newcomers accepted")
-        ax.set_title("Join storm")
-        # the bench's one thread answers the newcomers' handshakes during the
-        # storm, so the existing crowd is read late, not served late
-        ax.text(0.02, 0.04, f"existing listeners lost {result['storm']['existing_lost']} packets; the dip and "
-                "spike are the bench reading them late", transform=ax.transAxes, fontsize=8)
-        fig.legend(loc="center right")
-        fig.tight_layout()
-        fig.savefig(out_dir / "storm.png", dpi=110)
-        made.append("storm.png")
-        plt.close(fig)
-    return made
+def run_points(result: dict, counts: list[int], impls: list[str], repeats: int, seconds: float,
+               limit_bin: str, payloads: list[bytes]) -> None:
+    """Every implementation at every listener count, interleaved; a run that
+    fails is recorded with its error and the next one goes on."""
+    for L in counts:
+        # unconnected: a connected socket refuses datagrams from the peers
+        # (the kernel would answer them with ICMP, which costs the sender)
+        try:
+            crowd = LoopbackCrowd(L, ("127.0.0.1", 9), "b", rcvbuf=4096, connected=False)
+        except OSError as e:
+            # recorded for every implementation at this count; the next count goes on
+            result["runs"] += [{"impl": impl, "listeners": L, "error": f"the listeners' sockets: {e}"}
+                               for impl in impls]
+            result["medians"][str(L)] = medians(result, impls, L)
+            continue
+        dests = Path(tempfile.mkdtemp()) / "dests.txt"
+        dests.write_text("".join(f"{s.getsockname()[0]} {s.getsockname()[1]}\n" for s in crowd.socks))
+        try:
+            for r in range(repeats):
+                for impl in impls:
+                    try:
+                        res = throughput_run(impl, L, crowd, dests, limit_bin, payloads, seconds)
+                    except Exception as e:  # noqa: BLE001 -- recorded; the bench goes on
+                        res = {"impl": impl, "listeners": L, "error": f"{type(e).__name__}: {e}"}
+                        print(f"{L:>6} listeners  {impl:<6} run {r + 1}: failed: {res['error']}", flush=True)
+                    else:
+                        print(f"{L:>6} listeners  {impl:<6} run {r + 1}: {res['delivered_per_s']:>10,.0f} "
+                              f"delivered/s {res['cpu_cores']:.2f} cores  "
+                              f"{res['delivered_per_core_s']:>10,.0f} per core-s  bound by {res['bound_by']}; "
+                              f"receivers {res['receivers_cpu_cores']:.2f} cores, "
+                              f"{res['receivers_dropped']} dropped", flush=True)
+                    result["runs"].append(res)
+        finally:
+            crowd.close()
+            result["medians"][str(L)] = medians(result, impls, L)
 
 
-def markdown(result: dict) -> str:
-    lines = [f"# Benchmark results: {result['name']}", "",
-             f"Machine: {result['machine']}. Command: `{result['command']}`. "
-             f"Runs interleaved, {result['repeats']} per point, medians.", "",
-             "## Throughput (delivered listener-packets)", "",
-             "| listeners | impl | delivered/s | CPU cores | per core-second "
-             "| vs limit (per core) | vs python | vs gst |",
-             "|---|---|---|---|---|---|---|---|"]
-    for L, v in sorted(result["medians"].items(), key=lambda x: int(x[0])):
-        lim = v.get("limit", {}).get("delivered_per_core_s")
-        pyv = v.get("python", {}).get("delivered_per_core_s")
-        gst = v.get("gst", {}).get("delivered_per_core_s")
-        for impl in ("limit", "relay", "gst", "python"):
-            if impl not in v:
-                continue
-            x = v[impl]
-            pc = x["delivered_per_core_s"]
-            ratios = " | ".join(f"{pc / base:.2f}x" if base else "-" for base in (lim, pyv, gst))
-            lines.append(f"| {L} | {impl} | {x['delivered_per_s']:,.0f} | {x['cpu_cores']:.2f} | {pc:,.0f} | "
-                         f"{ratios} |")
-    lines += ["", "## Relay figures", "", "| listeners | fan-out p50 | p99 | RSS per listener |", "|---|---|---|---|"]
-    for L, v in sorted(result["medians"].items(), key=lambda x: int(x[0])):
-        r = v.get("relay")
-        if r:
-            fmt = lambda s: f"{s * 1e3:.2f} ms" if s is not None else "-"  # noqa: E731
-            lines.append(f"| {L} | {fmt(r.get('latency_p50_s'))} | {fmt(r.get('latency_p99_s'))} | "
-                         f"{r.get('rss_per_listener_bytes', 0) / 1024:.1f} KiB |")
-    cg = result.get("callgrind") or {}
-    if cg:
-        lines += ["", f"## User-space instructions per delivered listener-packet (callgrind, "
-                      f"{cg.get('listeners')} listeners x {cg.get('packets')} packets)", "",
-                  "| impl | instructions |", "|---|---|"]
-        for impl in ("limit", "relay", "python"):
-            if cg.get(impl) is not None:
-                lines.append(f"| {impl} | {cg[impl]:.0f} |")
-    st = result.get("storm")
-    if st:
-        lines += ["", "## Join storm", "",
-                  f"{st['storm']} joins sent within {st['join_seconds']:.2f} s while {st['existing']} "
-                  f"listeners streamed: {st['accepted']} accepted, rejected {st['rejected']}, "
-                  f"{st['unanswered']} unanswered. Existing listeners lost **{st['existing_lost']}** packets "
-                  f"(received {st['existing_received_during']}). Time to first audio for newcomers: "
-                  f"p50 {st['first_audio_p50_s'] or 0:.3f} s, p99 {st['first_audio_p99_s'] or 0:.3f} s."]
-    if result.get("skipped_listener_counts"):
-        lines += ["", f"Not measured: {result['skipped_listener_counts']} listeners (more sockets than one "
-                      "process may open here)."]
-    lines += ["", "Plots: " + ", ".join(f"[{p}](results/{p})" for p in result.get("plots", [])), ""]
-    quic = HERE / "results" / "quic.json"
-    if quic.exists():
-        # the QUIC figures come from their own, slower run (make bench-quic)
-        from quic import markdown as quic_markdown
-        lines += [quic_markdown(json.loads(quic.read_text()))]
-    return "\n".join(lines)
-
-
-def medians(result: dict, impls: list[str], listeners: int) -> dict:
-    """Per implementation, the medians of its runs at this listener count
-    (and, for the relay, keep its last run's latency buckets)."""
-    med = {}
-    for impl in impls:
-        rs = [x for x in result["runs"] if x["impl"] == impl and x["listeners"] == listeners]
-        med[impl] = {k: statistics.median(x[k] for x in rs) for k in ("delivered_per_s", "cpu_cores",
-                                                                      "delivered_per_core_s")}
-        if impl == "relay":
-            for k in ("latency_p50_s", "latency_p99_s", "rss_per_listener_bytes"):
-                vals = [x[k] for x in rs if x.get(k) is not None]
-                med[impl][k] = statistics.median(vals) if vals else None
-            result["latency_buckets"][str(listeners)] = rs[-1]["latency_buckets"]
-    return med
-
-
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--full", action="store_true")
     mode.add_argument("--smoke", action="store_true")
     ap.add_argument("--name", help="results name (default: quick, full or smoke)")
     ap.add_argument("--impls", default="limit,relay,python,gst")
+    ap.add_argument("--counts", help="listener counts, comma-separated (instead of the mode's)")
+    ap.add_argument("--seconds", type=float, help="measured seconds per run (instead of the mode's)")
+    ap.add_argument("--repeats", type=int, help="runs per point (instead of the mode's)")
+    ap.add_argument("--no-callgrind", action="store_true")
+    ap.add_argument("--no-storm", action="store_true")
     args = ap.parse_args()
+    stop_on_signals()
     if args.full:
         name, counts, seconds, repeats = "full", [100, 1000, 10000, 50000], 6.0, 3
         cg, storm_n = (1000, 100), (1000, 10000)
@@ -399,6 +357,9 @@ def main() -> None:
     else:
         name, counts, seconds, repeats = "quick", [100, 1000, 4000], 3.0, 2
         cg, storm_n = (500, 100), (300, 3000)
+    counts = [int(c) for c in args.counts.split(",")] if args.counts else counts
+    seconds, repeats = args.seconds or seconds, args.repeats or repeats
+    cg = None if args.no_callgrind else cg
     name = args.name or name
     impls = [i for i in args.impls.split(",") if i]
     if "gst" in impls and not (os.path.exists("/usr/bin/python3") and subprocess.run(
@@ -416,59 +377,63 @@ def main() -> None:
         print(f"bench: skipping {L} listeners: this process may open only {fd_limit} files",
               file=sys.stderr)
     counts = [L for L in counts if L not in skipped]
-    limit_bin = build_limit()
+    sender, crowd_cores = split_cores()
+    SENDER_CORES.update(sender)
+    CROWD_CORES.update(crowd_cores)
+    # this process (publisher, handshakes) stays off the sender's core too
+    os.sched_setaffinity(0, crowd_cores)
+    limit_bin = build("limit")
     payloads = encode_tone(440.0, 2.0)
     result: dict = {"name": name, "machine": machine(), "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
                     "repeats": repeats, "runs": [], "medians": {}, "latency_buckets": {},
-                    "skipped_listener_counts": skipped}
-    for L in counts:
-        # unconnected: a connected socket refuses datagrams from the peers
-        # (the kernel would answer them with ICMP, which costs the sender)
-        crowd = LoopbackCrowd(L, ("127.0.0.1", 9), "b", rcvbuf=4096, connected=False)
-        dests = Path(tempfile.mkdtemp()) / "dests.txt"
-        dests.write_text("".join(f"{s.getsockname()[0]} {s.getsockname()[1]}\n" for s in crowd.socks))
-        try:
-            for r in range(repeats):
-                for impl in impls:
-                    res = throughput_run(impl, L, crowd, dests, limit_bin, payloads, seconds)
-                    result["runs"].append(res)
-                    print(f"{L:>6} listeners  {impl:<6} run {r + 1}: {res['delivered_per_s']:>10,.0f} "
-                          f"delivered/s {res['cpu_cores']:.2f} cores  "
-                          f"{res['delivered_per_core_s']:>10,.0f} per core-s", flush=True)
-        finally:
-            crowd.close()
-        result["medians"][str(L)] = medians(result, impls, L)
-    if cg:
-        d = Path(tempfile.mkdtemp()) / "cgdests.txt"
-        d.write_text("".join(f"127.1.{i // 250}.{1 + i % 250} 9\n" for i in range(cg[0])))
-        result["callgrind"] = {"listeners": cg[0], "packets": cg[1]}
-        for impl in ("limit", "relay", "python"):
-            result["callgrind"][impl] = callgrind(impl, cg[0], cg[1], limit_bin, d)
-            print(f"callgrind {impl}: {result['callgrind'][impl]} instructions per listener-packet", flush=True)
-    result["storm"] = storm(*storm_n, payloads)
-    st = result["storm"]
-    print(f"storm: {st['accepted']} accepted, rejected {st['rejected']}, "
-          f"existing lost {st['existing_lost']}", flush=True)
+                    "skipped_listener_counts": skipped,
+                    "cores": {"sender": sorted(sender), "crowd": sorted(crowd_cores)}}
+    code = 0
+    try:
+        run_points(result, counts, impls, repeats, seconds, limit_bin, payloads)
+        if cg:
+            d = Path(tempfile.mkdtemp()) / "cgdests.txt"
+            d.write_text("".join(f"127.1.{i // 250}.{1 + i % 250} 9\n" for i in range(cg[0])))
+            result["callgrind"] = {"listeners": cg[0], "packets": cg[1]}
+            for impl in ("limit", "relay", "python"):
+                result["callgrind"][impl] = callgrind(impl, cg[0], cg[1], limit_bin, d)
+                print(f"callgrind {impl}: {result['callgrind'][impl]} instructions per listener-packet",
+                      flush=True)
+        if not args.no_storm:
+            try:
+                result["storm"] = storm(*storm_n, payloads)
+                st = result["storm"]
+                print(f"storm: {st['accepted']} accepted, rejected {st['rejected']}, "
+                      f"existing lost {st['existing_lost']}", flush=True)
+            except Exception as e:  # noqa: BLE001 -- recorded; the report is still written
+                result["storm"] = {"error": f"{type(e).__name__}: {e}"}
+                print(f"storm: failed: {result['storm']['error']}", flush=True)
+    except Interrupted as e:
+        result["interrupted"] = str(e)
+        print(f"interrupted by {e}: stopped every process the bench started", flush=True)
+        code = exit_code(e)
     out_dir = HERE / "results"
     out_dir.mkdir(exist_ok=True)
-    result["plots"] = plots(result, out_dir) if not args.smoke else []
+    result["plots"] = plots(result, out_dir) if not (args.smoke or code) else []
     (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = markdown(result)
-    if not args.smoke:
-        (HERE / "RESULTS.md").write_text(md)
+    if not (args.smoke or code or args.name):
+        # a run under a name of its own (a test, a trial) leaves RESULTS.md alone
+        write_sections(md, OWNED, top=True)
     print(md)
+    return code
 
 
 def replot(name: str) -> None:
-    """Redraw the plots and RESULTS.md from a saved results file."""
+    """Redraw the plots and run.py's sections of RESULTS.md from a saved results file."""
     out_dir = HERE / "results"
     result = json.loads((out_dir / f"{name}.json").read_text())
     result["plots"] = plots(result, out_dir)
-    (HERE / "RESULTS.md").write_text(markdown(result))
+    write_sections(markdown(result), OWNED, top=True)
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--replot":
         replot(sys.argv[2])
     else:
-        main()
+        sys.exit(main())

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from relay.testing.loadgen import LoopbackCrowd, free_port, scrape, wait_ready
+from procs import Interrupted, exit_code, spawn, stop_on_signals
 from relay.client.publish import RtpPacketizer, encode_tone
 
 
@@ -38,8 +39,8 @@ def run_once(workers: int, listeners: int, rate: int, seconds: float, payloads: 
                    f'join_rate = 1000000\n'
                    f'[[room]]\nname = "b"\ningest = "127.0.0.1:{ingest}"\nsources = ["127.0.0.1"]\n'
                    'max_packet_rate = 0\nmax_bitrate = 0\n')   # driven past a publisher's bound on purpose
-    relay = subprocess.Popen([sys.executable, "-m", "relay", "--log-level", "error", "serve", "-c", str(cfg)],
-                             stdout=subprocess.DEVNULL)
+    relay = spawn([sys.executable, "-m", "relay", "--log-level", "error", "serve", "-c", str(cfg)],
+                  stdout=subprocess.DEVNULL)
     crowd = None
     try:
         if not wait_ready(("127.0.0.1", admin), relay):
@@ -109,4 +110,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # peers in process groups of their own, stopped on SIGINT/SIGTERM too
+    stop_on_signals()
+    try:
+        main()
+    except Interrupted as e:
+        sys.exit(exit_code(e))

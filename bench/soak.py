@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from relay.testing.loadgen import LoopbackCrowd, free_port, scrape
+from procs import Interrupted, exit_code, spawn, stop_on_signals
 from relay.wire.protocol import Leave, encode
 
 
@@ -38,13 +39,13 @@ def main() -> None:
                    f'auth = "open"\ndrain_grace = 0\njoin_rate = 100000\njoin_rate_per_source = 1000\n'
                    f'[[room]]\nname = "soak"\ningest = "127.0.0.1:{ingest}"\nsources = ["127.0.0.1"]\n')
     py = [sys.executable, "-m", "relay"]
-    relay = subprocess.Popen(py + ["--log-level", "warning", "serve", "-c", str(cfg)])
+    relay = spawn(py + ["--log-level", "warning", "serve", "-c", str(cfg)])
     pub = None
     crowd = None
     try:
         time.sleep(1.5)
-        pub = subprocess.Popen(py + ["publish", "--to", f"127.0.0.1:{ingest}",
-                                    "--duration", str(args.minutes * 60 + 30)], stderr=subprocess.DEVNULL)
+        pub = spawn(py + ["publish", "--to", f"127.0.0.1:{ingest}",
+                         "--duration", str(args.minutes * 60 + 30)], stderr=subprocess.DEVNULL)
         crowd = LoopbackCrowd(args.listeners, ("127.0.0.1", listen), "soak")
         crowd.join()
         samples, joins, leaves = [], 0, 0
@@ -89,4 +90,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # peers in process groups of their own, stopped on SIGINT/SIGTERM too
+    stop_on_signals()
+    try:
+        main()
+    except Interrupted as e:
+        sys.exit(exit_code(e))
