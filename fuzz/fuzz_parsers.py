@@ -26,8 +26,9 @@ import atheris
 # editable install's custom loader, which atheris cannot instrument
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-with atheris.instrument_imports(enable_loader_override=False):
-    from relay.wire import protocol, rtcp, tokens
+with atheris.instrument_imports(include=["relay"], enable_loader_override=False):
+    from relay.wire import protocol, tokens
+    from relay.wire import rtcp as rtcp_wire
     from relay._core import Core, Ingest, QuicOpener, QuicPath
     from relay.wire.addr import to_sockaddr
     from relay.wire.config import load
@@ -83,11 +84,11 @@ def control(data: bytes) -> None:
 
 
 def rtcp(data: bytes) -> None:
-    ok, nacks = rtcp.parse_rtcp(data)
+    ok, nacks = rtcp_wire.parse_rtcp(data)
     assert ok or not nacks
     # read only as far as a listener's NACK budget pays for
     cap = data[0] % 40 if data else 0
-    ok_capped, capped = rtcp.parse_rtcp(data, max_seqs=cap)
+    ok_capped, capped = rtcp_wire.parse_rtcp(data, max_seqs=cap)
     assert ok_capped == ok and sum(len(n.seqs) for n in capped) <= cap
 
 
