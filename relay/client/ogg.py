@@ -5,6 +5,8 @@ from __future__ import annotations
 import struct
 from typing import BinaryIO
 
+from relay.wire.opus import packet_samples
+
 
 def _crc_table() -> list[int]:
     table = []
@@ -25,31 +27,6 @@ def ogg_crc(data: bytes) -> int:
     for b in data:
         crc = ((crc << 8) & 0xFFFFFFFF) ^ _CRC[(crc >> 24) ^ b]
     return crc
-
-
-def opus_samples(packet: bytes) -> int:
-    """Samples at 48 kHz in one Opus packet, from its TOC byte (RFC 6716 3.1);
-    0 if the packet is malformed."""
-    if not packet:
-        return 0
-    toc = packet[0]
-    config = toc >> 3
-    if config < 12:
-        frame = (480, 960, 1920, 2880)[config & 3]
-    elif config < 16:
-        frame = (480, 960)[config & 1]
-    else:
-        frame = (120, 240, 480, 960)[config & 3]
-    code = toc & 3
-    if code == 0:
-        frames = 1
-    elif code in (1, 2):
-        frames = 2
-    else:
-        if len(packet) < 2:
-            return 0
-        frames = packet[1] & 0x3F
-    return frame * frames
 
 
 class OggOpusWriter:
@@ -79,7 +56,7 @@ class OggOpusWriter:
         # held back one packet so the last page can carry end-of-stream
         if self._held is not None:
             self._page(self._held, self.granule, 0)
-        self.granule += opus_samples(packet)
+        self.granule += packet_samples(packet)
         self._held = packet
         self.packets += 1
 
