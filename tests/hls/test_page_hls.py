@@ -11,7 +11,7 @@ import pytest
 from relay.testing.loadgen import free_port
 from relay.listeners.web import STATIC
 from tests.listeners.test_page_states import page_on, state_text
-from tests.listeners.test_web_listener import wait_state
+from tests.listeners.conftest import wait_state
 
 
 # a WebTransport that never connects, as where UDP is blocked

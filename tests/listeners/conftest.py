@@ -71,3 +71,14 @@ def udp_join(sock: socket.socket, room: str) -> Accept:
             acc = decode(msg)
             assert isinstance(acc, Accept)
             return acc
+
+
+def wait_state(page, ok, timeout: float) -> dict:
+    """The page's window.relayListener once `ok` says so, or as it is when
+    `timeout` seconds have passed (any browser driver with evaluate())."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = json.loads(page.evaluate("JSON.stringify(window.relayListener || null)") or "null")
+        if (st and ok(st)) or time.monotonic() > deadline:
+            return st
+        time.sleep(0.25)

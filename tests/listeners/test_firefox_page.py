@@ -5,16 +5,14 @@ without a sound device keeps its AudioContext suspended, so the page says
 "click to play" while it decodes (tests/firefox.py)."""
 from __future__ import annotations
 
-import json
 import socket
-import time
 
 import pytest
 
 from relay.testing.loadgen import free_port
 from tests import firefox
 from tests.conftest import stop
-from tests.listeners.conftest import publish, quic_relay
+from tests.listeners.conftest import publish, quic_relay, wait_state
 
 
 @pytest.fixture(scope="module")
@@ -30,21 +28,12 @@ def node(tmp_path_factory):
     assert stop(relay.proc) == 0
 
 
-def wait(page: firefox.Firefox, ok, timeout: float) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        st = json.loads(page.evaluate("JSON.stringify(window.relayListener || null)") or "null")
-        if (st and ok(st)) or time.monotonic() > deadline:
-            return st
-        time.sleep(0.25)
-
-
 @pytest.mark.parametrize("query,transport", [("", "WebTransport (HTTP/3)"), ("&transport=hls", "LL-HLS (hls.js 1.")])
 def test_firefox_esr_plays_the_page(node, query, transport):
     page = firefox.Firefox()
     try:
         page.goto(node.url(f"/listen?room={node.room}{query}"))
-        st = wait(page, lambda s: s["framesDecoded"] > 100, timeout=40)
+        st = wait_state(page, lambda s: s["framesDecoded"] > 100, timeout=40)
         assert st["framesDecoded"] > 100, st
         assert st["transport"].startswith(transport), st
         assert st["state"] in ("playing", "click-to-play") and st["error"] == "", st

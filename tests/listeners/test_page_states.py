@@ -13,7 +13,7 @@ import pytest
 from tests import browser
 from tests.conftest import RunningRelay, stop
 from tests.listeners.conftest import publish, quic_relay
-from tests.listeners.test_web_listener import wait_state
+from tests.listeners.conftest import wait_state
 
 
 def state_text(page: browser.Browser) -> str:

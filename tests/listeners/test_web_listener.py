@@ -17,18 +17,9 @@ import pytest
 from tests import browser
 from tests.conftest import stop
 from tests.conftest import TONE_HZ
-from tests.listeners.conftest import metric, publish, quic_relay
+from tests.listeners.conftest import metric, publish, quic_relay, wait_state
 
 SCREENSHOT = Path(__file__).resolve().parents[2] / "build" / "screenshots" / "web-listener.png"
-
-
-def wait_state(page: browser.Browser, ok, timeout: float) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        st = json.loads(page.evaluate("JSON.stringify(window.relayListener || null)") or "null")
-        if (st and ok(st)) or time.monotonic() > deadline:
-            return st
-        time.sleep(0.25)
 
 
 def test_web_page_decodes_a_live_room(tmp_path) -> None:
