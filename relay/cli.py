@@ -148,7 +148,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def _listen_sinks(args: argparse.Namespace) -> tuple[list[Callable[[bytes], None]], Callable[[], None]]:
     """Where received packets go (an Ogg file, an RTP forward), and what
     closes them at the end."""
-    from relay.client.listen import sdp_for
+    from relay.client.sdp import sdp_for
     from relay.client.ogg import OggOpusWriter
     from relay.client.publish import PAYLOAD_TYPE
 

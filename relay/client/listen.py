@@ -9,18 +9,16 @@ A short reorder buffer lets NACKed resends land in order.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import random
 import socket
 import struct
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
+from relay.client import moves
 from relay.wire.addr import parse_hostport
 from relay.wire.protocol import (Accept, Challenge, Join, Keepalive, Leave, ProtocolError, Reason,
                                  Reject, Speakers, cookie_proof, decode, encode, is_control)
@@ -413,7 +411,7 @@ class ListenClient:
         taking a room from another must notice a dead upstream at once)."""
         deadline = None if duration is None else time.monotonic() + duration
         if not self.server[0]:
-            await self._relocate("no node given")
+            await moves.relocate(self, "no node given")
         else:
             await self.join_when_room(deadline)
         while True:
@@ -421,71 +419,8 @@ class ListenClient:
             try:
                 return await self.receive(left, dead_after)
             except Unreachable as e:
-                if dead_after is not None or not await self._move_on(str(e)):
+                if dead_after is not None or not await moves.move_on(self, str(e)):
                     raise
-
-    def _movable(self) -> bool:
-        """Is there anywhere to go if this node dies?"""
-        return bool(self.via) or (self._session is not None and bool(self._session.alternate))
-
-    async def _move_on(self, why: str) -> bool:
-        """Our node died: join its alternates in turn (then ask `via`),
-        asking for what the room still holds after our last packet. A whole
-        node's listeners move at once, and an alternate may be busy (rate
-        limited, full): another round after a backoff, for `full_patience`
-        seconds. False if nowhere took us."""
-        if self._high is not None and self._session is not None and self._session.origin is not None:
-            self._resume = self._high & 0xFFFF
-        named = self._session.alternate if self._session is not None else ""
-        here = f"{self.server[0]}:{self.server[1]}"
-        # the ACCEPT names up to a few, in the order to try them
-        alternates = [a for a in named.split(",") if a and a != here]
-        give_up = time.monotonic() + self.full_patience
-        backoff = FULL_BACKOFF_S[0]
-        while True:
-            busy = False
-            for alternate in alternates:
-                try:
-                    self.server = parse_hostport(alternate)
-                    self._via = f"the alternate {here} named"
-                    self._event(f"{why}: moving to {alternate}")
-                    self.stats.rejoins += 1
-                    await self.join(attempts=3, timeout=0.3)
-                    return True
-                except JoinRefused as e:
-                    busy = busy or e.reason in WAITED_FOR
-                    self._event(f"{alternate}: {e}")
-                except (ValueError, TimeoutError, Unreachable) as e:
-                    self._event(f"{alternate}: {e}")
-            if self.via:
-                try:
-                    await self._relocate(why)
-                    return True
-                except (JoinRefused, TimeoutError, Unreachable) as e:
-                    self._event(str(e))
-            pause = backoff * random.uniform(0.8, 1.2)
-            if not busy or time.monotonic() + pause > give_up:
-                return False
-            self._event(f"every alternate is busy, trying again in {pause:.1f} s")
-            await asyncio.sleep(pause)
-            backoff = min(2 * backoff, FULL_BACKOFF_S[1])
-
-    async def _relocate(self, why: str) -> None:
-        """Ask the `via` URLs where to listen, and join there."""
-        for url in self.via:
-            try:
-                where = await asyncio.to_thread(_ask_where, url)
-            except (OSError, ValueError) as e:
-                self._event(f"{url}: {e}")
-                continue
-            if where and where != f"{self.server[0]}:{self.server[1]}":
-                self._event(f"{why}: {url} says {where}")
-                self.server = parse_hostport(where)
-                self._via = f"sent there by {url}"
-                self.stats.rejoins += 1
-                await self.join()
-                return
-        raise Unreachable(f"{why}, and no node to move to ({', '.join(self.via)})")
 
     async def receive(self, duration: float | None = None, dead_after: float | None = None) -> ListenStats:
         """listen(), once joined. Keepalives go out on their own schedule:
@@ -505,7 +440,7 @@ class ListenClient:
             if dead_after is not None and now - self.last_heard > dead_after:
                 raise Unreachable(f"nothing from {self._where()} for {dead_after:g} s")
             wait = next_keepalive - now
-            if dead_after is None and self._movable():
+            if dead_after is None and moves.movable(self):
                 if probe_at is not None and self.last_heard > probe_at:
                     probe_at = None                       # it answered: a quiet room
                 if probe_at is None and now - self.last_audio > PROBE_S and self.last_audio != probed:
@@ -548,21 +483,3 @@ class ListenClient:
                 self._send(encode(self._leave()))
             self._transport.close()
             self._transport = None
-
-
-def _ask_where(url: str) -> str:
-    """A node's GET /join answer: the UDP address to join ("" if none)."""
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return str(json.loads(r.read()).get("udp", ""))
-    except urllib.error.HTTPError as e:
-        if e.code == 503:
-            return ""
-        raise
-
-
-def sdp_for(port: int, host: str = "127.0.0.1", payload_type: int = 111) -> str:
-    """An SDP file ffplay/ffmpeg can open to play RTP forwarded to `port`."""
-    return (f"v=0\r\no=- 0 0 IN IP4 {host}\r\ns=relay\r\nc=IN IP4 {host}\r\nt=0 0\r\n"
-            f"m=audio {port} RTP/AVP {payload_type}\r\n"
-            f"a=rtpmap:{payload_type} opus/48000/2\r\n")
