@@ -325,9 +325,10 @@ def _speak(args: argparse.Namespace) -> int:
         frames = file_frames(args.file)
     token = args.token if args.token is not None else os.environ.get("RELAY_TOKEN", "")
     try:
-        server = parse_hostport(args.server or "127.0.0.1:7000")
+        servers = [parse_hostport(s) for s in (args.server or ["127.0.0.1:7000"])]
     except ValueError as e:
         _die(f"--server: {e}")
+    server, also = servers[0], tuple(f"{h}:{p}" for h, p in servers[1:])
     out_file: BinaryIO | None = None
     if args.out:
         try:
@@ -337,13 +338,13 @@ def _speak(args: argparse.Namespace) -> int:
     ogg = OggOpusWriter(out_file) if out_file is not None else None
     what = f"{args.file}" if args.file else f"a {args.tone:g} Hz tone"
 
-    def joined() -> None:
-        print(f"speaking {what} on the stage of room {args.room!r} at {server[0]}:{server[1]}", file=sys.stderr)
+    def joined(nodes: list[str]) -> None:
+        print(f"speaking {what} on the stage of room {args.room!r} at {' and '.join(nodes)}", file=sys.stderr)
     try:
         stats, stopped = _run(until_stopped(speak_tone(
             f"{server[0]}:{server[1]}", args.room, token, args.tone, args.duration,
             sink=(lambda pkt: ogg.write(_payload(pkt))) if ogg else None, bitrate=args.bitrate,
-            frames=frames, joined=joined)))
+            frames=frames, joined=joined, also=also)))
     except JoinRefused as e:
         print(f"relay: {e}", file=sys.stderr)
         return 3
@@ -449,7 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "join refused, 4 no answer from the node)")
     s.add_argument("--to", action="append", help=f"the room's ingest address (default {DEFAULT_INGEST}); "
                    "twice for an origin pair: one stream to both")
-    s.add_argument("--server", help="a speaker: the node's listener address (default 127.0.0.1:7000 with --token)")
+    s.add_argument("--server", action="append", help="a speaker: the node's listener address (default "
+                   "127.0.0.1:7000 with --token); twice for a stage on an origin pair: one encode, sent to both")
     s.add_argument("--room", default="demo", help="a speaker: the stage room (default demo)")
     s.add_argument("--token", help="a speaker: a publish token for the room (default: $RELAY_TOKEN; empty for "
                    "an open node)")

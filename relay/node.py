@@ -365,7 +365,7 @@ class Node:
                     sum(u.gap_sum for u in ups))
         return Cluster(d is not None, d is not None and d.reachable, len(d.peers) if d else 0,
                        d.failures if d else 0,
-                       {name: (up.current is not None, up.switches) for name, up in self.upstreams.items()}, gaps,
+                       {name: up.state() for name, up in self.upstreams.items()}, gaps,
                        dict(d.rejected) if d else {})
 
     def _choose_alternates(self, now: float) -> None:

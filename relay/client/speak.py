@@ -18,6 +18,7 @@ import math
 import shutil
 import struct
 import subprocess
+import sys
 import time
 from typing import Callable, Iterator
 
@@ -101,18 +102,23 @@ class SpeakerClient(ListenClient):
         return SrtpSession(Policy(key=self._keys.srtp_key, ssrc_type=Policy.SSRC_ANY_OUTBOUND,
                                   srtp_profile=Policy.SRTP_PROFILE_AES128_CM_SHA1_80))
 
-    async def speak(self, frames: Iterator[bytes], duration: float | None, bitrate: int = 64000) -> int:
+    async def speak(self, frames: Iterator[bytes], duration: float | None, bitrate: int = 64000,
+                    also: tuple["SpeakerClient", ...] = ()) -> int:
         """Encode and send PCM frames (20 ms, 48 kHz stereo) in real time as
-        SRTP for `duration` seconds (forever if None). Returns packets sent."""
+        SRTP for `duration` seconds (forever if None), to this node and to
+        the sessions in `also` (an origin pair's other origin): one encode,
+        each copy sealed with its own session's key. Returns packets sent."""
         enc = opuslib.Encoder(RATE, 2, opuslib.APPLICATION_AUDIO)
         enc.bitrate = bitrate
-        srtp, rtp = self._srtp(), RtpPacketizer()
+        sessions = [(c, c._srtp()) for c in (self, *also)]
+        rtp = RtpPacketizer()
         start = time.monotonic()
         n = 0
         while duration is None or n * FRAME / RATE < duration:
             pcm = next(frames)
             packet = with_level(rtp.packet(enc.encode(pcm, FRAME)), audio_level(pcm))
-            self._send(srtp.protect(packet))
+            for client, srtp in sessions:
+                client._send(srtp.protect(packet))
             n += 1
             self.sent = n
             delay = start + n * FRAME / RATE - time.monotonic()
@@ -150,22 +156,37 @@ def file_frames(path: str) -> Iterator[bytes]:
 async def speak_tone(server: str, room: str, token: str, freq: float, duration: float | None,
                      sink: Callable[[bytes], None] | None = None, bitrate: int = 64000,
                      client: SpeakerClient | None = None, frames: Iterator[bytes] | None = None,
-                     joined: Callable[[], None] | None = None) -> ListenStats:
-    """Join `room`'s stage, speak a tone (or `frames`, 20 ms of 48 kHz stereo
-    PCM each) for `duration` seconds while hearing the others, then leave.
-    `joined` is called once the node has taken us. Returns what was heard
-    (the mix-minus)."""
+                     joined: Callable[[list[str]], None] | None = None, also: tuple[str, ...] = ()) -> ListenStats:
+    """Join `room`'s stage at `server` (and at every node in `also`: the
+    other origin of a stage pair), speak a tone (or `frames`, 20 ms of 48 kHz
+    stereo PCM each) for `duration` seconds while hearing the others, then
+    leave. `joined` is called with the nodes that took us. A node of `also`
+    that refuses or does not answer is left out; `server` must take us.
+    Returns what was heard at `server` (the mix-minus)."""
     client = client or SpeakerClient(server, room, token, sink)
-    await client.join()
+    others = [SpeakerClient(node, room, token) for node in also]
+    results = await asyncio.gather(client.join(), *(o.join() for o in others), return_exceptions=True)
+    if isinstance(results[0], BaseException):
+        for o in others:
+            o.close()
+        raise results[0]
+    taken = tuple(o for o, r in zip(others, results[1:], strict=True) if not isinstance(r, BaseException))
+    for o, r in zip(others, results[1:], strict=True):
+        if isinstance(r, BaseException):
+            o.close()
+            print(f"relay: {o.server[0]}:{o.server[1]}: not speaking there: {r or type(r).__name__}",
+                  file=sys.stderr)
     if joined is not None:
-        joined()
-    hearing = asyncio.create_task(client.receive())
+        joined([server] + [f"{o.server[0]}:{o.server[1]}" for o in taken])
+    hearing = [asyncio.create_task(c.receive()) for c in (client, *taken)]
     try:
-        await client.speak(frames if frames is not None else tone_frames(freq), duration, bitrate)
+        await client.speak(frames if frames is not None else tone_frames(freq), duration, bitrate, also=taken)
     finally:
-        hearing.cancel()
-        await asyncio.gather(hearing, return_exceptions=True)
-        client.close()
+        for task in hearing:
+            task.cancel()
+        await asyncio.gather(*hearing, return_exceptions=True)
+        for c in (client, *taken):
+            c.close()
     return client.stats
 
 

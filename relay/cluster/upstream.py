@@ -11,7 +11,10 @@ sends the room in the origin's numbering under one SSRC, so the two
 streams are copies: the core takes each sequence number once, from
 whichever copy brings it first, and a copy that fills a hole in the other
 fills it in the room (core/rtp.pxi, `merge`). A parent that dies then
-costs nothing: the other copy was already carrying every packet.
+costs nothing: the other copy was already carrying every packet. Two
+parents that are not copies of one stream (a mixed stage on an origin
+pair) are never merged: the node follows one and splices the other in
+when it goes quiet (follow.py).
 
 A subscription exists only while the room has listeners here: the first
 one starts it, and it ends `upstream_linger` seconds after the last one
@@ -30,10 +33,12 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 from relay._core import Core, Ingest
 from relay.client.listen import JoinRefused, ListenClient, Unreachable
+from relay.cluster.follow import Merge
 from relay.wire.addr import to_sockaddr
 from relay.wire.protocol import Speakers
 from relay.wire.tokens import mint
@@ -52,6 +57,16 @@ RETRY_S = 1.0
 # these buckets (relay_upstream_gap_seconds)
 GAP_MIN_S = 0.04
 GAP_BOUNDS = (0.04, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, float("inf"))
+
+
+@dataclass
+class UpstreamState:
+    """A room taken from upstream, as the collector reads it."""
+    connected: bool
+    switches: int           # moves to another parent
+    splices: int            # switches of a followed parent that went quiet (follow.py)
+    disagreements: int      # times its parents were found sending two streams
+    following: str = ""     # the parent it follows while its parents disagree ("" while merging)
 
 
 class Link:
@@ -78,6 +93,7 @@ class Upstream:
         self.tap = tap            # sees every packet heard, before the core (an origin pair's matching)
         self.always = always      # subscribed with no listeners here too (an origin pair's partner)
         self.links: list[Link] = [Link(), Link()]
+        self.merge = Merge(room, self._parent_name)   # what two links feed the room
         self.joins = 0            # upstream joins that succeeded
         self.failures = 0         # links ended by an unexpected error (logged with its traceback)
         self.gap_counts = [0] * len(GAP_BOUNDS)
@@ -107,6 +123,16 @@ class Upstream:
         after the room was left is not a move."""
         return sum(link.switches for link in self.links)
 
+    def state(self) -> UpstreamState:
+        """What the metrics say of this room's subscription."""
+        m = self.merge
+        following = "" if m.merging or m.followed is None or m.disagreements == 0 else self._parent_name(m.followed)
+        return UpstreamState(self.current is not None, self.switches, m.splices, m.disagreements, following)
+
+    def _parent_name(self, k: int) -> str:
+        node = self.links[k].node or self.links[k].last
+        return f"{node[0]}:{node[1]}" if node is not None else f"link {k} (no parent)"
+
     def _took(self, now: float) -> None:
         """The room took a packet (a first copy): a pause before it is a gap."""
         if self._taken_at is not None and now - self._taken_at >= GAP_MIN_S:
@@ -124,7 +150,7 @@ class Upstream:
             if not self._tasks:
                 loop = asyncio.get_running_loop()
                 links = 2 if self.pair and len(self.nodes) >= 2 else 1
-                self._tasks = [loop.create_task(self._run(self.links[k], k)) for k in range(links)]
+                self._tasks = [loop.create_task(self._run(k, links)) for k in range(links)]
         elif self._tasks:
             if self._unwanted_since is None:
                 self._unwanted_since = now
@@ -141,32 +167,38 @@ class Upstream:
             link.node = None
         self._taken_at = None
 
-    async def _run(self, link: Link, first: int) -> None:
-        """Keep `link` on a parent: the list in order from its own first
-        choice, never the node the other link is on."""
+    async def _run(self, first: int, links: int) -> None:
+        """Keep link `first` (of `links`) on a parent: the list in order
+        from its own first choice, never the node the other link is on."""
+        link = self.links[first]
         while True:
             nodes = self.nodes[first:] + self.nodes[:first] if first < len(self.nodes) else list(self.nodes)
             for node in nodes:
                 if any(other is not link and other.node == node for other in self.links):
                     continue
-                await self._hear(link, node)
+                await self._hear(first, node, links == 2)
             await asyncio.sleep(RETRY_S)
 
-    async def _hear(self, link: Link, node: tuple[str, int]) -> None:
-        """Join `node` and feed the room from it until it dies or refuses."""
+    async def _hear(self, k: int, node: tuple[str, int], merged: bool) -> None:
+        """Join `node` on link `k` and feed the room from it until it dies
+        or refuses; with `merged`, through the two links' Merge."""
+        link = self.links[k]
         source = to_sockaddr(node)
         where = f"{node[0]}:{node[1]}"
 
         def feed(pkt: bytes) -> None:
             if self.tap is not None:
                 self.tap(pkt)
-            if self.core.feed(self.index, pkt, source) == Ingest.INGEST_OK:
-                self._took(time.monotonic())
+            now = time.monotonic()
+            for p in (self.merge.packet(k, pkt, now) if merged else (pkt,)):
+                if self.core.feed(self.index, p, source) == Ingest.INGEST_OK:
+                    self._took(now)
             self.sent()
 
         client = link.client = ListenClient(where, self.room, self.token(), sink=feed)
         client.relay = True
         try:
+            self.merge.reset(k)      # what this link heard before was another parent's
             await client.join(attempts=JOIN_ATTEMPTS, timeout=JOIN_TIMEOUT_S)
             self.joins += 1
             if link.last is not None and link.last != node:

@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from relay import __version__
 from relay._core import Core
+from relay.cluster.upstream import UpstreamState
 from relay.hls.rooms import HlsStats
 from relay.listeners.load import LoadMeter
 from relay.listeners.quic.connection import QuicCounters
@@ -58,7 +59,7 @@ class Cluster:
     reachable: bool = False
     peers: int = 0
     failures: int = 0
-    upstreams: dict[str, tuple[bool, int]] = field(default_factory=dict)   # room -> (connected, switches)
+    upstreams: dict[str, UpstreamState] = field(default_factory=dict)
     gaps: tuple[list[float], list[int], float] | None = None   # pauses in what rooms took from upstream
     rejected: dict[str, int] = field(default_factory=dict)     # directory records refused, by reason
 
@@ -280,11 +281,23 @@ class NodeCollector(Collector):
                                    "live upstream node.", labels=["room"])
             switches = CounterMetricFamily("relay_upstream_switches", "Times a room taken from upstream "
                                            "moved to another upstream node.", labels=["room"])
-            for room, (connected, moved) in c.upstreams.items():
-                up.add_metric([room], float(connected))
-                switches.add_metric([room], moved)
-            yield up
-            yield switches
+            splices = CounterMetricFamily("relay_upstream_splices", "Times a room whose two parents send "
+                                          "different streams (a mixed stage on an origin pair) went over to "
+                                          "the other parent when the followed one went quiet.", labels=["room"])
+            disagree = CounterMetricFamily("relay_upstream_disagreements", "Times a room's two parents were "
+                                           "found sending two different streams, not copies of one: the "
+                                           "node follows one of them.", labels=["room"])
+            following = GaugeMetricFamily("relay_upstream_following", "1 for the parent a room follows "
+                                          "while its two parents send different streams (none while they "
+                                          "send copies, which are merged).", labels=["room", "parent"])
+            for room, u in c.upstreams.items():
+                up.add_metric([room], float(u.connected))
+                switches.add_metric([room], u.switches)
+                splices.add_metric([room], u.splices)
+                disagree.add_metric([room], u.disagreements)
+                if u.following:
+                    following.add_metric([room, u.following], 1)
+            yield from (up, switches, splices, disagree, following)
 
     def _build_info(self) -> Iterator[Metric]:
         info = GaugeMetricFamily("relay_build_info", "Version of relay and what it was built with.",

@@ -322,13 +322,9 @@ def _room(i: int, raw: Any, open_auth: bool, environ: Mapping[str, str]) -> Room
         takeover = None
     elif "takeover_after" in raw:
         takeover = _float(f"{where}: takeover_after (seconds, or \"never\")", raw["takeover_after"], 0, 86400)
-    pair, lead = None, raw.get("pair_lead", False)
-    if "pair" in raw:
-        if speakers or srtp_key:
-            raise ConfigError(f"{where}: 'pair' is for plain-RTP rooms without a stage")
-        pair = _addr(f"{where}: pair", raw["pair"])
-    if not isinstance(lead, bool) or (lead and pair is None):
-        raise ConfigError(f"{where}: pair_lead is true or false, on one origin of a 'pair'")
+    if srtp_key and not speakers and "pair" in raw:
+        raise ConfigError(f"{where}: 'pair' is for plain-RTP rooms and stages, not an SRTP ingest room")
+    pair, lead = _pair(where, raw, stage=speakers > 0)
     pps = _float(f"{where}: max_packet_rate (packets a second, 0 = no bound)",
                  raw.get("max_packet_rate", MAX_PACKET_RATE), 0, 10_000)
     bps = _float(f"{where}: max_bitrate (bits a second, 0 = no bound)", raw.get("max_bitrate", MAX_BITRATE),
@@ -345,7 +341,22 @@ def _stage_room(where: str, name: str, raw: dict[str, Any]) -> RoomConfig:
                               "so its audio comes from speakers who join with a publish token")
     speakers = _int(f"{where}: max_speakers", raw.get("max_speakers", DEFAULT_SPEAKERS), 1, MAX_SPEAKERS)
     limit = _int(f"{where}: max_listeners", raw.get("max_listeners", 0), 0, 10**7)
-    return RoomConfig(name, None, [], False, limit, max_speakers=speakers)
+    pair, _ = _pair(where, raw, stage=True)
+    return RoomConfig(name, None, [], False, limit, max_speakers=speakers, pair=pair)
+
+
+def _pair(where: str, raw: dict[str, Any], stage: bool) -> tuple[tuple[str, int] | None, bool]:
+    """The room's other origin, and whether this one leads the numbering.
+    A stage pair has no leader: each origin mixes on its own, and the
+    nodes below follow one of them (relay/cluster/follow.py)."""
+    pair = _addr(f"{where}: pair", raw["pair"]) if "pair" in raw else None
+    lead = raw.get("pair_lead", False)
+    if not isinstance(lead, bool) or (lead and pair is None):
+        raise ConfigError(f"{where}: pair_lead is true or false, on one origin of a 'pair'")
+    if lead and stage:
+        raise ConfigError(f"{where}: pair_lead is for pass-through pairs; the two origins of a stage each "
+                          "mix, and the nodes below follow one of them")
+    return pair, lead
 
 
 def _quic(cfg: NodeConfig, node: dict[str, Any]) -> None:

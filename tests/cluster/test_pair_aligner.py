@@ -87,3 +87,17 @@ def test_a_bad_pair_is_named(room: str, error: str) -> None:
             + room + "\n")
     with pytest.raises(ConfigError, match=error):
         load(text, environ={})
+
+
+@pytest.mark.parametrize("room, error", [
+    ('pair = "127.0.0.1:7001"\npair_lead = true', "pair_lead is for pass-through pairs"),
+    ('pair = "here"', "room 's': pair"),
+])
+def test_a_stage_pair_has_no_leader(room: str, error: str) -> None:
+    text = '[node]\nauth = "open"\n[[room]]\nname = "s"\n' + room + "\n"
+    with pytest.raises(ConfigError, match=error):
+        load(text, environ={})
+    # a stage room (no ingest) or a stage with an ingest port may name its other origin
+    for extra in ("", 'ingest = "127.0.0.1:5004"\nsources = ["127.0.0.1"]\nmax_speakers = 4\n'):
+        cfg = load('[node]\nauth = "open"\n[[room]]\nname = "s"\npair = "127.0.0.1:7001"\n' + extra, environ={})
+        assert cfg.rooms[0].pair == ("127.0.0.1", 7001) and cfg.rooms[0].stage
