@@ -107,6 +107,7 @@ class Node:
         self._alternates_at = 0.0
         self._rng = random.SystemRandom()
         self.sessions.alternate = self._alternate
+        self.sessions.resumed = self._resumed
         self.rates = RoomRates()
         for r in cfg.rooms:
             self._open_room(r)
@@ -367,6 +368,14 @@ class Node:
                        d.failures if d else 0,
                        {name: up.state() for name, up in self.upstreams.items()}, gaps,
                        dict(d.rejected) if d else {})
+
+    def _resumed(self, room: str, point: int) -> None:
+        """A listener moved here with a resume point: a room taken from
+        upstream that this node does not carry yet subscribes now, asking
+        its parents for the room's history after that point."""
+        up = self.upstreams.get(room)
+        if up is not None:
+            up.resume(point)
 
     def _choose_alternates(self, now: float) -> None:
         """Once a second: the live nodes each room's new listeners are told

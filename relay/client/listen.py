@@ -271,6 +271,11 @@ class ListenClient:
         self.stats.rejoins += 1
         await self.join()
 
+    def resume_after(self, seq: int | None) -> None:
+        """Ask, in the next JOIN, for what the room still holds after `seq`
+        (the origin's numbering); None asks for nothing."""
+        self._resume = seq
+
     def _flush_held(self) -> None:
         # packets waiting for a gap to fill go out as they are
         if self._held and self._next is not None:

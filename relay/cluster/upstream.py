@@ -101,6 +101,9 @@ class Upstream:
         self._taken_at: float | None = None   # when the room last took a packet from upstream
         self._tasks: list[asyncio.Task] = []
         self._unwanted_since: float | None = None
+        # the oldest resume point of listeners that moved here before the
+        # room had a parent: the links ask their parents for what follows it
+        self._resume_from: int | None = None
 
     @property
     def current(self) -> tuple[str, int] | None:
@@ -140,6 +143,20 @@ class Upstream:
             self.gap_counts[next(i for i, bound in enumerate(GAP_BOUNDS) if gap <= bound)] += 1
             self.gap_sum += gap
         self._taken_at = now
+        self._resume_from = None
+
+    def resume(self, point: int) -> None:
+        """A listener moved here with a resume point (the origin's
+        numbering, the room's on every node). While the room has no parent
+        yet (an idle alternate), the links join with the oldest such point:
+        the parent sends its history after it, and the room passes it on to
+        the movers, who then miss only what the parent's history no longer
+        holds. Subscribes at once rather than at the next tick."""
+        if self.current is not None:
+            return
+        if self._resume_from is None or ((point - self._resume_from) & 0xFFFF) >= 0x8000:
+            self._resume_from = point
+        self.want(1, time.monotonic(), 0.0)
 
     def want(self, listeners: int, now: float, linger: float) -> None:
         """Called on every housekeeping tick with the room's listeners here:
@@ -197,6 +214,7 @@ class Upstream:
 
         client = link.client = ListenClient(where, self.room, self.token(), sink=feed)
         client.relay = True
+        client.resume_after(self._resume_from)
         try:
             self.merge.reset(k)      # what this link heard before was another parent's
             await client.join(attempts=JOIN_ATTEMPTS, timeout=JOIN_TIMEOUT_S)

@@ -70,6 +70,9 @@ class Sessions:
         # datagrams to send before the reply on_control returns (a resuming
         # listener's missed audio, which must reach it ahead of its ACCEPT)
         self.outbox: list[Send] = []
+        # told of a listener resuming here (room, its resume point): a room
+        # this node does not carry yet asks its parents for the history
+        self.resumed: Callable[[str, int], None] | None = None
 
     # ---------------------------------------------------------------- control
 
@@ -180,6 +183,8 @@ class Sessions:
         self.counters.resumes += 1
         self.counters.resumed_packets += len(packets)
         self.outbox.extend(Send(addr, p) for p in packets)
+        if self.resumed is not None:
+            self.resumed(s.room, resume)
 
     def join(self, key: Hashable, transport: str, room_name: str, token: str, source_ip: str,
              now: float, *, sockaddr: bytes = b"",

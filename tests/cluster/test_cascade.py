@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from relay.client.publish import encode_tone, ffmpeg_command
 from relay.testing.loadgen import LoopbackCrowd, scrape
 from tests.conftest import need, stop
@@ -171,18 +173,22 @@ def test_a_node_without_the_cluster_secret_cannot_pull_a_room(tmp_path) -> None:
         assert stop(origin.proc) == 0
 
 
-def test_a_listener_whose_edge_dies_moves_to_the_alternate_and_resumes(tmp_path) -> None:
+@pytest.mark.parametrize("carried", [True, False], ids=["alternate-carries", "alternate-idle"])
+def test_a_listener_whose_edge_dies_moves_to_the_alternate_and_resumes(tmp_path, carried: bool) -> None:
     """No directory and no --via: edge 1's ACCEPT names edge 2 ([node]
     redirect) as the alternate. Edge 1 is killed mid-stream; the listener
     notices within half a second (its probe goes unanswered), joins edge 2
     asking for what it missed, and counts in the origin's numbering what
     the room's history could not give back: nothing, on a machine that
-    moves it within a second."""
+    moves it within a second. An idle edge 2 (not carrying the room yet)
+    subscribes with the mover's resume point, so the origin's history
+    fills the gap through it."""
     origin = Node(tmp_path, "origin")
     e2 = Node(tmp_path, "edge2", upstream=[origin])
     e1 = Node(tmp_path, "edge1", upstream=[origin], extra_node=f'redirect = "{e2.listen[0]}:{e2.listen[1]}"\n')
-    keep = LoopbackCrowd(1, e2.listen, "live", token=listen_token())   # the alternate carries the room
-    assert keep.join().accepted == 1
+    keep = LoopbackCrowd(1, e2.listen, "live", token=listen_token())
+    if carried:
+        assert keep.join().accepted == 1
     frames = encode_tone(440, 1.0)
     pub = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     listener = subprocess.Popen([sys.executable, "-m", "relay", "listen", "--server", f"{e1.listen[0]}:{e1.listen[1]}",
@@ -203,7 +209,7 @@ def test_a_listener_whose_edge_dies_moves_to_the_alternate_and_resumes(tmp_path)
         # alternate's history (about a second of it: more than a ring's 15
         # packets, which left 11-26 missing). A machine slow enough to take
         # longer than that to move leaves a few, counted
-        resumed = scrape(e2.admin)["relay_resumed_packets_total"]
+        resumed = scrape((e2 if carried else origin).admin)["relay_resumed_packets_total"]
         assert resumed > 15, (resumed, err)
         assert 0 <= lost <= 10, err
         assert received + lost >= 8 * 50 - 60, err
