@@ -139,11 +139,11 @@ class Node:
             return state
         # a room from upstream is fed only by this node's own subscription;
         # an origin pair's publishers are checked before the core (ports.py)
-        self.core.room_open(index, r.any_source or bool(r.upstream) or r.pair is not None)
+        self.core.room_open(index, r.any_source or r.from_upstream or r.pair is not None)
         token = partial(relay_token, self.cfg.secret, r.name, self.cfg.node_id)
-        if r.upstream:
+        if r.from_upstream:
             self.upstreams[r.name] = Upstream(r.name, index, r.upstream, self.core, token, self._sent,
-                                              pair=self.cfg.upstream_pair)
+                                              pair=self.cfg.upstream_pair, from_directory=r.from_directory)
         elif r.pair is not None:
             aligner = Aligner(relay_ssrc(r.name), r.pair_lead)
             self.ingest.rewrite[r.name] = lambda pkt: aligner.translate(pkt, time.monotonic())
@@ -244,8 +244,9 @@ class Node:
             self._publish_rules(self.rooms[r.name], r)
             notes.append(f"room {r.name!r}: {rules.describe_rules(r)}")
         for r in plan.upstream:
-            self.upstreams[r.name].nodes = r.upstream
-            notes.append(f"room {r.name!r}: upstream now {', '.join(f'{h}:{p}' for h, p in r.upstream)}")
+            up = self.upstreams[r.name]
+            up.nodes, up.from_directory = list(r.upstream), r.from_directory
+            notes.append(f"room {r.name!r}: upstream now {r.origin.removeprefix('upstream ')}")
         for r in plan.rebind:
             if self._bind_ingest(r, notes):
                 notes.append(f"room {r.name!r}: ingest now {r.origin}")
@@ -353,9 +354,11 @@ class Node:
         """This node's directory record."""
         carried = [name for name, r in self.rooms.items()
                    if name not in self.upstreams or self.upstreams[name].current is not None]
+        parents = sorted({f"{node[0]}:{node[1]}" for up in self.upstreams.values() for link in up.links
+                          if (node := link.node) is not None})
         return routing.node_record(self.cfg, self.quic.port if self.quic else None,
                                    self.quic.describe() if self.quic else None, carried,
-                                   self.core.listeners, self.load.duty, self.sessions.draining)
+                                   self.core.listeners, self.load.duty, self.sessions.draining, parents)
 
     def _cluster(self) -> Cluster:
         d = self.directory
@@ -386,6 +389,9 @@ class Node:
         self._alternates_at = now
         for name in self.rooms:
             self._alternates[name] = routing.alternates(self.directory, self.cfg, name, self._rng)
+        for name, up in self.upstreams.items():
+            if up.from_directory:
+                up.nodes = routing.parents(self.directory, self.cfg, name, self._rng)
 
     def _alternate(self, room: str) -> str:
         """An ACCEPT's alternates: the directory's, else [node] redirect."""

@@ -4,7 +4,7 @@ checked one by one when read, and signed by the node that wrote it.
 Anyone who can write to Redis can write a record, so a record is believed
 only if each field is what a node would write (bounded numbers, a tier
 from the list, addresses with valid ports, a WebTransport URL on the QUIC
-address, a certificate hash of 64 hex digits, a bounded room list) and,
+address, a certificate hash of 64 hex digits, bounded room and parent lists) and,
 in a cluster with a secret, if its tag verifies: HMAC-SHA256 over the node
 id and every field in a fixed order, keyed by a key derived from the
 cluster's secret (so the directory key is never the token key itself).
@@ -27,7 +27,8 @@ from relay.wire.config import TIERS
 from relay.wire.protocol import MAX_ROOM
 
 # every field of a record, in the order the tag covers them
-FIELDS = ("udp", "quic", "webtransport", "cert", "tier", "capacity", "listeners", "load", "draining", "rooms")
+FIELDS = ("udp", "quic", "webtransport", "cert", "tier", "capacity", "listeners", "load", "draining", "rooms",
+          "parents")
 TAG = "sig"                  # the hash field holding the tag (hex)
 CONTEXT = b"relay directory v1"
 MAX_NODE_ID = 128            # bytes of UTF-8
@@ -35,6 +36,7 @@ MAX_COUNT = 10**7            # [node] max_listeners' own bound
 MAX_LOAD = 1000.0            # a duty far past any real one, but finite
 MAX_ROOMS = 100_000          # [node] max_rooms' own bound
 MAX_URL_PATH = 256
+MAX_PARENTS = 8              # a node's parents named in its record (two per room; a few rooms' worth)
 _HOSTNAME = re.compile(r"(?=.{1,253}\.?$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})"
                        r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62}))*\.?")
 _CERT = re.compile(r"[0-9a-f]{64}")
@@ -67,6 +69,7 @@ class Peer:
     seen: float           # monotonic time we last read it
     webtransport: str = ""   # the page's URL for it ("" without QUIC)
     cert: str = ""           # its self-signed certificate's SHA-256, for a page to pin
+    parents: tuple[str, ...] = ()   # the nodes it takes rooms from now (their udp addresses)
 
     @property
     def spare(self) -> int:
@@ -194,6 +197,18 @@ def _rooms(text: str) -> list[str]:
     return rooms
 
 
+def _parents(text: str) -> tuple[str, ...]:
+    try:
+        parents = json.loads(text)
+    except (ValueError, RecursionError):
+        raise Invalid("parents: not JSON") from None
+    if not isinstance(parents, list) or len(parents) > MAX_PARENTS or not all(isinstance(p, str) for p in parents):
+        raise Invalid(f"parents: expected a list of at most {MAX_PARENTS} host:port addresses")
+    for p in parents:
+        _hostport("parents", p)
+    return tuple(parents)
+
+
 def check(node_id: str, fields: Mapping[str, str | None], key: bytes | None, now: float) -> Peer:
     """The peer a record describes, if every field is one a node would
     write and, with a `key`, its tag verifies; else Invalid or Unsigned."""
@@ -219,5 +234,5 @@ def check(node_id: str, fields: Mapping[str, str | None], key: bytes | None, now
     return Peer(node_id, values["udp"], values["quic"], values["tier"],
                 _count("capacity", values["capacity"], 1), _count("listeners", values["listeners"], 0),
                 _load(values["load"]), values["draining"] == "1", _rooms(values["rooms"] or "[]"), now,
-                values["webtransport"], values["cert"])
+                values["webtransport"], values["cert"], _parents(values["parents"] or "[]"))
 

@@ -6,15 +6,17 @@ import random
 from typing import Any, Sequence
 
 from relay.cluster.directory import Directory, Peer
-from relay.cluster.records import Record, record_key
+from relay.cluster.records import MAX_PARENTS, Record, record_key
+from relay.wire.addr import parse_hostport
 from relay.wire.config import NodeConfig
 
 
 def node_record(cfg: NodeConfig, quic_port: int | None, quic_info: dict[str, Any] | None, rooms: list[str],
-                listeners: int, load: float, draining: bool) -> Record:
-    """This node's directory record: how to reach it, what it can take and
-    which rooms it carries now (`rooms`), with the key derived from the
-    cluster secret that its heartbeat signs it with (none in open auth)."""
+                listeners: int, load: float, draining: bool, parents: Sequence[str] = ()) -> Record:
+    """This node's directory record: how to reach it, what it can take,
+    which rooms it carries now (`rooms`) and from which nodes (`parents`),
+    with the key derived from the cluster secret that its heartbeat signs
+    it with (none in open auth)."""
     quic = webtransport = cert = ""
     if quic_port is not None and quic_info is not None and cfg.advertise:
         quic = f"{cfg.advertise.rpartition(':')[0]}:{quic_port}"
@@ -22,7 +24,8 @@ def node_record(cfg: NodeConfig, quic_port: int | None, quic_info: dict[str, Any
         cert = quic_info["cert_sha256"] or ""
     return Record({"udp": cfg.advertise, "quic": quic, "webtransport": webtransport, "cert": cert,
                    "tier": cfg.tier, "capacity": cfg.max_listeners, "listeners": listeners,
-                   "load": round(load, 4), "draining": draining, "rooms": rooms}, record_key(cfg.secret))
+                   "load": round(load, 4), "draining": draining, "rooms": rooms,
+                   "parents": list(parents)[:MAX_PARENTS]}, record_key(cfg.secret))
 
 
 def redirect(directory: Directory, cfg: NodeConfig, room: str, udp: bool) -> str:
@@ -49,6 +52,38 @@ def alternates(directory: Directory, cfg: NodeConfig, room: str, rng: random.Ran
         picked.append(peer)
         fits = [p for p in fits if p is not peer]
     return picked
+
+
+def parents(directory: Directory, cfg: NodeConfig, room: str, rng: random.Random) -> list[tuple[str, int]]:
+    """The nodes a room with upstream = "directory" may take its parents
+    from, in the order its links try them: live nodes of the tier above
+    this one (an edge's mids, else the origins; a mid's origins), those
+    that carry the room first. The first is drawn weighted by spare room;
+    the second is one whose own parents share none with the first's where
+    the directory offers one (disjoint ancestry: one death above cannot
+    cut both), so on an origin pair a mid gets one parent at each origin."""
+    above = ("mid", "origin") if cfg.tier == "edge" else ("origin",)
+    fits: list[Peer] = []
+    for tier in above:
+        fits = [p for p in directory.live(room, tier=tier, exclude=cfg.advertise) if p.tier == tier]
+        if fits:
+            break
+    if tier == "origin":
+        # an origin that does not carry the room cannot get it from anyone
+        fits = [p for p in fits if room in p.rooms]
+    order: list[Peer] = []
+    if fits:
+        first = rng.choices(fits, weights=[max(1, p.spare) for p in fits])[0]
+        rest = [p for p in fits if p is not first]
+        rest.sort(key=lambda p: (len(set(p.parents) & set(first.parents)), room not in p.rooms, -p.spare))
+        order = [first, *rest]
+    out = []
+    for p in order:
+        try:
+            out.append(parse_hostport(p.udp))
+        except ValueError:
+            continue
+    return out
 
 
 def where_to_join(room: str, cfg: NodeConfig, me: dict[str, Any] | None,

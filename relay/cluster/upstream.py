@@ -85,13 +85,17 @@ class Upstream:
 
     def __init__(self, room: str, index: int, nodes: list[tuple[str, int]], core: Core,
                  token: Callable[[], str], sent: Callable[[], None], pair: bool = True,
-                 tap: Callable[[bytes], None] | None = None, always: bool = False) -> None:
+                 tap: Callable[[bytes], None] | None = None, always: bool = False,
+                 from_directory: bool = False) -> None:
         self.room, self.index, self.nodes, self.core = room, index, nodes, core
         self.token = token        # a fresh relay token for each join
         self.sent = sent          # after feeding: an inline core sends now
         self.pair = pair
         self.tap = tap            # sees every packet heard, before the core (an origin pair's matching)
         self.always = always      # subscribed with no listeners here too (an origin pair's partner)
+        # `nodes` comes from the directory, refreshed by the node each second
+        # (routing.parents): two links even while it names fewer than two
+        self.from_directory = from_directory
         self.links: list[Link] = [Link(), Link()]
         self.merge = Merge(room, self._parent_name)   # what two links feed the room
         self.joins = 0            # upstream joins that succeeded
@@ -166,7 +170,7 @@ class Upstream:
             self._unwanted_since = None
             if not self._tasks:
                 loop = asyncio.get_running_loop()
-                links = 2 if self.pair and len(self.nodes) >= 2 else 1
+                links = 2 if self.pair and (len(self.nodes) >= 2 or self.from_directory) else 1
                 self._tasks = [loop.create_task(self._run(k, links)) for k in range(links)]
         elif self._tasks:
             if self._unwanted_since is None:

@@ -39,7 +39,7 @@ def apply_rules(core: Core, index: int, r: RoomConfig) -> None:
     and another may take over only after a BYE from it, the operator's
     release, or takeover_after seconds of silence (2 s unless the room says
     otherwise; "never" keeps the room until a BYE or a release)."""
-    if r.upstream or r.pair:
+    if r.from_upstream or r.pair:
         # copies of one stream from up to two parents, merged; a parent
         # whose stream is another (another SSRC) is followed only after the
         # live one falls silent, never mixed with it

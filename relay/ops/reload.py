@@ -57,7 +57,7 @@ def plan_reload(old: NodeConfig, new: NodeConfig, capacity: int, room_slots: int
             new.rooms[new.rooms.index(r)] = was
             plan.limits.append(was)
             continue
-        if was.upstream != r.upstream:
+        if (was.upstream, was.from_directory) != (r.upstream, r.from_directory):
             plan.upstream.append(r)
         if (was.sources, was.any_source) != (r.sources, r.any_source):
             if was.any_source != r.any_source:
@@ -74,4 +74,4 @@ def plan_reload(old: NodeConfig, new: NodeConfig, capacity: int, room_slots: int
 
 def _origin(r: RoomConfig) -> str:
     """Where a room's audio comes from, one word."""
-    return "upstream" if r.upstream else "speakers" if r.stage else "ingest"
+    return "upstream" if r.from_upstream else "speakers" if r.stage else "ingest"

@@ -78,6 +78,9 @@ class RoomConfig:
     # nodes to take the room from, in order of preference (a cascade):
     # this node joins the first that answers as a relay listener
     upstream: list[tuple[str, int]] = field(default_factory=list)
+    # upstream = "directory": the parents are live nodes of the tier above
+    # this one, read from the directory (routing.parents)
+    from_directory: bool = False
     # speakers the room's stage holds at once: a room with neither ingest
     # nor upstream takes its audio from speakers who join with a publish
     # token; a room with an ingest port takes them too if this is set, and
@@ -98,13 +101,20 @@ class RoomConfig:
     @property
     def stage(self) -> bool:
         """Does the room's audio go through a stage (relay/stage/stage.py)?"""
-        return not self.upstream and (self.ingest is None or self.max_speakers > 0)
+        return not self.from_upstream and (self.ingest is None or self.max_speakers > 0)
+
+    @property
+    def from_upstream(self) -> bool:
+        """Does the room come from other nodes (a list, or the directory)?"""
+        return bool(self.upstream) or self.from_directory
 
     @property
     def origin(self) -> str:
         """Where the room's audio comes from, in words (the start-up line)."""
         if self.stage:
             return f"up to {self.max_speakers} speakers"
+        if self.from_directory:
+            return "upstream nodes the directory names"
         if self.ingest is None:
             return "upstream " + ", ".join(f"{h}:{p}" for h, p in self.upstream)
         return f"{self.ingest[0]}:{self.ingest[1]}"
@@ -273,12 +283,15 @@ def _upstream_room(where: str, name: str, raw: dict[str, Any]) -> RoomConfig:
         if key in raw:
             raise ConfigError(f"{where}: '{key}' is for rooms with publishers; this one comes from 'upstream'")
     nodes = raw["upstream"]
+    limit = _int(f"{where}: max_listeners", raw.get("max_listeners", 0), 0, 10**7)
+    if nodes == "directory":
+        return RoomConfig(name, None, [], False, limit, from_directory=True)
     if isinstance(nodes, str):
         nodes = [nodes]
     if not isinstance(nodes, list) or not nodes:
-        raise ConfigError(f"{where}: 'upstream' must list the nodes to take the room from (host:port)")
+        raise ConfigError(f"{where}: 'upstream' must list the nodes to take the room from (host:port), "
+                          "or be \"directory\"")
     upstream = [_addr(f"{where}: upstream", n) for n in nodes]
-    limit = _int(f"{where}: max_listeners", raw.get("max_listeners", 0), 0, 10**7)
     return RoomConfig(name, None, [], False, limit, upstream=upstream)
 
 
@@ -599,6 +612,11 @@ def _rooms(cfg: NodeConfig, rooms: Any, label: str, environ: Mapping[str, str]) 
         if r.name in seen:
             raise ConfigError(f"room {r.name!r}: defined twice")
         seen.add(r.name)
+        if r.from_directory and not cfg.directory:
+            raise ConfigError(f"room {r.name!r}: upstream = \"directory\" needs [node] directory (a redis:// URL)")
+        if r.from_directory and cfg.tier == "origin":
+            raise ConfigError(f"room {r.name!r}: upstream = \"directory\" takes parents from the tier above "
+                              "this node's; an origin has none: set [node] tier = \"mid\" or \"edge\"")
         if r.ingest is None:
             continue
         for (host, port), what in taken:

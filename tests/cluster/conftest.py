@@ -20,17 +20,21 @@ ENV = dict(os.environ, RELAY_SECRET=SECRET, PYTHONUNBUFFERED="1")
 
 class Node:
     """A `relay serve` with one room "live": from an ingest port, or from
-    the upstream nodes given."""
+    the upstream nodes given, or ("directory") from those the directory names."""
 
-    def __init__(self, tmp: Path, name: str, upstream: list["Node"] | None = None, workers: int = 1,
+    def __init__(self, tmp: Path, name: str, upstream: list["Node"] | str | None = None, workers: int = 1,
                  env: dict | None = None, directory: str = "", quic: bool = False,
                  max_listeners: int = 100_000, extra_node: str = "", extra_room: str = "",
                  listen_port: int = 0) -> None:
         self.listen = ("127.0.0.1", listen_port or free_port())
         self.admin = ("127.0.0.1", free_port(socket.SOCK_STREAM))
         self.ingest = ("127.0.0.1", free_port())
-        room = (f'upstream = [{", ".join(repr(f"{u.listen[0]}:{u.listen[1]}") for u in upstream)}]'
-                if upstream else f'ingest = "{self.ingest[0]}:{self.ingest[1]}"\nsources = ["127.0.0.1"]')
+        if upstream == "directory":
+            room = 'upstream = "directory"'
+        elif upstream:
+            room = f'upstream = [{", ".join(repr(f"{u.listen[0]}:{u.listen[1]}") for u in upstream)}]'
+        else:
+            room = f'ingest = "{self.ingest[0]}:{self.ingest[1]}"\nsources = ["127.0.0.1"]'
         cfg = tmp / f"{name}.toml"
         cfg.write_text(f'[node]\nlisten = "{self.listen[0]}:{self.listen[1]}"\n'
                        f'admin = "{self.admin[0]}:{self.admin[1]}"\nauth = "jwt"\nworkers = {workers}\n'

@@ -10,26 +10,34 @@ import asyncio
 import hashlib
 import hmac
 import json
+import random
 import time
 import urllib.request
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from relay.client.listen import ListenClient
+from relay.cluster import routing
+from relay.cluster.directory import Directory, Peer
+from relay.wire.addr import parse_hostport
+from relay.wire.config import from_dict
 from relay.testing.loadgen import LoopbackCrowd, scrape
 from tests.cluster.conftest import Node, RedisServer, listen_token
 from tests.conftest import SECRET, stop
 
-ORDER = ("udp", "quic", "webtransport", "cert", "tier", "capacity", "listeners", "load", "draining", "rooms")
+ORDER = ("udp", "quic", "webtransport", "cert", "tier", "capacity", "listeners", "load", "draining", "rooms",
+         "parents")
 
 # a plausible record of a node that is not in the cluster: a browser sent
 # here would connect to the attacker's WebTransport server and pin its
 # certificate, and hear the attacker's audio
 ATTACKER = {"udp": "10.66.66.66:7000", "quic": "10.66.66.66:7443",
             "webtransport": "https://10.66.66.66:7443/relay", "cert": "ab" * 32, "tier": "edge",
-            "capacity": "100000", "listeners": "0", "load": "0.0", "draining": "0", "rooms": '["live"]'}
+            "capacity": "100000", "listeners": "0", "load": "0.0", "draining": "0", "rooms": '["live"]',
+            "parents": '[]'}
 
 
 def sign(secret: str, node_id: str, fields: dict[str, str]) -> str:
@@ -168,7 +176,7 @@ def test_records_not_signed_with_the_cluster_key_are_ignored(tmp_path) -> None:
 # ---------------------------------------------------------------- each field, in process
 
 MINE = {"udp": "127.0.0.1:7000", "quic": "", "webtransport": "", "cert": "", "tier": "edge",
-        "capacity": 10, "listeners": 0, "load": 0.0, "draining": False, "rooms": ["live"]}
+        "capacity": 10, "listeners": 0, "load": 0.0, "draining": False, "rooms": ["live"], "parents": []}
 
 
 def _read(url: str, secret: str) -> object:
@@ -197,6 +205,8 @@ BAD_FIELDS = [
     ("cert", "ab" * 31), ("cert", "zz" * 32), ("cert", "AB" * 32 + "00"),
     ("rooms", "[" * 100_000), ("rooms", '"live"'), ("rooms", "[1]"), ("rooms", json.dumps(["x" * 65])),
     ("rooms", json.dumps(["r"] * 100_001)), ("rooms", '["\\ud800"]'), ("rooms", "{"),
+    ("parents", '"127.0.0.1:7000"'), ("parents", '["127.0.0.1:0"]'), ("parents", '["bad host:1"]'),
+    ("parents", json.dumps([f"127.0.0.1:{7000 + i}" for i in range(9)])), ("parents", "[" * 10_000),
 ]
 
 
@@ -283,3 +293,32 @@ def test_a_flooded_index_costs_a_bounded_read(redis_server: RedisServer) -> None
     reads = sum(stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("hmget", "hgetall"))
     assert reads <= 1024, reads
     assert d.peers == {}                                      # type: ignore[attr-defined]
+
+
+def _peer(i: str, tier: str, rooms: list[str], parents: tuple[str, ...] = (), spare: int = 100) -> Peer:
+    return Peer(i, f"127.0.0.{len(i)}:{7000 + sum(map(ord, i)) % 1000}", "", tier, spare, 0, 0.0, False, rooms,
+                time.monotonic(), parents=parents)
+
+
+def test_parents_from_the_directory_are_the_tier_above_with_disjoint_ancestry() -> None:
+    d = Directory("redis://127.0.0.1:1", "me", dict)
+    origin_a, origin_b = _peer("oa", "origin", ["live"]), _peer("ob", "origin", ["live"])
+    other_origin = _peer("oc", "origin", ["else"])
+    mids = [_peer("m1", "mid", ["live"], (origin_a.udp,)), _peer("m22", "mid", ["live"], (origin_a.udp,)),
+            _peer("m333", "mid", ["live"], (origin_b.udp,))]
+    d.peers = {p.id: p for p in (origin_a, origin_b, other_origin, *mids)}
+    edge = from_dict({"node": {"auth": "open", "directory": "redis://x", "tier": "edge"},
+                      "room": [{"name": "live", "upstream": "directory"}]})
+    mid = replace(edge, tier="mid")
+    by_addr = {parse_hostport(p.udp): p for p in d.peers.values()}
+    for seed in range(20):
+        got = [by_addr[a] for a in routing.parents(d, edge, "live", random.Random(seed))]
+        # an edge takes the mids; its second shares no parent with its first
+        assert sorted(p.id for p in got) == sorted(p.id for p in mids), seed
+        assert set(got[0].parents).isdisjoint(got[1].parents), (seed, [p.id for p in got])
+        # a mid takes the origins that carry the room: one of each
+        assert sorted(by_addr[a].id for a in routing.parents(d, mid, "live", random.Random(seed))) == ["oa", "ob"]
+    # with no mid alive, an edge goes to the origins
+    d.peers = {p.id: p for p in (origin_a, origin_b)}
+    assert len(routing.parents(d, edge, "live", random.Random(1))) == 2
+
