@@ -58,6 +58,7 @@ bench-cluster:
 bench-chaos:
 	@./scripts/bootstrap.sh test
 	$(PY) bench/chaos.py
+	$(PY) bench/stage_pair.py
 
 # the event of docs/capacity.md by simulation, no sockets: 1.3 M joins at 40 edges, 4 of them killed, through the
 # real admission and routing code; about 2 minutes of CPU (bench/cluster_sim.py --smoke: seconds)
