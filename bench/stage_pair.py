@@ -51,7 +51,8 @@ def one_run(run: int, listeners: int, followed: bool) -> tuple[list[tuple[int, f
     edge's splices."""
     tmp = Path(tempfile.mkdtemp(prefix="relay-stage-pair-"))
     ports = (free_port(), free_port())
-    origins = [Node(tmp, name, listen_port=ports[i], extra_room=f'max_speakers = 4\npair = "127.0.0.1:{ports[1 - i]}"\n')
+    origins = [Node(tmp, name, listen_port=ports[i],
+                    extra_room=f'max_speakers = 4\npair = "127.0.0.1:{ports[1 - i]}"\n')
                for i, name in enumerate(("a", "b"))]
     edge = Node(tmp, "edge", upstream=origins)
     procs: list[subprocess.Popen] = []
