@@ -37,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from procs import Interrupted, cpu_seconds, exit_code, spawn, stop_on_signals, terminate  # noqa: E402
+from procs import Interrupted, cpu_seconds, exit_code, spawn, stop_on_signals, terminate, terminate_all  # noqa: E402
 from relay.testing.loadgen import LoopbackCrowd, free_port, scrape, wait_ready  # noqa: E402
 
 PY = sys.executable
@@ -64,7 +64,7 @@ class Redis:
 
 class Node:
     def __init__(self, tmp: Path, name: str, redis_url: str, tier: str, upstream: list["Node"] | None = None,
-                 max_listeners: int = 100_000) -> None:
+                 max_listeners: int = 100_000, wait: bool = True) -> None:
         self.name = name
         self.listen = ("127.0.0.1", free_port())
         self.admin = ("127.0.0.1", free_port(socket.SOCK_STREAM))
@@ -80,8 +80,13 @@ class Node:
                        f'[[room]]\nname = "live"\n{room}\n')
         self.proc = spawn([PY, "-m", "relay", "--log-level", "error", "serve", "-c", str(cfg)],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if wait:
+            self.ready()
+
+    def ready(self) -> None:
+        """Wait until the node serves its admin port."""
         if not wait_ready(self.admin, self.proc, timeout=20):
-            raise RuntimeError(f"{name} did not start")
+            raise RuntimeError(f"{self.name} did not start")
 
     def cpu(self) -> float:
         return cpu_seconds(self.proc.pid)
@@ -96,10 +101,13 @@ class Tree:
 
     def __init__(self, tmp: Path, redis: Redis, edges: int = 4, edge_limit: int = 100_000) -> None:
         url = f"redis://127.0.0.1:{redis.port}/0"
-        self.origin = Node(tmp, "origin", url, "origin")
-        self.mids = [Node(tmp, f"mid{i}", url, "mid", [self.origin]) for i in range(2)]
+        # started together (each start is a second of Python imports), then waited for
+        self.origin = Node(tmp, "origin", url, "origin", wait=False)
+        self.mids = [Node(tmp, f"mid{i}", url, "mid", [self.origin], wait=False) for i in range(2)]
         self.edges = [Node(tmp, f"edge{i}", url, "edge", [self.mids[i % 2], self.mids[1 - i % 2]],
-                           max_listeners=edge_limit) for i in range(edges)]
+                           max_listeners=edge_limit, wait=False) for i in range(edges)]
+        for n in self.nodes:
+            n.ready()
         self.publisher = spawn([PY, "-m", "relay", "publish", "--to",
                                 f"{self.origin.ingest[0]}:{self.origin.ingest[1]}", "--duration", "600"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -110,10 +118,7 @@ class Tree:
         return [self.origin, *self.mids, *self.edges]
 
     def close(self) -> None:
-        terminate(self.publisher)
-        for n in self.nodes:
-            if n.proc.poll() is None:
-                terminate(n.proc)
+        terminate_all([self.publisher, *(n.proc for n in self.nodes)])
 
 
 def origin_cost(tmp: Path, redis: Redis, crowds: list[int], seconds: float) -> list[dict]:
@@ -151,7 +156,7 @@ def origin_cost(tmp: Path, redis: Redis, crowds: list[int], seconds: float) -> l
     return out
 
 
-def storm(tmp: Path, redis: Redis, joins: int, edge_limit: int) -> dict:
+def storm(tmp: Path, redis: Redis, joins: int, edge_limit: int, listen_s: float = 3.0) -> dict:
     """`joins` listeners all try the first edge within about a second; the
     edges take `edge_limit` each and send the rest on."""
     tree = Tree(tmp / "storm", redis, edge_limit=edge_limit)
@@ -159,7 +164,7 @@ def storm(tmp: Path, redis: Redis, joins: int, edge_limit: int) -> dict:
     try:
         t0 = time.monotonic_ns()
         res = crowd.join(timeout=20, attempts=3, retry_limited=True)
-        end = time.monotonic() + 3
+        end = time.monotonic() + listen_s
         while time.monotonic() < end:
             crowd.run(0.1)
         firsts = sorted((crowd.crowd.member(i)["first_rx_ns"] - t0) / 1e9
@@ -200,17 +205,17 @@ def run(crowds: list[LoopbackCrowd], seconds: float) -> None:
             c.run(0.05)
 
 
-def failover(tmp: Path, redis: Redis, per_edge: int) -> dict:
+def failover(tmp: Path, redis: Redis, per_edge: int, window_s: float = 4.0) -> dict:
     """A mid dies: the edges under it move to the other mid."""
     tree = Tree(tmp / "failover", redis)
     crowds: list[LoopbackCrowd] = []
     try:
-        crowds = listening(tree, per_edge, 4.0)
+        crowds = listening(tree, per_edge, window_s)
         before = [[c.crowd.member(i)["received"] for i in range(per_edge)] for c in crowds]
         lost_before = sum(c.crowd.totals()["lost"] for c in crowds)
         t0 = time.monotonic()
         tree.mids[0].proc.send_signal(signal.SIGKILL)
-        run(crowds, 4.0)
+        run(crowds, window_s)
         elapsed = time.monotonic() - t0
         gaps = []
         for k, c in enumerate(crowds):
@@ -261,8 +266,8 @@ def main() -> None:
     ap.add_argument("--out", help="where to write the JSON (default bench/results/cluster.json, "
                                   "or cluster-smoke.json with --smoke)")
     args = ap.parse_args()
-    crowds, seconds, storm_n, limit, per_edge, outage = (
-        ([40, 80], 2.0, 120, 40, 10, 3.0) if args.smoke else ([200, 800, 2000], 5.0, 1600, 500, 100, 10.0))
+    crowds, seconds, storm_n, limit, per_edge, outage, window = (
+        ([40], 2.0, 120, 40, 10, 3.0, 2.0) if args.smoke else ([200, 800, 2000], 5.0, 1600, 500, 100, 10.0, 4.0))
     tmp = Path(tempfile.mkdtemp(prefix="relay-cluster-"))
     for sub in ("cost", "storm", "failover", "outage"):
         (tmp / sub).mkdir()
@@ -271,8 +276,8 @@ def main() -> None:
     try:
         print("origin cost as the crowd grows:", flush=True)
         result["origin_cost"] = origin_cost(tmp, redis, crowds, seconds)
-        result["storm"] = storm(tmp, redis, storm_n, limit)
-        result["failover"] = failover(tmp, redis, per_edge)
+        result["storm"] = storm(tmp, redis, storm_n, limit, listen_s=1.5 * window)
+        result["failover"] = failover(tmp, redis, per_edge, window_s=window)
         result["redis_outage"] = redis_outage(tmp, redis, per_edge, outage)
     finally:
         if redis.proc.poll() is None:
