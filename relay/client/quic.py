@@ -137,7 +137,7 @@ class QuicListenClient(ListenClient):
         for _hop in range(4):
             conn = await self._connect_retrying(attempts, timeout)
             self._stream = conn._quic.get_next_available_stream_id()
-            conn._quic.send_stream_data(self._stream, frame(Join(self.room, self.token)))
+            conn._quic.send_stream_data(self._stream, frame(Join(self.room, self.token, speaker=self.speaker)))
             conn.transmit()
             msg = await self._next_control(timeout)
             if isinstance(msg, Accept):
@@ -146,6 +146,13 @@ class QuicListenClient(ListenClient):
                 continue
             raise self._refused(msg)
         raise JoinRefused(Reason.NODE_FULL, "")
+
+    def send_audio(self, packet: bytes) -> None:
+        """A speaker's RTP packet, as a QUIC datagram: plain RTP, which the
+        connection encrypts and authenticates (no SRTP, no key exchange)."""
+        if self._conn is not None:
+            self._conn._quic.send_datagram_frame(packet)
+            self._conn.transmit()
 
     async def _connect_retrying(self, attempts: int, timeout: float) -> _Conn:
         # a node in a join storm may take a while to answer a handshake

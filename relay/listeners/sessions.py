@@ -286,20 +286,24 @@ class Sessions:
         """A speaker: a place on the stage, then a slot in its mix-minus room.
         Like a relay it passes the node's load limits (a stage has a few
         speakers, and refusing one silences a room); a full arena refuses.
-        Its SRTP and control keys are those of its JOIN's exchange."""
-        if transport != UDP or self.stages is None or keys is None:
+        Over UDP its SRTP and control keys are those of its JOIN's exchange;
+        over QUIC or WebTransport the connection already authenticates and
+        encrypts both ways, and its audio comes as plain RTP datagrams."""
+        if self.stages is None or (transport == UDP and keys is None):
             return self._refuse(Reason.NO_STAGE)
-        minus = self.stages.admit(room, key, claims, keys.srtp_key)
+        srtp_key, control_key = (keys.srtp_key, keys.control_key) if keys is not None else (b"", b"")
+        minus = self.stages.admit(room, key, claims, srtp_key)
         if isinstance(minus, Reason):
             return self._refuse(minus, redirect() if minus == Reason.NODE_FULL else "")
         ssrc = self.rng.getrandbits(32)
-        slot = self.core.listener_add(minus, sockaddr, ssrc, self.rng.getrandbits(16), self.rng.getrandbits(32))
+        slot = self.core.listener_add(minus, sockaddr, ssrc, self.rng.getrandbits(16), self.rng.getrandbits(32),
+                                      pull=transport != UDP)
         if slot < 0:
             self.stages.leave(key)
             return self._refuse(Reason.NODE_FULL, redirect())
         return self._add(Session(key, transport, room, slot, ssrc, self.rng.randbytes(8), now, self.NACK_BURST,
-                                 now, token, "publish", keys.srtp_key, expires_at=float(claims.get("exp") or 0),
-                                 control_key=keys.control_key))
+                                 now, token, "publish", srtp_key, expires_at=float(claims.get("exp") or 0),
+                                 control_key=control_key))
 
     def _add(self, s: Session) -> Session:
         self.counters.joins += 1

@@ -232,6 +232,9 @@ class NodeCollector(Collector):
         yield CounterMetricFamily("relay_quic_requests_refused",
                                   "HTTP/3 requests that were not a WebTransport session for /relay.",
                                   q.refused_requests)
+        yield CounterMetricFamily("relay_quic_stray_datagrams",
+                                  "Datagrams from QUIC or WebTransport sessions that are not on a stage "
+                                  "(a listener sends none), dropped.", q.stray_datagrams)
 
     def _stages(self) -> Iterator[Metric]:
         if self.stages is None:

@@ -85,7 +85,7 @@ class Stage:
     rng_bytes: Callable[[int], bytes]
     voices: dict[Hashable, Voice] = field(default_factory=dict)
     minus: dict[Hashable, Stream] = field(default_factory=dict)
-    srtp: dict[Hashable, SrtpSession] = field(default_factory=dict)
+    srtp: dict[Hashable, SrtpSession | None] = field(default_factory=dict)   # None: sealed by its transport
     mode: str = "idle"           # "idle", "pass" or "mix"
     solo: Hashable = None
     next_t: int = 0              # the timeline position of the next tick's frame
@@ -112,10 +112,12 @@ class Stage:
     # ----------------------------------------------------------- membership
 
     def add(self, key: Hashable, speaker_id: str, name: str, srtp_key: bytes, minus_index: int) -> None:
-        """A speaker joined: its voice, its SRTP context, its mix-minus room."""
+        """A speaker joined: its voice, its SRTP context, its mix-minus room.
+        Without `srtp_key` its transport already authenticates and encrypts
+        its packets (a QUIC or WebTransport session): they come in plain."""
         self.voices[key] = Voice(key, speaker_id, name)
         self.srtp[key] = SrtpSession(Policy(key=srtp_key, ssrc_type=Policy.SSRC_ANY_INBOUND,
-                                            srtp_profile=Policy.SRTP_PROFILE_AES128_CM_SHA1_80))
+                                            srtp_profile=Policy.SRTP_PROFILE_AES128_CM_SHA1_80)) if srtp_key else None
         self.minus[key] = self._output(minus_index)
 
     def remove(self, key: Hashable, now_ns: int) -> list[Output]:
@@ -135,11 +137,15 @@ class Stage:
     # --------------------------------------------------------------- packets
 
     def on_packet(self, key: Hashable, datagram: bytes, now_ns: int) -> list[Output]:
-        """One SRTP datagram from a speaker's address."""
-        voice, srtp = self.voices.get(key), self.srtp.get(key)
-        if voice is None or srtp is None:
+        """One SRTP datagram from a speaker's address, or one RTP datagram
+        from a speaker's QUIC or WebTransport session."""
+        voice = self.voices.get(key)
+        if voice is None or key not in self.srtp:
             self.drops["foreign"] += 1
             return []
+        srtp = self.srtp[key]
+        if srtp is None:
+            return self._on_rtp(key, voice, datagram, now_ns)
         try:
             plain = srtp.unprotect(datagram)
         except SrtpError as e:

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from aioquic.asyncio import QuicConnectionProtocol
 from aioquic.h3.connection import H3_ALPN, H3Connection
 from aioquic.h3.events import DatagramReceived, H3Event, HeadersReceived, WebTransportStreamDataReceived
-from aioquic.quic.events import (ConnectionTerminated, HandshakeCompleted, QuicEvent,
+from aioquic.quic.events import (ConnectionTerminated, DatagramFrameReceived, HandshakeCompleted, QuicEvent,
                                  StreamDataReceived, StreamReset)
 
 from relay.listeners.load import QuicLoad
@@ -85,6 +85,7 @@ class QuicCounters:
     refused_connections: int = 0  # new connections over the cap of ones that have not joined
     join_deadline: int = 0        # connections closed for not joining in time
     gone: int = 0                 # joined listeners that stopped answering, ended
+    stray_datagrams: int = 0      # datagrams from connections that are not on a stage (listeners send none)
 
 
 class Endpoint(Protocol):
@@ -95,6 +96,8 @@ class Endpoint(Protocol):
     def join(self, conn: "ListenerConnection", msg: Join) -> Accept | Reject: ...
 
     def leave(self, conn: "ListenerConnection", why: str = "") -> None: ...
+
+    def speaker_audio(self, conn: "ListenerConnection", data: bytes) -> None: ...
 
     def not_pending(self, conn: "ListenerConnection") -> None: ...
 
@@ -151,6 +154,8 @@ class ListenerConnection(QuicConnectionProtocol):
                 self._h3_event(h3_event)
         elif isinstance(event, StreamDataReceived):
             self._stream_data(event.stream_id, event.data)
+        elif isinstance(event, DatagramFrameReceived):
+            self.endpoint.speaker_audio(self, event.data)
 
     def _h3_event(self, event: H3Event) -> None:
         assert self.h3 is not None
@@ -171,7 +176,8 @@ class ListenerConnection(QuicConnectionProtocol):
             if event.session_id == self.wt_session:
                 self._stream_data(event.stream_id, event.data)
         elif isinstance(event, DatagramReceived):
-            pass  # listeners have nothing to send us on datagrams
+            if event.stream_id == self.wt_session:
+                self.endpoint.speaker_audio(self, event.data)
 
     def _log_refused(self, why: str) -> None:
         now = time.monotonic()

@@ -155,7 +155,7 @@ class QuicEndpoint(QuicCertificates):
         paths = conn._quic._network_paths
         peer = paths[0].addr if paths else ("", 0)
         joined = self.sessions.join(conn, conn.transport_name, msg.room, msg.token, str(peer[0]),
-                                    time.monotonic(), resume=msg.resume,
+                                    time.monotonic(), resume=msg.resume, speaker=msg.speaker,
                                     transport_full=lambda: self.load.full(len(self.sessions.pulled()),
                                                                           self.sessions.cfg.max_load))
         if isinstance(joined, Reject):
@@ -169,6 +169,16 @@ class QuicEndpoint(QuicCertificates):
             conn.link = Link(self.path, joined.slot, conn._quic, conn.hp, conn.transport_name, prefix)  # type: ignore[arg-type]
         self._pump(conn)
         return self.sessions.accept_message(joined)
+
+    def speaker_audio(self, conn: ListenerConnection, data: bytes) -> None:
+        """A datagram from a connection: a speaker's RTP goes to its stage
+        (plain: QUIC has authenticated and decrypted it); a listener has
+        nothing to send on datagrams, and what it sends is counted and dropped."""
+        s = conn.session
+        if s is None or s.role != "publish" or self.sessions.stages is None:
+            self.counters.stray_datagrams += 1
+            return
+        self.sessions.stages.on_rtp(data, conn)
 
     def note_load(self, loop_duty: float, interval_ns: int) -> None:
         """The loop thread's busy fraction over the last `interval_ns`."""
