@@ -30,10 +30,15 @@ VIEW = (800, 600)   # the page's viewport, and the screenshot's size
 class Browser:
     """One Chromium process with one page."""
 
-    def __init__(self, autoplay: bool = True) -> None:
-        """`autoplay=False` keeps Chromium's default policy: audio waits for a click."""
+    def __init__(self, autoplay: bool = True, microphone: str = "") -> None:
+        """`autoplay=False` keeps Chromium's default policy: audio waits for
+        a click. `microphone`: a WAV file the page's getUserMedia captures
+        (a fake device, the permission granted without asking)."""
         self.profile = tempfile.mkdtemp(prefix="relay-chromium-")
         flags = FLAGS if autoplay else [f for f in FLAGS if not f.startswith("--autoplay-policy")]
+        if microphone:
+            flags = [*flags, "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+                     f"--use-file-for-fake-audio-capture={microphone}%noloop"]
         self.proc = subprocess.Popen([CHROMIUM, *flags, f"--user-data-dir={self.profile}", "about:blank"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         url = self._devtools_url()

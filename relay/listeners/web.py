@@ -4,7 +4,9 @@ listening: WebTransport to the node's QUIC port, WebCodecs to decode, Web
 Audio to play; where WebTransport is missing or fails, the node's LL-HLS
 (relay/hls) in an audio element, natively (Safari) or through hls.js,
 which scripts/bootstrap.sh fetches at a pinned version (HLSJS_VERSION) and
-the node serves itself, so the page never loads code from a third party."""
+the node serves itself, so the page never loads code from a third party.
+The speaker's page (/speak, speak.js beside listen.js) sends its microphone
+to the room's stage and plays the stage without its own voice."""
 from __future__ import annotations
 
 from functools import cache
@@ -16,6 +18,9 @@ PAGES = {
     "/listen": ("listen.html", "text/html; charset=utf-8"),
     "/listen.js": ("listen.js", "text/javascript; charset=utf-8"),
     "/hls.min.js": ("hls.min.js", "text/javascript; charset=utf-8"),
+    "/speak": ("speak.html", "text/html; charset=utf-8"),
+    "/speak.js": ("speak.js", "text/javascript; charset=utf-8"),
+    "/relay.css": ("relay.css", "text/css; charset=utf-8"),
 }
 
 

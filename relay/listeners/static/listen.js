@@ -15,7 +15,10 @@ const REASONS = ["", "bad_request", "unsupported_version", "bad_token", "expired
   "wrong_room", "unknown_room", "node_full", "room_full", "stale_cookie", "unknown_session",
   "draining", "wrong_role", "rate_limited", "token_in_use", "stage_full", "no_stage"];
 const MAGIC = 0x0b, VERSION = 1, JOIN = 1, ACCEPT = 3, REJECT = 4, KEEPALIVE = 5, SPEAKERS = 7;
-const JOIN_RESUME = 0x04, ACCEPT_ORIGIN = 0x02;
+const JOIN_SPEAKER = 0x01, JOIN_RESUME = 0x04, ACCEPT_ORIGIN = 0x02;
+// the speaker's page (speak.js, loaded first) joins the stage and sends its
+// microphone once joined; what this page plays is then its mix-minus
+const speaker = window.relaySpeaker || null;
 const PLAYOUT_DELAY = 0.08;   // seconds of audio scheduled ahead, absorbs jitter
 // no audio for this long: ask the node (a KEEPALIVE it echoes) whether it is
 // still there; no echo within as long again and it is taken for dead, and
@@ -91,7 +94,7 @@ function framedJoin(room, token, resume) {
   const n = 4 + 1 + r.length + 2 + t.length + 1 + extra;
   const b = new Uint8Array(2 + n), v = new DataView(b.buffer);
   v.setUint16(0, n);
-  b.set([MAGIC, VERSION, JOIN, resume === null ? 0 : JOIN_RESUME, r.length], 2);
+  b.set([MAGIC, VERSION, JOIN, (resume === null ? 0 : JOIN_RESUME) | (speaker ? JOIN_SPEAKER : 0), r.length], 2);
   b.set(r, 7);
   v.setUint16(7 + r.length, t.length);
   b.set(t, 9 + r.length);
@@ -365,6 +368,8 @@ setInterval(() => {
   if (moving || !["joined", "playing", "click-to-play", "closed"].includes(st.state)) return;
   const now = performance.now();
   const dead = (why) => {
+    // a speaker's stage is on the node it joined: an alternate has none
+    if (speaker) return setState("error", why + " (reload the page to join the stage again)");
     moving = true;
     setState("lost", why);
     moveOn(why).catch((e) => setState("error", e.message || e)).finally(() => { moving = false; });
@@ -462,7 +467,8 @@ async function listenHls(base) {
 // `how.connectMs`: give up on a node that does not take the connection by
 // then, and on a refusal (a move tries the next node instead of waiting)
 async function listen(target, how = {}) {
-  if (!target && (!("WebTransport" in window) || !("AudioDecoder" in window))) {
+  // a speaker has no fallback: LL-HLS only listens
+  if (!target && !speaker && (!("WebTransport" in window) || !("AudioDecoder" in window))) {
     const url = await hlsUrl();
     if (url) return listenHls(url);
   }
@@ -544,7 +550,8 @@ async function listen(target, how = {}) {
   probeAt = 0;
   lastDatagram = performance.now();
   setState("joined");
-  refreshAlternates();
+  if (speaker) speaker.start(wt);
+  else refreshAlternates();
   const decoder = makeDecoder();
   // later control messages: the node draining or the room going away
   (async () => {
@@ -591,12 +598,13 @@ setInterval(render, 250);
 // connection closing after it is expected, not an error
 // WebTransport that cannot connect (UDP blocked, a refused handshake) falls
 // back to the node's LL-HLS when it has it
-const firstTry = params.get("transport") === "hls" ? hlsUrl().then((url) => {
+const firstTry = params.get("transport") === "hls" && !speaker ? hlsUrl().then((url) => {
   if (!url) throw new Error("this node offers no LL-HLS");
   return listenHls(url);
 }) : listen();
 firstTry.catch(async (e) => {
   if (st.state === "ended" || st.moves !== 0) return;
+  if (speaker) return setState("error", e.message || e);
   const url = ["starting", "connecting"].includes(st.state) && st.transport.startsWith("WebTransport")
     ? await hlsUrl() : null;
   if (url) return listenHls(url).catch((e2) => setState("error", e2.message || e2));
