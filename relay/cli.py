@@ -466,8 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("token", help="mint a join token")
     s.add_argument("--room", required=True)
-    s.add_argument("--role", default="listen", choices=["listen", "publish"])
-    s.add_argument("--speaker", default="", help="role publish: the speaker's id (the token's sub)")
+    s.add_argument("--role", default="listen", choices=["listen", "publish", "host"])
+    s.add_argument("--speaker", default="", help="the token's subject (sub): a speaker's or a host's id, or a "
+                   "listener's (hosts invite and remove by it)")
     s.add_argument("--name", default="", help="role publish: the speaker's display name")
     s.add_argument("--ttl", type=_positive(float), default=3600.0, help="seconds until it expires")
     s.add_argument("--secret-env", default="RELAY_SECRET", help="variable holding the secret")

@@ -31,6 +31,7 @@ from relay.cluster.directory import Directory, Peer
 from relay.cluster.pair import Aligner
 from relay.cluster.upstream import GAP_BOUNDS, Upstream, relay_token
 from relay.hls.rooms import HlsRooms
+from relay.ops.hosting import Hosting
 from relay.ops.tasks import supervised
 from relay.ingest import rules
 from relay.ingest.ports import IngestPorts
@@ -85,6 +86,7 @@ class Node:
                                        lambda: self.quic.counters if self.quic else None, self.started,
                                        self.ingest.srtp_drops, self._cluster, self.stages,
                                        hls=self.hls.stats if self.hls else None)
+        self.hosting = Hosting(self.sessions, self.core, self.udp, self.quic, self._tell)
         views = AdminViews(
             metrics=lambda: generate_latest(registry_for(self.collector)),
             not_ready=self._not_ready,
@@ -92,7 +94,7 @@ class Node:
             index=lambda: index_links(list(self.rooms)), release=self._release,
             join=self._where_to_join, admits=self._admits,
             quic=self.quic.describe if self.quic else None,
-            hls=self.hls.describe if self.hls else None)
+            hls=self.hls.describe if self.hls else None, host=self.hosting.handle)
         # with [node] public, listeners' paths on that port and the operator's on admin
         self.admin = AdminServer(views, "operator" if cfg.public else "all")
         self.public = AdminServer(views, "public") if cfg.public else None
@@ -322,6 +324,7 @@ class Node:
                 tap = 1 if self.hls is not None and self.hls.get(name) is not None else 0
                 up.want(stats[name]["listeners"] - tap, now, self.cfg.upstream_linger)
             self.events.tick(now, stats)
+            self.hosting.tick(now)
             self.rates.measure(now, stats)
             self._choose_alternates(now)
             relayed = {name: (up.index, said) for name, up in self.upstreams.items()

@@ -15,6 +15,7 @@ import random
 import socket
 import struct
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -23,6 +24,7 @@ from relay.wire.addr import parse_hostport
 from relay.wire.protocol import (Accept, Challenge, Join, Keepalive, Leave, ProtocolError, Reason,
                                  Reject, Speakers, cookie_proof, decode, encode, is_control)
 from relay.wire.rtcp import build_nack
+from relay.wire.stage_msgs import REACTIONS_SET, Hand, Invite, Reaction, Reactions
 
 log = logging.getLogger("relay.client.listen")
 
@@ -68,6 +70,11 @@ class Unreachable(Exception):
     address this machine cannot send to); the message says which and why."""
 
 
+# a host's decisions that end a listener's session (the node proves they are its own)
+HOST_ENDED = {Reason.ROOM_ENDED: "the host ended the room", Reason.REMOVED: "the host removed you from the room",
+              Reason.AUDIENCE: "the host moved you back to the audience"}
+
+
 @dataclass
 class ListenStats:
     received: int = 0
@@ -84,6 +91,9 @@ class ListenStats:
     # publisher's pauses too: it is what the listener heard)
     longest_silence: float = 0.0
     events: list[str] = field(default_factory=list)
+    reactions: Counter = field(default_factory=Counter)   # the room's reactions heard, by emoji
+    ended: Reason | None = None      # the host ended the session: room_ended, removed or audience
+    invited: bool = False            # the host invited us to speak (rejoin as a speaker, same token)
 
 
 class _Proto(asyncio.DatagramProtocol):
@@ -271,6 +281,19 @@ class ListenClient:
         self.stats.rejoins += 1
         await self.join()
 
+    def raise_hand(self, raised: bool = True) -> None:
+        """Raise (or lower) our hand: the room's hosts see it in their queue."""
+        if self._session is not None:
+            self._say(Hand(self._session.session_id, raised))
+
+    def react(self, emoji: str) -> None:
+        """Send one of the room's reactions (stage_msgs.REACTIONS_SET)."""
+        if self._session is not None:
+            self._say(Reaction(self._session.session_id, REACTIONS_SET.index(emoji)))
+
+    def _say(self, msg: Hand | Reaction) -> None:
+        self._send(encode(msg))
+
     def resume_after(self, seq: int | None) -> None:
         """Ask, in the next JOIN, for what the room still holds after `seq`
         (the origin's numbering); None asks for nothing."""
@@ -327,6 +350,9 @@ class ListenClient:
                 return
             if isinstance(msg, Speakers):
                 self._on_speakers(msg)
+                return
+            if isinstance(msg, Reactions):
+                self.stats.reactions.update({REACTIONS_SET[i]: n for i, n in msg.counts if i < len(REACTIONS_SET)})
                 return
             self._control.put_nowait(msg)
             return
@@ -474,6 +500,13 @@ class ListenClient:
                     if not msg.redirect:
                         break
                     await self._move(msg.redirect)
+                elif msg.reason in HOST_ENDED:
+                    self.stats.ended = msg.reason
+                    self._event(HOST_ENDED[msg.reason])
+                    break
+            elif isinstance(msg, Invite) and not self.stats.invited:
+                self.stats.invited = True
+                self._event("the host invites you to speak: join again as a speaker with the same token")
         return self.stats
 
     async def aclose(self) -> None:

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from relay.client.listen import JoinRefused, ListenClient, ListenStats, Unreachable
 from relay.wire.protocol import Accept, FrameReader, Join, Leave, ProtocolError, Reason, Reject, frame
 from relay.wire.protocol import ALPN_QUIC, MAX_DATAGRAM_FRAME
+from relay.wire.stage_msgs import Hand, Reaction
 
 
 # QUIC's CRYPTO_ERROR range: 0x100 plus a TLS alert (RFC 9001 4.8)
@@ -146,6 +147,12 @@ class QuicListenClient(ListenClient):
                 continue
             raise self._refused(msg)
         raise JoinRefused(Reason.NODE_FULL, "")
+
+    def _say(self, msg: Hand | Reaction) -> None:
+        """A hand or a reaction, on the join stream."""
+        if self._conn is not None and self._stream >= 0:
+            self._conn._quic.send_stream_data(self._stream, frame(msg))  # type: ignore[arg-type]
+            self._conn.transmit()
 
     def send_audio(self, packet: bytes) -> None:
         """A speaker's RTP packet, as a QUIC datagram: plain RTP, which the

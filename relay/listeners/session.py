@@ -61,6 +61,8 @@ class Session:
     # what the session adds to the origin's (seq, ts); None for a speaker
     origin: tuple[int, int] | None = None
     expires_at: float = 0.0  # a speaker's token expiry (Unix time): it leaves the stage then
+    sub: str = ""        # its token's subject and display name: for hosts' actions and the hands queue
+    name: str = ""
 
 
 @dataclass

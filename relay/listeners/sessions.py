@@ -25,6 +25,7 @@ from relay.listeners.resume import missed
 # the session table's records: imported from here by the node and the adapters
 from relay.listeners.session import (MAX_RTCP, PULLED, UDP, Resend, RoomState, Send, Session,  # noqa: F401
                                      SessionCounters, Tell, relay_ssrc)
+from relay.stage.moderation import Moderation
 from relay.stage.stages import Stages, seat_of
 from relay.wire.addr import to_sockaddr
 from relay.wire.config import NodeConfig
@@ -32,6 +33,7 @@ from relay.wire.keyx import Keys, SealError, mac, node_keys, node_public
 from relay.wire.protocol import (MIN_JOIN, Accept, Challenge, CookieJar, Join, Keepalive, Leave, MsgType,
                                  ProtocolError, Reason, Reject, cookie_proof, decode, encode)
 from relay.wire.rtcp import parse_rtcp
+from relay.wire.stage_msgs import Hand, Reaction
 from relay.wire.tokens import Auth, TokenError
 
 log = logging.getLogger("relay.sessions")
@@ -67,6 +69,7 @@ class Sessions:
         # its ACCEPT): the node keeps it fresh, without asking per join
         self.alternate: Callable[[str], str] = lambda room: self.cfg.redirect
         self.stages: Stages | None = None     # the node's stages, for speakers
+        self.moderation = Moderation()          # hosts' decisions and listeners' hands, per room
         # datagrams to send before the reply on_control returns (a resuming
         # listener's missed audio, which must reach it ahead of its ACCEPT)
         self.outbox: list[Send] = []
@@ -104,9 +107,23 @@ class Sessions:
             if s is not None and s.session_id == msg.session_id and self._signed(s, MsgType.LEAVE, msg):
                 self.end(addr, "left")
             return None
+        if isinstance(msg, (Hand, Reaction)):
+            s = self.table.get(addr)
+            if s is not None and s.session_id == msg.session_id:
+                self.on_stage_message(s, msg, now)
+            else:
+                self.counters.control_malformed += 1
+            return None
         # CHALLENGE/ACCEPT/REJECT only flow node -> listener
         self.counters.control_malformed += 1
         return None
+
+    def on_stage_message(self, s: Session, msg: Hand | Reaction, now: float) -> None:
+        """A session's raised hand or reaction (from any transport)."""
+        if isinstance(msg, Hand):
+            self.moderation.hand(s.room, s.key, s.sub, s.name, msg.raised, now)
+        else:
+            self.moderation.reaction(s.room, s.key, msg.index, now)
 
     def _signed(self, s: Session, kind: int, msg: Keepalive | Leave) -> bool:
         """A speaker's KEEPALIVE or LEAVE must carry the MAC of its control
@@ -214,11 +231,18 @@ class Sessions:
             return self._refuse(Reason.RATE_LIMITED)
         try:
             # open mode admits the first role: a node below says it is one
-            roles = ("publish",) if speaker else ("relay", "listen") if relay else ("listen", "relay")
+            # a host speaks too; a listener the host invited speaks with its listen token
+            roles = ("publish", "host", "listen") if speaker else ("relay", "listen") if relay else ("listen", "relay")
             claims = self.auth.claims(token, room_name, roles)
         except TokenError as e:
             return self._refuse(e.reason)
         role = str(claims["role"])
+        sub = str(claims.get("sub") or "")
+        barred = self.moderation.refusal(room_name, sub)
+        if barred:
+            return self._refuse(Reason.ROOM_ENDED if barred == "ended" else Reason.REMOVED)
+        if speaker and role == "listen" and not self.moderation.may_speak(room_name, sub):
+            return self._refuse(Reason.WRONG_ROLE)
         if speaker and self.stages is not None and (seat := seat_of(claims)):
             # one speaker (one `sub`, or one token without) holds one seat: a
             # speaker that rejoins (its process killed and relaunched, another
@@ -267,7 +291,8 @@ class Sessions:
         if slot < 0:
             return self._refuse(Reason.NODE_FULL, redirect())
         return self._add(Session(key, transport, room_name, slot, ssrc, self.rng.randbytes(8), now,
-                                 self.NACK_BURST, now, token, role, origin=(seq_off, ts_off)))
+                                 self.NACK_BURST, now, token, role, origin=(seq_off, ts_off), sub=sub,
+                                 name=str(claims.get("name") or "")))
 
     def _burst(self, room: RoomState, resume: int | None) -> int:
         """Recent packets a new session starts with: the configured burst,
@@ -303,7 +328,8 @@ class Sessions:
             return self._refuse(Reason.NODE_FULL, redirect())
         return self._add(Session(key, transport, room, slot, ssrc, self.rng.randbytes(8), now, self.NACK_BURST,
                                  now, token, "publish", srtp_key, expires_at=float(claims.get("exp") or 0),
-                                 control_key=control_key))
+                                 control_key=control_key, sub=str(claims.get("sub") or ""),
+                                 name=str(claims.get("name") or "")))
 
     def _add(self, s: Session) -> Session:
         self.counters.joins += 1
@@ -352,6 +378,7 @@ class Sessions:
         self.core.listener_remove(s.slot)
         if s.role == "publish" and self.stages is not None:
             self.stages.leave(s.key)
+        self.moderation.gone(s.room, s.key)
         del self.table[s.key]
         self._by_room[(s.room, s.transport)] -= 1
         if s.token:

@@ -6,7 +6,8 @@ on the node's event loop.
 It answers one request per connection: GETs, and one POST that changes
 state, /rooms/NAME/release (let the next publisher stream take the room),
 taken only from this machine's loopback since the port has no other
-authentication. It is bounded against clients that
+authentication; and a host's /stage/ API (hosting.py), authenticated by
+the host's token. It is bounded against clients that
 misbehave: a request head over 16 KiB is answered 431, a head not complete
 within 5 s is dropped, and at most 256 connections are open at once (a new
 one evicts the oldest that has not finished sending its head), so slow or
@@ -47,6 +48,8 @@ class AdminViews:
     # GET /join's token check: "" if `token` admits a listener of `room`, else why not
     admits: Callable[[str, str], str] = lambda room, token: ""
     hls: Callable[[], dict[str, Any]] | None = None   # /hls.json: where the page finds LL-HLS; None: HLS off
+    # /stage/ROOM[/ACTION]: a host's API (hosting.py): (method, path, query, bearer token) -> response
+    host: Callable[[str, str, str, str], "Response"] | None = None
 
 
 class _Request(asyncio.Protocol):
@@ -85,8 +88,9 @@ class _Request(asyncio.Protocol):
         # /join is asked by pages served from other nodes (a listener moving
         # on): it says only where to connect, so any origin may read it
         cors = path.partition("?")[0] == "/join"
+        head = bytes(self.head[:end])
         self.answer(*self.server.route(parts[0] if parts else "", path, local,
-                                       from_page=_from_a_page(bytes(self.head[:end]))), cors=cors)
+                                       from_page=_from_a_page(head), bearer=_bearer(head)), cors=cors)
 
     def answer(self, status: str, ctype: str, body: bytes, cors: bool = False, linger: bool = False) -> None:
         """Write the response and close. With `linger` (a client still
@@ -113,6 +117,17 @@ class _Request(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
         self.server.answered(self)
+
+
+def _bearer(head: bytes) -> str:
+    """The request's `Authorization: Bearer` token, or ""."""
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"authorization":
+            scheme, _, token = value.strip().partition(b" ")
+            if scheme.lower() == b"bearer":
+                return token.strip().decode("latin-1")
+    return ""
 
 
 def _from_a_page(head: bytes) -> bool:
@@ -173,14 +188,20 @@ class AdminServer:
     def answered(self, request: _Request) -> None:
         self._reading.pop(request, None)
 
-    def route(self, method: str, target: str, local: bool = False, from_page: bool = False) -> Response:
+    def route(self, method: str, target: str, local: bool = False, from_page: bool = False,
+              bearer: str = "") -> Response:
         """The response to one request (`target`: path and query); `local`:
         it came over loopback; `from_page`: a browser page made it (it
-        carries an Origin)."""
+        carries an Origin); `bearer`: its Authorization token."""
         path, _, query = target.partition("?")
-        if self.surface != "all" and (path in PUBLIC_PATHS) != (self.surface == "public"):
+        public = path in PUBLIC_PATHS or path.startswith("/stage/")
+        if self.surface != "all" and public != (self.surface == "public"):
             return ("404 Not Found", "text/plain",
                     f"not on this port: it is the node's {self.surface} port\n".encode())
+        if path.startswith("/stage/"):
+            if self.views.host is None:
+                return "404 Not Found", "application/json", b'{"error": "this node has no stages"}'
+            return self.views.host(method, path, query, bearer)
         if method == "POST" and path.startswith("/rooms/") and path.endswith("/release"):
             if not local:
                 return "403 Forbidden", "text/plain", b"releasing a room is only taken from this machine\n"

@@ -30,6 +30,7 @@ from relay.listeners.load import LoadMeter
 from relay.listeners.quic.connection import QuicCounters
 from relay.listeners.senders import SenderThreads
 from relay.listeners.sessions import PULLED, UDP, RoomState, Sessions
+from relay.ops.hosting import ACTIONS as HOST_ACTIONS
 from relay.ops.tasks import restarts as task_restarts
 from relay.ingest.srtp import SRTP_DROPS
 from relay.stage.stage import STAGE_DROPS
@@ -254,12 +255,27 @@ class NodeCollector(Collector):
         ):
             yield CounterMetricFamily(name, doc, t[key])
         drops = CounterMetricFamily("relay_stage_drops", "Speaker audio dropped before the stage: foreign "
-                                    "(RTP from no speaker's address), auth, replay, malformed, late.",
+                                    "(RTP from no speaker's address), auth, replay, malformed, late, full, rate, "
+                                    "muted (by a host).",
                                     labels=["reason"])
         counts = self.stages.drops()
         for why in STAGE_DROPS:
             drops.add_metric([why], counts[why])
         yield drops
+        m = self.sessions.moderation
+        actions = CounterMetricFamily("relay_host_actions", "Hosts' actions taken through the stage API.",
+                                      labels=["action"])
+        for action in HOST_ACTIONS:
+            actions.add_metric([action], m.actions[action])
+        yield actions
+        refused = CounterMetricFamily("relay_stage_messages_dropped", "Listeners' hands and reactions dropped: "
+                                      "over a session's rate, or a full hands queue.", labels=["reason"])
+        for why in ("hand_rate", "reaction_rate", "hands_full"):
+            refused.add_metric([why], m.drops[why])
+        yield refused
+        yield CounterMetricFamily("relay_hands_raised", "Hands raised by listeners.", m.hands_raised)
+        yield CounterMetricFamily("relay_reactions", "Reactions taken from listeners (summed once a second to "
+                                  "each session of the room).", m.reactions_in)
 
     def _cluster(self) -> Iterator[Metric]:
         c = self.cluster()

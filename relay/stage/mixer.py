@@ -113,6 +113,7 @@ class Voice:
         self.spoke_ns = 0                        # when its level last said it was speaking
         self.late = self.concealed = self.recovered = 0
         self.extra = 0                           # frames it is held beyond the margin, for its jitter
+        self.muted = False                       # a host muted it: its packets are dropped until unmuted
 
     def extend(self, ts: int) -> int:
         """The 32-bit RTP timestamp `ts`, unwrapped."""

@@ -47,7 +47,7 @@ MARGIN_NS = 3_000_000        # a packet is due this long before the tick that fi
 FRAME_NS = 20_000_000
 PAYLOAD_TYPE = 111
 # a speaker's audio the stage drops, by reason (relay_stage_drops_total)
-STAGE_DROPS = ("foreign", "auth", "replay", "malformed", "late", "full", "rate")
+STAGE_DROPS = ("foreign", "auth", "replay", "malformed", "late", "full", "rate", "muted")
 # what one voice may send: a 10 ms Opus stream is 100 packets a second, and
 # Opus tops out at 510 kbit/s. A voice past either is clipped to it, counted
 # ("rate"): a lone speaker is passed through to every listener, and a flood
@@ -175,7 +175,22 @@ class Stage:
             self.ingest_voices += 1
         return self._on_rtp(key, voice, packet, now_ns)
 
+    def mute(self, speaker_id: str, muted: bool, now_ns: int) -> list[Output]:
+        """A host muted (or unmuted) a speaker: its packets stop reaching
+        the mix at once, and the room goes on without it."""
+        for v in self.voices.values():
+            if v.id == speaker_id:
+                v.muted = muted
+                if muted:
+                    v.heard_ns = 0          # not live: the mode is chosen without it now
+                    v.packets.clear()
+        self._snapshot(now_ns)
+        return self._choose_mode(now_ns)
+
     def _on_rtp(self, key: Hashable, voice: Voice, plain: bytes, now_ns: int) -> list[Output]:
+        if voice.muted:
+            self.drops["muted"] += 1
+            return []
         parsed = rtp_payload(plain)
         if parsed is None:
             self.drops["malformed"] += 1
@@ -355,8 +370,8 @@ class Stage:
 
     def _snapshot(self, now_ns: int) -> None:
         self.snapshot = tuple(
-            Speaker(v.id, v.name, v.level if now_ns - v.heard_ns < LIVE_NS else SILENT,
-                    now_ns - v.spoke_ns < ACTIVE_NS)
+            Speaker(v.id, v.name, v.level if now_ns - v.heard_ns < LIVE_NS and not v.muted else SILENT,
+                    now_ns - v.spoke_ns < ACTIVE_NS and not v.muted, v.muted)
             for v in sorted(self.voices.values(), key=lambda v: (v.level, v.id)))
 
 

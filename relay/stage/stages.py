@@ -135,6 +135,26 @@ class Stages:
         self.emit("speaker_left", f"room {m.room!r}: speaker {m.name!r} ({m.speaker_id}) left the stage",
              room=m.room, speaker=m.speaker_id)
 
+    def mute(self, room: str, speaker_id: str, muted: bool) -> bool:
+        """Mute or unmute a speaker of `room` (its id, the token's `sub`);
+        False if no such speaker is on the stage. Everyone is told at the
+        next SPEAKERS, sent now."""
+        stage = self.worker.stages.get(room)
+        if stage is None or not any(m.room == room and m.speaker_id == speaker_id for m in self.members.values()):
+            return False
+        self.worker.call(stage.mute, speaker_id, muted, time.monotonic_ns())
+        self.tell_now()
+        return True
+
+    def minus_rooms(self, room: str) -> list[int]:
+        """The core rooms of `room`'s speakers' mix-minus streams."""
+        return [m.minus_index for m in self.members.values() if m.room == room]
+
+    def tell_now(self) -> None:
+        """The next housekeeping tick tells every stage room who is on it
+        (a host changed it), not a second later."""
+        self._told = 0.0
+
     def on_rtp(self, data: bytes, key: Hashable) -> None:
         """RTP on the listener port from `key`'s address: a speaker's audio
         goes to its stage; anything else is refused and counted."""
@@ -191,8 +211,7 @@ class Stages:
             self._was_told.discard(name)
             if stage.snapshot:
                 self._was_told.add(name)
-            minus = [m.minus_index for m in self.members.values() if m.room == name]
-            told.append((name, [stage.index, *minus], Speakers(stage.snapshot)))
+            told.append((name, [stage.index, *self.minus_rooms(name)], Speakers(stage.snapshot)))
         told += [(name, [index], speakers) for name, (index, speakers) in (relayed or {}).items()]
         sent = 0
         for name, rooms, speakers in told:
@@ -210,7 +229,7 @@ class Stages:
         stage = self.worker.stages.get(room)
         if stage is None:
             return []
-        return [{"id": s.id, "name": s.name, "level_dbov": -s.level, "speaking": s.active}
+        return [{"id": s.id, "name": s.name, "level_dbov": -s.level, "speaking": s.active, "muted": s.muted}
                 for s in stage.snapshot]
 
     def describe(self, room: str) -> dict:

@@ -45,6 +45,10 @@ class MsgType(IntEnum):
     KEEPALIVE = 5
     LEAVE = 6
     SPEAKERS = 7
+    HAND = 8          # the stage's messages (stage_msgs.py)
+    REACTION = 9
+    REACTIONS = 10
+    INVITE = 11
 
 
 class Reason(IntEnum):
@@ -66,6 +70,9 @@ class Reason(IntEnum):
     TOKEN_IN_USE = 14
     STAGE_FULL = 15      # the room has max_speakers speakers already
     NO_STAGE = 16        # the room takes no speakers (its audio comes from ingest or upstream)
+    ROOM_ENDED = 17      # the host ended the room
+    REMOVED = 18         # the host removed this token's subject from the room
+    AUDIENCE = 19        # the host moved this speaker back to the audience: join again as a listener
 
 
 class ProtocolError(ValueError):
@@ -172,6 +179,7 @@ class Speaker:
     name: str
     level: int          # RFC 6464: -dBov, 0 (loudest) to 127 (silence)
     active: bool        # speaking now
+    muted: bool = False  # muted by the host: out of the mix until unmuted
 
 
 @dataclass(frozen=True)
@@ -180,7 +188,7 @@ class Speakers:
     speakers: tuple[Speaker, ...]
 
 
-Message = Join | Challenge | Accept | Reject | Keepalive | Leave | Speakers
+Message = Join | Challenge | Accept | Reject | Keepalive | Leave | Speakers   # and stage_msgs.StageMessage
 
 
 def cookie_proof(cookie: bytes) -> bytes:
@@ -228,8 +236,9 @@ def encode(msg: Message) -> bytes:
         size = HEADER.size + 1
         for sp in msg.speakers[:255]:
             sid, name = _short(sp.id), _short(sp.name)
-            entry = (bytes([min(max(sp.level, 0), 127) | (0x80 if sp.active else 0), len(sid)]) + sid
-                     + bytes([len(name)]) + name)
+            # the id's length is at most 32: its top bit says "muted"
+            entry = (bytes([min(max(sp.level, 0), 127) | (0x80 if sp.active else 0),
+                            len(sid) | (0x80 if sp.muted else 0)]) + sid + bytes([len(name)]) + name)
             if size + len(entry) > MAX_SPEAKERS_BYTES:
                 break
             entries.append(entry)
@@ -247,7 +256,8 @@ def encode(msg: Message) -> bytes:
                 + bytes(KEEPALIVE_PAD))
     if isinstance(msg, Leave):
         return _head(MsgType.LEAVE, CONTROL_MAC if msg.mac else 0) + msg.session_id + _mac(msg)
-    raise TypeError(f"not a control message: {msg!r}")
+    from relay.wire import stage_msgs   # it builds on this module
+    return stage_msgs.encode(msg)       # raises TypeError for anything else
 
 
 def _join_body(msg: Join) -> bytes:
@@ -358,10 +368,13 @@ def decode(data: bytes) -> Message:
     if kind == MsgType.SPEAKERS:
         speakers = []
         for _ in range(r.u8()):
-            level = r.u8()
-            speaker_id = r.text(r.u8())
-            speakers.append(Speaker(speaker_id, r.text(r.u8()), level & 0x7F, bool(level & 0x80)))
+            level, n = r.u8(), r.u8()
+            speaker_id = r.text(n & 0x7F)
+            speakers.append(Speaker(speaker_id, r.text(r.u8()), level & 0x7F, bool(level & 0x80), bool(n & 0x80)))
         return Speakers(tuple(speakers))
+    if kind in (MsgType.HAND, MsgType.REACTION, MsgType.REACTIONS, MsgType.INVITE):
+        from relay.wire import stage_msgs   # it builds on this module
+        return stage_msgs.decode_body(kind, flags, data[HEADER.size:])  # type: ignore[return-value]
     raise ProtocolError(f"unknown message type {kind}")
 
 

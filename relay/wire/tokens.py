@@ -11,7 +11,7 @@ from relay.wire.protocol import Reason
 
 # listen: a listener; publish: a speaker; relay: a node taking a room from
 # another node (minted by nodes that share the cluster's secret)
-ROLES = ("listen", "publish", "relay")
+ROLES = ("listen", "publish", "relay", "host")   # host: speaks, and moderates its room
 
 
 class TokenError(Exception):

@@ -22,6 +22,7 @@ from aioquic.quic.events import (ConnectionTerminated, DatagramFrameReceived, Ha
 from relay.listeners.load import QuicLoad
 from relay.listeners.quic.path import Link, first_hp
 from relay.listeners.sessions import Session
+from relay.wire.stage_msgs import Hand, Reaction
 from relay.wire.protocol import (WEBTRANSPORT_PATH, Accept, FrameReader, Join, Keepalive, Leave, ProtocolError, Reject,
                                  frame)
 
@@ -98,6 +99,8 @@ class Endpoint(Protocol):
     def leave(self, conn: "ListenerConnection", why: str = "") -> None: ...
 
     def speaker_audio(self, conn: "ListenerConnection", data: bytes) -> None: ...
+
+    def stage_message(self, conn: "ListenerConnection", msg: Hand | Reaction) -> None: ...
 
     def not_pending(self, conn: "ListenerConnection") -> None: ...
 
@@ -208,6 +211,8 @@ class ListenerConnection(QuicConnectionProtocol):
                 # whether the node is still there (a silent publisher) or
                 # gone (time to move)
                 self.send_framed(frame(msg))
+            elif isinstance(msg, (Hand, Reaction)) and stream_id == self.join_stream and self.session is not None:
+                self.endpoint.stage_message(self, msg)
             else:
                 self.endpoint.counters.stream_errors += 1
 

@@ -44,6 +44,7 @@ from relay.listeners.quic.path import Link
 from relay.listeners.quic.server import CoreReadTransport, QuicServer
 from relay.listeners.sessions import Session, Sessions
 from relay.wire.protocol import (ALPN_QUIC, MAX_QUIC_AUDIO, WEBTRANSPORT_PATH, Accept, Join, Reject, Speakers, frame)
+from relay.wire.stage_msgs import Hand, Reaction, StageMessage
 
 log = logging.getLogger("relay.quic")
 
@@ -180,6 +181,11 @@ class QuicEndpoint(QuicCertificates):
             return
         self.sessions.stages.on_rtp(data, conn)
 
+    def stage_message(self, conn: ListenerConnection, msg: Hand | Reaction) -> None:
+        """A session's raised hand or reaction, on its join stream."""
+        if conn.session is not None:
+            self.sessions.on_stage_message(conn.session, msg, time.monotonic())
+
     def note_load(self, loop_duty: float, interval_ns: int) -> None:
         """The loop thread's busy fraction over the last `interval_ns`."""
         self.load.note(loop_duty, interval_ns, len(self.sessions.pulled()))
@@ -311,13 +317,18 @@ class QuicEndpoint(QuicCertificates):
             self.core.listener_hold(s.slot, False)
             conn.held = False
 
-    def tell_room(self, room: str, message: Speakers) -> None:
-        """Who is speaking, to every QUIC and WebTransport listener of
-        `room`, on its join stream."""
-        framed = frame(message)
+    def tell_room(self, room: str, message: Speakers | StageMessage) -> None:
+        """Who is speaking, or the room's reactions, to every QUIC and
+        WebTransport session of `room`, on its join stream."""
+        framed = frame(message)  # type: ignore[arg-type]
         for conn in self._connections():
             if conn.session is not None and conn.session.room == room:
                 conn.send_framed(framed)
+
+    def say(self, session: Session, message: StageMessage) -> None:
+        """One message (a host's INVITE) to one session, on its join stream."""
+        conn: ListenerConnection = session.key  # type: ignore[assignment]
+        conn.send_framed(frame(message))  # type: ignore[arg-type]
 
     def tell(self, session: Session, reject: Reject, close: str = "") -> None:
         """An ended session's listener is told why on its join stream; with

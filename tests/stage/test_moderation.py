@@ -1,0 +1,133 @@
+"""A host runs its stage through the HTTP API (relay/ops/hosting.py), and
+every session sees each change on its own transport: a raised hand in the
+host's queue, a mute in SPEAKERS, an invitation a listener takes with the
+token it has, a speaker sent back to the audience, a removal that holds
+until the host lets the listener back, reactions summed once a second, and
+the room ended for everyone."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from relay.client.listen import JoinRefused, ListenClient
+from relay.client.speak import SpeakerClient
+from relay.testing.loadgen import scrape
+from relay.wire.protocol import Reason
+from tests.conftest import start_relay, stop
+from tests.stage.conftest import STAGE, speaker, token
+
+
+def api(relay, path: str, bearer: str = "", method: str = "GET") -> tuple[int, dict]:
+    req = urllib.request.Request(relay.url(path), method=method,
+                                 headers={"Authorization": f"Bearer {bearer}"} if bearer else {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+async def until(check, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+def stage(tmp_path):
+    relay = start_relay(tmp_path, auth="jwt", extra_room=STAGE)
+    yield relay
+    stop(relay.proc)
+
+
+def test_a_host_moderates_and_every_session_sees_it(stage) -> None:
+    host = token("stage", "host", "hostess", "Hostess")
+    where = f"{stage.listen[0]}:{stage.listen[1]}"
+    ann = speaker(stage, "ann", 30)                       # on stage, a 440 Hz tone
+
+    async def run() -> None:
+        lis = {sub: ListenClient(where, "stage", token("stage", "listen", sub, sub.title())) for sub in ("lis1", "lis2")}
+        tasks = []
+        for c in lis.values():
+            await c.join()
+            tasks.append(asyncio.create_task(c.receive(duration=25)))
+        await until(lambda: all(c.speakers and c.speakers.speakers for c in lis.values()))
+
+        # without a host's token, nothing is taken
+        assert api(stage, "/stage/stage")[0] == 401
+        status, body = api(stage, "/stage/stage", token("stage", "listen", "lis1"))
+        assert status == 403 and "not a host" in body["error"], body
+
+        # a raised hand reaches the host's queue, with its name
+        lis["lis1"].raise_hand()
+        await until(lambda: api(stage, "/stage/stage", host)[1]["hands"] != [])
+        assert [h["name"] for h in api(stage, "/stage/stage", host)[1]["hands"]] == ["Lis1"]
+
+        # a mute: every session's SPEAKERS says so, and the stage drops her audio
+        assert api(stage, "/stage/stage/mute?speaker=ann", host, "POST")[0] == 200
+        await until(lambda: all(c.speakers.speakers[0].muted for c in lis.values()))
+        await asyncio.sleep(0.3)
+        assert scrape(stage.admin)['relay_stage_drops_total{reason="muted"}'] > 5
+        assert api(stage, "/stage/stage/unmute?speaker=ann", host, "POST")[0] == 200
+        await until(lambda: not lis["lis1"].speakers.speakers[0].muted)
+
+        # an invitation: lis1 speaks with the listen token it has; lis2 may not
+        assert api(stage, "/stage/stage/invite?sub=lis1", host, "POST")[0] == 200
+        await until(lambda: lis["lis1"].stats.invited)
+        assert api(stage, "/stage/stage", host)[1]["hands"] == []
+        on_stage = SpeakerClient(where, "stage", lis["lis1"].token)
+        assert (await on_stage.join()).speaker
+        with pytest.raises(JoinRefused) as refused:
+            await SpeakerClient(where, "stage", lis["lis2"].token).join()
+        assert refused.value.reason == Reason.WRONG_ROLE
+        hearing = asyncio.create_task(on_stage.receive(duration=10))
+        # ... and back to the audience
+        assert api(stage, "/stage/stage/audience?speaker=lis1", host, "POST")[0] == 200
+        await asyncio.wait_for(hearing, 5)
+        assert on_stage.stats.ended == Reason.AUDIENCE
+        on_stage.close()
+
+        # reactions: a flood from one session is clipped, the rest summed once a second
+        for _ in range(40):
+            lis["lis2"].react("👏")
+        await until(lambda: lis["lis1"].stats.reactions["👏"] > 0)
+        await asyncio.sleep(1.2)
+        assert 0 < lis["lis1"].stats.reactions["👏"] <= 10, lis["lis1"].stats.reactions
+
+        # a removal ends lis2's session and holds until the host lets it back
+        assert api(stage, "/stage/stage/remove?sub=lis2", host, "POST")[0] == 200
+        await asyncio.wait_for(tasks[1], 5)
+        assert lis["lis2"].stats.ended == Reason.REMOVED
+        again = ListenClient(where, "stage", token("stage", "listen", "lis2"))   # even with a new token
+        with pytest.raises(JoinRefused) as refused:
+            await again.join()
+        assert refused.value.reason == Reason.REMOVED
+        assert api(stage, "/stage/stage/unban?sub=lis2", host, "POST")[0] == 200
+        await again.join()
+        tasks[1] = asyncio.create_task(again.receive(duration=10))
+
+        # the end: every session is told, and no one joins again
+        status, body = api(stage, "/stage/stage/end", host, "POST")
+        assert status == 200, body
+        await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        assert lis["lis1"].stats.ended == Reason.ROOM_ENDED and again.stats.ended == Reason.ROOM_ENDED
+        with pytest.raises(JoinRefused) as refused:
+            await ListenClient(where, "stage", token("stage", "listen", "lis3")).join()
+        assert refused.value.reason == Reason.ROOM_ENDED
+        for c in (*lis.values(), again):
+            c.close()
+
+    try:
+        asyncio.run(run())
+        m = scrape(stage.admin)
+        assert m['relay_stage_messages_dropped_total{reason="reaction_rate"}'] >= 25
+        assert m['relay_host_actions_total{action="end"}'] == 1 and m["relay_hands_raised_total"] == 1
+    finally:
+        ann.kill()
+        ann.wait()
