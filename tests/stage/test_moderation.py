@@ -52,7 +52,8 @@ def test_a_host_moderates_and_every_session_sees_it(stage) -> None:
     ann = speaker(stage, "ann", 30)                       # on stage, a 440 Hz tone
 
     async def run() -> None:
-        lis = {sub: ListenClient(where, "stage", token("stage", "listen", sub, sub.title())) for sub in ("lis1", "lis2")}
+        lis = {sub: ListenClient(where, "stage", token("stage", "listen", sub, sub.title()))
+               for sub in ("lis1", "lis2")}
         tasks = []
         for c in lis.values():
             await c.join()
