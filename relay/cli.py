@@ -368,6 +368,19 @@ def _speak(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------- token
 
+def cmd_host(args: argparse.Namespace) -> None:
+    from relay.client.host import TARGET, HostError, call, describe
+
+    if args.action in TARGET and not args.target:
+        _die(f"relay host {args.action}: name the {TARGET[args.action]} (relay host {args.action} ID)")
+    token = args.token if args.token is not None else os.environ.get("RELAY_TOKEN", "")
+    try:
+        answer = call(args.server, args.room, token, args.action, args.target or "")
+    except HostError as e:
+        _die(str(e), 3)
+    print(describe(answer) if args.action == "stage" else answer["result"])
+
+
 def cmd_token(args: argparse.Namespace) -> None:
     from relay.wire.tokens import mint
 
@@ -463,6 +476,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tone: milliseconds of audio per packet (default 20)")
     s.add_argument("--bitrate", type=_positive(int), default=64000, help="tone: Opus bits/s (default 64000)")
     s.set_defaults(func=cmd_publish)
+
+    s = sub.add_parser("host", help="run a room's stage: mute, invite, remove, end (a host's token)")
+    s.add_argument("action", choices=["stage", "mute", "unmute", "invite", "audience", "remove", "unban", "end"])
+    s.add_argument("target", nargs="?", help="the speaker's id, or the listener's sub")
+    s.add_argument("--server", default="http://127.0.0.1:7080", help="the node's HTTP port (admin or public)")
+    s.add_argument("--room", default="demo")
+    s.add_argument("--token", help="a token of role host for the room (default: $RELAY_TOKEN)")
+    s.set_defaults(func=cmd_host)
 
     s = sub.add_parser("token", help="mint a join token")
     s.add_argument("--room", required=True)

@@ -323,6 +323,8 @@ class Node:
                 # for the node's own listeners' rooms, not a reason to carry one
                 tap = 1 if self.hls is not None and self.hls.get(name) is not None else 0
                 up.want(stats[name]["listeners"] - tap, now, self.cfg.upstream_linger)
+                if up.ended and not self.sessions.moderation.room(name).ended:
+                    self.hosting.act(name, "end", "", "")     # ended at the origin: here too
             self.events.tick(now, stats)
             self.hosting.tick(now)
             self.rates.measure(now, stats)

@@ -40,7 +40,7 @@ from relay._core import Core, Ingest
 from relay.client.listen import JoinRefused, ListenClient, Unreachable
 from relay.cluster.follow import Merge
 from relay.wire.addr import to_sockaddr
-from relay.wire.protocol import Speakers
+from relay.wire.protocol import Reason, Speakers
 from relay.wire.tokens import mint
 
 log = logging.getLogger("relay.upstream")
@@ -108,6 +108,9 @@ class Upstream:
         # the oldest resume point of listeners that moved here before the
         # room had a parent: the links ask their parents for what follows it
         self._resume_from: int | None = None
+        # the room's host ended it at the origin: not subscribed again, and
+        # the node ends its own sessions of it (relay/ops/hosting.py)
+        self.ended = False
 
     @property
     def current(self) -> tuple[str, int] | None:
@@ -166,7 +169,9 @@ class Upstream:
         """Called on every housekeeping tick with the room's listeners here:
         subscribe when there are some, leave once there were none for
         `linger` seconds."""
-        if listeners > 0 or self.always:
+        if self.ended:
+            self.stop()
+        elif listeners > 0 or self.always:
             self._unwanted_since = None
             if not self._tasks:
                 loop = asyncio.get_running_loop()
@@ -229,7 +234,12 @@ class Upstream:
             log.warning("room %r: taking it from %s", self.room, where,
                         extra={"fields": {"event": "upstream", "room": self.room, "node": where}})
             await client.receive(dead_after=DEAD_AFTER_S)
-        except (JoinRefused, TimeoutError, Unreachable, OSError) as e:
+            self.ended |= client.stats.ended == Reason.ROOM_ENDED
+        except JoinRefused as e:
+            self.ended |= e.reason == Reason.ROOM_ENDED
+            log.warning("room %r: upstream %s: %s", self.room, where, e,
+                        extra={"fields": {"event": "upstream_lost", "room": self.room, "node": where}})
+        except (TimeoutError, Unreachable, OSError) as e:
             log.warning("room %r: upstream %s: %s", self.room, where, e,
                         extra={"fields": {"event": "upstream_lost", "room": self.room, "node": where}})
         except Exception:

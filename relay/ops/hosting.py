@@ -160,7 +160,8 @@ class Hosting:
         return [s for s in self.sessions.table.values() if s.room == room and s.sub == sub]
 
     def _end(self, room: str, which: Callable[[Session], bool], reason: Reason) -> int:
-        gone = [s for s in list(self.sessions.table.values()) if s.room == room and s.role != "relay" and which(s)]
+        # nodes below are sessions too: an ended room ends on them, and they tell their own
+        gone = [s for s in list(self.sessions.table.values()) if s.room == room and which(s)]
         for s in gone:
             self.sessions.end(s.key, "left")
         if self.sessions.stages is not None:

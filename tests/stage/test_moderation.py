@@ -132,3 +132,71 @@ def test_a_host_moderates_and_every_session_sees_it(stage) -> None:
     finally:
         ann.kill()
         ann.wait()
+
+
+def test_relay_host_runs_the_stage_from_a_terminal(stage, tmp_path) -> None:
+    """`relay host`: the stage as a host reads it, an action, and each
+    refusal as one line naming what to fix."""
+    import subprocess
+    import sys
+
+    from tests.stage.conftest import ENV
+
+    def host(*args: str, tok: str | None = None) -> subprocess.CompletedProcess:
+        env = dict(ENV, RELAY_TOKEN=token("stage", "host", "hostess") if tok is None else tok)
+        return subprocess.run([sys.executable, "-m", "relay", "host", "--server",
+                               f"http://{stage.admin[0]}:{stage.admin[1]}", "--room", "stage", *args],
+                              env=env, capture_output=True, text=True, timeout=30)
+    ann = speaker(stage, "ann", 10)
+    try:
+        deadline = time.monotonic() + 10
+        while "Ann" not in (got := host("stage")).stdout:
+            assert time.monotonic() < deadline, got
+            time.sleep(0.2)
+        assert got.returncode == 0 and "on stage  Ann (ann)" in got.stdout, got
+        got = host("mute", "ann")
+        assert got.returncode == 0 and "'ann' muted" in got.stdout, got
+        assert "muted" in host("stage").stdout
+        got = host("mute")
+        assert got.returncode == 2 and "name the speaker" in got.stderr and "Traceback" not in got.stderr, got
+        got = host("end", tok=token("stage", "listen"))
+        assert got.returncode == 3 and "403" in got.stderr and "not a host" in got.stderr, got
+        assert len(got.stderr.strip().splitlines()) == 1, got.stderr
+    finally:
+        ann.kill()
+        ann.wait()
+
+
+def test_an_ended_room_ends_on_the_nodes_below_too(tmp_path) -> None:
+    """The host ends a stage room at its origin: an edge taking the room
+    from it tells its own listeners, and takes no new ones."""
+    from tests.cluster.conftest import Node
+
+    origin = Node(tmp_path, "origin", extra_room="max_speakers = 4\n")
+    edge = Node(tmp_path, "edge", upstream=[origin])
+    where = f"{edge.listen[0]}:{edge.listen[1]}"
+
+    async def run() -> None:
+        c = ListenClient(where, "live", token("live", "listen", "lis1"))
+        await c.join()
+        hearing = asyncio.create_task(c.receive(duration=20))
+        deadline = time.monotonic() + 10
+        while scrape(origin.admin).get('relay_listeners{room="live",transport="udp"}', 0) < 1:
+            assert time.monotonic() < deadline, "the edge never subscribed"
+            await asyncio.sleep(0.1)
+        req = urllib.request.Request(f"http://{origin.admin[0]}:{origin.admin[1]}/stage/live/end", method="POST",
+                                     headers={"Authorization": f"Bearer {token('live', 'host', 'h')}"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.status == 200
+        await asyncio.wait_for(hearing, 10)
+        assert c.stats.ended == Reason.ROOM_ENDED
+        c.close()
+        with pytest.raises(JoinRefused) as refused:
+            await ListenClient(where, "live", token("live", "listen", "lis2")).join()
+        assert refused.value.reason == Reason.ROOM_ENDED
+
+    try:
+        asyncio.run(run())
+    finally:
+        for n in (edge, origin):
+            assert stop(n.proc) == 0
