@@ -6,7 +6,9 @@ Audio to play; where WebTransport is missing or fails, the node's LL-HLS
 which scripts/bootstrap.sh fetches at a pinned version (HLSJS_VERSION) and
 the node serves itself, so the page never loads code from a third party.
 The speaker's page (/speak, speak.js beside listen.js) sends its microphone
-to the room's stage and plays the stage without its own voice."""
+to the room's stage and plays the stage without its own voice; stage.js
+raises hands and reacts on both; the host's page (/host) runs the stage
+through the node's /stage/ API."""
 from __future__ import annotations
 
 from functools import cache
@@ -21,6 +23,9 @@ PAGES = {
     "/speak": ("speak.html", "text/html; charset=utf-8"),
     "/speak.js": ("speak.js", "text/javascript; charset=utf-8"),
     "/relay.css": ("relay.css", "text/css; charset=utf-8"),
+    "/stage.js": ("stage.js", "text/javascript; charset=utf-8"),
+    "/host": ("host.html", "text/html; charset=utf-8"),
+    "/host.js": ("host.js", "text/javascript; charset=utf-8"),
 }
 
 

@@ -13,8 +13,10 @@
 const RETRY = ["node_full", "room_full", "rate_limited", "draining"];
 const REASONS = ["", "bad_request", "unsupported_version", "bad_token", "expired_token",
   "wrong_room", "unknown_room", "node_full", "room_full", "stale_cookie", "unknown_session",
-  "draining", "wrong_role", "rate_limited", "token_in_use", "stage_full", "no_stage"];
+  "draining", "wrong_role", "rate_limited", "token_in_use", "stage_full", "no_stage",
+  "room_ended", "removed", "audience"];
 const MAGIC = 0x0b, VERSION = 1, JOIN = 1, ACCEPT = 3, REJECT = 4, KEEPALIVE = 5, SPEAKERS = 7;
+const REACTIONS = 10, INVITE = 11;   // the stage's messages (stage.js sends hands and reactions)
 const JOIN_SPEAKER = 0x01, JOIN_RESUME = 0x04, ACCEPT_ORIGIN = 0x02;
 // the speaker's page (speak.js, loaded first) joins the stage and sends its
 // microphone once joined; what this page plays is then its mix-minus
@@ -37,7 +39,9 @@ const st = window.relayListener = {
   moves: 0, node: "", transport: "", delaySec: NaN,
   alternates: [],  // where to move if our node dies: {node, webtransport, cert_sha256}, from /join
   moveSilenceMs: 0, // the gap in audio the last move cost, from the last packet before to the first after
-  speakers: [],   // who is on the room's stage: {id, name, level (-dBov), speaking}
+  speakers: [],   // who is on the room's stage: {id, name, level (-dBov), speaking, muted}
+  reactions: {},  // the room's reactions in the last second: {emoji index: count}
+  invited: false, // a host invited this listener on stage
 };
 const via = params.get("via");
 let generation = 0;          // each connection's number: a dead one's errors are not ours
@@ -148,14 +152,21 @@ function parseControl(m) {
     let at = 5;
     for (let i = 0; i < m[4] && at + 2 <= m.length; i++) {
       const level = m[at] & 0x7f, speaking = (m[at] & 0x80) !== 0;
-      const id = dec.decode(m.subarray(at + 2, at + 2 + m[at + 1]));
-      at += 2 + m[at + 1];
+      const n = m[at + 1] & 0x7f, muted = (m[at + 1] & 0x80) !== 0;   // muted by a host
+      const id = dec.decode(m.subarray(at + 2, at + 2 + n));
+      at += 2 + n;
       const name = dec.decode(m.subarray(at + 1, at + 1 + m[at]));
       at += 1 + m[at];
-      speakers.push({ id, name, level, speaking });
+      speakers.push({ id, name, level, speaking, muted });
     }
     return { type: "speakers", speakers };
   }
+  if (m[2] === REACTIONS) {
+    const counts = {};
+    for (let k = 0; k < m[4] && 5 + 3 * k + 3 <= m.length; k++) counts[m[5 + 3 * k]] = v.getUint16(6 + 3 * k);
+    return { type: "reactions", counts };
+  }
+  if (m[2] === INVITE) return { type: "invite" };
   return { type: "other" };
 }
 
@@ -168,7 +179,7 @@ function renderStage() {
   list.replaceChildren(...st.speakers.map((s) => {
     const row = document.createElement("li");
     const name = document.createElement("span");
-    name.textContent = s.name;
+    name.textContent = s.name + (s.muted ? " (muted)" : "");
     name.className = s.speaking ? "speaking" : "";
     const track = document.createElement("span"), bar = document.createElement("span");
     track.className = "track";
@@ -547,6 +558,8 @@ async function listen(target, how = {}) {
   seqOff = answer.origin;
   tsBase = -1;
   session = { writer: w, sessionId: answer.sessionId };
+  // stage.js sends a hand or a reaction on this session's control stream
+  window.relaySend = (build) => w.write(build(answer.sessionId)).catch(() => {});
   probeAt = 0;
   lastDatagram = performance.now();
   setState("joined");
@@ -559,7 +572,13 @@ async function listen(target, how = {}) {
       const msg = parseControl(m);
       if (msg.type === "speakers") { st.speakers = msg.speakers; renderStage(); continue; }
       if (msg.type === "keepalive") { echoAt = performance.now(); continue; }
+      if (msg.type === "reactions" || msg.type === "invite") {
+        if (msg.type === "reactions") st.reactions = msg.counts; else st.invited = true;
+        document.dispatchEvent(new CustomEvent("relay-stage", { detail: msg }));
+        continue;
+      }
       if (msg.type !== "reject") continue;
+      document.dispatchEvent(new CustomEvent("relay-stage", { detail: msg }));
       setState("ended", msg.reason + (msg.redirect ? ", go to " + msg.redirect : ""));
       // a draining node in a cluster: its /join names where to go on
       if (msg.reason === "draining" && gen === generation) await goWhereJoinSays("draining");

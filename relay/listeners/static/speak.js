@@ -18,7 +18,8 @@ const MIC = { echoCancellation: PROCESSING, noiseSuppression: PROCESSING, autoGa
   channelCount: 1 };
 
 window.relaySpeaker = {
-  state: "off", error: "", muted: false, encoded: 0, sent: 0, sendErrors: 0, micLevelDb: -Infinity,
+  state: "off", error: "", muted: false, hostMuted: false, encoded: 0, sent: 0, sendErrors: 0,
+  micLevelDb: -Infinity,
 
   // the session is up on `wt`: capture, encode, send until the connection ends
   async start(wt) {
@@ -98,6 +99,16 @@ function rtp(seq, ts, ssrc, level, payload) {
   return p;
 }
 
+// a JWT's `sub` (its payload is base64url JSON; the node checks the signature)
+function subOf(token) {
+  try {
+    const b64 = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    return JSON.parse(atob(b64 + "===".slice((b64.length + 3) % 4))).sub || "";
+  } catch (e) {
+    return "";
+  }
+}
+
 // the frame's level in dBov (first channel)
 function levelDb(data) {
   const n = data.numberOfFrames, x = new Float32Array(n);
@@ -115,7 +126,15 @@ document.addEventListener("DOMContentLoaded", () => {
     button.textContent = sp.muted ? "Unmute" : "Mute";
     sp.show(sp.state);
   };
+  // our own id on the stage is our token's `sub`: a host's mute shows here
+  const me = subOf(new URLSearchParams(location.search).get("token") || "");
   setInterval(() => {
+    const mine = (window.relayListener.speakers || []).find((s) => s.id === me);
+    const muted = Boolean(mine && mine.muted);
+    if (muted !== sp.hostMuted) {
+      sp.hostMuted = muted;
+      document.getElementById("send-state").textContent = muted ? "muted by the host" : sp.state;
+    }
     document.getElementById("sent").textContent = sp.sent;
     const meter = document.getElementById("mic-meter");
     meter.style.width = Math.max(0, Math.min(100, 100 + 2 * sp.micLevelDb)) + "%";
