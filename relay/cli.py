@@ -286,8 +286,9 @@ def cmd_publish(args: argparse.Namespace) -> None:
 
     if args.token is not None or args.server:
         raise SystemExit(_speak(args))
-    if args.out:
-        _die("--out records what a speaker hears: give --server (and --token) to join a stage")
+    if args.out or args.mic:
+        _die(f"{'--out records what a speaker hears' if args.out else '--mic speaks on a stage'}: "
+             "give --server (and --token) to join a stage")
     try:
         dests = [parse_hostport(d) for d in (args.to or [DEFAULT_INGEST])]
     except ValueError as e:
@@ -316,13 +317,18 @@ def _speak(args: argparse.Namespace) -> int:
     from relay.client.listen import JoinRefused
     from relay.client.ogg import OggOpusWriter
     from relay.client.signals import until_stopped
-    from relay.client.speak import file_frames, speak_tone
+    from relay.client.speak import MicError, file_frames, mic_frames, speak_tone
 
     frames = None
     if args.file:
         if not os.path.exists(args.file):
             _die(f"--file {args.file}: no such file")
         frames = file_frames(args.file)
+    elif args.mic:
+        try:
+            frames = mic_frames(args.mic)
+        except (MicError, FileNotFoundError) as e:
+            _die(str(e))
     token = args.token if args.token is not None else os.environ.get("RELAY_TOKEN", "")
     try:
         servers = [parse_hostport(s) for s in (args.server or ["127.0.0.1:7000"])]
@@ -336,7 +342,7 @@ def _speak(args: argparse.Namespace) -> int:
         except OSError as e:
             _die(f"--out {args.out}: {e.strerror}")
     ogg = OggOpusWriter(out_file) if out_file is not None else None
-    what = f"{args.file}" if args.file else f"a {args.tone:g} Hz tone"
+    what = args.file or (f"microphone {args.mic}" if args.mic else f"a {args.tone:g} Hz tone")
 
     def joined(nodes: list[str]) -> None:
         print(f"speaking {what} on the stage of room {args.room!r} at {' and '.join(nodes)}", file=sys.stderr)
@@ -470,6 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "an open node)")
     s.add_argument("--out", help="a speaker: write what it hears (the stage without itself) to this Ogg file")
     s.add_argument("--file", help="publish this file through ffmpeg (a speaker: speak it, then silence)")
+    s.add_argument("--mic", nargs="?", const="default", help="a speaker: speak from a microphone (an ALSA "
+                   "device, default 'default'; 'pulse:NAME' for PulseAudio), captured by ffmpeg")
     s.add_argument("--tone", type=float, default=440.0, help="tone frequency in Hz (default 440)")
     s.add_argument("--duration", type=_positive(float), help="seconds (default: forever)")
     s.add_argument("--frame-ms", type=int, default=20, choices=[10, 20, 40, 60],

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import array
 import asyncio
+import itertools
 import math
 import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Callable, Iterator
 
@@ -131,14 +133,44 @@ def file_frames(path: str) -> Iterator[bytes]:
     """20 ms frames (48 kHz stereo 16-bit PCM) of any file ffmpeg reads,
     decoded as they are needed; silence after its end. Raises
     FileNotFoundError without ffmpeg."""
+    return _ffmpeg_frames(["-i", path], tail=True)
+
+
+def mic_frames(device: str = "default") -> Iterator[bytes]:
+    """20 ms frames from a microphone, captured by ffmpeg: an ALSA device
+    ("default", "hw:1", "null" for silence), or "pulse:NAME" for a
+    PulseAudio source. Raises MicError, naming the device and ffmpeg's
+    reason, when it cannot be opened; FileNotFoundError without ffmpeg."""
+    backend, name = ("pulse", device[6:] or "default") if device.startswith("pulse:") else ("alsa", device)
+    frames = _ffmpeg_frames(["-f", backend, "-i", name], tail=False)
+    try:
+        first = next(frames)
+    except StopIteration as e:
+        raise MicError(f"--mic {device}: ffmpeg could not capture from {backend} device {name!r}: "
+                       f"{e.value or 'no audio'}") from None
+    return itertools.chain([first], frames)
+
+
+class MicError(Exception):
+    """The microphone could not be opened: one line naming it and why."""
+
+
+def _ffmpeg_frames(source: list[str], tail: bool) -> Iterator[bytes]:
+    """What ffmpeg decodes from `source`, in 20 ms frames; with `tail`,
+    silence after its end. A source that ends at once returns ffmpeg's
+    last complaint (StopIteration's value)."""
     ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is None:
-        raise FileNotFoundError("ffmpeg is not installed: it decodes --file (apt install ffmpeg)")
+        raise FileNotFoundError("ffmpeg is not installed: it decodes --file and captures --mic (apt install ffmpeg)")
     size = FRAME * 2 * 2
-    proc = subprocess.Popen([ffmpeg, "-v", "error", "-nostdin", "-i", path, "-f", "s16le", "-ac", "2",
-                             "-ar", str(RATE), "-"], stdout=subprocess.PIPE)
+    # its complaints go to a file, not a pipe: a capture device's warnings
+    # would fill a pipe nobody reads and stall the audio behind them
+    errors = tempfile.TemporaryFile()
+    proc = subprocess.Popen([ffmpeg, "-v", "error", "-nostdin", *source, "-f", "s16le", "-ac", "2",
+                             "-ar", str(RATE), "-"], stdout=subprocess.PIPE, stderr=errors)
     assert proc.stdout is not None
     try:
+        pcm = b""
         while True:
             pcm = proc.stdout.read(size)
             if len(pcm) < size:
@@ -146,11 +178,17 @@ def file_frames(path: str) -> Iterator[bytes]:
             yield pcm
         if pcm:
             yield pcm + bytes(size - len(pcm))
-        while True:
+        elif not tail:
+            proc.wait()
+            errors.seek(0)
+            said = errors.read().decode(errors="replace").strip().splitlines()
+            return said[-1] if said else ""
+        while tail:
             yield bytes(size)
     finally:
         proc.kill()
         proc.wait()
+        errors.close()
 
 
 async def speak_tone(server: str, room: str, token: str, freq: float, duration: float | None,
@@ -190,4 +228,5 @@ async def speak_tone(server: str, room: str, token: str, freq: float, duration: 
     return client.stats
 
 
-__all__ = ["SpeakerClient", "speak_tone", "file_frames", "audio_level", "with_level", "PAYLOAD_TYPE"]
+__all__ = ["SpeakerClient", "speak_tone", "file_frames", "mic_frames", "MicError", "audio_level", "with_level",
+           "PAYLOAD_TYPE"]

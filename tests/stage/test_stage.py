@@ -14,6 +14,8 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+
+from relay.testing.loadgen import scrape
 import pytest
 
 from relay.testing.loadgen import free_port, wait_ready
@@ -312,5 +314,28 @@ def test_a_rooms_static_publisher_goes_on_its_stage_beside_the_speakers(tmp_path
         ann_hears = shares(pcm_of(heard_by_ann)[48000:], (330.0, 440.0))
         assert ann_hears[330.0] == 1.0 and ann_hears[440.0] < 0.03, ann_hears
         assert "lost 0" in lis_out, lis_out
+    finally:
+        stop(relay.proc)
+
+
+def test_a_cli_speaker_speaks_from_a_microphone(tmp_path) -> None:
+    """`relay publish --mic DEVICE`: ffmpeg captures the device (here ALSA's
+    null device, which every machine has) and the node takes its frames
+    from the speaker; a device that cannot be opened is one line naming it,
+    never a traceback."""
+    need("ffmpeg")
+    relay = start_relay(tmp_path, auth="jwt", extra_room=STAGE)
+    try:
+        env = dict(ENV, RELAY_TOKEN=token("stage", speaker="ann", name="Ann"))
+        server = ["--server", f"{relay.listen[0]}:{relay.listen[1]}", "--room", "stage"]
+        mic = subprocess.run([sys.executable, "-m", "relay", "publish", *server, "--mic", "null", "--duration", "2"],
+                             env=env, capture_output=True, text=True, timeout=30)
+        assert mic.returncode == 0 and "speaking microphone null on the stage" in mic.stderr, mic.stderr
+        # one speaker is passed through: the room took about 100 of its frames
+        assert scrape(relay.admin)['relay_room_packets_in_total{room="stage"}'] > 50
+        bad = subprocess.run([sys.executable, "-m", "relay", "publish", *server, "--mic", "hw:97",
+                              "--duration", "1"], env=env, capture_output=True, text=True, timeout=30)
+        assert bad.returncode == 2 and "--mic hw:97: ffmpeg could not capture from alsa device 'hw:97'" in bad.stderr
+        assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     finally:
         stop(relay.proc)
