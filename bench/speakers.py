@@ -13,6 +13,9 @@ Reports, into bench/results/speakers.json:
              Stage driven on a simulated clock in this process, timed with
              the thread's own CPU clock: the machine's other load does not
              count. One speaker is the pass-through: no decode, no encode.
+  join_phases  the mix's added delay for a speaker that sends at each of
+             PHASES_MS within the frame the stage ticks on (the other
+             speaker set the ticks): p50, p99 and max over every phase.
   latency    mouth to ear on loopback: a speaker's RTP packet sent to the
              listener's RTP packet carrying the same audio received (the
              same frame of the stage's timeline), p50 and p99, for one
@@ -37,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pylibsrtp import Policy, Session as SrtpSession  # noqa: E402
 
-from relay.client.publish import FRAME, RtpPacketizer, encode_tone  # noqa: E402
+from relay.client.publish import RtpPacketizer, encode_tone  # noqa: E402
 from relay.client.speak import SpeakerClient, with_level  # noqa: E402
 from relay.node import Node  # noqa: E402
 from relay.stage.stage import FRAME_NS, Stage  # noqa: E402
@@ -47,6 +50,7 @@ from relay.wire.config import load  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TONES = [220.0 * (1 + k / 4) for k in range(16)]
+PHASES_MS = [0.0, 2.5, 5.0, 7.5, 10.0, 12.5, 15.0, 17.5]   # where in the 20 ms frame speaker 0 sends
 
 
 def _srtp(key: bytes) -> SrtpSession:
@@ -90,8 +94,11 @@ def stage_cpu(speakers: int, seconds: float, on_stage: int = 0) -> dict:
             "frames_mixed": stage.frames_mixed, "clipped": stage.mixer.clipped}
 
 
-async def latency(speakers: int, seconds: float) -> dict:
-    """Mouth-to-ear delays (ms) of speaker 0's audio with `speakers` on stage."""
+async def latency(speakers: int, seconds: float, phase_ms: float = 0.0) -> dict:
+    """Mouth-to-ear delays (ms) of speaker 0's audio with `speakers` on
+    stage. With several, the others start a second earlier (the stage's
+    ticks follow them) and speaker 0 sends `phase_ms` after them in each
+    20 ms frame: where a speaker's join lands within the frame."""
     port = free_port()
     node = Node(load(f'[node]\nlisten = "127.0.0.1:{port}"\nadmin = ""\nauth = "open"\nmax_load = 0\n'
                      'max_machine_load = 0\n[[room]]\nname = "stage"\n'))
@@ -121,17 +128,20 @@ async def latency(speakers: int, seconds: float) -> dict:
     srtps = [c._srtp() for c in clients]
     rtps = [RtpPacketizer() for _ in clients]
     frames = int(seconds * 50)
+    lead = 50 if speakers > 1 else 0          # the others' first second, before speaker 0 joins in
+    # (when, speaker, frame): the others on the frame grid, speaker 0 `phase_ms` after it
+    plan = sorted([((n + lead) * 0.02 + (phase_ms / 1000 if k == 0 else 0.0), k, n)
+                   for k in range(speakers) for n in range(-lead if k else 0, frames)])
     start = time.monotonic()
-    for n in range(frames):
-        for k, c in enumerate(clients):
-            ts = rtps[k].ts
-            pkt = srtps[k].protect(with_level(rtps[k].packet(payloads[k][n % 50]), 14))
-            if k == 0:
-                sent[ts] = time.monotonic_ns()
-            c._send(pkt)
-        delay = start + (n + 1) * FRAME / 48000 - time.monotonic()
+    for at, k, n in plan:
+        delay = start + at - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
+        ts = rtps[k].ts
+        pkt = srtps[k].protect(with_level(rtps[k].packet(payloads[k][n % 50]), 14))
+        if k == 0:
+            sent[ts] = time.monotonic_ns()
+        clients[k]._send(pkt)
     await asyncio.sleep(0.3)
     stage = node.stages.worker.stages["stage"]
     voice = stage.voices[clients[0]._transport.get_extra_info("sockname")]
@@ -151,9 +161,9 @@ async def latency(speakers: int, seconds: float) -> dict:
     delays.sort()
     # the first second: the stage settles (a speaker placed, the mix begun)
     steady = delays[50:] or delays
-    return {"speakers": speakers, "mode": stage.mode, "frames": len(sent), "matched": len(delays),
-            "p50_ms": round(statistics.median(steady), 2),
-            "p99_ms": round(steady[min(len(steady) - 1, int(0.99 * len(steady)))], 2)}
+    return {"speakers": speakers, "phase_ms": phase_ms, "mode": stage.mode, "frames": len(sent),
+            "matched": len(delays), "p50_ms": round(statistics.median(steady), 2),
+            "p99_ms": round(steady[min(len(steady) - 1, int(0.99 * len(steady)))], 2), "delays_ms": steady}
 
 
 def main() -> None:
@@ -168,7 +178,19 @@ def main() -> None:
     for row in lat[1:]:
         row["added_p50_ms"] = round(row["p50_ms"] - base, 2)
         row["added_p99_ms"] = round(row["p99_ms"] - base, 2)
-    out = {"command": "bench/speakers.py" + (" --smoke" if args.smoke else ""), "cpu": cpu, "latency": lat}
+    # where a speaker's join lands within the 20 ms frame decides its delay:
+    # speaker 0 of 2 at phases across the frame, all its frames together
+    phases = [asyncio.run(latency(2, lat_s, phase)) for phase in PHASES_MS[::4 if args.smoke else 1]]
+    every = sorted(d - base for row in phases for d in row["delays_ms"])
+    spread = {"phases_ms": [r["phase_ms"] for r in phases], "frames": len(every),
+              "added_p50_ms": round(statistics.median(every), 2),
+              "added_p99_ms": round(every[min(len(every) - 1, int(0.99 * len(every)))], 2),
+              "added_max_ms": round(every[-1], 2),
+              "added_p50_by_phase_ms": [round(r["p50_ms"] - base, 2) for r in phases]}
+    for row in lat + phases:
+        del row["delays_ms"]
+    out = {"command": "bench/speakers.py" + (" --smoke" if args.smoke else ""), "cpu": cpu, "latency": lat,
+           "join_phases": spread}
     path = Path(args.out) if args.out else RESULTS / "speakers.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
@@ -180,6 +202,9 @@ def main() -> None:
     for r in lat:
         added = f"{r.get('added_p50_ms', 0):.1f} / {r.get('added_p99_ms', 0):.1f}" if "added_p50_ms" in r else "-"
         print(f"{r['speakers']:8d}  {r['mode']:4s}  {r['p50_ms']:8.1f} / {r['p99_ms']:<8.1f}       {added}")
+    print(f"the mix's added delay across join phases {spread['phases_ms']} ms: p50 {spread['added_p50_ms']}, "
+          f"p99 {spread['added_p99_ms']}, max {spread['added_max_ms']} ms "
+          f"(per phase p50: {spread['added_p50_by_phase_ms']})")
 
 
 if __name__ == "__main__":

@@ -65,3 +65,7 @@ def test_speakers_bench_smoke(tmp_path) -> None:
     # every frame the first speaker sent is found in the listener's stream
     for r in result["latency"]:
         assert r["matched"] >= 0.9 * r["frames"], r
+    # the spread over join phases is measured from every phase's frames
+    spread = result["join_phases"]
+    assert spread["phases_ms"] == [0.0, 10.0] and spread["frames"] > 50, spread
+    assert 0 < spread["added_p50_ms"] <= spread["added_p99_ms"] <= spread["added_max_ms"], spread
