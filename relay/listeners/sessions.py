@@ -30,7 +30,8 @@ from relay.stage.stages import Stages, seat_of
 from relay.wire.addr import to_sockaddr
 from relay.wire.config import NodeConfig
 from relay.wire.keyx import Keys, SealError, mac, node_keys, node_public
-from relay.wire.protocol import (MIN_JOIN, Accept, Challenge, CookieJar, Join, Keepalive, Leave, MsgType,
+from relay.wire.cookies import CookieJar
+from relay.wire.protocol import (MIN_JOIN, Accept, Challenge, Join, Keepalive, Leave, MsgType,
                                  ProtocolError, Reason, Reject, cookie_proof, decode, encode)
 from relay.wire.rtcp import parse_rtcp
 from relay.wire.stage_msgs import Hand, Reaction

@@ -2,18 +2,16 @@
 for the demo. Every mistake becomes one ConfigError line naming what to fix."""
 from __future__ import annotations
 
-import base64
-import binascii
-import ipaddress
 import os
 import socket
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from relay.wire.addr import parse_hostport
 from relay.wire.directory_url import SENTINEL_SCHEME, sentinel_url, shown_url
-from relay.wire.protocol import MAX_REDIRECT, MAX_ROOM
+from relay.wire.config_values import ConfigError, address, integer, number, seconds
+from relay.wire.protocol import MAX_REDIRECT
+from relay.wire.room_config import (PLAIN_TAKEOVER_S, SRTP_TAKEOVER_S, RoomConfig, room)  # noqa: F401 (re-exported)
 
 DEFAULT_TOML = """
 # The embedded default: one open room on loopback, for `make demo`.
@@ -35,89 +33,6 @@ name = "demo"
 ingest = "127.0.0.1:5004"
 sources = ["127.0.0.1"]
 """
-
-
-# how long an SRTP room's stream must be silent before another authenticated
-# one may take over (sooner, two key holders would fight packet by packet)
-SRTP_TAKEOVER_S = 0.15
-# A plain-RTP room's live stream may be replaced by another stream from an
-# allowed source once it has been silent this long. No live publisher is:
-# ffmpeg, GStreamer and OBS send a packet every 20 ms, and Opus DTX still
-# sends one at least every 400 ms, so 2 s is five DTX intervals (four lost
-# comfort-noise packets in a row, or a network stall of that length, do
-# not open the room). A crashed or killed publisher, which sends no BYE,
-# frees its room after this silence instead of locking it until an
-# operator releases it. `takeover_after = "never"` keeps the strict lock.
-PLAIN_TAKEOVER_S = 2.0
-# A publisher's input, bounded by default: Opus at its most (510 kbit/s) in
-# 10 ms frames with RTP headers fits with room for a burst; ffmpeg and OBS
-# send 50 packets a second at 64-128 kbit/s. More is a flood or a broken
-# encoder, multiplied by every listener.
-MAX_PACKET_RATE = 100.0
-MAX_BITRATE = 600_000.0
-
-
-class ConfigError(Exception):
-    """A configuration mistake, as one readable line."""
-
-
-@dataclass
-class RoomConfig:
-    name: str
-    ingest: tuple[str, int] | None   # None: the room comes from upstream nodes
-    sources: list[tuple[str, int]]   # port 0 = any port
-    any_source: bool = False
-    max_listeners: int = 0           # 0 = only the node limit
-    # SRTP (AES_CM_128_HMAC_SHA1_80) master key and salt, 30 bytes: every
-    # packet must authenticate with it, and holding it is what lets a new
-    # stream take over the room
-    srtp_key: bytes = b""
-    # seconds of silence after which another stream may take the room
-    # (None: never; a BYE from the live stream or the operator releases it)
-    takeover_after: float | None = PLAIN_TAKEOVER_S
-    # nodes to take the room from, in order of preference (a cascade):
-    # this node joins the first that answers as a relay listener
-    upstream: list[tuple[str, int]] = field(default_factory=list)
-    # upstream = "directory": the parents are live nodes of the tier above
-    # this one, read from the directory (routing.parents)
-    from_directory: bool = False
-    # speakers the room's stage holds at once: a room with neither ingest
-    # nor upstream takes its audio from speakers who join with a publish
-    # token; a room with an ingest port takes them too if this is set, and
-    # its publishers go on the stage beside them
-    max_speakers: int = 0
-    # an origin pair: the other origin of this room (both take the
-    # publisher's stream and agree on one numbering: relay/cluster/pair.py),
-    # and whether this one numbers a stream both see start at once
-    pair: tuple[str, int] | None = None
-    pair_lead: bool = False
-    # the most a room takes from its publisher a second (0: no bound); the
-    # rest is counted and dropped, since every listener would get each one
-    max_packet_rate: float = 0.0
-    max_bitrate: float = 0.0
-    hls: bool = True                 # LL-HLS for this room when the node has [node] hls
-    record: bool = False             # keep its segments for a replay ([node] record_dir)
-
-    @property
-    def stage(self) -> bool:
-        """Does the room's audio go through a stage (relay/stage/stage.py)?"""
-        return not self.from_upstream and (self.ingest is None or self.max_speakers > 0)
-
-    @property
-    def from_upstream(self) -> bool:
-        """Does the room come from other nodes (a list, or the directory)?"""
-        return bool(self.upstream) or self.from_directory
-
-    @property
-    def origin(self) -> str:
-        """Where the room's audio comes from, in words (the start-up line)."""
-        if self.stage:
-            return f"up to {self.max_speakers} speakers"
-        if self.from_directory:
-            return "upstream nodes the directory names"
-        if self.ingest is None:
-            return "upstream " + ", ".join(f"{h}:{p}" for h, p in self.upstream)
-        return f"{self.ingest[0]}:{self.ingest[1]}"
 
 
 @dataclass
@@ -185,40 +100,6 @@ _NODE_KEYS = {"listen", "admin", "public", "auth", "secret_env", "max_listeners"
               "upstream_linger", "upstream_pair", "directory", "node_id", "tier", "advertise",
               "quic", "quic_cert", "quic_key", "quic_redirect", "quic_fast_path",
               "hls", "hls_max_held", "hls_max_connections", "record_dir", "record_retention"}
-_ROOM_KEYS = {"name", "ingest", "sources", "max_listeners", "srtp_key_env", "takeover_after", "upstream",
-              "pair", "pair_lead", "max_packet_rate", "max_bitrate",
-              "max_speakers", "hls", "record"}
-DEFAULT_SPEAKERS = 16    # a stage room's max_speakers unless it says
-MAX_SPEAKERS = 64
-SRTP_KEY_BYTES = 30      # AES_CM_128_HMAC_SHA1_80: a 16-byte master key and a 14-byte salt
-
-
-def _addr(where: str, value: Any) -> tuple[str, int]:
-    if not isinstance(value, str):
-        raise ConfigError(f"{where}: expected \"host:port\", got {value!r}")
-    try:
-        return parse_hostport(value)
-    except ValueError as e:
-        raise ConfigError(f"{where}: {e}") from None
-
-
-def _int(where: str, value: Any, lo: int, hi: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise ConfigError(f"{where}: expected an integer from {lo} to {hi}, got {value!r}")
-    return value
-
-
-def _float(where: str, value: Any, lo: float, hi: float) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not lo <= value <= hi:
-        raise ConfigError(f"{where}: expected a number from {lo:g} to {hi:g}, got {value!r}")
-    return float(value)
-
-
-def _seconds(where: str, value: Any, lo: float = 0.0, hi: float = float("inf")) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0 or not lo <= value <= hi:
-        bounds = f" from {lo:g} to {hi:g}" if hi != float("inf") else ""
-        raise ConfigError(f"{where}: expected a positive number of seconds{bounds}, got {value!r}")
-    return float(value)
 
 
 # what one listener slot costs besides its ring's bytes and index: the
@@ -257,124 +138,9 @@ def _check_arena(cfg: NodeConfig) -> None:
                           f"but this machine has {have / 2**30:.1f} GiB: lower max_listeners or ring_bytes")
 
 
-def _srtp_key(where: str, raw: dict[str, Any], environ: Mapping[str, str]) -> bytes:
-    name = raw.get("srtp_key_env")
-    if name is None:
-        return b""
-    if not isinstance(name, str) or not name:
-        raise ConfigError(f"{where}: srtp_key_env: expected the name of an environment variable, got {name!r}")
-    value = environ.get(name)
-    if not value:
-        raise ConfigError(f"{where}: srtp_key_env: environment variable {name} is not set "
-                          f"(the base64 of a 30-byte SRTP master key and salt, e.g. openssl rand -base64 30)")
-    try:
-        key = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise ConfigError(f"{where}: srtp_key_env: {name} is not base64") from None
-    if len(key) != SRTP_KEY_BYTES:
-        raise ConfigError(f"{where}: srtp_key_env: {name} holds {len(key)} bytes; AES_CM_128_HMAC_SHA1_80 "
-                          f"needs {SRTP_KEY_BYTES} (a 16-byte master key and a 14-byte salt)")
-    return key
-
-
-def _upstream_room(where: str, name: str, raw: dict[str, Any]) -> RoomConfig:
-    """A room this node takes from other nodes instead of from publishers."""
-    for key in ("ingest", "sources", "srtp_key_env", "takeover_after", "max_speakers"):
-        if key in raw:
-            raise ConfigError(f"{where}: '{key}' is for rooms with publishers; this one comes from 'upstream'")
-    nodes = raw["upstream"]
-    limit = _int(f"{where}: max_listeners", raw.get("max_listeners", 0), 0, 10**7)
-    if nodes == "directory":
-        return RoomConfig(name, None, [], False, limit, from_directory=True)
-    if isinstance(nodes, str):
-        nodes = [nodes]
-    if not isinstance(nodes, list) or not nodes:
-        raise ConfigError(f"{where}: 'upstream' must list the nodes to take the room from (host:port), "
-                          "or be \"directory\"")
-    upstream = [_addr(f"{where}: upstream", n) for n in nodes]
-    return RoomConfig(name, None, [], False, limit, upstream=upstream)
-
-
-def _room(i: int, raw: Any, open_auth: bool, environ: Mapping[str, str]) -> RoomConfig:
-    where = f"room #{i + 1}"
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a table")
-    unknown = set(raw) - _ROOM_KEYS
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
-    name = raw.get("name")
-    if not isinstance(name, str) or not name or len(name.encode()) > MAX_ROOM:
-        raise ConfigError(f"{where}: 'name' must be a string of 1 to {MAX_ROOM} bytes")
-    where = f"room {name!r}"
-    if "upstream" in raw:
-        return _upstream_room(where, name, raw)
-    if "ingest" not in raw:
-        return _stage_room(where, name, raw)
-    speakers = _int(f"{where}: max_speakers", raw.get("max_speakers", 0), 0, MAX_SPEAKERS)
-    ingest = _addr(f"{where}: ingest", raw["ingest"])
-    sources_raw = raw.get("sources")
-    if not isinstance(sources_raw, list) or not sources_raw:
-        raise ConfigError(f"{where}: 'sources' must list the publisher addresses allowed in")
-    sources, any_source = [], False
-    for s in sources_raw:
-        if s == "*":
-            if not open_auth:
-                raise ConfigError(f"{where}: sources = [\"*\"] is only allowed with auth = \"open\"")
-            any_source = True
-            continue
-        try:
-            host, port = parse_hostport(str(s), default_port=0)
-            ipaddress.ip_address(host)
-        except ValueError as e:
-            raise ConfigError(f"{where}: source {s!r}: {e}") from None
-        sources.append((host, port))
-    limit = _int(f"{where}: max_listeners", raw.get("max_listeners", 0), 0, 10**7)
-    srtp_key = _srtp_key(where, raw, environ)
-    takeover: float | None = SRTP_TAKEOVER_S if srtp_key else PLAIN_TAKEOVER_S
-    if raw.get("takeover_after") == "never":
-        takeover = None
-    elif "takeover_after" in raw:
-        takeover = _float(f"{where}: takeover_after (seconds, or \"never\")", raw["takeover_after"], 0, 86400)
-    if srtp_key and not speakers and "pair" in raw:
-        raise ConfigError(f"{where}: 'pair' is for plain-RTP rooms and stages, not an SRTP ingest room")
-    pair, lead = _pair(where, raw, stage=speakers > 0)
-    pps = _float(f"{where}: max_packet_rate (packets a second, 0 = no bound)",
-                 raw.get("max_packet_rate", MAX_PACKET_RATE), 0, 10_000)
-    bps = _float(f"{where}: max_bitrate (bits a second, 0 = no bound)", raw.get("max_bitrate", MAX_BITRATE),
-                 0, 100_000_000)
-    return RoomConfig(name, ingest, sources, any_source, limit, srtp_key, takeover, max_speakers=speakers,
-                      pair=pair, pair_lead=lead, max_packet_rate=pps, max_bitrate=bps)
-
-
-def _stage_room(where: str, name: str, raw: dict[str, Any]) -> RoomConfig:
-    """A room whose audio comes from speakers who join it (no ingest port)."""
-    for key in ("sources", "srtp_key_env", "takeover_after"):
-        if key in raw:
-            raise ConfigError(f"{where}: '{key}' is for rooms with an 'ingest' port; this one has none, "
-                              "so its audio comes from speakers who join with a publish token")
-    speakers = _int(f"{where}: max_speakers", raw.get("max_speakers", DEFAULT_SPEAKERS), 1, MAX_SPEAKERS)
-    limit = _int(f"{where}: max_listeners", raw.get("max_listeners", 0), 0, 10**7)
-    pair, _ = _pair(where, raw, stage=True)
-    return RoomConfig(name, None, [], False, limit, max_speakers=speakers, pair=pair)
-
-
-def _pair(where: str, raw: dict[str, Any], stage: bool) -> tuple[tuple[str, int] | None, bool]:
-    """The room's other origin, and whether this one leads the numbering.
-    A stage pair has no leader: each origin mixes on its own, and the
-    nodes below follow one of them (relay/cluster/follow.py)."""
-    pair = _addr(f"{where}: pair", raw["pair"]) if "pair" in raw else None
-    lead = raw.get("pair_lead", False)
-    if not isinstance(lead, bool) or (lead and pair is None):
-        raise ConfigError(f"{where}: pair_lead is true or false, on one origin of a 'pair'")
-    if lead and stage:
-        raise ConfigError(f"{where}: pair_lead is for pass-through pairs; the two origins of a stage each "
-                          "mix, and the nodes below follow one of them")
-    return pair, lead
-
-
 def _quic(cfg: NodeConfig, node: dict[str, Any]) -> None:
     quic = node.get("quic", "")
-    cfg.quic = None if quic == "" else _addr("[node] quic", quic)
+    cfg.quic = None if quic == "" else address("[node] quic", quic)
     if cfg.quic is not None and cfg.quic == cfg.listen:
         raise ConfigError(f"[node] quic: {cfg.quic[0]}:{cfg.quic[1]} is also the UDP listen address")
     cfg.quic_cert, cfg.quic_key = str(node.get("quic_cert", "")), str(node.get("quic_key", ""))
@@ -439,57 +205,57 @@ def from_dict(raw: dict[str, Any], label: str = "config", environ: Mapping[str, 
         raise ConfigError(f"{label}: [node]: unknown key {sorted(unknown)[0]!r}")
     cfg = NodeConfig()
     if "listen" in node:
-        cfg.listen = _addr("[node] listen", node["listen"])
+        cfg.listen = address("[node] listen", node["listen"])
     if "admin" in node:
-        cfg.admin = None if node["admin"] == "" else _addr("[node] admin", node["admin"])
+        cfg.admin = None if node["admin"] == "" else address("[node] admin", node["admin"])
     if node.get("public", "") != "":
-        cfg.public = _addr("[node] public", node["public"])
+        cfg.public = address("[node] public", node["public"])
         if cfg.admin is not None and cfg.public[1] == cfg.admin[1] \
                 and (cfg.public[0] == cfg.admin[0] or WILDCARDS & {cfg.public[0], cfg.admin[0]}):
             raise ConfigError(f"[node] public: {cfg.public[0]}:{cfg.public[1]} is the admin port; give the "
                               "listeners' HTTP a port of its own (or leave public out to serve both on admin)")
     _auth(cfg, node, env)
-    cfg.max_listeners = _int("[node] max_listeners", node.get("max_listeners", cfg.max_listeners), 1, 10**7)
-    cfg.ring_depth = _int("[node] ring_depth", node.get("ring_depth", cfg.ring_depth), 2, 4096)
+    cfg.max_listeners = integer("[node] max_listeners", node.get("max_listeners", cfg.max_listeners), 1, 10**7)
+    cfg.ring_depth = integer("[node] ring_depth", node.get("ring_depth", cfg.ring_depth), 2, 4096)
     if cfg.ring_depth & (cfg.ring_depth - 1):
         raise ConfigError(f"[node] ring_depth: must be a power of two, got {cfg.ring_depth}")
     # a ring must hold at least the largest packet it is asked to carry
-    cfg.ring_bytes = _int("[node] ring_bytes", node.get("ring_bytes", cfg.ring_bytes),
+    cfg.ring_bytes = integer("[node] ring_bytes", node.get("ring_bytes", cfg.ring_bytes),
                           MIN_RING_BYTES, MAX_RING_BYTES)
-    cfg.burst_packets = _int("[node] burst_packets", node.get("burst_packets", cfg.burst_packets),
+    cfg.burst_packets = integer("[node] burst_packets", node.get("burst_packets", cfg.burst_packets),
                              0, cfg.ring_depth - 1)
     # the ACCEPT carries both in milliseconds; keepalives faster than 10 a
     # second would only be load
-    cfg.keepalive_interval = _seconds("[node] keepalive_interval",
+    cfg.keepalive_interval = seconds("[node] keepalive_interval",
                                       node.get("keepalive_interval", cfg.keepalive_interval), 0.1, 600)
-    cfg.session_timeout = _seconds("[node] session_timeout",
+    cfg.session_timeout = seconds("[node] session_timeout",
                                    node.get("session_timeout", cfg.session_timeout), 0.2, 3600)
     if cfg.session_timeout < 2 * cfg.keepalive_interval:
         raise ConfigError("[node] session_timeout: must be at least twice keepalive_interval")
     _check_arena(cfg)
-    cfg.room_label_limit = _int("[node] room_label_limit",
+    cfg.room_label_limit = integer("[node] room_label_limit",
                                 node.get("room_label_limit", cfg.room_label_limit), 0, 10_000)
-    cfg.join_rate = _seconds("[node] join_rate", node.get("join_rate", cfg.join_rate))
-    cfg.join_rate_per_source = _seconds("[node] join_rate_per_source",
+    cfg.join_rate = seconds("[node] join_rate", node.get("join_rate", cfg.join_rate))
+    cfg.join_rate_per_source = seconds("[node] join_rate_per_source",
                                         node.get("join_rate_per_source", cfg.join_rate_per_source))
-    cfg.max_rooms = _int("[node] max_rooms", node.get("max_rooms", cfg.max_rooms), 1, 100_000)
-    cfg.speaker_slots = _int("[node] speaker_slots", node.get("speaker_slots", cfg.speaker_slots), 0, 100_000)
-    cfg.drain_grace = _float("[node] drain_grace", node.get("drain_grace", cfg.drain_grace), 0, 3600)
-    cfg.drain_rate = _float("[node] drain_rate", node.get("drain_rate", cfg.drain_rate), 1, 10**7)
-    cfg.log_interval = _seconds("[node] log_interval", node.get("log_interval", cfg.log_interval), 0.1, 3600)
-    cfg.upstream_linger = _seconds("[node] upstream_linger", node.get("upstream_linger", cfg.upstream_linger),
+    cfg.max_rooms = integer("[node] max_rooms", node.get("max_rooms", cfg.max_rooms), 1, 100_000)
+    cfg.speaker_slots = integer("[node] speaker_slots", node.get("speaker_slots", cfg.speaker_slots), 0, 100_000)
+    cfg.drain_grace = number("[node] drain_grace", node.get("drain_grace", cfg.drain_grace), 0, 3600)
+    cfg.drain_rate = number("[node] drain_rate", node.get("drain_rate", cfg.drain_rate), 1, 10**7)
+    cfg.log_interval = seconds("[node] log_interval", node.get("log_interval", cfg.log_interval), 0.1, 3600)
+    cfg.upstream_linger = seconds("[node] upstream_linger", node.get("upstream_linger", cfg.upstream_linger),
                                    0.1, 3600)
     pair = node.get("upstream_pair", True)
     if not isinstance(pair, bool):
         raise ConfigError(f"[node] upstream_pair: true or false, not {pair!r}")
     cfg.upstream_pair = pair
-    cfg.quic_max_pending = _int("[node] quic_max_pending", node.get("quic_max_pending", cfg.quic_max_pending),
+    cfg.quic_max_pending = integer("[node] quic_max_pending", node.get("quic_max_pending", cfg.quic_max_pending),
                                 1, 10**6)
-    cfg.quic_max_pending_per_source = _int("[node] quic_max_pending_per_source",
+    cfg.quic_max_pending_per_source = integer("[node] quic_max_pending_per_source",
                                            node.get("quic_max_pending_per_source", cfg.quic_max_pending_per_source),
                                            1, 10**6)
-    cfg.load_floor = _int("[node] load_floor", node.get("load_floor", cfg.load_floor), 0, 10**7)
-    cfg.max_sessions_per_token = _int("[node] max_sessions_per_token",
+    cfg.load_floor = integer("[node] load_floor", node.get("load_floor", cfg.load_floor), 0, 10**7)
+    cfg.max_sessions_per_token = integer("[node] max_sessions_per_token",
                                       node.get("max_sessions_per_token", cfg.max_sessions_per_token), 0, 10**7)
     for key, what in (("max_load", "a core"), ("max_machine_load", "the machine's CPUs")):
         value = node.get(key, getattr(cfg, key))
@@ -499,7 +265,7 @@ def from_dict(raw: dict[str, Any], label: str = "config", environ: Mapping[str, 
     workers = node.get("workers", "auto")
     if workers == "auto":
         workers = max(1, min(os.cpu_count() or 1, 64))
-    cfg.workers = _int("[node] workers", workers, 1, 64)
+    cfg.workers = integer("[node] workers", workers, 1, 64)
     if cfg.workers > cfg.max_listeners:
         cfg.workers = cfg.max_listeners
     cfg.redirect = str(node.get("redirect", ""))
@@ -515,17 +281,17 @@ def from_dict(raw: dict[str, Any], label: str = "config", environ: Mapping[str, 
 def _hls(cfg: NodeConfig, node: dict[str, Any]) -> None:
     """[node] hls, hls_max_held, hls_max_connections: the LL-HLS port (TCP)."""
     hls = node.get("hls", "")
-    cfg.hls = None if hls == "" else _addr("[node] hls", hls)
+    cfg.hls = None if hls == "" else address("[node] hls", hls)
     if cfg.hls is not None and cfg.admin is not None and cfg.hls[1] == cfg.admin[1] \
             and (cfg.hls[0] == cfg.admin[0] or WILDCARDS & {cfg.hls[0], cfg.admin[0]}):
         raise ConfigError(f"[node] hls: {cfg.hls[0]}:{cfg.hls[1]} is the admin port; give HLS a port of its own")
-    cfg.hls_max_held = _int("[node] hls_max_held", node.get("hls_max_held", cfg.hls_max_held), 1, 10**7)
-    cfg.hls_max_connections = _int("[node] hls_max_connections",
+    cfg.hls_max_held = integer("[node] hls_max_held", node.get("hls_max_held", cfg.hls_max_held), 1, 10**7)
+    cfg.hls_max_connections = integer("[node] hls_max_connections",
                                    node.get("hls_max_connections", cfg.hls_max_connections), 16, 10**7)
     cfg.record_dir = node.get("record_dir", "")
     if not isinstance(cfg.record_dir, str):
         raise ConfigError(f"[node] record_dir: a directory path, not {cfg.record_dir!r}")
-    cfg.record_retention = _seconds("[node] record_retention",
+    cfg.record_retention = seconds("[node] record_retention",
                                     node.get("record_retention", cfg.record_retention), 60, 10 * 365 * 86400)
 
 
@@ -562,7 +328,7 @@ def _directory(cfg: NodeConfig, node: dict[str, Any]) -> None:
     host, port = cfg.listen
     advertise = node.get("advertise")
     if advertise is not None:
-        h, p = _addr("[node] advertise", advertise)
+        h, p = address("[node] advertise", advertise)
         cfg.advertise = f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
     elif host in ("0.0.0.0", "::"):
         if cfg.directory:
@@ -597,7 +363,7 @@ WILDCARDS = {"0.0.0.0", "::"}
 def _rooms(cfg: NodeConfig, rooms: Any, label: str, environ: Mapping[str, str]) -> None:
     if not isinstance(rooms, list):
         raise ConfigError(f"{label}: rooms are [[room]] tables")
-    cfg.rooms = [_room(i, r, cfg.auth == "open", environ) for i, r in enumerate(rooms)]
+    cfg.rooms = [room(i, r, cfg.auth == "open", environ) for i, r in enumerate(rooms)]
     for r, raw in zip(cfg.rooms, rooms, strict=True):
         _room_hls(cfg, r, raw)
     if not cfg.rooms:

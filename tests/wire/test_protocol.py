@@ -9,7 +9,8 @@ from hypothesis import given, settings, strategies as st
 from relay._core import Core
 from relay.wire.addr import to_sockaddr
 from relay.wire.config import load
-from relay.wire.protocol import (MIN_JOIN, Accept, Challenge, CookieJar, Join, Keepalive, Leave,
+from relay.wire.cookies import CookieJar
+from relay.wire.protocol import (MIN_JOIN, Accept, Challenge, Join, Keepalive, Leave,
                             ProtocolError, Reason, Reject, Speaker, Speakers, decode, encode)
 from relay.wire.rtcp import build_nack, parse_rtcp
 from relay.listeners.admission import JoinLimiter, source_key
