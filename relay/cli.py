@@ -148,51 +148,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def _listen_sinks(args: argparse.Namespace) -> tuple[list[Callable[[bytes], None]], Callable[[], None]]:
     """Where received packets go (an Ogg file, an RTP forward), and what
     closes them at the end."""
-    from relay.client.sdp import sdp_for
-    from relay.client.ogg import OggOpusWriter
-    from relay.client.publish import PAYLOAD_TYPE
-
-    sinks: list[Callable[[bytes], None]] = []
-    closers: list[Callable[[], None]] = []
-    if args.sdp and not args.forward:
-        _die("--sdp describes the stream --forward sends: give --forward HOST:PORT too")
-    if args.out:
-        try:
-            out_file: BinaryIO = open(args.out, "wb")
-        except OSError as e:
-            _die(f"--out {args.out}: {e.strerror}")
-        ogg = OggOpusWriter(out_file)
-        sinks.append(lambda pkt: ogg.write(_payload(pkt)))
-        closers += [ogg.close, out_file.close]
-    if args.forward:
-        import socket
-        try:
-            host, port = parse_hostport(args.forward)
-        except ValueError as e:
-            _die(f"--forward: {e}")
-        fwd = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
-        fwd.connect((host, port))
-
-        def forward(pkt: bytes) -> None:
-            # The relay passes on the publisher's payload type (ffmpeg sends
-            # 97, GStreamer 96); the player decodes only what the SDP
-            # declares, so what we forward carries the SDP's.
-            if pkt[1] & 0x7F != PAYLOAD_TYPE:
-                pkt = pkt[:1] + bytes([(pkt[1] & 0x80) | PAYLOAD_TYPE]) + pkt[2:]
-            try:
-                fwd.send(pkt)
-            except OSError:
-                pass  # the player is not up yet
-        sinks.append(forward)
-        if args.sdp:
-            with open(args.sdp, "w") as f:
-                f.write(sdp_for(port, host, PAYLOAD_TYPE))
-            print(f"play it live: ffplay -protocol_whitelist file,udp,rtp -i {args.sdp}", file=sys.stderr)
-
-    def close() -> None:
-        for c in closers:
-            c()
-    return sinks, close
+    from relay.client.sinks import SinkError, listen_sinks
+    try:
+        return listen_sinks(args.out, args.forward, args.sdp)
+    except SinkError as e:
+        _die(str(e))
+    raise AssertionError("unreachable")
 
 
 def cmd_listen(args: argparse.Namespace) -> None:
@@ -270,11 +231,6 @@ def cmd_listen(args: argparse.Namespace) -> None:
     raise SystemExit(code)
 
 
-def _payload(pkt: bytes) -> bytes:
-    # the relay always emits a bare 12-byte header (no CSRC, extension, padding)
-    return pkt[12:]
-
-
 # ----------------------------------------------------------------- publish
 
 DEFAULT_INGEST = "127.0.0.1:5004"
@@ -317,6 +273,7 @@ def _speak(args: argparse.Namespace) -> int:
     from relay.client.listen import JoinRefused
     from relay.client.ogg import OggOpusWriter
     from relay.client.signals import until_stopped
+    from relay.client.sinks import payload
     from relay.client.speak import MicError, file_frames, mic_frames, speak_tone
 
     frames = None
@@ -349,7 +306,7 @@ def _speak(args: argparse.Namespace) -> int:
     try:
         stats, stopped = _run(until_stopped(speak_tone(
             f"{server[0]}:{server[1]}", args.room, token, args.tone, args.duration,
-            sink=(lambda pkt: ogg.write(_payload(pkt))) if ogg else None, bitrate=args.bitrate,
+            sink=(lambda pkt: ogg.write(payload(pkt))) if ogg else None, bitrate=args.bitrate,
             frames=frames, joined=joined, also=also)))
     except JoinRefused as e:
         print(f"relay: {e}", file=sys.stderr)
