@@ -68,7 +68,6 @@ include "core/quic.pxi"
 include "core/quic_path.pxi"
 include "core/quic_ingress.pxi"
 
-
 cdef class Core:
     """A relay node's data path: rooms, a listener arena and their rings.
 
@@ -498,3 +497,4 @@ cdef class Core:
 
 include "core/quic_api.pxi"
 include "core/history.pxi"
+include "core/gate.pxi"

@@ -70,6 +70,10 @@ class Sessions:
         # datagrams to send before the reply on_control returns (a resuming
         # listener's missed audio, which must reach it ahead of its ACCEPT)
         self.outbox: list[Send] = []
+        # told (address, True) when a UDP session starts at an address and
+        # (address, False) when it ends: the listener port's gate lets that
+        # address's datagrams through before any stranger's
+        self.on_address: Callable[[tuple, bool], None] | None = None
 
     # ---------------------------------------------------------------- control
 
@@ -305,6 +309,8 @@ class Sessions:
             self._by_token[token] += 1
         if s.transport != UDP:
             self._pulled.add(key)
+        elif self.on_address is not None:
+            self.on_address(key, True)  # type: ignore[arg-type]
         return s
 
     def redirect_for(self, room: str, transport: str) -> str:
@@ -344,6 +350,8 @@ class Sessions:
         if s.role == "publish" and self.stages is not None:
             self.stages.leave(s.key)
         del self.table[s.key]
+        if s.transport == UDP and self.on_address is not None:
+            self.on_address(s.key, False)  # type: ignore[arg-type]
         self._by_room[(s.room, s.transport)] -= 1
         if s.token:
             self._by_token[s.token] -= 1

@@ -3,27 +3,46 @@ speakers' SRTP in; replies, resends and (from the core, with sendmmsg)
 audio out.
 
 This module only moves bytes: what to answer is the session policy's
-(sessions.py), what to send is the core's. With an inline core (no sender
+(sessions.py), what to send is the core's. The socket is drained by the
+core's ControlGate (core/gate.pxi) in recvmmsg batches: sessions' datagrams
+come up here always; strangers' are answered with a CHALLENGE or dropped
+in C, and only what the policy alone can answer comes up, under a bound,
+so a flood of them cannot starve a session's KEEPALIVEs (issue 28). With an inline core (no sender
 threads) the loop thread also waits for the socket to drain when the
 kernel's buffer fills, for its own sends and for the ingest ports'.
 """
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import time
 from typing import Iterable
 
-from relay._core import Core
+from relay._core import ControlGate, Core
 from relay.listeners.sessions import Resend, Send, Sessions
-from relay.wire.protocol import MAGIC, MAX_CONTROL
+from relay.wire.addr import to_sockaddr
+from relay.wire.protocol import MAGIC
 from relay.wire.sockets import SOCKET_BUFFER, udp_socket
 
-CONTROL_BATCH = 256      # control datagrams handled per wake-up, so fan-out is never starved
-# every control message fits (a longer datagram is not one of ours), RTCP
-# compound packets from listeners are far smaller, and so is a speaker's
-# SRTP (a 20 ms Opus frame is at most 1,275 bytes)
-CONTROL_BUFFER = max(MAX_CONTROL, 4096) + 1
+# recvmmsg batches of 64 read per wake-up: 4,096 datagrams, then the loop
+# serves everything else (fan-out, timers) before reading on
+GATE_ROUNDS = 64
+# CHALLENGEs the gate sends a second, node-wide: a cookie costs it about a
+# microsecond, so this bounds the reply traffic, not the CPU
+CHALLENGE_RATE = 200_000.0
+
+
+def gate_limits(join_rate: float, join_rate_per_source: float) -> dict[str, float]:
+    """Strangers' bounds in the gate, from the join limits: a source may
+    send three datagrams per join it may make (JOIN, JOIN+cookie and a
+    retransmission); the policy hears four times the joins the node admits
+    (so a storm's joiners are told rate_limited, not met with silence), and
+    two thousand a second besides (speakers' key exchanges, KEEPALIVEs of
+    sessions that ended, which are answered so their listeners rejoin)."""
+    per_source = 3 * join_rate_per_source if join_rate_per_source > 0 else 0.0
+    return {"per_source": per_source, "per_source_burst": max(per_source, 10.0),
+            "up_rate": 4 * join_rate + 2000 if join_rate > 0 else 0.0, "challenge_rate": CHALLENGE_RATE}
 
 
 class ListenerPort:
@@ -35,6 +54,27 @@ class ListenerPort:
         self.busy_ns = 0          # loop time spent in the inline fan-out
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writing = False
+        cfg = sessions.cfg
+        self.gate = ControlGate(cfg.max_listeners + cfg.speaker_slots + 64, sessions.cookies.secret,
+                                os.urandom(16), sessions.cookies.lifetime_s)
+        self.configure(cfg.join_rate, cfg.join_rate_per_source)
+        sessions.on_address = self._on_address
+
+    def configure(self, join_rate: float, join_rate_per_source: float) -> None:
+        """The gate's bounds for strangers (at start and on a reload)."""
+        self.gate.limits(**gate_limits(join_rate, join_rate_per_source))
+
+    def _on_address(self, addr: tuple, live: bool) -> None:
+        # the session table tells the gate whose datagrams always come up
+        raw = to_sockaddr(addr)
+        if live:
+            self.gate.known_add(raw)
+        else:
+            self.gate.known_drop(raw)
+
+    def gate_counters(self) -> dict[str, int]:
+        """What the gate passed up, answered and dropped (the metrics' view)."""
+        return self.gate.counters()
 
     @property
     def out_fd(self) -> int:
@@ -73,17 +113,10 @@ class ListenerPort:
     # --------------------------------------------------------------- control
 
     def _on_listener_socket(self) -> None:
-        sock = self.listen_sock
-        assert sock is not None
+        assert self.listen_sock is not None
         now = time.monotonic()
         joins = self.sessions.counters.joins
-        for _ in range(CONTROL_BATCH):
-            try:
-                data, addr = sock.recvfrom(CONTROL_BUFFER)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                continue  # e.g. a queued ICMP error; the socket stays usable
+        for data, addr in self.gate.drain(self.out_fd, GATE_ROUNDS):
             if not data:
                 continue
             if data[0] == MAGIC:
