@@ -13,6 +13,10 @@
  *   k  a KEEPALIVE with a random session id
  *   g  garbage (random bytes, first byte anything)
  * Default "jckg". Prints "sent N seconds S" at the end (or on SIGTERM).
+ * The node's replies go to ports 20000..20015 of the source addresses,
+ * where this process holds sockets it never reads: they are dropped there,
+ * as at a real attacker's host, instead of each costing the node's core an
+ * ICMP port-unreachable (loopback delivers in the sender's context).
  * Compiled by bench/flood.py; needs CAP_NET_RAW (the bench runs as root).
  */
 #define _GNU_SOURCE
@@ -95,6 +99,13 @@ int main(int argc, char **argv) {
     size_t nmix = strlen(mix);
     if (sources < 1 || sources > 65000 || nmix == 0) { fprintf(stderr, "bad sources or mix\n"); return 2; }
 
+    for (int i = 0; i < 16; i++) {
+        int sink = socket(AF_INET, SOCK_DGRAM, 0), small = 4096;
+        struct sockaddr_in any = {.sin_family = AF_INET, .sin_port = htons((uint16_t)(20000 + i))};
+        setsockopt(sink, SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
+        if (sink < 0 || bind(sink, (struct sockaddr *)&any, sizeof any) < 0)
+            perror("reply sink (the node's replies will cost it ICMP errors)");
+    }
     int fd = socket(AF_INET, SOCK_RAW, IPPROTO_RAW);   /* IPPROTO_RAW implies IP_HDRINCL */
     if (fd < 0) { perror("socket(SOCK_RAW)"); return 1; }
     int sndbuf = 4 << 20;

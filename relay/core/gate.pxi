@@ -10,10 +10,11 @@
 #      node-wide one: over either, counted and dropped;
 #   4. a JOIN without a valid cookie is answered here with a CHALLENGE
 #      (the stateless cookie of relay.wire.protocol.CookieJar, made with the
-#      same secret), the way a kernel answers a SYN with a SYN cookie;
-#   5. a JOIN whose cookie checks out (or a speaker's key exchange, a
-#      KEEPALIVE for no session, another version) goes up to the policy,
-#      under its own node-wide bound.
+#      same secret), the way a kernel answers a SYN with a SYN cookie, and a
+#      KEEPALIVE for no session with REJECT unknown_session (its listener
+#      rejoins), both under a node-wide bound on replies;
+#   5. a JOIN whose cookie checks out (or a speaker's key exchange, another
+#      version) goes up to the policy, under its own node-wide bound.
 # Packets in, packets out, counters: which addresses have sessions and how
 # fast strangers may go are the caller's to say. Included by relay/_core.pyx.
 
@@ -53,11 +54,12 @@ cdef enum:
     GC_NODE_RATE = 6        # dropped: over a node-wide bound
     GC_NOT_SESSION = 7      # dropped: RTP, RTCP or LEAVE from an address without a session
     GC_MALFORMED = 8        # dropped: not ours, truncated, or a type only the node sends
-    GC_UNSENT = 9           # CHALLENGEs the kernel would not take
-    GC_N = 10
+    GC_UNSENT = 9           # replies the kernel would not take
+    GC_ENDED = 10           # KEEPALIVEs for no session, answered REJECT unknown_session from here
+    GC_N = 11
 
 GATE_COUNTERS = ("known", "joins", "other", "challenges", "stale_cookies", "source_rate", "node_rate",
-                 "not_session", "malformed", "unsent")
+                 "not_session", "malformed", "unsent", "unknown_session")
 
 
 cdef inline uint64_t g_mix(uint64_t k) noexcept nogil:
@@ -121,6 +123,7 @@ cdef class ControlGate:
     cdef int64_t src_interval, src_window, up_tat, up_interval, up_window, ch_tat, ch_interval, ch_window
     cdef uint32_t lifetime_s
     cdef uint64_t n[GC_N]
+    cdef int reply_len           # of the reply _sort just wrote
 
     def __cinit__(self, int capacity, bytes secret, bytes seed, double lifetime_s=10.0):
         cdef uint32_t size = G_KNOWN_MIN
@@ -172,7 +175,8 @@ cdef class ControlGate:
     def limits(self, double per_source=50.0, double per_source_burst=50.0, double up_rate=4000.0,
                double challenge_rate=200000.0):
         """Strangers' bounds, per second: all they send per source address,
-        what goes up to the policy node-wide, CHALLENGEs node-wide (0: none)."""
+        what goes up to the policy node-wide, replies (CHALLENGEs, REJECTs)
+        node-wide (0: none)."""
         self.src_interval = <int64_t>(1e9 / per_source) if per_source > 0 else 0
         self.src_window = <int64_t>(per_source_burst * <double>self.src_interval)
         self.up_interval = <int64_t>(1e9 / up_rate) if up_rate > 0 else 0
@@ -308,6 +312,28 @@ cdef class ControlGate:
         self.n[counter] += 1
         return G_UP
 
+    cdef int _ended(self, const uint8_t *p, int n, int64_t now, uint8_t *reply) noexcept nogil:
+        """A KEEPALIVE for no session: REJECT unknown_session with its session
+        id as proof (what the policy answers), never longer than it."""
+        if n < 12:
+            self.n[GC_MALFORMED] += 1
+            return G_DROPPED
+        if not g_allow(&self.ch_tat, now, self.ch_interval, self.ch_window):
+            self.n[GC_NODE_RATE] += 1
+            return G_DROPPED
+        reply[0] = G_MAGIC
+        reply[1] = 1
+        reply[2] = 4                     # REJECT
+        reply[3] = 0
+        reply[4] = 10                    # Reason.UNKNOWN_SESSION
+        reply[5] = 0                     # no redirect
+        self.reply_len = 6
+        if n >= 14:
+            memcpy(reply + 6, p + 4, 8)
+            self.reply_len = 14
+        self.n[GC_ENDED] += 1
+        return G_ANSWERED
+
     cdef int _sort(self, const uint8_t *p, int n, bint truncated, const uint8_t *addr, int alen, int64_t now,
                    uint8_t *reply) noexcept nogil:
         """One datagram's fate: G_UP, G_ANSWERED (`reply` holds a CHALLENGE) or G_DROPPED."""
@@ -336,10 +362,10 @@ cdef class ControlGate:
         if not self._source_ok(key, now):
             self.n[GC_SOURCE_RATE] += 1
             return G_DROPPED
-        if p[1] != 1 or kind == 5:
-            # another version (REJECTed by the policy) or a KEEPALIVE for no
-            # session (answered unknown_session, so its listener rejoins)
-            return self._up(now, GC_OTHER)
+        if p[1] != 1:
+            return self._up(now, GC_OTHER)   # another version: the policy REJECTs it
+        if kind == 5:
+            return self._ended(p, n, now, reply)
         if n < G_MIN_JOIN or p[4] > 64:
             self.n[GC_MALFORMED] += 1
             return G_DROPPED
@@ -367,6 +393,7 @@ cdef class ControlGate:
         reply[3] = 0
         reply[4] = G_COOKIE
         self._cookie(addr, alen, <uint32_t>(now // 1000000000), reply + 5)
+        self.reply_len = G_CHALLENGE
         self.n[GC_CHALLENGES] += 1
         return G_ANSWERED
 
@@ -402,7 +429,7 @@ cdef class ControlGate:
                         self.names + j * RX_ADDR, <int>m.msg_namelen, now, self.tx_buf + ntx * G_CHALLENGE)
                     if self.verdict[j] == G_ANSWERED:
                         self.tx_iov[ntx].iov_base = self.tx_buf + ntx * G_CHALLENGE
-                        self.tx_iov[ntx].iov_len = G_CHALLENGE
+                        self.tx_iov[ntx].iov_len = <size_t>self.reply_len
                         self.tx[ntx].msg_hdr.msg_name = m.msg_name
                         self.tx[ntx].msg_hdr.msg_namelen = m.msg_namelen
                         self.tx[ntx].msg_hdr.msg_iov = &self.tx_iov[ntx]

@@ -35,6 +35,9 @@ from relay.stage.stage import STAGE_DROPS
 from relay.stage.stages import Stages
 from relay.wire.protocol import Reason
 
+# refusals the listener port's gate makes before the session table sees them
+GATE_REJECTIONS = {Reason.STALE_COOKIE: "stale_cookies", Reason.UNKNOWN_SESSION: "unknown_session"}
+
 # the core counts drops for these reasons (relay_drops_total{reason})
 CORE_DROPS = ("foreign", "malformed", "oversized", "late", "no_room", "overflow", "send_error",
                "shard_lag", "rate")
@@ -87,17 +90,19 @@ class NodeCollector(Collector):
             "relay_control_gate", "Listener-port datagrams the gate sorted, not dropped: known (from a "
             "session's address, always passed), join (a JOIN whose cookie checked out, passed), other "
             "(a stranger's datagram only the policy answers, passed), challenged (answered with a "
-            "CHALLENGE by the gate), stale_cookie (of those, JOINs with a forged or expired cookie).",
+            "CHALLENGE by the gate), stale_cookie (of those, JOINs with a forged or expired cookie), "
+            "unknown_session (KEEPALIVEs for no session, answered REJECT by the gate).",
             labels=["outcome"])
         for outcome, key in (("known", "known"), ("join", "joins"), ("other", "other"),
-                             ("challenged", "challenges"), ("stale_cookie", "stale_cookies")):
+                             ("challenged", "challenges"), ("stale_cookie", "stale_cookies"),
+                             ("unknown_session", "unknown_session")):
             passed.add_metric([outcome], g.get(key, 0))
         yield passed
         drops = CounterMetricFamily(
             "relay_control_gate_drops", "Strangers' datagrams the gate dropped: source_rate (over the "
-            "per-address bound), node_rate (over the node-wide bound for challenges or for the policy), "
+            "per-address bound), node_rate (over the node-wide bound on replies or on what goes to the policy), "
             "not_session (RTP, RTCP or LEAVE from an address without a session), malformed, unsent "
-            "(CHALLENGEs the kernel refused).", labels=["reason"])
+            "(replies the kernel refused).", labels=["reason"])
         for reason in ("source_rate", "node_rate", "not_session", "malformed", "unsent"):
             drops.add_metric([reason], g.get(reason, 0))
         yield drops
@@ -179,8 +184,7 @@ class NodeCollector(Collector):
         rej = CounterMetricFamily("relay_rejections", "JOINs refused, by reason.", labels=["reason"])
         for reason in Reason:
             name = reason.name.lower()
-            rej.add_metric([name], sc.rejections.get(name, 0) + (g.get("stale_cookies", 0) if
-                                                                  reason == Reason.STALE_COOKIE else 0))
+            rej.add_metric([name], sc.rejections.get(name, 0) + g.get(GATE_REJECTIONS.get(reason, ""), 0))
         yield rej
         yield _histogram("relay_fanout_latency_seconds",
                          "Ingest receive to a sender thread's last send of that packet: one observation "
