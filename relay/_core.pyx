@@ -19,6 +19,8 @@ Data path (DESIGN.md), one included file per step:
     core/quic.pxi       QUIC packet protection: seal audio, open ACKs
     core/quic_path.pxi  QUIC listeners sent in the sender threads' batches; ACKs, RTT, window
     core/quic_ingress.pxi  QUIC port --recvmmsg--> ACKs ended here (API: quic_api.pxi)
+    core/gate.pxi       listener port --recvmmsg--> sessions' datagrams up; strangers'
+                        answered (CHALLENGE) or counted and dropped here
 
 This file is the shell: the Core's lifecycle (every allocation happens when
 a Core is built and is freed with it) and its Python API. State lives in one
@@ -52,7 +54,6 @@ from relay.core.syscalls cimport (
     pollfd, poll, POLLIN, POLLOUT, read, write, close,
     relay_load_acquire, relay_store_release, relay_flag_get, relay_flag_set,
 )
-
 
 include "core/arena.pxi"
 include "core/listeners.pxi"
@@ -493,7 +494,6 @@ cdef class Core:
         cdef int b
         counts, total = stats_histogram(&self.st, 1)
         return [float(1 << b) for b in range(BATCH_BUCKETS)], counts, float(total)
-
 
 include "core/quic_api.pxi"
 include "core/history.pxi"
