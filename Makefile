@@ -6,7 +6,7 @@ DURATION ?= 10
 
 FUZZ_SECONDS ?= 60
 
-.PHONY: setup demo test test-fast lint bench bench-full bench-quic bench-hls bench-cluster bench-chaos bench-sim bench-speakers fuzz sanitize tsan dist deploy-check annotate clean
+.PHONY: setup demo test test-fast lint bench bench-full bench-quic bench-hls bench-cluster bench-chaos bench-sim bench-speakers bench-flood fuzz sanitize tsan dist deploy-check annotate clean
 
 setup:
 	@./scripts/bootstrap.sh
@@ -44,6 +44,12 @@ bench-quic:
 bench-hls:
 	@./scripts/bootstrap.sh test
 	$(PY) bench/hls.py
+
+# unknown traffic at the listener port, rising to as fast as one core sends it: the rate at which the first
+# legitimate session expires, a join takes over 1 s or audio is lost (bench/flood.py; root, for the raw socket)
+bench-flood:
+	@./scripts/bootstrap.sh bench
+	$(PY) bench/flood.py
 
 # a tree of nodes with a Redis directory: origin cost, a join storm, failover, a Redis outage
 bench-speakers:

@@ -19,6 +19,8 @@ Data path (DESIGN.md), one included file per step:
     core/quic.pxi       QUIC packet protection: seal audio, open ACKs
     core/quic_path.pxi  QUIC listeners sent in the sender threads' batches; ACKs, RTT, window
     core/quic_ingress.pxi  QUIC port --recvmmsg--> ACKs ended here (API: quic_api.pxi)
+    core/gate.pxi       listener port --recvmmsg--> sessions' datagrams up; strangers'
+                        answered (CHALLENGE) or counted and dropped here
 
 This file is the shell: the Core's lifecycle (every allocation happens when
 a Core is built and is freed with it) and its Python API. State lives in one
@@ -53,7 +55,6 @@ from relay.core.syscalls cimport (
     relay_load_acquire, relay_store_release, relay_flag_get, relay_flag_set,
 )
 
-
 include "core/arena.pxi"
 include "core/listeners.pxi"
 include "core/ingest.pxi"
@@ -67,7 +68,6 @@ include "core/stats.pxi"
 include "core/quic.pxi"
 include "core/quic_path.pxi"
 include "core/quic_ingress.pxi"
-
 
 cdef class Core:
     """A relay node's data path: rooms, a listener arena and their rings.
@@ -495,6 +495,6 @@ cdef class Core:
         counts, total = stats_histogram(&self.st, 1)
         return [float(1 << b) for b in range(BATCH_BUCKETS)], counts, float(total)
 
-
 include "core/quic_api.pxi"
 include "core/history.pxi"
+include "core/gate.pxi"

@@ -85,7 +85,7 @@ class Node:
         self.collector = NodeCollector(self.core, self.sessions, self.load, self.senders,
                                        lambda: self.quic.counters if self.quic else None, self.started,
                                        self.ingest.srtp_drops, self._cluster, self.stages,
-                                       hls=self.hls.stats if self.hls else None)
+                                       hls=self.hls.stats if self.hls else None, gate=self.udp.gate_counters)
         self.hosting = Hosting(self.sessions, self.core, self.udp, self.quic, self._tell)
         views = AdminViews(
             metrics=lambda: generate_latest(registry_for(self.collector)),
@@ -258,6 +258,7 @@ class Node:
                 self.stages.set_limit(r.name, r.max_speakers)
         self._reload_hls(new, notes)
         self.sessions.reconfigure(new, Auth(new.auth, new.secret))
+        self.udp.configure(new.join_rate, new.join_rate_per_source)
         self.cfg = new
         if self.quic is not None:
             note = self.quic.reload_certificate(new.quic_cert, new.quic_key)

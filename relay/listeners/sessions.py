@@ -77,6 +77,10 @@ class Sessions:
         # told of a listener resuming here (room, its resume point): a room
         # this node does not carry yet asks its parents for the history
         self.resumed: Callable[[str, int], None] | None = None
+        # told (address, True) when a UDP session starts at an address and
+        # (address, False) when it ends: the listener port's gate lets that
+        # address's datagrams through before any stranger's
+        self.on_address: Callable[[tuple, bool], None] | None = None
 
     # ---------------------------------------------------------------- control
 
@@ -341,6 +345,8 @@ class Sessions:
             self._by_token[token] += 1
         if s.transport != UDP:
             self._pulled.add(key)
+        elif self.on_address is not None:
+            self.on_address(key, True)  # type: ignore[arg-type]
         return s
 
     def redirect_for(self, room: str, transport: str) -> str:
@@ -381,6 +387,8 @@ class Sessions:
             self.stages.leave(s.key)
         self.moderation.gone(s.room, s.key)
         del self.table[s.key]
+        if s.transport == UDP and self.on_address is not None:
+            self.on_address(s.key, False)  # type: ignore[arg-type]
         self._by_room[(s.room, s.transport)] -= 1
         if s.token:
             self._by_token[s.token] -= 1

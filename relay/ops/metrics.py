@@ -37,6 +37,9 @@ from relay.stage.stage import STAGE_DROPS
 from relay.stage.stages import Stages
 from relay.wire.protocol import Reason
 
+# refusals the listener port's gate makes before the session table sees them
+GATE_REJECTIONS = {Reason.STALE_COOKIE: "stale_cookies", Reason.UNKNOWN_SESSION: "unknown_session"}
+
 # the core counts drops for these reasons (relay_drops_total{reason})
 CORE_DROPS = ("foreign", "malformed", "oversized", "late", "no_room", "overflow", "send_error",
                "shard_lag", "rate")
@@ -74,15 +77,45 @@ class NodeCollector(Collector):
                  quic: Callable[[], QuicCounters | None], started: float,
                  srtp_drops: Callable[[], Counter[str]] = Counter,
                  cluster: Callable[[], Cluster] = lambda: Cluster(), stages: Stages | None = None,
-                 hls: Callable[[], HlsStats] | None = None) -> None:
+                 hls: Callable[[], HlsStats] | None = None,
+                 gate: Callable[[], dict[str, int]] = dict) -> None:
         self.core, self.sessions, self.load, self.senders = core, sessions, load, senders
+        self.gate = gate
         self.stages, self.hls = stages, hls
         self.quic, self.started, self.srtp_drops, self.cluster = quic, started, srtp_drops, cluster
+
+    @staticmethod
+    def _gate(g: dict[str, int]) -> Iterator[Metric]:
+        """The listener port's gate (core/gate.pxi): what it let through to the
+        policy, answered itself, and dropped, by reason."""
+        passed = CounterMetricFamily(
+            "relay_control_gate", "Listener-port datagrams the gate sorted, not dropped: known (from a "
+            "session's address, always passed), join (a JOIN whose cookie checked out, passed), other "
+            "(a stranger's datagram only the policy answers, passed), challenged (answered with a "
+            "CHALLENGE by the gate), stale_cookie (of those, JOINs with a forged or expired cookie), "
+            "unknown_session (KEEPALIVEs for no session, answered REJECT by the gate).",
+            labels=["outcome"])
+        for outcome, key in (("known", "known"), ("join", "joins"), ("other", "other"),
+                             ("challenged", "challenges"), ("stale_cookie", "stale_cookies"),
+                             ("unknown_session", "unknown_session")):
+            passed.add_metric([outcome], g.get(key, 0))
+        yield passed
+        drops = CounterMetricFamily(
+            "relay_control_gate_drops", "Strangers' datagrams the gate dropped: source_rate (over the "
+            "per-address bound), node_rate (over the node-wide bound on replies or on what goes to the policy), "
+            "not_session (RTP, RTCP or LEAVE from an address without a session), malformed, unsent "
+            "(replies the kernel refused).", labels=["reason"])
+        for reason in ("source_rate", "node_rate", "not_session", "malformed", "unsent"):
+            drops.add_metric([reason], g.get(reason, 0))
+        yield drops
 
     def collect(self) -> Iterator[Metric]:
         core, load = self.core, self.load
         c = core.counters()
         sc = self.sessions.counters
+        # the gate answers and drops strangers' datagrams before the session
+        # table sees them: its counts join the table's where they mean the same
+        g = self.gate()
         cfg = self.sessions.cfg
         yield from self._build_info()
         yield GaugeMetricFamily("relay_rooms", "Rooms configured on this node.", len(self.sessions.rooms))
@@ -127,11 +160,12 @@ class NodeCollector(Collector):
             ("relay_joins", sc.joins, "Listeners admitted."),
             ("relay_leaves", sc.leaves, "Listeners that sent LEAVE (or closed their QUIC connection)."),
             ("relay_timeouts", sc.timeouts, "Listeners ended by keepalive (QUIC: idle) timeout."),
-            ("relay_challenges", sc.challenges, "Cookie challenges sent."),
+            ("relay_challenges", sc.challenges + g.get("challenges", 0), "Cookie challenges sent."),
             ("relay_keepalives", sc.keepalives, "Keepalives received from listeners."),
             ("relay_nacks", sc.nacks, "Sequence numbers NACKed by listeners."),
             ("relay_nacks_rate_limited", sc.nack_rate_limited, "NACKed packets not resent (rate limit)."),
-            ("relay_control_malformed", sc.control_malformed, "Control datagrams that did not parse."),
+            ("relay_control_malformed", sc.control_malformed + g.get("malformed", 0),
+             "Control datagrams that did not parse."),
             ("relay_replies_suppressed", sc.replies_suppressed,
              "Replies not sent because they were larger than their request."),
             ("relay_control_unsigned", sc.control_unsigned,
@@ -148,9 +182,11 @@ class NodeCollector(Collector):
         for name in ("housekeeping", *sorted(set(task_restarts) - {"housekeeping"})):
             tasks.add_metric([name], task_restarts[name])
         yield tasks
+        yield from self._gate(g)
         rej = CounterMetricFamily("relay_rejections", "JOINs refused, by reason.", labels=["reason"])
         for reason in Reason:
-            rej.add_metric([reason.name.lower()], sc.rejections.get(reason.name.lower(), 0))
+            name = reason.name.lower()
+            rej.add_metric([name], sc.rejections.get(name, 0) + g.get(GATE_REJECTIONS.get(reason, ""), 0))
         yield rej
         yield _histogram("relay_fanout_latency_seconds",
                          "Ingest receive to a sender thread's last send of that packet: one observation "

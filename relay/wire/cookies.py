@@ -19,6 +19,11 @@ class CookieJar:
         self._secret = secret
         self.lifetime_s = lifetime_s
 
+    @property
+    def secret(self) -> bytes:
+        """The key, for the core's gate, which makes and checks the same cookies."""
+        return self._secret
+
     def _mac(self, issued: int, addr: bytes) -> bytes:
         return hmac.new(self._secret, struct.pack("!I", issued) + addr, hashlib.sha256).digest()[:16]
 

@@ -20,11 +20,14 @@ class BindError(OSError):
     setting, the address and the fix."""
 
 
-def udp_socket(host: str, port: int, sndbuf: int = 0, rcvbuf: int = 0) -> socket.socket:
-    """A bound non-blocking UDP socket; raises OSError (e.g. port taken)."""
+def udp_socket(host: str, port: int, sndbuf: int = 0, rcvbuf: int = 0, reuseport: bool = False) -> socket.socket:
+    """A bound non-blocking UDP socket; raises OSError (e.g. port taken).
+    With `reuseport`, one of a SO_REUSEPORT group (relay.listeners.steer)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6 and host == "::":
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         for force, opt, size in ((SO_SNDBUFFORCE, socket.SO_SNDBUF, sndbuf),
