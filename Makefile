@@ -16,7 +16,7 @@ demo: setup
 
 test:
 	@./scripts/bootstrap.sh test
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25
 
 lint: setup
 	.venv/bin/ruff check relay tests bench fuzz deploy

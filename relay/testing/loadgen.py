@@ -7,6 +7,7 @@ Every loop here is bounded in count and time and stops by itself.
 from __future__ import annotations
 
 import os
+import random
 import resource
 import socket
 import subprocess
@@ -37,8 +38,25 @@ def raise_fd_limit(needed: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
+# under pytest-xdist, each worker takes ports from a range of its own below
+# the kernel's ephemeral range (32768 and up): two workers never hand out
+# the same port, and no client's ephemeral source port takes one meanwhile
+WORKER_PORTS, WORKER_BASE = 3000, 20000
+
+
 def free_port(kind: int = socket.SOCK_DGRAM) -> int:
     """A loopback port that was free a moment ago (for tests and benches)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if worker.startswith("gw") and worker[2:].isdigit():
+        lo = WORKER_BASE + int(worker[2:]) * WORKER_PORTS
+        for _ in range(500):
+            port = random.randrange(lo, lo + WORKER_PORTS)
+            with socket.socket(socket.AF_INET, kind) as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
