@@ -17,7 +17,7 @@ What runs is the product's own code, called as the nodes call it:
               `relay.cluster.routing.redirect` -> `Directory.pick` on that
               edge's own directory table, as the node wires it
   alternates  once a second per edge, `routing.alternates` (two) as the node's
-              `_choose_alternates` calls it; a listener's ACCEPT carries
+              `Neighbours.refresh` calls it; a listener's ACCEPT carries
               `Sessions.accept_message(...).alternate`
   records     each heartbeat's record is `routing.node_record` ->
               `records.encode` -> `records.tag` (signed with a cluster
@@ -481,7 +481,7 @@ def simulate(p: Params) -> dict[str, Any]:
         elif kind == ALT:
             e = edges[a]
             if e.alive:
-                # Node._choose_alternates, once a second
+                # Neighbours.refresh, once a second
                 picked = routing.alternates(e.directory, e.cfg, ROOM, e.directory._rng)
                 e.alternates[ROOM] = ",".join(p.udp for p in picked) or e.cfg.redirect
                 push(heap, (t + 1.0, next(seq), ALT, a, None))

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import signal
 import time
 from functools import partial
@@ -27,8 +26,9 @@ from prometheus_client import generate_latest
 from relay import __version__
 from relay._core import Core
 from relay.cluster import routing
-from relay.cluster.directory import Directory, Peer
+from relay.cluster.directory import Directory
 from relay.cluster.pair import Aligner
+from relay.cluster.neighbours import Neighbours
 from relay.cluster.upstream import GAP_BOUNDS, Upstream, relay_token
 from relay.hls.rooms import HlsRooms
 from relay.ops.hosting import Hosting
@@ -104,12 +104,11 @@ class Node:
         self.directory: Directory | None = None
         if cfg.directory:
             self.directory = Directory(cfg.directory, cfg.node_id, self._describe)
-            self.sessions.route = self._route
-        self._alternates: dict[str, list[Peer]] = {}           # room -> where its listeners go if we die
-        self._alternates_at = 0.0
-        self._rng = random.SystemRandom()
-        self.sessions.alternate = self._alternate
-        self.sessions.resumed = self._resumed
+        self.neighbours = Neighbours(self.directory, cfg, self.upstreams)
+        if self.directory is not None:
+            self.sessions.route = self.neighbours.route
+        self.sessions.alternate = self.neighbours.alternate
+        self.sessions.resumed = self.neighbours.resumed
         self.rates = RoomRates()
         for r in cfg.rooms:
             self._open_room(r)
@@ -259,7 +258,7 @@ class Node:
         self._reload_hls(new, notes)
         self.sessions.reconfigure(new, Auth(new.auth, new.secret))
         self.udp.configure(new.join_rate, new.join_rate_per_source)
-        self.cfg = new
+        self.cfg = self.neighbours.cfg = new
         if self.quic is not None:
             note = self.quic.reload_certificate(new.quic_cert, new.quic_key)
             if note:
@@ -329,7 +328,7 @@ class Node:
             self.events.tick(now, stats)
             self.hosting.tick(now)
             self.rates.measure(now, stats)
-            self._choose_alternates(now)
+            self.neighbours.refresh(now, self.rooms)
             relayed = {name: (up.index, said) for name, up in self.upstreams.items()
                        if (said := up.speakers) is not None}
             self.stages.tell_speakers(self.udp.out_fd, now, self.quic.tell_room if self.quic else None, relayed)
@@ -360,11 +359,10 @@ class Node:
         """This node's directory record."""
         carried = [name for name, r in self.rooms.items()
                    if name not in self.upstreams or self.upstreams[name].current is not None]
-        parents = sorted({f"{node[0]}:{node[1]}" for up in self.upstreams.values() for link in up.links
-                          if (node := link.node) is not None})
         return routing.node_record(self.cfg, self.quic.port if self.quic else None,
                                    self.quic.describe() if self.quic else None, carried,
-                                   self.core.listeners, self.load.duty, self.sessions.draining, parents)
+                                   self.core.listeners, self.load.duty, self.sessions.draining,
+                                   self.neighbours.parents())
 
     def _cluster(self) -> Cluster:
         d = self.directory
@@ -377,36 +375,6 @@ class Node:
                        d.failures if d else 0,
                        {name: up.state() for name, up in self.upstreams.items()}, gaps,
                        dict(d.rejected) if d else {})
-
-    def _resumed(self, room: str, point: int) -> None:
-        """A listener moved here with a resume point: a room taken from
-        upstream that this node does not carry yet subscribes now, asking
-        its parents for the room's history after that point."""
-        up = self.upstreams.get(room)
-        if up is not None:
-            up.resume(point)
-
-    def _choose_alternates(self, now: float) -> None:
-        """Once a second: the live nodes each room's new listeners are told
-        to move to if this one dies (the directory's picks, else [node]
-        redirect)."""
-        if self.directory is None or now - self._alternates_at < 1.0:
-            return
-        self._alternates_at = now
-        for name in self.rooms:
-            self._alternates[name] = routing.alternates(self.directory, self.cfg, name, self._rng)
-        for name, up in self.upstreams.items():
-            if up.from_directory:
-                up.nodes = routing.parents(self.directory, self.cfg, name, self._rng)
-
-    def _alternate(self, room: str) -> str:
-        """An ACCEPT's alternates: the directory's, else [node] redirect."""
-        return ",".join(p.udp for p in self._alternates.get(room, ())) or self.cfg.redirect
-
-    def _route(self, room: str, transport: str) -> str:
-        """A live node with room for a listener this node turns away."""
-        assert self.directory is not None
-        return routing.redirect(self.directory, self.cfg, room, udp=transport == UDP)
 
     def _admits(self, room: str, token: str) -> str:
         """GET /join's check: "" if `token` admits a listener of `room`."""
@@ -426,7 +394,7 @@ class Node:
             return None
         takes = not self.sessions.draining and self.core.listeners < self.cfg.max_listeners
         return routing.where_to_join(room, self.cfg, self._describe() if takes else None, self.directory,
-                                     self._alternates.get(room, ()))
+                                     self.neighbours.alternates.get(room, ()))
 
     def _sent(self) -> None:
         """A packet was fed to the core from Python: an inline core sends it now."""

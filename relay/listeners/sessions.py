@@ -21,7 +21,7 @@ from typing import Callable, Hashable
 
 from relay._core import Core
 from relay.listeners.admission import JoinLimiter, LoadGate
-from relay.listeners.resume import missed
+from relay.listeners.resume import first_burst, missed
 # the session table's records: imported from here by the node and the adapters
 from relay.listeners.session import (MAX_RTCP, PULLED, UDP, Resend, RoomState, Send, Session,  # noqa: F401
                                      SessionCounters, Tell, relay_ssrc)
@@ -291,25 +291,13 @@ class Sessions:
             ssrc, seq_off, ts_off = self.rng.getrandbits(32), self.rng.getrandbits(16), self.rng.getrandbits(32)
         # a UDP listener that resumes gets its missed audio from the room's
         # history instead (_resume), which reaches further back than a ring
-        burst = 0 if resume is not None and not pull else self._burst(room, resume)
+        burst = 0 if resume is not None and not pull else first_burst(self.core, self.cfg, room.index, resume)
         slot = self.core.listener_add(room.index, sockaddr, ssrc, seq_off, ts_off, pull=pull, burst=burst)
         if slot < 0:
             return self._refuse(Reason.NODE_FULL, redirect())
         return self._add(Session(key, transport, room_name, slot, ssrc, self.rng.randbytes(8), now,
                                  self.NACK_BURST, now, token, role, origin=(seq_off, ts_off), sub=sub,
                                  name=str(claims.get("name") or "")))
-
-    def _burst(self, room: RoomState, resume: int | None) -> int:
-        """Recent packets a new session starts with: the configured burst,
-        or for a QUIC listener moving from a dead node, what it missed after
-        the last packet it has (in the origin's numbering, which is the
-        room's here), as much as its ring holds. A forged resume point asks
-        for at most the history any listener of the room may hear."""
-        if resume is None:
-            return self.cfg.burst_packets
-        behind = (self.core.room_stats(room.index)["out_seq"] - resume) & 0xFFFF
-        # the newest of what it missed, as much as a ring holds: older is gone
-        return min(behind, self.cfg.ring_depth - 1) if 0 < behind < 0x8000 else self.cfg.burst_packets
 
     def _join_stage(self, key: Hashable, transport: str, room: str, token: str, now: float, sockaddr: bytes,
                     claims: dict, redirect: Callable[[], str], keys: Keys | None) -> Session | Reject:

@@ -33,14 +33,14 @@ def test_a_failing_housekeeping_step_is_logged_and_housekeeping_goes_on(caplog) 
         port = free_port()
         node = Node(load(node_config(port)))
         await node.start()
-        real = node._choose_alternates
+        real = node.neighbours.refresh
 
-        def flaky(now: float) -> None:
+        def flaky(now: float, rooms) -> None:
             calls.append(now)
             if len(calls) == 1:
                 raise RuntimeError("a bug in one step")
-            real(now)
-        node._choose_alternates = flaky  # type: ignore[method-assign]
+            real(now, rooms)
+        node.neighbours.refresh = flaky  # type: ignore[method-assign]
         try:
             for _ in range(40):              # bounded: up to 4 s
                 await asyncio.sleep(0.1)
