@@ -16,7 +16,8 @@ demo: setup
 
 test:
 	@./scripts/bootstrap.sh test
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not solo" --durations=25
+	$(PY) -m pytest -q -m solo --durations=10
 
 lint: setup
 	.venv/bin/ruff check relay tests bench fuzz deploy

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.solo   # it loads the whole machine: run alone (pyproject.toml)
+
 ROOT = Path(__file__).resolve().parent.parent
 EVENTS = {"origin_lead", "origin_follow", "mid0", "mid1", "edge", "publisher", "redis", "storm"}
 OUTCOMES = {"met", "not met", "failed", "not run"}

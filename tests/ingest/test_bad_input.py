@@ -120,6 +120,7 @@ def test_node_survives_bad_input_and_keeps_serving(tmp_path) -> None:
         assert stop(relay.proc) == 0
 
 
+@pytest.mark.solo      # 10,000 receivers in this process: it needs the cores to itself
 @pytest.mark.parametrize("listeners", [10_000])
 def test_ten_thousand_listeners_on_loopback_all_hear_the_stream(tmp_path, listeners) -> None:
     """10,000 listeners, one room, a 60 ms-frame Opus tone (16.7 packets/s,

@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from relay.testing.loadgen import scrape
 from relay.wire.protocol import (Accept, Challenge, Join, Keepalive, Leave, ProtocolError, Reason, Reject, decode,
                                  encode)
@@ -27,6 +29,7 @@ from tests.conftest import SECRET, start_relay, stop
 FLOOD_SECONDS = 6.0
 FLOOD_MAX = 1_500_000       # datagrams at most, whatever the rate
 LISTENERS = 3
+pytestmark = pytest.mark.solo   # it loads the whole machine: run alone (pyproject.toml)
 
 # the flooder: one socket per source address, the four kinds of unknown
 # datagram in turn, as fast as one Python process sends them
