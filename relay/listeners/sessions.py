@@ -313,6 +313,9 @@ class Sessions:
         minus = self.stages.admit(room, key, claims, srtp_key)
         if isinstance(minus, Reason):
             return self._refuse(minus, redirect() if minus == Reason.NODE_FULL else "")
+        seat = seat_of(claims)
+        if seat and seat in self.moderation.room(room).muted:
+            self.stages.mute(room, seat, True)      # a muted speaker that joins again stays muted
         ssrc = self.rng.getrandbits(32)
         slot = self.core.listener_add(minus, sockaddr, ssrc, self.rng.getrandbits(16), self.rng.getrandbits(32),
                                       pull=transport != UDP)

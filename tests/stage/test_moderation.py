@@ -75,8 +75,15 @@ def test_a_host_moderates_and_every_session_sees_it(stage) -> None:
         await until(lambda: all(c.speakers.speakers[0].muted for c in lis.values()))
         await asyncio.sleep(0.3)
         assert scrape(stage.admin)['relay_stage_drops_total{reason="muted"}'] > 5
+        # a muted speaker that joins again (another device, a restart: it
+        # takes the seat over) stays muted
+        again = SpeakerClient(where, "stage", token("stage", speaker="ann", name="Ann"))
+        assert (await again.join()).speaker
+        await asyncio.sleep(0.3)
+        assert api(stage, "/stage/stage", host)[1]["speakers"][0]["muted"]
         assert api(stage, "/stage/stage/unmute?speaker=ann", host, "POST")[0] == 200
         await until(lambda: not lis["lis1"].speakers.speakers[0].muted)
+        again.close()
 
         # an invitation: lis1 speaks with the listen token it has; lis2 may not
         assert api(stage, "/stage/stage/invite?sub=lis1", host, "POST")[0] == 200
