@@ -6,12 +6,15 @@ import re
 import subprocess
 import time
 
+import pytest
+
 from relay.testing.loadgen import LoopbackCrowd, scrape
 from relay.wire.sockets import SOCKET_BUFFER
 from tests.conftest import start_relay, stop
 
 EXISTING = 300
 STORM = 3000
+pytestmark = pytest.mark.solo   # 3,000 joiners and 300 receivers in this process: run alone (pyproject.toml)
 
 
 def test_join_storm_keeps_existing_listeners_whole(tmp_path) -> None:

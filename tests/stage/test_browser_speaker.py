@@ -8,7 +8,8 @@ With the browser's voice processing on (the page's default: echo
 cancellation, noise suppression, gain control) the waveform is reshaped
 (a correlation of about 0.5 with the source) while what is said is not:
 its 20 ms loudness envelope is compared. With `?processing=off` the
-waveform itself is (0.98 to 0.997 per second in a run)."""
+waveform itself is, one second at a time (0.98 to 0.997 per second in a
+run), and the median second must reach 0.9."""
 from __future__ import annotations
 
 import json
@@ -84,7 +85,11 @@ def test_a_browser_speaker_is_heard_beside_a_cli_speaker(tmp_path, processing: s
         assert tone[660.0] > 0.1, tone
         speech_only = without_tone(heard)
         if processing == "off":
-            corr = best_correlation(without_tone(source), speech_only, max_lag=5 * 48000)
+            # each second at its own best lag, the median: one frame a busy
+            # machine concealed must not stand for the whole path
+            corr = float(np.median([best_correlation(without_tone(source)[k * 48000:(k + 1) * 48000],
+                                                     speech_only, max_lag=len(speech_only) - 48000)
+                                    for k in range(int(SPEECH_S) - 1)]))
         else:
             corr = envelope_correlation(without_tone(source), speech_only)
         assert corr >= 0.9, corr
