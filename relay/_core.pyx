@@ -14,6 +14,7 @@ Data path (DESIGN.md), one included file per step:
                         listener's SSRC, sequence and timestamp
     core/egress.pxi     egress queue --sendmmsg, GIL released--> kernel;
                         NACK resends from the ring
+    core/xdp.pxi        or --AF_XDP frames (xsk.h), GIL released--> the NIC
     core/shards.pxi     shard locks, wake-ups and the sender threads' loop
     core/stats.pxi      counters, read at scrape time
     core/quic.pxi       QUIC packet protection: seal audio, open ACKs
@@ -39,11 +40,9 @@ from libc.string cimport memcpy, memcmp, memset
 from libc.errno cimport errno, EAGAIN, ENOBUFS, EINTR
 
 from relay.core.clock cimport monotonic_ns
-from relay.core.state cimport (
-    CoreState, Listener, Room, Shard, Source,
-    ADDR_MAX, MAX_SOURCES, LAT_BUCKETS, BATCH_BUCKETS, PEND_MAX, MAX_SHARDS, TX_BATCH,
-    HIST_FACTOR, RX_BATCH, RX_BUF, MAX_RING, RX_ADDR, RX_ROUNDS, HDR, OPUS_CLOCK,
-)
+from relay.core.state cimport (CoreState, Listener, Room, Shard, Source, ADDR_MAX, MAX_SOURCES, LAT_BUCKETS,
+    BATCH_BUCKETS, PEND_MAX, MAX_SHARDS, TX_BATCH, HIST_FACTOR, RX_BATCH, RX_BUF, MAX_RING, RX_ADDR, RX_ROUNDS,
+    HDR, OPUS_CLOCK)
 from relay.core.quic_state cimport *     # libcrypto, and the QUIC path's structs
 from relay.core.syscalls cimport (
     sockaddr, iovec, msghdr, mmsghdr, sendmmsg, recvmmsg, sendto, MSG_DONTWAIT, MSG_TRUNC,
@@ -62,6 +61,7 @@ include "core/rooms.pxi"
 include "core/ring.pxi"
 include "core/fanout.pxi"
 include "core/egress.pxi"
+include "core/xdp.pxi"
 include "core/shards.pxi"
 include "core/stats.pxi"
 include "core/quic.pxi"
@@ -116,10 +116,7 @@ cdef class Core:
         arena_build(c)
 
     def __dealloc__(self):
-        self._release()
-
-    cdef void _release(self) noexcept:
-        arena_release(&self.st)
+        arena_release(&self.st)     # AF_XDP sockets included
 
     # ------------------------------------------------------------- shape
 
@@ -497,4 +494,5 @@ cdef class Core:
 
 
 include "core/quic_api.pxi"
+include "core/xdp_api.pxi"
 include "core/history.pxi"
