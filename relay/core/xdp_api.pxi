@@ -55,11 +55,19 @@ cdef class XdpEgress:
         memcpy(&c.xdp.paths[index], <const uint8_t *>path, sizeof(relay_xpath))
         unlock_all(c)
 
-    def route(self, int slot, int path):
+    def route(self, int slot, int path, bytes sockaddr=None):
         """Send listener `slot` through next hop `path` (AF_XDP), or with
-        sendmmsg (-1). The path's family must be the listener's."""
+        sendmmsg (-1). With `sockaddr`, only if the slot still holds a
+        listener at that address (one routed late, when its next hop's MAC
+        turned up, may have left). Returns True if the route was set."""
         cdef CoreState *c = self.st
-        cdef Listener *l = self.core._listener(slot)
+        cdef Listener *l
+        if slot < 0 or slot >= c.capacity or not c.ls[slot].active:
+            return False
+        l = &c.ls[slot]
+        if sockaddr is not None and (len(sockaddr) != l.addrlen or
+                                     memcmp(<const uint8_t *>sockaddr, l.addr, l.addrlen) != 0):
+            return False
         if path >= 0:
             if c.xdp == NULL or path >= RELAY_XPATHS or c.xdp.paths[path].family == 0:
                 raise ValueError(f"no next hop {path}")
@@ -68,6 +76,7 @@ cdef class XdpEgress:
         lock_shard_gil(c, l.shard)
         l.xpath = <uint16_t>(path + 1) if path >= 0 else 0
         unlock_shard(c, l.shard)
+        return True
 
     def shards(self):
         """Per shard: True when it has an AF_XDP socket."""
