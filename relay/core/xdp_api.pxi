@@ -42,6 +42,22 @@ cdef class XdpEgress:
         unlock_shard(c, shard)
         return 0, ""
 
+    def close(self):
+        """Close every shard's AF_XDP socket (its listeners go back to
+        sendmmsg); the Core also does this when it is freed."""
+        cdef CoreState *c = self.st
+        cdef relay_xsk *x
+        cdef int k
+        for k in range(c.shards):
+            x = shard_xsk(c, k)
+            if x == NULL:
+                continue
+            lock_shard_gil(c, k)
+            c.xdp.xsk[k] = NULL
+            unlock_shard(c, k)
+            relay_xsk_close(x)
+            _free(x)
+
     def path(self, int index, bytes path):
         """Set next hop `index` (0..255) to a packed relay_xpath: the MACs,
         our source address and port, the MTU. Listeners routed through it

@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import struct
+import time
 
 from relay._core import Core, XdpEgress
 from relay.wire.egress_config import XdpConfig
@@ -30,6 +31,7 @@ log = logging.getLogger("relay.egress")
 
 MAX_PATHS = 256          # next hops the core holds (RELAY_XPATHS)
 PATH = struct.Struct("=6s6sBx2sH16s")   # relay_xpath in relay/core/xsk.h
+BUSY_TRIES, BUSY_WAIT_S = 20, 0.05     # a queue still held by a closed socket: up to a second
 
 
 def pack_path(dst_mac: bytes, src_mac: bytes, src_ip: str, src_port: int, mtu: int) -> bytes:
@@ -80,8 +82,7 @@ class XdpListeners:
         try:
             self.ifindex, self.mac, self.mtu = _link(iface)
             for k in range(self.core.shards):
-                err, step = self.xdp.open(k, self.ifindex, self.cfg.queue + k, self.cfg.frames,
-                                          zerocopy=self.cfg.zerocopy)
+                err, step = self._open(k)
                 if err:
                     refused.append((k, self.cfg.queue + k, step, err))
             if len(refused) < self.core.shards:
@@ -92,9 +93,9 @@ class XdpListeners:
                        for k in range(self.core.shards)]
         if refused:
             k, queue, step, err = refused[0]
-            what = "all shards" if len(refused) == self.core.shards else \
-                f"shards {', '.join(str(r[0]) for r in refused)}"
-            log.warning('egress = "xdp": AF_XDP refused on %s queue %d (%s: %s); %s send with sendmmsg',
+            what = "every shard sends" if len(refused) == self.core.shards else \
+                f"shards {', '.join(str(r[0]) for r in refused)} send"
+            log.warning('egress = "xdp": AF_XDP refused on %s queue %d (%s: %s); %s with sendmmsg',
                         iface, queue, step, os.strerror(err), what)
         self.active = len(refused) < self.core.shards
         if self.active:
@@ -102,6 +103,17 @@ class XdpListeners:
             log.info("egress: AF_XDP on %s, queues %d..%d (%s mode)", iface, self.cfg.queue,
                      self.cfg.queue + self.core.shards - 1, "zero-copy" if self.cfg.zerocopy else "copy")
         return self.active
+
+    def _open(self, k: int) -> tuple[int, str]:
+        # a queue whose last socket just closed stays taken until the
+        # kernel's deferred cleanup runs (a restart, a reload): wait for it
+        for _ in range(BUSY_TRIES):
+            err, step = self.xdp.open(k, self.ifindex, self.cfg.queue + k, self.cfg.frames,
+                                      zerocopy=self.cfg.zerocopy)
+            if err != errno.EBUSY:
+                break
+            time.sleep(BUSY_WAIT_S)
+        return err, step
 
     def watch(self, loop: asyncio.AbstractEventLoop) -> None:
         """Follow neighbour changes from the event loop."""
@@ -167,7 +179,10 @@ class XdpListeners:
             self.place(slot, sockaddr)
 
     def close(self) -> None:
-        """Stop watching; the core closes its sockets with it."""
+        """Stop watching and close the core's AF_XDP sockets (call it
+        after the sender threads have stopped)."""
+        self.xdp.close()
+        self.active = False
         for nl in (self._nl, self._watch):
             if nl is not None:
                 try:
