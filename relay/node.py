@@ -86,7 +86,8 @@ class Node:
         self.collector = NodeCollector(self.core, self.sessions, self.load, self.senders,
                                        lambda: self.quic.counters if self.quic else None, self.started,
                                        self.ingest.srtp_drops, self._cluster, self.stages,
-                                       hls=self.hls.stats if self.hls else None)
+                                       hls=self.hls.stats if self.hls else None,
+                                       xdp=self.xdp.counters if self.xdp else None)
         views = AdminViews(
             metrics=lambda: generate_latest(registry_for(self.collector)),
             not_ready=self._not_ready,

@@ -178,6 +178,10 @@ class XdpListeners:
         for slot, sockaddr in self._waiting.pop(n.ip, {}).items():
             self.place(slot, sockaddr)
 
+    def counters(self) -> dict[str, int]:
+        """The core's AF_XDP counters, its sockets and the listeners routed (for /metrics)."""
+        return dict(self.xdp.counters(), sockets=sum(self.xdp.shards()), routed=self.routed)
+
     def close(self) -> None:
         """Stop watching and close the core's AF_XDP sockets (call it
         after the sender threads have stopped)."""

@@ -11,6 +11,7 @@ import logging
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 
@@ -18,10 +19,12 @@ import pytest
 
 from relay._core import Core
 from relay.listeners.xdp import XdpListeners
+from relay.testing.loadgen import free_port, scrape
 from relay.testing.model import ModelCore
 from relay.testing.veth import can_make, veth_pair
 from relay.wire.addr import to_sockaddr
 from relay.wire.egress_config import XdpConfig
+from tests.conftest import stop
 from tests.rtp import SRC_A, rtp
 
 LISTENERS = 6
@@ -169,3 +172,62 @@ def test_an_interface_xdp_cannot_use_falls_back_with_one_line(veth, caplog):
     assert data[12:] == b"hello" and struct.unpack_from("!I", data, 8)[0] == 9
     recv.close()
     out.close()
+
+
+def test_a_node_with_egress_xdp_sends_its_listeners_audio_through_af_xdp(veth, tmp_path):
+    """`relay serve` with egress = "xdp": a `relay listen` in the namespace
+    joins through the protocol and hears every packet, and the node's
+    metrics say all of them left through AF_XDP."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((veth.local4, 0))
+        listen = s.getsockname()[1]
+    admin, ingest = free_port(socket.SOCK_STREAM), free_port()
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text(f"""
+[node]
+listen = "{veth.local4}:{listen}"
+admin = "127.0.0.1:{admin}"
+auth = "open"
+max_load = 0
+max_machine_load = 0
+drain_grace = 0
+workers = 2
+egress = "xdp"
+xdp_interface = "{veth.local}"
+[[room]]
+name = "live"
+ingest = "127.0.0.1:{ingest}"
+sources = ["127.0.0.1"]
+""")
+    node = subprocess.Popen([sys.executable, "-m", "relay", "--log-level", "info", "serve", "-c", str(cfg)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pub = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    listener = None
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                scrape(("127.0.0.1", admin), timeout=1)
+                break
+            except OSError:
+                assert node.poll() is None and time.monotonic() < deadline, "the node did not start"
+                time.sleep(0.1)
+        listener = veth.python("relay", "listen", "--server", f"{veth.local4}:{listen}", "--room", "live",
+                               "--duration", "3", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(1.0)                                   # joined before the first packet
+        for k in range(60):
+            pub.sendto(rtp(k, 960 * k, 0xA, bytes(100)), ("127.0.0.1", ingest))
+            time.sleep(0.02)
+        text = listener.communicate(timeout=20)[0]
+        m = scrape(("127.0.0.1", admin))
+    finally:
+        pub.close()
+        if listener is not None and listener.poll() is None:
+            listener.kill()
+        assert stop(node) == 0
+    log = node.stdout.read() if node.stdout else ""
+    if "AF_XDP refused" in log:
+        pytest.skip(f"the kernel refuses AF_XDP here: {log}")
+    assert listener.returncode == 0 and "received 60" in text and "lost 0" in text, text
+    assert m["relay_xdp_sockets"] == 2 and m["relay_xdp_listeners"] == 1   # a socket per sender shard
+    assert m["relay_xdp_frames_total"] == m["relay_packets_out_total"] == 60
