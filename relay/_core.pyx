@@ -284,7 +284,7 @@ cdef class Core:
         """Inline mode: 1 if the egress socket filled up and flush() must be
         called again once it is writable. Always 0 when threaded (sender
         threads wait for writability themselves)."""
-        return 0 if self.st.threaded else self.st.sh[0].blocked
+        return 0 if self.st.threaded or not self.st.sh[0].blocked else 1
 
     def flush(self, int fd):
         """Inline mode: fan out and send what is queued; returns 1 if the

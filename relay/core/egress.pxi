@@ -98,7 +98,7 @@ cdef int flush_shard(CoreState *c, int k, int fd) noexcept nogil:
         pop_sent(c, s)
         if xfull:
             s.would_block += 1
-            s.blocked = 1
+            s.blocked = 2       # waiting for AF_XDP frames, not for the socket
             return 1
     s.blocked = 0
     observe_latency(s)

@@ -134,7 +134,7 @@ ctypedef struct Shard:
     uint32_t *hist_seen     # per room: history entries already fanned out
     int64_t pend_rx[PEND_MAX]
     int pend_n
-    int blocked
+    int blocked             # 1: the socket is full; 2: every AF_XDP frame is in flight
     # The lock guards this shard's listeners, rings, queue and counters.
     # Whoever fans out or sends for the shard holds it: its sender thread,
     # or in inline mode the event-loop thread. Other threads take it with
