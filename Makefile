@@ -6,7 +6,7 @@ DURATION ?= 10
 
 FUZZ_SECONDS ?= 60
 
-.PHONY: setup demo test test-fast lint bench bench-full bench-quic bench-hls bench-cluster bench-chaos bench-sim bench-speakers bench-flood fuzz sanitize tsan dist deploy-check annotate clean
+.PHONY: setup demo test test-fast lint bench bench-full bench-xdp bench-quic bench-hls bench-cluster bench-chaos bench-sim bench-speakers bench-flood fuzz sanitize tsan dist deploy-check annotate clean
 
 setup:
 	@./scripts/bootstrap.sh
@@ -35,6 +35,11 @@ bench:
 bench-full:
 	@./scripts/bootstrap.sh bench
 	$(PY) bench/run.py --full
+
+# AF_XDP egress against the sendmmsg limit on a veth pair (root): bench/results/xdp.json
+bench-xdp:
+	@./scripts/bootstrap.sh bench
+	$(PY) bench/xdp.py
 
 # QUIC listeners beside UDP ones: per core-second and callgrind instructions
 bench-quic:

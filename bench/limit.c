@@ -5,7 +5,8 @@
  *
  *   limit INGEST_PORT DEST_FILE [SECONDS]
  *
- * DEST_FILE holds one "ip port" per line. Runs until SECONDS pass (default
+ * DEST_FILE holds one "ip port" per line; LIMIT_FROM=IP sends from IP
+ * (default 127.0.0.1). Runs until SECONDS pass (default
  * 3600) or SIGTERM, then prints "sent N" and exits. Compiled by bench/run.py.
  */
 #define _GNU_SOURCE
@@ -57,7 +58,8 @@ int main(int argc, char **argv) {
     /* send from a bound loopback address, as the relay does: an unbound
        socket pays for source-address selection on every datagram */
     struct sockaddr_in from = {.sin_family = AF_INET, .sin_port = 0};
-    inet_pton(AF_INET, "127.0.0.1", &from.sin_addr);
+    const char *from_ip = getenv("LIMIT_FROM");   /* bench/xdp.py sends from a veth's address */
+    inet_pton(AF_INET, from_ip ? from_ip : "127.0.0.1", &from.sin_addr);
     if (bind(out, (struct sockaddr *)&from, sizeof from) < 0) { perror("bind"); return 1; }
     struct timeval tv = {.tv_sec = 0, .tv_usec = 200000};
     setsockopt(in, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);

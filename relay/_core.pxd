@@ -8,7 +8,6 @@ from relay.core.state cimport CoreState, Listener, Room
 cdef class Core:
     cdef CoreState st
     cdef readonly int capacity, rooms, depth, ring_bytes, shards
-    cdef void _release(self) noexcept
     cdef Room *_room(self, int room) except NULL
     cdef Listener *_listener(self, int slot) except NULL
     cdef bytes _packet(self, int32_t slot, uint32_t j)

@@ -14,6 +14,7 @@ Data path (DESIGN.md), one included file per step:
                         listener's SSRC, sequence and timestamp
     core/egress.pxi     egress queue --sendmmsg, GIL released--> kernel;
                         NACK resends from the ring
+    core/xdp.pxi        or --AF_XDP frames (xsk.h), GIL released--> the NIC
     core/shards.pxi     shard locks, wake-ups and the sender threads' loop
     core/stats.pxi      counters, read at scrape time
     core/quic.pxi       QUIC packet protection: seal audio, open ACKs
@@ -41,11 +42,9 @@ from libc.string cimport memcpy, memcmp, memset
 from libc.errno cimport errno, EAGAIN, ENOBUFS, EINTR
 
 from relay.core.clock cimport monotonic_ns
-from relay.core.state cimport (
-    CoreState, Listener, Room, Shard, Source,
-    ADDR_MAX, MAX_SOURCES, LAT_BUCKETS, BATCH_BUCKETS, PEND_MAX, MAX_SHARDS, TX_BATCH,
-    HIST_FACTOR, RX_BATCH, RX_BUF, MAX_RING, RX_ADDR, RX_ROUNDS, HDR, OPUS_CLOCK,
-)
+from relay.core.state cimport (CoreState, Listener, Room, Shard, Source, ADDR_MAX, MAX_SOURCES, LAT_BUCKETS,
+    BATCH_BUCKETS, PEND_MAX, MAX_SHARDS, TX_BATCH, HIST_FACTOR, RX_BATCH, RX_BUF, MAX_RING, RX_ADDR, RX_ROUNDS,
+    HDR, OPUS_CLOCK)
 from relay.core.quic_state cimport *     # libcrypto, and the QUIC path's structs
 from relay.core.syscalls cimport (
     sockaddr, iovec, msghdr, mmsghdr, sendmmsg, recvmmsg, sendto, MSG_DONTWAIT, MSG_TRUNC,
@@ -63,6 +62,7 @@ include "core/rooms.pxi"
 include "core/ring.pxi"
 include "core/fanout.pxi"
 include "core/egress.pxi"
+include "core/xdp.pxi"
 include "core/shards.pxi"
 include "core/stats.pxi"
 include "core/quic.pxi"
@@ -116,10 +116,7 @@ cdef class Core:
         arena_build(c)
 
     def __dealloc__(self):
-        self._release()
-
-    cdef void _release(self) noexcept:
-        arena_release(&self.st)
+        arena_release(&self.st)     # AF_XDP sockets included
 
     # ------------------------------------------------------------- shape
 
@@ -287,7 +284,7 @@ cdef class Core:
         """Inline mode: 1 if the egress socket filled up and flush() must be
         called again once it is writable. Always 0 when threaded (sender
         threads wait for writability themselves)."""
-        return 0 if self.st.threaded else self.st.sh[0].blocked
+        return 0 if self.st.threaded or not self.st.sh[0].blocked else 1
 
     def flush(self, int fd):
         """Inline mode: fan out and send what is queued; returns 1 if the
@@ -496,5 +493,6 @@ cdef class Core:
         return [float(1 << b) for b in range(BATCH_BUCKETS)], counts, float(total)
 
 include "core/quic_api.pxi"
+include "core/xdp_api.pxi"
 include "core/history.pxi"
 include "core/gate.pxi"

@@ -41,6 +41,7 @@ from relay.listeners.quic.endpoint import QuicEndpoint
 from relay.listeners.senders import SenderThreads
 from relay.listeners.sessions import UDP, RoomState, Sessions, Tell, relay_ssrc
 from relay.listeners.udp import ListenerPort
+from relay.listeners.xdp import XdpListeners
 from relay.ops.admin import AdminServer, AdminViews
 from relay.ops.events import EventLog, emit
 from relay.ops.metrics import Cluster, NodeCollector, registry_for
@@ -72,6 +73,7 @@ class Node:
         self.load = LoadMeter()
         self.senders = SenderThreads(self.core)
         self.udp = ListenerPort(self.core, self.sessions)
+        self.xdp = XdpListeners(self.core, cfg.xdp) if cfg.xdp else None     # egress = "xdp"
         self.ingest = IngestPorts(self.core, lambda: self.udp.out_fd, self.udp.wait_writable)
         self.stages = Stages(self.core, list(range(cfg.max_rooms + cfg.speaker_slots - 1, cfg.max_rooms - 1, -1)),
                              self._sent, os.urandom, emit)
@@ -85,7 +87,8 @@ class Node:
         self.collector = NodeCollector(self.core, self.sessions, self.load, self.senders,
                                        lambda: self.quic.counters if self.quic else None, self.started,
                                        self.ingest.srtp_drops, self._cluster, self.stages,
-                                       hls=self.hls.stats if self.hls else None, gate=self.udp.gate_counters)
+                                       hls=self.hls.stats if self.hls else None, gate=self.udp.gate_counters,
+                                       xdp=self.xdp.counters if self.xdp else None)
         self.hosting = Hosting(self.sessions, self.core, self.udp, self.quic, self._tell)
         views = AdminViews(
             metrics=lambda: generate_latest(registry_for(self.collector)),
@@ -194,6 +197,9 @@ class Node:
         except OSError:
             self.close()
             raise
+        if self.xdp is not None and self.udp.listen_sock is not None and self.xdp.start(self.udp.listen_sock):
+            self.sessions.placed = self.xdp.place
+            self.xdp.watch(loop)
         self.udp.start(loop)
         self.ingest.start(loop)
         self.stages.start(loop)
@@ -445,6 +451,8 @@ class Node:
         if self.quic is not None:
             self.quic.close()
         self.ingest.close()
+        if self.xdp is not None:
+            self.xdp.close()
         self.udp.close()
 
     async def run_until_signalled(self, reload_config: Callable[[], NodeConfig] | None = None) -> None:

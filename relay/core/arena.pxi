@@ -159,6 +159,7 @@ cdef void arena_release(CoreState *c) noexcept:
     _free(c.qplain)
     _free(c.qcid_key)
     _free(c.qcid_val)
+    xdp_release(c)
     memset(c, 0, sizeof(CoreState))
     c.pull_fd = -1
     c.quic_fd = -1

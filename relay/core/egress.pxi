@@ -1,5 +1,5 @@
 # Egress: the queued ring packets of one shard handed to the kernel with
-# sendmmsg, up to TX_BATCH per call, resubmitting after a message that fails
+# sendmmsg, up to TX_BATCH per call (or as AF_XDP frames, xdp.pxi), resubmitting after a message that fails
 # on its own and stopping (to wait for POLLOUT) when the socket is full;
 # QUIC listeners' packets sealed into a batch of their own for the QUIC
 # socket in the same pass (quic_path.pxi); NACK resends straight from a
@@ -24,8 +24,9 @@ cdef int flush_shard(CoreState *c, int k, int fd) noexcept nogil:
     cdef uint16_t len
     cdef Listener *l
     cdef int32_t qpos
-    cdef int m
+    cdef int m, xfull = 0
     cdef int64_t now
+    cdef relay_xsk *x = shard_xsk(c, k)
     while s.q_len > 0:
         n = m = 0
         qi = 0
@@ -41,6 +42,10 @@ cdef int flush_shard(CoreState *c, int k, int fd) noexcept nogil:
                 m = quic_take(c, s, i, m, now)
                 if l.sent != l.head and not l.qshut:
                     break       # the QUIC batch is full
+            elif l.active and not l.pull and l.xpath and x != NULL:
+                if xdp_take(c, s, x, i, fd):
+                    xfull = 1   # every UMEM frame is in flight
+                    break
             elif l.active and not l.pull:
                 sent = l.sent
                 while sent != l.head and n < TX_BATCH:
@@ -54,6 +59,8 @@ cdef int flush_shard(CoreState *c, int k, int fd) noexcept nogil:
                 if sent != l.head:
                     break
             qi += 1
+        if x != NULL:
+            xdp_push(x)
         if m:
             # first: a full QUIC socket never leaves its batch waiting for the UDP one
             quic_send_batch(c, s, m)
@@ -89,6 +96,10 @@ cdef int flush_shard(CoreState *c, int k, int fd) noexcept nogil:
             s.drop_send_error += 1
             done += 1
         pop_sent(c, s)
+        if xfull:
+            s.would_block += 1
+            s.blocked = 2       # waiting for AF_XDP frames, not for the socket
+            return 1
     s.blocked = 0
     observe_latency(s)
     return 0

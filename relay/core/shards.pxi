@@ -66,10 +66,13 @@ cdef void shard_loop(CoreState *c, int k, int fd) noexcept nogil:
         pf[0].revents = 0
         pf[1].fd = fd
         # blocked is only written by this thread once it runs
-        pf[1].events = POLLOUT if s.blocked else 0
+        pf[1].events = POLLOUT if s.blocked == 1 else 0
         pf[1].revents = 0
-        # the timeout is a safety net; wake-ups come from the eventfd
-        poll(pf, 2, 200)
+        # the timeout is a safety net; wake-ups come from the eventfd. A
+        # shard waiting for AF_XDP frames (blocked 2) has nothing to poll
+        # for (the listener socket is writable all along): it looks again
+        # after a millisecond instead of spinning, e.g. on a link that is down
+        poll(pf, 2, 1 if s.blocked == 2 else 200)
         if pf[0].revents & POLLIN:
             read(s.efd, &ticks, sizeof(ticks))
         lock_shard(c, k)

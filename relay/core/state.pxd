@@ -6,6 +6,7 @@
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
 from relay.core.syscalls cimport mmsghdr, iovec, pthread_mutex_t
 from relay.core.quic_state cimport QuicConn
+from relay.core.xdp cimport relay_xdp
 
 
 cdef enum:
@@ -40,6 +41,7 @@ ctypedef struct Listener:
     uint8_t held          # out of its room's list: the fan-out skips it (a stalled pull listener)
     uint8_t quic          # sent by the QUIC path (core/quic_path.pxi): 1 QUIC, 2 WebTransport
     uint8_t qshut         # QUIC: its window is shut; off the egress queue until its next packet
+    uint16_t xpath        # 0: sendmmsg; p: AF_XDP frames through next hop p - 1 (core/xdp.pxi)
     uint32_t ts_off       # listener ts  = room ts  + ts_off
     uint32_t head         # packets written into the ring, ever
     uint32_t sent         # packets handed to the kernel (or pulled), ever
@@ -132,7 +134,7 @@ ctypedef struct Shard:
     uint32_t *hist_seen     # per room: history entries already fanned out
     int64_t pend_rx[PEND_MAX]
     int pend_n
-    int blocked
+    int blocked             # 1: the socket is full; 2: every AF_XDP frame is in flight
     # The lock guards this shard's listeners, rings, queue and counters.
     # Whoever fans out or sends for the shard holds it: its sender thread,
     # or in inline mode the event-loop thread. Other threads take it with
@@ -204,6 +206,7 @@ ctypedef struct CoreState:
     int threaded
     int pull_fd             # readable when a pull (QUIC) listener has new packets
     int quic_fd             # the QUIC port's socket, for the QUIC path's sendmmsg; -1 without one
+    relay_xdp *xdp          # AF_XDP egress: next hops and one socket per shard; NULL when off
     QuicConn **qc           # capacity: a QUIC path listener's connection, else NULL
     uint8_t *qplain         # an opened packet's payload (event-loop thread only)
     uint64_t *qcid_key      # our connection id -> QUIC path slot (core/quic_ingress.pxi;

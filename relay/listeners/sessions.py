@@ -81,6 +81,9 @@ class Sessions:
         # (address, False) when it ends: the listener port's gate lets that
         # address's datagrams through before any stranger's
         self.on_address: Callable[[tuple, bool], None] | None = None
+        # told of every UDP listener the core sends to (slot, sockaddr): the
+        # AF_XDP egress routes it through its interface (relay.listeners.xdp)
+        self.placed: Callable[[int, bytes], object] | None = None
 
     # ---------------------------------------------------------------- control
 
@@ -295,6 +298,8 @@ class Sessions:
         slot = self.core.listener_add(room.index, sockaddr, ssrc, seq_off, ts_off, pull=pull, burst=burst)
         if slot < 0:
             return self._refuse(Reason.NODE_FULL, redirect())
+        if not pull and self.placed is not None:
+            self.placed(slot, sockaddr)
         return self._add(Session(key, transport, room_name, slot, ssrc, self.rng.randbytes(8), now,
                                  self.NACK_BURST, now, token, role, origin=(seq_off, ts_off), sub=sub,
                                  name=str(claims.get("name") or "")))
@@ -322,6 +327,8 @@ class Sessions:
         if slot < 0:
             self.stages.leave(key)
             return self._refuse(Reason.NODE_FULL, redirect())
+        if self.placed is not None:
+            self.placed(slot, sockaddr)
         return self._add(Session(key, transport, room, slot, ssrc, self.rng.randbytes(8), now, self.NACK_BURST,
                                  now, token, "publish", srtp_key, expires_at=float(claims.get("exp") or 0),
                                  control_key=control_key, sub=str(claims.get("sub") or ""),

@@ -78,10 +78,11 @@ class NodeCollector(Collector):
                  srtp_drops: Callable[[], Counter[str]] = Counter,
                  cluster: Callable[[], Cluster] = lambda: Cluster(), stages: Stages | None = None,
                  hls: Callable[[], HlsStats] | None = None,
-                 gate: Callable[[], dict[str, int]] = dict) -> None:
+                 gate: Callable[[], dict[str, int]] = dict,
+                 xdp: Callable[[], dict[str, int]] | None = None) -> None:
         self.core, self.sessions, self.load, self.senders = core, sessions, load, senders
         self.gate = gate
-        self.stages, self.hls = stages, hls
+        self.stages, self.hls, self.xdp = stages, hls, xdp
         self.quic, self.started, self.srtp_drops, self.cluster = quic, started, srtp_drops, cluster
 
     @staticmethod
@@ -217,6 +218,8 @@ class NodeCollector(Collector):
         yield from self._cluster()
         if self.hls is not None:
             yield from _hls(self.hls())
+        if self.xdp is not None:
+            yield from _xdp(self.xdp())
         yield GaugeMetricFamily("relay_draining", "1 while the node is draining.",
                                 1 if self.sessions.draining else 0)
         yield GaugeMetricFamily("relay_process_resident_memory_bytes", "Resident memory.", _rss())
@@ -399,6 +402,19 @@ class NodeCollector(Collector):
         yield listeners
         yield packets_in
         yield silence
+
+
+def _xdp(c: dict[str, int]) -> Iterator[Metric]:
+    """The AF_XDP egress (egress = "xdp", docs/xdp.md), summed over its sockets."""
+    yield GaugeMetricFamily("relay_xdp_sockets", "Sender shards sending through AF_XDP.", c["sockets"])
+    yield GaugeMetricFamily("relay_xdp_listeners", "Listeners routed through AF_XDP since start.", c["routed"])
+    for name, key, doc in (
+            ("relay_xdp_frames", "packets", "Listener packets put on AF_XDP TX rings (also in relay_packets_out)."),
+            ("relay_xdp_kicks", "kicks", "sendto calls that asked the kernel to send an AF_XDP TX ring."),
+            ("relay_xdp_kick_errors", "kick_errors", "AF_XDP kicks the kernel refused."),
+            ("relay_xdp_frames_exhausted", "frames_exhausted", "Times every UMEM frame of a shard was in flight."),
+            ("relay_xdp_too_large", "too_large", "Packets too large for a frame or the MTU, sent with sendto.")):
+        yield CounterMetricFamily(name, doc, c[key])
 
 
 def _hls(s: HlsStats) -> Iterator[Metric]:

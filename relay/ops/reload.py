@@ -9,7 +9,7 @@ from relay.wire.config import NodeConfig, RoomConfig
 
 # settings a running node keeps until it is restarted
 RESTART_ONLY = ("listen", "admin", "ring_depth", "ring_bytes", "max_rooms", "speaker_slots", "workers",
-                "quic", "quic_cert", "quic_key", "directory", "node_id", "tier", "advertise")
+                "quic", "quic_cert", "quic_key", "directory", "node_id", "tier", "advertise", "xdp")
 # (the certificate files named by quic_cert and quic_key are read again on
 # every reload, see QuicEndpoint.reload_certificate; their paths stay)
 

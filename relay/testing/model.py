@@ -265,3 +265,37 @@ class ModelCore:
             out += [(slot, p) for p in lst.written[lst.sent:]]
             lst.sent = len(lst.written)
         return out
+
+
+def _csum(data: bytes) -> int:
+    """RFC 1071, the obvious way: 16-bit big-endian words, carries folded."""
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def xdp_frame(dst_mac: bytes, src_mac: bytes, src_ip: bytes, src_port: int, sockaddr: bytes,
+              payload: bytes) -> bytes:
+    """The AF_XDP egress's frame for `payload` to `sockaddr` (raw
+    sockaddr_in/_in6), as RFC 791/8200/768 describe it: Ethernet, IPv4
+    (DF, TTL 64, header checksum) or IPv6 (hop limit 64), UDP with its
+    checksum over the pseudo header (0 sent as 0xFFFF)."""
+    dst_port = struct.unpack_from("!H", sockaddr, 2)[0]
+    ulen = 8 + len(payload)
+    if len(src_ip) == 16:
+        dst_ip = sockaddr[8:24]
+        ip = struct.pack("!IHBB", 6 << 28, ulen, 17, 64) + src_ip + dst_ip
+        pseudo = src_ip + dst_ip + struct.pack("!IxxxB", ulen, 17)
+        ethertype = 0x86DD
+    else:
+        dst_ip = sockaddr[4:8]
+        head = struct.pack("!BBHHHBBH", 0x45, 0, 20 + ulen, 0, 0x4000, 64, 17, 0) + src_ip + dst_ip
+        ip = head[:10] + struct.pack("!H", _csum(head)) + head[12:]
+        pseudo = src_ip + dst_ip + struct.pack("!xBH", 17, ulen)
+        ethertype = 0x0800
+    udp = struct.pack("!HHHH", src_port, dst_port, ulen, 0) + payload
+    check = _csum(pseudo + udp) or 0xFFFF
+    return dst_mac + src_mac + struct.pack("!H", ethertype) + ip + udp[:6] + struct.pack("!H", check) + udp[8:]

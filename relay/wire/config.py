@@ -12,6 +12,8 @@ from relay.wire.directory_url import SENTINEL_SCHEME, sentinel_url, shown_url
 from relay.wire.config_values import ConfigError, address, integer, number, seconds
 from relay.wire.protocol import MAX_REDIRECT
 from relay.wire.room_config import (PLAIN_TAKEOVER_S, SRTP_TAKEOVER_S, RoomConfig, room)  # noqa: F401 (re-exported)
+from relay.wire.egress_config import KEYS as EGRESS_KEYS
+from relay.wire.egress_config import XdpConfig, xdp_config
 
 DEFAULT_TOML = """
 # The embedded default: one open room on loopback, for `make demo`.
@@ -72,6 +74,7 @@ class NodeConfig:
     max_rooms: int = 64                  # room slots reserved for reloads
     speaker_slots: int = 64              # speakers on every stage of the node at once (each hears its own mix)
     workers: int = 1                     # sender threads; "auto" = one per core
+    xdp: XdpConfig | None = None         # egress = "xdp": listeners' audio through AF_XDP (egress_config.py)
     max_load: float = 0.8                # admit while the relay's projected duty stays below this; 0 = off
     max_machine_load: float = 0.95       # and while the whole machine is less busy than this; 0 = off
     # (the machine cap refuses only when the relay's own work fills the
@@ -99,7 +102,7 @@ _NODE_KEYS = {"listen", "admin", "public", "auth", "secret_env", "max_listeners"
               "quic_max_pending", "quic_max_pending_per_source", "log_interval", "drain_grace", "drain_rate",
               "upstream_linger", "upstream_pair", "directory", "node_id", "tier", "advertise",
               "quic", "quic_cert", "quic_key", "quic_redirect", "quic_fast_path",
-              "hls", "hls_max_held", "hls_max_connections", "record_dir", "record_retention"}
+              "hls", "hls_max_held", "hls_max_connections", "record_dir", "record_retention"} | EGRESS_KEYS
 
 
 # what one listener slot costs besides its ring's bytes and index: the
@@ -271,6 +274,7 @@ def from_dict(raw: dict[str, Any], label: str = "config", environ: Mapping[str, 
     cfg.redirect = str(node.get("redirect", ""))
     if len(cfg.redirect.encode()) > MAX_REDIRECT:
         raise ConfigError(f"[node] redirect: at most {MAX_REDIRECT} bytes")
+    cfg.xdp = xdp_config(node, ConfigError)
     _quic(cfg, node)
     _hls(cfg, node)
     _directory(cfg, node)

@@ -122,3 +122,15 @@ def test_a_reload_plans_new_publishing_rules_for_a_kept_room() -> None:
     assert [r.name for r in plan.rules] == ["a"] and not plan.rebind and not plan.sources
     same = plan_reload(keyed, load(base + 'srtp_key_env = "K"\n', environ=env), old.max_listeners, old.max_rooms)
     assert same.rules == []
+
+
+def test_a_reload_keeps_the_egress_until_a_restart() -> None:
+    """AF_XDP sockets are opened at start: a reload that asks for another
+    egress says it needs a restart and keeps the running one."""
+    from relay.ops.reload import plan_reload
+    from relay.wire.config import load
+    room = '[[room]]\nname = "a"\ningest = "127.0.0.1:5100"\nsources = ["127.0.0.1"]\n'
+    old = load('[node]\nauth = "open"\n' + room)
+    new = load('[node]\nauth = "open"\negress = "xdp"\nxdp_interface = "eth0"\n' + room)
+    plan = plan_reload(old, new, capacity=old.max_listeners, room_slots=old.max_rooms)
+    assert new.xdp is None and any(n.startswith("xdp needs a restart") for n in plan.notes), plan.notes
