@@ -40,6 +40,7 @@ from relay.listeners.load import LoadMeter
 from relay.listeners.quic.endpoint import QuicEndpoint
 from relay.listeners.senders import SenderThreads
 from relay.listeners.sessions import UDP, RoomState, Sessions, Tell, relay_ssrc
+from relay.listeners.session import udp_sends
 from relay.listeners.udp import ListenerPort
 from relay.listeners.xdp import XdpListeners
 from relay.ops.admin import AdminServer, AdminViews
@@ -421,7 +422,7 @@ class Node:
 
     def _tell(self, tells: list[Tell], close: str = "") -> int:
         """Tell ended sessions why, each on its own transport; returns how many."""
-        told = self.udp.send(Sessions.sends(tells))
+        told = self.udp.send(udp_sends(tells))
         for t in tells:
             if t.session.transport != UDP and self.quic is not None:
                 self.quic.tell(t.session, t.reject, close)

@@ -8,7 +8,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Hashable, NamedTuple
 
-from relay.wire.protocol import Reject
+from relay.wire.protocol import Reject, encode
 
 UDP = "udp"
 # RTCP a listener may send us: an RR and a NACK of a few dozen FCIs fit
@@ -90,3 +90,9 @@ class SessionCounters:
     replaced: int = 0             # speakers' sessions ended by the same speaker joining again
     resumes: int = 0              # joins that moved here with a resume point
     resumed_packets: int = 0      # packets they were sent from the room's history
+
+
+def udp_sends(tells: list[Tell]) -> list[Send]:
+    """The UDP datagrams among `tells`: each ended session's REJECT to its address."""
+    return [Send(t.session.key, encode(t.reject)) for t in tells  # type: ignore[arg-type]
+            if t.session.transport == UDP]  # a UDP session's key is its address

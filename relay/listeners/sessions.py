@@ -497,9 +497,3 @@ class Sessions:
             self._remove(s)
             out.append(Tell(s, Reject(Reason.DRAINING, self.redirect_for(s.room, s.transport), s.session_id)))
         return out
-
-    @staticmethod
-    def sends(tells: list[Tell]) -> list[Send]:
-        """The UDP datagrams among `tells`."""
-        return [Send(t.session.key, encode(t.reject)) for t in tells  # type: ignore[arg-type]
-                if t.session.transport == UDP]  # a UDP session's key is its address

@@ -15,6 +15,7 @@ from relay.wire.protocol import (MIN_JOIN, Accept, Challenge, Join, Keepalive, L
 from relay.wire.rtcp import build_nack, parse_rtcp
 from relay.listeners.admission import JoinLimiter, source_key
 from relay.listeners.sessions import RoomState, Sessions
+from relay.listeners.session import udp_sends
 from relay.wire.tokens import Auth, TokenError, mint
 
 SECRET = "s3cret-for-tests-0123456789abcdef"
@@ -190,7 +191,7 @@ def test_drain_tells_everyone_and_stops_admitting() -> None:
     s = _sessions()
     for port in (1, 2, 3):
         _join(s, ("127.0.0.1", port))
-    told = Sessions.sends(s.drain())
+    told = udp_sends(s.drain())
     assert len(told) == 3 and all(decode(m) == Reject(Reason.DRAINING, "127.0.0.2:7000") for _, m in told)
     assert s.core.listeners == 0
     assert _join(s) == Reject(Reason.DRAINING, "127.0.0.2:7000")
