@@ -28,7 +28,8 @@ find "$tree/relay" \( -name '*.so' -o -name '*.c' \) -delete
     | grep -E '(error|warning):' || true )
 cd "$tree"
 core_tests=(tests/core/test_core_rings.py tests/core/test_core_model.py tests/core/test_core_egress.py tests/core/test_core_shards.py
-            tests/core/test_core_safety.py tests/core/test_quic_seal.py tests/core/test_quic_path.py)
+            tests/core/test_core_safety.py tests/core/test_quic_seal.py tests/core/test_quic_path.py
+            tests/core/test_gate.py)
 if [ "$mode" = address ]; then
     RELAY_SANITIZED=1 LD_PRELOAD="$runtime" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
         UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 PYTHONMALLOC=malloc \
