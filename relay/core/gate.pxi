@@ -129,7 +129,7 @@ cdef class ControlGate:
     cdef uint8_t *known_key      # 18 bytes an entry: address and port
     cdef uint8_t *known_used
     cdef uint32_t known_mask
-    cdef public int known
+    cdef readonly int known      # entries in the table (written only by known_add and known_drop)
     cdef EVP_MD_CTX *inner
     cdef EVP_MD_CTX *outer
     cdef EVP_MD_CTX *work

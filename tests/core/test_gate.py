@@ -460,7 +460,35 @@ def test_gate_memory_is_counted_and_freed() -> None:
 
 
 def test_bad_arguments_are_refused() -> None:
-    with pytest.raises(ValueError):
-        ControlGate(8, SECRET, b"short")
-    with pytest.raises(ValueError):
-        ControlGate(8, bytes(65), SEED)
+    # a capacity near 2^31 once doubled the table's size to 0 and looped for ever
+    for capacity, secret, seed, lifetime in ((8, SECRET, b"short", 10.0), (8, bytes(65), SEED, 10.0),
+                                             (2**24 + 1, SECRET, SEED, 10.0), (2**31 - 1, SECRET, SEED, 10.0),
+                                             (8, SECRET, SEED, -1.0), (8, SECRET, SEED, float("nan"))):
+        with pytest.raises(ValueError):
+            ControlGate(capacity, secret, seed, lifetime)
+    for args in ((8, None, SEED), (8, SECRET, None)):
+        with pytest.raises(TypeError):
+            ControlGate(*args)  # type: ignore[arg-type]
+    gate = ControlGate(8, SECRET, SEED)
+    with pytest.raises(TypeError):
+        gate.known_add(None)  # type: ignore[arg-type]
+    # the count is the table's own: a caller writing it would hide every session
+    with pytest.raises(AttributeError):
+        gate.known = 0  # type: ignore[misc]
+
+
+def test_extreme_limits_stay_limits(v4: Port) -> None:
+    # a burst window past int64 once became negative in the cast, and every
+    # stranger's datagram was dropped; clamped, a huge burst lets all through
+    v4.gate.limits(per_source=1.0, per_source_burst=1e12, up_rate=1e-30, challenge_rate=float("nan"))
+    (client,) = client4(v4)
+    for _ in range(5):
+        client.send(keepalive())
+    drain(v4, 5)
+    c = v4.gate.counters()
+    assert (c["unknown_session"], c["source_rate"]) == (5, 0)
+    # a rate too small to count in nanoseconds is one arrival (and a window) in 1e18 ns, not none
+    for _ in range(3):
+        client.send(join(CookieJar(SECRET).make(v4.raw(client), time.monotonic())))
+    assert len(drain(v4, 3)) == 2
+    client.close()
