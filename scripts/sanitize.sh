@@ -30,23 +30,25 @@ cd "$tree"
 core_tests=(tests/core/test_core_rings.py tests/core/test_core_model.py tests/core/test_core_egress.py tests/core/test_core_shards.py
             tests/core/test_core_safety.py tests/core/test_quic_seal.py tests/core/test_quic_path.py
             tests/core/test_gate.py)
-# reports go to files, not stderr: pytest captures a test's stderr, and an
-# abort mid-test (halt_on_error) would take the report with it, leaving only
-# "Fatal Python error: Aborted". Any report fails the run.
+# pytest captures only Python's sys.stderr (--capture=sys), never the file
+# descriptor: a sanitizer that halts mid-test would otherwise take its report
+# with it, leaving only "Fatal Python error: Aborted" (UBSan writes to fd 2
+# whatever log_path says; ASan and TSan write to the report files). Any
+# report fails the run.
 report="$(pwd)/${mode}-report"
 rm -f "$report".*
 rc=0
 if [ "$mode" = address ]; then
     RELAY_SANITIZED=1 LD_PRELOAD="$runtime" ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:log_path=$report" \
         UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:log_path=$report" PYTHONMALLOC=malloc \
-        ../../.venv/bin/python -m pytest -q -p no:cacheprovider "${core_tests[@]}" "$@" || rc=$?
+        ../../.venv/bin/python -m pytest -q -p no:cacheprovider --capture=sys "${core_tests[@]}" "$@" || rc=$?
 else
     # TSan needs the low address space it reserves: with the kernel's full
     # mmap randomisation an uninstrumented host process can land on it, so
     # run without address randomisation.
     RELAY_SANITIZED=1 LD_PRELOAD="$runtime" PYTHONMALLOC=malloc \
         TSAN_OPTIONS="halt_on_error=1:exitcode=66:second_deadlock_stack=1:log_path=$report" \
-        setarch "$(uname -m)" -R ../../.venv/bin/python -m pytest -q -p no:cacheprovider "${core_tests[@]}" "$@" || rc=$?
+        setarch "$(uname -m)" -R ../../.venv/bin/python -m pytest -q -p no:cacheprovider --capture=sys "${core_tests[@]}" "$@" || rc=$?
 fi
 if ls "$report".* >/dev/null 2>&1; then
     cat "$report".*
