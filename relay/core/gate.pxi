@@ -100,6 +100,15 @@ cdef inline int64_t g_span(double ns) noexcept nogil:
     return <int64_t>(ns if ns < 1e18 else 1e18)
 
 
+cdef inline int64_t g_window(int64_t interval, double arrivals) noexcept nogil:
+    """A node-wide bound's window: `arrivals` whole intervals, at least one."""
+    if interval <= 0:
+        return 0
+    if not arrivals >= 1:
+        arrivals = 1
+    return g_span(<double>interval * <double><int64_t>(arrivals if arrivals < 1e18 else 1e18))
+
+
 cdef inline bint g_allow(int64_t *tat, int64_t now, int64_t interval, int64_t window) noexcept nogil:
     """GCRA: one more arrival fits if the cell's theoretical arrival time is
     no further ahead of now than the burst window."""
@@ -196,9 +205,9 @@ cdef class ControlGate:
         self.src_interval = g_span(1e9 / per_source) if per_source > 0 else 0
         self.src_window = g_span(per_source_burst * <double>self.src_interval)
         self.up_interval = g_span(1e9 / up_rate) if up_rate > 0 else 0
-        self.up_window = g_span(<double>self.up_interval * max(1.0, up_rate / 4))
+        self.up_window = g_window(self.up_interval, up_rate / 4)
         self.ch_interval = g_span(1e9 / challenge_rate) if challenge_rate > 0 else 0
-        self.ch_window = g_span(<double>self.ch_interval * max(1.0, challenge_rate / 10))
+        self.ch_window = g_window(self.ch_interval, challenge_rate / 10)
 
     # ----------------------------------------------------------- sessions
 
