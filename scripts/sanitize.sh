@@ -28,26 +28,32 @@ find "$tree/relay" \( -name '*.so' -o -name '*.c' \) -delete
     | grep -E '(error|warning):' || true )
 cd "$tree"
 core_tests=(tests/core/test_core_rings.py tests/core/test_core_model.py tests/core/test_core_egress.py tests/core/test_core_shards.py
-            tests/core/test_core_safety.py tests/core/test_quic_seal.py tests/core/test_quic_path.py tests/core/test_xdp.py)
+            tests/core/test_core_safety.py tests/core/test_quic_seal.py tests/core/test_quic_path.py
+            tests/core/test_gate.py tests/core/test_xdp.py)
+# pytest captures only Python's sys.stderr (--capture=sys), never the file
+# descriptor: a sanitizer that halts mid-test would otherwise take its report
+# with it, leaving only "Fatal Python error: Aborted" (UBSan writes to fd 2
+# whatever log_path says; ASan and TSan write to the report files). Any
+# report fails the run.
+report="$(pwd)/${mode}-report"
+rm -f "$report".*
+rc=0
 if [ "$mode" = address ]; then
-    RELAY_SANITIZED=1 LD_PRELOAD="$runtime" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
-        UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 PYTHONMALLOC=malloc \
-        ../../.venv/bin/python -m pytest -q -p no:cacheprovider "${core_tests[@]}" "$@"
+    RELAY_SANITIZED=1 LD_PRELOAD="$runtime" ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:log_path=$report" \
+        UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:log_path=$report" PYTHONMALLOC=malloc \
+        ../../.venv/bin/python -m pytest -q -p no:cacheprovider --capture=sys "${core_tests[@]}" "$@" || rc=$?
 else
     # TSan needs the low address space it reserves: with the kernel's full
     # mmap randomisation an uninstrumented host process can land on it, so
-    # run without address randomisation. Any report fails the run.
-    report="$(pwd)/tsan"
-    rm -f "$report".*
-    rc=0
+    # run without address randomisation.
     RELAY_SANITIZED=1 LD_PRELOAD="$runtime" PYTHONMALLOC=malloc \
         TSAN_OPTIONS="halt_on_error=1:exitcode=66:second_deadlock_stack=1:log_path=$report" \
-        setarch "$(uname -m)" -R ../../.venv/bin/python -m pytest -q -p no:cacheprovider "${core_tests[@]}" "$@" || rc=$?
-    if ls "$report".* >/dev/null 2>&1; then
-        cat "$report".*
-        echo "tsan: ThreadSanitizer reported the races above"
-        exit 1
-    fi
-    [ "$rc" -eq 0 ] || exit "$rc"
-    echo "tsan: 0 reports"
+        setarch "$(uname -m)" -R ../../.venv/bin/python -m pytest -q -p no:cacheprovider --capture=sys "${core_tests[@]}" "$@" || rc=$?
 fi
+if ls "$report".* >/dev/null 2>&1; then
+    cat "$report".*
+    echo "$mode sanitizer: it reported the errors above"
+    exit 1
+fi
+[ "$rc" -eq 0 ] || exit "$rc"
+echo "$mode sanitizer: 0 reports"

@@ -40,6 +40,7 @@ cdef enum:
     G_CHALLENGE = 25        # header, cookie length, cookie
     G_BUCKET_BITS = 18      # per-source rate cells: 2^18 of them, each source charged to two
     G_KNOWN_MIN = 1024
+    G_KNOWN_MAX = 1 << 24   # sessions: the table's size (2x, a power of two) stays in uint32
     # verdicts
     G_UP = 0
     G_ANSWERED = 1
@@ -73,7 +74,10 @@ cdef inline uint64_t g_mix(uint64_t k) noexcept nogil:
 
 cdef inline bint g_peer(const uint8_t *a, int alen, uint8_t *ip16, uint16_t *port) noexcept nogil:
     """A sockaddr as 16 address bytes (IPv4 mapped) and its port; False if neither family."""
-    cdef uint16_t fam = (<const uint16_t *>a)[0]
+    cdef uint16_t fam
+    if alen < 4:                         # the family and port are not all there: read nothing
+        return False
+    fam = (<const uint16_t *>a)[0]
     memcpy(port, a + 2, 2)
     if fam == AF_INET and alen >= 8:
         memset(ip16, 0, 10)
@@ -85,6 +89,24 @@ cdef inline bint g_peer(const uint8_t *a, int alen, uint8_t *ip16, uint16_t *por
         memcpy(ip16, a + 8, 16)
         return True
     return False
+
+
+cdef inline int64_t g_span(double ns) noexcept nogil:
+    """Nanoseconds as a GCRA interval or window, clamped (NaN or below 0:
+    0; at most 1e18, so arrival times stay in int64) before the cast, which
+    C leaves undefined out of range."""
+    if not ns > 0:
+        return 0
+    return <int64_t>(ns if ns < 1e18 else 1e18)
+
+
+cdef inline int64_t g_window(int64_t interval, double arrivals) noexcept nogil:
+    """A node-wide bound's window: `arrivals` whole intervals, at least one."""
+    if interval <= 0:
+        return 0
+    if not arrivals >= 1:
+        arrivals = 1
+    return g_span(<double>interval * <double><int64_t>(arrivals if arrivals < 1e18 else 1e18))
 
 
 cdef inline bint g_allow(int64_t *tat, int64_t now, int64_t interval, int64_t window) noexcept nogil:
@@ -101,7 +123,8 @@ cdef inline bint g_allow(int64_t *tat, int64_t now, int64_t interval, int64_t wi
 cdef class ControlGate:
     """The listener socket's drain and sorter (core/gate.pxi). `capacity`:
     sessions whose addresses it knows at most; `secret`: the CookieJar's;
-    `seed`: 16 random bytes for its hashes."""
+    `seed`: 16 random bytes for its hashes. Its memory comes from the
+    core's counted arena (allocation_balance), freed with it."""
 
     cdef uint8_t *buf
     cdef uint8_t *names
@@ -115,7 +138,7 @@ cdef class ControlGate:
     cdef uint8_t *known_key      # 18 bytes an entry: address and port
     cdef uint8_t *known_used
     cdef uint32_t known_mask
-    cdef public int known
+    cdef readonly int known      # entries in the table (written only by known_add and known_drop)
     cdef EVP_MD_CTX *inner
     cdef EVP_MD_CTX *outer
     cdef EVP_MD_CTX *work
@@ -125,7 +148,7 @@ cdef class ControlGate:
     cdef uint64_t n[GC_N]
     cdef int reply_len           # of the reply _sort just wrote
 
-    def __cinit__(self, int capacity, bytes secret, bytes seed, double lifetime_s=10.0):
+    def __cinit__(self, int capacity, bytes secret not None, bytes seed not None, double lifetime_s=10.0):
         cdef uint32_t size = G_KNOWN_MIN
         cdef uint8_t pad[64]
         cdef int j
@@ -134,24 +157,25 @@ cdef class ControlGate:
         cdef const uint8_t *key = <const uint8_t *>secret
         if len(seed) < 16 or len(secret) > 64:
             raise ValueError("seed: 16 bytes; secret: at most 64")
+        # bounds that keep the table's size and the clock's casts in range
+        if capacity > G_KNOWN_MAX or not 0 <= lifetime_s < 2.0 ** 31:
+            raise ValueError(f"capacity: at most {G_KNOWN_MAX}; lifetime_s: 0 to 2^31 s")
         while size < 2 * <uint32_t>max(capacity, 1):
             size <<= 1
         self.known_mask = size - 1
-        self.buf = <uint8_t *>calloc(G_BATCH, G_BUF)
-        self.names = <uint8_t *>calloc(G_BATCH, RX_ADDR)
-        self.rx = <mmsghdr *>calloc(G_BATCH, sizeof(mmsghdr))
-        self.rx_iov = <iovec *>calloc(G_BATCH, sizeof(iovec))
-        self.tx = <mmsghdr *>calloc(G_BATCH, sizeof(mmsghdr))
-        self.tx_iov = <iovec *>calloc(G_BATCH, sizeof(iovec))
-        self.tx_buf = <uint8_t *>calloc(G_BATCH, G_CHALLENGE)
-        self.verdict = <uint8_t *>calloc(G_BATCH, 1)
-        self.cells = <int64_t *>calloc(<size_t>1 << G_BUCKET_BITS, sizeof(int64_t))
-        self.known_key = <uint8_t *>calloc(size, 18)
-        self.known_used = <uint8_t *>calloc(size, 1)
+        self.buf = <uint8_t *>_alloc(G_BATCH, G_BUF)
+        self.names = <uint8_t *>_alloc(G_BATCH, RX_ADDR)
+        self.rx = <mmsghdr *>_alloc(G_BATCH, sizeof(mmsghdr))
+        self.rx_iov = <iovec *>_alloc(G_BATCH, sizeof(iovec))
+        self.tx = <mmsghdr *>_alloc(G_BATCH, sizeof(mmsghdr))
+        self.tx_iov = <iovec *>_alloc(G_BATCH, sizeof(iovec))
+        self.tx_buf = <uint8_t *>_alloc(G_BATCH, G_CHALLENGE)
+        self.verdict = <uint8_t *>_alloc(G_BATCH, 1)
+        self.cells = <int64_t *>_alloc(<size_t>1 << G_BUCKET_BITS, sizeof(int64_t))
+        self.known_key = <uint8_t *>_alloc(size, 18)
+        self.known_used = <uint8_t *>_alloc(size, 1)
         self.inner, self.outer, self.work = EVP_MD_CTX_new(), EVP_MD_CTX_new(), EVP_MD_CTX_new()
-        if (not self.buf or not self.names or not self.rx or not self.rx_iov or not self.tx or not self.tx_iov
-                or not self.tx_buf or not self.verdict or not self.cells or not self.known_key
-                or not self.known_used or not self.inner or not self.outer or not self.work):
+        if not self.inner or not self.outer or not self.work:
             raise MemoryError()
         memcpy(&self.seed1, <const uint8_t *>seed, 8)
         memcpy(&self.seed2, (<const uint8_t *>seed) + 8, 8)
@@ -168,8 +192,9 @@ cdef class ControlGate:
         self.limits()
 
     def __dealloc__(self):
-        free(self.buf); free(self.names); free(self.rx); free(self.rx_iov); free(self.tx); free(self.tx_iov)
-        free(self.tx_buf); free(self.verdict); free(self.cells); free(self.known_key); free(self.known_used)
+        # _free skips what a failed __cinit__ never allocated
+        _free(self.buf); _free(self.names); _free(self.rx); _free(self.rx_iov); _free(self.tx); _free(self.tx_iov)
+        _free(self.tx_buf); _free(self.verdict); _free(self.cells); _free(self.known_key); _free(self.known_used)
         EVP_MD_CTX_free(self.inner); EVP_MD_CTX_free(self.outer); EVP_MD_CTX_free(self.work)
 
     def limits(self, double per_source=50.0, double per_source_burst=50.0, double up_rate=4000.0,
@@ -177,12 +202,12 @@ cdef class ControlGate:
         """Strangers' bounds, per second: all they send per source address,
         what goes up to the policy node-wide, replies (CHALLENGEs, REJECTs)
         node-wide (0: none)."""
-        self.src_interval = <int64_t>(1e9 / per_source) if per_source > 0 else 0
-        self.src_window = <int64_t>(per_source_burst * <double>self.src_interval)
-        self.up_interval = <int64_t>(1e9 / up_rate) if up_rate > 0 else 0
-        self.up_window = self.up_interval * <int64_t>max(1.0, up_rate / 4)
-        self.ch_interval = <int64_t>(1e9 / challenge_rate) if challenge_rate > 0 else 0
-        self.ch_window = self.ch_interval * <int64_t>max(1.0, challenge_rate / 10)
+        self.src_interval = g_span(1e9 / per_source) if per_source > 0 else 0
+        self.src_window = g_span(per_source_burst * <double>self.src_interval)
+        self.up_interval = g_span(1e9 / up_rate) if up_rate > 0 else 0
+        self.up_window = g_window(self.up_interval, up_rate / 4)
+        self.ch_interval = g_span(1e9 / challenge_rate) if challenge_rate > 0 else 0
+        self.ch_window = g_window(self.ch_interval, challenge_rate / 10)
 
     # ----------------------------------------------------------- sessions
 
@@ -202,7 +227,7 @@ cdef class ControlGate:
         memcpy(key + 16, &port, 2)
         return True
 
-    def known_add(self, bytes sockaddr):
+    def known_add(self, bytes sockaddr not None):
         """A session now lives at this address (raw sockaddr bytes)."""
         cdef uint8_t key[18]
         cdef int i
@@ -214,7 +239,7 @@ cdef class ControlGate:
             self.known_used[i] = 1
             self.known += 1
 
-    def known_drop(self, bytes sockaddr):
+    def known_drop(self, bytes sockaddr not None):
         """No session lives at this address any more."""
         cdef uint8_t key[18]
         cdef uint32_t i, j, home
@@ -244,7 +269,7 @@ cdef class ControlGate:
         """What the gate did, by GATE_COUNTERS name, since it was made."""
         return {name: self.n[k] for k, name in enumerate(GATE_COUNTERS)}
 
-    def cookie(self, bytes sockaddr, uint32_t issued):
+    def cookie(self, bytes sockaddr not None, uint32_t issued):
         """The cookie this gate makes for `sockaddr` at `issued` (seconds): the test oracle's."""
         cdef uint8_t out[G_COOKIE]
         self._cookie(<const uint8_t *>sockaddr, <int>len(sockaddr), issued, out)
