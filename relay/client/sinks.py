@@ -46,7 +46,7 @@ def listen_sinks(out: str | None, forward: str | None, sdp: str | None
         fwd = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
         fwd.connect((host, port))
 
-        def forward(pkt: bytes) -> None:
+        def send_on(pkt: bytes) -> None:
             # The relay passes on the publisher's payload type (ffmpeg sends
             # 97, GStreamer 96); the player decodes only what the SDP
             # declares, so what we forward carries the SDP's.
@@ -56,7 +56,7 @@ def listen_sinks(out: str | None, forward: str | None, sdp: str | None
                 fwd.send(pkt)
             except OSError:
                 pass  # the player is not up yet
-        sinks.append(forward)
+        sinks.append(send_on)
         if sdp:
             with open(sdp, "w") as f:
                 f.write(sdp_for(port, host, PAYLOAD_TYPE))

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Iterator
+from typing import Callable, Generator, Iterator
 
 import opuslib
 from pylibsrtp import Policy, Session as SrtpSession
@@ -155,7 +155,7 @@ class MicError(Exception):
     """The microphone could not be opened: one line naming it and why."""
 
 
-def _ffmpeg_frames(source: list[str], tail: bool) -> Iterator[bytes]:
+def _ffmpeg_frames(source: list[str], tail: bool) -> Generator[bytes, None, str]:
     """What ffmpeg decodes from `source`, in 20 ms frames; with `tail`,
     silence after its end. A source that ends at once returns ffmpeg's
     last complaint (StopIteration's value)."""
@@ -185,6 +185,7 @@ def _ffmpeg_frames(source: list[str], tail: bool) -> Iterator[bytes]:
             return said[-1] if said else ""
         while tail:
             yield bytes(size)
+        return ""
     finally:
         proc.kill()
         proc.wait()

@@ -71,7 +71,7 @@ def main() -> None:
         for key, _ in sel.select(0.1):
             while True:
                 try:
-                    data = key.fileobj.recv(65536)
+                    data = key.fileobj.recv(65536)  # type: ignore[union-attr]   # we registered sockets
                 except BlockingIOError:
                     break
                 except OSError:          # the veth went away under us: report what came

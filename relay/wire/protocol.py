@@ -13,8 +13,12 @@ import math
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
 from relay.wire.keyx import MAC_LEN
+
+if TYPE_CHECKING:     # stage_msgs builds on this module
+    from relay.wire.stage_msgs import StageMessage
 
 MAGIC = 0x0B
 VERSION = 1
@@ -208,7 +212,7 @@ def _short(text: str) -> bytes:
     return text.encode()[:MAX_SPEAKER_TEXT].decode(errors="ignore").encode()
 
 
-def encode(msg: Message) -> bytes:
+def encode(msg: Message | StageMessage) -> bytes:
     """Serialise a message. JOINs are padded to MIN_JOIN bytes."""
     if isinstance(msg, Join):
         out = _join_body(msg)
