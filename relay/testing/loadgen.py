@@ -44,13 +44,21 @@ def raise_fd_limit(needed: int) -> None:
 WORKER_PORTS, WORKER_BASE = 3000, 20000
 
 
+_next_port: list[int] = []     # where this worker's next search starts
+
+
 def free_port(kind: int = socket.SOCK_DGRAM) -> int:
     """A loopback port that was free a moment ago (for tests and benches)."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     if worker.startswith("gw") and worker[2:].isdigit():
+        # handed out in turn through the worker's range, never the same
+        # port twice in a row: a test asks for several before it binds any
         lo = WORKER_BASE + int(worker[2:]) * WORKER_PORTS
-        for _ in range(500):
-            port = random.randrange(lo, lo + WORKER_PORTS)
+        if not _next_port:
+            _next_port.append(random.randrange(WORKER_PORTS))
+        for _ in range(WORKER_PORTS):
+            port = lo + _next_port[0] % WORKER_PORTS
+            _next_port[0] += 1
             with socket.socket(socket.AF_INET, kind) as s:
                 try:
                     s.bind(("127.0.0.1", port))
