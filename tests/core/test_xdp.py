@@ -256,8 +256,13 @@ sources = ["127.0.0.1"]
                 assert node.poll() is None and time.monotonic() < deadline, "the node did not start"
                 time.sleep(0.1)
         listener = veth.python("relay", "listen", "--server", f"{veth.local4}:{listen}", "--room", "live",
-                               "--duration", "3", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        time.sleep(1.0)                                   # joined before the first packet
+                               "--duration", "6", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # joined before the first packet: the node says so (a sanitizer build
+        # or a busy machine takes longer than a second)
+        joined_by = time.monotonic() + 10
+        while scrape(("127.0.0.1", admin)).get('relay_listeners{room="live",transport="udp"}', 0) < 1:
+            assert time.monotonic() < joined_by and listener.poll() is None, "the listener never joined"
+            time.sleep(0.1)
         for k in range(60):
             pub.sendto(rtp(k, 960 * k, 0xA, bytes(100)), ("127.0.0.1", ingest))
             time.sleep(0.02)
