@@ -125,17 +125,7 @@ def terminate_all(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
 def stop_all(grace: float = 3.0) -> None:
     """Every group spawn() started and nobody stopped: SIGTERM, then SIGKILL
     after `grace` seconds."""
-    procs = list(_STARTED)
-    for p in procs:
-        if p.poll() is None:
-            _signal_group(p, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for p in procs:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            p.wait(max(0.05, deadline - time.monotonic()))
-        _signal_group(p, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            p.wait(5)
+    terminate_all(list(_STARTED), grace)
     _STARTED.clear()
 
 

@@ -16,7 +16,7 @@ room from both, two `relay publish` speakers (`--server A --server B`,
 points of a frame): the one the edge follows, or the other. Prints per
 case the packets each listener missed (the room's numbering) and its
 longest silence, median and worst over every listener of every run, and
-the edge's splices. The goal (#23): at most 60 ms of audio lost when the
+the edge's splices. The goal: at most 60 ms of audio lost when the
 followed origin dies.
 """
 from __future__ import annotations

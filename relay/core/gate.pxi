@@ -1,7 +1,7 @@
 # The listener port's front door: the core drains the socket with recvmmsg
 # and sorts each datagram before Python sees it, cheapest check first, so
 # strangers' traffic costs a few hundred nanoseconds and never delays a
-# session's own messages (issue 28, docs/protocol.md "Threat model"):
+# session's own messages (docs/protocol.md "Threat model"):
 #
 #   1. from an address with a session (a table Python keeps): up, always;
 #   2. anything else: its first bytes say what it is; RTP, RTCP, LEAVE and

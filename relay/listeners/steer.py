@@ -1,6 +1,6 @@
 """Sessions' own socket: the listener port as a SO_REUSEPORT pair, steered
 by a small eBPF program, so strangers' datagrams cannot fill the queue a
-session's KEEPALIVEs wait in (issue 28).
+session's KEEPALIVEs wait in.
 
 The kernel runs the program for every datagram to the port, before either
 socket's queue: an IPv4 datagram whose source address and port are in the

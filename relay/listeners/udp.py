@@ -7,7 +7,7 @@ This module only moves bytes: what to answer is the session policy's
 core's ControlGate (core/gate.pxi) in recvmmsg batches: sessions' datagrams
 come up here always; strangers' are answered with a CHALLENGE or dropped
 in C, and only what the policy alone can answer comes up, under a bound,
-so a flood of them cannot starve a session's KEEPALIVEs (issue 28). Where
+so a flood of them cannot starve a session's KEEPALIVEs. Where
 the kernel allows it the port is two sockets, and an eBPF program steers
 sessions' datagrams to their own (steer.py): a flood then cannot even fill
 the queue they wait in. With an inline core (no sender

@@ -1,5 +1,5 @@
-"""Strangers' traffic never costs established listeners their sessions
-(issue 28): a flood of JOINs with bad tokens, JOINs with forged cookies,
+"""Strangers' traffic never costs established listeners their sessions:
+a flood of JOINs with bad tokens, JOINs with forged cookies,
 KEEPALIVEs for no session and garbage, from 200 loopback addresses, is
 sorted by the listener port's gate in C, while three listeners keep their
 sessions with KEEPALIVEs that are all answered, and a newcomer still joins.
