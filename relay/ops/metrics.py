@@ -15,25 +15,22 @@ import platform
 import resource
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
-                                    HistogramMetricFamily, Metric)
+                                    Metric)
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from relay import __version__
 from relay._core import Core
-from relay.cluster.upstream import UpstreamState
 from relay.hls.rooms import HlsStats
 from relay.listeners.load import LoadMeter
 from relay.listeners.quic.connection import QuicCounters
 from relay.listeners.senders import SenderThreads
 from relay.listeners.sessions import PULLED, UDP, RoomState, Sessions
-from relay.ops.hosting import ACTIONS as HOST_ACTIONS
+from relay.ops.metrics_roles import Cluster, cluster_families, histogram, stage_families  # noqa: F401 (Cluster re-exported)
 from relay.ops.tasks import restarts as task_restarts
 from relay.ingest.srtp import SRTP_DROPS
-from relay.stage.stage import STAGE_DROPS
 from relay.stage.stages import Stages
 from relay.wire.protocol import Reason
 
@@ -43,29 +40,6 @@ GATE_REJECTIONS = {Reason.STALE_COOKIE: "stale_cookies", Reason.UNKNOWN_SESSION:
 # the core counts drops for these reasons (relay_drops_total{reason})
 CORE_DROPS = ("foreign", "malformed", "oversized", "late", "no_room", "overflow", "send_error",
                "shard_lag", "rate")
-
-
-def _histogram(name: str, doc: str, hist: tuple[list[float], list[int], float]) -> Metric:
-    bounds, counts, total = hist
-    buckets, acc = [], 0
-    for bound, n in zip(bounds, counts, strict=True):
-        acc += n
-        buckets.append(("+Inf" if bound == float("inf") else repr(bound), acc))
-    if bounds[-1] != float("inf"):
-        buckets.append(("+Inf", acc))
-    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=total)
-
-
-@dataclass
-class Cluster:
-    """The node's place in the cluster, as the collector reads it."""
-    directory: bool = False
-    reachable: bool = False
-    peers: int = 0
-    failures: int = 0
-    upstreams: dict[str, UpstreamState] = field(default_factory=dict)
-    gaps: tuple[list[float], list[int], float] | None = None   # pauses in what rooms took from upstream
-    rejected: dict[str, int] = field(default_factory=dict)     # directory records refused, by reason
 
 
 class NodeCollector(Collector):
@@ -189,10 +163,10 @@ class NodeCollector(Collector):
             name = reason.name.lower()
             rej.add_metric([name], sc.rejections.get(name, 0) + g.get(GATE_REJECTIONS.get(reason, ""), 0))
         yield rej
-        yield _histogram("relay_fanout_latency_seconds",
+        yield histogram("relay_fanout_latency_seconds",
                          "Ingest receive to a sender thread's last send of that packet: one observation "
                          "per packet per sender thread.", core.latency_histogram())
-        yield _histogram("relay_sendmmsg_batch_size", "Messages per successful sendmmsg call.",
+        yield histogram("relay_sendmmsg_batch_size", "Messages per successful sendmmsg call.",
                          core.batch_histogram())
         yield GaugeMetricFamily("relay_loop_lag_seconds", "Event-loop lag at the last probe.",
                                 load.loop_lag)
@@ -214,8 +188,9 @@ class NodeCollector(Collector):
         yield CounterMetricFamily("relay_sender_thread_restarts",
                                   "Sender threads found stopped and restarted.", self.senders.restarts)
         yield from self._quic()
-        yield from self._stages()
-        yield from self._cluster()
+        if self.stages is not None:
+            yield from stage_families(self.stages, self.sessions.moderation)
+        yield from cluster_families(self.cluster())
         if self.hls is not None:
             yield from _hls(self.hls())
         if self.xdp is not None:
@@ -275,87 +250,6 @@ class NodeCollector(Collector):
         yield CounterMetricFamily("relay_quic_stray_datagrams",
                                   "Datagrams from QUIC or WebTransport sessions that are not on a stage "
                                   "(a listener sends none), dropped.", q.stray_datagrams)
-
-    def _stages(self) -> Iterator[Metric]:
-        if self.stages is None:
-            return
-        t = self.stages.totals()
-        yield GaugeMetricFamily("relay_speakers", "Speakers on this node's stages.", t["speakers"])
-        for name, key, doc in (
-            ("relay_mixer_cpu_seconds", "mixer_seconds", "CPU time the stage worker spent mixing "
-             "(decoding, summing, encoding)."),
-            ("relay_mixed_frames", "frames_mixed", "20 ms frames mixed, over every stage."),
-            ("relay_stage_switches", "switches", "Stages switching between nobody, one speaker passed "
-             "through, and the mix."),
-            ("relay_limiter_clipped_samples", "clipped", "Mixed samples the limiter let past full scale "
-             "(should stay 0)."),
-            ("relay_mixer_skipped_ticks", "skipped_ticks", "Mix frames skipped because the stage worker "
-             "was held up for 200 ms or more."),
-        ):
-            yield CounterMetricFamily(name, doc, t[key])
-        drops = CounterMetricFamily("relay_stage_drops", "Speaker audio dropped before the stage: foreign "
-                                    "(RTP from no speaker's address), auth, replay, malformed, late, full, rate, "
-                                    "muted (by a host).",
-                                    labels=["reason"])
-        counts = self.stages.drops()
-        for why in STAGE_DROPS:
-            drops.add_metric([why], counts[why])
-        yield drops
-        m = self.sessions.moderation
-        actions = CounterMetricFamily("relay_host_actions", "Hosts' actions taken through the stage API.",
-                                      labels=["action"])
-        for action in HOST_ACTIONS:
-            actions.add_metric([action], m.actions[action])
-        yield actions
-        refused = CounterMetricFamily("relay_stage_messages_dropped", "Listeners' hands and reactions dropped: "
-                                      "over a session's rate, or a full hands queue.", labels=["reason"])
-        for why in ("hand_rate", "reaction_rate", "hands_full"):
-            refused.add_metric([why], m.drops[why])
-        yield refused
-        yield CounterMetricFamily("relay_hands_raised", "Hands raised by listeners.", m.hands_raised)
-        yield CounterMetricFamily("relay_reactions", "Reactions taken from listeners (summed once a second to "
-                                  "each session of the room).", m.reactions_in)
-
-    def _cluster(self) -> Iterator[Metric]:
-        c = self.cluster()
-        if c.directory:
-            yield GaugeMetricFamily("relay_directory_reachable", "1 while the last heartbeat reached the "
-                                    "cluster directory (Redis).", float(c.reachable))
-            yield GaugeMetricFamily("relay_directory_peers", "Other live nodes in this node's view of the "
-                                    "directory.", c.peers)
-            yield CounterMetricFamily("relay_directory_heartbeat_failures", "Heartbeats that did not reach "
-                                      "the directory.", c.failures)
-            refused = CounterMetricFamily("relay_directory_records_rejected", "Peers' directory records read "
-                                          "and refused: invalid (a field no node writes), signature (a tag "
-                                          "that does not verify).", labels=["reason"])
-            for why in ("invalid", "signature"):
-                refused.add_metric([why], c.rejected.get(why, 0))
-            yield refused
-        if c.gaps is not None:
-            yield _histogram("relay_upstream_gap_seconds", "Pauses of 40 ms or more between packets a room "
-                             "took from upstream (first copies), over every such room.", c.gaps)
-        if c.upstreams:
-            up = GaugeMetricFamily("relay_upstream_connected", "1 while a room taken from upstream has a "
-                                   "live upstream node.", labels=["room"])
-            switches = CounterMetricFamily("relay_upstream_switches", "Times a room taken from upstream "
-                                           "moved to another upstream node.", labels=["room"])
-            splices = CounterMetricFamily("relay_upstream_splices", "Times a room whose two parents send "
-                                          "different streams (a mixed stage on an origin pair) went over to "
-                                          "the other parent when the followed one went quiet.", labels=["room"])
-            disagree = CounterMetricFamily("relay_upstream_disagreements", "Times a room's two parents were "
-                                           "found sending two different streams, not copies of one: the "
-                                           "node follows one of them.", labels=["room"])
-            following = GaugeMetricFamily("relay_upstream_following", "1 for the parent a room follows "
-                                          "while its two parents send different streams (none while they "
-                                          "send copies, which are merged).", labels=["room", "parent"])
-            for room, u in c.upstreams.items():
-                up.add_metric([room], float(u.connected))
-                switches.add_metric([room], u.switches)
-                splices.add_metric([room], u.splices)
-                disagree.add_metric([room], u.disagreements)
-                if u.following:
-                    following.add_metric([room, u.following], 1)
-            yield from (up, switches, splices, disagree, following)
 
     def _build_info(self) -> Iterator[Metric]:
         info = GaugeMetricFamily("relay_build_info", "Version of relay and what it was built with.",
