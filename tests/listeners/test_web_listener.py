@@ -227,9 +227,11 @@ def test_the_page_moves_to_another_edge_when_its_edge_dies(tmp_path) -> None:
         assert st["moves"] == 1 and st["node"] == "edge2" and st["state"] == "playing", st
         assert st["framesDecoded"] >= before + 150 and st["decodeErrors"] == 0, st
         assert abs(st["pitchHz"] - TONE_HZ) < 10, st
-        # the gap is counted, not hidden by the new session's numbering: half
-        # a second to notice, less the newest 15 packets edge 2 resends
-        assert st["moveSilenceMs"] > 0 and 0 < st["lost"] < 150, st
+        # the gap is counted in the origin's numbering, at most half a second
+        # of it. It may be 0: edge 2, idle until the page moved, subscribes
+        # with the page's resume point and its parent's history reaches the
+        # page through the room (beside a busy neighbour, all of it came)
+        assert st["moveSilenceMs"] > 0 and 0 <= st["lost"] < 150, st
         m = e2.get_metrics()
         assert metric(m, 'relay_listeners{room="live",transport="webtransport"}') == 1
         assert metric(m, "relay_quic_stream_errors_total") == 0      # its probes are understood
